@@ -1,0 +1,159 @@
+"""The backward engine: reverse topological order, iteratively (no recursion), with readiness counts.
+
+1. Walk the graph from the roots once, counting for every node how many edges point at it.
+2. Run nodes from a ready-queue (most recently created first). A node is ready when every
+   edge into it has delivered its gradient, so its gradient buffer holds the final sum.
+3. A leaf's AccumulateGrad node runs the moment it becomes ready: that is the instant the
+   leaf's gradient is final within this pass, which fires post-accumulate hooks early enough
+   for data parallelism to overlap allreduce with the rest of backward.
+"""
+import heapq
+
+from disttrain.autograd import grad_mode
+from disttrain.autograd.function import AccumulateGrad, accumulator_of
+from disttrain.tensor.tensor import Tensor
+
+
+def backward(tensors, grad_tensors=None, retain_graph=False, create_graph=False):
+    """Accumulate gradients of `tensors` into the .grad of every leaf that requires grad."""
+    roots = _roots(tensors, grad_tensors, "backward")
+    _run(roots, retain_graph or create_graph, create_graph, capture=None)
+
+
+def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, allow_unused=False):
+    """Gradients of `outputs` w.r.t. `inputs`, returned instead of accumulated into .grad."""
+    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    single = isinstance(inputs, Tensor)
+    inputs = [inputs] if single else list(inputs)
+    roots = _roots(outputs, grad_outputs, "grad")
+    capture = {}
+    for i, t in enumerate(inputs):
+        if not t.requires_grad:
+            raise RuntimeError(f"grad: input {i} (shape {t.shape}) does not require grad")
+        node, index = (accumulator_of(t), 0) if t._node is None else (t._node, t._out_index)
+        capture.setdefault(node, []).append((index, i))
+    results = [None] * len(inputs)
+    _run(roots, create_graph if retain_graph is None else retain_graph, create_graph, capture, results)
+    for i, r in enumerate(results):
+        if r is None and not allow_unused:
+            raise RuntimeError(f"grad: input {i} (shape {inputs[i].shape}) is not reachable from the outputs; "
+                               "pass allow_unused=True to get None for it")
+    return results[0] if single else tuple(results)
+
+
+def _roots(tensors, grads, caller):
+    """Pair each output with its seed gradient, checking what the user passed."""
+    tensors = [tensors] if isinstance(tensors, Tensor) else list(tensors)
+    if grads is None:
+        grads = [None] * len(tensors)
+    elif isinstance(grads, Tensor):
+        grads = [grads]
+    roots = []
+    for t, g in zip(tensors, grads):
+        if not t.requires_grad:
+            raise RuntimeError(f"{caller}: the tensor (shape {t.shape}) does not require grad and has no grad_fn; "
+                               "did you create it under no_grad, or forget requires_grad=True on the inputs?")
+        if g is None:
+            if t.data.size != 1:
+                raise RuntimeError(f"{caller}: gradient can be implicitly created only for scalar outputs, but the "
+                                   f"output has shape {t.shape}; pass gradient=<tensor of shape {t.shape}> "
+                                   "(or reduce it first, e.g. loss.sum())")
+            g = Tensor._wrap(t.backend.xp.ones(t.shape, dtype=t.dtype))
+        elif not isinstance(g, Tensor):
+            g = Tensor._wrap(t.backend.asarray(g, dtype=t.dtype))
+        if g.shape != t.shape:
+            raise RuntimeError(f"{caller}: gradient shape {g.shape} does not match output shape {t.shape}")
+        node = t._node if t._node is not None else accumulator_of(t)
+        roots.append((node, t._out_index, g))
+    return roots
+
+
+def _count_dependencies(nodes):
+    """Number of edges pointing at each node reachable from `nodes` (iterative DFS)."""
+    deps = {}
+    stack = list(nodes)
+    seen = set(stack)
+    while stack:
+        node = stack.pop()
+        for edge in node.next_edges:
+            if edge is None:
+                continue
+            nxt = edge[0]
+            deps[nxt] = deps.get(nxt, 0) + 1
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return deps
+
+
+def _run(roots, retain_graph, create_graph, capture, results=None):
+    deps = _count_dependencies({node for node, _, _ in roots})
+    buffers = {}
+    for node, index, g in roots:
+        _accumulate(buffers, node, index, g)
+    ready = []
+    for node in {node for node, _, _ in roots}:
+        if deps.get(node, 0) == 0:
+            heapq.heappush(ready, (-node.seq, id(node), node))
+    with grad_mode.set_grad_enabled(create_graph):
+        while ready:
+            node = heapq.heappop(ready)[2]
+            grads = buffers.pop(node)
+            if capture is not None:
+                _capture(capture, node, grads, results)
+            if type(node) is AccumulateGrad:
+                if capture is None and grads[0] is not None:
+                    node.accumulate(grads[0], create_graph)
+                continue
+            in_grads = _apply_node(node, grads)
+            if not retain_graph:
+                node.release()
+            for edge, g in zip(node.next_edges, in_grads):
+                if edge is None:
+                    continue
+                nxt = edge[0]
+                if g is not None:
+                    _accumulate(buffers, nxt, edge[1], g)
+                else:
+                    buffers.setdefault(nxt, [None] * nxt.n_outputs)
+                remaining = deps[nxt] - 1
+                deps[nxt] = remaining
+                if remaining == 0:
+                    if type(nxt) is AccumulateGrad and capture is None:
+                        g_leaf = buffers.pop(nxt)[0]  # final: run now so grad-ready hooks fire early
+                        if g_leaf is not None:
+                            nxt.accumulate(g_leaf, create_graph)
+                    else:
+                        heapq.heappush(ready, (-nxt.seq, id(nxt), nxt))
+
+
+def _accumulate(buffers, node, index, g):
+    buf = buffers.get(node)
+    if buf is None:
+        buf = buffers[node] = [None] * node.n_outputs
+    buf[index] = g if buf[index] is None else buf[index] + g
+
+
+def _apply_node(node, grads):
+    """Run one node's backward on its (hooked) output gradients; returns one grad per input."""
+    if node.out_hooks:
+        for index, hooks in node.out_hooks.items():
+            for hook in hooks:
+                new = hook(grads[index]) if grads[index] is not None else None
+                if new is not None:
+                    grads[index] = new
+    if node.n_outputs > 1:
+        xp = node.xp
+        grads = [g if g is not None else Tensor._wrap(xp.zeros(shape, dtype=dt))
+                 for g, (shape, dt) in zip(grads, node.out_meta)]
+    elif grads[0] is None:
+        return (None,) * len(node.next_edges)
+    if node.saved is None:
+        node.saved_inputs  # raises the "backward a second time" error
+    out = node.backward(*grads)
+    return out if type(out) is tuple else (out,)
+
+
+def _capture(capture, node, grads, results):
+    for index, pos in capture.get(node, ()):
+        results[pos] = grads[index]

@@ -1,0 +1,199 @@
+"""Function: one differentiable op, forward and backward side by side.
+
+Forward runs on raw backend arrays (fast, no graph); backward runs on Tensors with
+differentiable ops, so `create_graph=True` yields higher-order gradients for free.
+
+An op declares what backward needs (as Chainer does) instead of keeping all inputs alive:
+  saves_inputs = (0, 1)   input tensors backward reads (checked against in-place changes)
+  saves_output = True     backward reads its own output (exp, tanh, sigmoid, softmax, ...)
+Anything else backward needs it stores on `self` in forward (shapes, masks, indices).
+NOTE: a node holds its parents' nodes, not their tensors, so activations that backward does
+not need are freed as soon as the user drops them.
+"""
+import itertools
+import weakref
+
+from disttrain.autograd import grad_mode
+from disttrain.tensor.backend import _BY_ARRAY_TYPE as _BACKENDS
+from disttrain.tensor.tensor import Tensor
+
+_sequence = itertools.count()
+
+
+class OpError(ValueError):
+    """Bad input to an op (shapes, dtypes, devices): the message names the op and the inputs."""
+
+
+class Function:
+    saves_inputs = ()
+    saves_output = False
+    n_outputs = 1
+    same_dtype = True  # tensor inputs must share one dtype (see disttrain.tensor.dtypes)
+
+    # ---- subclass API ----------------------------------------------------------------------
+    def forward(self, *arrays, **params):
+        raise NotImplementedError
+
+    def backward(self, *grads):
+        """Gradients (Tensors or None) w.r.t. each input, given the gradients of the outputs."""
+        raise NotImplementedError
+
+    def needs_grad(self, i):
+        return self.next_edges[i] is not None
+
+    @property
+    def saved_inputs(self):
+        """The saved input tensors (constants as given), verified unchanged since forward."""
+        if self.saved is None:
+            raise RuntimeError(
+                f"Trying to backward through {type(self).__name__} a second time: its saved tensors were freed "
+                "after the first backward. Pass retain_graph=True to the first backward() if you need to "
+                "backward through the graph again.")
+        for i, (t, version) in enumerate(self.saved):
+            if isinstance(t, Tensor) and t._version != version:
+                raise RuntimeError(
+                    f"{type(self).__name__}: input {i} (shape {t.shape}) was modified in place after it was saved "
+                    f"for backward (version {version} at forward, {t._version} now); gradients would be wrong. "
+                    "Use an out-of-place op, or clone the tensor before changing it.")
+        return tuple(t for t, _ in self.saved)
+
+    def output(self, i=0):
+        """This op's own output i as a tensor connected to this node (for create_graph)."""
+        if self.saved_out is None:
+            self.saved_inputs  # raises the "second backward" error
+        ref, version, data = self.saved_out[i]
+        live = ref()
+        if live is not None and live._version != version:
+            raise RuntimeError(f"{type(self).__name__}: its output was modified in place after forward; "
+                               "gradients would be wrong. Use an out-of-place op.")
+        return Tensor._wrap(data, self, i)
+
+    # ---- machinery -------------------------------------------------------------------------
+    @classmethod
+    def apply(cls, *inputs, **params):
+        """Run forward on the inputs' arrays and, in grad mode, record the node."""
+        node = cls.__new__(cls)
+        arrays = []
+        first = None
+        requires = False
+        for x in inputs:
+            if isinstance(x, Tensor):
+                data = x.data
+                arrays.append(data)
+                if x.requires_grad:
+                    requires = True
+                if first is None:
+                    first = data
+                elif type(data) is not type(first) or (data.dtype != first.dtype and cls.same_dtype):
+                    _raise_mismatch(cls, inputs)
+            else:
+                arrays.append(x)
+        if first is None:
+            raise OpError(f"{cls.__name__}: needs at least one Tensor input, got {[type(x).__name__ for x in inputs]}")
+        backend = node.backend = _BACKENDS[type(first)]
+        xp = node.xp = backend.xp
+        record = node.recording = requires and grad_mode.state.enabled
+        try:
+            out = node.forward(*arrays, **params)
+        except (ValueError, IndexError, TypeError) as exc:
+            if isinstance(exc, OpError):
+                raise
+            shapes = ", ".join(str(getattr(x, "shape", type(x).__name__)) for x in inputs)
+            raise OpError(f"{cls.__name__}: {exc} (input shapes: {shapes})") from exc
+        if cls.n_outputs == 1:
+            if type(out) is not backend.array_type:  # NumPy turns 0-d results into scalars
+                out = xp.asarray(out)
+            if not record:
+                return Tensor._wrap(out)
+            result = Tensor._wrap(out, node, 0)
+            outs = (result,)
+        else:
+            out = tuple(o if type(o) is backend.array_type else xp.asarray(o) for o in out)
+            if not record:
+                return tuple(Tensor._wrap(o) for o in out)
+            result = outs = tuple(Tensor._wrap(o, node, i) for i, o in enumerate(out))
+            node.out_meta = tuple((o.shape, o.dtype) for o in out)
+        node.next_edges = tuple([_edge(x) for x in inputs])
+        node.seq = next(_sequence)
+        node.out_hooks = None
+        node.saved = tuple([(inputs[i], getattr(inputs[i], "_version", 0)) for i in cls.saves_inputs])
+        node.saved_out = tuple([(weakref.ref(t), 0, t.data) for t in outs]) if cls.saves_output else ()
+        return result
+
+    def release(self):
+        """Free what backward saved (called after backward unless retain_graph)."""
+        self.saved = None
+        self.saved_out = None
+
+    def __repr__(self):
+        return f"<{type(self).__name__} node>"
+
+
+def _edge(x):
+    """Where the gradient w.r.t. input x goes: its producer node, a leaf's accumulator, or nowhere."""
+    if not isinstance(x, Tensor) or not x.requires_grad:
+        return None
+    if x._node is not None:
+        return (x._node, x._out_index)
+    return (accumulator_of(x), 0)
+
+
+def _raise_mismatch(cls, inputs):
+    tensors = [x for x in inputs if isinstance(x, Tensor)]
+    first = tensors[0]
+    for t in tensors[1:]:
+        if type(t.data) is not type(first.data):
+            raise OpError(f"{cls.__name__}: inputs on different devices ({first.device} and {t.device}); "
+                          "move them with .to(device)")
+        if t.dtype != first.dtype:
+            raise OpError(f"{cls.__name__}: dtype mismatch {first.dtype} vs {t.dtype} (shapes {first.shape} and "
+                          f"{t.shape}); convert one with .to(dtype=...): disttrain never mixes dtypes silently")
+
+
+class AccumulateGrad(Function):
+    """The node standing for a leaf: adds the final gradient into leaf.grad and fires its hooks."""
+
+    n_outputs = 1
+
+    def __init__(self, leaf):
+        self.leaf = leaf
+        self.next_edges = ()
+        self.seq = float("inf")
+        self.saved = ()
+        self.saved_out = ()
+        self.out_hooks = None
+
+    def accumulate(self, grad, create_graph):
+        leaf = self.leaf
+        if leaf._hooks:
+            for hook in leaf._hooks:
+                new = hook(grad)
+                if new is not None:
+                    grad = new
+        if not create_graph:
+            grad = grad.detach() if grad._node is not None else grad
+        if leaf.grad is None:
+            leaf.grad = grad
+        else:
+            # out of place: a gradient array may be shared with another leaf's (add passes g twice)
+            leaf.grad = leaf.grad + grad
+        if leaf._post_hooks:
+            for hook in leaf._post_hooks:
+                hook(leaf)
+
+    def release(self):
+        pass
+
+
+def accumulator_of(leaf):
+    """The leaf's AccumulateGrad node, shared by every graph that uses the leaf.
+
+    The leaf holds it weakly (the graph holds it strongly), so a leaf and its accumulator form
+    no reference cycle.
+    """
+    ref = leaf._accumulator
+    acc = ref() if ref is not None else None
+    if acc is None:
+        acc = AccumulateGrad(leaf)
+        leaf._accumulator = weakref.ref(acc)
+    return acc

@@ -1,0 +1,51 @@
+"""Tensor hooks: gradient hooks on any tensor, post-accumulate hooks on leaves, retain_grad."""
+import weakref
+
+
+class RemovableHandle:
+    def __init__(self, hooks, hook):
+        self._hooks = hooks
+        self._hook = hook
+
+    def remove(self):
+        if self._hook in self._hooks:
+            self._hooks.remove(self._hook)
+
+
+def register_tensor_hook(tensor, hook):
+    if not tensor.requires_grad:
+        raise RuntimeError("cannot register a hook on a tensor that does not require grad")
+    if tensor._node is None:
+        if tensor._hooks is None:
+            tensor._hooks = []
+        hooks = tensor._hooks
+    else:
+        node = tensor._node
+        if node.out_hooks is None:
+            node.out_hooks = {}
+        hooks = node.out_hooks.setdefault(tensor._out_index, [])
+    hooks.append(hook)
+    return RemovableHandle(hooks, hook)
+
+
+def register_post_accumulate_hook(tensor, hook):
+    if tensor._node is not None or not tensor.requires_grad:
+        raise RuntimeError("post-accumulate-grad hooks are for leaf tensors that require grad")
+    if tensor._post_hooks is None:
+        tensor._post_hooks = []
+    tensor._post_hooks.append(hook)
+    return RemovableHandle(tensor._post_hooks, hook)
+
+
+def retain_grad(tensor):
+    if tensor._node is None:
+        return  # leaves keep .grad anyway
+    ref = weakref.ref(tensor)
+
+    def store(grad):
+        t = ref()
+        if t is not None:
+            g = grad.detach()
+            t.grad = g if t.grad is None else t.grad + g
+
+    register_tensor_hook(tensor, store)

@@ -1,0 +1,68 @@
+"""Differentiable ops. Each Function subclass keeps forward and backward side by side;
+the lowercase functions here are the public entry points (Tensor methods call them)."""
+from disttrain.autograd.ops.conv import Fold, Unfold, avg_pool2d, conv2d, max_pool2d, unfold
+from disttrain.autograd.ops.elementwise import (Abs, Add, Clip, Div, Exp, Log, Maximum, Mul, Neg, Pow, Relu,
+                                                Sigmoid, Sub, Tanh, Where, sum_to, where)
+from disttrain.autograd.ops.linalg import MatMul, matmul
+from disttrain.autograd.ops.nn import (CrossEntropy, LogSoftmax, Softmax, cross_entropy, dropout, embedding,
+                                       layer_norm, log_softmax, mse_loss, softmax)
+from disttrain.autograd.ops.reduce import Max, Sum, max, mean, min, sum, var
+from disttrain.autograd.ops.shape import (BroadcastTo, Cast, Concat, GetItem, IndexAdd, Reshape, ToDevice,
+                                          Transpose, broadcast_to, cast, concat, getitem, reshape, split, stack,
+                                          to_device, transpose)
+
+
+def add(a, b):
+    return Add.apply(a, b)
+
+
+def sub(a, b):
+    return Sub.apply(a, b)
+
+
+def mul(a, b):
+    return Mul.apply(a, b)
+
+
+def div(a, b):
+    return Div.apply(a, b)
+
+
+def neg(a):
+    return Neg.apply(a)
+
+
+def pow(a, b):
+    return Pow.apply(a, b)
+
+
+def exp(a):
+    return Exp.apply(a)
+
+
+def log(a):
+    return Log.apply(a)
+
+
+def tanh(a):
+    return Tanh.apply(a)
+
+
+def sigmoid(a):
+    return Sigmoid.apply(a)
+
+
+def relu(a):
+    return Relu.apply(a)
+
+
+def abs(a):
+    return Abs.apply(a)
+
+
+def maximum(a, b):
+    return Maximum.apply(a, b)
+
+
+def clip(a, min=None, max=None):
+    return Clip.apply(a, min, max)

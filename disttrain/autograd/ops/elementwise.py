@@ -1,0 +1,218 @@
+"""Elementwise ops with NumPy broadcasting; broadcast gradients are summed back to each input's shape."""
+import math
+
+from disttrain.autograd.function import Function
+from disttrain.tensor.tensor import Tensor
+
+
+def sum_to(g, shape):
+    """Sum a broadcast gradient back to `shape` (the inverse of broadcasting)."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
+    if axes:
+        g = g.sum(axis=axes, keepdims=True)
+    return g.reshape(shape) if g.shape != shape else g
+
+
+def _shape(x):
+    return x.shape if isinstance(x, Tensor) else ()
+
+
+class Add(Function):
+    def forward(self, a, b):
+        self.shapes = (getattr(a, "shape", ()), getattr(b, "shape", ()))
+        return a + b
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        return (sum_to(g, sa) if self.needs_grad(0) else None,
+                sum_to(g, sb) if self.needs_grad(1) else None)
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        self.shapes = (getattr(a, "shape", ()), getattr(b, "shape", ()))
+        return a - b
+
+    def backward(self, g):
+        sa, sb = self.shapes
+        return (sum_to(g, sa) if self.needs_grad(0) else None,
+                sum_to(-g, sb) if self.needs_grad(1) else None)
+
+
+class Mul(Function):
+    saves_inputs = (0, 1)
+
+    def forward(self, a, b):
+        return a * b
+
+    def backward(self, g):
+        a, b = self.saved_inputs
+        return (sum_to(g * b, _shape(a)) if self.needs_grad(0) else None,
+                sum_to(g * a, _shape(b)) if self.needs_grad(1) else None)
+
+
+class Div(Function):
+    saves_inputs = (0, 1)
+
+    def forward(self, a, b):
+        return a / b
+
+    def backward(self, g):
+        a, b = self.saved_inputs
+        ga = sum_to(g / b, _shape(a)) if self.needs_grad(0) else None
+        gb = sum_to(-g * a / (b * b), _shape(b)) if self.needs_grad(1) else None
+        return ga, gb
+
+
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, g):
+        return -g
+
+
+class Pow(Function):
+    """a ** b for a tensor base and a scalar or tensor exponent (or a scalar base, tensor exponent)."""
+
+    saves_inputs = (0, 1)
+    saves_output = True
+
+    def forward(self, a, b):
+        return a ** b
+
+    def backward(self, g):
+        a, b = self.saved_inputs
+        ga = gb = None
+        if self.needs_grad(0):
+            ga = sum_to(g * b * a ** (b - 1), _shape(a))
+        if self.needs_grad(1):
+            log_a = a.log() if isinstance(a, Tensor) else math.log(a)
+            gb = sum_to(g * self.output() * log_a, _shape(b))
+        return ga, gb
+
+
+class Exp(Function):
+    saves_output = True
+
+    def forward(self, a):
+        return self.xp.exp(a)
+
+    def backward(self, g):
+        return g * self.output()
+
+
+class Log(Function):
+    saves_inputs = (0,)
+
+    def forward(self, a):
+        return self.xp.log(a)
+
+    def backward(self, g):
+        (a,) = self.saved_inputs
+        return g / a
+
+
+class Tanh(Function):
+    saves_output = True
+
+    def forward(self, a):
+        return self.xp.tanh(a)
+
+    def backward(self, g):
+        y = self.output()
+        return g * (1 - y * y)
+
+
+class Sigmoid(Function):
+    saves_output = True
+
+    def forward(self, a):
+        xp = self.xp
+        # exp of a non-positive number only: no overflow for large |a|
+        e = xp.exp(-xp.abs(a))
+        return xp.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
+
+    def backward(self, g):
+        y = self.output()
+        return g * (y * (1 - y))
+
+
+class Relu(Function):
+    def forward(self, a):
+        self.mask = a > 0
+        return a * self.mask
+
+    def backward(self, g):
+        return g * Tensor._wrap(self.mask.astype(g.dtype))
+
+
+class Abs(Function):
+    def forward(self, a):
+        self.sign = self.xp.sign(a)
+        return self.xp.abs(a)
+
+    def backward(self, g):
+        return g * Tensor._wrap(self.sign)
+
+
+class Maximum(Function):
+    """Elementwise max; where a == b the gradient is split evenly between the two (as PyTorch)."""
+
+    def forward(self, a, b):
+        self.shapes = (getattr(a, "shape", ()), getattr(b, "shape", ()))
+        xp = self.xp
+        self.weight_a = (a > b) + 0.5 * (a == b)
+        return xp.maximum(a, b)
+
+    def backward(self, g):
+        wa = Tensor._wrap(self.weight_a.astype(g.dtype, copy=False))
+        sa, sb = self.shapes
+        return (sum_to(g * wa, sa) if self.needs_grad(0) else None,
+                sum_to(g * (1 - wa), sb) if self.needs_grad(1) else None)
+
+
+class Where(Function):
+    """where(cond, a, b): cond is a constant boolean array."""
+
+    same_dtype = False
+
+    def forward(self, cond, a, b):
+        self.cond = cond
+        self.shapes = (getattr(a, "shape", ()), getattr(b, "shape", ()))
+        return self.xp.where(cond, a, b)
+
+    def backward(self, g):
+        zero = g * 0
+        c = Tensor._wrap(self.cond)
+        sa, sb = self.shapes
+        return (None,
+                sum_to(where(c, g, zero), sa) if self.needs_grad(1) else None,
+                sum_to(where(c, zero, g), sb) if self.needs_grad(2) else None)
+
+
+class Clip(Function):
+    """Clamp to [lo, hi]; the gradient flows where lo <= a <= hi (bounds inclusive, as PyTorch)."""
+
+    def forward(self, a, lo, hi):
+        xp = self.xp
+        inside = xp.ones(a.shape, dtype=bool)
+        if lo is not None:
+            inside &= a >= lo
+        if hi is not None:
+            inside &= a <= hi
+        self.inside = inside
+        return xp.clip(a, lo, hi)
+
+    def backward(self, g):
+        return g * Tensor._wrap(self.inside.astype(g.dtype)), None, None
+
+
+def where(cond, a, b):
+    cond = cond.data if isinstance(cond, Tensor) else cond
+    if not isinstance(a, Tensor) and not isinstance(b, Tensor):
+        raise TypeError("where: at least one of a, b must be a Tensor")
+    return Where.apply(cond, a, b)

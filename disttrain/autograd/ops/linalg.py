@@ -1,0 +1,43 @@
+"""Matrix product with batch broadcasting (GEMM: NumPy's BLAS on the CPU, cuBLAS via CuPy on the GPU)."""
+from disttrain.autograd.function import Function
+from disttrain.autograd.ops.elementwise import sum_to
+
+
+class MatMul(Function):
+    """a @ b for a.ndim >= 2 and b.ndim >= 2; leading (batch) dimensions broadcast."""
+
+    saves_inputs = (0, 1)
+
+    def forward(self, a, b):
+        if a.shape[-1] != b.shape[-2]:
+            raise ValueError(f"inner dimensions differ: {a.shape} @ {b.shape} "
+                             f"({a.shape[-1]} != {b.shape[-2]})")
+        return a @ b
+
+    def backward(self, g):
+        a, b = self.saved_inputs
+        ga = sum_to(g @ b.swapaxes(-1, -2), a.shape) if self.needs_grad(0) else None
+        gb = sum_to(a.swapaxes(-1, -2) @ g, b.shape) if self.needs_grad(1) else None
+        return ga, gb
+
+
+def matmul(a, b):
+    """NumPy matmul semantics, including 1-D operands (promoted, then the added axis removed)."""
+    from disttrain.tensor.tensor import Tensor
+
+    if not isinstance(a, Tensor) or not isinstance(b, Tensor):
+        raise TypeError(f"matmul: both operands must be Tensors, got {type(a).__name__} and {type(b).__name__}")
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul: operands must have at least one dimension, got shapes {a.shape} and {b.shape}")
+    squeeze_a = a.ndim == 1
+    squeeze_b = b.ndim == 1
+    if squeeze_a:
+        a = a.reshape((1, a.shape[0]))
+    if squeeze_b:
+        b = b.reshape((b.shape[0], 1))
+    out = MatMul.apply(a, b)
+    if squeeze_a:
+        out = out.squeeze(-2)
+    if squeeze_b:
+        out = out.squeeze(-1)
+    return out

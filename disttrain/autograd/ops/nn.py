@@ -1,0 +1,169 @@
+"""Neural-network ops: softmax family, losses, dropout, layer norm, embedding."""
+from disttrain.autograd import grad_mode
+from disttrain.autograd.function import Function
+from disttrain.autograd.ops import reduce, shape
+from disttrain.tensor.random import generator
+from disttrain.tensor.tensor import Tensor
+
+
+def _logsumexp(xp, x, axis):
+    m = x.max(axis=axis, keepdims=True)
+    return m + xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    saves_output = True
+
+    def forward(self, x, axis):
+        self.axis = axis
+        return x - _logsumexp(self.xp, x, axis)
+
+    def backward(self, g):
+        return g - self.output().exp() * g.sum(axis=self.axis, keepdims=True)
+
+
+class Softmax(Function):
+    saves_output = True
+
+    def forward(self, x, axis):
+        self.axis = axis
+        e = self.xp.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+
+    def backward(self, g):
+        y = self.output()
+        return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
+
+
+class CrossEntropy(Function):
+    """Mean (or summed, or per-row) -log softmax(logits)[target] over rows whose target != ignore_index.
+
+    logits (N, C) float, target (N,) int64. One pass computes the loss; the probabilities
+    are kept so backward is a single subtraction, unless create_graph asks for a
+    differentiable softmax.
+    """
+
+    saves_inputs = (0,)
+    same_dtype = False
+
+    def forward(self, logits, target, ignore_index, reduction):
+        xp = self.xp
+        n, c = logits.shape
+        if target.shape != (n,):
+            raise ValueError(f"target shape {target.shape} does not match logits rows {n}")
+        valid = target != ignore_index
+        safe = xp.where(valid, target, 0)
+        if n and (safe.min() < 0 or safe.max() >= c):
+            bad = int(safe[(safe < 0) | (safe >= c)][0])
+            raise ValueError(f"target class {bad} is out of range for {c} classes")
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        exp = xp.exp(shifted)
+        sumexp = exp.sum(axis=1, keepdims=True)
+        rows = xp.arange(n)
+        losses = (xp.log(sumexp[:, 0]) - shifted[rows, safe]) * valid
+        if reduction == "mean":
+            weight = valid / max(int(valid.sum()), 1)
+        elif reduction == "sum":
+            weight = valid * 1.0
+        elif reduction == "none":
+            weight = None
+        else:
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.reduction = reduction
+        self.target, self.valid = safe, valid
+        self.weight = None if weight is None else weight.astype(logits.dtype)
+        self.probs = exp / sumexp if self.recording else None
+        if weight is None:
+            return losses.astype(logits.dtype, copy=False)
+        return (losses * weight).sum().astype(logits.dtype)
+
+    def backward(self, g):
+        (logits,) = self.saved_inputs
+        xp = self.xp
+        n = logits.shape[0]
+        onehot = xp.zeros(logits.shape, dtype=logits.dtype)
+        onehot[xp.arange(n), self.target] = 1
+        row_scale = g * Tensor._wrap(self.weight) if self.weight is not None else g * Tensor._wrap(
+            self.valid.astype(logits.dtype))
+        if grad_mode.is_grad_enabled():  # create_graph: keep the softmax differentiable
+            probs = softmax(logits, axis=1)
+        else:
+            probs = Tensor._wrap(self.probs)
+        return (probs - Tensor._wrap(onehot)) * row_scale.reshape((n, 1)), None
+
+    def release(self):
+        super().release()
+        self.probs = None
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax.apply(x, axis=axis)
+
+
+def softmax(x, axis=-1):
+    return Softmax.apply(x, axis=axis)
+
+
+def cross_entropy(logits, target, ignore_index=-100, reduction="mean"):
+    """PyTorch's cross_entropy: logits (N, C) or (N, C, d1, ...), target (N,) or (N, d1, ...) class indices."""
+    target = target.data if isinstance(target, Tensor) else target
+    if logits.ndim > 2:  # move the class axis last and flatten the rest
+        c = logits.shape[1]
+        axes = (0,) + tuple(range(2, logits.ndim)) + (1,)
+        out = CrossEntropy.apply(logits.transpose(axes).reshape((-1, c)), target.reshape(-1),
+                                 ignore_index=ignore_index, reduction=reduction)
+        return out.reshape(target.shape) if reduction == "none" else out
+    if logits.ndim != 2:
+        raise ValueError(f"cross_entropy: logits must be (N, C) or (N, C, ...), got shape {logits.shape}")
+    return CrossEntropy.apply(logits, target, ignore_index=ignore_index, reduction=reduction)
+
+
+def mse_loss(input, target, reduction="mean"):
+    if input.shape != target.shape:
+        raise ValueError(f"mse_loss: input shape {input.shape} != target shape {target.shape}")
+    d = input - target
+    sq = d * d
+    if reduction == "mean":
+        return sq.mean()
+    if reduction == "sum":
+        return sq.sum()
+    return sq
+
+
+def dropout(x, p=0.5, training=True):
+    """Inverted dropout: zero each element with probability p and scale the rest by 1/(1-p)."""
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    gen = generator(x.backend)
+    keep = gen.random(x.shape, dtype=x.dtype) >= p
+    mask = Tensor._wrap((keep * (1.0 / (1 - p))).astype(x.dtype, copy=False))
+    return x * mask
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Normalise over the trailing `normalized_shape` axes, then scale and shift."""
+    normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if x.shape[x.ndim - len(normalized_shape):] != normalized_shape:
+        raise ValueError(f"layer_norm: input shape {x.shape} does not end with normalized_shape {normalized_shape}")
+    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    mu = reduce.mean(x, axes, keepdims=True)
+    centred = x - mu
+    var = reduce.mean(centred * centred, axes, keepdims=True)
+    out = centred * (var + eps) ** -0.5
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def embedding(indices, weight):
+    """Rows of `weight` (V, D) picked by int64 `indices` of any shape -> indices.shape + (D,)."""
+    idx = indices.data if isinstance(indices, Tensor) else indices
+    if idx.dtype.kind not in "iu":
+        raise TypeError(f"embedding: indices must be integers, got dtype {idx.dtype}")
+    if idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
+        raise IndexError(f"embedding: index out of range [0, {weight.shape[0]}): min {idx.min()}, max {idx.max()}")
+    return shape.getitem(weight, idx)

@@ -1,0 +1,187 @@
+"""Shape and data-movement ops: reshape, transpose, broadcast_to, concat, stack, split,
+indexing (gather with scatter-add backward), dtype casts and device copies."""
+from disttrain.autograd.function import Function
+from disttrain.tensor.tensor import Tensor, _raw_index
+
+
+class Reshape(Function):
+    def forward(self, a, shape):
+        self.in_shape = a.shape
+        return a.reshape(shape)
+
+    def backward(self, g):
+        return g.reshape(self.in_shape)
+
+
+class Transpose(Function):
+    """Permute axes; an empty `axes` reverses them (x.T)."""
+
+    def forward(self, a, axes):
+        axes = tuple(axes) if axes else tuple(reversed(range(a.ndim)))
+        if sorted(a_ % a.ndim for a_ in axes) != list(range(a.ndim)) or len(axes) != a.ndim:
+            raise ValueError(f"axes {axes} are not a permutation of {a.ndim} dimensions")
+        self.axes = axes
+        return a.transpose(axes)
+
+    def backward(self, g):
+        inverse = [0] * len(self.axes)
+        for i, a in enumerate(self.axes):
+            inverse[a % len(self.axes)] = i
+        return g.transpose(tuple(inverse))
+
+
+class BroadcastTo(Function):
+    def forward(self, a, shape):
+        self.in_shape = a.shape
+        return self.xp.broadcast_to(a, shape)
+
+    def backward(self, g):
+        from disttrain.autograd.ops.elementwise import sum_to
+
+        return sum_to(g, self.in_shape)
+
+
+class Concat(Function):
+    def forward(self, *arrays, axis):
+        self.axis = axis
+        self.sizes = [a.shape[axis] for a in arrays]
+        return self.xp.concatenate(arrays, axis=axis)
+
+    def backward(self, g):
+        out, start = [], 0
+        for i, n in enumerate(self.sizes):
+            out.append(_slice(g, self.axis, start, start + n) if self.needs_grad(i) else None)
+            start += n
+        return tuple(out)
+
+
+def _slice(t, axis, start, stop):
+    index = [slice(None)] * t.ndim
+    index[axis] = slice(start, stop)
+    return t[tuple(index)]
+
+
+def _is_basic(index):
+    """Basic indexing (ints, slices, None, Ellipsis) never repeats an element."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(p is None or p is Ellipsis or isinstance(p, (int, slice)) for p in parts)
+
+
+class GetItem(Function):
+    """x[index] with NumPy semantics; backward scatter-adds into zeros (IndexAdd)."""
+
+    same_dtype = False
+
+    def forward(self, a, index):
+        self.in_shape = a.shape
+        self.index = index
+        return a[index]
+
+    def backward(self, g):
+        return IndexAdd.apply(g, shape=self.in_shape, index=self.index), None
+
+
+class IndexAdd(Function):
+    """zeros(shape)[index] += g, repeated indices accumulating; its backward is GetItem."""
+
+    def forward(self, g, shape, index):
+        self.index = index
+        out = self.xp.zeros(shape, dtype=g.dtype)
+        if _is_basic(index):
+            out[index] = g
+        else:
+            self.backend.index_add(out, index, g)
+        return out
+
+    def backward(self, gg):
+        return GetItem.apply(gg, self.index)
+
+
+class Cast(Function):
+    same_dtype = False
+
+    def forward(self, a, dtype):
+        self.in_dtype = a.dtype
+        return a.astype(dtype)
+
+    def backward(self, g):
+        return Cast.apply(g, self.in_dtype)
+
+
+class ToDevice(Function):
+    def forward(self, a, backend):
+        self.source = self.backend
+        if backend.name == "cpu":
+            return self.backend.to_numpy(a)
+        return backend.asarray(a)
+
+    def backward(self, g):
+        return ToDevice.apply(g, self.source)
+
+
+def reshape(a, shape):
+    shape = tuple(shape)
+    if a.shape == shape:
+        return a
+    return Reshape.apply(a, shape=shape)
+
+
+def transpose(a, axes=()):
+    return Transpose.apply(a, axes=tuple(axes))
+
+
+def broadcast_to(a, shape):
+    if a.shape == tuple(shape):
+        return a
+    return BroadcastTo.apply(a, shape=tuple(shape))
+
+
+def concat(tensors, axis=0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("concat: needs at least one tensor")
+    ndim = tensors[0].ndim
+    axis = axis % ndim if ndim else axis
+    return Concat.apply(*tensors, axis=axis)
+
+
+def stack(tensors, axis=0):
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("stack: needs at least one tensor")
+    shapes = {t.shape for t in tensors}
+    if len(shapes) != 1:
+        raise ValueError(f"stack: all tensors must have the same shape, got {sorted(shapes)}")
+    axis = axis % (tensors[0].ndim + 1)
+    return concat([t.unsqueeze(axis) for t in tensors], axis=axis)
+
+
+def split(a, split_size_or_sections, axis=0):
+    """Split into pieces of `split_size` (an int, last may be smaller) or of the listed sizes."""
+    n = a.shape[axis]
+    if isinstance(split_size_or_sections, int):
+        size = split_size_or_sections
+        if size <= 0:
+            raise ValueError(f"split: split size must be positive, got {size}")
+        sizes = [size] * (n // size) + ([n % size] if n % size else [])
+    else:
+        sizes = list(split_size_or_sections)
+        if sum(sizes) != n:
+            raise ValueError(f"split: sizes {sizes} sum to {sum(sizes)}, but axis {axis} has length {n}")
+    out, start = [], 0
+    for s in sizes:
+        out.append(_slice(a, axis, start, start + s))
+        start += s
+    return tuple(out)
+
+
+def getitem(a, index):
+    return GetItem.apply(a, _raw_index(index))
+
+
+def cast(a, dtype):
+    return Cast.apply(a, dtype)
+
+
+def to_device(a, backend):
+    return ToDevice.apply(a, backend)

@@ -1,0 +1,100 @@
+"""Backends: one object per device kind, holding the array module and the device-specific kernels.
+
+Ops never import numpy or cupy directly; they ask the tensor's backend (`node.xp`,
+`node.backend.index_add(...)`), so the CUDA backend plugs in without touching op code.
+"""
+import numpy as np
+
+
+class CpuBackend:
+    """NumPy arrays in host memory."""
+
+    name = "cpu"
+    xp = np
+    array_type = np.ndarray
+
+    def asarray(self, data, dtype=None):
+        return np.asarray(data, dtype=dtype)
+
+    def to_numpy(self, array):
+        return array
+
+    def index_add(self, target, index, values):
+        """target[index] += values, with repeated indices accumulating (scatter-add)."""
+        np.add.at(target, index, values)
+
+    def as_strided(self, array, shape, strides):
+        return np.lib.stride_tricks.as_strided(array, shape=shape, strides=strides, writeable=False)
+
+
+class CudaBackend:
+    """CuPy arrays on the current GPU. Created only when CuPy imports and a GPU is present."""
+
+    name = "cuda"
+
+    def __init__(self, cupy):
+        self.xp = cupy
+        self.array_type = cupy.ndarray
+        import cupyx
+
+        self._cupyx = cupyx
+
+    def asarray(self, data, dtype=None):
+        return self.xp.asarray(data, dtype=dtype)
+
+    def to_numpy(self, array):
+        return self.xp.asnumpy(array)
+
+    def index_add(self, target, index, values):
+        self._cupyx.scatter_add(target, index, values)
+
+    def as_strided(self, array, shape, strides):
+        return self.xp.lib.stride_tricks.as_strided(array, shape=shape, strides=strides)
+
+
+CPU = CpuBackend()
+_cuda = None
+_cuda_error = None
+_BY_ARRAY_TYPE = {np.ndarray: CPU}
+
+
+def cuda_backend():
+    """The CUDA backend, or a RuntimeError that says why it is unavailable."""
+    global _cuda, _cuda_error
+    if _cuda is None and _cuda_error is None:
+        try:
+            import cupy
+
+            if cupy.cuda.runtime.getDeviceCount() < 1:
+                raise RuntimeError("no CUDA device found")
+            _cuda = CudaBackend(cupy)
+            _BY_ARRAY_TYPE[cupy.ndarray] = _cuda
+        except Exception as exc:  # ImportError, CUDARuntimeError, ...
+            _cuda_error = f"{type(exc).__name__}: {exc}"
+    if _cuda is None:
+        raise RuntimeError(f"device 'cuda' is not available ({_cuda_error}); install disttrain[cuda] on a machine with a GPU")
+    return _cuda
+
+
+def cuda_available():
+    try:
+        cuda_backend()
+        return True
+    except RuntimeError:
+        return False
+
+
+def get_backend(device):
+    """Backend for a device name: "cpu", "cuda" (or "cuda:0", the one GPU a worker uses)."""
+    if device is None or device == "cpu":
+        return CPU
+    if isinstance(device, str) and device.split(":")[0] == "cuda":
+        return cuda_backend()
+    raise ValueError(f"unknown device {device!r}; expected 'cpu' or 'cuda'")
+
+
+def backend_of_array(array):
+    try:
+        return _BY_ARRAY_TYPE[type(array)]
+    except KeyError:
+        raise TypeError(f"expected a NumPy or CuPy array, got {type(array).__name__}") from None

@@ -1,0 +1,382 @@
+"""Tensor: an array on a backend plus what autograd needs (requires_grad, grad, the op that made it).
+
+A tensor made by a recorded op points at that op's node (`grad_fn`) and its output index;
+a leaf (made by the user, or a Parameter) has no node and, when it requires grad, gets its
+gradient accumulated into `.grad`. Arithmetic methods are thin wrappers over
+`disttrain.autograd.ops`, where each op's forward and backward live side by side.
+"""
+import weakref
+
+import numpy as np
+
+from disttrain.tensor import dtypes
+from disttrain.tensor.backend import backend_of_array, get_backend
+
+
+class Tensor:
+    __slots__ = ("data", "requires_grad", "grad", "_node", "_out_index", "_version",
+                 "_hooks", "_post_hooks", "_accumulator", "__weakref__")
+    __array_priority__ = 1000  # so ndarray + Tensor calls Tensor.__radd__
+
+    def __init__(self, data, requires_grad=False):
+        backend_of_array(data)  # type check: only backend arrays live in tensors
+        self.data = data
+        self.requires_grad = bool(requires_grad)
+        self.grad = None
+        self._node = None
+        self._out_index = 0
+        self._version = 0
+        self._hooks = None
+        self._post_hooks = None
+        self._accumulator = None
+        if requires_grad and not dtypes.is_floating(data.dtype):
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype {data.dtype}")
+
+    @classmethod
+    def _wrap(cls, data, node=None, index=0):
+        """Fast constructor for op outputs: no checks, the op guarantees a backend array."""
+        t = object.__new__(Tensor)
+        t.data = data
+        t.requires_grad = node is not None
+        t.grad = None
+        t._node = node
+        t._out_index = index
+        t._version = 0
+        t._hooks = None
+        t._post_hooks = None
+        t._accumulator = None
+        return t
+
+    # ---- metadata -------------------------------------------------------------------------
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def backend(self):
+        return backend_of_array(self.data)
+
+    @property
+    def device(self):
+        return self.backend.name
+
+    @property
+    def is_leaf(self):
+        return self._node is None
+
+    @property
+    def grad_fn(self):
+        return self._node
+
+    def size(self, axis=None):
+        return self.data.shape if axis is None else self.data.shape[axis]
+
+    def numel(self):
+        return self.data.size
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        extra = f", device='{self.device}'" if self.device != "cpu" else ""
+        if self._node is not None:
+            extra += f", grad_fn={type(self._node).__name__}"
+        elif self.requires_grad:
+            extra += ", requires_grad=True"
+        body = np.array2string(self.numpy(), separator=", ", prefix="tensor(")
+        return f"tensor({body}, dtype={self.dtype}{extra})"
+
+    # ---- conversion -----------------------------------------------------------------------
+    def numpy(self):
+        """The values as a NumPy array (a copy from the GPU; the array itself on the CPU)."""
+        return self.backend.to_numpy(self.data)
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")
+        return self.data.reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def to(self, device=None, dtype=None):
+        """Copy to another device and/or dtype; differentiable. Returns self when nothing changes."""
+        from disttrain.autograd import ops
+
+        out = self
+        if dtype is not None and dtypes.as_dtype(dtype) != self.dtype:
+            out = ops.cast(out, dtypes.as_dtype(dtype))
+        if device is not None and get_backend(device) is not out.backend:
+            out = ops.to_device(out, get_backend(device))
+        return out
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self):
+        return self.to("cuda")
+
+    def float(self):
+        return self.to(dtype=dtypes.float32)
+
+    def double(self):
+        return self.to(dtype=dtypes.float64)
+
+    def detach(self):
+        """A tensor sharing this one's data, cut from the graph."""
+        return Tensor._wrap(self.data)
+
+    def requires_grad_(self, flag=True):
+        if self._node is not None and not flag:
+            raise RuntimeError("requires_grad_(False) is only for leaf tensors; use detach() on results of ops")
+        if flag and not dtypes.is_floating(self.dtype):
+            raise TypeError(f"only floating-point tensors can require gradients, got dtype {self.dtype}")
+        self.requires_grad = flag
+        return self
+
+    # ---- autograd -------------------------------------------------------------------------
+    def backward(self, gradient=None, retain_graph=False, create_graph=False):
+        """Accumulate d(self)/d(leaf) into every leaf's .grad. See disttrain.autograd.engine."""
+        from disttrain.autograd.engine import backward
+
+        backward([self], None if gradient is None else [gradient], retain_graph, create_graph)
+
+    def register_hook(self, hook):
+        """hook(grad) -> new grad or None, called when this tensor's gradient is computed."""
+        from disttrain.autograd.hooks import register_tensor_hook
+
+        return register_tensor_hook(self, hook)
+
+    def register_post_accumulate_grad_hook(self, hook):
+        """hook(tensor), called on a leaf once its .grad is final for the current backward pass.
+
+        Fired as soon as no remaining op of the pass can add to this leaf's gradient, so data
+        parallelism can start reducing it while backward continues.
+        """
+        from disttrain.autograd.hooks import register_post_accumulate_hook
+
+        return register_post_accumulate_hook(self, hook)
+
+    def retain_grad(self):
+        """Keep .grad on a non-leaf tensor after backward."""
+        from disttrain.autograd.hooks import retain_grad
+
+        retain_grad(self)
+
+    # ---- in-place updates (not recorded; they bump the version counter) -------------------
+    def _check_inplace(self, what):
+        from disttrain.autograd.grad_mode import is_grad_enabled
+
+        if self.requires_grad and is_grad_enabled():
+            kind = "a leaf tensor that requires grad" if self._node is None else "a tensor that is part of a graph"
+            raise RuntimeError(f"{what}: in-place change of {kind} while grad mode is on; "
+                               "wrap it in `with dt.no_grad():` or use the out-of-place op")
+        self._version += 1
+
+    def _operand(self, other):
+        return other.data if isinstance(other, Tensor) else other
+
+    def add_(self, other, alpha=1.0):
+        self._check_inplace("add_")
+        other = self._operand(other)
+        if alpha != 1.0:
+            other = other * alpha
+        self.data += other
+        return self
+
+    def sub_(self, other, alpha=1.0):
+        return self.add_(other, alpha=-alpha)
+
+    def mul_(self, other):
+        self._check_inplace("mul_")
+        self.data *= self._operand(other)
+        return self
+
+    def div_(self, other):
+        self._check_inplace("div_")
+        self.data /= self._operand(other)
+        return self
+
+    def zero_(self):
+        self._check_inplace("zero_")
+        self.data.fill(0)
+        return self
+
+    def fill_(self, value):
+        self._check_inplace("fill_")
+        self.data.fill(value)
+        return self
+
+    def copy_(self, src):
+        self._check_inplace("copy_")
+        src = self._operand(src)
+        if getattr(src, "shape", None) != self.shape:
+            raise ValueError(f"copy_: source shape {getattr(src, 'shape', ())} != destination shape {self.shape}")
+        self.data[...] = src if type(src) is type(self.data) else self.backend.asarray(src)
+        return self
+
+    def __setitem__(self, index, value):
+        self._check_inplace("__setitem__")
+        self.data[_raw_index(index)] = self._operand(value)
+
+    # ---- ops (thin wrappers; see disttrain.autograd.ops) ----------------------------------
+    def __add__(self, other):
+        return _ops.add(self, other)
+
+    def __radd__(self, other):
+        return _ops.add(other, self)
+
+    def __sub__(self, other):
+        return _ops.sub(self, other)
+
+    def __rsub__(self, other):
+        return _ops.sub(other, self)
+
+    def __mul__(self, other):
+        return _ops.mul(self, other)
+
+    def __rmul__(self, other):
+        return _ops.mul(other, self)
+
+    def __truediv__(self, other):
+        return _ops.div(self, other)
+
+    def __rtruediv__(self, other):
+        return _ops.div(other, self)
+
+    def __pow__(self, exponent):
+        return _ops.pow(self, exponent)
+
+    def __rpow__(self, base):
+        return _ops.pow(base, self)
+
+    def __neg__(self):
+        return _ops.neg(self)
+
+    def __matmul__(self, other):
+        return _ops.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return _ops.matmul(other, self)
+
+    def __getitem__(self, index):
+        return _ops.getitem(self, index)
+
+    # comparisons give boolean tensors with no gradient
+    def __lt__(self, other):
+        return Tensor._wrap(self.data < self._operand(other))
+
+    def __le__(self, other):
+        return Tensor._wrap(self.data <= self._operand(other))
+
+    def __gt__(self, other):
+        return Tensor._wrap(self.data > self._operand(other))
+
+    def __ge__(self, other):
+        return Tensor._wrap(self.data >= self._operand(other))
+
+    def eq(self, other):
+        return Tensor._wrap(self.data == self._operand(other))
+
+    __hash__ = object.__hash__
+
+    def exp(self):
+        return _ops.exp(self)
+
+    def log(self):
+        return _ops.log(self)
+
+    def tanh(self):
+        return _ops.tanh(self)
+
+    def sigmoid(self):
+        return _ops.sigmoid(self)
+
+    def relu(self):
+        return _ops.relu(self)
+
+    def sqrt(self):
+        return _ops.pow(self, 0.5)
+
+    def abs(self):
+        return _ops.abs(self)
+
+    def clip(self, min=None, max=None):
+        return _ops.clip(self, min, max)
+
+    clamp = clip
+
+    def sum(self, axis=None, keepdims=False):
+        return _ops.sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return _ops.mean(self, axis, keepdims)
+
+    def var(self, axis=None, keepdims=False):
+        return _ops.var(self, axis, keepdims)
+
+    def max(self, axis=None, keepdims=False):
+        return _ops.max(self, axis, keepdims)
+
+    def min(self, axis=None, keepdims=False):
+        return _ops.min(self, axis, keepdims)
+
+    def argmax(self, axis=None):
+        return Tensor._wrap(self.data.argmax(axis=axis))
+
+    def reshape(self, *shape):
+        return _ops.reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+
+    view = reshape
+
+    def flatten(self, start_axis=0):
+        return self.reshape(self.shape[:start_axis] + (-1,))
+
+    def transpose(self, *axes):
+        return _ops.transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes)
+
+    permute = transpose
+
+    def swapaxes(self, a, b):
+        axes = list(range(self.ndim))
+        axes[a], axes[b] = axes[b], axes[a]
+        return _ops.transpose(self, axes)
+
+    @property
+    def T(self):
+        return _ops.transpose(self, ())
+
+    def broadcast_to(self, shape):
+        return _ops.broadcast_to(self, tuple(shape))
+
+    def squeeze(self, axis):
+        shape = list(self.shape)
+        if shape[axis] != 1:
+            raise ValueError(f"squeeze: axis {axis} has size {shape[axis]}, not 1 (shape {self.shape})")
+        del shape[axis]
+        return self.reshape(tuple(shape))
+
+    def unsqueeze(self, axis):
+        shape = list(self.shape)
+        shape.insert(axis if axis >= 0 else len(shape) + 1 + axis, 1)
+        return self.reshape(tuple(shape))
+
+
+def _raw_index(index):
+    """Replace Tensors inside an index with their arrays."""
+    if isinstance(index, Tensor):
+        return index.data
+    if isinstance(index, tuple):
+        return tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    return index
+
+
+from disttrain.autograd import ops as _ops  # noqa: E402  (ops sit on Tensor; Tensor methods call them)
