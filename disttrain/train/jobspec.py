@@ -1,0 +1,590 @@
+"""Job specs: a declarative schema for TOML job files, a loader that validates them, and a TOML writer.
+
+A job file holds up to six sections of scalar keys; a missing section or key takes its default:
+
+    [model]    kind = "lstm_lm"   hidden = 200   layers = 2   dropout = 0.0   init_scale = 0.1
+    [data]     kind = "ptb"       batch_size = 20   bptt = 20
+    [optim]    kind = "sgd"       lr = 1.0   clip_norm = 5.0   decay_after_epoch = 4   decay = 0.5
+    [train]    epochs = 13        eval_every = "epoch"   checkpoint_every = 500   seed = 0
+    [memory]   activation_checkpointing = "none"
+    [parallel] mode = "local"
+
+    spec = load_job("jobs/ptb_small.toml", overrides=["optim.lr=0.5", "train.epochs=2"])
+    spec.model.hidden          # 200
+    spec.to_toml()             # the resolved job, every key written out; load_job reads it back unchanged
+
+SCHEMA below is the single source of truth: one `Field` line per key (name, type, default, description).
+A default is a value, `None` (the key may stay unset), `REQUIRED`, or a `Derived` computed from the keys
+declared before it in the same section (e.g. `model.embed` defaults to `model.hidden`).
+
+NOTE: every error in a file (and in its overrides) is collected and raised together as one JobSpecError,
+one problem per line, each naming the file, `[section] key`, the bad value and what was expected.
+
+NOTE: `data.path` is kept as written; relative paths are resolved against the current working directory
+(by `check_paths` and the data loaders), since jobs are run from the project root. For kind = "ptb" its
+default is read from $DISTTRAIN_PTB when the job is loaded.
+"""
+import difflib
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["JobSpecError", "JobSpec", "Section", "Field", "SCHEMA", "REQUIRED", "Derived", "load_job",
+           "loads_job", "check_paths", "describe_schema", "PTB_ENV_VAR", "PTB_FALLBACK"]
+
+PTB_ENV_VAR = "DISTTRAIN_PTB"
+PTB_FALLBACK = "../shared/data/ptb"
+PTB_SPLITS = ("train", "valid", "test")
+PTB_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
+
+
+class JobSpecError(ValueError):
+    """A job file that cannot be used; `errors` lists every problem found (the message joins them by line)."""
+
+    def __init__(self, message, errors=None):
+        super().__init__(message)
+        self.errors = list(errors) if errors is not None else [message]
+
+
+# ----------------------------------------------------------------------------------------------- value types
+
+class _Mismatch(Exception):
+    """Raised by a value type's `check`; `hint` is appended to the message (e.g. a did-you-mean)."""
+
+    def __init__(self, hint=""):
+        super().__init__(hint)
+        self.hint = hint
+
+
+class Int:
+    """An integer (TOML booleans are not integers), optionally bounded: Int(gt=0), Int(ge=0)."""
+    noun = "an int"
+
+    def __init__(self, gt=None, ge=None, lt=None, le=None):
+        self.gt, self.ge, self.lt, self.le = gt, ge, lt, le
+
+    def _convert(self, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Mismatch()
+        return value
+
+    def check(self, value):
+        value = self._convert(value)
+        if ((self.gt is not None and not value > self.gt) or (self.ge is not None and not value >= self.ge)
+                or (self.lt is not None and not value < self.lt) or (self.le is not None and not value <= self.le)):
+            raise _Mismatch()
+        return value
+
+    @property
+    def expected(self):
+        low = (f"({_fmt(self.gt)}" if self.gt is not None else f"[{_fmt(self.ge)}" if self.ge is not None else None)
+        high = (f"{_fmt(self.lt)})" if self.lt is not None else f"{_fmt(self.le)}]" if self.le is not None else None)
+        if low and high:
+            return f"{self.noun} in {low}, {high}"
+        if low:
+            return f"{self.noun} {'>' if low[0] == '(' else '>='} {low[1:]}"
+        if high:
+            return f"{self.noun} {'<' if high[-1] == ')' else '<='} {high[:-1]}"
+        return self.noun
+
+
+class Float(Int):
+    """A finite float; ints are accepted and converted (lr = 1 means 1.0); booleans are not."""
+    noun = "a float"
+
+    def _convert(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Mismatch()
+        value = float(value)
+        if not math.isfinite(value):
+            raise _Mismatch()
+        return value
+
+
+class Bool:
+    expected = "a bool (true or false)"
+
+    def check(self, value):
+        if not isinstance(value, bool):
+            raise _Mismatch()
+        return value
+
+
+class Str:
+    def __init__(self, expected="a non-empty string"):
+        self.expected = expected
+
+    def check(self, value):
+        if not isinstance(value, str) or not value:
+            raise _Mismatch()
+        return value
+
+
+class Choice:
+    """One of a fixed set of strings (case-sensitive)."""
+
+    def __init__(self, *options):
+        self.options = options
+
+    @property
+    def expected(self):
+        quoted = [_toml_value(o) for o in self.options]
+        return quoted[0] if len(quoted) == 1 else "one of " + ", ".join(quoted)
+
+    def check(self, value):
+        if isinstance(value, str) and value in self.options:
+            return value
+        close = difflib.get_close_matches(value, self.options, n=1) if isinstance(value, str) else []
+        raise _Mismatch(f" (did you mean {_toml_value(close[0])}?)" if close else "")
+
+
+class AnyOf:
+    """The first alternative that accepts the value: AnyOf(Choice("epoch"), Int(gt=0))."""
+
+    def __init__(self, *alternatives):
+        self.alternatives = alternatives
+
+    @property
+    def expected(self):
+        parts = []
+        for alt in self.alternatives:
+            parts += [_toml_value(o) for o in alt.options] if isinstance(alt, Choice) else [alt.expected]
+        return ", ".join(parts[:-1]) + " or " + parts[-1]
+
+    def check(self, value):
+        hint = ""
+        for alt in self.alternatives:
+            try:
+                return alt.check(value)
+            except _Mismatch as exc:
+                hint = hint or exc.hint
+        raise _Mismatch(hint)
+
+
+# ---------------------------------------------------------------------------------------------------- schema
+
+class _Required:
+    """Default marker: the key must be given; `why` says when (for a Derived default)."""
+
+    def __init__(self, why=""):
+        self.why = why
+
+    def __repr__(self):
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A default computed from the already-resolved keys of the same section (declared above it)."""
+    text: str                                  # how the default reads in docs, e.g. "= hidden"
+    compute: Callable[[dict], object]          # section values so far -> value, None or a _Required
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: object          # Int / Float / Bool / Str / Choice / AnyOf (anything with .check and .expected)
+    default: object       # a value, None (may stay unset), REQUIRED, or a Derived
+    doc: str
+
+
+def _ptb_or_required(section):
+    if section["kind"] == "ptb":
+        return os.environ.get(PTB_ENV_VAR) or PTB_FALLBACK
+    if section["kind"] == "chars":
+        return _Required('required when [data] kind = "chars"')
+    return None
+
+
+_POS, _NONNEG = Int(gt=0), Int(ge=0)
+
+SCHEMA = {
+    "model": (
+        Field("kind", Choice("lstm_lm", "mlp"), "lstm_lm", "model family"),
+        Field("hidden", _POS, 200, "hidden units per layer"),
+        Field("embed", _POS, Derived("= hidden", lambda s: s["hidden"]), "embedding size"),
+        Field("layers", _POS, 2, "number of layers"),
+        Field("dropout", Float(ge=0, lt=1), 0.0, "dropout probability (0 = off)"),
+        Field("init_scale", Float(gt=0), 0.1, "weights drawn uniformly from [-init_scale, init_scale]"),
+        Field("tie_weights", Bool(), False, "share the embedding and output-projection weights"),
+    ),
+    "data": (
+        Field("kind", Choice("ptb", "chars", "default_corpus"), "default_corpus", "corpus"),
+        Field("path", Str("a path"),
+              Derived(f"${PTB_ENV_VAR} or {PTB_FALLBACK} for ptb; required for chars", _ptb_or_required),
+              "PTB directory (ptb.{train,valid,test}.txt[.gz]) or the text file for chars"),
+        Field("batch_size", _POS, 20, "sequences per batch (global, over all data-parallel ranks)"),
+        Field("bptt", _POS, 35, "truncated-BPTT window, in tokens"),
+        Field("max_bytes", _POS, 2_000_000, "size cap of the default corpus, in bytes"),
+    ),
+    "optim": (
+        Field("kind", Choice("sgd", "adam", "adamw"), "sgd", "optimizer"),
+        Field("lr", Float(gt=0), 1.0, "learning rate"),
+        Field("momentum", Float(ge=0), 0.0, "SGD momentum"),
+        Field("weight_decay", Float(ge=0), 0.0, "L2 penalty (decoupled for adamw)"),
+        Field("clip_norm", Float(gt=0), None, "clip the global gradient norm to this (unset = no clipping)"),
+        Field("decay_after_epoch", _NONNEG, 0, "multiply lr by `decay` after every epoch past this one (0 = never)"),
+        Field("decay", Float(gt=0, le=1), 1.0, "lr decay factor per epoch"),
+        Field("warmup_steps", _NONNEG, 0, "linear lr warm-up steps"),
+    ),
+    "train": (
+        Field("epochs", _POS, 1, "passes over the training split"),
+        Field("max_steps", _POS, None, "stop after this many optimizer steps (unset = no limit)"),
+        Field("eval_every", AnyOf(Choice("epoch"), _POS), "epoch", 'evaluate on valid every N steps, or "epoch"'),
+        Field("checkpoint_every", _NONNEG, 500, "write a job checkpoint every N steps (0 = only at the end)"),
+        Field("log_every", _POS, 50, "log metrics every N steps"),
+        Field("seed", _NONNEG, 0, "random seed"),
+        Field("device", Choice("cpu", "cuda"), "cpu", "where tensors live"),
+    ),
+    "memory": (
+        Field("activation_checkpointing", AnyOf(Choice("none", "sqrt"), _POS), "none",
+              'recompute activations in segments: "none", "sqrt" or a segment count'),
+    ),
+    "parallel": (
+        Field("mode", Choice("local", "data", "pipeline", "ps"), "local", "how training is distributed"),
+        Field("bucket_mb", Float(gt=0), 25.0, "gradient-bucket size for data-parallel allreduce, in MiB"),
+    ),
+}
+
+
+def describe_schema():
+    """The schema as a Markdown table (for docs and `--help`)."""
+    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    for section, fields in SCHEMA.items():
+        for f in fields:
+            if isinstance(f.default, Derived):
+                default = f.default.text
+            elif f.default is None:
+                default = "unset"
+            else:
+                default = _toml_value(f.default) if f.default is not REQUIRED else "required"
+            lines.append(f"| [{section}] {f.name} | {f.type.expected} | {default} | {f.doc} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- the spec
+
+class Section:
+    """One resolved section, read-only: `spec.optim.lr`, `spec.optim["lr"]`, `spec.optim.to_dict()`."""
+    __slots__ = ("_name", "_values")
+
+    def __init__(self, name, values):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_values", MappingProxyType(dict(values)))
+
+    def __getattr__(self, key):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"[{self._name}] has no key {key!r}{_did_you_mean(key, list(self._values))}; "
+                                 f"valid keys: {', '.join(self._values)}") from None
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __setattr__(self, key, value):
+        raise AttributeError("a JobSpec is read-only; change a job with overrides (section.key=value)")
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __eq__(self, other):
+        return isinstance(other, Section) and (self._name, dict(self._values)) == (other._name, dict(other._values))
+
+    __hash__ = None
+
+    def __reduce__(self):
+        return (Section, (self._name, dict(self._values)))
+
+    def to_dict(self):
+        return dict(self._values)
+
+    def __repr__(self):
+        return f"Section({self._name!r}, {dict(self._values)!r})"
+
+
+class JobSpec:
+    """A validated job with every default filled: `spec.model.hidden`, `spec.to_dict()`, `spec.to_toml()`.
+
+    `source` is the job file it came from (a str, or None). Unset optional keys read as None.
+    """
+    __slots__ = ("source", "_sections")
+
+    def __init__(self, sections, source=None):
+        object.__setattr__(self, "source", None if source is None else str(source))
+        object.__setattr__(self, "_sections", {name: Section(name, sections[name]) for name in SCHEMA})
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._sections[name]
+        except KeyError:
+            raise AttributeError(f"no section [{name}]{_did_you_mean(name, SCHEMA, '[', ']')}; "
+                                 f"valid sections: {_sections_list()}") from None
+
+    def __getitem__(self, name):
+        return self._sections[name]
+
+    def __setattr__(self, key, value):
+        raise AttributeError("a JobSpec is read-only; change a job with overrides (section.key=value)")
+
+    def __eq__(self, other):
+        return isinstance(other, JobSpec) and self.to_dict() == other.to_dict()
+
+    __hash__ = None
+
+    def __reduce__(self):
+        return (JobSpec, (self.to_dict(), self.source))
+
+    def to_dict(self):
+        """{section: {key: value}} with every key of the schema (None where unset)."""
+        return {name: section.to_dict() for name, section in self._sections.items()}
+
+    def to_toml(self):
+        """The resolved job as TOML text; unset keys are written as comments. load_job reads it back equal."""
+        header = f"# disttrain job spec, resolved{' from ' + self.source if self.source else ''}\n"
+        return header + _dump_toml(self.to_dict())
+
+    def __repr__(self):
+        return f"JobSpec(source={self.source!r}, {self.to_dict()!r})"
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+def load_job(path, overrides=()):
+    """Read, validate and complete the TOML job file at `path`.
+
+    overrides: strings "section.key=value" (as given to `--set`), applied over the file; the value is parsed
+    as a TOML value (`2`, `0.5`, `true`, `"x"`), or taken as a bare string when it is not one (`cuda`).
+    Raises JobSpecError listing every problem found.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise JobSpecError(f"{source}: no such job file (looked for {os.path.abspath(path)})") from None
+    except IsADirectoryError:
+        raise JobSpecError(f"{source}: is a directory, expected a TOML job file") from None
+    except OSError as exc:
+        raise JobSpecError(f"{source}: cannot read the job file: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobSpecError(f"{source}: not UTF-8 text (bad byte at offset {exc.start}); "
+                           f"expected a TOML job file") from None
+    return loads_job(text, overrides, source=source)
+
+
+def loads_job(text, overrides=(), source="<string>"):
+    """As load_job, from TOML text; `source` names it in error messages and becomes `spec.source`."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        lineno = getattr(exc, "lineno", None)
+        if lineno is not None and "line" not in message:
+            message += f" (at line {lineno})"
+        raise JobSpecError(f"{source}: TOML syntax error: {message}") from None
+    return _build(data, overrides, source)
+
+
+def _build(data, overrides, source):
+    errors = []
+    values = {name: {} for name in SCHEMA}
+    origins = {}                      # (section, key) -> "override ..." for values that came from --set
+
+    for name, table in data.items():
+        if name not in SCHEMA:
+            if isinstance(table, dict):
+                errors.append(f"{source}: unknown section [{name}]{_did_you_mean(name, SCHEMA, '[', ']')}; "
+                              f"valid sections: {_sections_list()}")
+            else:
+                errors.append(f"{source}: {_key(name)} = {_toml_value(table)} is outside any section; "
+                              f"expected it under one of the sections {_sections_list()}")
+            continue
+        if not isinstance(table, dict):
+            errors.append(f"{source}: {_key(name)} = {_toml_value(table)}: expected a section [{name}]")
+            continue
+        for key, value in table.items():
+            problem = _unknown_key(name, key)
+            if problem:
+                errors.append(f"{source}: {problem}")
+            else:
+                values[name][key] = value
+
+    if isinstance(overrides, str):
+        overrides = (overrides,)
+    for override in overrides:
+        label = f"{source}: override {_toml_value(override)}"
+        dotted, eq, text = override.partition("=")
+        section, dot, key = dotted.strip().partition(".")
+        if not eq or not dot or not section or not key:
+            errors.append(f"{label}: expected section.key=value (e.g. optim.lr=0.5)")
+            continue
+        if section not in SCHEMA:
+            errors.append(f"{label}: unknown section [{section}]{_did_you_mean(section, SCHEMA, '[', ']')}; "
+                          f"valid sections: {_sections_list()}")
+            continue
+        problem = _unknown_key(section, key)
+        if problem:
+            errors.append(f"{label}: {problem}")
+            continue
+        values[section][key] = _parse_value(text.strip())
+        origins[section, key] = label
+
+    resolved = {}
+    for section, fields in SCHEMA.items():
+        out = resolved[section] = {}
+        given = values[section]
+        for f in fields:
+            where = origins.get((section, f.name), source)
+            if f.name in given:
+                try:
+                    out[f.name] = f.type.check(given[f.name])
+                except _Mismatch as exc:
+                    errors.append(f"{where}: [{section}] {f.name} = {_toml_value(given[f.name])}: "
+                                  f"expected {f.type.expected}{exc.hint}")
+                continue
+            default = f.default
+            if isinstance(default, Derived):
+                try:
+                    default = default.compute(out)
+                except KeyError:      # a key it depends on was invalid (and is reported already)
+                    continue
+            if isinstance(default, _Required):
+                why = f" ({default.why})" if default.why else ""
+                errors.append(f"{where}: [{section}] {f.name} is missing: expected {f.type.expected}{why}")
+                continue
+            out[f.name] = default
+
+    if errors:
+        raise JobSpecError("\n".join(errors), errors)
+    return JobSpec(resolved, source)
+
+
+def _parse_value(text):
+    """A TOML value (`2`, `0.5`, `true`, `"x"`, `1e-3`), else the text itself as a bare string."""
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return parsed["v"] if len(parsed) == 1 else text
+
+
+def _unknown_key(section, key):
+    names = [f.name for f in SCHEMA[section]]
+    if key in names:
+        return None
+    return (f"[{section}] unknown key {_toml_value(key)}{_did_you_mean(key, names)}; "
+            f"valid keys in [{section}]: {', '.join(names)}")
+
+
+def _did_you_mean(word, options, before='"', after='"'):
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean {before}{close[0]}{after}?)" if close else ""
+
+
+def _sections_list():
+    return ", ".join(f"[{name}]" for name in SCHEMA)
+
+
+# ------------------------------------------------------------------------------------------------ data paths
+
+def check_paths(spec):
+    """Check that the data files of `spec` exist; return the resolved data path (None for default_corpus).
+
+    ptb: `data.path` must be a directory holding ptb.{train,valid,test}.txt, each possibly gzipped.
+    chars: `data.path` must be a file. Relative paths are taken from the current working directory.
+    """
+    source = spec.source or "<job>"
+    kind, path = spec.data.kind, spec.data.path
+    if kind == "default_corpus":
+        return None
+    resolved = Path(os.path.abspath(os.path.expanduser(path)))
+    where = f"{source}: [data] path = {_toml_value(path)} (resolved to {resolved})"
+    if kind == "chars":
+        if resolved.is_file():
+            return resolved
+        problem = "is a directory" if resolved.is_dir() else "does not exist"
+        raise JobSpecError(f'{where}: {problem}; expected a text file for [data] kind = "chars"')
+    if not resolved.is_dir():
+        problem = "is a file, not a directory" if resolved.exists() else "does not exist"
+    else:
+        missing = [f"ptb.{split}.txt(.gz)" for split in PTB_SPLITS
+                   if not any((resolved / f"ptb.{split}.txt{gz}").is_file() for gz in (".gz", ""))]
+        if not missing:
+            return resolved
+        problem = "is missing " + ", ".join(missing)
+    env = os.environ.get(PTB_ENV_VAR)
+    env_now = f"now {env!r}" if env else "now unset"
+    raise JobSpecError(
+        f"{where}: {problem}; expected a directory holding ptb.train.txt, ptb.valid.txt and ptb.test.txt "
+        f"(each possibly .gz). Set [data] path, or the {PTB_ENV_VAR} environment variable ({env_now}), to such "
+        f"a directory. The standard files are Mikolov's PTB language-modelling split: data/ptb.*.txt in "
+        f"{PTB_URL}")
+
+
+# ------------------------------------------------------------------------------------------- a tiny TOML writer
+
+def _dump_toml(sections):
+    """TOML text for {section: {key: scalar}}; keys whose value is None are written as comments."""
+    blocks = []
+    for name, table in sections.items():
+        lines = [f"[{_key(name)}]"]
+        for key, value in table.items():
+            lines.append(f"# {_key(key)} (unset)" if value is None else f"{_key(key)} = {_toml_value(value)}")
+        blocks.append("\n".join(lines) + "\n")
+    return "\n".join(blocks)
+
+
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_value(value):
+    """One value in TOML syntax (also used to show bad values in error messages)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+                             for c in value) + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _key(name):
+    """A key as TOML writes it: bare when it can be, quoted otherwise."""
+    bare = name and all(c.isascii() and (c.isalnum() or c in "-_") for c in name)
+    return name if bare else _toml_value(name)
+
+
+def _fmt(number):
+    return repr(number) if isinstance(number, float) and not number.is_integer() else str(int(number))
