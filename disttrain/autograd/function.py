@@ -100,7 +100,7 @@ class Function:
                 raise
             shapes = ", ".join(str(getattr(x, "shape", type(x).__name__)) for x in inputs)
             raise OpError(f"{cls.__name__}: {exc} (input shapes: {shapes})") from exc
-        if cls.n_outputs == 1:
+        if node.n_outputs == 1:  # an instance may set its own count in forward (Unbind)
             if type(out) is not backend.array_type:  # NumPy turns 0-d results into scalars
                 out = xp.asarray(out)
             if not record:
@@ -173,7 +173,10 @@ class AccumulateGrad(Function):
         if not create_graph:
             grad = grad.detach() if grad._node is not None else grad
         if leaf.grad is None:
-            leaf.grad = grad
+            # NOTE: .grad owns its array: optimizers and clip_grad_norm_ change it in place, and the
+            # incoming one may be a read-only broadcast view, the array another leaf also receives
+            # (add passes g twice) or the user's seed gradient.
+            leaf.grad = grad if create_graph else Tensor._wrap(grad.data.copy())
         else:
             # out of place: a gradient array may be shared with another leaf's (add passes g twice)
             leaf.grad = leaf.grad + grad

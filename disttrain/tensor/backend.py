@@ -5,6 +5,8 @@ Ops never import numpy or cupy directly; they ask the tensor's backend (`node.xp
 """
 import numpy as np
 
+from disttrain.tensor import kernels_numpy
+
 
 class CpuBackend:
     """NumPy arrays in host memory."""
@@ -12,6 +14,7 @@ class CpuBackend:
     name = "cpu"
     xp = np
     array_type = np.ndarray
+    kernels = kernels_numpy  # fused ops, called as backend.kernels.f(backend.xp, ...)
 
     def asarray(self, data, dtype=None):
         return np.asarray(data, dtype=dtype)
@@ -35,6 +38,7 @@ class CudaBackend:
     def __init__(self, cupy):
         self.xp = cupy
         self.array_type = cupy.ndarray
+        self.kernels = kernels_numpy  # until disttrain.kernels_cuda provides its own
         import cupyx
 
         self._cupyx = cupyx

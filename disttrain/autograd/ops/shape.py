@@ -55,6 +55,29 @@ class Concat(Function):
         return tuple(out)
 
 
+class Unbind(Function):
+    """Split along an axis into its slices, one output each (a.shape[axis] outputs); backward stacks them.
+
+    One node for all slices, where T separate GetItems would each scatter into a full-size zero
+    gradient: this keeps per-time-step access to a (T, ...) tensor linear in T.
+    """
+
+    def forward(self, a, axis):
+        self.n_outputs = a.shape[axis]
+        self.axis = axis
+        parts = tuple(self.xp.moveaxis(a, axis, 0))
+        return parts if len(parts) != 1 else parts[0]
+
+    def backward(self, *grads):
+        return stack(grads, axis=self.axis)
+
+
+def unbind(a, axis=0):
+    axis = axis % a.ndim
+    out = Unbind.apply(a, axis=axis)
+    return out if isinstance(out, tuple) else (out,)
+
+
 def _slice(t, axis, start, stop):
     index = [slice(None)] * t.ndim
     index[axis] = slice(start, stop)

@@ -1,0 +1,1 @@
+"""The `disttrain` command line."""

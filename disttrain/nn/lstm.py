@@ -1,0 +1,74 @@
+"""Multi-layer LSTM over (T, B, C) sequences, one fused cell node per time step."""
+import math
+
+from disttrain.autograd.ops import dropout, lstm_cell, stack, unbind
+from disttrain.nn.module import Module
+from disttrain.nn.parameter import Parameter
+from disttrain.tensor.creation import uniform, zeros
+
+
+class LSTM(Module):
+    """LSTM(input_size, hidden_size, num_layers=1, dropout=0.0).
+
+    forward(x (T, B, input_size), hx=None) -> (output (T, B, H), (h_n, c_n) each (num_layers, B, H)).
+    hx=None starts from zeros; truncated BPTT passes the detached (h_n, c_n) of the last segment.
+
+    Parameters per layer k, with PyTorch's names and layouts (gate order i, f, g, o), so
+    state_dicts load into torch.nn.LSTM unchanged:
+        weight_ih_l{k} (4H, in_k)   weight_hh_l{k} (4H, H)   bias_ih_l{k} (4H,)   bias_hh_l{k} (4H,)
+    Per layer, the input projection of all T steps is one GEMM; each step is one fused
+    LSTMCell node. `dropout` applies to the outputs of every layer but the last
+    (Zaremba et al.'s non-recurrent dropout).
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0):
+        super().__init__()
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LSTM dropout must be in [0, 1), got {dropout}")
+        self.input_size, self.hidden_size, self.num_layers, self.dropout = input_size, hidden_size, num_layers, dropout
+        bound = 1 / math.sqrt(hidden_size)  # PyTorch's default init
+        for k in range(num_layers):
+            fan_in = input_size if k == 0 else hidden_size
+            for name, shape in ((f"weight_ih_l{k}", (4 * hidden_size, fan_in)),
+                                (f"weight_hh_l{k}", (4 * hidden_size, hidden_size)),
+                                (f"bias_ih_l{k}", (4 * hidden_size,)), (f"bias_hh_l{k}", (4 * hidden_size,))):
+                setattr(self, name, Parameter(uniform(shape, -bound, bound)))
+
+    def forward(self, x, hx=None):
+        if x.ndim != 3 or x.shape[2] != self.input_size:
+            raise ValueError(f"LSTM expects input (T, B, {self.input_size}), got {x.shape}")
+        steps, batch, _ = x.shape
+        if hx is None:
+            zero = zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
+            h0 = c0 = (zero,) * self.num_layers
+        else:
+            h0, c0 = (self._check_state(s, batch, name) for s, name in zip(hx, ("h", "c")))
+        layer_input, h_n, c_n = x, [], []
+        for k in range(self.num_layers):
+            layer_input, h, c = self._layer(k, layer_input, h0[k], c0[k])
+            h_n.append(h)
+            c_n.append(c)
+            if self.dropout and self.training and k < self.num_layers - 1:
+                layer_input = dropout(layer_input, self.dropout, training=True)
+        return layer_input, (stack(h_n), stack(c_n))
+
+    def _layer(self, k, x, h, c):
+        steps, batch, features = x.shape
+        w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
+        bias = getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}")
+        gates_x = (x.reshape((steps * batch, features)) @ w_ih.T + bias).reshape((steps, batch, 4 * self.hidden_size))
+        outputs = []
+        for gx in unbind(gates_x, 0):
+            h, c = lstm_cell(gx, h, c, w_hh)
+            outputs.append(h)
+        return stack(outputs), h, c
+
+    def _check_state(self, state, batch, name):
+        expected = (self.num_layers, batch, self.hidden_size)
+        if state.shape != expected:
+            raise ValueError(f"LSTM initial {name} has shape {state.shape}, expected {expected} (num_layers, B, H)")
+        return unbind(state, 0)
+
+    def extra_repr(self):
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
+                + (f", dropout={self.dropout}" if self.dropout else ""))
