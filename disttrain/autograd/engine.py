@@ -89,6 +89,7 @@ def _count_dependencies(nodes):
 def _run(roots, retain_graph, create_graph, capture, results=None):
     deps = _count_dependencies({node for node, _, _ in roots})
     buffers = {}
+    owned = None if create_graph else set()  # ids of buffer tensors this pass allocated
     for node, index, g in roots:
         _accumulate(buffers, node, index, g)
     ready = []
@@ -113,7 +114,7 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
                     continue
                 nxt = edge[0]
                 if g is not None:
-                    _accumulate(buffers, nxt, edge[1], g)
+                    _accumulate(buffers, nxt, edge[1], g, owned)
                 else:
                     buffers.setdefault(nxt, [None] * nxt.n_outputs)
                 remaining = deps[nxt] - 1
@@ -127,11 +128,27 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
                         heapq.heappush(ready, (-nxt.seq, id(nxt), nxt))
 
 
-def _accumulate(buffers, node, index, g):
+def _accumulate(buffers, node, index, g, owned=None):
+    """Add g into node's gradient buffer slot.
+
+    The first gradient is stored as is (it may be shared with another slot: add's backward passes
+    g to both inputs). Without create_graph (`owned` given), the second allocates a fresh sum that
+    this pass owns, and later ones add into it in place: a weight used at every time step of an
+    RNN costs one allocation, not one per step.
+    """
     buf = buffers.get(node)
     if buf is None:
         buf = buffers[node] = [None] * node.n_outputs
-    buf[index] = g if buf[index] is None else buf[index] + g
+    current = buf[index]
+    if current is None:
+        buf[index] = g
+    elif owned is None:
+        buf[index] = current + g
+    elif id(current) in owned:
+        current.data += g.data
+    else:
+        total = buf[index] = current + g
+        owned.add(id(total))
 
 
 def _apply_node(node, grads):

@@ -11,6 +11,11 @@ def _logsumexp(xp, x, axis):
     return m + xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True))
 
 
+def _softmax(xp, x, axis=1):
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
 class LogSoftmax(Function):
     saves_output = True
 
@@ -27,8 +32,7 @@ class Softmax(Function):
 
     def forward(self, x, axis):
         self.axis = axis
-        e = self.xp.exp(x - x.max(axis=axis, keepdims=True))
-        return e / e.sum(axis=axis, keepdims=True)
+        return _softmax(self.xp, x, axis)
 
     def backward(self, g):
         y = self.output()
@@ -58,7 +62,7 @@ class CrossEntropy(Function):
             raise ValueError(f"target class {bad} is out of range for {c} classes")
         shifted = logits - logits.max(axis=1, keepdims=True)
         exp = xp.exp(shifted)
-        sumexp = exp.sum(axis=1, keepdims=True)
+        sumexp = exp.sum(axis=1, keepdims=True)  # = _softmax's, sharing `shifted` for the loss
         rows = xp.arange(n)
         losses = (xp.log(sumexp[:, 0]) - shifted[rows, safe]) * valid
         if reduction == "mean":
@@ -81,15 +85,20 @@ class CrossEntropy(Function):
         (logits,) = self.saved_inputs
         xp = self.xp
         n = logits.shape[0]
-        onehot = xp.zeros(logits.shape, dtype=logits.dtype)
-        onehot[xp.arange(n), self.target] = 1
-        row_scale = g * Tensor._wrap(self.weight) if self.weight is not None else g * Tensor._wrap(
-            self.valid.astype(logits.dtype))
+        rows = xp.arange(n)
+        scale = self.weight if self.weight is not None else self.valid.astype(logits.dtype)
         if grad_mode.is_grad_enabled():  # create_graph: keep the softmax differentiable
-            probs = softmax(logits, axis=1)
-        else:
-            probs = Tensor._wrap(self.probs)
-        return (probs - Tensor._wrap(onehot)) * row_scale.reshape((n, 1)), None
+            onehot = xp.zeros(logits.shape, dtype=logits.dtype)
+            onehot[rows, self.target] = 1
+            row_scale = (g * Tensor._wrap(scale)).reshape((n, 1))
+            return (softmax(logits, axis=1) - Tensor._wrap(onehot)) * row_scale, None
+        # (softmax - onehot) * scale, in place on the probabilities kept from forward: two passes
+        row_scale = (g.data * scale).reshape(n, 1)
+        grad = self.probs if self.probs is not None else _softmax(xp, logits.data)  # recomputed on a retained graph
+        self.probs = None
+        grad *= row_scale
+        grad[rows, self.target] -= row_scale[:, 0]
+        return Tensor._wrap(grad), None
 
     def release(self):
         super().release()
