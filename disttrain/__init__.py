@@ -12,3 +12,5 @@ from disttrain.autograd.ops import clip, sum, mean, max, min, reshape, transpose
 from disttrain import autograd
 
 __version__ = "0.1.0"
+from disttrain import nn  # noqa: E402  (sits on tensor and autograd)
+from disttrain import optim  # noqa: E402  (sits on tensor and autograd)

@@ -90,6 +90,7 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
     deps = _count_dependencies({node for node, _, _ in roots})
     buffers = {}
     owned = None if create_graph else set()  # ids of buffer tensors this pass allocated
+    given = {id(g.data if g.data.base is None else g.data.base) for _, _, g in roots}  # see _private
     for node, index, g in roots:
         _accumulate(buffers, node, index, g)
     ready = []
@@ -99,12 +100,12 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
     with grad_mode.set_grad_enabled(create_graph):
         while ready:
             node = heapq.heappop(ready)[2]
-            grads = buffers.pop(node)
+            grads = _take(buffers, node, owned)
             if capture is not None:
                 _capture(capture, node, grads, results)
             if type(node) is AccumulateGrad:
                 if capture is None and grads[0] is not None:
-                    node.accumulate(grads[0], create_graph)
+                    node.accumulate(grads[0], create_graph, given)
                 continue
             in_grads = _apply_node(node, grads)
             if not retain_graph:
@@ -121,11 +122,25 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
                 deps[nxt] = remaining
                 if remaining == 0:
                     if type(nxt) is AccumulateGrad and capture is None:
-                        g_leaf = buffers.pop(nxt)[0]  # final: run now so grad-ready hooks fire early
+                        g_leaf = _take(buffers, nxt, owned)[0]  # final: run now so grad-ready hooks fire early
                         if g_leaf is not None:
-                            nxt.accumulate(g_leaf, create_graph)
+                            nxt.accumulate(g_leaf, create_graph, given)
                     else:
                         heapq.heappush(ready, (-nxt.seq, id(nxt), nxt))
+
+
+def _take(buffers, node, owned):
+    """Pop node's gradient buffer for its backward, giving up ownership of the sums in it.
+
+    NOTE: once handed to backward a sum may come back unchanged as an input's gradient (add,
+    sum_to and hooks pass g through), possibly into several slots; adding into it in place
+    then would change every slot that holds it. (And a freed tensor's id may be reused.)
+    """
+    grads = buffers.pop(node)
+    if owned:
+        for g in grads:
+            owned.discard(id(g))
+    return grads
 
 
 def _accumulate(buffers, node, index, g, owned=None):

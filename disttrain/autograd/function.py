@@ -163,7 +163,7 @@ class AccumulateGrad(Function):
         self.saved_out = ()
         self.out_hooks = None
 
-    def accumulate(self, grad, create_graph):
+    def accumulate(self, grad, create_graph, given):
         leaf = self.leaf
         if leaf._hooks:
             for hook in leaf._hooks:
@@ -173,10 +173,7 @@ class AccumulateGrad(Function):
         if not create_graph:
             grad = grad.detach() if grad._node is not None else grad
         if leaf.grad is None:
-            # NOTE: .grad owns its array: optimizers and clip_grad_norm_ change it in place, and the
-            # incoming one may be a read-only broadcast view, the array another leaf also receives
-            # (add passes g twice) or the user's seed gradient.
-            leaf.grad = grad if create_graph else Tensor._wrap(grad.data.copy())
+            leaf.grad = grad if create_graph else Tensor._wrap(_private(grad.data, given))
         else:
             # out of place: a gradient array may be shared with another leaf's (add passes g twice)
             leaf.grad = leaf.grad + grad
@@ -186,6 +183,23 @@ class AccumulateGrad(Function):
 
     def release(self):
         pass
+
+
+def _private(array, given):
+    """`array`, or a copy where it might be shared, for a leaf's .grad to own.
+
+    NOTE: optimizers and clip_grad_norm_ change .grad in place, so it must not be a read-only
+    broadcast view (sum's backward), nor share memory with what another leaf received in this
+    pass (add passes g to both inputs) or with the caller's seed gradient. `given` holds the
+    ids of the memory owners handed out so far in the pass; only the rare shared case copies,
+    so a GEMM's fresh weight gradient is kept as is.
+    """
+    owner = array if array.base is None else array.base
+    if not array.flags.writeable or id(owner) in given:
+        array = array.copy()
+        owner = array
+    given.add(id(owner))
+    return array
 
 
 def accumulator_of(leaf):

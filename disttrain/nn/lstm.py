@@ -1,7 +1,7 @@
 """Multi-layer LSTM over (T, B, C) sequences, one fused cell node per time step."""
 import math
 
-from disttrain.autograd.ops import dropout, lstm_cell, stack, unbind
+from disttrain.autograd.ops import dropout, linear, lstm_cell, stack, unbind
 from disttrain.nn.module import Module
 from disttrain.nn.parameter import Parameter
 from disttrain.tensor.creation import uniform, zeros
@@ -56,7 +56,7 @@ class LSTM(Module):
         steps, batch, features = x.shape
         w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
         bias = getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}")
-        gates_x = (x.reshape((steps * batch, features)) @ w_ih.T + bias).reshape((steps, batch, 4 * self.hidden_size))
+        gates_x = linear(x.reshape((steps * batch, features)), w_ih, bias).reshape((steps, batch, 4 * self.hidden_size))
         outputs = []
         for gx in unbind(gates_x, 0):
             h, c = lstm_cell(gx, h, c, w_hh)

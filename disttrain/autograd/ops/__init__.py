@@ -3,7 +3,7 @@ the lowercase functions here are the public entry points (Tensor methods call th
 from disttrain.autograd.ops.conv import Fold, Unfold, avg_pool2d, conv2d, max_pool2d, unfold
 from disttrain.autograd.ops.elementwise import (Abs, Add, Clip, Div, Exp, Log, Maximum, Mul, Neg, Pow, Relu,
                                                 Sigmoid, Sub, Tanh, Where, sum_to, where)
-from disttrain.autograd.ops.linalg import MatMul, matmul
+from disttrain.autograd.ops.linalg import Linear, MatMul, linear, matmul
 from disttrain.autograd.ops.lstm import LSTMCell, lstm_cell, lstm_cell_reference
 from disttrain.autograd.ops.nn import (CrossEntropy, LogSoftmax, Softmax, cross_entropy, dropout, embedding,
                                        layer_norm, log_softmax, mse_loss, softmax)

@@ -147,7 +147,7 @@ class Relu(Function):
         return a * self.mask
 
     def backward(self, g):
-        return g * Tensor._wrap(self.mask.astype(g.dtype))
+        return g * Tensor._wrap(self.xp.asarray(self.mask, dtype=g.dtype))  # asarray: 0-d masks are scalars
 
 
 class Abs(Function):
@@ -156,7 +156,7 @@ class Abs(Function):
         return self.xp.abs(a)
 
     def backward(self, g):
-        return g * Tensor._wrap(self.sign)
+        return g * Tensor._wrap(self.xp.asarray(self.sign))
 
 
 class Maximum(Function):
@@ -169,7 +169,7 @@ class Maximum(Function):
         return xp.maximum(a, b)
 
     def backward(self, g):
-        wa = Tensor._wrap(self.weight_a.astype(g.dtype, copy=False))
+        wa = Tensor._wrap(self.xp.asarray(self.weight_a, dtype=g.dtype))
         sa, sb = self.shapes
         return (sum_to(g * wa, sa) if self.needs_grad(0) else None,
                 sum_to(g * (1 - wa), sb) if self.needs_grad(1) else None)
@@ -187,7 +187,7 @@ class Where(Function):
 
     def backward(self, g):
         zero = g * 0
-        c = Tensor._wrap(self.cond)
+        c = Tensor._wrap(self.xp.asarray(self.cond))
         sa, sb = self.shapes
         return (None,
                 sum_to(where(c, g, zero), sa) if self.needs_grad(1) else None,

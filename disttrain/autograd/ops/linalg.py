@@ -21,6 +21,38 @@ class MatMul(Function):
         return ga, gb
 
 
+class Linear(Function):
+    """x (N, in) @ w.T + b with w (out, in), b (out,) or None: PyTorch's addmm layout.
+
+    One node instead of transpose + matmul + add; backward's dW = g.T @ x comes out contiguous
+    in w's own layout, so the optimizer updates it without strided access.
+    """
+
+    saves_inputs = (0, 1)
+
+    def forward(self, x, w, b):
+        if x.ndim != 2 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"linear: input {x.shape} does not match weight {w.shape} (expected (N, {w.shape[1]}))")
+        out = x @ w.T
+        if b is not None:
+            out += b
+        return out
+
+    def backward(self, g):
+        x, w = self.saved_inputs
+        return (g @ w if self.needs_grad(0) else None,
+                g.T @ x if self.needs_grad(1) else None,
+                g.sum(axis=0) if self.needs_grad(2) else None)
+
+
+def linear(x, w, b=None):
+    """x (..., in) -> (..., out); leading dimensions fold into one GEMM."""
+    if x.ndim == 2:
+        return Linear.apply(x, w, b)
+    out = Linear.apply(x.reshape((-1, x.shape[-1])), w, b)
+    return out.reshape(x.shape[:-1] + (w.shape[0],))
+
+
 def matmul(a, b):
     """NumPy matmul semantics, including 1-D operands (promoted, then the added axis removed)."""
     from disttrain.tensor.tensor import Tensor

@@ -52,7 +52,7 @@ class Max(Function):
     def backward(self, g):
         if not self.keepdims:
             g = g.reshape(kept_shape(self.in_shape, self.axes))
-        return g * Tensor._wrap(self.weight.astype(g.dtype, copy=False))
+        return g * Tensor._wrap(self.xp.asarray(self.weight, dtype=g.dtype))  # asarray: a 0-d input gives scalars
 
 
 def sum(a, axis=None, keepdims=False):

@@ -1,0 +1,68 @@
+"""Gradient clipping and flat-vector views of parameters (torch.nn.utils)."""
+import math
+
+from disttrain.autograd.grad_mode import no_grad
+from disttrain.autograd.ops import concat
+from disttrain.tensor.tensor import Tensor
+
+
+def _as_list(parameters):
+    return [parameters] if isinstance(parameters, Tensor) else list(parameters)
+
+
+def _grad_norm(grads, norm_type):
+    """The norm of all gradients together, as a float, computed on their backend arrays."""
+    per_device = {}
+    for g in grads:
+        xp = g.backend.xp
+        flat = g.data.ravel()
+        part = xp.abs(flat).max() if norm_type == math.inf else xp.linalg.norm(flat, ord=norm_type)
+        per_device.setdefault(g.backend.name, (xp, []))[1].append(part)
+    parts = []
+    for xp, norms in per_device.values():  # one host sync per device
+        parts.extend(float(v) for v in xp.stack(norms).tolist())
+    if norm_type == math.inf:
+        return max(parts)
+    return math.fsum(p ** norm_type for p in parts) ** (1.0 / norm_type)
+
+
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False):
+    """Scale the gradients in place so that their total norm is at most max_norm; return the norm before.
+
+    The total norm is that of all gradients concatenated into one vector. When it exceeds
+    max_norm every gradient is multiplied by max_norm / (total_norm + 1e-6), as in PyTorch.
+    Parameters without a gradient are skipped.
+    """
+    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm_type = float(norm_type)
+    total = _grad_norm(grads, norm_type)
+    if error_if_nonfinite and not math.isfinite(total):
+        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total}; "
+                           "pass error_if_nonfinite=False to clip anyway")
+    coef = float(max_norm) / (total + 1e-6)
+    if coef < 1.0:
+        with no_grad():
+            for g in grads:
+                g.mul_(coef)
+    return total
+
+
+def parameters_to_vector(parameters):
+    """All parameters flattened and concatenated, in order, into one 1-D tensor (differentiable)."""
+    return concat([p.reshape((-1,)) for p in _as_list(parameters)], axis=0)
+
+
+def vector_to_parameters(vec, parameters):
+    """Copy consecutive slices of the 1-D `vec` into the parameters, in place (the inverse of the above)."""
+    params = _as_list(parameters)
+    total = sum(p.numel() for p in params)
+    if vec.ndim != 1 or vec.shape[0] != total:
+        raise ValueError(f"vector_to_parameters: expected a 1-D vector of {total} elements, got shape {vec.shape}")
+    start = 0
+    with no_grad():
+        for p in params:
+            n = p.numel()
+            p.copy_(vec.data[start:start + n].reshape(p.shape))
+            start += n

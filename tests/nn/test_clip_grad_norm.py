@@ -1,0 +1,76 @@
+import math
+
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain import nn
+from disttrain.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
+
+
+def grads_like(seed, scale):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(s) * scale for s in [(4, 3), (3,), (2, 2, 2)]]
+
+
+def make_params(grads):
+    params = [nn.Parameter(dt.zeros(*g.shape, dtype="float64")) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = dt.tensor(g)
+    return params
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf])
+@pytest.mark.parametrize("scale", [0.01, 10.0])
+def test_clip_grad_norm_matches_torch(norm_type, scale):
+    torch = pytest.importorskip("torch")
+    grads = grads_like(0, scale)
+    ours = make_params(grads)
+    theirs = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads]
+    for t, g in zip(theirs, grads):
+        t.grad = torch.from_numpy(g.copy())
+    total = clip_grad_norm_(ours, 1.0, norm_type)
+    total_t = torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type)
+    assert isinstance(total, float)
+    assert total == pytest.approx(total_t.item(), rel=1e-12)
+    for p, t in zip(ours, theirs):
+        np.testing.assert_allclose(p.grad.numpy(), t.grad.numpy(), rtol=1e-12)
+
+
+def test_clip_grad_norm_scales_in_place_and_skips_missing_grads():
+    params = make_params(grads_like(1, 5.0))
+    arrays = [p.grad.data for p in params]
+    params.append(nn.Parameter(dt.zeros(2)))
+    total = clip_grad_norm_(params, 0.5)
+    assert total > 0.5
+    assert all(p.grad.data is a for p, a in zip(params, arrays))
+    new_norm = math.sqrt(sum(float((p.grad.numpy() ** 2).sum()) for p in params[:3]))
+    assert new_norm == pytest.approx(0.5, rel=1e-5)
+    assert clip_grad_norm_([nn.Parameter(dt.zeros(2))], 1.0) == 0.0
+
+
+def test_clip_grad_norm_on_gradients_from_backward():
+    # add hands both leaves the same (broadcast, read-only) gradient array; clipping must scale each once
+    a, b = nn.Parameter(dt.zeros(3)), nn.Parameter(dt.zeros(3))
+    ((a + b) * 4.0).sum().backward()
+    total = clip_grad_norm_([a, b], 1.0)
+    assert total == pytest.approx(math.sqrt(6 * 16))
+    expected = 4.0 / (total + 1e-6)
+    np.testing.assert_allclose(a.grad.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(b.grad.numpy(), expected, rtol=1e-6)
+
+
+def test_error_if_nonfinite():
+    params = make_params([np.array([np.inf, 1.0])])
+    with pytest.raises(RuntimeError, match="inf"):
+        clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+
+
+def test_parameters_vector_round_trip():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    vec = parameters_to_vector(model.parameters())
+    assert vec.shape == (3 * 2 + 2 + 2 + 1,)
+    vector_to_parameters(vec * 2.0, model.parameters())
+    np.testing.assert_allclose(parameters_to_vector(model.parameters()).numpy(), vec.numpy() * 2.0)
+    with pytest.raises(ValueError, match="11 elements"):
+        vector_to_parameters(dt.zeros(4), model.parameters())
