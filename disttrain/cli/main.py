@@ -1,12 +1,42 @@
-"""Entry point of the `disttrain` console script: one sub-command per mode of use."""
+"""Entry point of the `disttrain` console script: one sub-command per mode of use.
+
+    disttrain run JOB.toml [--set section.key=value ...] [--out DIR] [--resume] [--device cpu|cuda]
+    disttrain eval JOB.toml --checkpoint DIR [--set section.key=value ...] [--device cpu|cuda]
+    disttrain demo
+
+Exit status: 0 done, 1 failure, 2 unusable job file, options or checkpoint (the message says what and where),
+130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint.
+"""
 import argparse
 import sys
+
+
+def _add_job_arguments(parser):
+    parser.add_argument("job", metavar="JOB.toml", help="the job spec (TOML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one key of the job, e.g. --set optim.lr=0.5 (repeatable)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), help="where to train (overrides [train] device)")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="disttrain", description="disttrain: distributed deep-learning training")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="train an MLP and a small CNN on generated data (no downloads)")
+
+    run = sub.add_parser("run", help="train a job: writes metrics.jsonl, config.toml, curves.png, checkpoint/",
+                         description="Train the job JOB.toml in local mode. Outputs go to DIR (default "
+                                     "runs/<job name>): metrics.jsonl, config.toml (the resolved job), curves.png "
+                                     "and checkpoint/. Ctrl-C or SIGTERM writes a checkpoint before exiting; "
+                                     "--resume continues from it.")
+    _add_job_arguments(run)
+    run.add_argument("--out", metavar="DIR", help="output directory (default: runs/<job name>)")
+    run.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
+
+    evaluate = sub.add_parser("eval", help="report valid/test perplexity of a checkpoint",
+                              description="Evaluate the weights in a job checkpoint on the valid and test splits.")
+    _add_job_arguments(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, metavar="DIR",
+                          help="a run directory (DIR/checkpoint) or a checkpoint directory")
     return parser
 
 
@@ -16,6 +46,14 @@ def main(argv=None):
         from disttrain.cli import demo
 
         return demo.main(args)
+    if args.command == "run":
+        from disttrain.cli import run
+
+        return run.main(args)
+    if args.command == "eval":
+        from disttrain.cli import run
+
+        return run.evaluate(args)
     return 2
 
 

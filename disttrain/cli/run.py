@@ -1,0 +1,120 @@
+"""`disttrain run` (train a job in local mode) and `disttrain eval` (evaluate a checkpoint).
+
+Both print a JobSpecError or CheckpointError as its message alone (no traceback) and exit 2.
+"""
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from disttrain.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from disttrain.train.jobspec import JobSpecError, load_job
+from disttrain.train.loop import Trainer, TrainingInterrupted
+
+EXIT_USAGE = 2
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def _load_spec(args, command):
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    spec = load_job(args.job, overrides)
+    if spec.parallel.mode != "local":
+        raise JobSpecError(f'{spec.source}: [parallel] mode = "{spec.parallel.mode}": `disttrain {command}` runs '
+                           f'local mode here; expected "local"')
+    if spec.train.device == "cuda":
+        from disttrain.tensor.backend import get_backend
+
+        try:
+            get_backend("cuda")
+        except RuntimeError as exc:
+            raise JobSpecError(f'{spec.source}: [train] device = "cuda": {exc}') from None
+    return spec
+
+
+def _fail(command, exc):
+    print(f"disttrain {command}: error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(args):
+    """disttrain run JOB.toml [--set k=v ...] [--out DIR] [--resume] [--device cpu|cuda]."""
+    try:
+        spec = _load_spec(args, "run")
+        out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
+        checkpoint = None
+        if args.resume:
+            if find_checkpoint(out) is None:
+                raise CheckpointError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoint'}); "
+                                      f"run without --resume to start the job")
+            checkpoint = load_checkpoint(out)
+        trainer = Trainer(spec, out_dir=out)
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+    except (JobSpecError, CheckpointError) as exc:
+        return _fail("run", exc)
+
+    _describe(trainer, out, checkpoint)
+    start = time.perf_counter()
+    try:
+        with _stop_on_signals(trainer):
+            evals = trainer.fit()
+    except TrainingInterrupted as exc:
+        print(f"{exc} in {out / 'checkpoint'}; continue with --resume", file=sys.stderr)
+        return EXIT_SIGNAL.get(exc.signal_name, 1)
+    _report(evals, trainer.char_level)
+    print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}/ (metrics.jsonl, config.toml, "
+          f"curves.png, checkpoint/)")
+    return 0
+
+
+def evaluate(args):
+    """disttrain eval JOB.toml --checkpoint DIR: valid and test perplexity of the checkpoint's weights."""
+    try:
+        spec = _load_spec(args, "eval")
+        checkpoint = load_checkpoint(args.checkpoint)
+        trainer = Trainer(spec, out_dir=None, progress=False)
+        trainer.load_weights(checkpoint)     # checks it was written for this job's model and data
+    except (JobSpecError, CheckpointError) as exc:
+        return _fail("eval", exc)
+    print(f"checkpoint {checkpoint.path} (step {checkpoint.meta['step']}, epoch {checkpoint.meta['epoch']})")
+    evals = {split: trainer.evaluate(split) for split in ("valid", "test")}
+    _report(evals, trainer.char_level)
+    return 0
+
+
+def _describe(trainer, out, checkpoint):
+    spec, corpus = trainer.spec, trainer.corpus
+    n_params = sum(p.numel() for p in trainer.params)
+    where = f"resuming at step {trainer.step} (epoch {trainer.epoch + 1})" if checkpoint else "starting"
+    print(f"job {spec.source}: {spec.data.kind} corpus, {corpus.train.size:,} train tokens, vocab "
+          f"{len(corpus.vocab):,}; model {spec.model.layers}x{spec.model.hidden} LSTM, {n_params:,} parameters; "
+          f"{len(trainer.train_iter)} steps/epoch x {spec.train.epochs} epochs"
+          + (f", max {spec.train.max_steps} steps" if spec.train.max_steps else "")
+          + f"; device {trainer.device}; {where}; outputs in {out}/", flush=True)
+
+
+def _report(evals, char_level):
+    parts = [f"{split} ppl {evals[split].ppl:.3f}" for split in ("valid", "test") if split in evals]
+    if char_level:
+        parts += [f"{split} bpc {evals[split].bpc:.4f}" for split in ("valid", "test") if split in evals]
+    print("final: " + " | ".join(parts), flush=True)
+
+
+@contextmanager
+def _stop_on_signals(trainer):
+    """SIGINT/SIGTERM: ask the trainer to checkpoint and stop after its current step; a second one aborts."""
+    def handler(signum, frame):
+        name = signal.Signals(signum).name
+        if trainer.stop_requested:
+            raise KeyboardInterrupt(f"second {name}: aborting without a checkpoint")
+        print(f"\n{name}: writing a checkpoint after the current step (again to abort now)", file=sys.stderr,
+              flush=True)
+        trainer.request_stop(name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,106 @@
+"""From a JobSpec to the objects a training run needs: corpus, model, optimizer, LR schedules, device.
+
+    spec = load_job("jobs/charlm.toml")
+    corpus = build_corpus(spec)
+    model = build_model(spec, len(corpus.vocab)).to(spec.train.device)
+    optimizer = build_optimizer(spec, model.parameters())
+    schedules = build_schedules(spec, optimizer)      # Schedules(epoch=..., step=...), either may be None
+
+Everything here is a pure function of the spec (plus the data files and the RNG seed), so a resumed job
+rebuilds exactly the same objects before loading their saved state into them.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+from disttrain import optim
+from disttrain.data import load_char_corpus, load_default_corpus, load_ptb
+from disttrain.models import LSTMLanguageModel
+from disttrain.train.jobspec import JobSpecError, check_paths
+
+__all__ = ["Schedules", "build_corpus", "build_model", "build_optimizer", "build_schedules", "is_char_level"]
+
+
+def is_char_level(spec):
+    """True for character-level corpora (their metrics add bits per character)."""
+    return spec.data.kind in ("chars", "default_corpus")
+
+
+def build_corpus(spec):
+    """The job's Corpus: PTB words, a character text file, or the embedded default corpus.
+
+    Raises JobSpecError (naming the file and key) when the data files are not there.
+    """
+    path = check_paths(spec)
+    kind = spec.data.kind
+    if kind == "ptb":
+        return load_ptb(path)
+    if kind == "chars":
+        return load_char_corpus(Path(path))
+    return load_default_corpus(spec.data.max_bytes)
+
+
+def build_model(spec, vocab_size):
+    """The job's model, freshly initialised from the current RNG state (seed first for reproducibility).
+
+    [memory] activation_checkpointing sets the LSTM's recurrent checkpointing (segments of each BPTT window
+    recomputed in backward instead of stored).
+    """
+    m = spec.model
+    if m.kind != "lstm_lm":
+        raise JobSpecError(f'{spec.source or "<job>"}: [model] kind = "{m.kind}": the training loop trains '
+                           f'language models; expected "lstm_lm"')
+    model = LSTMLanguageModel(vocab_size, hidden=m.hidden, layers=m.layers, embed=m.embed, dropout=m.dropout,
+                              init_scale=m.init_scale, tie_weights=m.tie_weights)
+    segments = spec.memory.activation_checkpointing          # "none", "sqrt" or a segment count
+    model.lstm.checkpoint_segments = None if segments == "none" else segments
+    return model
+
+
+def build_optimizer(spec, params):
+    """SGD (with momentum), Adam or AdamW with the job's lr and weight decay."""
+    o = spec.optim
+    params = list(params)
+    if o.kind == "sgd":
+        return optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    if o.kind == "adam":
+        return optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+    return optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+@dataclass
+class Schedules:
+    """The LR schedules of a job: `epoch` is stepped after every epoch, `step` after every optimizer step.
+
+    Both are chainable torch-style schedulers on the same optimizer, so their factors multiply.
+    """
+    epoch: object = None    # EpochDecayLR, or None when the lr never decays
+    step: object = None     # LinearWarmup over warmup_steps, or None
+
+    def state_dict(self):
+        return {name: (s.state_dict() if s is not None else None) for name, s in (("epoch", self.epoch),
+                                                                                  ("step", self.step))}
+
+    def load_state_dict(self, state):
+        for name in ("epoch", "step"):
+            mine, saved = getattr(self, name), state.get(name)
+            if (mine is None) != (saved is None):
+                raise ValueError(f"the checkpoint {'has' if saved is not None else 'lacks'} a per-{name} LR "
+                                 f"schedule and this job {'does not' if mine is None else 'does'}")
+            if mine is not None:
+                mine.load_state_dict(saved)
+
+
+def build_schedules(spec, optimizer):
+    """EpochDecayLR when decay_after_epoch > 0 and decay < 1; a linear warm-up when warmup_steps > 0.
+
+    Warm-up: the lr of step s (1-based) is lr * s / warmup_steps for s <= warmup_steps, then lr.
+    NOTE: construct these before loading an optimizer state: construction sets the lrs.
+    """
+    o = spec.optim
+    epoch = step = None
+    if o.decay_after_epoch > 0 and o.decay < 1:
+        epoch = optim.EpochDecayLR(optimizer, decay_after_epoch=o.decay_after_epoch, decay=o.decay)
+    if o.warmup_steps > 0:
+        step = optim.LinearWarmup(optimizer, start_factor=1.0 / o.warmup_steps, end_factor=1.0,
+                                  total_iters=max(o.warmup_steps - 1, 1))
+    return Schedules(epoch=epoch, step=step)

@@ -1,0 +1,420 @@
+"""Trainer: the one training loop every mode uses, for LSTM language models with truncated BPTT.
+
+    trainer = Trainer(spec, out_dir="runs/charlm")
+    trainer.restore(load_checkpoint("runs/charlm"))     # only when resuming
+    results = trainer.fit()                             # {"valid": EvalResult, "test": EvalResult}
+
+One step (`train_step`), in this order, so that distributed modes change only the marked hook:
+    forward over a (T, B) segment from the carried state -> loss = cross-entropy mean over the T*B tokens
+    -> backward -> strategy.sync_gradients (data parallel: allreduce) -> clip the global grad norm
+    -> optimizer step -> per-step LR schedule (warm-up) -> carry (h.detach(), c.detach()) to the next segment.
+
+Truncated BPTT: the train split is cut into B parallel streams (`batchify`) walked in segments of `bptt` rows
+(`TBPTTIterator`); the LSTM state flows across segments but gradients stop at segment borders, and the state is
+reset to zeros at the start of every epoch. The per-epoch LR schedule is stepped after each epoch.
+
+Evaluation (`evaluate`) runs under no_grad with model.eval() (no dropout) over EVAL_BATCH_SIZE = 10 streams of
+the split (the convention of PyTorch's word_language_model example; fewer when the split is tiny), segments of
+the training `bptt`, state carried from zeros. Perplexity is exp of the token-weighted mean loss over every
+evaluated token (not an average of per-segment perplexities); character-level jobs also report bits per
+character, loss / ln 2. Validation runs every `eval_every` steps or after every epoch, and once more at the end
+(unless it just ran) followed by the test split.
+
+NOTE (exact resume): everything a step depends on is in the job checkpoint — weights, optimizer buffers and
+scalars, LR schedules, the data cursor, the carried LSTM state, the RNG state and the metrics accumulators — and
+evaluation consumes no randomness and touches no training state. A run resumed from the checkpoint of step k
+therefore computes bit-for-bit the same steps k+1, k+2, ... as one that was never stopped (same device, same
+float dtype, same BLAS).
+"""
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import disttrain as dt
+from disttrain.data import TBPTTIterator, batchify
+from disttrain.nn import functional as F
+from disttrain.nn.utils import clip_grad_norm_
+from disttrain.train import checkpoint as ckpt
+from disttrain.train.build import (build_corpus, build_model, build_optimizer, build_schedules,
+                                   is_char_level)
+from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves
+from disttrain.train.progress import Progress
+from disttrain.train.strategy import LocalStrategy
+
+__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "EVAL_BATCH_SIZE"]
+
+EVAL_BATCH_SIZE = 10
+METRICS_FILE, CONFIG_FILE, CURVES_FILE = "metrics.jsonl", "config.toml", "curves.png"
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on request (SIGINT/SIGTERM) after writing a checkpoint; `signal_name` says why."""
+
+    def __init__(self, signal_name, step):
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint written")
+        self.signal_name, self.step = signal_name, step
+
+
+@dataclass
+class EvalResult:
+    split: str
+    loss: float          # mean cross-entropy per token (nats)
+    tokens: int
+    step: int
+    seconds: float = 0.0
+
+    @property
+    def ppl(self):
+        return perplexity(self.loss)
+
+    @property
+    def bpc(self):
+        return self.loss / LN2
+
+    def to_dict(self):
+        return {"split": self.split, "loss": self.loss, "tokens": self.tokens, "step": self.step,
+                "seconds": self.seconds}
+
+
+class Trainer:
+    """Trains the job `spec` (a JobSpec); writes metrics, curves, config and checkpoints into `out_dir`.
+
+    Construction seeds the global RNG with [train] seed, then builds corpus, model, optimizer and schedules.
+    out_dir=None keeps everything in memory (no files). corpus: a prebuilt Corpus (default: the job's).
+    progress: True/False forces a tqdm bar on/off; None picks one when stdout is a terminal.
+    """
+
+    def __init__(self, spec, out_dir=None, corpus=None, strategy=None, progress=None):
+        self.spec = spec
+        self.strategy = strategy or LocalStrategy()
+        self.device = spec.train.device
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.char_level = is_char_level(spec)
+        self._progress_mode = progress
+
+        dt.manual_seed(spec.train.seed)
+        self.corpus = corpus if corpus is not None else build_corpus(spec)
+        self.model = build_model(spec, len(self.corpus.vocab)).to(self.device)
+        self.params = list(self.model.parameters())
+        self.optimizer = build_optimizer(spec, self.params)
+        self.schedules = build_schedules(spec, self.optimizer)
+        streams = self.strategy.shard(batchify(self.corpus.train, spec.data.batch_size))
+        self.train_iter = TBPTTIterator(streams, spec.data.bptt)
+
+        self.step = 0                 # optimizer steps taken
+        self.epoch = 0                # epochs completed
+        self.hidden = None            # (h, c) carried into the next segment; None = zeros
+        self.evals = {}               # split -> last EvalResult
+        self.finished = False
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
+        self._acc = _fresh_accumulators()
+        self._elapsed_before = 0.0    # training seconds of earlier (resumed-from) processes
+        self._metrics_position = None  # where to continue metrics.jsonl when resuming
+        self._resumed = False
+        self._stop_signal = None
+        self._started = self._tick = None   # perf_counter at fit() start / at the last train log
+        self.metrics = None
+        self.progress = None
+
+    # ------------------------------------------------------------------------------------------ one step
+    def train_step(self, inputs, targets):
+        """One TBPTT segment: inputs, targets np.int64 (T, B). Returns (mean loss, grad norm before clipping)."""
+        x = dt.tensor(inputs, device=self.device)
+        y = dt.tensor(targets.reshape(-1), device=self.device)
+        # 1. forward from the carried state; loss = mean over the T*B tokens
+        logits, (h, c) = self.model(x, self.hidden)
+        loss = F.cross_entropy(logits, y)
+        # 2. backward
+        self.optimizer.zero_grad()
+        loss.backward()
+        # 3. gradient synchronisation across processes (a no-op in local mode)
+        self.strategy.sync_gradients(self.params)
+        # 4. clip the global gradient norm (max_norm = inf only measures it)
+        clip = self.spec.optim.clip_norm
+        grad_norm = clip_grad_norm_(self.params, clip if clip is not None else math.inf)
+        # 5. update, then the per-step LR schedule
+        self.step_lr = self.optimizer.param_groups[0]["lr"]       # the lr this step uses (for the metrics)
+        self.optimizer.step()
+        if self.schedules.step is not None:
+            self.schedules.step.step()
+        # 6. carry the state into the next segment, cut from this segment's graph
+        self.hidden = (h.detach(), c.detach())
+        self.step += 1
+        return loss.item(), grad_norm
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self):
+        """Train until `epochs` or `max_steps`, evaluate, write the final checkpoint; returns self.evals.
+
+        Raises TrainingInterrupted after a requested stop (the checkpoint is written first).
+        """
+        self._open_outputs()
+        try:
+            self.model.train()
+            self._tick = time.perf_counter()
+            self._train()
+            self._finish()
+        finally:
+            self._close_outputs()
+        return self.evals
+
+    def _train(self):
+        max_steps = self.spec.train.max_steps
+        while self.epoch < self.spec.train.epochs and not self._reached(max_steps):
+            for inputs, targets in self.train_iter:       # continues from the cursor after a resume
+                loss, grad_norm = self.train_step(inputs, targets)
+                self._accumulate(loss, inputs.size, grad_norm)
+                self._after_step()
+                if self._stop_signal is not None:
+                    self.save_checkpoint()
+                    self._plot()
+                    raise TrainingInterrupted(self._stop_signal, self.step)
+                if self._reached(max_steps):
+                    return
+            self._end_epoch()
+
+    def _reached(self, max_steps):
+        return max_steps is not None and self.step >= max_steps
+
+    def _after_step(self):
+        t = self.spec.train
+        if self.progress is not None:
+            self.progress.advance()
+        if self.step % t.log_every == 0:
+            self._log_train()
+        if t.eval_every != "epoch" and self.step % t.eval_every == 0:
+            self._evaluate_and_log("valid")
+        if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _end_epoch(self):
+        self.epoch += 1
+        self.hidden = None                 # every epoch starts from the zero state
+        if self.schedules.epoch is not None:
+            self.schedules.epoch.step()
+        if self.spec.train.eval_every == "epoch":
+            self._evaluate_and_log("valid")
+
+    def _finish(self):
+        if self._acc["steps"]:
+            self._log_train()
+        if self.evals.get("valid") is None or self.evals["valid"].step != self.step:
+            self._evaluate_and_log("valid")
+        if self.evals.get("test") is None or self.evals["test"].step != self.step:
+            self._evaluate_and_log("test")
+        self.finished = True
+        self.save_checkpoint()
+        self._plot()
+
+    def request_stop(self, signal_name="SIGINT"):
+        """Ask the loop to checkpoint and stop after the current step (safe to call from a signal handler)."""
+        self._stop_signal = signal_name
+
+    @property
+    def stop_requested(self):
+        return self._stop_signal is not None
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def evaluate(self, split):
+        """Token-weighted mean loss over the whole split, under no_grad in eval mode -> EvalResult."""
+        ids = self.corpus.split(split)
+        batch = max(1, min(EVAL_BATCH_SIZE, ids.size // 2))
+        segments = TBPTTIterator(batchify(ids, batch), self.spec.data.bptt)
+        was_training = self.model.training
+        self.model.eval()
+        start = time.perf_counter()
+        total, tokens, hidden = 0.0, 0, None
+        try:
+            with dt.no_grad():
+                for inputs, targets in segments:
+                    logits, hidden = self.model(dt.tensor(inputs, device=self.device), hidden)
+                    loss = F.cross_entropy(logits, dt.tensor(targets.reshape(-1), device=self.device))
+                    total += loss.item() * targets.size
+                    tokens += targets.size
+        finally:
+            self.model.train(was_training)
+        return EvalResult(split, total / tokens, tokens, self.step, time.perf_counter() - start)
+
+    def _evaluate_and_log(self, split):
+        start = time.perf_counter()
+        result = self._evaluate_logged(split)
+        if self._tick is not None:            # train throughput counts training time only
+            self._tick += time.perf_counter() - start
+        return result
+
+    def _evaluate_logged(self, split):
+        result = self.evaluate(split)
+        self.evals[split] = result
+        row = {"step": self.step, "epoch": self._epoch_label(), "split": split, "loss": result.loss,
+               "ppl": result.ppl, "tokens_per_s": result.tokens / max(result.seconds, 1e-9)}
+        if self.char_level:
+            row["bpc"] = result.bpc
+        row["tokens"] = result.tokens
+        row["time"] = self.elapsed()
+        self._write(row)
+        if self.progress is not None:
+            self.progress.eval_row(row)
+        if split == "valid":
+            self._plot()
+        return result
+
+    # ------------------------------------------------------------------------------------------ metrics
+    def _accumulate(self, loss, tokens, grad_norm):
+        acc = self._acc
+        acc["loss_sum"] += loss * tokens
+        acc["tokens"] += tokens
+        acc["grad_norm_sum"] += grad_norm
+        acc["steps"] += 1
+
+    def _log_train(self):
+        acc, now = self._acc, time.perf_counter()
+        seconds = acc["seconds"] + (now - self._tick)
+        # every process logs at the same steps: the mean over processes is the global batch's loss
+        loss = self.strategy.reduce_mean(acc["loss_sum"] / acc["tokens"])
+        tokens = acc["tokens"] * self.strategy.world_size
+        row = {"step": self.step, "epoch": self._epoch_label(), "split": "train", "loss": loss,
+               "ppl": perplexity(loss), "tokens_per_s": tokens / max(seconds, 1e-9),
+               "lr": self.step_lr, "grad_norm": acc["grad_norm_sum"] / acc["steps"]}
+        if self.char_level:
+            row["bpc"] = loss / LN2
+        row["time"] = self.elapsed()
+        self._write(row)
+        if self.progress is not None:
+            self.progress.train_row(row)
+        self._acc = _fresh_accumulators()
+        self._tick = now
+
+    def _epoch_label(self):
+        """The 1-based epoch a step belongs to (after an epoch ends: the epoch just completed)."""
+        return self.epoch + 1 if 0 < self.train_iter.position or self.epoch == 0 else self.epoch
+
+    def elapsed(self):
+        """Seconds spent in fit() so far, summed over resumed runs."""
+        running = time.perf_counter() - self._started if self._started is not None else 0.0
+        return self._elapsed_before + running
+
+    def _write(self, row):
+        if self.metrics is not None:
+            self.metrics.write(row)
+
+    def _plot(self):
+        if self.out_dir is not None and self.strategy.is_main and self.metrics is not None:
+            name = Path(self.spec.source).stem if self.spec.source else "job"
+            plot_curves(self.metrics.rows, self.out_dir / CURVES_FILE, title=f"{name}: perplexity")
+
+    def _open_outputs(self):
+        self._started = time.perf_counter()
+        if self.progress is None and self.strategy.is_main:     # one process reports
+            total = self.spec.train.epochs * len(self.train_iter)
+            if self.spec.train.max_steps is not None:
+                total = min(total, self.spec.train.max_steps)
+            self.progress = Progress(total, initial=self.step, bar=self._progress_mode)
+        if self.out_dir is None or not self.strategy.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not self._resumed:        # a new run replaces an old one's checkpoint, never resumes into it
+            ckpt.remove_checkpoints(self.out_dir)
+        (self.out_dir / CONFIG_FILE).write_text(self.spec.to_toml(), encoding="utf-8")
+        self.metrics = MetricsWriter(self.out_dir / METRICS_FILE, resume_at=self._metrics_position)
+
+    def _close_outputs(self):
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self):
+        """(model arrays, other arrays, JSON metadata) of the current training state."""
+        model = {name: t.numpy() for name, t in self.model.state_dict().items()}
+        arrays, optim_json = ckpt.split_optimizer_state(self.optimizer.state_dict())
+        if self.hidden is not None:
+            arrays["hidden.h"], arrays["hidden.c"] = (t.numpy() for t in self.hidden)
+        acc = dict(self._acc)
+        acc["seconds"] += time.perf_counter() - self._tick if self._tick is not None else 0.0
+        meta = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "finished": self.finished,
+            "step_lr": self.step_lr,
+            "data": self.train_iter.state_dict(),
+            "optimizer": optim_json,
+            "schedules": self.schedules.state_dict(),
+            "rng": dt.get_rng_state(),
+            "metrics": {"position": self.metrics.position if self.metrics is not None else None,
+                        "accumulators": acc},
+            "evals": {split: r.to_dict() for split, r in self.evals.items()},
+            "elapsed": self.elapsed(),
+            "vocab_size": len(self.corpus.vocab),
+            "job": self.spec.to_dict(),
+            "job_source": self.spec.source,
+        }
+        return model, arrays, meta
+
+    def save_checkpoint(self):
+        """Write out_dir/checkpoint atomically (main process only); returns its path or None."""
+        if self.out_dir is None or not self.strategy.is_main:
+            return None
+        return ckpt.save_checkpoint(self.out_dir, *self.checkpoint_state())
+
+    def restore(self, checkpoint):
+        """Load a Checkpoint (from load_checkpoint) so that fit() continues exactly where it was written.
+
+        Raises CheckpointError when it does not fit this job (another model or data, other shapes).
+        """
+        meta, where = checkpoint.meta, checkpoint.path
+        self.load_weights(checkpoint)
+        try:
+            self.optimizer.load_state_dict(ckpt.join_optimizer_state(checkpoint.arrays, meta["optimizer"]))
+            self.schedules.load_state_dict(meta["schedules"])
+            self.train_iter.load_state_dict(meta["data"])
+        except (ValueError, KeyError) as exc:
+            raise ckpt.CheckpointError(f"{where}: does not fit this job: {exc}") from None
+        if "hidden.h" in checkpoint.arrays:
+            self.hidden = tuple(dt.tensor(checkpoint.arrays[f"hidden.{n}"], device=self.device) for n in "hc")
+        else:
+            self.hidden = None
+        dt.set_rng_state(meta["rng"])
+        self.step, self.epoch, self.finished = meta["step"], meta["epoch"], meta.get("finished", False)
+        self.step_lr = meta.get("step_lr", self.step_lr)
+        self.evals = {split: EvalResult(**r) for split, r in meta.get("evals", {}).items()}
+        self._acc = {**_fresh_accumulators(), **meta["metrics"]["accumulators"]}
+        self._metrics_position = meta["metrics"]["position"]
+        self._elapsed_before = meta.get("elapsed", 0.0)
+        self._resumed = True
+
+    def load_weights(self, checkpoint):
+        """Load only the model weights of a Checkpoint (all evaluation needs), after checking that it was
+        written for this job's model and data (other sections, e.g. [optim] or [train], may differ)."""
+        meta, where = checkpoint.meta, checkpoint.path
+        _check_same_job(meta["job"], self.spec.to_dict(), where)
+        if meta.get("vocab_size") not in (None, len(self.corpus.vocab)):
+            raise ckpt.CheckpointError(f"{where}: saved with a vocabulary of {meta['vocab_size']} entries, this "
+                                       f"job's corpus has {len(self.corpus.vocab)}; is it the same data?")
+        try:
+            self.model.load_state_dict(checkpoint.model)
+        except RuntimeError as exc:
+            raise ckpt.CheckpointError(f"{checkpoint.path / ckpt.MODEL_FILE}: does not fit this job's model: "
+                                       f"{exc}") from None
+
+
+def _fresh_accumulators():
+    return {"loss_sum": 0.0, "tokens": 0, "grad_norm_sum": 0.0, "steps": 0, "seconds": 0.0}
+
+
+# Sections whose change makes a checkpoint meaningless for the job (others, e.g. epochs, may change on resume).
+_FIXED_SECTIONS = ("model", "data")
+
+
+def _check_same_job(saved, current, where):
+    diffs = []
+    for section in _FIXED_SECTIONS:
+        for key in sorted(set(saved.get(section, {})) | set(current.get(section, {}))):
+            a, b = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+            if a != b:
+                diffs.append(f"[{section}] {key}: checkpoint {a!r}, job {b!r}")
+    if diffs:
+        raise ckpt.CheckpointError(f"{where}: was written for a different job; " + "; ".join(diffs))

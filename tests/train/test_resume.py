@@ -1,0 +1,116 @@
+"""Resume == uninterrupted: a run continued from its checkpoint repeats the same steps bit for bit (CPU, float32)."""
+import json
+
+import numpy as np
+import pytest
+
+from disttrain.train import Trainer, TrainingInterrupted, load_checkpoint
+
+TIMING = ("time", "tokens_per_s")
+
+
+def rows_of(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(trainer, step):
+    """Make the trainer die (like a killed process: no cleanup, no checkpoint) right after `step`."""
+    real = trainer.train_step
+
+    def train_step(inputs, targets):
+        out = real(inputs, targets)
+        if trainer.step == step:
+            raise Crash(step)
+        return out
+
+    trainer.train_step = train_step
+
+
+# dropout draws random masks (RNG state), SGD momentum and Adam keep buffers, warm-up and decay move the lr,
+# and 2 epochs cross an epoch boundary (state reset, schedule step, valid evaluation)
+JOBS = {
+    "adam+dropout": dict(overrides=("optim.warmup_steps=5", "train.eval_every=30"), layers=2, dropout=0.3,
+                         optim="adam", lr=0.01, epochs=2),
+    "sgd+momentum+decay": dict(overrides=("optim.momentum=0.9", "optim.decay_after_epoch=1", "optim.decay=0.5"),
+                               layers=1, dropout=0.0, optim="sgd", lr=0.5, epochs=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(JOBS))
+@pytest.mark.parametrize("crash_at", ["mid-epoch", "epoch-end"])
+def test_resumed_run_repeats_the_uninterrupted_one_exactly(tiny_job, tmp_path, name, crash_at):
+    job = JOBS[name]
+    overrides = job["overrides"]
+    kwargs = {k: v for k, v in job.items() if k != "overrides"}
+    per_epoch = len(Trainer(tiny_job(*overrides, **kwargs), progress=False).train_iter)
+    # the last checkpoint before the crash falls mid-epoch, or on the last step of the first epoch
+    every = 5 if crash_at == "mid-epoch" else per_epoch
+    ckpt_step = 2 * every if crash_at == "mid-epoch" else every
+    spec = tiny_job(*overrides, f"train.checkpoint_every={every}", **kwargs)
+
+    whole = Trainer(spec, out_dir=tmp_path / "whole", progress=False)
+    whole.fit()
+    assert 0 < ckpt_step < whole.step - 3
+
+    broken = Trainer(spec, out_dir=tmp_path / "run", progress=False)
+    crash_after(broken, ckpt_step + 3)
+    with pytest.raises(Crash):
+        broken.fit()
+    assert load_checkpoint(tmp_path / "run").meta["step"] == ckpt_step
+
+    resumed = Trainer(spec, out_dir=tmp_path / "run", progress=False)
+    resumed.restore(load_checkpoint(tmp_path / "run"))
+    assert resumed.step == ckpt_step
+    resumed.fit()
+
+    assert rows_of(tmp_path / "run") == rows_of(whole.out_dir)             # every loss, lr, grad norm, eval
+    for (name_a, a), (name_b, b) in zip(whole.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert name_a == name_b
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_stop_request_checkpoints_and_resumes_exactly(tiny_job, tmp_path):
+    spec = tiny_job(dropout=0.2, layers=2, epochs=2)
+    whole = Trainer(spec, out_dir=tmp_path / "whole", progress=False)
+    whole.fit()
+
+    stopped = Trainer(spec, out_dir=tmp_path / "run", progress=False)
+    real = stopped.train_step
+
+    def train_step(inputs, targets):
+        out = real(inputs, targets)
+        if stopped.step == 13:
+            stopped.request_stop("SIGTERM")       # what the CLI's signal handler does
+        return out
+
+    stopped.train_step = train_step
+    with pytest.raises(TrainingInterrupted, match="SIGTERM after step 13"):
+        stopped.fit()
+    assert load_checkpoint(tmp_path / "run").meta["step"] == 13           # checkpoint_every = 0, still written
+
+    resumed = Trainer(spec, out_dir=tmp_path / "run", progress=False)
+    resumed.restore(load_checkpoint(tmp_path / "run"))
+    resumed.fit()
+    assert rows_of(tmp_path / "run") == rows_of(tmp_path / "whole")
+
+
+def test_resuming_a_finished_run_changes_nothing_and_can_extend_it(tiny_job, tmp_path):
+    spec = tiny_job("train.max_steps=12", epochs=3)
+    Trainer(spec, out_dir=tmp_path, progress=False).fit()
+    before = rows_of(tmp_path)
+    again = Trainer(spec, out_dir=tmp_path, progress=False)
+    again.restore(load_checkpoint(tmp_path))
+    again.fit()
+    assert rows_of(tmp_path) == before and again.step == 12
+
+    longer = Trainer(tiny_job("train.max_steps=20", epochs=3), out_dir=tmp_path, progress=False)
+    longer.restore(load_checkpoint(tmp_path))
+    longer.fit()
+    rows = rows_of(tmp_path)
+    assert rows[:len(before)] == before and longer.step == 20
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 21))
