@@ -90,7 +90,7 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
     deps = _count_dependencies({node for node, _, _ in roots})
     buffers = {}
     owned = None if create_graph else set()  # ids of buffer tensors this pass allocated
-    given = {id(g.data if g.data.base is None else g.data.base) for _, _, g in roots}  # see _private
+    given = {_owner(g.data) for _, _, g in roots}  # memory a leaf's .grad must copy: see _private
     for node, index, g in roots:
         _accumulate(buffers, node, index, g)
     ready = []
@@ -108,6 +108,7 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
                     node.accumulate(grads[0], create_graph, given)
                 continue
             in_grads = _apply_node(node, grads)
+            _mark_shared(grads, in_grads, given)
             if not retain_graph:
                 node.release()
             for edge, g in zip(node.next_edges, in_grads):
@@ -127,6 +128,27 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
                             nxt.accumulate(g_leaf, create_graph, given)
                     else:
                         heapq.heappush(ready, (-nxt.seq, id(nxt), nxt))
+
+
+def _owner(array):
+    return id(array if array.base is None else array.base)
+
+
+def _mark_shared(grads, in_grads, given):
+    """Add to `given` the memory of every input gradient that reaches more than one place.
+
+    That is (a view of) a gradient the node received, which may still sit in other buffers
+    (add, reshape and hooks pass g on), or one array sent to two inputs. A leaf's .grad then
+    gets a copy: a post-accumulate hook that changes it in place (a data-parallel average)
+    must not change a gradient that backward has yet to use.
+    """
+    seen = {_owner(g.data) for g in grads if g is not None}
+    for g in in_grads:
+        if g is not None:
+            owner = _owner(g.data)
+            if owner in seen:
+                given.add(owner)
+            seen.add(owner)
 
 
 def _take(buffers, node, owned):

@@ -13,8 +13,11 @@ not need are freed as soon as the user drops them.
 import itertools
 import weakref
 
+import numpy as np
+
 from disttrain.autograd import grad_mode
 from disttrain.tensor.backend import _BY_ARRAY_TYPE as _BACKENDS
+from disttrain.tensor.memory import hook as _memory, track_node as _track_node_memory
 from disttrain.tensor.tensor import Tensor
 
 _sequence = itertools.count()
@@ -29,6 +32,7 @@ class Function:
     saves_output = False
     n_outputs = 1
     same_dtype = True  # tensor inputs must share one dtype (see disttrain.tensor.dtypes)
+    is_view = False    # the output may be a view of input 0: it then shares input 0's version counter
 
     # ---- subclass API ----------------------------------------------------------------------
     def forward(self, *arrays, **params):
@@ -76,6 +80,7 @@ class Function:
         arrays = []
         first = None
         requires = False
+        constants = None
         for x in inputs:
             if isinstance(x, Tensor):
                 data = x.data
@@ -86,10 +91,16 @@ class Function:
                     first = data
                 elif type(data) is not type(first) or (data.dtype != first.dtype and cls.same_dtype):
                     _raise_mismatch(cls, inputs)
+            elif isinstance(x, np.generic):  # a NumPy scalar (np.sqrt(d)) acts as a Python scalar: it adopts
+                arrays.append(x.item())      # the tensors' dtype instead of promoting float32 to float64
             else:
                 arrays.append(x)
+                if cls.same_dtype and type(x) in _BACKENDS:
+                    constants = (constants or []) + [x]
         if first is None:
             raise OpError(f"{cls.__name__}: needs at least one Tensor input, got {[type(x).__name__ for x in inputs]}")
+        if constants:
+            _check_constants(cls, first, constants)
         backend = node.backend = _BACKENDS[type(first)]
         xp = node.xp = backend.xp
         record = node.recording = requires and grad_mode.state.enabled
@@ -103,9 +114,10 @@ class Function:
         if node.n_outputs == 1:  # an instance may set its own count in forward (Unbind)
             if type(out) is not backend.array_type:  # NumPy turns 0-d results into scalars
                 out = xp.asarray(out)
+            box = inputs[0]._version_box if cls.is_view and xp.may_share_memory(out, arrays[0]) else None
             if not record:
-                return Tensor._wrap(out)
-            result = Tensor._wrap(out, node, 0)
+                return Tensor._wrap(out, version_box=box)
+            result = Tensor._wrap(out, node, 0, box)
             outs = (result,)
         else:
             out = tuple(o if type(o) is backend.array_type else xp.asarray(o) for o in out)
@@ -117,7 +129,9 @@ class Function:
         node.seq = next(_sequence)
         node.out_hooks = None
         node.saved = tuple([(inputs[i], getattr(inputs[i], "_version", 0)) for i in cls.saves_inputs])
-        node.saved_out = tuple([(weakref.ref(t), 0, t.data) for t in outs]) if cls.saves_output else ()
+        node.saved_out = tuple([(weakref.ref(t), t._version, t.data) for t in outs]) if cls.saves_output else ()
+        if _memory.active:  # a MemoryMeter counts what the node keeps for backward (masks, activations)
+            _track_node_memory(node)
         return result
 
     def release(self):
@@ -148,6 +162,14 @@ def _raise_mismatch(cls, inputs):
         if t.dtype != first.dtype:
             raise OpError(f"{cls.__name__}: dtype mismatch {first.dtype} vs {t.dtype} (shapes {first.shape} and "
                           f"{t.shape}); convert one with .to(dtype=...): disttrain never mixes dtypes silently")
+
+
+def _check_constants(cls, first, constants):
+    """A raw array input must not change the result's dtype (float64 data into a float32 op)."""
+    for c in constants:
+        if np.result_type(c.dtype, first.dtype) != first.dtype:
+            raise OpError(f"{cls.__name__}: dtype mismatch {first.dtype} tensor vs {c.dtype} array (shape {c.shape}); "
+                          "wrap the array with dt.tensor(..., dtype=...): disttrain never mixes dtypes silently")
 
 
 class AccumulateGrad(Function):
@@ -190,9 +212,9 @@ def _private(array, given):
 
     NOTE: optimizers and clip_grad_norm_ change .grad in place, so it must not be a read-only
     broadcast view (sum's backward), nor share memory with what another leaf received in this
-    pass (add passes g to both inputs) or with the caller's seed gradient. `given` holds the
-    ids of the memory owners handed out so far in the pass; only the rare shared case copies,
-    so a GEMM's fresh weight gradient is kept as is.
+    pass (add passes g to both inputs), with a gradient still waiting in another node's buffer
+    (engine._mark_shared) or with the caller's seed gradient. `given` holds the ids of those
+    memory owners; only the rare shared case copies, so a GEMM's fresh weight gradient is kept as is.
     """
     owner = array if array.base is None else array.base
     if not array.flags.writeable or id(owner) in given:

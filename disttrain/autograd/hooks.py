@@ -40,6 +40,9 @@ def register_post_accumulate_hook(tensor, hook):
 def retain_grad(tensor):
     if tensor._node is None:
         return  # leaves keep .grad anyway
+    hooks = (tensor._node.out_hooks or {}).get(tensor._out_index, ())
+    if any(getattr(h, "retains_grad", False) for h in hooks):
+        return  # already retained: a second store hook would add the gradient twice
     ref = weakref.ref(tensor)
 
     def store(grad):
@@ -48,4 +51,5 @@ def retain_grad(tensor):
             g = grad.detach()
             t.grad = g if t.grad is None else t.grad + g
 
+    store.retains_grad = True
     register_tensor_hook(tensor, store)

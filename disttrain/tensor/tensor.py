@@ -11,10 +11,11 @@ import numpy as np
 
 from disttrain.tensor import dtypes
 from disttrain.tensor.backend import backend_of_array, get_backend
+from disttrain.tensor.memory import hook as _memory, track as _track_memory
 
 
 class Tensor:
-    __slots__ = ("data", "requires_grad", "grad", "_node", "_out_index", "_version",
+    __slots__ = ("data", "requires_grad", "grad", "_node", "_out_index", "_version_box",
                  "_hooks", "_post_hooks", "_accumulator", "__weakref__")
     __array_priority__ = 1000  # so ndarray + Tensor calls Tensor.__radd__
 
@@ -25,29 +26,50 @@ class Tensor:
         self.grad = None
         self._node = None
         self._out_index = 0
-        self._version = 0
+        self._version_box = [0]
         self._hooks = None
         self._post_hooks = None
         self._accumulator = None
         if requires_grad and not dtypes.is_floating(data.dtype):
             raise TypeError(f"only floating-point tensors can require gradients, got dtype {data.dtype}")
+        if _memory.active:  # a MemoryMeter is running (disttrain.tensor.memory)
+            _track_memory(data)
 
     @classmethod
-    def _wrap(cls, data, node=None, index=0):
-        """Fast constructor for op outputs: no checks, the op guarantees a backend array."""
+    def _wrap(cls, data, node=None, index=0, version_box=None):
+        """Fast constructor for op outputs: no checks, the op guarantees a backend array.
+
+        A view of another tensor's memory passes that tensor's `version_box` to share its counter.
+        """
         t = object.__new__(Tensor)
         t.data = data
         t.requires_grad = node is not None
         t.grad = None
         t._node = node
         t._out_index = index
-        t._version = 0
+        t._version_box = [0] if version_box is None else version_box
         t._hooks = None
         t._post_hooks = None
         t._accumulator = None
+        if _memory.active:
+            _track_memory(data)
         return t
 
     # ---- metadata -------------------------------------------------------------------------
+    @property
+    def _version(self):
+        """In-place changes so far to this tensor's memory, counted once for it and all its views.
+
+        NOTE: views (detach(), and reshape, transpose, broadcast_to, basic indexing when NumPy
+        returns a view) share one counter, so changing a parameter in place is detected by every
+        node that saved a view of it (x @ w.T, conv2d's reshaped weight).
+        """
+        return self._version_box[0]
+
+    @_version.setter
+    def _version(self, value):
+        self._version_box[0] = value
+
     @property
     def shape(self):
         return self.data.shape
@@ -84,6 +106,13 @@ class Tensor:
 
     def __len__(self):
         return len(self.data)
+
+    def __bool__(self):
+        """The truth of a one-element tensor (`if loss < best:`); without this, Python would use len()."""
+        if self.data.size != 1:
+            raise RuntimeError(f"the truth value of a tensor of shape {self.shape} is ambiguous; "
+                               "compare one element (t.item()) or reduce first (t.max(), t.min())")
+        return bool(self.item())
 
     def __repr__(self):
         extra = f", device='{self.device}'" if self.device != "cpu" else ""
@@ -132,7 +161,7 @@ class Tensor:
 
     def detach(self):
         """A tensor sharing this one's data, cut from the graph."""
-        return Tensor._wrap(self.data)
+        return Tensor._wrap(self.data, version_box=self._version_box)
 
     def requires_grad_(self, flag=True):
         if self._node is not None and not flag:
@@ -185,15 +214,18 @@ class Tensor:
         return other.data if isinstance(other, Tensor) else other
 
     def add_(self, other, alpha=1.0):
-        self._check_inplace("add_")
+        return self._add_scaled("add_", other, alpha)
+
+    def sub_(self, other, alpha=1.0):
+        return self._add_scaled("sub_", other, -alpha)
+
+    def _add_scaled(self, what, other, alpha):
+        self._check_inplace(what)
         other = self._operand(other)
         if alpha != 1.0:
             other = other * alpha
         self.data += other
         return self
-
-    def sub_(self, other, alpha=1.0):
-        return self.add_(other, alpha=-alpha)
 
     def mul_(self, other):
         self._check_inplace("mul_")
@@ -271,20 +303,24 @@ class Tensor:
         return _ops.getitem(self, index)
 
     # comparisons give boolean tensors with no gradient
+    def _constant(self, result):
+        """Wrap a result computed on self.data; asarray because NumPy turns 0-d results into scalars."""
+        return Tensor._wrap(self.backend.xp.asarray(result))
+
     def __lt__(self, other):
-        return Tensor._wrap(self.data < self._operand(other))
+        return self._constant(self.data < self._operand(other))
 
     def __le__(self, other):
-        return Tensor._wrap(self.data <= self._operand(other))
+        return self._constant(self.data <= self._operand(other))
 
     def __gt__(self, other):
-        return Tensor._wrap(self.data > self._operand(other))
+        return self._constant(self.data > self._operand(other))
 
     def __ge__(self, other):
-        return Tensor._wrap(self.data >= self._operand(other))
+        return self._constant(self.data >= self._operand(other))
 
     def eq(self, other):
-        return Tensor._wrap(self.data == self._operand(other))
+        return self._constant(self.data == self._operand(other))
 
     __hash__ = object.__hash__
 
@@ -330,7 +366,7 @@ class Tensor:
         return _ops.min(self, axis, keepdims)
 
     def argmax(self, axis=None):
-        return Tensor._wrap(self.data.argmax(axis=axis))
+        return self._constant(self.data.argmax(axis=axis))
 
     def reshape(self, *shape):
         return _ops.reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)

@@ -1,5 +1,5 @@
 """Matrix product with batch broadcasting (GEMM: NumPy's BLAS on the CPU, cuBLAS via CuPy on the GPU)."""
-from disttrain.autograd.function import Function
+from disttrain.autograd.function import Function, OpError
 from disttrain.autograd.ops.elementwise import sum_to
 
 
@@ -61,6 +61,9 @@ def matmul(a, b):
         raise TypeError(f"matmul: both operands must be Tensors, got {type(a).__name__} and {type(b).__name__}")
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: operands must have at least one dimension, got shapes {a.shape} and {b.shape}")
+    inner_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if a.shape[-1] != inner_b:  # checked here so a 1-D operand is named by its own shape, not the promoted one
+        raise OpError(f"MatMul: inner dimensions differ: {a.shape} @ {b.shape} ({a.shape[-1]} != {inner_b})")
     squeeze_a = a.ndim == 1
     squeeze_b = b.ndim == 1
     if squeeze_a:

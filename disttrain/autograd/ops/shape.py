@@ -5,6 +5,8 @@ from disttrain.tensor.tensor import Tensor, _raw_index
 
 
 class Reshape(Function):
+    is_view = True
+
     def forward(self, a, shape):
         self.in_shape = a.shape
         return a.reshape(shape)
@@ -15,6 +17,8 @@ class Reshape(Function):
 
 class Transpose(Function):
     """Permute axes; an empty `axes` reverses them (x.T)."""
+
+    is_view = True
 
     def forward(self, a, axes):
         axes = tuple(axes) if axes else tuple(reversed(range(a.ndim)))
@@ -31,6 +35,8 @@ class Transpose(Function):
 
 
 class BroadcastTo(Function):
+    is_view = True
+
     def forward(self, a, shape):
         self.in_shape = a.shape
         return self.xp.broadcast_to(a, shape)
@@ -94,6 +100,7 @@ class GetItem(Function):
     """x[index] with NumPy semantics; backward scatter-adds into zeros (IndexAdd)."""
 
     same_dtype = False
+    is_view = True  # basic indexing returns a view (advanced indexing copies)
 
     def forward(self, a, index):
         self.in_shape = a.shape
