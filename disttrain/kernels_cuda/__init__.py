@@ -1,0 +1,28 @@
+"""Our CUDA C kernels: the CUDA backend's `kernels` (CudaBackend.kernels is the `wrappers` module).
+
+    common.cuh      the shared __device__ preamble: float/double math, sigmoid, activations,
+                    warp/block reductions, online log-sum-exp, grid-stride loops, block sizes
+    lstm.cu         fused LSTM cell forward and backward (gates + cell/hidden update; GEMMs on cuBLAS)
+    xent.cu         fused log-softmax + cross-entropy: one online log-sum-exp pass per row (a warp per
+                    narrow row, a block per wide row), one elementwise pass for the gradient, ignore_index
+    embedding.cu    embedding backward: atomic scatter-add of rows
+    elementwise.cu  bias + activation forward and backward
+    optim.cu        SGD (momentum, Nesterov, weight decay) and Adam/AdamW (AMSGrad) over flat buffers
+    norms.cu        gradient norms (2, inf, p), host-coefficient scaling, on-device clipping
+    bucket.cu       bucket pack/unpack with a fused scale, for allreduce
+    loader.py       compiles each source once per process with cupy.RawModule, caches named kernels
+    launch.py       launch configurations (pure Python, tested on the CPU)
+    wrappers.py     kernels_numpy's names and signatures, launching the kernels above
+    graph.py        CUDA-graph capture of a steady-state training step
+
+Every kernel has a NumPy reference of the same name in disttrain.tensor.kernels_numpy.
+
+Verification status (see tests/kernels_cuda, CPU, and tests/gpu, GPU):
+  - CPU, in CI: every source compiles with nvcc to PTX for sm_80 and sm_90 with warnings as errors,
+    also as the self-contained text NVRTC gets; ptxas reports no spills and registers that fit the
+    launch blocks; the launch helpers; the wrappers' names/signatures; every launch's arguments
+    checked against the kernel's C parameter list; the NumPy references against independent math.
+  - GPU (tests/gpu, marked `gpu`): kernels vs references, ops cuda vs cpu, ptb_small loss curve,
+    CUDA-graph replay vs eager. Owed until a GPU session runs them: no kernel has executed yet.
+This package imports nothing at import time; loader.py guards `import cupy` (`loader.available`).
+"""

@@ -14,13 +14,10 @@ def _grad_norm(grads, norm_type):
     """The norm of all gradients together, as a float, computed on their backend arrays."""
     per_device = {}
     for g in grads:
-        xp = g.backend.xp
-        flat = g.data.ravel()
-        part = xp.abs(flat).max() if norm_type == math.inf else xp.linalg.norm(flat, ord=norm_type)
-        per_device.setdefault(g.backend.name, (xp, []))[1].append(part)
+        per_device.setdefault(g.backend.name, (g.backend, []))[1].append(g.data)
     parts = []
-    for xp, norms in per_device.values():  # one host sync per device
-        parts.extend(float(v) for v in xp.stack(norms).tolist())
+    for backend, arrays in per_device.values():  # per-array norms by the fused kernel; one host sync per device
+        parts.extend(float(v) for v in backend.kernels.norms(backend.xp, arrays, norm_type).tolist())
     if norm_type == math.inf:
         return max(parts)
     return math.fsum(p ** norm_type for p in parts) ** (1.0 / norm_type)
@@ -45,7 +42,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     if coef < 1.0:
         with no_grad():
             for g in grads:
-                g.mul_(coef)
+                g._check_inplace("clip_grad_norm_")  # bumps the version, as g.mul_(coef) would
+                g.backend.kernels.scale_(g.backend.xp, [g.data], coef)
     return total
 
 

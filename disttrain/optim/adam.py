@@ -35,29 +35,16 @@ class Adam(Optimizer):
                 raise ValueError(f"{name}: invalid betas[{i}]={beta!r}, must be in [0, 1)")
 
     def _update(self, param, grad, state, group):
-        xp = param.backend.xp
         if not state:
             _init_state(state, param, group["amsgrad"])
-        lr, weight_decay = group["lr"], group["weight_decay"]
-        beta1, beta2 = group["betas"]
-        if group["maximize"]:
-            grad = -grad
         state["step"] += 1
-        if weight_decay != 0:
-            if self.decoupled_weight_decay:
-                param.mul_(1 - lr * weight_decay)
-            else:
-                grad = grad + weight_decay * param.data
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        _lerp_(exp_avg, grad, 1 - beta1)
-        exp_avg_sq *= beta2
-        exp_avg_sq += (1 - beta2) * grad * grad
-        second_moment = exp_avg_sq
-        if group["amsgrad"]:
-            second_moment = state["max_exp_avg_sq"]
-            xp.maximum(second_moment, exp_avg_sq, out=second_moment)
-        direction = _step_direction(xp, exp_avg, second_moment, state["step"], lr, beta1, beta2, group["eps"])
-        param.add_(direction)
+        beta1, beta2 = group["betas"]
+        # one fused update (backend.kernels.adam_step: the NumPy reference on the CPU, one CUDA kernel on the GPU)
+        param._check_inplace(f"{type(self).__name__}.step")  # bumps the version (see optimizer.py)
+        param.backend.kernels.adam_step(
+            param.backend.xp, param.data, grad, state["exp_avg"], state["exp_avg_sq"],
+            state["max_exp_avg_sq"] if group["amsgrad"] else None, state["step"], group["lr"], beta1, beta2,
+            group["eps"], group["weight_decay"], self.decoupled_weight_decay, group["maximize"])
 
 
 class AdamW(Adam):
@@ -77,25 +64,3 @@ def _init_state(state, param, amsgrad):
     state["exp_avg_sq"] = xp.zeros_like(param.data)
     if amsgrad:
         state["max_exp_avg_sq"] = xp.zeros_like(param.data)
-
-
-def _step_direction(xp, exp_avg, second_moment, step, lr, beta1, beta2, eps):
-    """-lr * m_hat / (sqrt(v_hat) + eps), with torch's bias correction folded into two scalars."""
-    step_size = lr / (1 - beta1 ** step)
-    denom = xp.sqrt(second_moment)
-    denom /= (1 - beta2 ** step) ** 0.5
-    denom += eps
-    direction = exp_avg * -step_size  # torch's addcdiv: (value * m) / denom
-    direction /= denom
-    return direction
-
-
-def _lerp_(target, end, weight):
-    """target <- lerp(target, end, weight) in place, with torch's two-sided formula (exact at 0 and 1)."""
-    diff = end - target
-    if abs(weight) < 0.5:
-        diff *= weight
-        target += diff
-    else:
-        diff *= 1 - weight
-        target[...] = end - diff

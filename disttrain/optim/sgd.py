@@ -28,24 +28,10 @@ class SGD(Optimizer):
                              f"got momentum={group['momentum']!r}, dampening={group['dampening']!r}")
 
     def _update(self, param, grad, state, group):
-        momentum = group["momentum"]
-        if group["maximize"]:
-            grad = -grad
-        if group["weight_decay"] != 0:
-            grad = grad + group["weight_decay"] * param.data
-        if momentum != 0:
-            buf = _momentum_step(state, grad, momentum, group["dampening"])
-            grad = grad + momentum * buf if group["nesterov"] else buf
-        param.add_(grad, alpha=-group["lr"])
-
-
-def _momentum_step(state, grad, momentum, dampening):
-    """Advance the momentum buffer in place (creating it at the first step) and return it."""
-    buf = state.get("momentum_buffer")
-    if buf is None:
-        # a copy: `grad` may be the parameter's own .grad array, which the caller may change later
-        buf = state["momentum_buffer"] = grad.copy()
-    else:
-        buf *= momentum
-        buf += (1 - dampening) * grad
-    return buf
+        # one fused update (backend.kernels.sgd_step: the NumPy reference on the CPU, one CUDA kernel on the GPU)
+        param._check_inplace("SGD.step")  # bumps the version: graphs recorded before the step fail at backward
+        buf = param.backend.kernels.sgd_step(
+            param.backend.xp, param.data, grad, state.get("momentum_buffer"), group["lr"], group["momentum"],
+            group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"])
+        if buf is not None:
+            state["momentum_buffer"] = buf

@@ -2,6 +2,14 @@
 
 Ops never import numpy or cupy directly; they ask the tensor's backend (`node.xp`,
 `node.backend.index_add(...)`), so the CUDA backend plugs in without touching op code.
+
+`backend.kernels` is a module of fused kernels with one set of names and signatures, called as
+`backend.kernels.f(backend.xp, ...)`: disttrain.tensor.kernels_numpy on the CPU (the reference),
+disttrain.kernels_cuda.wrappers (our CUDA C kernels) on the GPU.
+
+`backend.sync_checks`: ops may read device values on the host to validate indices (class targets,
+embedding ids). True except while a CUDA graph is being captured (disttrain.kernels_cuda.graph),
+when a host read is not allowed and the capturing code validates its inputs itself.
 """
 import numpy as np
 
@@ -15,6 +23,7 @@ class CpuBackend:
     xp = np
     array_type = np.ndarray
     kernels = kernels_numpy  # fused ops, called as backend.kernels.f(backend.xp, ...)
+    sync_checks = True
 
     def asarray(self, data, dtype=None):
         return np.asarray(data, dtype=dtype)
@@ -36,11 +45,14 @@ class CudaBackend:
     name = "cuda"
 
     def __init__(self, cupy):
-        self.xp = cupy
-        self.array_type = cupy.ndarray
-        self.kernels = kernels_numpy  # until disttrain.kernels_cuda provides its own
         import cupyx
 
+        from disttrain.kernels_cuda import wrappers
+
+        self.xp = cupy
+        self.array_type = cupy.ndarray
+        self.kernels = wrappers  # our CUDA kernels, same names and signatures as kernels_numpy
+        self.sync_checks = True
         self._cupyx = cupyx
 
     def asarray(self, data, dtype=None):
@@ -50,10 +62,29 @@ class CudaBackend:
         return self.xp.asnumpy(array)
 
     def index_add(self, target, index, values):
-        self._cupyx.scatter_add(target, index, values)
+        """target[index] += values (scatter-add): rows of a 2-D target picked by one integer array (the
+        embedding backward) go to the atomic row kernel, any other indexing to cupyx.scatter_add."""
+        xp = self.xp
+        if (type(index) is xp.ndarray and index.dtype.kind in "iu" and target.ndim == 2
+                and type(values) is xp.ndarray and values.shape == index.shape + target.shape[1:]):
+            self.kernels.index_add_rows(xp, target, index, values)
+        else:
+            self._cupyx.scatter_add(target, index, values)
 
     def as_strided(self, array, shape, strides):
         return self.xp.lib.stride_tricks.as_strided(array, shape=shape, strides=strides)
+
+    def synchronize(self):
+        """Wait for all work queued on the current GPU (timing, benchmarks)."""
+        self.xp.cuda.Device().synchronize()
+
+    def memory_stats(self):
+        """CuPy memory-pool figures in bytes: used by live arrays, held by the pool (used or cached),
+        and pinned host memory held for transfers."""
+        pool = self.xp.get_default_memory_pool()
+        pinned = self.xp.get_default_pinned_memory_pool()
+        return {"used_bytes": pool.used_bytes(), "pool_bytes": pool.total_bytes(),
+                "free_bytes": pool.free_bytes(), "pinned_free_blocks": pinned.n_free_blocks()}
 
 
 CPU = CpuBackend()

@@ -42,9 +42,9 @@ class Softmax(Function):
 class CrossEntropy(Function):
     """Mean (or summed, or per-row) -log softmax(logits)[target] over rows whose target != ignore_index.
 
-    logits (N, C) float, target (N,) int64. One pass computes the loss; the probabilities
-    are kept so backward is a single subtraction, unless create_graph asks for a
-    differentiable softmax.
+    logits (N, C) float, target (N,) int64. The backend's fused kernel computes the loss in one
+    pass and keeps what backward needs (the probabilities on the CPU, the row log-sum-exp on the
+    GPU), so backward is one more pass, unless create_graph asks for a differentiable softmax.
     """
 
     saves_inputs = (0,)
@@ -57,16 +57,14 @@ class CrossEntropy(Function):
             raise ValueError(f"target shape {target.shape} does not match logits rows {n}")
         valid = target != ignore_index
         safe = xp.where(valid, target, 0)
-        if n and (safe.min() < 0 or safe.max() >= c):
+        if self.backend.sync_checks and n and (safe.min() < 0 or safe.max() >= c):  # off in CUDA-graph capture
             bad = int(safe[(safe < 0) | (safe >= c)][0])
             raise ValueError(f"target class {bad} is out of range for {c} classes")
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        exp = xp.exp(shifted)
-        sumexp = exp.sum(axis=1, keepdims=True)  # = _softmax's, sharing `shifted` for the loss
-        rows = xp.arange(n)
-        losses = (xp.log(sumexp[:, 0]) - shifted[rows, safe]) * valid
+        # fused kernel: NumPy keeps the softmax for backward, CUDA the row log-sum-exp
+        losses, softmax_state = self.backend.kernels.cross_entropy_forward(xp, logits, target, ignore_index,
+                                                                            self.recording)
         if reduction == "mean":
-            weight = valid / max(int(valid.sum()), 1)
+            weight = valid / xp.maximum(valid.sum(), 1)  # no host read of the count (GPU: no sync)
         elif reduction == "sum":
             weight = valid * 1.0
         elif reduction == "none":
@@ -76,7 +74,7 @@ class CrossEntropy(Function):
         self.reduction = reduction
         self.target, self.valid = safe, valid
         self.weight = None if weight is None else weight.astype(logits.dtype)
-        self.probs = exp / sumexp if self.recording else None
+        self.softmax_state = softmax_state if self.recording else None
         if weight is None:
             return losses.astype(logits.dtype, copy=False)
         return (losses * weight).sum().astype(logits.dtype)
@@ -92,17 +90,14 @@ class CrossEntropy(Function):
             onehot[rows, self.target] = 1
             row_scale = (g * Tensor._wrap(scale)).reshape((n, 1))
             return (softmax(logits, axis=1) - Tensor._wrap(onehot)) * row_scale, None
-        # (softmax - onehot) * scale, in place on the probabilities kept from forward: two passes
-        row_scale = (g.data * scale).reshape(n, 1)
-        grad = self.probs if self.probs is not None else _softmax(xp, logits.data)  # recomputed on a retained graph
-        self.probs = None
-        grad *= row_scale
-        grad[rows, self.target] -= row_scale[:, 0]
+        # (softmax - onehot) * scale from what forward kept (recomputed on a retained graph's second pass)
+        saved, self.softmax_state = self.softmax_state, None
+        grad = self.backend.kernels.cross_entropy_backward(xp, logits.data, self.target, saved, g.data * scale)
         return Tensor._wrap(grad), None
 
     def release(self):
         super().release()
-        self.probs = None
+        self.softmax_state = None
 
 
 def log_softmax(x, axis=-1):
@@ -173,6 +168,6 @@ def embedding(indices, weight):
     idx = indices.data if isinstance(indices, Tensor) else indices
     if idx.dtype.kind not in "iu":
         raise TypeError(f"embedding: indices must be integers, got dtype {idx.dtype}")
-    if idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
+    if weight.backend.sync_checks and idx.size and (idx.min() < 0 or idx.max() >= weight.shape[0]):
         raise IndexError(f"embedding: index out of range [0, {weight.shape[0]}): min {idx.min()}, max {idx.max()}")
     return shape.getitem(weight, idx)

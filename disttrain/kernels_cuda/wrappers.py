@@ -1,0 +1,301 @@
+"""The CUDA backend's fused kernels, with the names and signatures of disttrain.tensor.kernels_numpy.
+
+CudaBackend.kernels is this module, so an op calls `self.backend.kernels.f(self.xp, ...)` and gets
+our CUDA kernel on the GPU and the NumPy reference on the CPU. Each wrapper makes its inputs
+C-contiguous, allocates the outputs, picks the launch configuration (launch.py) and launches the
+kernel (loader.py). GEMMs stay on cuBLAS through CuPy's matmul.
+
+Where no kernel applies (a dtype other than float32/float64, empty arrays, a non-contiguous
+buffer that must be updated in place, a norm order the kernels do not compute) the wrapper falls
+back to the NumPy reference run on CuPy arrays: it is written against `xp`, so it is correct there
+too, only not fused.
+
+NOTE: no wrapper reads a device value on the host, so none of them syncs the GPU, and a training
+step built from them can be captured in a CUDA graph (disttrain.kernels_cuda.graph).
+"""
+import numpy as np
+
+from disttrain.kernels_cuda import launch
+from disttrain.kernels_cuda.loader import SUFFIX, kernel
+from disttrain.tensor import kernels_numpy as _ref
+
+ACTIVATIONS = _ref.ACTIVATIONS  # index = the kernels' DT_ACT_* code
+adam_scalars = _ref.adam_scalars  # host arithmetic, shared
+NORM_SUM_SQ, NORM_MAX_ABS, NORM_SUM_POW = 0, 1, 2  # norms.cu DT_NORM_*
+_i64, _i32, _f64 = np.int64, np.int32, np.float64
+
+
+def _fused(*arrays):
+    """True when every array has a dtype the kernels are compiled for and none is empty or 0-d."""
+    return all(a.dtype in SUFFIX and a.size > 0 and a.ndim > 0 for a in arrays)
+
+
+def _contiguous(xp, a):
+    return xp.ascontiguousarray(a)
+
+
+def _launch_1d(source, name, dtype, n, args):
+    grid, block = launch.elementwise_config(n)
+    kernel(source, name, dtype)(grid, block, args)
+
+
+# ---- elementwise ---------------------------------------------------------------------------------------
+
+def sigmoid(xp, a):
+    if not _fused(a):
+        return _ref.sigmoid(xp, a)
+    return bias_act_forward(xp, a, None, "sigmoid")
+
+
+def bias_act_forward(xp, x, bias, act):
+    """y = act(x + bias) in one kernel: x (..., C), bias (C,) or None."""
+    _ref._check_activation(act)
+    if not _fused(x) or (bias is not None and bias.shape != x.shape[-1:]):
+        return _ref.bias_act_forward(xp, x, bias, act)
+    x = _contiguous(xp, x)
+    n_cols = x.shape[-1]
+    n_rows = x.size // n_cols
+    y = xp.empty_like(x)
+    b = _contiguous(xp, bias) if bias is not None else x  # not read without a bias
+    grid, block = launch.rows_config(n_rows, n_cols)
+    kernel("elementwise", "bias_act_forward", x.dtype)(
+        grid, block, (x, b, y, _i64(n_rows), _i64(n_cols), _i32(ACTIVATIONS.index(act)), _i32(bias is not None)))
+    return y
+
+
+def bias_act_backward(xp, grad_y, y, act, with_bias=False):
+    """(grad_x, grad_bias): grad_x = grad_y * act'(y) in one kernel; grad_bias a column sum (CuPy)."""
+    _ref._check_activation(act)
+    if not _fused(grad_y, y) or grad_y.shape != y.shape:
+        return _ref.bias_act_backward(xp, grad_y, y, act, with_bias)
+    grad_y, y = _contiguous(xp, grad_y), _contiguous(xp, y)
+    grad_x = xp.empty_like(y)
+    _launch_1d("elementwise", "bias_act_backward", y.dtype, y.size,
+               (grad_y, y, grad_x, _i64(y.size), _i32(ACTIVATIONS.index(act))))
+    return grad_x, (grad_x.reshape(-1, y.shape[-1]).sum(axis=0) if with_bias else None)
+
+
+# ---- LSTM cell ---------------------------------------------------------------------------------------------
+
+def lstm_cell_forward(xp, gates_x, h, c, w_hh):
+    """One LSTM step: h @ W_hh^T on cuBLAS, then one fused kernel (see kernels_numpy for the layout)."""
+    if not _fused(gates_x, h, c, w_hh):
+        return _ref.lstm_cell_forward(xp, gates_x, h, c, w_hh)
+    batch, hidden = h.shape
+    hh = h @ w_hh.T
+    gates_x, c = _contiguous(xp, gates_x), _contiguous(xp, c)
+    h_new, c_new, tanh_c = (xp.empty((batch, hidden), dtype=c.dtype) for _ in range(3))
+    acts = xp.empty((batch, 4 * hidden), dtype=c.dtype)
+    grid, block = launch.rows_config(batch, hidden)
+    kernel("lstm", "lstm_cell_forward", c.dtype)(
+        grid, block, (gates_x, hh, c, h_new, c_new, acts, tanh_c, _i64(batch), _i64(hidden)))
+    return h_new, c_new, acts, tanh_c
+
+
+def lstm_cell_backward(xp, dh, dc, acts, tanh_c, h, c, w_hh):
+    """Gradients of one LSTM step: one fused kernel for d_pre and dc_prev, then two cuBLAS GEMMs."""
+    if not _fused(dh, dc, acts, tanh_c, h, c, w_hh):
+        return _ref.lstm_cell_backward(xp, dh, dc, acts, tanh_c, h, c, w_hh)
+    batch, hidden = h.shape
+    dh, dc, acts, tanh_c, c = (_contiguous(xp, a) for a in (dh, dc, acts, tanh_c, c))
+    d_pre = xp.empty((batch, 4 * hidden), dtype=c.dtype)
+    dc_prev = xp.empty((batch, hidden), dtype=c.dtype)
+    grid, block = launch.rows_config(batch, hidden)
+    kernel("lstm", "lstm_cell_backward", c.dtype)(
+        grid, block, (dh, dc, acts, tanh_c, c, d_pre, dc_prev, _i64(batch), _i64(hidden)))
+    return d_pre, d_pre @ w_hh, dc_prev, d_pre.T @ h
+
+
+# ---- cross-entropy ---------------------------------------------------------------------------------------
+
+def cross_entropy_forward(xp, logits, target, ignore_index, keep_softmax=False):
+    """(losses (N,), lse (N,)): one online log-sum-exp pass per row. `keep_softmax` is ignored: backward
+    recomputes exp from lse in its own single pass, so no (N, C) array is kept."""
+    if not _fused(logits) or logits.ndim != 2:
+        return _ref.cross_entropy_forward(xp, logits, target, ignore_index, keep_softmax)
+    n_rows, n_cols = logits.shape
+    logits = _contiguous(xp, logits)
+    target = _contiguous(xp, target.astype(np.int64, copy=False))
+    losses = xp.empty(n_rows, dtype=logits.dtype)
+    lse = xp.empty(n_rows, dtype=logits.dtype)
+    cfg = launch.softmax_config(n_rows, n_cols, logits.itemsize)
+    kernel("xent", f"xent_forward_{cfg.kind}", logits.dtype)(
+        cfg.grid, cfg.block, (logits, target, losses, lse, _i64(n_rows), _i64(n_cols), _i64(ignore_index)),
+        shared_mem=cfg.shared_mem)
+    return losses, lse
+
+
+def cross_entropy_backward(xp, logits, target, saved, row_scale):
+    """(softmax - onehot) * row_scale in one elementwise pass from forward's lse (recomputed when None)."""
+    if not _fused(logits) or logits.ndim != 2 or (saved is not None and saved.ndim != 1):
+        return _ref.cross_entropy_backward(xp, logits, target, saved, row_scale)
+    n_rows, n_cols = logits.shape
+    logits = _contiguous(xp, logits)
+    target = _contiguous(xp, target.astype(np.int64, copy=False))
+    if saved is None:
+        _, saved = cross_entropy_forward(xp, logits, target, -1)
+    lse = _contiguous(xp, saved)
+    scale = _contiguous(xp, xp.broadcast_to(row_scale.astype(logits.dtype, copy=False), (n_rows,)))
+    grad = xp.empty_like(logits)
+    grid, block = launch.rows_config(n_rows, n_cols)
+    kernel("xent", "xent_backward", logits.dtype)(
+        grid, block, (logits, target, lse, scale, grad, _i64(n_rows), _i64(n_cols)))
+    return grad
+
+
+# ---- embedding backward --------------------------------------------------------------------------------
+
+def index_add_rows(xp, target, index, values):
+    """target[index[r]] += values[r] with atomics, in place on a C-contiguous target (V, D)."""
+    if (not _fused(target, values) or target.ndim != 2 or not target.flags.c_contiguous
+            or values.shape != index.shape + target.shape[1:] or index.dtype.kind not in "iu"):
+        return _ref.index_add_rows(xp, target, index, values)
+    n_index, n_cols = index.size, target.shape[1]
+    idx = _contiguous(xp, index.reshape(-1).astype(np.int64, copy=False))
+    vals = _contiguous(xp, values.reshape(n_index, n_cols))
+    grid, block = launch.rows_config(n_index, n_cols)
+    kernel("embedding", "index_add_rows", target.dtype)(
+        grid, block, (target, idx, vals, _i64(n_index), _i64(n_cols), _i64(target.shape[0])))
+
+
+def embedding_backward(xp, grad, indices, num_embeddings):
+    d = grad.shape[-1]
+    out = xp.zeros((num_embeddings, d), dtype=grad.dtype)
+    index_add_rows(xp, out, indices.reshape(-1), grad.reshape(-1, d))
+    return out
+
+
+# ---- optimizers ------------------------------------------------------------------------------------------
+
+def _updatable(*arrays):
+    return _fused(*arrays) and all(a.flags.c_contiguous for a in arrays)
+
+
+def sgd_step(xp, param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+             nesterov=False, maximize=False):
+    """One fused SGD update in place; returns the momentum buffer (new at the first step)."""
+    if not _updatable(param) or (momentum_buffer is not None and not _updatable(momentum_buffer)):
+        return _ref.sgd_step(xp, param, grad, momentum_buffer, lr, momentum, dampening, weight_decay,
+                             nesterov, maximize)
+    t = param.dtype.type
+    first = momentum != 0 and momentum_buffer is None
+    if first:
+        momentum_buffer = xp.empty_like(param)
+    buf = momentum_buffer if momentum != 0 else param  # not read without momentum
+    _launch_1d("optim", "sgd_step", param.dtype, param.size,
+               (param, _contiguous(xp, grad.astype(param.dtype, copy=False)), buf, _i64(param.size), t(-lr),
+                t(momentum), t(1 - dampening), t(weight_decay), _i32(momentum != 0), _i32(bool(nesterov)),
+                _i32(bool(maximize)), _i32(first)))
+    return momentum_buffer
+
+
+def adam_step(xp, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
+              weight_decay=0.0, decoupled=False, maximize=False):
+    """One fused Adam/AdamW update in place (the bias corrections of `step` computed on the host)."""
+    buffers = (param, exp_avg, exp_avg_sq) + ((max_exp_avg_sq,) if max_exp_avg_sq is not None else ())
+    if not _updatable(*buffers):
+        return _ref.adam_step(xp, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
+                              weight_decay, decoupled, maximize)
+    t = param.dtype.type
+    step_size, bias_correction2_sqrt = adam_scalars(step, lr, beta1, beta2)
+    amsgrad = max_exp_avg_sq is not None
+    _launch_1d("optim", "adam_step", param.dtype, param.size,
+               (param, _contiguous(xp, grad.astype(param.dtype, copy=False)), exp_avg, exp_avg_sq,
+                max_exp_avg_sq if amsgrad else param, _i64(param.size), t(1 - beta1), t(beta2), t(1 - beta2),
+                t(weight_decay), t(1 - lr * weight_decay), t(-step_size), t(bias_correction2_sqrt), t(eps),
+                _i32(bool(decoupled)), _i32(amsgrad), _i32(bool(maximize))))
+
+
+# ---- gradient norms and clipping -------------------------------------------------------------------------
+
+def _norm_mode(norm_type):
+    p = float(norm_type)
+    if p == float("inf"):
+        return NORM_MAX_ABS
+    if p == 2.0:
+        return NORM_SUM_SQ
+    if p > 0 and p != float("inf"):
+        return NORM_SUM_POW
+    return None  # 0, negative and -inf orders: the reference
+
+
+def _accumulate_norm(xp, a, acc, mode, p):
+    a = _contiguous(xp, a)
+    grid, block = launch.reduction_config(a.size)
+    kernel("norms", "norm_accumulate", a.dtype)(grid, block, (a, _i64(a.size), acc, _i32(mode), _f64(p)))
+
+
+def _finalize_norms(xp, acc, mode, p):
+    out = xp.empty_like(acc)
+    grid, block = launch.elementwise_config(acc.size)
+    kernel("norms", "norm_finalize")(grid, block, (acc, out, _i64(acc.size), _i32(mode), _f64(p)))
+    return out
+
+
+def norms(xp, arrays, norm_type):
+    """Per-array norms (float64, on the device): one reduction launch per array, one to finish."""
+    mode = _norm_mode(norm_type)
+    if mode is None or not arrays or not _fused(*arrays):
+        return _ref.norms(xp, arrays, norm_type)
+    acc = xp.zeros(len(arrays), dtype=np.float64)
+    for k, a in enumerate(arrays):
+        _accumulate_norm(xp, a, acc[k:k + 1], mode, float(norm_type))
+    return _finalize_norms(xp, acc, mode, float(norm_type))
+
+
+def scale_(xp, arrays, coef):
+    for a in arrays:
+        if _updatable(a):
+            _launch_1d("norms", "scale", a.dtype, a.size, (a, _i64(a.size), a.dtype.type(coef)))
+        else:
+            a *= coef
+
+
+def clip_by_total_norm_(xp, arrays, max_norm, norm_type=2.0):
+    """Total norm and the clipping decision both on the device: returns the 0-d float64 total norm."""
+    mode = _norm_mode(norm_type)
+    if mode is None or not arrays or not _updatable(*arrays):
+        return _ref.clip_by_total_norm_(xp, arrays, max_norm, norm_type)
+    acc = xp.zeros(1, dtype=np.float64)
+    for a in arrays:
+        _accumulate_norm(xp, a, acc, mode, float(norm_type))
+    total = _finalize_norms(xp, acc, mode, float(norm_type))
+    for a in arrays:
+        _launch_1d("norms", "clip_scale", a.dtype, a.size, (a, _i64(a.size), total, _f64(max_norm)))
+    return total.reshape(())
+
+
+# ---- gradient buckets --------------------------------------------------------------------------------------
+
+def _copy_scaled(src, dst, scale):
+    _launch_1d("bucket", "copy_scaled", dst.dtype, dst.size,
+               (src, dst, _i64(dst.size), dst.dtype.type(scale), _i32(scale != 1.0)))
+
+
+def bucket_pack(xp, arrays, out=None):
+    total = sum(a.size for a in arrays)
+    if not arrays or not _fused(*arrays) or len({a.dtype for a in arrays}) != 1:
+        return _ref.bucket_pack(xp, arrays, out)
+    if out is None:
+        out = xp.empty(total, dtype=arrays[0].dtype)
+    elif out.shape != (total,):
+        raise ValueError(f"bucket_pack: out has shape {out.shape}, the arrays need ({total},)")
+    offset = 0
+    for a in arrays:
+        _copy_scaled(_contiguous(xp, a.astype(out.dtype, copy=False)), out[offset:offset + a.size], 1.0)
+        offset += a.size
+    return out
+
+
+def bucket_unpack(xp, flat, arrays, scale=1.0):
+    total = sum(a.size for a in arrays)
+    if flat.shape != (total,):
+        raise ValueError(f"bucket_unpack: flat has shape {flat.shape}, the arrays need ({total},)")
+    offset = 0
+    for a in arrays:
+        part = flat[offset:offset + a.size]
+        if _updatable(a, part) and a.dtype == flat.dtype:
+            _copy_scaled(part, a, scale)
+        else:
+            a[...] = part.reshape(a.shape) * scale if scale != 1.0 else part.reshape(a.shape)
+        offset += a.size

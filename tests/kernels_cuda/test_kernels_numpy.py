@@ -1,0 +1,310 @@
+"""The NumPy reference kernels (disttrain.tensor.kernels_numpy) against independent math.
+
+These references are what every CUDA kernel is compared with on a GPU (tests/gpu), so each is
+checked here on its own: forward values against scalar formulas written out in float64, and
+backward values against central finite differences.
+"""
+import math
+
+import numpy as np
+import pytest
+
+from disttrain.tensor import kernels_numpy as K
+
+RNG = np.random.default_rng(1234)
+
+
+def _r(*shape, scale=1.0):
+    return RNG.standard_normal(shape) * scale
+
+
+def _numeric_grad(f, x, eps=1e-6):
+    """d f / d x by central differences (f returns a float; x is changed in place and restored)."""
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + eps
+        up = f()
+        x[i] = old - eps
+        down = f()
+        x[i] = old
+        grad[i] = (up - down) / (2 * eps)
+    return grad
+
+
+# ---- sigmoid -------------------------------------------------------------------------------------------
+
+def test_sigmoid_matches_the_formula_and_never_overflows():
+    x = np.concatenate([np.linspace(-30, 30, 121), [-1000.0, 1000.0, 0.0]])
+    with np.errstate(over="raise"):
+        got = K.sigmoid(np, x)
+    expected = [1 / (1 + math.exp(-v)) if v > -700 else 0.0 for v in x]
+    np.testing.assert_allclose(got, expected, rtol=1e-15, atol=1e-300)
+    assert K.sigmoid(np, x.astype(np.float32)).dtype == np.float32
+
+
+# ---- LSTM cell -----------------------------------------------------------------------------------------
+
+def _lstm_inputs(b=3, h=4):
+    return _r(b, 4 * h), _r(b, h), _r(b, h), _r(4 * h, h, scale=0.5)
+
+
+def test_lstm_cell_forward_matches_scalar_formulas():
+    gates_x, h, c, w_hh = _lstm_inputs()
+    h_new, c_new, acts, tanh_c = K.lstm_cell_forward(np, gates_x, h, c, w_hh)
+    batch, hidden = h.shape
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    for b in range(batch):
+        for j in range(hidden):
+            pre = [gates_x[b, k * hidden + j] + math.fsum(h[b, m] * w_hh[k * hidden + j, m] for m in range(hidden))
+                   for k in range(4)]
+            i, f, g, o = sig(pre[0]), sig(pre[1]), math.tanh(pre[2]), sig(pre[3])
+            cn = f * c[b, j] + i * g
+            assert c_new[b, j] == pytest.approx(cn, rel=1e-12)
+            assert h_new[b, j] == pytest.approx(o * math.tanh(cn), rel=1e-12)
+            assert tanh_c[b, j] == pytest.approx(math.tanh(cn), rel=1e-12)
+            np.testing.assert_allclose(acts[b, j::hidden], [i, f, g, o], rtol=1e-12)
+
+
+def test_lstm_cell_backward_matches_finite_differences():
+    inputs = list(_lstm_inputs())
+    dh, dc = _r(3, 4), _r(3, 4)
+
+    def objective():
+        h_new, c_new, _, _ = K.lstm_cell_forward(np, *inputs)
+        return float((h_new * dh).sum() + (c_new * dc).sum())
+
+    _, _, acts, tanh_c = K.lstm_cell_forward(np, *inputs)
+    gates_x, h, c, w_hh = inputs
+    grads = K.lstm_cell_backward(np, dh, dc, acts, tanh_c, h, c, w_hh)
+    for name, x, g in zip(("gates_x", "h", "c", "w_hh"), inputs, (grads[0], grads[1], grads[2], grads[3])):
+        np.testing.assert_allclose(g, _numeric_grad(objective, x), rtol=1e-6, atol=1e-8, err_msg=name)
+
+
+# ---- cross-entropy -------------------------------------------------------------------------------------
+
+def _xent_case(n=6, c=9, scale=3.0):
+    logits = _r(n, c, scale=scale)
+    target = RNG.integers(0, c, n)
+    target[2] = -100
+    return logits, target
+
+
+def _row_loss(row, t):
+    m = max(row)
+    return m + math.log(math.fsum(math.exp(v - m) for v in row)) - row[t]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e4])  # 1e4: exp overflows unless the row maximum is subtracted
+def test_cross_entropy_forward_matches_the_formula(scale):
+    logits, target = _xent_case(scale=scale)
+    losses, probs = K.cross_entropy_forward(np, logits, target, -100, keep_softmax=True)
+    expected = [0.0 if t == -100 else _row_loss(row, t) for row, t in zip(logits, target)]
+    np.testing.assert_allclose(losses, expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-12)
+    assert K.cross_entropy_forward(np, logits, target, -100)[1] is None
+
+
+def test_cross_entropy_backward_accepts_every_saved_form_and_matches_finite_differences():
+    logits, target = _xent_case()
+    row_scale = _r(6)
+    safe = np.where(target == -100, 0, target)
+    row_scale[target == -100] = 0  # the op gives ignored rows a zero scale
+
+    def objective():
+        return float((K.cross_entropy_forward(np, logits, target, -100)[0] * row_scale).sum())
+
+    numeric = _numeric_grad(objective, logits)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(shifted).sum(axis=1)) + logits.max(axis=1)
+    _, probs = K.cross_entropy_forward(np, logits, target, -100, keep_softmax=True)
+    for saved in (probs, lse, None):
+        grad = K.cross_entropy_backward(np, logits, safe, saved, row_scale)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-9)
+    assert K.cross_entropy_backward(np, logits, safe, probs, row_scale) is probs  # consumed in place
+
+
+# ---- embedding backward --------------------------------------------------------------------------------
+
+def test_index_add_rows_accumulates_repeats_and_counts_negative_indices_from_the_end():
+    target = _r(5, 3)
+    index = np.array([[0, 4], [4, -1], [2, 0]])
+    values = _r(3, 2, 3)
+    expected = target.copy()
+    for r in np.ndindex(index.shape):
+        expected[index[r] % 5] += values[r]
+    K.index_add_rows(np, target, index, values)
+    np.testing.assert_allclose(target, expected, rtol=1e-15)
+
+
+def test_embedding_backward_sums_the_rows_of_each_token():
+    indices = np.array([[1, 3, 1], [0, 1, 3]])
+    grad = _r(2, 3, 4)
+    out = K.embedding_backward(np, grad, indices, 6)
+    assert out.shape == (6, 4)
+    for v in range(6):
+        np.testing.assert_allclose(out[v], grad[indices == v].sum(axis=0), rtol=1e-14, atol=1e-15)
+
+
+# ---- bias + activation ---------------------------------------------------------------------------------
+
+ACT_FORMULAS = {"identity": lambda z: z, "relu": lambda z: max(z, 0.0), "tanh": math.tanh,
+                "sigmoid": lambda z: 1 / (1 + math.exp(-z))}
+
+
+@pytest.mark.parametrize("act", K.ACTIVATIONS)
+def test_bias_act_forward_matches_the_formula(act):
+    x, b = _r(2, 3, 5), _r(5)
+    y = K.bias_act_forward(np, x, b, act)
+    expected = np.vectorize(ACT_FORMULAS[act])(x + b)
+    np.testing.assert_allclose(y, expected, rtol=1e-14)
+    y0 = K.bias_act_forward(np, x, None, act)
+    np.testing.assert_allclose(y0, np.vectorize(ACT_FORMULAS[act])(x), rtol=1e-14)
+    assert y0 is not x
+
+
+@pytest.mark.parametrize("act", K.ACTIVATIONS)
+def test_bias_act_backward_matches_finite_differences(act):
+    x, b, w = _r(4, 5), _r(5), _r(4, 5)
+    x[np.abs(x + b) < 1e-3] += 0.1  # relu's kink
+
+    def objective():
+        return float((K.bias_act_forward(np, x, b, act) * w).sum())
+
+    y = K.bias_act_forward(np, x, b, act)
+    gx, gb = K.bias_act_backward(np, w, y, act, with_bias=True)
+    np.testing.assert_allclose(gx, _numeric_grad(objective, x), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(gb, _numeric_grad(objective, b), rtol=1e-6, atol=1e-8)
+    assert K.bias_act_backward(np, w, y, act)[1] is None
+
+
+def test_bias_act_rejects_unknown_activations():
+    with pytest.raises(ValueError, match="gelu"):
+        K.bias_act_forward(np, _r(2, 2), None, "gelu")
+
+
+def test_relu_maps_nan_to_zero_as_the_kernel_does():
+    assert K.bias_act_forward(np, np.array([np.nan, -1.0, 2.0]), None, "relu").tolist() == [0.0, 0.0, 2.0]
+
+
+# ---- optimizer updates ---------------------------------------------------------------------------------
+
+def _sgd_textbook(p, grads, lr, momentum, dampening, weight_decay, nesterov, maximize):
+    """torch.optim.SGD's documented algorithm, element by element in Python floats."""
+    p = [float(v) for v in p]
+    buf = None
+    for g in grads:
+        g = [-v if maximize else v for v in g]
+        g = [gi + weight_decay * pi for gi, pi in zip(g, p)]
+        if momentum:
+            buf = list(g) if buf is None else [momentum * bi + (1 - dampening) * gi for bi, gi in zip(buf, g)]
+            g = [gi + momentum * bi for gi, bi in zip(g, buf)] if nesterov else buf
+        p = [pi - lr * gi for pi, gi in zip(p, g)]
+    return p
+
+
+@pytest.mark.parametrize("momentum, dampening, weight_decay, nesterov, maximize", [
+    (0.0, 0.0, 0.0, False, False), (0.9, 0.0, 0.0, False, False), (0.9, 0.0, 0.01, True, False),
+    (0.5, 0.3, 0.1, False, True)])
+def test_sgd_step_follows_torchs_algorithm(momentum, dampening, weight_decay, nesterov, maximize):
+    p0 = _r(6)
+    grads = [_r(6) for _ in range(3)]
+    p, buf = p0.copy(), None
+    for g in grads:
+        g_before = g.copy()
+        buf = K.sgd_step(np, p, g, buf, 0.1, momentum, dampening, weight_decay, nesterov, maximize)
+        np.testing.assert_array_equal(g, g_before)  # the gradient is never modified
+    assert (buf is None) == (momentum == 0)
+    np.testing.assert_allclose(p, _sgd_textbook(p0, grads, 0.1, momentum, dampening, weight_decay, nesterov,
+                                                 maximize), rtol=1e-12)
+
+
+def _adam_textbook(p, grads, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad):
+    """Adam / AdamW as in Kingma & Ba and Loshchilov & Hutter (bias-corrected moments), float64."""
+    p = p.copy()
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    vmax = np.zeros_like(p)
+    for t, g in enumerate(grads, 1):
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = g + weight_decay * p
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        vmax = np.maximum(vmax, v)
+        v_hat = (vmax if amsgrad else v) / (1 - beta2 ** t)
+        p = p - lr * (m / (1 - beta1 ** t)) / (np.sqrt(v_hat) + eps)
+    return p
+
+
+@pytest.mark.parametrize("weight_decay, decoupled, amsgrad", [(0.0, False, False), (0.1, False, True),
+                                                              (0.1, True, False), (0.1, True, True)])
+def test_adam_step_follows_the_papers(weight_decay, decoupled, amsgrad):
+    p0 = _r(8)
+    grads = [_r(8) for _ in range(4)]
+    p, m, v = p0.copy(), np.zeros(8), np.zeros(8)
+    vmax = np.zeros(8) if amsgrad else None
+    for t, g in enumerate(grads, 1):
+        K.adam_step(np, p, g, m, v, vmax, t, 1e-2, 0.9, 0.999, 1e-8, weight_decay, decoupled)
+    np.testing.assert_allclose(p, _adam_textbook(p0, grads, 1e-2, 0.9, 0.999, 1e-8, weight_decay, decoupled, amsgrad),
+                               rtol=1e-10)
+
+
+def test_adam_maximize_is_adam_on_the_negated_gradient():
+    p1, p2 = _r(5), None
+    p2 = p1.copy()
+    g = _r(5)
+    z = [np.zeros(5) for _ in range(4)]
+    K.adam_step(np, p1, g, z[0], z[1], None, 1, 0.1, 0.9, 0.99, 1e-8, maximize=True)
+    K.adam_step(np, p2, -g, z[2], z[3], None, 1, 0.1, 0.9, 0.99, 1e-8)
+    np.testing.assert_array_equal(p1, p2)
+
+
+# ---- norms, clipping, buckets ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0, float("inf")])
+def test_norms_are_per_array(p):
+    arrays = [_r(3, 4), _r(5)]
+    got = K.norms(np, arrays, p)
+    expected = [max(abs(v) for v in a.ravel()) if p == float("inf") else
+                math.fsum(abs(v) ** p for v in a.ravel()) ** (1 / p) for a in arrays]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("p", [2.0, float("inf"), 1.5])
+def test_clip_by_total_norm_scales_to_max_norm(p):
+    arrays = [_r(3, 4), _r(5)]
+    flat = np.concatenate([a.ravel() for a in arrays])
+    total = np.abs(flat).max() if p == float("inf") else (np.abs(flat) ** p).sum() ** (1 / p)
+    before = [a.copy() for a in arrays]
+    got = K.clip_by_total_norm_(np, arrays, total / 2, p)
+    assert got.shape == () and got.dtype == np.float64 and float(got) == pytest.approx(total, rel=1e-12)
+    for a, b in zip(arrays, before):
+        np.testing.assert_allclose(a, b * (total / 2) / (total + 1e-6), rtol=1e-12)
+    K.clip_by_total_norm_(np, arrays, total * 10, p)  # under the limit: untouched
+    for a, b in zip(arrays, before):
+        np.testing.assert_allclose(a, b * (total / 2) / (total + 1e-6), rtol=1e-12)
+
+
+def test_scale_is_in_place():
+    a = _r(4)
+    expected = a * 0.25
+    K.scale_(np, [a], 0.25)
+    np.testing.assert_array_equal(a, expected)
+
+
+def test_bucket_pack_and_unpack_round_trip_with_scale():
+    arrays = [_r(2, 3), _r(4), _r(1, 1, 2)]
+    flat = K.bucket_pack(np, arrays)
+    np.testing.assert_array_equal(flat, np.concatenate([a.ravel() for a in arrays]))
+    out = np.empty(12)
+    assert K.bucket_pack(np, arrays, out) is out
+    targets = [np.zeros_like(a) for a in arrays]
+    K.bucket_unpack(np, flat * 4, targets, scale=0.25)
+    for a, t in zip(arrays, targets):
+        np.testing.assert_allclose(t, a, rtol=1e-15)
+    with pytest.raises(ValueError, match="the arrays need"):
+        K.bucket_pack(np, arrays, np.empty(11))
+    with pytest.raises(ValueError, match="the arrays need"):
+        K.bucket_unpack(np, flat[:-1], targets)
