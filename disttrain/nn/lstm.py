@@ -1,7 +1,8 @@
 """Multi-layer LSTM over (T, B, C) sequences, one fused cell node per time step."""
 import math
 
-from disttrain.autograd.ops import dropout, linear, lstm_cell, stack, unbind
+from disttrain.autograd.grad_mode import is_grad_enabled
+from disttrain.autograd.ops import concat, dropout, linear, lstm_cell, stack, unbind
 from disttrain.nn.module import Module
 from disttrain.nn.parameter import Parameter
 from disttrain.tensor.creation import uniform, zeros
@@ -19,12 +20,25 @@ class LSTM(Module):
     Per layer, the input projection of all T steps is one GEMM; each step is one fused
     LSTMCell node. `dropout` applies to the outputs of every layer but the last
     (Zaremba et al.'s non-recurrent dropout).
+
+    checkpoint_segments (None, "sqrt" or an int; an attribute that may be changed at any time):
+    recurrent activation checkpointing. Each layer's T steps are cut into that many segments
+    (round(sqrt(T)) for "sqrt"); all but the last run inside disttrain.checkpointing.checkpoint,
+    so only the carried (h, c) at segment boundaries is kept and backward recomputes each
+    segment's gates and cell states, holding O(sqrt(T)) instead of O(T) per-step activations.
+    The layer inputs and outputs (T, B, *) are kept either way.
     """
 
-    def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0):
+    def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, checkpoint_segments=None):
         super().__init__()
         if not 0 <= dropout < 1:
             raise ValueError(f"LSTM dropout must be in [0, 1), got {dropout}")
+        if not (checkpoint_segments in (None, "sqrt")
+                or (isinstance(checkpoint_segments, int) and not isinstance(checkpoint_segments, bool)
+                    and checkpoint_segments >= 1)):
+            raise ValueError(f"LSTM checkpoint_segments must be None, 'sqrt' or a positive int, "
+                             f"got {checkpoint_segments!r}")
+        self.checkpoint_segments = checkpoint_segments
         self.input_size, self.hidden_size, self.num_layers, self.dropout = input_size, hidden_size, num_layers, dropout
         bound = 1 / math.sqrt(hidden_size)  # PyTorch's default init
         for k in range(num_layers):
@@ -53,15 +67,24 @@ class LSTM(Module):
         return layer_input, (stack(h_n), stack(c_n))
 
     def _layer(self, k, x, h, c):
-        steps, batch, features = x.shape
-        w_ih, w_hh = getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")
-        bias = getattr(self, f"bias_ih_l{k}") + getattr(self, f"bias_hh_l{k}")
-        gates_x = linear(x.reshape((steps * batch, features)), w_ih, bias).reshape((steps, batch, 4 * self.hidden_size))
+        weights = tuple(getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        if (self.checkpoint_segments is None or not is_grad_enabled()
+                or not any(t.requires_grad for t in (x, h, c) + weights)):
+            return _steps(x, h, c, *weights)
+        # imported here, not at the top: disttrain.checkpointing imports nn
+        from disttrain.checkpointing.checkpoint import checkpoint, segment_bounds
+
+        bounds = segment_bounds(x.shape[0], self.checkpoint_segments)
+        xs = unbind(x.reshape((x.shape[0], 1) + x.shape[1:]), 0)  # T steps of (1, B, in): one node, views
         outputs = []
-        for gx in unbind(gates_x, 0):
-            h, c = lstm_cell(gx, h, c, w_hh)
-            outputs.append(h)
-        return stack(outputs), h, c
+        for start, stop in zip(bounds, bounds[1:]):
+            args = (h, c) + weights + xs[start:stop]
+            if stop < len(xs):
+                out, h, c = checkpoint(_segment, *args)
+            else:  # the last segment's activations are needed at once by backward: keep them
+                out, h, c = _segment(*args)
+            outputs.append(out)
+        return concat(outputs, 0), h, c
 
     def _check_state(self, state, batch, name):
         expected = (self.num_layers, batch, self.hidden_size)
@@ -71,4 +94,21 @@ class LSTM(Module):
 
     def extra_repr(self):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
-                + (f", dropout={self.dropout}" if self.dropout else ""))
+                + (f", dropout={self.dropout}" if self.dropout else "")
+                + (f", checkpoint_segments={self.checkpoint_segments!r}" if self.checkpoint_segments else ""))
+
+
+def _steps(x, h, c, w_ih, w_hh, b_ih, b_hh):
+    """One layer over x (T, B, in): the input projection of all steps as one GEMM, then T fused cells."""
+    steps, batch, features = x.shape
+    gates_x = linear(x.reshape((steps * batch, features)), w_ih, b_ih + b_hh).reshape((steps, batch, w_hh.shape[0]))
+    outputs = []
+    for gx in unbind(gates_x, 0):
+        h, c = lstm_cell(gx, h, c, w_hh)
+        outputs.append(h)
+    return stack(outputs), h, c
+
+
+def _segment(h, c, w_ih, w_hh, b_ih, b_hh, *xs):
+    """_steps over the time steps xs (each (1, B, in)): what recurrent checkpointing recomputes."""
+    return _steps(concat(xs, 0), h, c, w_ih, w_hh, b_ih, b_hh)

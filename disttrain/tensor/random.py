@@ -3,6 +3,8 @@
 Their states can be saved and restored (`get_rng_state` / `set_rng_state`): activation
 checkpointing replays dropout masks with them and job checkpoints resume with them.
 """
+import contextlib
+
 import numpy as np
 
 from disttrain.tensor import backend as _backend
@@ -50,3 +52,23 @@ def set_rng_state(state):
         gen = _make(_backend.CPU, _seed)
         gen.bit_generator.state = state["cpu"]
         _generators["cpu"] = gen
+
+
+@contextlib.contextmanager
+def fork_rng(state):
+    """Inside the block the generators start from `state` (a get_rng_state() snapshot); on exit the
+    generators that were in use carry on exactly where they were, whatever the block drew.
+
+    Activation checkpointing replays a segment's dropout masks with this.
+    NOTE: get_rng_state() holds the CPU generator only, so a CUDA generator inside the block
+    restarts from the seed; the live one is still restored untouched on exit.
+    """
+    global _seed
+    live, live_seed = dict(_generators), _seed
+    set_rng_state(state)
+    try:
+        yield
+    finally:
+        _generators.clear()
+        _generators.update(live)
+        _seed = live_seed

@@ -1,0 +1,233 @@
+"""Activation checkpointing: trade one extra forward for O(sqrt(N)) activation memory.
+
+Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost". `checkpoint(fn, *args)`
+runs fn without recording its graph, so none of its inner activations are kept, and records
+one node in its place. That node's backward runs fn again, recording this time, on detached
+copies of the saved inputs, and backpropagates the incoming output gradients through the
+recomputed graph. Cut a chain of N layers into sqrt(N) checkpointed segments and backward
+holds the sqrt(N) segment inputs plus one segment's activations at a time.
+
+NOTE: where the gradients of parameters used inside fn go.
+- Parameters the node knows of, namely those of fn when fn is a Module or a Module's bound
+  method, those of checkpoint_sequential's modules, and tensors passed as arguments, are
+  inputs of the node: their gradients come back through the outer backward like any op's,
+  so each is accumulated once per pass, summed over all its uses, and its post-accumulate-grad
+  hook fires once, when the gradient is final (what data parallelism needs).
+- Any other leaf that requires grad and is reached inside fn (a closure over a parameter) gets
+  its gradient accumulated directly by the node's backward, which fires its hooks right then;
+  such a leaf that is also used elsewhere has its hooks fire once per use, and dt.grad() through
+  the checkpoint still accumulates into its .grad. Pass such tensors as arguments to avoid both.
+NOTE: the RNG state (dt.get_rng_state()) is taken before the first run and replayed for the
+recomputation, so dropout draws the same masks; the generators then continue where they were.
+"""
+import math
+from contextlib import nullcontext
+
+from disttrain.autograd import grad_mode
+from disttrain.autograd import function as _function
+from disttrain.autograd.engine import grad
+from disttrain.autograd.function import AccumulateGrad, Function, accumulator_of
+from disttrain.tensor import dtypes
+from disttrain.tensor.random import fork_rng, get_rng_state
+from disttrain.tensor.tensor import Tensor
+
+_ARG = object()  # stands for a tensor argument in the saved argument list
+
+
+class Checkpoint(Function):
+    """The node standing for one checkpointed call of fn.
+
+    Inputs (edges): the tensor arguments, then the known parameters. Outputs: fn's
+    floating-point tensor outputs; its other outputs are returned as they are.
+    """
+
+    def backward(self, *grads):
+        if grad_mode.is_grad_enabled():
+            raise RuntimeError("checkpoint: backward with create_graph=True through a checkpointed call is not "
+                               "supported; compute higher-order gradients without activation checkpointing")
+        saved = self.saved_inputs  # raises on a second backward or an input changed in place
+        args, slots, targets = [], [], []
+        tensors = iter(saved[:self.n_args])
+        for a in self.args:
+            if a is _ARG:
+                t = next(tensors)
+                a = t.detach()
+                a.requires_grad = t.requires_grad
+                slots.append(len(targets) if a.requires_grad else None)
+                if a.requires_grad:
+                    targets.append(a)
+            args.append(a)
+        known = list(saved[self.n_args:])
+        first_seq = next(_function._sequence)  # nodes numbered below this were not made by the recomputation
+        with grad_mode.enable_grad(), fork_rng(self.rng_state) if self.rng_state is not None else nullcontext():
+            outputs = _as_tuple(self.fn(*args))
+        roots, seeds = [], []
+        for pos, g in zip(self.out_positions, grads):
+            out = outputs[pos]
+            if isinstance(out, Tensor) and out.requires_grad and g is not None:
+                roots.append(out)
+                seeds.append(g)
+        hidden = _other_leaves(roots, targets + known, first_seq, self.fn)
+        wanted = targets + known + hidden
+        found = grad(roots, wanted, seeds, allow_unused=True) if roots and wanted else (None,) * len(wanted)
+        for leaf, g in zip(hidden, found[len(targets) + len(known):]):
+            if g is not None:  # a private copy: g may share memory with a gradient returned below
+                accumulator_of(leaf).accumulate(Tensor._wrap(g.data.copy()), False, set())
+        return (tuple(None if k is None else found[k] for k in slots)
+                + tuple(found[len(targets):len(targets) + len(known)]))
+
+    def release(self):
+        super().release()
+        self.fn = self.args = self.rng_state = None
+
+    def __repr__(self):
+        return f"<Checkpoint node of {getattr(self.fn, '__name__', type(self.fn).__name__)}>"
+
+
+def checkpoint(fn, *args, preserve_rng_state=True):
+    """fn(*args), keeping none of fn's activations: backward runs fn again to get them.
+
+    args may mix tensors and other values; fn may return a tensor or a tuple (list) of values.
+    Under no_grad this is just fn(*args). With preserve_rng_state the recomputation draws the
+    same random numbers (dropout masks) as the first run. Backward through it with
+    create_graph=True is not supported.
+    """
+    leaves, opaque = _parameters_of(fn)
+    return _checkpoint(fn, args, leaves, opaque, preserve_rng_state)
+
+
+def checkpoint_sequential(modules, segments, input, preserve_rng_state=True):
+    """Run `modules` (a Sequential or a list of callables) on `input` as `segments` checkpointed pieces.
+
+    segments: an int, or "sqrt" for round(sqrt(len(modules))). The modules are split into
+    segments of (nearly) equal length; every segment but the last is checkpointed (the last
+    one's activations are needed at once by backward, as in torch.utils.checkpoint).
+    """
+    modules = list(modules)
+    bounds = segment_bounds(len(modules), segments)
+    x = input
+    for i, (start, stop) in enumerate(zip(bounds, bounds[1:])):
+        run = _Segment(modules[start:stop])
+        if i == len(bounds) - 2:
+            x = run(x)
+        else:
+            leaves, opaque = run.parameters()
+            x = _checkpoint(run, (x,), leaves, opaque, preserve_rng_state)
+    return x
+
+
+def segment_bounds(n, segments):
+    """Boundaries [0, ..., n] cutting n items into `segments` ("sqrt" or an int) nearly equal runs."""
+    if segments == "sqrt":
+        segments = max(1, round(math.sqrt(n)))
+    elif isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
+        raise ValueError(f"segments must be a positive int or 'sqrt', got {segments!r}")
+    segments = min(segments, max(n, 1))
+    return [i * n // segments for i in range(segments + 1)]
+
+
+class _Segment:
+    """modules[i:j] as one callable."""
+
+    def __init__(self, modules):
+        self.modules = modules
+        self.__name__ = f"segment of {len(modules)} modules"
+
+    def __call__(self, x):
+        for m in self.modules:
+            x = m(x)
+        return x
+
+    def parameters(self):
+        leaves, opaque = [], False
+        for m in self.modules:
+            found, unknown = _parameters_of(m)
+            leaves += found
+            opaque = opaque or unknown
+        return leaves, opaque
+
+
+def _checkpoint(fn, args, leaves, opaque, preserve_rng_state):
+    """checkpoint() with the parameters fn uses given (`leaves`); `opaque`: fn may use others."""
+    if not grad_mode.state.enabled:
+        return fn(*args)
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    known, seen = [], {id(t) for t in tensors}
+    for p in leaves:
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            known.append(p)
+    if not opaque and not known and not any(t.requires_grad for t in tensors):
+        return fn(*args)  # nothing inside can need a gradient
+    rng_state = get_rng_state() if preserve_rng_state else None
+    with grad_mode.no_grad():
+        result = fn(*args)
+    outputs = _as_tuple(result)
+    positions = [i for i, o in enumerate(outputs) if isinstance(o, Tensor) and dtypes.is_floating(o.dtype)]
+    if not positions:
+        return result
+    node = Checkpoint.__new__(Checkpoint)  # recorded by hand: it may have no input that requires grad
+    first = outputs[positions[0]]
+    node.backend, node.xp, node.recording = first.backend, first.backend.xp, True
+    node.fn, node.rng_state, node.n_args = fn, rng_state, len(tensors)
+    node.args = [_ARG if isinstance(a, Tensor) else a for a in args]
+    node.out_positions = positions
+    node.n_outputs = len(positions)
+    node.out_meta = tuple((outputs[i].shape, outputs[i].dtype) for i in positions)
+    edge_tensors = tensors + known
+    node.next_edges = tuple([_edge(t) for t in edge_tensors])
+    node.seq = next(_function._sequence)  # NOTE: the engine runs nodes latest-first by this number
+    node.out_hooks = None
+    node.saved = tuple([(t, t._version) for t in edge_tensors])
+    node.saved_out = ()
+    wrapped = list(outputs)
+    for k, i in enumerate(positions):
+        wrapped[i] = Tensor._wrap(outputs[i].data, node, k)
+    if isinstance(result, Tensor):
+        return wrapped[0]
+    if hasattr(result, "_fields"):  # a namedtuple
+        return type(result)(*wrapped)
+    return type(result)(wrapped)
+
+
+def _edge(t):
+    if not t.requires_grad:
+        return None
+    return (t._node, t._out_index) if t._node is not None else (accumulator_of(t), 0)
+
+
+def _parameters_of(fn):
+    """(parameters, opaque): a Module's (or a Module's bound method's) parameters; else ([], True)."""
+    owner = fn if hasattr(fn, "parameters") and hasattr(fn, "_modules") else getattr(fn, "__self__", None)
+    if owner is not None and hasattr(owner, "parameters") and hasattr(owner, "_modules"):
+        return list(owner.parameters()), False
+    return [], True
+
+
+def _other_leaves(roots, known, first_seq, fn):
+    """Leaves requiring grad reached from the recomputed `roots` that are not in `known` (iterative walk)."""
+    skip = {id(t) for t in known}
+    found, seen = [], set()
+    stack = [r._node if r._node is not None else accumulator_of(r) for r in roots]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node) is AccumulateGrad:
+            if id(node.leaf) not in skip:
+                found.append(node.leaf)
+            continue
+        if node.seq < first_seq:
+            raise RuntimeError(
+                f"checkpoint: {getattr(fn, '__name__', type(fn).__name__)} uses a tensor that requires grad and was "
+                f"computed outside it (by {type(node).__name__}) without taking it as an argument; pass that tensor "
+                "as an argument of checkpoint() so its gradient flows back through the checkpoint")
+        for edge in node.next_edges:
+            if edge is not None:
+                stack.append(edge[0])
+    return found
+
+
+def _as_tuple(result):
+    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
