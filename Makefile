@@ -18,7 +18,7 @@ $(VENV)/.test: $(VENV)/.base
 	touch $@
 
 run: $(VENV)/.base
-	$(VENV)/bin/disttrain demo
+	$(VENV)/bin/disttrain run jobs/charlm.toml
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from disttrain import optim
 from disttrain.data import load_char_corpus, load_default_corpus, load_ptb
+from disttrain.checkpointing import apply_activation_checkpointing
 from disttrain.models import LSTMLanguageModel
 from disttrain.train.jobspec import JobSpecError, check_paths
 
@@ -51,8 +52,7 @@ def build_model(spec, vocab_size):
                            f'language models; expected "lstm_lm"')
     model = LSTMLanguageModel(vocab_size, hidden=m.hidden, layers=m.layers, embed=m.embed, dropout=m.dropout,
                               init_scale=m.init_scale, tie_weights=m.tie_weights)
-    segments = spec.memory.activation_checkpointing          # "none", "sqrt" or a segment count
-    model.lstm.checkpoint_segments = None if segments == "none" else segments
+    apply_activation_checkpointing(model, spec.memory.activation_checkpointing)  # "none", "sqrt" or segments
     return model
 
 

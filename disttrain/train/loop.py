@@ -40,6 +40,7 @@ from disttrain.train.build import (build_corpus, build_model, build_optimizer, b
                                    is_char_level)
 from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves
 from disttrain.train.progress import Progress
+from disttrain.tensor.memory import MemoryMeter
 from disttrain.train.strategy import LocalStrategy
 
 __all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "EVAL_BATCH_SIZE"]
@@ -163,7 +164,7 @@ class Trainer:
         max_steps = self.spec.train.max_steps
         while self.epoch < self.spec.train.epochs and not self._reached(max_steps):
             for inputs, targets in self.train_iter:       # continues from the cursor after a resume
-                loss, grad_norm = self.train_step(inputs, targets)
+                loss, grad_norm = self._metered_step(inputs, targets)
                 self._accumulate(loss, inputs.size, grad_norm)
                 self._after_step()
                 if self._stop_signal is not None:
@@ -173,6 +174,20 @@ class Trainer:
                 if self._reached(max_steps):
                     return
             self._end_epoch()
+
+    def _metered_step(self, inputs, targets):
+        """train_step; the step that ends a log interval runs under a MemoryMeter for `peak_mem_bytes`
+        (peak array bytes the step allocated: activations, gradients, temporaries).
+
+        Metering one step per interval (not all) keeps the meter's bookkeeping off the other steps;
+        a step's peak is the same every step of a fixed-shape job.
+        """
+        if (self.step + 1) % self.spec.train.log_every:
+            return self.train_step(inputs, targets)
+        with MemoryMeter(self.device) as meter:
+            result = self.train_step(inputs, targets)
+        self._acc["peak_mem_bytes"] = meter.peak_bytes - meter.start_bytes  # what the step needed beyond the
+        return result                                                    # parameters and state already held
 
     def _reached(self, max_steps):
         return max_steps is not None and self.step >= max_steps
@@ -278,6 +293,8 @@ class Trainer:
                "lr": self.step_lr, "grad_norm": acc["grad_norm_sum"] / acc["steps"]}
         if self.char_level:
             row["bpc"] = loss / LN2
+        if "peak_mem_bytes" in acc:
+            row["peak_mem_bytes"] = acc["peak_mem_bytes"]
         row["time"] = self.elapsed()
         self._write(row)
         if self.progress is not None:

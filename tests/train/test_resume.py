@@ -6,7 +6,7 @@ import pytest
 
 from disttrain.train import Trainer, TrainingInterrupted, load_checkpoint
 
-TIMING = ("time", "tokens_per_s")
+TIMING = ("time", "tokens_per_s", "peak_mem_bytes")  # measurements of the process, not results
 
 
 def rows_of(run_dir):
