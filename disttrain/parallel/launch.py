@@ -1,0 +1,64 @@
+"""What `disttrain run` needs to run a job under mpirun: the strategy for the job's mode and the run context.
+
+    strategy = strategy_for(spec)                  # DataParallelStrategy for [parallel] mode = "data", else None
+    trainer = Trainer(spec, out_dir=out, strategy=strategy)
+    if strategy is not None:
+        strategy.attach(trainer.model, trainer.optimizer)
+    with run_context(trainer.strategy, trace_path, passthrough=(TrainingInterrupted,)):
+        trainer.fit()
+
+run_context makes a failing rank end the whole job (MPI_Abort) instead of leaving the others waiting, and
+with a trace path records a Chrome trace of every rank's spans, written by rank 0 at the end.
+"""
+import contextlib
+import os
+
+from disttrain.parallel import trace
+from disttrain.parallel.comm import abort_on_error, world
+from disttrain.train.jobspec import JobSpecError
+
+__all__ = ["strategy_for", "run_context"]
+
+
+def strategy_for(spec):
+    """The distributed strategy a job spec asks for, or None for local mode.
+
+    Raises JobSpecError for a local-mode job started as several processes (each would train its own copy
+    into the same output directory).
+    """
+    if spec.parallel.mode == "local" and launched_size() > 1:
+        raise JobSpecError(f'{spec.source}: [parallel] mode = "local" but {launched_size()} processes were '
+                           f'launched; set mode = "data" (--set parallel.mode=data) or run one process')
+    if spec.parallel.mode != "data":
+        return None
+    from disttrain.parallel.strategy import DataParallelStrategy
+
+    return DataParallelStrategy(world(), bucket_mb=spec.parallel.bucket_mb)
+
+
+def launched_size():
+    """How many processes mpirun / mpiexec / srun started, read from their environment (MPI not started)."""
+    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):      # MPICH / Intel MPI / srun --mpi=pmi2; Open MPI
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+@contextlib.contextmanager
+def run_context(strategy, trace_path=None, passthrough=()):
+    """Around a rank's training run: abort the job on an error (multi-process strategies only; exceptions of
+    the `passthrough` types propagate) and, when trace_path is given, record spans and write them as one
+    Chrome trace on the main rank."""
+    comm = getattr(strategy, "comm", None)
+    with abort_on_error(comm, passthrough) if comm is not None else contextlib.nullcontext():
+        if trace_path is None:
+            yield
+            return
+        tracer = trace.Tracer(rank=getattr(strategy, "rank", 0))
+        tracer.start(comm)
+        with trace.tracing(tracer):
+            yield
+        written = tracer.write(trace_path, comm)
+        if written is not None:
+            print(f"trace: {written} (open in https://ui.perfetto.dev or chrome://tracing)", flush=True)

@@ -1,0 +1,116 @@
+"""The Trainer with DataParallelStrategy equals the Trainer in one process with the same global batch,
+and every rank resumes from the checkpoint rank 0 wrote (run under mpiexec --with-mpi)."""
+import numpy as np
+import pytest
+
+from disttrain.parallel import DataParallelStrategy, world
+from disttrain.train import Trainer, load_checkpoint
+from disttrain.train.jobspec import loads_job
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+JOB = """
+[model]
+hidden = 16
+embed = 8
+layers = 1
+[data]
+kind = "chars"
+path = "{path}"
+batch_size = 4
+bptt = 6
+[optim]
+kind = "adam"
+lr = 0.01
+clip_norm = 0.5
+[train]
+epochs = 1
+log_every = 2
+checkpoint_every = 0
+seed = 5
+[parallel]
+mode = "data"
+bucket_mb = 0.002
+"""
+
+
+def text(n_chars=1200, seed=0):
+    words = "the a cat dog sat on mat ran far and then it was good bad big small red fox jumps".split()
+    rng = np.random.default_rng(seed)
+    out = []
+    while sum(map(len, out)) < n_chars:
+        out.append(" ".join(words[k] for k in rng.integers(0, len(words), rng.integers(3, 9))) + ".\n")
+    return "".join(out)[:n_chars]
+
+
+@pytest.fixture
+def job(mpi_tmp_path):
+    """job(*overrides) -> JobSpec of a tiny char LSTM (45 steps per epoch) on a corpus file every rank reads."""
+    comm = world()
+    path = mpi_tmp_path / "tiny.txt"
+    if comm.rank == 0:
+        path.write_text(text())
+    comm.Barrier()
+    return lambda *overrides: loads_job(JOB.format(path=path), overrides, source=str(mpi_tmp_path / "tiny.toml"))
+
+
+def data_parallel_trainer(spec, out_dir=None, attach=True):
+    strategy = DataParallelStrategy(world(), bucket_mb=spec.parallel.bucket_mb)
+    trainer = Trainer(spec, out_dir=out_dir, strategy=strategy, progress=False)
+    if attach:       # else the first sync_gradients attaches to the parameters it is given
+        strategy.attach(trainer.model, trainer.optimizer)
+    return trainer, strategy
+
+
+def weights(trainer):
+    return {name: t.numpy().copy() for name, t in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("attach", [True, False])
+def test_trainer_data_parallel_equals_local(job, attach):
+    spec = job("train.max_steps=6")
+    trainer, strategy = data_parallel_trainer(spec, attach=attach)
+    evals = trainer.fit()
+    got, shard_width = weights(trainer), trainer.train_iter.batch_size
+    strategy.close()
+    local = Trainer(spec, progress=False)
+    local_evals = local.fit()
+    assert trainer.step == local.step == 6 and shard_width * world().size == 4
+    for name, want in weights(local).items():
+        np.testing.assert_allclose(got[name], want, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert evals["valid"].loss == pytest.approx(local_evals["valid"].loss, rel=1e-5)
+
+
+def resume_and_compare(job, out, first, then):
+    """Train `first` on every rank with rank 0 writing the checkpoint, resume on every rank to `then`;
+    returns (files rank 0 wrote, resumed weights, weights of the same run without the stop)."""
+    comm = world()
+    trainer, strategy = data_parallel_trainer(job(*first), out)
+    trainer.fit()
+    strategy.close()
+    comm.Barrier()                                       # rank 0 has written the checkpoint
+    written = sorted(p.name for p in out.iterdir())
+    resumed, strategy = data_parallel_trainer(job(*then), out)
+    resumed.restore(load_checkpoint(out))
+    resumed.fit()
+    got = weights(resumed)
+    strategy.close()
+    straight, strategy = data_parallel_trainer(job(*then))
+    straight.fit()
+    strategy.close()
+    return written, got, weights(straight)
+
+
+def test_every_rank_resumes_from_rank_0_checkpoint(job, mpi_tmp_path):
+    written, got, want = resume_and_compare(job, mpi_tmp_path / "run", ["train.epochs=1"], ["train.epochs=2"])
+    assert "checkpoint" in written and "metrics.jsonl" in written
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.xfail(reason="the Trainer checkpoints rank 0's carried LSTM state only; mid-epoch resume needs it "
+                          "to gather every rank's (h, c) columns and shard them back on restore", strict=False)
+def test_every_rank_resumes_mid_epoch(job, mpi_tmp_path):
+    _, got, want = resume_and_compare(job, mpi_tmp_path / "run", ["train.max_steps=3"], ["train.max_steps=6"])
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -1,0 +1,99 @@
+"""Jobs launched with mpiexec as subprocesses: errors must end every rank, never hang (each has a timeout)."""
+import json
+import sys
+import time
+
+import pytest
+
+from parallel_testing import HERE, needs_mpiexec, run_mpiexec, text
+
+pytestmark = [needs_mpiexec, pytest.mark.mpi_skip]
+SCRIPTS = HERE / "mpi_scripts"
+
+
+def test_mismatched_model_is_an_error_on_every_rank(tmp_path):
+    done = run_mpiexec(2, [sys.executable, SCRIPTS / "mismatched_model.py", tmp_path], timeout=60)
+    assert done.returncode == 0, done.stderr
+    messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert messages[0] == messages[1]
+    assert "rank 1 vs rank 0: '0.weight' shape (9, 3) (rank 0: (8, 3))" in messages[0]
+
+
+def test_a_rank_raising_ends_the_job():
+    start = time.monotonic()
+    done = run_mpiexec(2, [sys.executable, SCRIPTS / "rank_raises.py"], timeout=60)
+    assert done.returncode != 0
+    assert time.monotonic() - start < 30
+    assert "[rank 1 of 2] failed; aborting the job" in done.stderr and "boom on rank 1" in done.stderr
+    assert "got past" not in done.stdout
+
+
+CLI_JOB = """
+[model]
+hidden = 16
+layers = 1
+[data]
+kind = "chars"
+path = "{path}"
+batch_size = 4
+bptt = 8
+[optim]
+kind = "adam"
+lr = 0.01
+clip_norm = 1.0
+[train]
+max_steps = 6
+log_every = 2
+eval_every = 3
+checkpoint_every = 0
+[parallel]
+mode = "data"
+bucket_mb = 0.002
+"""
+
+
+def train_rows(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["split"], r["loss"]) for r in rows]
+
+
+def test_disttrain_run_under_mpiexec_equals_one_process(tmp_path):
+    (tmp_path / "tiny.txt").write_text(text())
+    job = tmp_path / "tiny.toml"
+    job.write_text(CLI_JOB.format(path=tmp_path / "tiny.txt"))
+    cli = [sys.executable, "-m", "disttrain.cli.main", "run", job]
+    done = run_mpiexec(2, [*cli, "--out", tmp_path / "dp", "--trace", tmp_path / "dp.trace.json"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    local = run_mpiexec(1, [*cli, "--out", tmp_path / "local"], timeout=120)
+    assert local.returncode == 0, local.stderr
+    got, want = train_rows(tmp_path / "dp"), train_rows(tmp_path / "local")
+    assert [r[:2] for r in got] == [r[:2] for r in want] and len(got) >= 5
+    for (_, _, a), (_, _, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-5)
+    assert (tmp_path / "dp" / "checkpoint").is_dir()
+    events = json.loads((tmp_path / "dp.trace.json").read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == {0, 1}
+    assert any(e["name"].startswith("allreduce bucket") for e in spans)
+
+
+def test_disttrain_run_rank_failure_ends_the_job(tmp_path):
+    (tmp_path / "tiny.txt").write_text(text())
+    job = tmp_path / "tiny.toml"
+    job.write_text(CLI_JOB.format(path=tmp_path / "tiny.txt").replace("max_steps = 6", "max_steps = 1000"))
+    start = time.monotonic()
+    # rank 1's third optimizer step raises while rank 0 waits in the next step's allreduce
+    done = run_mpiexec(2, [sys.executable, HERE / "mpi_scripts" / "cli_rank_fails.py", job, tmp_path / "out"],
+                       timeout=90)
+    assert done.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "[rank 1 of 2] failed; aborting the job" in done.stderr and "injected failure" in done.stderr
+
+
+def test_local_mode_job_under_mpiexec_is_refused(tmp_path):
+    (tmp_path / "tiny.txt").write_text(text())
+    job = tmp_path / "tiny.toml"
+    job.write_text(CLI_JOB.format(path=tmp_path / "tiny.txt").replace('mode = "data"', 'mode = "local"'))
+    done = run_mpiexec(2, [sys.executable, "-m", "disttrain.cli.main", "run", job, "--out", tmp_path / "out"])
+    assert done.returncode == 2
+    assert done.stderr.count('mode = "local" but 2 processes were launched') == 2
