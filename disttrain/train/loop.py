@@ -35,6 +35,7 @@ import disttrain as dt
 from disttrain.data import TBPTTIterator, batchify
 from disttrain.nn import functional as F
 from disttrain.nn.utils import clip_grad_norm_
+from disttrain.parallel import trace
 from disttrain.train import checkpoint as ckpt
 from disttrain.train.build import (build_corpus, build_model, build_optimizer, build_schedules,
                                    is_char_level)
@@ -124,19 +125,22 @@ class Trainer:
         x = dt.tensor(inputs, device=self.device)
         y = dt.tensor(targets.reshape(-1), device=self.device)
         # 1. forward from the carried state; loss = mean over the T*B tokens
-        logits, (h, c) = self.model(x, self.hidden)
-        loss = F.cross_entropy(logits, y)
+        with trace.span("forward"):
+            logits, (h, c) = self.model(x, self.hidden)
+            loss = F.cross_entropy(logits, y)
         # 2. backward
         self.optimizer.zero_grad()
-        loss.backward()
+        with trace.span("backward"):
+            loss.backward()
         # 3. gradient synchronisation across processes (a no-op in local mode)
         self.strategy.sync_gradients(self.params)
         # 4. clip the global gradient norm (max_norm = inf only measures it)
         clip = self.spec.optim.clip_norm
-        grad_norm = clip_grad_norm_(self.params, clip if clip is not None else math.inf)
-        # 5. update, then the per-step LR schedule
-        self.step_lr = self.optimizer.param_groups[0]["lr"]       # the lr this step uses (for the metrics)
-        self.optimizer.step()
+        with trace.span("clip + optimizer step"):
+            grad_norm = clip_grad_norm_(self.params, clip if clip is not None else math.inf)
+            # 5. update, then the per-step LR schedule
+            self.step_lr = self.optimizer.param_groups[0]["lr"]       # the lr this step uses (for the metrics)
+            self.optimizer.step()
         if self.schedules.step is not None:
             self.schedules.step.step()
         # 6. carry the state into the next segment, cut from this segment's graph
@@ -344,12 +348,15 @@ class Trainer:
             self.progress = None
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self):
-        """(model arrays, other arrays, JSON metadata) of the current training state."""
+    def checkpoint_state(self, hidden=None):
+        """(model arrays, other arrays, JSON metadata) of the current training state; `hidden`: the carried
+        (h, c) of all processes' streams (default: this process's)."""
         model = {name: t.numpy() for name, t in self.model.state_dict().items()}
         arrays, optim_json = ckpt.split_optimizer_state(self.optimizer.state_dict())
-        if self.hidden is not None:
-            arrays["hidden.h"], arrays["hidden.c"] = (t.numpy() for t in self.hidden)
+        if hidden is None and self.hidden is not None:
+            hidden = tuple(t.numpy() for t in self.hidden)
+        if hidden is not None:
+            arrays["hidden.h"], arrays["hidden.c"] = hidden
         acc = dict(self._acc)
         acc["seconds"] += time.perf_counter() - self._tick if self._tick is not None else 0.0
         meta = {
@@ -373,9 +380,13 @@ class Trainer:
 
     def save_checkpoint(self):
         """Write out_dir/checkpoint atomically (main process only); returns its path or None."""
-        if self.out_dir is None or not self.strategy.is_main:
+        if self.out_dir is None:
             return None
-        return ckpt.save_checkpoint(self.out_dir, *self.checkpoint_state())
+        # the carried state is per process (its B/N streams): every process takes part in gathering it
+        hidden = None if self.hidden is None else tuple(self.strategy.gather_batch(t.numpy()) for t in self.hidden)
+        if not self.strategy.is_main:
+            return None
+        return ckpt.save_checkpoint(self.out_dir, *self.checkpoint_state(hidden))
 
     def restore(self, checkpoint):
         """Load a Checkpoint (from load_checkpoint) so that fit() continues exactly where it was written.
@@ -391,7 +402,8 @@ class Trainer:
         except (ValueError, KeyError) as exc:
             raise ckpt.CheckpointError(f"{where}: does not fit this job: {exc}") from None
         if "hidden.h" in checkpoint.arrays:
-            self.hidden = tuple(dt.tensor(checkpoint.arrays[f"hidden.{n}"], device=self.device) for n in "hc")
+            self.hidden = tuple(dt.tensor(self.strategy.shard_batch(checkpoint.arrays[f"hidden.{n}"]), device=self.device)
+                                for n in "hc")
         else:
             self.hidden = None
         dt.set_rng_state(meta["rng"])

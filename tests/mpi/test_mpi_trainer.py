@@ -108,8 +108,6 @@ def test_every_rank_resumes_from_rank_0_checkpoint(job, mpi_tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-@pytest.mark.xfail(reason="the Trainer checkpoints rank 0's carried LSTM state only; mid-epoch resume needs it "
-                          "to gather every rank's (h, c) columns and shard them back on restore", strict=False)
 def test_every_rank_resumes_mid_epoch(job, mpi_tmp_path):
     _, got, want = resume_and_compare(job, mpi_tmp_path / "run", ["train.max_steps=3"], ["train.max_steps=6"])
     for name in want:
