@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: run test test-mpi bench clean
+.PHONY: run test test-gpu bench clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +20,24 @@ $(VENV)/.test: $(VENV)/.base
 run: $(VENV)/.base
 	$(VENV)/bin/disttrain run jobs/charlm.toml
 
+# the plain run skips tests/mpi; the mpiexec runs execute them on 2 and 4 ranks (oversubscribed on 2 cores)
 test: $(VENV)/.test
 	$(PY) -m pytest -q -p no:cacheprovider
+	$(VENV)/bin/mpiexec -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
+	$(VENV)/bin/mpiexec -n 4 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
+
+# on a machine with an NVIDIA GPU: the gpu-marked tests and the GPU benchmarks
+test-gpu: $(VENV)/.test
+	$(PIP) -e '.[cuda]'
+	$(PY) -m pytest -q -p no:cacheprovider -m gpu tests
+	$(PY) benchmarks/bench_kernels_gpu.py
+	$(PY) benchmarks/bench_train_gpu.py
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/bench_mlp_step.py
 	$(PY) benchmarks/bench_autograd_overhead.py
+	$(PY) benchmarks/bench_checkpointing.py
+	$(VENV)/bin/mpiexec -n 2 $(PY) benchmarks/bench_allreduce_overlap.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
