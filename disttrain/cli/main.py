@@ -10,6 +10,8 @@ Exit status: 0 done, 1 failure, 2 unusable job file, options or checkpoint (the 
 import argparse
 import sys
 
+from disttrain.paramserver import cli as ps_cli
+
 
 def _add_job_arguments(parser):
     parser.add_argument("job", metavar="JOB.toml", help="the job spec (TOML)")
@@ -31,12 +33,15 @@ def build_parser():
     _add_job_arguments(run)
     run.add_argument("--out", metavar="DIR", help="output directory (default: runs/<job name>)")
     run.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
+    run.add_argument("--trace", metavar="FILE", help="write a Chrome trace (JSON, per-rank spans: forward, backward, "
+                     "each bucket's allreduce, optimizer step) of the run to FILE")
 
     evaluate = sub.add_parser("eval", help="report valid/test perplexity of a checkpoint",
                               description="Evaluate the weights in a job checkpoint on the valid and test splits.")
     _add_job_arguments(evaluate)
     evaluate.add_argument("--checkpoint", required=True, metavar="DIR",
                           help="a run directory (DIR/checkpoint) or a checkpoint directory")
+    ps_cli.register(sub)           # ps-cluster, ps-server, ps-worker, ps-keys (disttrain/paramserver/cli.py)
     return parser
 
 
@@ -54,6 +59,8 @@ def main(argv=None):
         from disttrain.cli import run
 
         return run.evaluate(args)
+    if hasattr(args, "ps_main"):
+        return ps_cli.run(args)
     return 2
 
 

@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from disttrain.parallel.launch import run_context, strategy_for
 from disttrain.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from disttrain.train.jobspec import JobSpecError, load_job
 from disttrain.train.loop import Trainer, TrainingInterrupted
@@ -19,9 +20,9 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 def _load_spec(args, command):
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     spec = load_job(args.job, overrides)
-    if spec.parallel.mode != "local":
+    if spec.parallel.mode not in ("local", "data"):
         raise JobSpecError(f'{spec.source}: [parallel] mode = "{spec.parallel.mode}": `disttrain {command}` runs '
-                           f'local mode here; expected "local"')
+                           f'local and data-parallel mode here; expected "local" or "data"')
     if spec.train.device == "cuda":
         from disttrain.tensor.backend import get_backend
 
@@ -48,7 +49,10 @@ def main(args):
                 raise CheckpointError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoint'}); "
                                       f"run without --resume to start the job")
             checkpoint = load_checkpoint(out)
-        trainer = Trainer(spec, out_dir=out)
+        strategy = strategy_for(spec)            # data mode (under mpirun): DataParallelStrategy, else None
+        trainer = Trainer(spec, out_dir=out, strategy=strategy)
+        if strategy is not None:
+            strategy.attach(trainer.model, trainer.optimizer)
         if checkpoint is not None:
             trainer.restore(checkpoint)
     except (JobSpecError, CheckpointError) as exc:
@@ -57,7 +61,7 @@ def main(args):
     _describe(trainer, out, checkpoint)
     start = time.perf_counter()
     try:
-        with _stop_on_signals(trainer):
+        with _stop_on_signals(trainer), run_context(trainer.strategy, args.trace, (TrainingInterrupted,)):
             evals = trainer.fit()
     except TrainingInterrupted as exc:
         print(f"{exc} in {out / 'checkpoint'}; continue with --resume", file=sys.stderr)

@@ -1,0 +1,16 @@
+"""disttrain.paramserver: parameter-server mode — servers own parts of the parameters and the optimizer,
+workers pull, compute gradients with the ordinary training loop and push (docs/PARAMSERVER.md).
+
+Modules (import what you need; nothing is imported here, so `disttrain` stays quick to start):
+    protocol     the wire format: msgpack header + raw array frames, strict validation
+    sharding     Layout: parameters cut into parts spread evenly over S servers
+    consistency  async / ssp / sync rules and sync rounds
+    membership   live workers, clocks, heartbeats, time-outs
+    snapshot     atomic snapshot files
+    auth         CURVE keys, ZAP on the servers, the loopback-only insecure mode
+    server       ParameterServer (one ROUTER socket, one thread)
+    worker       PSClient (join, pull, push, heartbeats, reconnection)
+    training     PSStrategy + RemoteOptimizer for the Trainer; servers and workers from a job spec
+    cluster      Cluster: S servers + W workers as processes on this machine
+    cli          ps-cluster, ps-server, ps-worker, ps-keys
+"""

@@ -256,6 +256,20 @@ SCHEMA = {
         Field("mode", Choice("local", "data", "pipeline", "ps"), "local", "how training is distributed"),
         Field("bucket_mb", Float(gt=0), 25.0, "gradient-bucket size for data-parallel allreduce, in MiB"),
     ),
+    "ps": (   # parameter-server mode (disttrain/paramserver, docs/PARAMSERVER.md)
+        Field("servers", _POS, 1, "parameter-server processes (each owns a share of every large tensor)"),
+        Field("workers", _POS, 2, "worker processes; each trains on batch_size / workers of the streams"),
+        Field("consistency", Choice("async", "ssp", "sync"), "async",
+              'when workers wait: never ("async"), more than `staleness` clocks ahead ("ssp"), every step ("sync")'),
+        Field("staleness", _NONNEG, 3, "ssp: the most clocks a worker may run ahead of the slowest live worker"),
+        Field("overlap", Bool(), True, "async: push step t while computing step t+1"),
+        Field("heartbeat_interval", Float(gt=0), 1.0, "seconds between a worker's heartbeats"),
+        Field("heartbeat_timeout", Float(gt=0), 10.0, "seconds of silence before a worker (or server) counts as gone"),
+        Field("reconnect_timeout", Float(gt=0), 120.0, "seconds a worker waits for a lost server to come back"),
+        Field("snapshot_every", _NONNEG, 500, "server snapshot every N updates (0 = only on SIGTERM and at exit)"),
+        Field("reject_nonfinite", Bool(), True, "servers refuse gradients holding NaN or inf"),
+        Field("log_every", Float(ge=0), 10.0, "seconds between a server's update-rate log lines (0 = never)"),
+    ),
 }
 
 

@@ -34,6 +34,9 @@ def test_empty_file_gets_every_default(tmp_path, monkeypatch):
                   "log_every": 50, "seed": 0, "device": "cpu"},
         "memory": {"activation_checkpointing": "none"},
         "parallel": {"mode": "local", "bucket_mb": 25.0},
+        "ps": {"servers": 1, "workers": 2, "consistency": "async", "staleness": 3, "overlap": True,
+               "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0, "reconnect_timeout": 120.0,
+               "snapshot_every": 500, "reject_nonfinite": True, "log_every": 10.0},
     }
     assert spec.source == str(tmp_path / "job.toml")
 

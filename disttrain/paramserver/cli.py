@@ -1,0 +1,225 @@
+"""Sub-commands of parameter-server mode; `register(subparsers)` adds them to the `disttrain` command.
+
+    disttrain ps-cluster JOB.toml [--servers S] [--workers W] [--out DIR] [--insecure] [--set k=v ...]
+    disttrain ps-server  JOB.toml --index I --bind tcp://HOST:PORT (--keys DIR | --insecure) [--snapshot FILE]
+    disttrain ps-worker  JOB.toml --id K --connect tcp://H0:P0,tcp://H1:P1 (--keys DIR | --insecure) [--out DIR]
+    disttrain ps-keys    DIR --workers W [--client NAME ...]
+
+ps-cluster runs a whole cluster on this machine (keys, S servers, W workers; worker 0 shows progress and writes
+metrics; servers log their update rate into DIR/logs). ps-server and ps-worker start the pieces by hand on many
+hosts; see launch/ps_multihost.md. Runnable without the `disttrain` script as `python -m disttrain.paramserver.cli`.
+
+Exit status: 0 done, 1 failure, 2 unusable job file, options or keys.
+"""
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _job_arguments(parser):
+    parser.add_argument("job", metavar="JOB.toml", help="the job spec (TOML)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one key of the job, e.g. --set ps.consistency=ssp (repeatable)")
+
+
+def _security_arguments(parser, client):
+    parser.add_argument("--keys", metavar="DIR", help="CURVE key directory (see `disttrain ps-keys`)")
+    if client:
+        parser.add_argument("--key-name", metavar="NAME", help="this client's key, DIR/private/NAME.key_secret "
+                                                               "(default worker-<id>)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no authentication or encryption: debugging only, loopback endpoints only")
+
+
+def register(subparsers):
+    """Add ps-cluster, ps-server, ps-worker and ps-keys to an argparse sub-parser set."""
+    p = subparsers.add_parser("ps-cluster", help="run a parameter-server cluster (S servers, W workers) here",
+                              description="Generate CURVE keys, start S parameter servers and W workers on this "
+                                          "machine, restart a server that dies (from its snapshot), and wait for "
+                                          "the workers. Outputs in DIR (default runs/<job name>): worker 0's "
+                                          "metrics.jsonl, curves.png, checkpoint/; keys/, ps-snapshots/, logs/.")
+    _job_arguments(p)
+    p.add_argument("--servers", type=int, metavar="S", help="number of servers (default [ps] servers)")
+    p.add_argument("--workers", type=int, metavar="W", help="number of workers (default [ps] workers)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/<job name>)")
+    p.add_argument("--port", type=int, default=0, metavar="P", help="first server port (default: any free ports)")
+    p.add_argument("--insecure", action="store_true", help="no CURVE keys (debugging; the cluster is on loopback)")
+    p.set_defaults(ps_main=cluster_main)
+
+    p = subparsers.add_parser("ps-server", help="run one parameter server",
+                              description="Serve part `--index` of the job's parameters until SIGTERM/SIGINT, "
+                                          "which writes a final snapshot. Resumes from --snapshot when it exists.")
+    _job_arguments(p)
+    p.add_argument("--index", type=int, required=True, metavar="I", help="this server's index, 0 <= I < S")
+    p.add_argument("--servers", type=int, metavar="S", help="number of servers (default [ps] servers)")
+    p.add_argument("--bind", default="tcp://127.0.0.1:0", metavar="ENDPOINT",
+                   help="where to listen (default tcp://127.0.0.1:0, any free port); tcp://*:PORT for other hosts")
+    p.add_argument("--endpoint-file", metavar="FILE", help="write the bound endpoint here once listening")
+    p.add_argument("--snapshot", metavar="FILE", help="snapshot file (default: none)")
+    _security_arguments(p, client=False)
+    p.set_defaults(ps_main=server_main)
+
+    p = subparsers.add_parser("ps-worker", help="run one parameter-server worker",
+                              description="Train as worker --id against the servers (in server-index order).")
+    _job_arguments(p)
+    p.add_argument("--id", type=int, required=True, metavar="K", help="this worker's id (0 = the main worker)")
+    p.add_argument("--connect", required=True, metavar="ENDPOINTS",
+                   help="comma-separated server endpoints, server 0 first")
+    p.add_argument("--shards", type=int, metavar="W", help="data shards (default [ps] workers); worker K trains "
+                                                            "on shard K mod W")
+    p.add_argument("--out", metavar="DIR", help="worker 0's output directory (default runs/<job name>)")
+    _security_arguments(p, client=True)
+    p.set_defaults(ps_main=worker_main)
+
+    p = subparsers.add_parser("ps-keys", help="generate CURVE keys for a parameter-server cluster",
+                              description="Create DIR/server.key(_secret) and a key pair per client, keeping "
+                                          "existing ones. Copy DIR/server.key_secret and DIR/clients/ to server "
+                                          "hosts, DIR/server.key and DIR/private/worker-K.key_secret to worker K.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--workers", type=int, default=0, metavar="W", help="keys worker-0 .. worker-(W-1)")
+    p.add_argument("--client", action="append", default=[], metavar="NAME", help="another client key (repeatable)")
+    p.set_defaults(ps_main=keys_main)
+
+
+def run(args):
+    """Dispatch parsed arguments of one of the registered sub-commands."""
+    return args.ps_main(args)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+def _spec(args, **ps_overrides):
+    from disttrain.train.jobspec import load_job
+
+    extra = [f"ps.{k}={v}" for k, v in ps_overrides.items() if v is not None]
+    return load_job(args.job, list(args.overrides) + extra + ["parallel.mode=ps"])
+
+
+def _fail(command, exc):
+    print(f"disttrain {command}: error: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _usage_errors():
+    from disttrain.paramserver.auth import AuthError
+    from disttrain.paramserver.snapshot import SnapshotError
+    from disttrain.train.checkpoint import CheckpointError
+    from disttrain.train.jobspec import JobSpecError
+
+    return (JobSpecError, CheckpointError, AuthError, SnapshotError, ValueError)
+
+
+def server_main(args):
+    from disttrain.paramserver.auth import ServerSecurity, check_insecure_endpoint
+    from disttrain.paramserver.training import server_from_spec
+
+    try:
+        spec = _spec(args, servers=args.servers)
+        security = _server_security(args, ServerSecurity, check_insecure_endpoint)
+        server = server_from_spec(spec, args.index, spec.ps.servers, bind=args.bind, security=security,
+                                  snapshot_path=args.snapshot)
+        endpoint = server.start()
+    except _usage_errors() as exc:
+        return _fail("ps-server", exc)
+    print(f"server {args.index}/{spec.ps.servers}: listening on {endpoint} ({spec.ps.consistency}, "
+          f"{len(server.keys)} parts, {sum(p.length for p in server.parts.values()):,} parameters"
+          f"{', insecure' if security is None else ', CURVE'})", file=sys.stderr, flush=True)
+    if args.endpoint_file:
+        path = Path(args.endpoint_file)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(endpoint + "\n")
+        tmp.replace(path)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: server.request_stop())
+    server.serve()
+    print(f"server {args.index}: stopped after {server.updates} updates"
+          + (f"; snapshot {args.snapshot}" if args.snapshot else ""), file=sys.stderr, flush=True)
+    return 0
+
+
+def _server_security(args, ServerSecurity, check_insecure_endpoint):
+    if args.insecure:
+        check_insecure_endpoint(args.bind)
+        return None
+    if not args.keys:
+        raise ValueError("give --keys DIR (CURVE keys, see `disttrain ps-keys`) or --insecure (loopback only)")
+    return ServerSecurity(args.keys)
+
+
+def worker_main(args):
+    from disttrain.paramserver.auth import ClientSecurity, check_insecure_endpoint
+    from disttrain.paramserver.training import run_worker
+    from disttrain.paramserver.worker import PSError
+    from disttrain.train.loop import TrainingInterrupted
+
+    try:
+        spec = _spec(args, workers=args.shards)
+        endpoints = [e.strip() for e in args.connect.split(",") if e.strip()]
+        if len(endpoints) != spec.ps.servers:
+            spec = _spec(args, workers=args.shards, servers=len(endpoints))
+        if args.insecure:
+            for e in endpoints:
+                check_insecure_endpoint(e)
+            security = None
+        elif not args.keys:
+            raise ValueError("give --keys DIR (CURVE keys) or --insecure (loopback only)")
+        else:
+            security = ClientSecurity.from_dir(args.keys, args.key_name or f"worker-{args.id}")
+    except _usage_errors() as exc:
+        return _fail("ps-worker", exc)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
+    log = lambda text: print(text, file=sys.stderr, flush=True)     # noqa: E731
+
+    def on_trainer(trainer):
+        def handler(signum, frame):
+            trainer.request_stop(signal.Signals(signum).name)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, handler)
+
+    try:
+        evals = run_worker(spec, args.id, endpoints, security=security, out_dir=out, log=log, on_trainer=on_trainer)
+    except TrainingInterrupted as exc:
+        print(f"worker {args.id}: {exc}", file=sys.stderr)
+        return 1
+    except PSError as exc:
+        print(f"worker {args.id}: error: {exc}", file=sys.stderr)
+        return 1
+    if args.id == 0:
+        parts = [f"{split} ppl {r.ppl:.3f}" for split, r in evals.items()]
+        print("final: " + " | ".join(parts), flush=True)
+    return 0
+
+
+def cluster_main(args):
+    from disttrain.paramserver.cluster import Cluster
+
+    try:
+        spec = _spec(args, servers=args.servers, workers=args.workers)
+        out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
+        cluster = Cluster(spec, out, insecure=args.insecure, port=args.port)
+    except _usage_errors() as exc:
+        return _fail("ps-cluster", exc)
+    return cluster.run()
+
+
+def keys_main(args):
+    from disttrain.paramserver.auth import generate_keys
+
+    names = [f"worker-{k}" for k in range(args.workers)] + list(args.client)
+    directory = generate_keys(args.dir, names)
+    print(f"keys in {directory}: server.key, server.key_secret, clients/ ({len(names)} public keys), private/")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m disttrain.paramserver.cli",
+                                     description="disttrain parameter-server commands")
+    register(parser.add_subparsers(dest="command", required=True))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

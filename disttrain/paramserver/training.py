@@ -1,0 +1,247 @@
+"""The parameter-server mode of the one training loop: servers built from a job, and workers that run Trainer.
+
+A worker is the ordinary Trainer with two pieces swapped in:
+    strategy    PSStrategy: the worker's share of the streams (shard_streams, like a data-parallel rank);
+                gradients are not synchronised (nothing to average locally), metrics stay the worker's own;
+                worker 0 is the main process (progress bar, metrics.jsonl, curves, checkpoints).
+    optimizer   RemoteOptimizer: step() pushes the clipped gradients to the servers and installs the
+                parameters they send back. The Trainer's step is unchanged: forward, backward, clip, step.
+So `[parallel] mode = "ps"` trains exactly what local mode trains; with consistency = "sync" and one worker,
+bit for bit the same parameters (tests/paramserver/test_sync_equals_local.py).
+
+Servers build the model from the job (same seed, so the same initial weights as a local run) and the job's
+optimizer and LR schedules over their parts (`server_from_spec`).
+
+NOTE (seam): the Trainer is not modified. `run_worker` builds it with the PSStrategy, then puts the
+RemoteOptimizer in `trainer.optimizer` (the Trainer only calls zero_grad, step, param_groups, state_dict and
+load_state_dict on it); PSTrainer overrides `evaluate` so that only worker 0 spends time evaluating.
+"""
+import math
+import time
+
+import numpy as np
+
+import disttrain as dt
+from disttrain.data import shard_streams
+from disttrain.paramserver.server import ParameterServer, ServerConfig
+from disttrain.paramserver.sharding import Layout
+from disttrain.paramserver.worker import PSClient
+from disttrain.train.build import build_corpus, build_model, build_optimizer, build_schedules
+from disttrain.train.loop import EvalResult, Trainer
+from disttrain.train.strategy import LocalStrategy
+
+__all__ = ["PSStrategy", "RemoteOptimizer", "PSTrainer", "initial_model", "server_from_spec", "layout_from_spec",
+           "run_worker"]
+
+
+class PSStrategy(LocalStrategy):
+    """The Trainer's strategy on parameter-server worker `worker` of `num_shards` data shards.
+
+    Workers never talk to each other: everything but the data shard is LocalStrategy's identity (no gradient
+    synchronisation — each worker pushes its own gradients in RemoteOptimizer.step, after clipping; metrics and
+    checkpointed state are the worker's own). Worker 0 is the main process.
+    """
+
+    name = "ps"
+
+    def __init__(self, worker, num_shards):
+        self.rank, self.world_size = worker, num_shards
+        self.is_main = worker == 0
+
+    def shard(self, streams):
+        """Worker k trains on shard k mod num_shards of the (N, B) stream columns."""
+        return shard_streams(streams, self.rank % self.world_size, self.world_size)
+
+
+class RemoteOptimizer:
+    """Takes the Trainer's optimizer's place on a worker: step() = push the gradients, install the new parameters.
+
+    local: the optimizer the Trainer built (kept for its param_groups and state_dict layout, so worker
+    checkpoints load into a local job). overlap: push step t while step t+1 computes (async mode only): step()
+    first installs the answer to the previous push, then sends this one. total_steps: after that many steps the
+    last push is awaited and the worker leaves; worker 0 then waits for the others to finish and reads the final
+    parameters as an observer, so the Trainer's final evaluation sees the finished model.
+    """
+
+    def __init__(self, client, params, local, epoch_of=lambda: 0, overlap=False, total_steps=None, is_main=False,
+                 poll_interval=0.2):
+        self.client, self.params, self.local = client, list(params), local
+        # its own groups: the Trainer's local LR schedules step `local`, never the lr reported here
+        self.param_groups = [{"lr": local.param_groups[0]["lr"], "params": self.params}]
+        self.state = {}
+        self.epoch_of, self.overlap, self.total_steps, self.is_main = epoch_of, overlap, total_steps, is_main
+        self.poll_interval = poll_interval
+        self.steps = 0
+        self.finished = False
+        self._pending = None
+        self._host = []                     # flat host arrays the client writes into (views on the CPU)
+        for p in self.params:
+            if p.device == "cpu":
+                if not p.data.flags.c_contiguous:
+                    p.data = np.ascontiguousarray(p.data)
+                self._host.append(p.data.reshape(-1))
+            else:
+                self._host.append(np.empty(p.numel(), dtype=p.dtype))
+
+    @property
+    def targets(self):
+        return self._host
+
+    def installed(self):
+        """Call after the client wrote new values into `targets`: copy to the device, bump versions, set lr."""
+        for p, host in zip(self.params, self._host):
+            if p.device != "cpu":
+                p.data[...] = p.backend.asarray(host.reshape(p.shape))
+            p._version += 1
+        if self.client.lr is not None:
+            for group in self.param_groups:
+                group["lr"] = self.client.lr
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+    def step(self, closure=None):
+        if self.finished:
+            raise RuntimeError("RemoteOptimizer.step() after the worker finished its steps")
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                grads.append(np.zeros(p.numel(), dtype=p.dtype))
+            else:
+                grads.append(np.ascontiguousarray(p.grad.backend.to_numpy(p.grad.data)).reshape(-1))
+        epoch = self.epoch_of()
+        if self.overlap:
+            if self._pending is not None:
+                self.client.wait(self._pending)
+                self.installed()
+            self._pending = self.client.push_async(grads, pull=True, epoch=epoch)
+        else:
+            self.client.push(grads, pull=True, epoch=epoch)
+            self.installed()
+        self.steps += 1
+        if self.total_steps is not None and self.steps >= self.total_steps:
+            self.finish()
+
+    def finish(self):
+        """Await the last push; worker 0 waits for the other workers and pulls the final parameters; leave."""
+        if self.finished:
+            return
+        if self._pending is not None:
+            self.client.wait(self._pending)
+            self._pending = None
+            self.installed()
+        self.client.leave()                 # first: nobody may wait (ssp, sync) for a worker that pushes no more
+        if self.is_main:
+            self._wait_for_others()
+            self.client.become_observer()
+            self.client.pull()
+            self.installed()
+        self.finished = True
+
+    def _wait_for_others(self):
+        me = str(self.client.worker_id)
+        while True:
+            live = set()
+            for s in range(len(self.client.links)):
+                live |= set(self.client.stats(s)["clocks"])
+            if live <= {me}:
+                return
+            time.sleep(self.poll_interval)
+
+    def state_dict(self):
+        """The local optimizer's (empty) state with the servers' lr: loads into a local job's optimizer."""
+        state = self.local.state_dict()
+        for group in state["param_groups"]:
+            group["lr"] = self.param_groups[0]["lr"]
+        return state
+
+    def load_state_dict(self, state_dict):
+        self.local.load_state_dict(state_dict)
+
+
+class PSTrainer(Trainer):
+    """Trainer for a parameter-server worker: only worker 0 evaluates (the others' results would be thrown away)."""
+
+    def evaluate(self, split):
+        if not self.strategy.is_main:
+            return EvalResult(split, math.nan, 0, self.step)
+        return super().evaluate(split)
+
+
+# ------------------------------------------------------------------------------------------------ from a job
+
+def initial_model(spec):
+    """The model a local run of the job starts from (same seed, same weights)."""
+    dt.manual_seed(spec.train.seed)
+    corpus = build_corpus(spec)
+    return build_model(spec, len(corpus.vocab))
+
+
+def layout_from_spec(spec, num_servers=None):
+    """The job's Layout (builds the model once; cheap next to training)."""
+    model = initial_model(spec)
+    return Layout.from_named_arrays(model.named_parameters(), num_servers or spec.ps.servers)
+
+
+def server_from_spec(spec, index, num_servers=None, bind="tcp://127.0.0.1:0", security=None, snapshot_path=None,
+                     log=None):
+    """Server `index` for the job: the model's initial weights (the job's seed), the job's optimizer and LR
+    schedules over its parts, and the [ps] settings."""
+    model = initial_model(spec)
+    named = list(model.named_parameters())
+    layout = Layout.from_named_arrays(named, num_servers or spec.ps.servers)
+
+    def make_optimizer(params):
+        optimizer = build_optimizer(spec, params)
+        return optimizer, build_schedules(spec, optimizer)
+
+    ps = spec.ps
+    config = ServerConfig(consistency=ps.consistency, staleness=ps.staleness, heartbeat_timeout=ps.heartbeat_timeout,
+                          snapshot_every=ps.snapshot_every, snapshot_path=snapshot_path,
+                          reject_nonfinite=ps.reject_nonfinite, log_every=ps.log_every,
+                          expect_workers=ps.workers, start_timeout=ps.reconnect_timeout)
+    return ParameterServer(index, layout, [p.numpy() for _, p in named], make_optimizer, config, bind=bind,
+                           security=security, log=log)
+
+
+def run_worker(spec, worker, endpoints, num_shards=None, security=None, out_dir=None, progress=None, log=None,
+               on_trainer=None):
+    """Train as worker `worker` against the servers at `endpoints`; returns the Trainer's evals (worker 0's count).
+
+    num_shards: how many data shards the streams are cut into (default [ps] workers). on_trainer(trainer) is
+    called once the Trainer exists (the CLI uses it to route SIGTERM to trainer.request_stop).
+    """
+    num_shards = num_shards or spec.ps.workers
+    is_main = worker == 0
+    trainer = PSTrainer(spec, out_dir=out_dir if is_main else None, strategy=PSStrategy(worker, num_shards),
+                        progress=progress)
+    if worker:                                    # dropout masks differ between workers; weights come from servers
+        dt.manual_seed(spec.train.seed + worker)
+    layout = Layout.from_named_arrays(trainer.model.named_parameters(), len(endpoints))
+    ps = spec.ps
+    client = PSClient(endpoints, layout, worker, security=security, heartbeat_interval=ps.heartbeat_interval,
+                      server_timeout=ps.heartbeat_timeout, reconnect_timeout=ps.reconnect_timeout, log=log)
+    total = trainer.spec.train.epochs * len(trainer.train_iter)
+    if trainer.spec.train.max_steps is not None:
+        total = min(total, trainer.spec.train.max_steps)
+    remote = RemoteOptimizer(client, trainer.params, trainer.optimizer, epoch_of=lambda: trainer.epoch,
+                             overlap=ps.overlap and ps.consistency == "async", total_steps=total - trainer.step,
+                             is_main=is_main)
+    client.connect(remote.targets, epoch=trainer.epoch)
+    try:
+        client.pull()
+        remote.installed()
+        trainer.optimizer = remote
+        if on_trainer is not None:
+            on_trainer(trainer)
+        evals = trainer.fit()
+        remote.finish()
+        return evals
+    finally:
+        if not remote.finished:
+            try:
+                client.leave()
+            except Exception:     # leaving is a courtesy: the heartbeat time-out drops us anyway
+                pass
+        client.close()

@@ -1,0 +1,121 @@
+"""Helpers for parameter-server tests: servers in threads on 127.0.0.1, small models, tiny char-level jobs.
+
+Every server here binds tcp://127.0.0.1:0 (a free loopback port) and every wait is bounded, so each test stops
+by itself even when something is broken.
+"""
+import threading
+from contextlib import contextmanager
+
+import numpy as np
+
+import disttrain as dt
+from disttrain import nn, optim
+from disttrain.paramserver.server import ParameterServer, ServerConfig
+from disttrain.paramserver.sharding import Layout
+from disttrain.paramserver.worker import PSClient
+from disttrain.train.build import Schedules
+
+
+def make_mlp(seed=0, dtype="float64"):
+    dt.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 24), nn.Tanh(), nn.Linear(24, 3))
+    return model.double() if dtype == "float64" else model
+
+
+def sgd_factory(lr=0.1, momentum=0.9, **kw):
+    def make(params):
+        return optim.SGD(params, lr=lr, momentum=momentum, **kw), Schedules()
+    return make
+
+
+def adam_factory(lr=0.01, **kw):
+    def make(params):
+        return optim.Adam(params, lr=lr, **kw), Schedules()
+    return make
+
+
+@contextmanager
+def running_servers(layout, initial, make_optimizer, config=None, securities=None, snapshot_paths=None):
+    """Start layout.num_servers servers in threads; yields (servers, endpoints); stops them on exit."""
+    servers = []
+    for i in range(layout.num_servers):
+        cfg = ServerConfig(**{**(config or {}), "log_every": 0})
+        if snapshot_paths is not None:
+            cfg.snapshot_path = snapshot_paths[i]
+        security = securities[i] if securities is not None else None
+        servers.append(ParameterServer(i, layout, initial, make_optimizer, cfg, security=security,
+                                       log=lambda text: None))
+    endpoints = [s.start() for s in servers]
+    stop = threading.Event()
+    threads = [threading.Thread(target=s.serve, kwargs={"stop_event": stop}, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    try:
+        yield servers, endpoints
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+            assert not t.is_alive(), "a server thread did not stop"
+
+
+def flat_targets(params):
+    return [p.data.reshape(-1) for p in params]
+
+
+def flat_grads(params):
+    return [np.ascontiguousarray(p.grad.data).reshape(-1) for p in params]
+
+
+def observer(endpoints, layout, worker_id=60000, security=None):
+    """A read-only client (monitoring) connected to every server; close() it when done."""
+    client = PSClient(endpoints, layout, worker_id, security=security, observer=True, server_timeout=5.0,
+                      reconnect_timeout=5.0)
+    targets = [np.zeros(p.size, dtype=p.dtype) for p in layout.params]
+    return client.connect(targets, timeout=5.0)
+
+
+WORDS = ("the a cat dog sat on mat ran far and then it was good bad big small red fox jumps over lazy "
+         "quick brown end begin loop step time").split()
+
+
+def make_text(n_chars=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    out, size = [], 0
+    while size < n_chars:
+        sentence = " ".join(WORDS[k] for k in rng.integers(0, len(WORDS), rng.integers(3, 9))) + ".\n"
+        out.append(sentence)
+        size += len(sentence)
+    return "".join(out)[:n_chars]
+
+
+PS_JOB = """
+[model]
+hidden = 16
+layers = 1
+[data]
+kind = "chars"
+path = "{path}"
+batch_size = 4
+bptt = 8
+[optim]
+kind = "{optim}"
+lr = {lr}
+clip_norm = 1.0
+[train]
+epochs = 1
+log_every = 20
+checkpoint_every = 0
+seed = 3
+[parallel]
+mode = "ps"
+[ps]
+heartbeat_interval = 0.2
+heartbeat_timeout = 2.0
+reconnect_timeout = 20.0
+log_every = 0.0
+"""
+
+
+def layout_of(model, num_servers):
+    return Layout.from_named_arrays(model.named_parameters(), num_servers)

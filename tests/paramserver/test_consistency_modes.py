@@ -1,0 +1,98 @@
+"""ssp never lets a worker run more than s clocks ahead (recorded clocks); async with 4 workers converges."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from disttrain.paramserver.sharding import Layout, ParamSpec
+from disttrain.paramserver.worker import PSClient
+
+from ps_testing import running_servers, sgd_factory
+
+
+def _worker_threads(n, target):
+    errors = []
+
+    def run(k):
+        try:
+            target(k)
+        except BaseException as exc:       # surfaced in the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(k,), daemon=True) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a worker thread hung"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("staleness", [0, 2])
+def test_ssp_bound_is_never_exceeded(staleness):
+    layout = Layout([ParamSpec("w", (50,), "<f4"), ParamSpec("b", (7,), "<f4")], 2)
+    initial = [np.zeros(50, "<f4"), np.zeros(7, "<f4")]
+    delays, steps = (0.03, 0.01, 0.0), 20
+    with running_servers(layout, initial, sgd_factory(lr=0.01, momentum=0.0),
+                         {"consistency": "ssp", "staleness": staleness}) as (servers, endpoints):
+        def work(k):
+            client = PSClient(endpoints, layout, k, heartbeat_interval=0.2)
+            targets = [np.zeros(50, "<f4"), np.zeros(7, "<f4")]
+            client.connect(targets)
+            grads = [np.full(50, 1.0, "<f4"), np.full(7, 1.0, "<f4")]
+            for _ in range(steps):
+                time.sleep(delays[k])
+                client.push(grads, pull=True)
+            client.leave()
+            client.close()
+
+        _worker_threads(3, work)
+    for server in servers:
+        leads = [clock - slowest for _, clock, slowest in server.reads]
+        assert len(server.reads) >= 3 * steps - 3
+        assert max(leads) <= staleness                       # the bound holds for every answered read
+        assert server.max_lead == staleness                  # ... and was reached: fast workers did wait
+        assert server.deferred > 0
+        assert server.updates == 3 * steps
+
+
+def test_async_four_workers_converge():
+    """Least squares y = X w*: four workers, each with its own data, push with overlap and never wait."""
+    rng = np.random.default_rng(0)
+    dim, per_worker = 20, 64
+    w_true = rng.standard_normal(dim)
+    data = []
+    for _ in range(4):
+        x = rng.standard_normal((per_worker, dim))
+        data.append((x, x @ w_true))
+    layout = Layout([ParamSpec("w", (dim,), "<f8")], 2, limit=8)          # w cut into parts on 2 servers
+    initial = [np.zeros(dim)]
+    losses = {}
+    with running_servers(layout, initial, sgd_factory(lr=0.02, momentum=0.0),
+                         {"consistency": "async"}) as (servers, endpoints):
+        def work(k):
+            x, y = data[k]
+            w = np.zeros(dim)
+            client = PSClient(endpoints, layout, k, heartbeat_interval=0.2)
+            client.connect([w])
+            pending = None
+            for step in range(200):
+                batch = rng_k[k].integers(0, per_worker, 16)
+                grad = x[batch].T @ (x[batch] @ w - y[batch]) / len(batch)
+                if pending is not None:
+                    client.wait(pending)                          # install the answer to the previous push
+                pending = client.push_async([grad], pull=True)    # and overlap this one with the next step
+            client.wait(pending)
+            client.pull()
+            losses[k] = float(np.mean((x @ w - y) ** 2))
+            client.leave()
+            client.close()
+
+        rng_k = [np.random.default_rng(10 + k) for k in range(4)]
+        _worker_threads(4, work)
+        updates = [s.updates for s in servers]
+    initial_loss = float(np.mean([np.mean(y ** 2) for _, y in data]))
+    assert updates == [800, 800]
+    assert max(losses.values()) < 1e-3 * initial_loss

@@ -1,0 +1,154 @@
+"""Faults: a server killed and restarted loses only what came after its last snapshot (SIGTERM: nothing), and
+the worker reconnects by itself; a worker killed mid-run is dropped and the others finish."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from disttrain.autograd.grad_mode import no_grad
+from disttrain.paramserver.cluster import ADMIN_ID, Cluster
+from disttrain.paramserver.sharding import Layout
+from disttrain.paramserver.training import initial_model
+from disttrain.paramserver.worker import PSClient
+from disttrain.tensor.tensor import Tensor
+from disttrain.train.build import build_optimizer, build_schedules
+
+from ps_testing import observer
+
+
+def start_server(job, tmp_path, port, snapshot):
+    endpoint_file = tmp_path / f"endpoint-{time.monotonic_ns()}"
+    log = open(tmp_path / "server.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "disttrain.paramserver.cli", "ps-server", str(job), "--index", "0",
+                             "--bind", f"tcp://127.0.0.1:{port}", "--endpoint-file", str(endpoint_file),
+                             "--snapshot", str(snapshot), "--insecure"], stdout=log, stderr=log)
+    log.close()
+    deadline = time.monotonic() + 60
+    while not endpoint_file.exists():
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    return proc, endpoint_file.read_text().strip()
+
+
+class Reference:
+    """The job's optimizer applied locally to the same gradients: what the server must hold."""
+
+    def __init__(self, spec):
+        self.model = initial_model(spec)
+        self.params = list(self.model.parameters())
+        self.optimizer = build_optimizer(spec, self.params)
+        self.schedules = build_schedules(spec, self.optimizer)
+
+    def apply(self, grads):
+        for p, g in zip(self.params, grads):
+            p.grad = Tensor(g.reshape(p.shape))
+        with no_grad():
+            self.optimizer.step()
+        for p in self.params:
+            p.grad = None
+        if self.schedules.step is not None:
+            self.schedules.step.step()
+
+    def flat(self):
+        return [p.numpy().reshape(-1).copy() for p in self.params]
+
+
+def gradients(layout, n, seed):
+    rng = np.random.default_rng(seed)
+    return [[rng.standard_normal(p.size).astype(p.dtype) for p in layout.params] for _ in range(n)]
+
+
+def test_server_crash_loses_only_updates_after_the_snapshot(ps_job, tmp_path):
+    spec, job = ps_job("ps.servers=1", "ps.snapshot_every=4", "optim.kind=adam", "optim.warmup_steps=3")
+    layout = Layout.from_named_arrays(initial_model(spec).named_parameters(), 1)
+    snapshot = tmp_path / "server-0.snap"
+    first, later = gradients(layout, 6, seed=1), gradients(layout, 2, seed=2)
+    ref = Reference(spec)
+    for g in first[:4]:
+        ref.apply(g)
+    at_snapshot = ref.flat()
+    for g in later:
+        ref.apply(g)
+    at_end = ref.flat()
+
+    proc, endpoint = start_server(job, tmp_path, 0, snapshot)
+    port = int(endpoint.rsplit(":", 1)[1])
+    targets = [np.zeros(p.size, p.dtype) for p in layout.params]
+    client = PSClient([endpoint], layout, 0, heartbeat_interval=0.2, server_timeout=2.0, reconnect_timeout=30.0)
+    try:
+        client.connect(targets, timeout=30)
+        for g in first:                                   # 6 updates: the snapshot holds the first 4
+            client.push(g, pull=False)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        proc, _ = start_server(job, tmp_path, port, snapshot)
+        client.pull()                                     # reconnects and rejoins by itself
+        assert client.reconnects >= 1
+        for got, want in zip(targets, at_snapshot):
+            np.testing.assert_array_equal(got, want)      # exactly the snapshot: updates 5 and 6 are lost
+        for g in later:                                   # optimizer state and LR schedule resumed too
+            client.push(g, pull=True)
+        for got, want in zip(targets, at_end):
+            np.testing.assert_array_equal(got, want)
+
+        proc.send_signal(signal.SIGTERM)                  # a clean stop snapshots everything
+        assert proc.wait(timeout=30) == 0
+        proc, _ = start_server(job, tmp_path, port, snapshot)
+        client.pull()
+        for got, want in zip(targets, at_end):
+            np.testing.assert_array_equal(got, want)      # nothing lost
+        assert client.stats(0)["updates"] == 6
+    finally:
+        client.close()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def test_killed_worker_is_dropped_and_the_others_finish(ps_job, tmp_path):
+    spec, _ = ps_job("ps.servers=1", "ps.workers=3", "ps.consistency=sync", "ps.heartbeat_timeout=1.5",
+                     "data.batch_size=6", n_chars=6000)
+    cluster = Cluster(spec, tmp_path / "run", insecure=True, quiet=True, log=lambda text: None)
+    with cluster:
+        cluster.start()
+        layout = Layout.from_named_arrays(initial_model(spec).named_parameters(), 1)
+        watcher = observer([cluster.endpoints[0]], layout, worker_id=ADMIN_ID)
+        deadline = time.monotonic() + 60
+        while len(clocks := watcher.stats(0)["clocks"]) < 3 or min(clocks.values()) < 10:
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        cluster.kill_worker(2)
+        codes = cluster.supervise(timeout=90)
+        stats = watcher.stats(0)
+        watcher.close()
+    assert codes[0] == 0 and codes[1] == 0 and codes[2] == -signal.SIGKILL
+    assert 2 in stats["dropped"]
+    log = (tmp_path / "run" / "logs" / "server-0.log").read_text()
+    assert "dropped worker 2" in log
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["split"] == "test"                         # worker 0 finished and evaluated
+    assert stats["round"] == rows[-1]["step"]                  # every sync round completed, without worker 2
+
+
+def test_cluster_restarts_a_dead_server_and_workers_carry_on(ps_job, tmp_path):
+    spec, _ = ps_job("ps.servers=2", "ps.workers=2", "ps.snapshot_every=10", "data.batch_size=4", n_chars=6000)
+    cluster = Cluster(spec, tmp_path / "run", insecure=True, quiet=True, log=lambda text: None)
+    with cluster:
+        cluster.start()
+        layout = Layout.from_named_arrays(initial_model(spec).named_parameters(), 2)
+        watcher = observer([cluster.endpoints[i] for i in range(2)], layout, worker_id=ADMIN_ID)
+        deadline = time.monotonic() + 60
+        while len((stats := watcher.stats(1))["clocks"]) < 2 or stats["snapshots"] < 2:   # both workers on it
+            assert time.monotonic() < deadline, "no snapshot was written"
+            time.sleep(0.05)
+        watcher.close()
+        cluster.kill_server(1)                     # supervise() notices and restarts it from its snapshot
+        codes = cluster.supervise(timeout=90)
+    assert codes == {0: 0, 1: 0} and cluster.restarts == 1
+    log = (tmp_path / "run" / "logs" / "server-1.log").read_text()
+    assert "resumed from" in log
+    for k in (0, 1):
+        assert "reconnecting to server 1" in (tmp_path / "run" / "logs" / f"worker-{k}.log").read_text()

@@ -1,0 +1,57 @@
+"""Snapshot files: exact round trip, atomic replacement, damage detected."""
+import os
+
+import numpy as np
+import pytest
+
+from disttrain.paramserver.snapshot import SnapshotError, load_snapshot, save_snapshot
+
+
+def sample():
+    rng = np.random.default_rng(0)
+    return {"a": rng.standard_normal(1000).astype("<f4"), "b": rng.standard_normal((3, 5)),
+            "empty": np.zeros(0, "<f4"), "steps": np.arange(4, dtype="<i8")}
+
+
+def test_round_trip_is_exact(tmp_path):
+    arrays, meta = sample(), {"updates": 7, "nested": {"lr": 0.5, "betas": [0.9, 0.999]}, "none": None}
+    save_snapshot(tmp_path / "s.snap", arrays, meta)
+    loaded, meta2 = load_snapshot(tmp_path / "s.snap")
+    assert meta2 == meta and list(loaded) == list(arrays)
+    for name in arrays:
+        assert loaded[name].dtype == arrays[name].dtype
+        np.testing.assert_array_equal(loaded[name], arrays[name])
+        assert loaded[name].flags.writeable
+
+
+def test_replacement_is_atomic_and_stale_temp_files_are_ignored(tmp_path):
+    path = tmp_path / "s.snap"
+    save_snapshot(path, {"x": np.ones(3, "<f4")}, {"n": 1})
+    stale = tmp_path / ".s.snap.tmp-99999"
+    stale.write_bytes(b"half a snapshot")          # what a kill during a write leaves behind
+    assert load_snapshot(path)[1] == {"n": 1}
+    save_snapshot(path, {"x": np.full(3, 2, "<f4")}, {"n": 2})
+    assert not stale.exists()
+    assert load_snapshot(path)[1] == {"n": 2}
+    assert sorted(os.listdir(tmp_path)) == ["s.snap"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b"XXXX" + b[4:], "magic"),
+    (lambda b: b[:-7], "data bytes"),
+    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "checksum"),
+    (lambda b: b[:20], "truncated"),
+])
+def test_damage_is_detected(tmp_path, damage, message):
+    path = tmp_path / "s.snap"
+    save_snapshot(path, sample(), {"n": 1})
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(SnapshotError, match=message):
+        load_snapshot(path)
+
+
+def test_missing_file_and_bad_dtype(tmp_path):
+    with pytest.raises(SnapshotError, match="cannot read"):
+        load_snapshot(tmp_path / "nope.snap")
+    with pytest.raises(ValueError, match="dtype"):
+        save_snapshot(tmp_path / "s.snap", {"x": np.zeros(2, dtype=object)}, {})

@@ -1,0 +1,116 @@
+"""sync mode with one worker is local training, bit for bit; with two workers, SGD on the combined batch."""
+import threading
+
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain.nn import functional as F
+from disttrain.paramserver.training import run_worker, server_from_spec
+from disttrain.paramserver.worker import PSClient
+from disttrain.train.loop import Trainer
+
+from ps_testing import (adam_factory, flat_grads, flat_targets, layout_of, make_mlp, running_servers,
+                      sgd_factory)
+
+STEPS = 25
+
+
+def batches(n, size=16, seed=1):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((size, 6)), rng.integers(0, 3, size)) for _ in range(n)]
+
+
+def loss_of(model, x, y):
+    return F.cross_entropy(model(dt.tensor(x)), dt.tensor(y))
+
+
+@pytest.mark.parametrize("servers", [1, 3])
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_one_worker_sync_equals_local_float64(kind, servers):
+    make = (sgd_factory(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3) if kind == "sgd"
+            else adam_factory(lr=0.01, weight_decay=1e-3, amsgrad=True))
+    local, remote = make_mlp(), make_mlp()
+    local_opt, _ = make(list(local.parameters()))
+    layout = layout_of(remote, servers)
+    initial = [p.numpy().copy() for p in remote.parameters()]
+    with running_servers(layout, initial, make, {"consistency": "sync"}) as (_, endpoints):
+        client = PSClient(endpoints, layout, 0, heartbeat_interval=0.2)
+        client.connect(flat_targets(remote.parameters()))
+        try:
+            for x, y in batches(STEPS):
+                local_opt.zero_grad()
+                loss_of(local, x, y).backward()
+                local_opt.step()
+                for p in remote.parameters():
+                    p.grad = None
+                loss_of(remote, x, y).backward()
+                client.push(flat_grads(remote.parameters()), pull=True)
+            stats = client.stats(0)
+        finally:
+            client.leave()
+            client.close()
+    assert stats["updates"] == STEPS and stats["round"] == STEPS
+    for a, b in zip(local.parameters(), remote.parameters()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_two_workers_sync_is_sgd_on_the_combined_batch():
+    local, w0, w1 = make_mlp(), make_mlp(), make_mlp()
+    make = sgd_factory(lr=0.1, momentum=0.5)
+    local_opt, _ = make(list(local.parameters()))
+    layout = layout_of(w0, 2)
+    initial = [p.numpy().copy() for p in w0.parameters()]
+    with running_servers(layout, initial, make, {"consistency": "sync"}) as (_, endpoints):
+        clients = [PSClient(endpoints, layout, k, heartbeat_interval=0.2) for k in range(2)]
+        for c, m in zip(clients, (w0, w1)):
+            c.connect(flat_targets(m.parameters()))
+        try:
+            for x, y in batches(10, size=16):
+                local_opt.zero_grad()
+                loss_of(local, x, y).backward()
+                local_opt.step()
+                handles = []
+                for c, m, half in zip(clients, (w0, w1), (slice(0, 8), slice(8, 16))):
+                    for p in m.parameters():
+                        p.grad = None
+                    loss_of(m, x[half], y[half]).backward()
+                    handles.append(c.push_async(flat_grads(m.parameters()), pull=True))
+                for c, h in zip(clients, handles):     # worker 0's answer waits for worker 1's push
+                    c.wait(h)
+        finally:
+            for c in clients:
+                c.leave()
+                c.close()
+    for a, b, c in zip(local.parameters(), w0.parameters(), w1.parameters()):
+        np.testing.assert_array_equal(b.numpy(), c.numpy())                 # both workers hold the same state
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-13)  # mean of halves = mean of batch
+
+
+def test_trainer_worker_sync_equals_local_trainer(ps_job):
+    """The whole stack: job -> servers (2) + Trainer with PSStrategy/RemoteOptimizer, LR warm-up and epoch decay."""
+    spec, _ = ps_job("ps.consistency=sync", "ps.servers=2", "ps.workers=1", "optim.kind=sgd", "optim.lr=0.5",
+                     "optim.momentum=0.9", "optim.warmup_steps=5", "optim.decay_after_epoch=1", "optim.decay=0.5",
+                     "train.epochs=2", n_chars=1500)
+    local = Trainer(spec, out_dir=None, progress=False)
+    local.fit()
+    servers = [server_from_spec(spec, i, log=lambda t: None) for i in range(2)]
+    endpoints = [s.start() for s in servers]
+    stop = threading.Event()
+    threads = [threading.Thread(target=s.serve, kwargs={"stop_event": stop}, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    try:
+        captured = {}
+        evals = run_worker(spec, 0, endpoints, progress=False, on_trainer=lambda tr: captured.setdefault("t", tr))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+    trainer = captured["t"]
+    assert trainer.step == local.step and servers[0].updates == local.step
+    assert servers[0].epoch == 1                                    # the epoch decay ran once on the servers
+    for (name, a), b in zip(local.model.named_parameters(), trainer.params):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+    assert evals["valid"].loss == local.evals["valid"].loss
+    assert trainer.step_lr == local.step_lr                       # the lr of the last step, as reported
