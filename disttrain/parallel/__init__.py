@@ -12,7 +12,7 @@ Importing this package does not initialise MPI.
 from disttrain.parallel.comm import Communicator, abort_on_error, world
 from disttrain.parallel.data_parallel import DataParallel, ModelMismatchError
 from disttrain.parallel.strategy import DataParallelStrategy
-from disttrain.parallel import trace
+from disttrain import trace
 
 __all__ = ["Communicator", "DataParallel", "DataParallelStrategy", "ModelMismatchError", "abort_on_error",
            "trace", "world"]

@@ -41,7 +41,7 @@ import threading
 import time
 
 from disttrain.autograd.grad_mode import no_grad
-from disttrain.parallel import trace
+from disttrain import trace
 from disttrain.tensor.tensor import Tensor
 
 __all__ = ["Reducer", "bucket_layout"]

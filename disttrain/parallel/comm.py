@@ -29,7 +29,7 @@ import traceback
 
 import numpy as np
 
-from disttrain.parallel import trace
+from disttrain import trace
 from disttrain.tensor import cuda_available
 
 __all__ = ["Communicator", "Handle", "HostStaging", "world", "abort_on_error", "cuda_aware_default"]

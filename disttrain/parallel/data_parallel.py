@@ -28,7 +28,7 @@ import numpy as np
 
 from disttrain.autograd.grad_mode import no_grad
 from disttrain.nn.module import Module
-from disttrain.parallel import trace
+from disttrain import trace
 from disttrain.parallel.buckets import Reducer
 from disttrain.parallel.comm import world
 

@@ -13,7 +13,7 @@ with a trace path records a Chrome trace of every rank's spans, written by rank 
 import contextlib
 import os
 
-from disttrain.parallel import trace
+from disttrain import trace
 from disttrain.parallel.comm import abort_on_error, world
 from disttrain.train.jobspec import JobSpecError
 

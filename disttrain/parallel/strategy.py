@@ -15,7 +15,7 @@ values and reducing that step's gradients after backward instead of during it).
 import numpy as np
 
 from disttrain.data.batching import shard_streams
-from disttrain.parallel import trace
+from disttrain import trace
 from disttrain.parallel.comm import world
 from disttrain.parallel.data_parallel import DataParallel, broadcast_tensors, verify_same_model
 from disttrain.parallel.buckets import Reducer

@@ -35,7 +35,7 @@ import disttrain as dt
 from disttrain.data import TBPTTIterator, batchify
 from disttrain.nn import functional as F
 from disttrain.nn.utils import clip_grad_norm_
-from disttrain.parallel import trace
+from disttrain import trace
 from disttrain.train import checkpoint as ckpt
 from disttrain.train.build import (build_corpus, build_model, build_optimizer, build_schedules,
                                    is_char_level)

@@ -6,7 +6,7 @@ import pytest
 
 import disttrain as dt
 from disttrain import nn
-from disttrain.parallel import trace
+from disttrain import trace
 from disttrain.parallel.buckets import bucket_layout
 from disttrain.parallel.comm import Communicator, Handle, HostStaging, is_device_array, staged
 from disttrain.parallel.data_parallel import _mismatch_message, describe
