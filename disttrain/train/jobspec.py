@@ -235,6 +235,9 @@ SCHEMA = {
         Field("momentum", Float(ge=0), 0.0, "SGD momentum"),
         Field("weight_decay", Float(ge=0), 0.0, "L2 penalty (decoupled for adamw)"),
         Field("clip_norm", Float(gt=0), None, "clip the global gradient norm to this (unset = no clipping)"),
+        Field("loss", Choice("token_mean", "sum_over_time"), "token_mean",
+              'gradient of: the mean loss per token, or (Zaremba et al.) the loss summed over the bptt steps '
+              'and averaged over the batch, T times larger'),
         Field("decay_after_epoch", _NONNEG, 0, "multiply lr by `decay` after every epoch past this one (0 = never)"),
         Field("decay", Float(gt=0, le=1), 1.0, "lr decay factor per epoch"),
         Field("warmup_steps", _NONNEG, 0, "linear lr warm-up steps"),

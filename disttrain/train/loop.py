@@ -128,10 +128,10 @@ class Trainer:
         with trace.span("forward"):
             logits, (h, c) = self.model(x, self.hidden)
             loss = F.cross_entropy(logits, y)
-        # 2. backward
+        # 2. backward (of the per-sequence loss when the job asks for Zaremba's convention; logs stay per token)
         self.optimizer.zero_grad()
         with trace.span("backward"):
-            loss.backward()
+            (loss * inputs.shape[0] if self.spec.optim.loss == "sum_over_time" else loss).backward()
         # 3. gradient synchronisation across processes (a no-op in local mode)
         self.strategy.sync_gradients(self.params)
         # 4. clip the global gradient norm (max_norm = inf only measures it)

@@ -28,7 +28,7 @@ def test_empty_file_gets_every_default(tmp_path, monkeypatch):
         "model": {"kind": "lstm_lm", "hidden": 200, "embed": 200, "layers": 2, "dropout": 0.0,
                   "init_scale": 0.1, "tie_weights": False},
         "data": {"kind": "default_corpus", "path": None, "batch_size": 20, "bptt": 35, "max_bytes": 2_000_000},
-        "optim": {"kind": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "clip_norm": None,
+        "optim": {"kind": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "clip_norm": None, "loss": "token_mean",
                   "decay_after_epoch": 0, "decay": 1.0, "warmup_steps": 0},
         "train": {"epochs": 1, "max_steps": None, "eval_every": "epoch", "checkpoint_every": 500,
                   "log_every": 50, "seed": 0, "device": "cpu"},
