@@ -20,6 +20,8 @@ from pathlib import Path
 import msgpack
 import numpy as np
 
+from disttrain.fsutil import fsync_path
+
 from disttrain.paramserver.protocol import DTYPES
 
 __all__ = ["SnapshotError", "save_snapshot", "load_snapshot"]
@@ -67,7 +69,7 @@ def save_snapshot(path, arrays, meta):
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -109,11 +111,3 @@ def load_snapshot(path):
     if crc != header.get("crc32"):
         raise SnapshotError(f"{path}: checksum mismatch; the file is damaged")
     return arrays, header.get("meta", {})
-
-
-def _fsync_dir(directory):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -5,7 +5,6 @@ a leaf (made by the user, or a Parameter) has no node and, when it requires grad
 gradient accumulated into `.grad`. Arithmetic methods are thin wrappers over
 `disttrain.autograd.ops`, where each op's forward and backward live side by side.
 """
-import weakref
 
 import numpy as np
 

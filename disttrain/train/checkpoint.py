@@ -26,6 +26,8 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from disttrain.fsutil import fsync_path
+
 __all__ = ["FORMAT_VERSION", "CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint",
            "find_checkpoint", "remove_checkpoints", "split_optimizer_state", "join_optimizer_state"]
 
@@ -71,15 +73,15 @@ def save_checkpoint(run_dir, model, arrays, meta):
         json.dump(meta, fh, indent=1, default=_json_default, allow_nan=False)
         fh.write("\n")
     for name in FILES:
-        _fsync(tmp / name)
-    _fsync(tmp)
+        fsync_path(tmp / name)
+    fsync_path(tmp)
     if final.exists():
         if prev.exists():             # final is complete, so an old .prev is not needed any more
             shutil.rmtree(prev)
         os.rename(final, prev)
-        _fsync(run_dir)
+        fsync_path(run_dir)
     os.rename(tmp, final)
-    _fsync(run_dir)
+    fsync_path(run_dir)
     if prev.exists():
         shutil.rmtree(prev)
     return final
@@ -95,14 +97,6 @@ def remove_checkpoints(run_dir):
 
 def _contiguous(arrays):
     return {name: np.ascontiguousarray(a) for name, a in arrays.items()}
-
-
-def _fsync(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _json_default(value):

@@ -88,7 +88,7 @@ class Crash(Exception):
 
 def test_a_crash_at_any_point_of_a_save_leaves_a_loadable_checkpoint(tmp_path, monkeypatch):
     """Kill the save at each of its file-system operations in turn: the old or the new one always loads."""
-    real = {"rename": os.rename, "rmtree": shutil.rmtree, "fsync": ckpt._fsync, "save_file": ckpt.save_file}
+    real = {"rename": os.rename, "rmtree": shutil.rmtree, "fsync": ckpt.fsync_path, "save_file": ckpt.save_file}
     counter = {"left": 0}
 
     def crashing(name):
@@ -107,7 +107,7 @@ def test_a_crash_at_any_point_of_a_save_leaves_a_loadable_checkpoint(tmp_path, m
         with monkeypatch.context() as m:
             m.setattr(ckpt.os, "rename", crashing("rename"))
             m.setattr(ckpt.shutil, "rmtree", crashing("rmtree"))
-            m.setattr(ckpt, "_fsync", crashing("fsync"))
+            m.setattr(ckpt, "fsync_path", crashing("fsync"))
             m.setattr(ckpt, "save_file", crashing("save_file"))
             try:
                 _save(run_dir, 10, 10.0)

@@ -1,7 +1,7 @@
 """Shape and data-movement ops: reshape, transpose, broadcast_to, concat, stack, split,
 indexing (gather with scatter-add backward), dtype casts and device copies."""
 from disttrain.autograd.function import Function
-from disttrain.tensor.tensor import Tensor, _raw_index
+from disttrain.tensor.tensor import _raw_index
 
 
 class Reshape(Function):
