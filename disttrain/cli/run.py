@@ -11,7 +11,7 @@ from pathlib import Path
 from disttrain.parallel.launch import run_context, strategy_for
 from disttrain.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from disttrain.train.jobspec import JobSpecError, load_job
-from disttrain.train.loop import Trainer, TrainingInterrupted
+from disttrain.train.loop import MemoryBudgetExceeded, Trainer, TrainingInterrupted
 
 EXIT_USAGE = 2
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -66,6 +66,9 @@ def main(args):
     except TrainingInterrupted as exc:
         print(f"{exc} in {out / 'checkpoint'}; continue with --resume", file=sys.stderr)
         return EXIT_SIGNAL.get(exc.signal_name, 1)
+    except MemoryBudgetExceeded as exc:
+        print(f"disttrain run: {exc}", file=sys.stderr)
+        return 1
     _report(evals, trainer.char_level)
     print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}/ (metrics.jsonl, config.toml, "
           f"curves.png, checkpoint/)")

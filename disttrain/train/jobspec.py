@@ -254,6 +254,8 @@ SCHEMA = {
     "memory": (
         Field("activation_checkpointing", AnyOf(Choice("none", "sqrt"), _POS), "none",
               'recompute activations in segments: "none", "sqrt" or a segment count'),
+        Field("budget_mb", Float(gt=0), None,
+              "stop with an error when a training step needs more array memory than this (MiB; unset = no limit)"),
     ),
     "parallel": (
         Field("mode", Choice("local", "data", "pipeline", "ps"), "local", "how training is distributed"),

@@ -50,6 +50,10 @@ EVAL_BATCH_SIZE = 10
 METRICS_FILE, CONFIG_FILE, CURVES_FILE = "metrics.jsonl", "config.toml", "curves.png"
 
 
+class MemoryBudgetExceeded(RuntimeError):
+    """A training step needed more array memory than the job's [memory] budget_mb."""
+
+
 class TrainingInterrupted(Exception):
     """Training stopped on request (SIGINT/SIGTERM) after writing a checkpoint; `signal_name` says why."""
 
@@ -186,12 +190,18 @@ class Trainer:
         Metering one step per interval (not all) keeps the meter's bookkeeping off the other steps;
         a step's peak is the same every step of a fixed-shape job.
         """
-        if (self.step + 1) % self.spec.train.log_every:
+        if (self.step + 1) % self.spec.train.log_every and self.step != 0:   # the first step checks the budget
             return self.train_step(inputs, targets)
         with MemoryMeter(self.device) as meter:
             result = self.train_step(inputs, targets)
-        self._acc["peak_mem_bytes"] = meter.peak_bytes - meter.start_bytes  # what the step needed beyond the
-        return result                                                    # parameters and state already held
+        needed = self._acc["peak_mem_bytes"] = meter.peak_bytes - meter.start_bytes  # beyond the parameters
+        budget = self.spec.memory.budget_mb                                           # and state already held
+        if budget is not None and needed > budget * 2**20:
+            raise MemoryBudgetExceeded(
+                f"step {self.step} needed {needed / 2**20:.1f} MiB of array memory, over [memory] budget_mb = "
+                f"{budget:g} (activation_checkpointing = {self.spec.memory.activation_checkpointing!r}); "
+                'try activation_checkpointing = "sqrt", a smaller bptt or a smaller batch')
+        return result
 
     def _reached(self, max_steps):
         return max_steps is not None and self.step >= max_steps

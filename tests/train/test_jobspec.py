@@ -32,7 +32,7 @@ def test_empty_file_gets_every_default(tmp_path, monkeypatch):
                   "decay_after_epoch": 0, "decay": 1.0, "warmup_steps": 0},
         "train": {"epochs": 1, "max_steps": None, "eval_every": "epoch", "checkpoint_every": 500,
                   "log_every": 50, "seed": 0, "device": "cpu"},
-        "memory": {"activation_checkpointing": "none"},
+        "memory": {"activation_checkpointing": "none", "budget_mb": None},
         "parallel": {"mode": "local", "bucket_mb": 25.0},
         "ps": {"servers": 1, "workers": 2, "consistency": "async", "staleness": 3, "overlap": True,
                "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0, "reconnect_timeout": 120.0,

@@ -1,0 +1,26 @@
+"""[memory] budget_mb: a long-window job that does not fit without activation checkpointing fits with it."""
+import pytest
+
+from disttrain.train import Trainer
+from disttrain.train.loop import MemoryBudgetExceeded
+
+LONG_WINDOW = ("data.bptt=256", "data.batch_size=2", "train.max_steps=2", "train.log_every=1")
+
+
+def _first_step_peak(spec):
+    trainer = Trainer(spec, progress=False)
+    inputs, targets = next(iter(trainer.train_iter))
+    trainer._metered_step(inputs, targets)
+    return trainer._acc["peak_mem_bytes"]
+
+
+def test_checkpointing_fits_a_budget_the_plain_job_exceeds(tiny_job):
+    plain = _first_step_peak(tiny_job(*LONG_WINDOW, hidden=64))
+    sqrt = _first_step_peak(tiny_job(*LONG_WINDOW, "memory.activation_checkpointing=sqrt", hidden=64))
+    assert sqrt < 0.75 * plain, (sqrt, plain)
+    budget_mb = (plain + sqrt) / 2 / 2**20
+    over = tiny_job(*LONG_WINDOW, f"memory.budget_mb={budget_mb}", hidden=64)
+    with pytest.raises(MemoryBudgetExceeded, match=r"budget_mb.*activation_checkpointing = 'none'"):
+        Trainer(over, progress=False).fit()
+    fits = tiny_job(*LONG_WINDOW, f"memory.budget_mb={budget_mb}", "memory.activation_checkpointing=sqrt", hidden=64)
+    Trainer(fits, progress=False).fit()   # trains to max_steps within the budget
