@@ -18,12 +18,10 @@ def is_grad_enabled():
     return state.enabled
 
 
-class set_grad_enabled:
-    """Context manager (and decorator) that sets grad mode on entry and restores it on exit."""
+class _GradMode:
+    """Context manager and decorator: grad mode is `mode` inside, restored on exit."""
 
-    def __init__(self, mode=True):
-        self.mode = bool(mode)
-        self.prev = None
+    mode = True
 
     def __enter__(self):
         self.prev = state.enabled
@@ -35,21 +33,40 @@ class set_grad_enabled:
         return False
 
     def __call__(self, fn):
+        mode = self.mode
+
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            with type(self)(self.mode) if type(self) is set_grad_enabled else type(self)():
+            with set_grad_enabled(mode):
                 return fn(*args, **kwargs)
 
         return wrapper
 
 
-class no_grad(set_grad_enabled):
+class no_grad(_GradMode):
     """Ops inside do not record the graph: use for evaluation and parameter updates."""
 
-    def __init__(self):
-        super().__init__(False)
+    mode = False
 
 
-class enable_grad(set_grad_enabled):
-    def __init__(self):
-        super().__init__(True)
+class enable_grad(_GradMode):
+    """Ops inside record the graph again (inside a no_grad block)."""
+
+    mode = True
+
+
+class set_grad_enabled(_GradMode):
+    """Set grad mode now (as torch.set_grad_enabled: a plain call switches it), and as a context
+    manager restore the previous mode on exit."""
+
+    def __init__(self, mode=True):
+        self.mode = bool(mode)
+        self.prev = state.enabled
+        state.enabled = self.mode
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, fn):
+        state.enabled = self.prev  # used as a decorator: the mode applies inside calls only
+        return super().__call__(fn)

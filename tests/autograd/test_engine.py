@@ -212,6 +212,17 @@ def test_set_grad_enabled_and_restore_after_exception():
         return t * 2.0
 
     assert not f(x).requires_grad
+    assert dt.is_grad_enabled()  # decorating does not switch the mode
+
+
+def test_set_grad_enabled_as_a_plain_call_switches_the_mode():
+    x = leaf([1.0])
+    try:
+        dt.set_grad_enabled(False)
+        assert not (x * 2.0).requires_grad
+    finally:
+        dt.set_grad_enabled(True)
+    assert (x * 2.0).requires_grad
 
 
 def test_requires_grad_propagates_only_from_inputs_that_require_it():
