@@ -6,8 +6,9 @@
     rows = comm.Split(color=comm.rank // 4)   # sub-communicators (pipeline x data later)
 
 Methods named after MPI calls take array buffers and use mpi4py's upper-case, buffer-based calls (no
-pickling): these are the ones on hot paths. The few `*_object` methods pickle Python objects and are for
-setup, error reports and end-of-run gathering only.
+object serialisation): these are the ones on hot paths. The few `*_object` methods use mpi4py's lower-case
+calls, which serialise Python objects; they carry small metadata (parameter names and shapes, error reports)
+between the ranks of one mpirun job only, at setup and at the end, never data from outside the job.
 
 Buffers: NumPy arrays go to MPI as they are. A CuPy array goes as it is when the MPI is CUDA-aware (the
 producing stream is synchronised first), otherwise through host staging: copied into a host buffer, reduced
