@@ -3,11 +3,11 @@ import pytest
 
 from disttrain.train.jobspec import loads_job
 
-from ps_testing import PS_JOB, make_text
+from ps_testing import PS_JOB
 
 
 @pytest.fixture
-def ps_job(tmp_path):
+def ps_job(tmp_path, make_text):
     """ps_job(*overrides, n_chars=3000, optim="adam", lr=0.01) -> (JobSpec, path of its TOML file)."""
     def make(*overrides, n_chars=3000, optim="adam", lr=0.01):
         text = tmp_path / "tiny.txt"

@@ -75,20 +75,6 @@ def observer(endpoints, layout, worker_id=60000, security=None):
     return client.connect(targets, timeout=5.0)
 
 
-WORDS = ("the a cat dog sat on mat ran far and then it was good bad big small red fox jumps over lazy "
-         "quick brown end begin loop step time").split()
-
-
-def make_text(n_chars=3000, seed=0):
-    rng = np.random.default_rng(seed)
-    out, size = [], 0
-    while size < n_chars:
-        sentence = " ".join(WORDS[k] for k in rng.integers(0, len(WORDS), rng.integers(3, 9))) + ".\n"
-        out.append(sentence)
-        size += len(sentence)
-    return "".join(out)[:n_chars]
-
-
 PS_JOB = """
 [model]
 hidden = 16

@@ -1,26 +1,10 @@
-"""Fixtures for training tests: a few KB of generated text and tiny char-level jobs that train in milliseconds."""
-import numpy as np
+"""Fixtures for training tests: tiny char-level jobs on generated text (tests/conftest.py) that train in milliseconds."""
 import pytest
 
 from disttrain.train.jobspec import loads_job
 
-WORDS = ("the a cat dog sat on mat ran far and then it was good bad big small red fox jumps over lazy "
-         "quick brown end begin loop step time").split()
-
-
-def make_text(n_chars=3000, seed=0):
-    """Pseudo-sentences of a small vocabulary: learnable structure, deterministic."""
-    rng = np.random.default_rng(seed)
-    out, size = [], 0
-    while size < n_chars:
-        sentence = " ".join(WORDS[k] for k in rng.integers(0, len(WORDS), rng.integers(3, 9))) + ".\n"
-        out.append(sentence)
-        size += len(sentence)
-    return "".join(out)[:n_chars]
-
-
 @pytest.fixture
-def text_file(tmp_path):
+def text_file(tmp_path, make_text):
     path = tmp_path / "tiny.txt"
     path.write_text(make_text())
     return path

@@ -1,0 +1,23 @@
+"""Fixtures shared by every test package."""
+import numpy as np
+import pytest
+
+WORDS = ("the a cat dog sat on mat ran far and then it was good bad big small red fox jumps over lazy "
+         "quick brown end begin loop step time").split()
+
+
+def _make_text(n_chars=3000, seed=0):
+    """Pseudo-sentences of a small vocabulary: learnable structure, deterministic."""
+    rng = np.random.default_rng(seed)
+    out, size = [], 0
+    while size < n_chars:
+        sentence = " ".join(WORDS[k] for k in rng.integers(0, len(WORDS), rng.integers(3, 9))) + ".\n"
+        out.append(sentence)
+        size += len(sentence)
+    return "".join(out)[:n_chars]
+
+
+@pytest.fixture
+def make_text():
+    """make_text(n_chars=3000, seed=0) -> a few KB of generated text for tiny char-level jobs."""
+    return _make_text
