@@ -85,6 +85,18 @@ class DataParallelStrategy:
         self.comm.Allreduce(buf)
         return buf.tolist()
 
+    def any(self, flag):
+        """True on every rank when `flag` is true on some rank (one 4-byte Allreduce, max)."""
+        buf = np.array([1 if flag else 0], dtype=np.int32)
+        self.comm.Allreduce(buf, op="max")
+        return bool(buf[0])
+
+    def shard_eval(self, streams):
+        """This rank's near-equal share of the (N, B) evaluation stream columns; B need not divide by the ranks
+        (the sums over ranks are token-weighted) and a rank may get none when there are more ranks than streams."""
+        columns = np.array_split(np.arange(streams.shape[1]), self.comm.size)[self.comm.rank]
+        return streams[:, columns]
+
     def gather_batch(self, array, axis=1):
         """Every rank's share of a per-stream array side by side along `axis` (a collective; NumPy arrays):
         e.g. the carried LSTM state (layers, B/N, hidden) -> (layers, B, hidden), for a job checkpoint."""

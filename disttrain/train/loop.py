@@ -16,7 +16,9 @@ reset to zeros at the start of every epoch. The per-epoch LR schedule is stepped
 Evaluation (`evaluate`) runs under no_grad with model.eval() (no dropout) over EVAL_BATCH_SIZE = 10 streams of
 the split (the convention of PyTorch's word_language_model example; fewer when the split is tiny), segments of
 the training `bptt`, state carried from zeros. Perplexity is exp of the token-weighted mean loss over every
-evaluated token (not an average of per-segment perplexities); character-level jobs also report bits per
+evaluated token (not an average of per-segment perplexities); with several processes each evaluates its share
+of the streams (`strategy.shard_eval`) and the loss sums and token counts are added up (`strategy.reduce_sum`),
+so every process gets the one-process figure. Character-level jobs also report bits per
 character, loss / ln 2. Validation runs every `eval_every` steps or after every epoch, and once more at the end
 (unless it just ran) followed by the test split.
 
@@ -175,7 +177,8 @@ class Trainer:
                 loss, grad_norm = self._metered_step(inputs, targets)
                 self._accumulate(loss, inputs.size, grad_norm)
                 self._after_step()
-                if self._stop_signal is not None:
+                if self.strategy.any(self._stop_signal is not None):    # all processes stop after one step
+                    self._stop_signal = self._stop_signal or "a stop request on another process"
                     self.save_checkpoint()
                     self._plot()
                     raise TrainingInterrupted(self._stop_signal, self.step)
@@ -249,21 +252,22 @@ class Trainer:
         """Token-weighted mean loss over the whole split, under no_grad in eval mode -> EvalResult."""
         ids = self.corpus.split(split)
         batch = max(1, min(EVAL_BATCH_SIZE, ids.size // 2))
-        segments = TBPTTIterator(batchify(ids, batch), self.spec.data.bptt)
+        streams = self.strategy.shard_eval(batchify(ids, batch))     # data parallel: each rank its columns
         was_training = self.model.training
         self.model.eval()
         start = time.perf_counter()
         total, tokens, hidden = 0.0, 0, None
         try:
             with dt.no_grad():
-                for inputs, targets in segments:
+                for inputs, targets in (TBPTTIterator(streams, self.spec.data.bptt) if streams.shape[1] else ()):
                     logits, hidden = self.model(dt.tensor(inputs, device=self.device), hidden)
                     loss = F.cross_entropy(logits, dt.tensor(targets.reshape(-1), device=self.device))
                     total += loss.item() * targets.size
                     tokens += targets.size
         finally:
             self.model.train(was_training)
-        return EvalResult(split, total / tokens, tokens, self.step, time.perf_counter() - start)
+        total, tokens = self.strategy.reduce_sum([total, tokens])
+        return EvalResult(split, total / tokens, int(tokens), self.step, time.perf_counter() - start)
 
     def _evaluate_and_log(self, split):
         start = time.perf_counter()

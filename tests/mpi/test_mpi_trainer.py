@@ -112,3 +112,49 @@ def test_every_rank_resumes_mid_epoch(job, mpi_tmp_path):
     _, got, want = resume_and_compare(job, mpi_tmp_path / "run", ["train.max_steps=3"], ["train.max_steps=6"])
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.parametrize("batch", [10, 3])          # 3 streams on 4 ranks: one rank evaluates none
+def test_evaluation_is_sharded_and_equals_local(job, batch, monkeypatch):
+    import disttrain.train.loop as loop
+
+    monkeypatch.setattr(loop, "EVAL_BATCH_SIZE", batch)
+    spec = job()
+    trainer, strategy = data_parallel_trainer(spec)
+    evaluated = []
+    monkeypatch.setattr(trainer.model, "forward", _recording(trainer.model.forward, evaluated))
+    result = trainer.evaluate("valid")
+    strategy.close()
+    local = Trainer(spec, progress=False).evaluate("valid")
+    columns = sum(x.shape[1] for x in evaluated[:1])
+    assert columns == len(np.array_split(np.arange(batch), world().size)[world().rank])   # this rank's share only
+    assert result.tokens == local.tokens
+    assert result.loss == pytest.approx(local.loss, rel=1e-6)
+
+
+def _recording(forward, seen):
+    def wrapper(tokens, state=None):
+        seen.append(tokens)
+        return forward(tokens, state)
+    return wrapper
+
+
+def test_a_stop_request_on_one_rank_stops_every_rank_after_the_same_step(job, mpi_tmp_path):
+    comm = world()
+    out = mpi_tmp_path / "stopped"
+    trainer, strategy = data_parallel_trainer(job("train.max_steps=20"), out)
+    if comm.rank == comm.size - 1:               # only the last rank sees the signal, after its third step
+        original = trainer._after_step
+
+        def after_step():
+            original()
+            if trainer.step == 3:
+                trainer.request_stop("SIGTERM")
+        trainer._after_step = after_step
+    from disttrain.train.loop import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted, match="after step 3"):
+        trainer.fit()
+    strategy.close()
+    comm.Barrier()
+    assert load_checkpoint(out).meta["step"] == 3
