@@ -3,7 +3,8 @@
     comm = world()                       # MPI_COMM_WORLD (MPI starts on the first call, not at import)
     comm.Allreduce(grads)                # in place, buffer-based
     handle = comm.Iallreduce(bucket)     # non-blocking; handle.test() / handle.wait()
-    rows = comm.Split(color=comm.rank // 4)   # sub-communicators (pipeline x data later)
+    rows = comm.Split(color=comm.rank // 4)   # sub-communicators (pipeline x data)
+    comm.Isend(activations, dest=1, tag=3)    # point-to-point between pipeline stages (Handle as above)
 
 Methods named after MPI calls take array buffers and use mpi4py's upper-case, buffer-based calls (no
 object serialisation): these are the ones on hot paths. The few `*_object` methods use mpi4py's lower-case
@@ -231,6 +232,37 @@ class Communicator:
         sent()
         finish()
         return recvbuf
+
+    # ---- point-to-point (pipeline stages) -------------------------------------------------------
+    def Send(self, buf, dest, tag=0):
+        """Send `buf` to rank `dest` (blocking until the buffer may be reused)."""
+        send, sent = self._prepare(buf, copy_out=False)
+        with _LOCK:
+            self._comm.Send(send, dest=int(dest), tag=int(tag))
+        sent()
+
+    def Recv(self, buf, source, tag=0):
+        """Receive into `buf` (its shape and dtype must match the message) from rank `source`; returns buf."""
+        target, finish = self._prepare(buf, copy_in=False)
+        with _LOCK:
+            self._comm.Recv(target, source=int(source), tag=int(tag))
+        finish()
+        return buf
+
+    def Isend(self, buf, dest, tag=0):
+        """Start sending `buf` to rank `dest`; returns a Handle. `buf` must not change until it completes."""
+        send, sent = self._prepare(buf, copy_out=False)
+        with _LOCK:
+            request = self._comm.Isend(send, dest=int(dest), tag=int(tag))
+        return Handle(request, sent)
+
+    def Irecv(self, buf, source, tag=0):
+        """Start receiving into `buf` from rank `source`; returns a Handle (buf holds the message after
+        wait(); a device array is filled from its host staging buffer then)."""
+        target, finish = self._prepare(buf, copy_in=False)
+        with _LOCK:
+            request = self._comm.Irecv(target, source=int(source), tag=int(tag))
+        return Handle(request, finish)
 
     # ---- pickled objects (setup, error reports, end of run: never on hot paths) --------------
     def allgather_object(self, obj):
