@@ -110,6 +110,9 @@ class _ParameterSubset(Module):
         for name in names:
             self.register_parameter(name, getattr(owner, name))
 
+    def extra_repr(self):
+        return ", ".join(self._parameters)
+
 
 def blocks_of(model):
     """The model as a chain of blocks: [(name, Block), ...] in data-flow order.

@@ -1,0 +1,253 @@
+"""Profile: what each block of the chain costs, measured on a sample input.
+
+    prof = profile(model, tokens)           # or profile(blocks_of(model), tokens)
+    print(prof.table())
+    prof.costs()                            # per block: forward + backward seconds
+
+Three passes over the chain, each block fed the previous block's output (detached, so each
+block's backward stops at its own input, as it does at a stage boundary):
+  1. memory: a MemoryMeter around each block's forward gives the bytes its graph keeps for
+     backward plus its output (`activation_bytes`);
+  2. ops: every Function.apply in the forward is timed and recorded with the block it ran in;
+  3. timing: `repeats` rounds of forward + backward per block, the median (or min) of each kept.
+NOTE: profiling leaves no trace in the model: gradients and the random generators are restored.
+"""
+import statistics
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from disttrain.autograd.function import Function
+from disttrain.nn.module import Module
+from disttrain.parallel.pipeline.blocks import blocks_of, split_state
+from disttrain.tensor import dtypes
+from disttrain.tensor.creation import ones_like
+from disttrain.tensor.memory import MemoryMeter
+from disttrain.tensor.random import fork_rng, get_rng_state
+from disttrain.tensor.tensor import Tensor
+
+
+@dataclass
+class OpRecord:
+    """One Function.apply of the forward: op class name, the block it ran in, seconds, output bytes."""
+
+    op: str
+    block: str
+    forward_s: float
+    output_bytes: int
+
+
+@dataclass
+class BlockRecord:
+    """One block: median forward/backward seconds, bytes kept for backward (its output included),
+    bytes of its parameters, and the output that crosses a cut placed after it."""
+
+    name: str
+    forward_s: float
+    backward_s: float
+    activation_bytes: int
+    param_bytes: int
+    output_bytes: int
+    output_shape: tuple
+    ops: int
+
+    @property
+    def cost_s(self):
+        return self.forward_s + self.backward_s
+
+
+@dataclass
+class Profile:
+    blocks: list
+    ops: list = field(default_factory=list)
+    repeats: int = 0
+    statistic: str = "median"
+
+    def costs(self):
+        """Per block: forward + backward seconds."""
+        return [b.cost_s for b in self.blocks]
+
+    def output_bytes(self):
+        return [b.output_bytes for b in self.blocks]
+
+    def table(self, top_ops=8):
+        """The blocks, then the op types that took the most forward time."""
+        rows = [(b.name, _ms(b.forward_s), _ms(b.backward_s), _ms(b.cost_s), _mb(b.activation_bytes),
+                 _mb(b.param_bytes), _mb(b.output_bytes), str(b.output_shape), str(b.ops)) for b in self.blocks]
+        total = sum(self.costs()) or 1.0
+        rows.append(("total", _ms(sum(b.forward_s for b in self.blocks)), _ms(sum(b.backward_s for b in self.blocks)),
+                     _ms(total), _mb(sum(b.activation_bytes for b in self.blocks)),
+                     _mb(sum(b.param_bytes for b in self.blocks)), "", "", str(len(self.ops))))
+        out = [format_table(("block", "fwd ms", "bwd ms", "cost ms", "act MB", "param MB", "out MB", "out shape",
+                             "ops"), rows)]
+        by_op = defaultdict(lambda: [0, 0.0, 0])
+        for r in self.ops:
+            entry = by_op[r.op]
+            entry[0] += 1
+            entry[1] += r.forward_s
+            entry[2] += r.output_bytes
+        top = sorted(by_op.items(), key=lambda kv: -kv[1][1])[:top_ops]
+        out.append(format_table(("op", "calls", "fwd ms", "out MB"),
+                                [(op, str(n), _ms(s), _mb(b)) for op, (n, s, b) in top]))
+        return "\n\n".join(out)
+
+
+_STATISTICS = {"median": statistics.median, "min": min}
+
+
+def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, statistic="median"):
+    """Measure every block of `model` (a Module, or blocks_of(model)'s list) on `sample_input`.
+
+    sample_state: the model's own state (what model.forward takes), split among its blocks.
+    loss_fn(y) -> scalar, if given, is applied to the last block's output inside its timed
+    forward and drives its backward (the last stage computes the loss); otherwise each block's
+    backward is seeded with ones. statistic: how the repeats' times are summarised, "median" or
+    "min" (steadier where other processes share the cores: interference only ever adds time).
+    """
+    if repeats < 1:
+        raise ValueError(f"profile: repeats must be >= 1, got {repeats}")
+    if statistic not in _STATISTICS:
+        raise ValueError(f"profile: statistic must be one of {sorted(_STATISTICS)}, got {statistic!r}")
+    summary = _STATISTICS[statistic]
+    blocks = blocks_of(model) if isinstance(model, Module) else list(model)
+    states = split_state(blocks, sample_state)
+    params = [p for _, b in blocks for p in b.parameters()]
+    with fork_rng(get_rng_state()), _grads_kept(params):
+        activation = _measure_memory(blocks, sample_input, states, loss_fn)
+        ops, outputs = _record_ops(blocks, sample_input, states)
+        times = [_time_chain(blocks, sample_input, states, loss_fn) for _ in range(repeats)]
+    records = []
+    for i, (name, block) in enumerate(blocks):
+        y = outputs[i]
+        records.append(BlockRecord(
+            name=name, forward_s=summary([t[i][0] for t in times]),
+            backward_s=summary([t[i][1] for t in times]), activation_bytes=activation[i],
+            param_bytes=sum(p.data.nbytes for p in block.parameters()), output_bytes=y.data.nbytes,
+            output_shape=tuple(y.shape), ops=sum(1 for r in ops if r.block == name)))
+    return Profile(records, ops, repeats, statistic)
+
+
+# ---- the three passes ----------------------------------------------------------------------------
+def _measure_memory(blocks, x, states, loss_fn):
+    """Per block: bytes alive after its forward (graph + output) that were not alive before."""
+    kept = []
+    device = x.device if isinstance(x, Tensor) else "cpu"
+    for i, (_, block) in enumerate(blocks):
+        x = _block_input(x, i)
+        with MemoryMeter(device) as meter:
+            y, _ = block(x, states[i])
+            if loss_fn is not None and i == len(blocks) - 1:
+                y = loss_fn(y)
+        kept.append(max(0, meter.live_bytes - meter.start_bytes))
+        x = y
+        del y
+    return kept
+
+
+def _record_ops(blocks, x, states):
+    """One forward with every op recorded; returns the records and each block's output."""
+    records, outputs, where = [], [], [None]
+
+    def on_op(cls, seconds, out):
+        arrays = out if isinstance(out, tuple) else (out,)
+        records.append(OpRecord(cls.__name__, where[0], seconds, sum(t.data.nbytes for t in arrays)))
+
+    with observe_ops(on_op):
+        for i, (name, block) in enumerate(blocks):
+            where[0] = name
+            x, _ = block(_block_input(x, i), states[i])
+            outputs.append(x.detach())  # the shape and size are what is needed, not the graph
+    return records, outputs
+
+
+def _time_chain(blocks, x, states, loss_fn):
+    """One round: (forward seconds, backward seconds) per block."""
+    times = []
+    for i, (_, block) in enumerate(blocks):
+        x = _block_input(x, i)
+        start = _now(x)
+        y, _ = block(x, states[i])
+        out = loss_fn(y) if loss_fn is not None and i == len(blocks) - 1 else y
+        middle = _now(out)
+        if out.requires_grad:
+            out.backward(None if out.ndim == 0 else ones_like(out))
+        times.append((middle - start, _now(out) - middle))
+        x = y.detach()
+    return times
+
+
+def _block_input(x, i):
+    """Block i's input: the sample for block 0; else the previous output, detached and, when it is
+    floating point, requiring grad (a stage computes its input's gradient to send it back)."""
+    if i == 0 or not isinstance(x, Tensor):
+        return x
+    x = x.detach()
+    return x.requires_grad_() if dtypes.is_floating(x.dtype) else x
+
+
+def _now(t):
+    sync = getattr(t.backend, "synchronize", None) if isinstance(t, Tensor) else None
+    if sync is not None:  # device work is asynchronous: wait for it before reading the clock
+        sync()
+    return time.perf_counter()
+
+
+@contextmanager
+def _grads_kept(params):
+    """Restore every parameter's .grad on exit: the timed backwards accumulate into them."""
+    saved = [p.grad for p in params]
+    try:
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+@contextmanager
+def observe_ops(on_op):
+    """Call on_op(op class, seconds, output tensor(s)) after every outermost Function.apply inside the block.
+
+    NOTE: Function.apply is swapped for a timing wrapper only inside the block (every op is
+    called as `SomeOp.apply`, looked up on the class each time), so the engine's hot path pays
+    nothing when no profile runs. Ops applied inside another op's forward (activation
+    checkpointing's recomputation) count toward the outer op only.
+    """
+    original = Function.__dict__["apply"]
+    run, depth = original.__func__, [0]
+
+    def apply(cls, *inputs, **params):
+        depth[0] += 1
+        start = time.perf_counter()
+        try:
+            out = run(cls, *inputs, **params)
+        finally:
+            depth[0] -= 1
+        if depth[0] == 0:
+            on_op(cls, time.perf_counter() - start, out)
+        return out
+
+    Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        Function.apply = original
+
+
+# ---- printing ------------------------------------------------------------------------------------
+def format_table(header, rows):
+    """Left-aligned first column, right-aligned others, columns as wide as their widest cell."""
+    rows = [tuple(header)] + [tuple(r) for r in rows]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _ms(seconds):
+    return f"{seconds * 1e3:.3f}"
+
+
+def _mb(nbytes):
+    return f"{nbytes / 2**20:.3f}"
