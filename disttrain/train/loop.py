@@ -34,7 +34,6 @@ from pathlib import Path
 import disttrain as dt
 from disttrain.data import TBPTTIterator, batchify
 from disttrain.nn import functional as F
-from disttrain.nn.utils import clip_grad_norm_
 from disttrain import trace
 from disttrain.train import checkpoint as ckpt
 from disttrain.train.build import (build_corpus, build_model, build_optimizer, build_schedules,
@@ -42,7 +41,7 @@ from disttrain.train.build import (build_corpus, build_model, build_optimizer, b
 from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves
 from disttrain.train.progress import Progress
 from disttrain.tensor.memory import MemoryMeter
-from disttrain.train.strategy import LocalStrategy
+from disttrain.train.strategy import LocalStrategy, hook
 
 __all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "EVAL_BATCH_SIZE"]
 
@@ -101,7 +100,7 @@ class Trainer:
 
         dt.manual_seed(spec.train.seed)
         self.corpus = corpus if corpus is not None else build_corpus(spec)
-        self.model = build_model(spec, len(self.corpus.vocab)).to(self.device)
+        self.model = hook(self.strategy, "prepare_model")(build_model(spec, len(self.corpus.vocab)).to(self.device))
         self.params = list(self.model.parameters())
         self.optimizer = build_optimizer(spec, self.params)
         self.schedules = build_schedules(spec, self.optimizer)
@@ -126,31 +125,37 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self, inputs, targets):
         """One TBPTT segment: inputs, targets np.int64 (T, B). Returns (mean loss, grad norm before clipping)."""
-        x = dt.tensor(inputs, device=self.device)
-        y = dt.tensor(targets.reshape(-1), device=self.device)
-        # 1. forward from the carried state; loss = mean over the T*B tokens
-        with trace.span("forward"):
-            logits, (h, c) = self.model(x, self.hidden)
-            loss = F.cross_entropy(logits, y)
-        # 2. backward (of the per-sequence loss when the job asks for Zaremba's convention; logs stay per token)
+        # 1-2. forward from the carried state, loss, backward (a pipeline strategy runs them through its stages)
         self.optimizer.zero_grad()
-        with trace.span("backward"):
-            (loss * inputs.shape[0] if self.spec.optim.loss == "sum_over_time" else loss).backward()
+        loss, hidden = hook(self.strategy, "forward_backward")(self, inputs, targets)
         # 3. gradient synchronisation across processes (a no-op in local mode)
         self.strategy.sync_gradients(self.params)
         # 4. clip the global gradient norm (max_norm = inf only measures it)
         clip = self.spec.optim.clip_norm
         with trace.span("clip + optimizer step"):
-            grad_norm = clip_grad_norm_(self.params, clip if clip is not None else math.inf)
+            grad_norm = hook(self.strategy, "clip_grad_norm")(self.params, clip if clip is not None else math.inf)
             # 5. update, then the per-step LR schedule
             self.step_lr = self.optimizer.param_groups[0]["lr"]       # the lr this step uses (for the metrics)
             self.optimizer.step()
         if self.schedules.step is not None:
             self.schedules.step.step()
         # 6. carry the state into the next segment, cut from this segment's graph
-        self.hidden = (h.detach(), c.detach())
+        self.hidden = hidden
         self.step += 1
-        return loss.item(), grad_norm
+        return loss, grad_norm
+
+    def forward_backward(self, inputs, targets):
+        """Forward from the carried state, loss = cross-entropy mean over the T*B tokens, backward (of the
+        per-sequence loss when the job asks for Zaremba's convention; the returned loss stays per token).
+        Returns (loss as a float, the detached (h, c) to carry)."""
+        x = dt.tensor(inputs, device=self.device)
+        y = dt.tensor(targets.reshape(-1), device=self.device)
+        with trace.span("forward"):
+            logits, (h, c) = self.model(x, self.hidden)
+            loss = F.cross_entropy(logits, y)
+        with trace.span("backward"):
+            (loss * inputs.shape[0] if self.spec.optim.loss == "sum_over_time" else loss).backward()
+        return loss.item(), (h.detach(), c.detach())
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self):
@@ -257,13 +262,17 @@ class Trainer:
         try:
             with dt.no_grad():
                 for inputs, targets in segments:
-                    logits, hidden = self.model(dt.tensor(inputs, device=self.device), hidden)
-                    loss = F.cross_entropy(logits, dt.tensor(targets.reshape(-1), device=self.device))
-                    total += loss.item() * targets.size
+                    loss, hidden = hook(self.strategy, "eval_segment")(self, inputs, targets, hidden)
+                    total += loss * targets.size
                     tokens += targets.size
         finally:
             self.model.train(was_training)
         return EvalResult(split, total / tokens, tokens, self.step, time.perf_counter() - start)
+
+    def eval_segment(self, inputs, targets, hidden):
+        """(mean loss as a float, state) of one evaluation segment (called under no_grad)."""
+        logits, hidden = self.model(dt.tensor(inputs, device=self.device), hidden)
+        return F.cross_entropy(logits, dt.tensor(targets.reshape(-1), device=self.device)).item(), hidden
 
     def _evaluate_and_log(self, split):
         start = time.perf_counter()

@@ -3,17 +3,27 @@
 The Trainer calls a strategy at fixed points of every step and otherwise does not know how many processes
 take part:
 
+    model = hook(strategy, "prepare_model")(model)   # what this process trains (pipeline: its stage)
     streams = strategy.shard(streams)          # this process's columns of the (N, B) train streams
-    ... forward, loss, backward ...
+    loss, hidden = hook(strategy, "forward_backward")(trainer, inputs, targets)
     strategy.sync_gradients(params)            # e.g. wait for the bucketed allreduces of the gradients
-    ... clip, optimizer step ...
+    norm = hook(strategy, "clip_grad_norm")(params, max_norm)    # then the optimizer step
     value = strategy.reduce_mean(value)        # a float metric averaged over processes
     if strategy.is_main: log, plot, write checkpoints
 
-LocalStrategy is the one-process mode: every call is the identity.
+LocalStrategy is the one-process mode: every call is the identity. Its `prepare_model`, `forward_backward`,
+`clip_grad_norm` and `eval_segment` are also the defaults for strategies that do not define them (`hook`):
+only a strategy that splits the model itself (pipeline) replaces them.
 """
+from disttrain.nn.utils import clip_grad_norm_
 
-__all__ = ["LocalStrategy"]
+__all__ = ["LocalStrategy", "hook"]
+
+
+def hook(strategy, name):
+    """strategy.<name>, or LocalStrategy's when the strategy does not define it."""
+    method = getattr(strategy, name, None)
+    return method if method is not None else getattr(LocalStrategy(), name)
 
 
 class LocalStrategy:
@@ -45,3 +55,20 @@ class LocalStrategy:
 
     def barrier(self):
         """Wait until every process gets here."""
+
+    # ---- the model and the step (pipeline mode replaces these) ---------------------------------
+    def prepare_model(self, model):
+        """The module this process trains (before the optimizer is built): here the whole model."""
+        return model
+
+    def forward_backward(self, trainer, inputs, targets):
+        """Forward and backward of one segment: (mean loss as a float, carried state for the next segment)."""
+        return trainer.forward_backward(inputs, targets)
+
+    def clip_grad_norm(self, params, max_norm):
+        """Clip the global gradient norm to max_norm; returns the norm before clipping."""
+        return clip_grad_norm_(params, max_norm)
+
+    def eval_segment(self, trainer, inputs, targets, hidden):
+        """(mean loss as a float, state) of one evaluation segment under no_grad."""
+        return trainer.eval_segment(inputs, targets, hidden)
