@@ -367,11 +367,13 @@ class Trainer:
             self.progress = None
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self, hidden=None):
+    def checkpoint_state(self, hidden=None, model=None, optimizer_state=None):
         """(model arrays, other arrays, JSON metadata) of the current training state; `hidden`: the carried
-        (h, c) of all processes' streams (default: this process's)."""
-        model = {name: t.numpy() for name, t in self.model.state_dict().items()}
-        arrays, optim_json = ckpt.split_optimizer_state(self.optimizer.state_dict())
+        (h, c) of all processes' streams (default: this process's); `model`, `optimizer_state`: the whole
+        model's (default: this process's model and optimizer)."""
+        if model is None:
+            model = {name: t.numpy() for name, t in self.model.state_dict().items()}
+        arrays, optim_json = ckpt.split_optimizer_state(optimizer_state or self.optimizer.state_dict())
         if hidden is None and self.hidden is not None:
             hidden = tuple(t.numpy() for t in self.hidden)
         if hidden is not None:
@@ -401,11 +403,12 @@ class Trainer:
         """Write out_dir/checkpoint atomically (main process only); returns its path or None."""
         if self.out_dir is None:
             return None
-        # the carried state is per process (its B/N streams): every process takes part in gathering it
-        hidden = None if self.hidden is None else tuple(self.strategy.gather_batch(t.numpy()) for t in self.hidden)
+        # the carried state is per process (its B/N streams; pipeline: also per stage, as are the weights and
+        # optimizer buffers): every process takes part in gathering it
+        hidden, model, optimizer_state = hook(self.strategy, "gather_checkpoint")(self)
         if not self.strategy.is_main:
             return None
-        return ckpt.save_checkpoint(self.out_dir, *self.checkpoint_state(hidden))
+        return ckpt.save_checkpoint(self.out_dir, *self.checkpoint_state(hidden, model, optimizer_state))
 
     def restore(self, checkpoint):
         """Load a Checkpoint (from load_checkpoint) so that fit() continues exactly where it was written.
@@ -415,16 +418,14 @@ class Trainer:
         meta, where = checkpoint.meta, checkpoint.path
         self.load_weights(checkpoint)
         try:
-            self.optimizer.load_state_dict(ckpt.join_optimizer_state(checkpoint.arrays, meta["optimizer"]))
+            hook(self.strategy, "load_optimizer_state")(
+                self.optimizer, ckpt.join_optimizer_state(checkpoint.arrays, meta["optimizer"]))
             self.schedules.load_state_dict(meta["schedules"])
             self.train_iter.load_state_dict(meta["data"])
         except (ValueError, KeyError) as exc:
             raise ckpt.CheckpointError(f"{where}: does not fit this job: {exc}") from None
-        if "hidden.h" in checkpoint.arrays:
-            self.hidden = tuple(dt.tensor(self.strategy.shard_batch(checkpoint.arrays[f"hidden.{n}"]), device=self.device)
-                                for n in "hc")
-        else:
-            self.hidden = None
+        self.hidden = hook(self.strategy, "shard_hidden")(self, checkpoint.arrays.get("hidden.h"),
+                                                          checkpoint.arrays.get("hidden.c"))
         dt.set_rng_state(meta["rng"])
         self.step, self.epoch, self.finished = meta["step"], meta["epoch"], meta.get("finished", False)
         self.step_lr = meta.get("step_lr", self.step_lr)
@@ -443,7 +444,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"{where}: saved with a vocabulary of {meta['vocab_size']} entries, this "
                                        f"job's corpus has {len(self.corpus.vocab)}; is it the same data?")
         try:
-            self.model.load_state_dict(checkpoint.model)
+            hook(self.strategy, "load_model_state")(self.model, checkpoint.model)
         except RuntimeError as exc:
             raise ckpt.CheckpointError(f"{checkpoint.path / ckpt.MODEL_FILE}: does not fit this job's model: "
                                        f"{exc}") from None

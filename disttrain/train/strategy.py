@@ -15,6 +15,7 @@ LocalStrategy is the one-process mode: every call is the identity. Its `prepare_
 `clip_grad_norm` and `eval_segment` are also the defaults for strategies that do not define them (`hook`):
 only a strategy that splits the model itself (pipeline) replaces them.
 """
+import disttrain as dt
 from disttrain.nn.utils import clip_grad_norm_
 
 __all__ = ["LocalStrategy", "hook"]
@@ -72,3 +73,25 @@ class LocalStrategy:
     def eval_segment(self, trainer, inputs, targets, hidden):
         """(mean loss as a float, state) of one evaluation segment under no_grad."""
         return trainer.eval_segment(inputs, targets, hidden)
+
+    # ---- job checkpoints (pipeline mode replaces these) -----------------------------------------
+    def gather_checkpoint(self, trainer):
+        """(carried (h, c) of every stream as NumPy or None, the whole model's arrays or None = the trainer's,
+        the whole optimizer state or None = the trainer's), on the main process; a collective."""
+        if trainer.hidden is None:
+            return None, None, None
+        return tuple(trainer.strategy.gather_batch(t.numpy()) for t in trainer.hidden), None, None
+
+    def load_model_state(self, model, state):
+        """Load a whole model's state_dict (arrays by name) into this process's model."""
+        model.load_state_dict(state)
+
+    def load_optimizer_state(self, optimizer, state):
+        """Load a whole-model optimizer state_dict into this process's optimizer."""
+        optimizer.load_state_dict(state)
+
+    def shard_hidden(self, trainer, h, c):
+        """The carried state to continue from, given the checkpoint's (h, c) of every stream (None: zeros)."""
+        if h is None:
+            return None
+        return tuple(dt.tensor(trainer.strategy.shard_batch(a), device=trainer.device) for a in (h, c))
