@@ -7,32 +7,12 @@ import time
 import pytest
 
 from parallel_testing import HERE, needs_mpiexec, run_mpiexec
+from test_mpiexec_jobs import CLI_JOB
 
 pytestmark = [needs_mpiexec, pytest.mark.mpi_skip]
 
-JOB = """
-[model]
-hidden = 16
-layers = 2
-[data]
-kind = "chars"
-path = "{path}"
-batch_size = 4
-bptt = 8
-[optim]
-kind = "adam"
-lr = 0.01
-clip_norm = 1.0
-[train]
-max_steps = {steps}
-log_every = 2
-eval_every = 3
-checkpoint_every = 0
-[parallel]
-mode = "pipeline"
-stages = 2
-micro_batches = 2
-"""
+# the data-parallel CLI job (a 1-layer char LSTM: 3 blocks) as a 2-stage pipeline
+JOB = CLI_JOB.replace('mode = "data"\nbucket_mb = 0.002', 'mode = "pipeline"\nstages = 2\nmicro_batches = 2')
 
 
 @pytest.fixture
@@ -41,7 +21,7 @@ def job(tmp_path, make_text):
 
     def write(steps=6, name="tiny.toml"):
         path = tmp_path / name
-        path.write_text(JOB.format(path=tmp_path / "tiny.txt", steps=steps))
+        path.write_text(JOB.format(path=tmp_path / "tiny.txt").replace("max_steps = 6", f"max_steps = {steps}"))
         return path
     return write
 
