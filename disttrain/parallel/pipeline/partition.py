@@ -256,33 +256,35 @@ def partition(model, sample_input, stages, split_points=None, sample_state=None,
 
     Without split_points, the blocks are profiled on sample_input (and sample_state, the model's
     own state; loss_fn(y) -> scalar adds the loss to the last block; repeats and statistic as in
-    profile()) and balanced; `profiled`
-    (a Profile of this model) skips the measurement. split_points (block names or indices where
-    stages 1..K-1 start) override the balancer; sample_input may then be None (no costs shown).
+    profile()) and balanced; `profiled` (a Profile of this model) skips the measurement.
+    split_points (block names or indices where stages 1..K-1 start) override the balancer;
+    sample_input may then be None (no costs shown).
     """
     blocks = blocks_of(model)
     names = [name for name, _ in blocks]
     _check_stages(stages, len(names))
-    if split_points is not None:
-        bounds = bounds_from_split_points(split_points, names, stages)
+    if split_points is not None:  # checked before a profile is spent on them
+        bounds, chosen_by = bounds_from_split_points(split_points, names, stages), "split_points"
     if profiled is None and sample_input is not None:
         profiled = profile(blocks, sample_input, sample_state, repeats=repeats, loss_fn=loss_fn,
                            statistic=statistic)
     if profiled is not None and [b.name for b in profiled.blocks] != names:
         raise ValueError(f"partition: the profile's blocks {[b.name for b in profiled.blocks]} are not the "
                          f"model's {names}")
-    if split_points is None:
+    if split_points is None and stages == 1:
+        bounds, chosen_by = [0, len(names)], "one stage"
+    elif split_points is None:
         if profiled is None:
             raise ValueError("partition: without split_points a sample_input (or a profile) is needed to balance")
-        bounds = balance(profiled.costs(), stages, profiled.output_bytes(), bandwidth)
+        bounds, chosen_by = balance(profiled.costs(), stages, profiled.output_bytes(), bandwidth), "balancer"
     _check_no_parameter_spans_stages(blocks, bounds)
     return Partition(
         bounds=bounds, block_names=names,
         block_param_bytes=[sum(p.data.nbytes for p in b.parameters()) for _, b in blocks],
-        block_costs=profiled.costs() if profiled else None,
-        block_activation_bytes=[b.activation_bytes for b in profiled.blocks] if profiled else None,
-        block_output_bytes=profiled.output_bytes() if profiled else None,
-        bandwidth=bandwidth, chosen_by="balancer" if split_points is None else "split_points")
+        block_costs=None if profiled is None else profiled.costs(),
+        block_activation_bytes=None if profiled is None else [b.activation_bytes for b in profiled.blocks],
+        block_output_bytes=None if profiled is None else profiled.output_bytes(),
+        bandwidth=bandwidth, chosen_by=chosen_by)
 
 
 def _check_no_parameter_spans_stages(blocks, bounds):

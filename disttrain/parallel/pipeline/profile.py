@@ -12,6 +12,7 @@ block's backward stops at its own input, as it does at a stage boundary):
   3. timing: `repeats` rounds of forward + backward per block, the median (or min) of each kept.
 NOTE: profiling leaves no trace in the model: gradients and the random generators are restored.
 """
+import gc
 import statistics
 import time
 from collections import defaultdict
@@ -116,7 +117,8 @@ def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, sta
     with fork_rng(get_rng_state()), _grads_kept(params):
         activation = _measure_memory(blocks, sample_input, states, loss_fn)
         ops, outputs = _record_ops(blocks, sample_input, states)
-        times = [_time_chain(blocks, sample_input, states, loss_fn) for _ in range(repeats)]
+        with _gc_paused():  # as timeit does: a collection inside one block's timing is not its cost
+            times = [_time_chain(blocks, sample_input, states, loss_fn) for _ in range(repeats)]
     records = []
     for i, (name, block) in enumerate(blocks):
         y = outputs[i]
@@ -133,15 +135,16 @@ def _measure_memory(blocks, x, states, loss_fn):
     """Per block: bytes alive after its forward (graph + output) that were not alive before."""
     kept = []
     device = x.device if isinstance(x, Tensor) else "cpu"
-    for i, (_, block) in enumerate(blocks):
-        x = _block_input(x, i)
-        with MemoryMeter(device) as meter:
+    with MemoryMeter(device) as meter:  # one meter, reset per block: starting one scans every object
+        for i, (_, block) in enumerate(blocks):
+            x = _block_input(x, i)
+            meter.reset()
             y, _ = block(x, states[i])
             if loss_fn is not None and i == len(blocks) - 1:
                 y = loss_fn(y)
-        kept.append(max(0, meter.live_bytes - meter.start_bytes))
-        x = y
-        del y
+            kept.append(max(0, meter.live_bytes - meter.start_bytes))
+            x = y
+            del y  # else this graph would be freed inside the next block's measurement
     return kept
 
 
@@ -170,10 +173,13 @@ def _time_chain(blocks, x, states, loss_fn):
         y, _ = block(x, states[i])
         out = loss_fn(y) if loss_fn is not None and i == len(blocks) - 1 else y
         middle = _now(out)
+        for p in block.parameters():  # every round's backward writes fresh gradients, as after zero_grad
+            p.grad = None
         if out.requires_grad:
             out.backward(None if out.ndim == 0 else ones_like(out))
         times.append((middle - start, _now(out) - middle))
         x = y.detach()
+        del y, out  # freed here, not inside the next block's timing
     return times
 
 
@@ -191,6 +197,17 @@ def _now(t):
     if sync is not None:  # device work is asynchronous: wait for it before reading the clock
         sync()
     return time.perf_counter()
+
+
+@contextmanager
+def _gc_paused():
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @contextmanager
