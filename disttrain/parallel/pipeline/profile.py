@@ -116,17 +116,17 @@ def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, sta
     params = [p for _, b in blocks for p in b.parameters()]
     with fork_rng(get_rng_state()), _grads_kept(params):
         activation = _measure_memory(blocks, sample_input, states, loss_fn)
-        ops, outputs = _record_ops(blocks, sample_input, states)
+        ops, outputs = _record_ops(blocks, sample_input, states)  # (shape, bytes) per block
         with _gc_paused():  # as timeit does: a collection inside one block's timing is not its cost
             times = [_time_chain(blocks, sample_input, states, loss_fn) for _ in range(repeats)]
     records = []
     for i, (name, block) in enumerate(blocks):
-        y = outputs[i]
+        shape, nbytes = outputs[i]
         records.append(BlockRecord(
             name=name, forward_s=summary([t[i][0] for t in times]),
             backward_s=summary([t[i][1] for t in times]), activation_bytes=activation[i],
-            param_bytes=sum(p.data.nbytes for p in block.parameters()), output_bytes=y.data.nbytes,
-            output_shape=tuple(y.shape), ops=sum(1 for r in ops if r.block == name)))
+            param_bytes=sum(p.data.nbytes for p in block.parameters()), output_bytes=nbytes,
+            output_shape=shape, ops=sum(1 for r in ops if r.block == name)))
     return Profile(records, ops, repeats, statistic)
 
 
@@ -149,7 +149,7 @@ def _measure_memory(blocks, x, states, loss_fn):
 
 
 def _record_ops(blocks, x, states):
-    """One forward with every op recorded; returns the records and each block's output."""
+    """One forward with every op recorded; returns the records and each block's output (shape, bytes)."""
     records, outputs, where = [], [], [None]
 
     def on_op(cls, seconds, out):
@@ -160,7 +160,7 @@ def _record_ops(blocks, x, states):
         for i, (name, block) in enumerate(blocks):
             where[0] = name
             x, _ = block(_block_input(x, i), states[i])
-            outputs.append(x.detach())  # the shape and size are what is needed, not the graph
+            outputs.append((tuple(x.shape), x.data.nbytes))
     return records, outputs
 
 
