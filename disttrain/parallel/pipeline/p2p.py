@@ -20,6 +20,9 @@ it belongs to, which its receiver sent itself. Receives are posted early, all of
 receives in begin_step and each gradient receive when its activation is sent, so messages land while the
 stage computes.
 """
+import os
+import time
+
 import numpy as np
 
 from disttrain import trace
@@ -53,9 +56,12 @@ class StageLink:
     """Point-to-point channels of stage `stage` (0-based) of `stages`, over `comm` whose ranks are the stages.
 
     xp: the array module receive buffers are allocated with (numpy, or cupy for stages on a GPU).
+    poll_interval: None waits inside MPI (MPICH spins on its core: the lowest latency when every rank has a
+    core); seconds > 0 polls with sleeps in between instead, leaving the core to others when ranks share
+    cores (oversubscribed machines). Default from DISTTRAIN_PIPE_POLL (seconds), else None.
     """
 
-    def __init__(self, comm, stage, stages, xp=np):
+    def __init__(self, comm, stage, stages, xp=np, poll_interval=None):
         if comm.size != stages or comm.rank != stage:
             raise ValueError(f"StageLink: the pipe communicator must hold exactly the {stages} stages with rank = "
                              f"stage index; got rank {comm.rank} of {comm.size} for stage {stage}")
@@ -67,6 +73,9 @@ class StageLink:
         self._act_in = {}             # m -> (handle, buffer)
         self._grad_in = {}            # m -> (handle, buffer)
         self._sends = []              # (handle, buffer kept alive until sent)
+        if poll_interval is None and os.environ.get("DISTTRAIN_PIPE_POLL"):
+            poll_interval = float(os.environ["DISTTRAIN_PIPE_POLL"])
+        self.poll_interval = poll_interval
 
     # ---- step boundaries -------------------------------------------------------------------------
     def begin_step(self, keys):
@@ -86,7 +95,7 @@ class StageLink:
         """Wait for this step's sends (their buffers may be reused or freed afterwards)."""
         with trace.span("wait sends", lane="comm"):
             for handle, _ in self._sends:
-                handle.wait()
+                self._complete(handle)
         self._sends.clear()
         if self._act_in or self._grad_in:
             raise RuntimeError(f"pipeline stage {self.stage}: step ended with unconsumed messages "
@@ -126,8 +135,14 @@ class StageLink:
     def _wait(self, pending, m, what, peer):
         handle, buffer = pending.pop(m)
         with trace.span(what, lane="comm", micro_batch=m, peer=peer):
-            handle.wait()
+            self._complete(handle)
         return buffer
+
+    def _complete(self, handle):
+        if self.poll_interval:
+            while not handle.test():
+                time.sleep(self.poll_interval)
+        handle.wait()
 
     def _isend(self, array, dest, tag):
         self._sends.append((self.comm.Isend(array, dest=dest, tag=tag), array))
