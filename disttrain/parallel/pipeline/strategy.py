@@ -108,6 +108,7 @@ class PipelineStrategy:
             layout = self._partition(model).to_dict()
         self.partition = Partition.from_dict(self.comm.bcast_object(layout, root=0))
         self.stage_module = self.partition.build_stage(model, self.stage)
+        _release_other_stages(model, self.stage_module)
         self.link = StageLink(self.pipe, self.stage, self.stages, xp=_array_module(model))
         self.runtime = self._runtime(self.micro_batches, self.schedule)
         return self.stage_module
@@ -248,8 +249,12 @@ class PipelineStrategy:
         return merged, merged_scalars
 
     def load_model_state(self, model, state):
-        """Load the whole model's state_dict: the full model holds this stage's parameters (the same objects)."""
-        self.full_model.load_state_dict(state)
+        """Load this stage's entries of the whole model's state_dict."""
+        mine = list(self.stage_module.state_dict())
+        missing = [name for name in mine if name not in state]
+        if missing:
+            raise RuntimeError(f"missing entries for pipeline stage {self.stage}: {missing}")
+        self.stage_module.load_state_dict({name: state[name] for name in mine})
 
     def load_optimizer_state(self, optimizer, state):
         """The whole-model optimizer state (as gather_checkpoint writes it) cut to this stage's parameters."""
@@ -291,6 +296,16 @@ class PipelineStrategy:
 
     def close(self):
         pass
+
+
+def _release_other_stages(model, stage):
+    """Free the arrays of the parameters other stages own: this rank only ever reads its stage's, and the
+    whole model's names (all that the checkpoint code needs of it) stay."""
+    mine = {id(p) for p in stage.parameters()}
+    for p in model.parameters():
+        if id(p) not in mine:
+            p.data = p.backend.xp.empty((0,) * p.data.ndim, dtype=p.data.dtype)     # not a view: frees
+            p.grad = None
 
 
 def _one_group(state):
