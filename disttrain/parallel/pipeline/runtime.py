@@ -43,7 +43,6 @@ __all__ = ["PipelineRuntime", "StepResult", "split_micro_batches"]
 class StepResult:
     loss: object          # float on the last stage, None elsewhere
     states: list          # per micro-batch: this stage's per-block states (detached)
-    tokens: int           # elements the loss averaged over (the whole batch)
 
 
 def split_micro_batches(array, micro_batches, axis):
@@ -96,7 +95,7 @@ class PipelineRuntime:
         finally:
             self.link.end_step()
         loss = sum(step.losses) / M if self.last else None
-        return StepResult(loss, states, int(np.asarray(targets).size))
+        return StepResult(loss, states)
 
     def _forward(self, m, micro_inputs, micro_targets, keys, loss_fn, states, step):
         x = self._stage_input(m, micro_inputs[m], step)
