@@ -193,6 +193,13 @@ def test_profile_rejects_bad_settings():
         profile(small_lm(), dt.randint(0, 50, (2, 2)), repeats=0)
     with pytest.raises(ValueError, match="statistic must be one of"):
         profile(small_lm(), dt.randint(0, 50, (2, 2)), statistic="mean")
+    with pytest.raises(ValueError, match="clock must be one of"):
+        profile(small_lm(), dt.randint(0, 50, (2, 2)), clock="gpu")
+
+
+def test_profile_on_the_cpu_clock():
+    prof = profile(small_lm(), dt.randint(0, 50, (3, 2)), repeats=2, clock="cpu", statistic="min")
+    assert prof.clock == "cpu" and all(b.cost_s > 0 for b in prof.blocks)
 
 
 # ---- the balance target -------------------------------------------------------------------

@@ -251,12 +251,13 @@ class Partition:
 
 
 def partition(model, sample_input, stages, split_points=None, sample_state=None, *,
-              bandwidth=DEFAULT_BANDWIDTH, repeats=5, loss_fn=None, statistic="median", profiled=None):
+              bandwidth=DEFAULT_BANDWIDTH, repeats=5, loss_fn=None, statistic="median", clock="wall",
+              profiled=None):
     """Cut `model` into `stages` pipeline stages.
 
     Without split_points, the blocks are profiled on sample_input (and sample_state, the model's
-    own state; loss_fn(y) -> scalar adds the loss to the last block; repeats and statistic as in
-    profile()) and balanced; `profiled` (a Profile of this model) skips the measurement.
+    own state; loss_fn(y) -> scalar adds the loss to the last block; repeats, statistic and clock
+    as in profile()) and balanced; `profiled` (a Profile of this model) skips the measurement.
     split_points (block names or indices where stages 1..K-1 start) override the balancer;
     sample_input may then be None (no costs shown).
     """
@@ -267,7 +268,7 @@ def partition(model, sample_input, stages, split_points=None, sample_state=None,
         bounds, chosen_by = bounds_from_split_points(split_points, names, stages), "split_points"
     if profiled is None and sample_input is not None:
         profiled = profile(blocks, sample_input, sample_state, repeats=repeats, loss_fn=loss_fn,
-                           statistic=statistic)
+                           statistic=statistic, clock=clock)
     if profiled is not None and [b.name for b in profiled.blocks] != names:
         raise ValueError(f"partition: the profile's blocks {[b.name for b in profiled.blocks]} are not the "
                          f"model's {names}")

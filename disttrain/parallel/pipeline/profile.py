@@ -9,7 +9,8 @@ block's backward stops at its own input, as it does at a stage boundary):
   1. memory: a MemoryMeter around each block's forward gives the bytes its graph keeps for
      backward plus its output (`activation_bytes`);
   2. ops: every Function.apply in the forward is timed and recorded with the block it ran in;
-  3. timing: `repeats` rounds of forward + backward per block, the median (or min) of each kept.
+  3. timing: `repeats` rounds of all forwards, then all backwards in reverse (a step's order:
+     what each block finds in the caches is realistic); the median (or min) of each kept.
 NOTE: profiling leaves no trace in the model: gradients and the random generators are restored.
 """
 import gc
@@ -64,6 +65,7 @@ class Profile:
     ops: list = field(default_factory=list)
     repeats: int = 0
     statistic: str = "median"
+    clock: str = "wall"
 
     def costs(self):
         """Per block: forward + backward seconds."""
@@ -95,22 +97,28 @@ class Profile:
 
 
 _STATISTICS = {"median": statistics.median, "min": min}
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, statistic="median"):
+def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, statistic="median", clock="wall"):
     """Measure every block of `model` (a Module, or blocks_of(model)'s list) on `sample_input`.
 
     sample_state: the model's own state (what model.forward takes), split among its blocks.
     loss_fn(y) -> scalar, if given, is applied to the last block's output inside its timed
     forward and drives its backward (the last stage computes the loss); otherwise each block's
-    backward is seeded with ones. statistic: how the repeats' times are summarised, "median" or
-    "min" (steadier where other processes share the cores: interference only ever adds time).
+    backward is seeded with the gradient the next block sent back. statistic: how the repeats'
+    times are summarised, "median" or "min" (steadier where other processes share the cores:
+    interference only ever adds time). clock: "wall" (device work waited for), or "cpu" (this
+    process's CPU time: what the blocks cost a rank with a core of its own, even where more
+    processes than cores run; only for single-threaded CPU work, threads' times add up).
     """
     if repeats < 1:
         raise ValueError(f"profile: repeats must be >= 1, got {repeats}")
     if statistic not in _STATISTICS:
         raise ValueError(f"profile: statistic must be one of {sorted(_STATISTICS)}, got {statistic!r}")
-    summary = _STATISTICS[statistic]
+    if clock not in _CLOCKS:
+        raise ValueError(f"profile: clock must be one of {sorted(_CLOCKS)}, got {clock!r}")
+    summary, now = _STATISTICS[statistic], _CLOCKS[clock]
     blocks = blocks_of(model) if isinstance(model, Module) else list(model)
     states = split_state(blocks, sample_state)
     params = [p for _, b in blocks for p in b.parameters()]
@@ -118,7 +126,7 @@ def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, sta
         activation = _measure_memory(blocks, sample_input, states, loss_fn)
         ops, outputs = _record_ops(blocks, sample_input, states)  # (shape, bytes) per block
         with _gc_paused():  # as timeit does: a collection inside one block's timing is not its cost
-            times = [_time_chain(blocks, sample_input, states, loss_fn) for _ in range(repeats)]
+            times = [_time_chain(blocks, sample_input, states, loss_fn, now) for _ in range(repeats)]
     records = []
     for i, (name, block) in enumerate(blocks):
         shape, nbytes = outputs[i]
@@ -127,7 +135,7 @@ def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, sta
             backward_s=summary([t[i][1] for t in times]), activation_bytes=activation[i],
             param_bytes=sum(p.data.nbytes for p in block.parameters()), output_bytes=nbytes,
             output_shape=shape, ops=sum(1 for r in ops if r.block == name)))
-    return Profile(records, ops, repeats, statistic)
+    return Profile(records, ops, repeats, statistic, clock)
 
 
 # ---- the three passes ----------------------------------------------------------------------------
@@ -164,23 +172,38 @@ def _record_ops(blocks, x, states):
     return records, outputs
 
 
-def _time_chain(blocks, x, states, loss_fn):
-    """One round: (forward seconds, backward seconds) per block."""
-    times = []
+def _time_chain(blocks, x, states, loss_fn, now):
+    """One round as a training step runs it: every forward in order, then every backward in
+    reverse, block i's seeded with the gradient block i+1 sent back to its input (so caches and
+    gradient values are those of a real step). Returns (forward s, backward s) per block."""
+    n = len(blocks)
+    inputs, outputs, forward_s = [], [], []
     for i, (_, block) in enumerate(blocks):
         x = _block_input(x, i)
-        start = _now(x)
+        start = _synced(x, now)
         y, _ = block(x, states[i])
-        out = loss_fn(y) if loss_fn is not None and i == len(blocks) - 1 else y
-        middle = _now(out)
-        for p in block.parameters():  # every round's backward writes fresh gradients, as after zero_grad
+        if loss_fn is not None and i == n - 1:
+            y = loss_fn(y)
+        forward_s.append(_synced(y, now) - start)
+        inputs.append(x)
+        outputs.append(y)
+        x = y
+    del x, y
+    for _, block in blocks:  # fresh gradients, as after zero_grad
+        for p in block.parameters():
             p.grad = None
-        if out.requires_grad:
-            out.backward(None if out.ndim == 0 else ones_like(out))
-        times.append((middle - start, _now(out) - middle))
-        x = y.detach()
-        del y, out  # freed here, not inside the next block's timing
-    return times
+    backward_s = [0.0] * n
+    for i in reversed(range(n)):
+        out, outputs[i] = outputs[i], None  # freed once its backward ran, as in a real step
+        if not out.requires_grad:
+            continue
+        seed = inputs[i + 1].grad if i < n - 1 else None
+        if seed is None and out.ndim:
+            seed = ones_like(out)
+        start = _synced(out, now)
+        out.backward(seed)
+        backward_s[i] = _synced(out, now) - start
+    return list(zip(forward_s, backward_s))
 
 
 def _block_input(x, i):
@@ -192,11 +215,11 @@ def _block_input(x, i):
     return x.requires_grad_() if dtypes.is_floating(x.dtype) else x
 
 
-def _now(t):
+def _synced(t, now):
     sync = getattr(t.backend, "synchronize", None) if isinstance(t, Tensor) else None
     if sync is not None:  # device work is asynchronous: wait for it before reading the clock
         sync()
-    return time.perf_counter()
+    return now()
 
 
 @contextmanager
