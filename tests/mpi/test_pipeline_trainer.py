@@ -109,4 +109,11 @@ def test_resume_from_the_whole_model_checkpoint(job, mpi_tmp_path):
         got, want = weights(resumed), weights(straight)
         for name in want:
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+        # the checkpoint is a whole-model one: a local run resumes from it too (weights, Adam state, carried state)
+        local = Trainer(job("parallel.mode=local", "train.max_steps=6"), progress=False)
+        local.restore(checkpoint)
+        local.fit()
+        for name, value in weights(local).items():
+            if name in want:
+                np.testing.assert_allclose(value, want[name], rtol=1e-4, atol=1e-5, err_msg=name)
         comm.Barrier()
