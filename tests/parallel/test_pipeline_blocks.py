@@ -210,3 +210,13 @@ def test_pipeline_blocks_method_and_unsupported_models():
         blocks_of(nn.Sequential())
     with pytest.raises(ValueError, match="got 1 states for 2 blocks"):
         Stage(blocks)(dt.randn(1, 3), [None])
+
+
+def test_a_stage_inside_another_module_gets_its_prefix():
+    model = mlp()
+    holder = nn.Module()
+    holder.stage = Stage(blocks_of(model)[2:])
+    assert list(holder.state_dict()) == ["stage.2.weight", "stage.2.bias", "stage.4.weight", "stage.4.bias"]
+    assert [n for n, _ in holder.named_parameters()] == list(holder.state_dict())
+    holder.eval()
+    assert not model[4].training and model[0].training  # only the stage's blocks are switched
