@@ -92,10 +92,6 @@ class PipelineStrategy:
     def is_main(self):
         return self.comm.rank == 0
 
-    @property
-    def is_last_stage(self):
-        return self.stage == self.stages - 1
-
     def attach(self, model, optimizer=None):
         """Nothing to do: every rank built the model from the same seed, and prepare_model cut it."""
 
@@ -117,8 +113,10 @@ class PipelineStrategy:
         if self.split_points is not None or self.stages == 1:
             return partition(model, None, self.stages, split_points=self.split_points)
         streams = (self.batch_size or self.micro_batches) // self.replicas // self.micro_batches
-        sample = dt.tensor(np.zeros((self.bptt or 1, max(streams, 1)), dtype=np.int64), device=self.device)
-        return partition(model, sample, self.stages, repeats=3, statistic="min")
+        tokens = np.zeros((self.bptt or 1, max(streams, 1)), dtype=np.int64)
+        sample = dt.tensor(tokens, device=self.device)
+        with_loss = lambda logits: self._loss_fn(logits, tokens)      # noqa: E731  (the last stage's cost)
+        return partition(model, sample, self.stages, repeats=3, statistic="min", loss_fn=with_loss)
 
     def _runtime(self, micro_batches, schedule):
         return PipelineRuntime(self.stage_module, self.link, schedule=schedule, micro_batches=micro_batches,
