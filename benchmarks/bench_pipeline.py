@@ -7,7 +7,8 @@ Model: an MLP of K x `--layers` blocks Linear(width, width) + tanh (float32), cu
 rank, with a cross-entropy loss over `width` classes on the last stage; a batch of `--batch` rows. Per round,
 interleaved so that load from other processes hits both alike, each after a barrier:
   single     rank 0 runs forward + backward of the whole model on the whole batch (the others wait)
-  pipe M     every rank runs its stage's schedule over M micro-batches of batch / M rows
+  pipe M     every rank runs its stage's schedule over M micro-batches of batch / M rows, once per StageLink
+             progress variant ("thread": a thread keeps MPI moving the messages in flight; "none")
 Reported (medians over rounds):
   efficiency = pipe throughput / (single throughput x K), against the theory M / (M + K - 1) of equal stages
                with free communication; target: efficiency >= 0.85 x theory
@@ -77,26 +78,26 @@ def bubble_of(comm, tracer, seconds):
     return float(buf[0]) / comm.size
 
 
-def measure(args, comm, model, stage, link, x, y):
-    runtimes = {m: PipelineRuntime(stage, link, schedule=args.schedule, micro_batches=m, batch_axis=0)
-                for m in args.micro}
-    times = {"single": []}
-    times.update({m: [] for m in args.micro})
-    bubbles = {m: [] for m in args.micro}
+def measure(args, comm, model, stage, links, x, y):
+    """Median step seconds of "single" and of every (progress variant, M), and median bubbles."""
+    runtimes = {(variant, m): PipelineRuntime(stage, link, schedule=args.schedule, micro_batches=m, batch_axis=0)
+                for variant, link in links.items() for m in args.micro}
+    times = {key: [] for key in ["single", *runtimes]}
+    bubbles = {key: [] for key in runtimes}
     for r in range(args.warmup + args.rounds):
         seconds = timed(comm, lambda: single_step(comm, model, x, y))
         if r >= args.warmup:
             times["single"].append(seconds)
-        for m, runtime in runtimes.items():
+        for key, runtime in runtimes.items():
             tracer = trace.Tracer(rank=comm.rank)
             with trace.tracing(tracer):
                 seconds = timed(comm, lambda: pipe_step(runtime, stage, x, y))
             bubble = bubble_of(comm, tracer, seconds)
             if r >= args.warmup:
-                times[m].append(seconds)
-                bubbles[m].append(bubble)
+                times[key].append(seconds)
+                bubbles[key].append(bubble)
     return ({k: statistics.median(v) for k, v in times.items()},
-            {m: statistics.median(v) for m, v in bubbles.items()})
+            {k: statistics.median(v) for k, v in bubbles.items()})
 
 
 def write_trace(args, comm, stage, link, x, y):
@@ -146,37 +147,41 @@ def main():
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--progress", default="thread,none",
+                        help="StageLink progress variants measured side by side (the first is traced)")
     parser.add_argument("--trace", default=None)
     parser.add_argument("--png", default=None)
     args = parser.parse_args()
     args.micro = [int(m) for m in args.micro.split(",")]
+    args.progress = args.progress.split(",")
 
     comm = world()
     k = comm.size
     model = build(k * args.layers, args.width)
     blocks = blocks_of(model)
     stage = Stage(blocks[comm.rank * args.layers:(comm.rank + 1) * args.layers])
-    link = StageLink(comm.Dup(), comm.rank, k)
+    links = {variant: StageLink(comm.Dup(), comm.rank, k, progress=variant) for variant in args.progress}
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, args.width)).astype(np.float32)
     y = rng.integers(0, args.width, args.batch)
 
-    times, bubbles = measure(args, comm, model, stage, link, x, y)
+    times, bubbles = measure(args, comm, model, stage, links, x, y)
     if args.trace:
-        write_trace(args, comm, stage, link, x, y)
+        write_trace(args, comm, stage, links[args.progress[0]], x, y)
     if comm.rank != 0:
         return
     single = args.batch / times["single"]
     print(f"# {machine()}; {k} ranks (stages), {args.schedule}, MLP {k}x{args.layers} x Linear({args.width}) + "
           f"tanh, batch {args.batch}, float32, medians of {args.rounds} interleaved rounds")
     print(f"single process: {single:,.0f} rows/s (x K = {single * k:,.0f})")
-    print(f"{'M':>4} {'rows/s':>10} {'efficiency':>10} {'theory':>7} {'eff/theory':>10} {'bubble':>7} "
-          f"{'theory':>7}  target eff/theory >= 0.85")
-    for m in args.micro:
-        rate = args.batch / times[m]
+    print(f"{'progress':>8} {'M':>4} {'rows/s':>10} {'efficiency':>10} {'theory':>7} {'eff/theory':>10} "
+          f"{'bubble':>7} {'theory':>7}  target eff/theory >= 0.85")
+    for variant, m in bubbles:
+        rate = args.batch / times[variant, m]
         efficiency, theory = rate / (single * k), m / (m + k - 1)
-        print(f"{m:>4} {rate:>10,.0f} {efficiency:>10.3f} {theory:>7.3f} {efficiency / theory:>10.3f} "
-              f"{bubbles[m]:>7.3f} {(k - 1) / (m + k - 1):>7.3f}  {'ok' if efficiency >= 0.85 * theory else 'MISS'}")
+        print(f"{variant:>8} {m:>4} {rate:>10,.0f} {efficiency:>10.3f} {theory:>7.3f} {efficiency / theory:>10.3f} "
+              f"{bubbles[variant, m]:>7.3f} {(k - 1) / (m + k - 1):>7.3f}  "
+              f"{'ok' if efficiency >= 0.85 * theory else 'MISS'}")
     sys.stdout.flush()
 
 

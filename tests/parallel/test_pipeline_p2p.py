@@ -33,6 +33,9 @@ def test_micro_batches_are_column_groups():
 class _World:
     rank, size = 1, 3
 
+    def supports_threads(self):
+        return False
+
 
 def test_link_needs_rank_equal_to_stage():
     with pytest.raises(ValueError, match="rank = stage index; got rank 1 of 3 for stage 0"):

@@ -26,11 +26,13 @@ import time
 import numpy as np
 
 from disttrain import trace
+from disttrain.parallel.buckets import _Poller
 
 __all__ = ["StageLink", "HEADER_TAG", "encode_header", "decode_header"]
 
 HEADER_TAG = 32000              # MPI guarantees tags up to 32767; micro-batch tags stay below this
 _MAX_DIMS = 8
+_PROGRESS_INTERVAL = 1e-4
 _DTYPES = ("float32", "float64", "float16", "bfloat16", "int64", "int32")
 
 
@@ -59,9 +61,12 @@ class StageLink:
     poll_interval: None waits inside MPI (MPICH spins on its core: the lowest latency when every rank has a
     core); seconds > 0 polls with sleeps in between instead, leaving the core to others when ranks share
     cores (oversubscribed machines). Default from DISTTRAIN_PIPE_POLL (seconds), else None.
+    progress: "thread" tests the messages in flight every 100 us from a thread (as the data-parallel
+    reducer does): MPI moves a large message only while both ends call into it, so without the thread an
+    activation sent before a long forward would wait for that forward to end. "none": only waits progress.
     """
 
-    def __init__(self, comm, stage, stages, xp=np, poll_interval=None):
+    def __init__(self, comm, stage, stages, xp=np, poll_interval=None, progress="thread"):
         if comm.size != stages or comm.rank != stage:
             raise ValueError(f"StageLink: the pipe communicator must hold exactly the {stages} stages with rank = "
                              f"stage index; got rank {comm.rank} of {comm.size} for stage {stage}")
@@ -76,6 +81,8 @@ class StageLink:
         if poll_interval is None and os.environ.get("DISTTRAIN_PIPE_POLL"):
             poll_interval = float(os.environ["DISTTRAIN_PIPE_POLL"])
         self.poll_interval = poll_interval
+        use_thread = progress == "thread" and stages > 1 and comm.supports_threads()
+        self._poller = _Poller(_PROGRESS_INTERVAL) if use_thread else None
 
     # ---- step boundaries -------------------------------------------------------------------------
     def begin_step(self, keys):
@@ -128,9 +135,20 @@ class StageLink:
             self._isend(self.xp.ascontiguousarray(array), self.prev, m)
 
     # ---- internals -------------------------------------------------------------------------------
+    def close(self):
+        """Stop the progress thread (the link cannot be used afterwards)."""
+        if self._poller is not None:
+            self._poller.stop()
+            self._poller = None
+
+    def _watched(self, handle):
+        if self._poller is not None:
+            self._poller.watch(handle)
+        return handle
+
     def _post_receive(self, shape, dtype, source, tag):
         buffer = self.xp.empty(shape, dtype=dtype)
-        return self.comm.Irecv(buffer, source=source, tag=tag), buffer
+        return self._watched(self.comm.Irecv(buffer, source=source, tag=tag)), buffer
 
     def _wait(self, pending, m, what, peer):
         handle, buffer = pending.pop(m)
@@ -145,4 +163,4 @@ class StageLink:
         handle.wait()
 
     def _isend(self, array, dest, tag):
-        self._sends.append((self.comm.Isend(array, dest=dest, tag=tag), array))
+        self._sends.append((self._watched(self.comm.Isend(array, dest=dest, tag=tag)), array))
