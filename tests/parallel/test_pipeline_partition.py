@@ -174,6 +174,7 @@ def test_profile_records_are_sane_and_leave_no_trace():
     assert len(cells) == 2 * steps and {r.block for r in cells} == {"lstm.l0", "lstm.l1"}
     assert all(r.output_bytes == 2 * batch * 16 * 4 for r in cells)  # (h, c) per step
     assert sum(b.ops for b in prof.blocks) == len(prof.ops) and all(r.forward_s >= 0 for r in prof.ops)
+    assert "CrossEntropy" in {r.op for r in prof.ops if r.block == "decoder"}  # the loss counts with its block
     table = prof.table()
     assert "lstm.l1" in table and "total" in table and "LSTMCell" in table
 

@@ -124,7 +124,7 @@ def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, sta
     params = [p for _, b in blocks for p in b.parameters()]
     with fork_rng(get_rng_state()), _grads_kept(params):
         activation = _measure_memory(blocks, sample_input, states, loss_fn)
-        ops, outputs = _record_ops(blocks, sample_input, states)  # (shape, bytes) per block
+        ops, outputs = _record_ops(blocks, sample_input, states, loss_fn)  # (shape, bytes) per block
         with _gc_paused():  # as timeit does: a collection inside one block's timing is not its cost
             times = [_time_chain(blocks, sample_input, states, loss_fn, now) for _ in range(repeats)]
     records = []
@@ -156,8 +156,9 @@ def _measure_memory(blocks, x, states, loss_fn):
     return kept
 
 
-def _record_ops(blocks, x, states):
-    """One forward with every op recorded; returns the records and each block's output (shape, bytes)."""
+def _record_ops(blocks, x, states, loss_fn):
+    """One forward with every op recorded (the loss's with the last block's); returns the records and
+    each block's output (shape, bytes)."""
     records, outputs, where = [], [], [None]
 
     def on_op(cls, seconds, out):
@@ -169,6 +170,8 @@ def _record_ops(blocks, x, states):
             where[0] = name
             x, _ = block(_block_input(x, i), states[i])
             outputs.append((tuple(x.shape), x.data.nbytes))
+        if loss_fn is not None:
+            loss_fn(x)
     return records, outputs
 
 
