@@ -85,16 +85,22 @@ def test_lstm_lm_stages_in_a_row_with_a_carried_state_and_recurrent_checkpointin
         np.testing.assert_array_equal(got[2][name], want[2][name], err_msg=name)
 
 
-def test_mlp_blocks_compose_to_the_model_bit_for_bit():
-    model = mlp()
+def cnn(dtype="float64"):
+    dt.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 3)).to(dtype=dtype)
+
+
+@pytest.mark.parametrize("build, input_shape", [(mlp, (4, 5)), (cnn, (2, 1, 8, 8))])
+def test_sequential_blocks_compose_to_the_model_bit_for_bit(build, input_shape):
+    model = build()
     dt.manual_seed(2)
-    x = dt.randn(4, 5, dtype="float64")
+    x = dt.randn(*input_shape, dtype="float64")
     blocks = blocks_of(model)
     assert [name for name, _ in blocks] == ["0", "1", "2", "3", "4"]
     assert all(isinstance(b, ModuleBlock) for _, b in blocks)
     model(x).sum().backward()
-    want = grads(model)
-    want_y = model(x).numpy()
+    want, want_y = grads(model), model(x).numpy()
     model.zero_grad()
     y, states = Stage(blocks[3:])(Stage(blocks[:3])(x)[0])
     y.sum().backward()
