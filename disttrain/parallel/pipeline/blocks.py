@@ -41,13 +41,17 @@ class ModuleBlock(Block):
 
 
 class _LanguageModelPart(ModuleBlock):
-    """The model's module named `part`, plus the model's dropout rate."""
+    """The model's module named `part`, with the model's dropout rate (read at each forward)."""
 
     part = None
 
     def __init__(self, model):
         super().__init__(self.part, getattr(model, self.part))
-        object.__setattr__(self, "p", model.dropout)
+        object.__setattr__(self, "owner", model)  # not registered: only `part` is this block's
+
+    @property
+    def p(self):
+        return self.owner.dropout
 
 
 class EmbeddingBlock(_LanguageModelPart):
