@@ -1,6 +1,6 @@
 """Pipeline efficiency: a K-stage pipelined step against K x the one-process step, for several micro-batch counts.
 
-    mpiexec -n 2 .venv/bin/python benchmarks/bench_pipeline.py [--micro 1,2,4,8,16] [--schedule 1f1b]
+    mpiexec -n 2 .venv/bin/python benchmarks/bench_pipeline.py [--micro 1,2,4,8] [--schedule 1f1b]
             [--trace benchmarks/pipeline.trace.json --png benchmarks/pipeline_timeline.png]
 
 Model: an MLP of K x `--layers` blocks Linear(width, width) + tanh (float32), cut into K equal stages, one per
@@ -14,6 +14,9 @@ Reported (medians over rounds):
                with free communication; target: efficiency >= 0.85 x theory
   bubble     = 1 - (forward + backward span time) / step time, per rank from the trace spans, mean over ranks
                (the theory's bubble is (K - 1) / (M + K - 1))
+  slowdown   = the busiest stage's forward + backward seconds / (single step seconds / K): how much slower the
+               stages compute in the pipeline than their share of the one-process step (micro-batch GEMMs,
+               per-micro-batch Python overhead, and cores shared with the other ranks and processes)
 The trace file (Chrome JSON) and the PNG timeline show one pipelined step at the largest M.
 """
 import argparse
@@ -71,11 +74,12 @@ def pipe_step(runtime, stage, x, y):
 
 
 def bubble_of(comm, tracer, seconds):
-    """1 - compute span time / step time on this rank, averaged over ranks."""
+    """(1 - compute span time / step time averaged over ranks, the busiest rank's compute seconds)."""
     busy = sum(end - begin for name, _, begin, end, _ in tracer.spans if name in COMPUTE)
-    buf = np.array([1.0 - busy / seconds])
-    comm.Allreduce(buf)
-    return float(buf[0]) / comm.size
+    idle = np.array([1.0 - busy / seconds])
+    comm.Allreduce(idle)
+    busiest = comm.Allreduce(np.array([busy]), op="max")
+    return float(idle[0]) / comm.size, float(busiest[0])
 
 
 def measure(args, comm, model, stage, links, x, y):
@@ -84,6 +88,7 @@ def measure(args, comm, model, stage, links, x, y):
                 for variant, link in links.items() for m in args.micro}
     times = {key: [] for key in ["single", *runtimes]}
     bubbles = {key: [] for key in runtimes}
+    busiest = {key: [] for key in runtimes}
     for r in range(args.warmup + args.rounds):
         seconds = timed(comm, lambda: single_step(comm, model, x, y))
         if r >= args.warmup:
@@ -92,12 +97,13 @@ def measure(args, comm, model, stage, links, x, y):
             tracer = trace.Tracer(rank=comm.rank)
             with trace.tracing(tracer):
                 seconds = timed(comm, lambda: pipe_step(runtime, stage, x, y))
-            bubble = bubble_of(comm, tracer, seconds)
+            bubble, busy = bubble_of(comm, tracer, seconds)
             if r >= args.warmup:
                 times[key].append(seconds)
                 bubbles[key].append(bubble)
-    return ({k: statistics.median(v) for k, v in times.items()},
-            {k: statistics.median(v) for k, v in bubbles.items()})
+                busiest[key].append(busy)
+    median = lambda table: {k: statistics.median(v) for k, v in table.items()}     # noqa: E731
+    return median(times), median(bubbles), median(busiest)
 
 
 def write_trace(args, comm, stage, link, x, y):
@@ -140,14 +146,14 @@ def plot_timeline(trace_path, png, title):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--layers", type=int, default=4, help="Linear+tanh blocks per stage")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--micro", default="1,2,4,8,16")
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--micro", default="1,2,4,8")
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--progress", default="thread,none",
+    parser.add_argument("--progress", default="none,thread",
                         help="StageLink progress variants measured side by side (the first is traced)")
     parser.add_argument("--trace", default=None)
     parser.add_argument("--png", default=None)
@@ -165,7 +171,7 @@ def main():
     x = rng.standard_normal((args.batch, args.width)).astype(np.float32)
     y = rng.integers(0, args.width, args.batch)
 
-    times, bubbles = measure(args, comm, model, stage, links, x, y)
+    times, bubbles, busiest = measure(args, comm, model, stage, links, x, y)
     if args.trace:
         write_trace(args, comm, stage, links[args.progress[0]], x, y)
     if comm.rank != 0:
@@ -175,12 +181,13 @@ def main():
           f"tanh, batch {args.batch}, float32, medians of {args.rounds} interleaved rounds")
     print(f"single process: {single:,.0f} rows/s (x K = {single * k:,.0f})")
     print(f"{'progress':>8} {'M':>4} {'rows/s':>10} {'efficiency':>10} {'theory':>7} {'eff/theory':>10} "
-          f"{'bubble':>7} {'theory':>7}  target eff/theory >= 0.85")
+          f"{'bubble':>7} {'theory':>7} {'slowdown':>8}  target eff/theory >= 0.85")
     for variant, m in bubbles:
         rate = args.batch / times[variant, m]
         efficiency, theory = rate / (single * k), m / (m + k - 1)
         print(f"{variant:>8} {m:>4} {rate:>10,.0f} {efficiency:>10.3f} {theory:>7.3f} {efficiency / theory:>10.3f} "
-              f"{bubbles[variant, m]:>7.3f} {(k - 1) / (m + k - 1):>7.3f}  "
+              f"{bubbles[variant, m]:>7.3f} {(k - 1) / (m + k - 1):>7.3f} "
+              f"{busiest[variant, m] / (times['single'] / k):>8.2f}  "
               f"{'ok' if efficiency >= 0.85 * theory else 'MISS'}")
     sys.stdout.flush()
 

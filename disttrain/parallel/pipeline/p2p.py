@@ -61,12 +61,14 @@ class StageLink:
     poll_interval: None waits inside MPI (MPICH spins on its core: the lowest latency when every rank has a
     core); seconds > 0 polls with sleeps in between instead, leaving the core to others when ranks share
     cores (oversubscribed machines). Default from DISTTRAIN_PIPE_POLL (seconds), else None.
-    progress: "thread" tests the messages in flight every 100 us from a thread (as the data-parallel
-    reducer does): MPI moves a large message only while both ends call into it, so without the thread an
-    activation sent before a long forward would wait for that forward to end. "none": only waits progress.
+    progress: "none" (default): MPI moves messages when this stage sends or waits; "thread" also tests the
+    messages in flight every 100 us from a thread (as the data-parallel reducer does), so that a large
+    activation sent before a long forward need not wait for that forward to end. Measured on 2 shared cores
+    (benchmarks/bench_pipeline.py) the thread cost more (GIL hand-offs) than it saved; it may pay across
+    machines or with spare cores.
     """
 
-    def __init__(self, comm, stage, stages, xp=np, poll_interval=None, progress="thread"):
+    def __init__(self, comm, stage, stages, xp=np, poll_interval=None, progress="none"):
         if comm.size != stages or comm.rank != stage:
             raise ValueError(f"StageLink: the pipe communicator must hold exactly the {stages} stages with rank = "
                              f"stage index; got rank {comm.rank} of {comm.size} for stage {stage}")
