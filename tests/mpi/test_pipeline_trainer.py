@@ -61,15 +61,16 @@ def weights(trainer):
     return {name: t.numpy().copy() for name, t in trainer.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
-def test_trainer_pipeline_equals_local(job, schedule):
+@pytest.mark.parametrize("schedule,recompute", [("1f1b", False), ("gpipe", True)])
+def test_trainer_pipeline_equals_local(job, schedule, recompute):
     local_spec = job("parallel.mode=local")
     local = Trainer(local_spec, progress=False)
     local_losses = [local.train_step(x, y)[0] for x, y in _segments(local, 5)]
     local_valid = local.evaluate("valid").loss
     want = weights(local)
     for stages in layouts():
-        spec = job(f"parallel.stages={stages}", f"parallel.schedule={schedule}")
+        spec = job(f"parallel.stages={stages}", f"parallel.schedule={schedule}",
+                   f"parallel.stage_checkpointing={str(recompute).lower()}")
         trainer = pipeline_trainer(spec)
         losses = [trainer.train_step(x, y)[0] for x, y in _segments(trainer, 5)]
         valid = trainer.evaluate("valid").loss
