@@ -1,7 +1,8 @@
 """The first N training losses of a job, in its own mode (under mpiexec) or locally, for comparing curves.
 
     mpiexec -n 2 .venv/bin/python benchmarks/pipeline_loss_curve.py jobs/ptb_small_pipeline.toml 60 pp.json
-    .venv/bin/python benchmarks/pipeline_loss_curve.py jobs/ptb_small_pipeline.toml 60 local.json --local
+    .venv/bin/python benchmarks/pipeline_loss_curve.py jobs/ptb_small_pipeline.toml 60 local.json --mode local
+    mpiexec -n 2 .venv/bin/python benchmarks/pipeline_loss_curve.py jobs/ptb_small_pipeline.toml 60 dp.json --mode data
     .venv/bin/python benchmarks/pipeline_loss_curve.py --compare pp.json local.json
 
 Losses are the Trainer's per-step train losses (the global batch's token mean), written by rank 0 as JSON.
@@ -12,12 +13,12 @@ import json
 import numpy as np
 
 
-def record(job, steps, out, local):
+def record(job, steps, out, mode):
     from disttrain.parallel.launch import strategy_for
     from disttrain.train import Trainer
     from disttrain.train.jobspec import load_job
 
-    spec = load_job(job, ["parallel.mode=local"] if local else [])
+    spec = load_job(job, [f"parallel.mode={mode}"] if mode else [])
     trainer = Trainer(spec, strategy=strategy_for(spec), progress=False)
     losses = []
     for inputs, targets in trainer.train_iter:
@@ -40,10 +41,10 @@ def compare(a_path, b_path):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="*")
-    parser.add_argument("--local", action="store_true", help="run the job in local mode")
+    parser.add_argument("--mode", default=None, help="run the job in this [parallel] mode (default: the job's)")
     parser.add_argument("--compare", action="store_true", help="compare two recorded JSON files")
     args = parser.parse_args()
     if args.compare:
         compare(*args.paths)
     else:
-        record(args.paths[0], int(args.paths[1]), args.paths[2], args.local)
+        record(args.paths[0], int(args.paths[1]), args.paths[2], args.mode)
