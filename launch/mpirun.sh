@@ -7,7 +7,8 @@
 # Runs `disttrain run JOB --set parallel.mode=data ...` under mpiexec: the project venv's (the `mpich` wheel,
 # one machine) unless MPIEXEC names another (the cluster's MPI, with mpi4py built against it). Each rank gets
 # cores-per-node / ranks-per-node BLAS threads unless OMP_NUM_THREADS is set. Extra mpiexec options: MPIEXEC_ARGS.
-# The global batch [data] batch_size must be divisible by N.
+# The global batch [data] batch_size must be divisible by N. Pipeline mode: add --set parallel.mode=pipeline
+# (a later --set wins; docs/RUNNING_MPI.md), e.g. launch/mpirun.sh -n 2 jobs/ptb_small_pipeline.toml --set parallel.mode=pipeline
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${DISTTRAIN_PYTHON:-$root/.venv/bin/python}"

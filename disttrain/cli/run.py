@@ -20,9 +20,9 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 def _load_spec(args, command):
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     spec = load_job(args.job, overrides)
-    if spec.parallel.mode not in ("local", "data"):
+    if spec.parallel.mode not in ("local", "data", "pipeline"):
         raise JobSpecError(f'{spec.source}: [parallel] mode = "{spec.parallel.mode}": `disttrain {command}` runs '
-                           f'local and data-parallel mode here; expected "local" or "data"')
+                           f'local, data-parallel and pipeline mode here; expected "local", "data" or "pipeline"')
     if spec.train.device == "cuda":
         from disttrain.tensor.backend import get_backend
 

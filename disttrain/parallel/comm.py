@@ -3,7 +3,8 @@
     comm = world()                       # MPI_COMM_WORLD (MPI starts on the first call, not at import)
     comm.Allreduce(grads)                # in place, buffer-based
     handle = comm.Iallreduce(bucket)     # non-blocking; handle.test() / handle.wait()
-    rows = comm.Split(color=comm.rank // 4)   # sub-communicators (pipeline x data later)
+    rows = comm.Split(color=comm.rank // 4)   # sub-communicators (pipeline x data)
+    comm.Isend(activations, dest=1, tag=3)    # point-to-point between pipeline stages (Handle as above)
 
 Methods named after MPI calls take array buffers and use mpi4py's upper-case, buffer-based calls (no
 object serialisation): these are the ones on hot paths. The few `*_object` methods use mpi4py's lower-case
@@ -232,6 +233,37 @@ class Communicator:
         finish()
         return recvbuf
 
+    # ---- point-to-point (pipeline stages) -------------------------------------------------------
+    def Send(self, buf, dest, tag=0):
+        """Send `buf` to rank `dest` (blocking until the buffer may be reused)."""
+        send, sent = self._prepare(buf, copy_out=False)
+        with _LOCK:
+            self._comm.Send(send, dest=int(dest), tag=int(tag))
+        sent()
+
+    def Recv(self, buf, source, tag=0):
+        """Receive into `buf` (its shape and dtype must match the message) from rank `source`; returns buf."""
+        target, finish = self._prepare(buf, copy_in=False)
+        with _LOCK:
+            self._comm.Recv(target, source=int(source), tag=int(tag))
+        finish()
+        return buf
+
+    def Isend(self, buf, dest, tag=0):
+        """Start sending `buf` to rank `dest`; returns a Handle. `buf` must not change until it completes."""
+        send, sent = self._prepare(buf, copy_out=False)
+        with _LOCK:
+            request = self._comm.Isend(send, dest=int(dest), tag=int(tag))
+        return Handle(request, sent)
+
+    def Irecv(self, buf, source, tag=0):
+        """Start receiving into `buf` from rank `source`; returns a Handle (buf holds the message after
+        wait(); a device array is filled from its host staging buffer then)."""
+        target, finish = self._prepare(buf, copy_in=False)
+        with _LOCK:
+            request = self._comm.Irecv(target, source=int(source), tag=int(tag))
+        return Handle(request, finish)
+
     # ---- pickled objects (setup, error reports, end of run: never on hot paths) --------------
     def allgather_object(self, obj):
         with _LOCK:
@@ -304,6 +336,14 @@ def _op(name):
     if name not in ops:
         raise ValueError(f"unknown reduction {name!r}; expected one of {sorted(ops)}")
     return ops[name]
+
+
+def any_rank(comm, flag):
+    """True on every rank of `comm` when `flag` is true on some rank (one 4-byte Allreduce, max): e.g. a stop
+    request that only one rank received, so that all of them stop after the same step."""
+    buf = np.array([1 if flag else 0], dtype=np.int32)
+    comm.Allreduce(buf, op="max")
+    return bool(buf[0])
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """What `disttrain run` needs to run a job under mpirun: the strategy for the job's mode and the run context.
 
-    strategy = strategy_for(spec)                  # DataParallelStrategy for [parallel] mode = "data", else None
+    strategy = strategy_for(spec)      # DataParallelStrategy ("data"), PipelineStrategy ("pipeline"), else None
     trainer = Trainer(spec, out_dir=out, strategy=strategy)
     if strategy is not None:
         strategy.attach(trainer.model, trainer.optimizer)
@@ -29,11 +29,30 @@ def strategy_for(spec):
     if spec.parallel.mode == "local" and launched_size() > 1:
         raise JobSpecError(f'{spec.source}: [parallel] mode = "local" but {launched_size()} processes were '
                            f'launched; set mode = "data" (--set parallel.mode=data) or run one process')
+    if spec.parallel.mode == "pipeline":
+        return _pipeline_strategy(spec)
     if spec.parallel.mode != "data":
         return None
     from disttrain.parallel.strategy import DataParallelStrategy
 
     return DataParallelStrategy(world(), bucket_mb=spec.parallel.bucket_mb)
+
+
+def _pipeline_strategy(spec):
+    """PipelineStrategy for the job, after checking the launched world fits [parallel] stages and the batch."""
+    stages, size, batch = spec.parallel.stages, launched_size(), spec.data.batch_size
+    if size % stages:
+        raise JobSpecError(f"{spec.source}: [parallel] stages = {stages} but {size} processes were launched; "
+                           f"expected a world size that is a multiple of the stages (mpirun -n {stages} for one "
+                           f"pipeline, -n {2 * stages} for two data-parallel replicas)")
+    replicas = size // stages
+    if batch % replicas or (batch // replicas) % spec.parallel.micro_batches:
+        raise JobSpecError(f"{spec.source}: [parallel] micro_batches = {spec.parallel.micro_batches}: expected a "
+                           f"divisor of the {batch / replicas:g} streams each of the {replicas} replicas trains on "
+                           f"([data] batch_size = {batch} / {replicas})")
+    from disttrain.parallel.pipeline.strategy import PipelineStrategy
+
+    return PipelineStrategy.from_spec(spec, world())
 
 
 def launched_size():

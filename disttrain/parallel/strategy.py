@@ -16,14 +16,15 @@ import numpy as np
 
 from disttrain.data.batching import shard_streams
 from disttrain import trace
-from disttrain.parallel.comm import world
+from disttrain.parallel.comm import any_rank, world
 from disttrain.parallel.data_parallel import DataParallel, broadcast_tensors, verify_same_model
 from disttrain.parallel.buckets import Reducer
+from disttrain.train.strategy import LocalStrategy
 
 __all__ = ["DataParallelStrategy"]
 
 
-class DataParallelStrategy:
+class DataParallelStrategy(LocalStrategy):
     """Data parallelism for the Trainer: same interface as LocalStrategy."""
 
     name = "data"
@@ -86,10 +87,8 @@ class DataParallelStrategy:
         return buf.tolist()
 
     def any(self, flag):
-        """True on every rank when `flag` is true on some rank (one 4-byte Allreduce, max)."""
-        buf = np.array([1 if flag else 0], dtype=np.int32)
-        self.comm.Allreduce(buf, op="max")
-        return bool(buf[0])
+        """True on every rank when `flag` is true on some rank."""
+        return any_rank(self.comm, flag)
 
     def shard_eval(self, streams):
         """This rank's near-equal share of the (N, B) evaluation stream columns; B need not divide by the ranks

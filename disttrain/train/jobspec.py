@@ -147,6 +147,18 @@ class Choice:
         raise _Mismatch(f" (did you mean {_toml_value(close[0])}?)" if close else "")
 
 
+class SplitPoints:
+    """A list of block names (strings) or block indices (ints >= 1), at least one: where stages 1..K-1 start."""
+    expected = 'a non-empty list of block names or indices (e.g. ["lstm.l1"] or [2])'
+
+    def check(self, value):
+        if not isinstance(value, list) or not value or not all(
+                (isinstance(v, str) and v) or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+                for v in value):
+            raise _Mismatch()
+        return value
+
+
 class AnyOf:
     """The first alternative that accepts the value: AnyOf(Choice("epoch"), Int(gt=0))."""
 
@@ -260,6 +272,13 @@ SCHEMA = {
     "parallel": (
         Field("mode", Choice("local", "data", "pipeline", "ps"), "local", "how training is distributed"),
         Field("bucket_mb", Float(gt=0), 25.0, "gradient-bucket size for data-parallel allreduce, in MiB"),
+        Field("stages", _POS, 2, "pipeline: stages per model replica (the world size must be a multiple)"),
+        Field("micro_batches", _POS, 4, "pipeline: micro-batches per step (must divide the per-replica batch)"),
+        Field("schedule", Choice("1f1b", "gpipe"), "1f1b",
+              "pipeline: all forwards then all backwards (gpipe) or one-forward-one-backward (1f1b)"),
+        Field("split_points", SplitPoints(), None,
+              "pipeline: blocks where stages 1..K-1 start, overriding the balancer (unset = balanced)"),
+        Field("stage_checkpointing", Bool(), False, "pipeline: recompute each stage's activations in backward"),
     ),
     "ps": (   # parameter-server mode (disttrain/paramserver, docs/PARAMSERVER.md)
         Field("servers", _POS, 1, "parameter-server processes (each owns a share of every large tensor)"),
@@ -492,9 +511,28 @@ def _build(data, overrides, source):
                 continue
             out[f.name] = default
 
+    if not errors:
+        errors += _pipeline_problems(resolved, origins, source)
     if errors:
         raise JobSpecError("\n".join(errors), errors)
     return JobSpec(resolved, source)
+
+
+def _pipeline_problems(resolved, origins, source):
+    """Checks across keys of a pipeline job (the world size is checked at launch, when it is known)."""
+    p, batch = resolved["parallel"], resolved["data"]["batch_size"]
+    if p["mode"] != "pipeline":
+        return []
+    where = lambda section, key: origins.get((section, key), source)   # noqa: E731
+    problems = []
+    if batch % p["micro_batches"]:
+        problems.append(f"{where('parallel', 'micro_batches')}: [parallel] micro_batches = {p['micro_batches']}: "
+                        f"expected a divisor of [data] batch_size = {batch} (each micro-batch is a share of the "
+                        f"streams)")
+    if p["split_points"] is not None and len(p["split_points"]) != p["stages"] - 1:
+        problems.append(f"{where('parallel', 'split_points')}: [parallel] split_points = "
+                        f"{_toml_value(p['split_points'])}: expected stages - 1 = {p['stages'] - 1} entries")
+    return problems
 
 
 def _parse_value(text):

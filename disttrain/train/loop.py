@@ -36,7 +36,6 @@ from pathlib import Path
 import disttrain as dt
 from disttrain.data import TBPTTIterator, batchify
 from disttrain.nn import functional as F
-from disttrain.nn.utils import clip_grad_norm_
 from disttrain import trace
 from disttrain.train import checkpoint as ckpt
 from disttrain.train.build import (build_corpus, build_model, build_optimizer, build_schedules,
@@ -103,7 +102,7 @@ class Trainer:
 
         dt.manual_seed(spec.train.seed)
         self.corpus = corpus if corpus is not None else build_corpus(spec)
-        self.model = build_model(spec, len(self.corpus.vocab)).to(self.device)
+        self.model = self.strategy.prepare_model(build_model(spec, len(self.corpus.vocab)).to(self.device))
         self.params = list(self.model.parameters())
         self.optimizer = build_optimizer(spec, self.params)
         self.schedules = build_schedules(spec, self.optimizer)
@@ -128,31 +127,37 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self, inputs, targets):
         """One TBPTT segment: inputs, targets np.int64 (T, B). Returns (mean loss, grad norm before clipping)."""
-        x = dt.tensor(inputs, device=self.device)
-        y = dt.tensor(targets.reshape(-1), device=self.device)
-        # 1. forward from the carried state; loss = mean over the T*B tokens
-        with trace.span("forward"):
-            logits, (h, c) = self.model(x, self.hidden)
-            loss = F.cross_entropy(logits, y)
-        # 2. backward (of the per-sequence loss when the job asks for Zaremba's convention; logs stay per token)
+        # 1-2. forward from the carried state, loss, backward (a pipeline strategy runs them through its stages)
         self.optimizer.zero_grad()
-        with trace.span("backward"):
-            (loss * inputs.shape[0] if self.spec.optim.loss == "sum_over_time" else loss).backward()
+        loss, hidden = self.strategy.forward_backward(self, inputs, targets)
         # 3. gradient synchronisation across processes (a no-op in local mode)
         self.strategy.sync_gradients(self.params)
         # 4. clip the global gradient norm (max_norm = inf only measures it)
         clip = self.spec.optim.clip_norm
         with trace.span("clip + optimizer step"):
-            grad_norm = clip_grad_norm_(self.params, clip if clip is not None else math.inf)
+            grad_norm = self.strategy.clip_grad_norm(self.params, clip if clip is not None else math.inf)
             # 5. update, then the per-step LR schedule
             self.step_lr = self.optimizer.param_groups[0]["lr"]       # the lr this step uses (for the metrics)
             self.optimizer.step()
         if self.schedules.step is not None:
             self.schedules.step.step()
         # 6. carry the state into the next segment, cut from this segment's graph
-        self.hidden = (h.detach(), c.detach())
+        self.hidden = hidden
         self.step += 1
-        return loss.item(), grad_norm
+        return loss, grad_norm
+
+    def forward_backward(self, inputs, targets):
+        """Forward from the carried state, loss = cross-entropy mean over the T*B tokens, backward (of the
+        per-sequence loss when the job asks for Zaremba's convention; the returned loss stays per token).
+        Returns (loss as a float, the detached (h, c) to carry)."""
+        x = dt.tensor(inputs, device=self.device)
+        y = dt.tensor(targets.reshape(-1), device=self.device)
+        with trace.span("forward"):
+            logits, (h, c) = self.model(x, self.hidden)
+            loss = F.cross_entropy(logits, y)
+        with trace.span("backward"):
+            (loss * inputs.shape[0] if self.spec.optim.loss == "sum_over_time" else loss).backward()
+        return loss.item(), (h.detach(), c.detach())
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self):
@@ -260,14 +265,18 @@ class Trainer:
         try:
             with dt.no_grad():
                 for inputs, targets in (TBPTTIterator(streams, self.spec.data.bptt) if streams.shape[1] else ()):
-                    logits, hidden = self.model(dt.tensor(inputs, device=self.device), hidden)
-                    loss = F.cross_entropy(logits, dt.tensor(targets.reshape(-1), device=self.device))
-                    total += loss.item() * targets.size
+                    loss, hidden = self.strategy.eval_segment(self, inputs, targets, hidden)
+                    total += loss * targets.size
                     tokens += targets.size
         finally:
             self.model.train(was_training)
         total, tokens = self.strategy.reduce_sum([total, tokens])
         return EvalResult(split, total / tokens, int(tokens), self.step, time.perf_counter() - start)
+
+    def eval_segment(self, inputs, targets, hidden):
+        """(mean loss as a float, state) of one evaluation segment (called under no_grad)."""
+        logits, hidden = self.model(dt.tensor(inputs, device=self.device), hidden)
+        return F.cross_entropy(logits, dt.tensor(targets.reshape(-1), device=self.device)).item(), hidden
 
     def _evaluate_and_log(self, split):
         start = time.perf_counter()
@@ -362,11 +371,13 @@ class Trainer:
             self.progress = None
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self, hidden=None):
+    def checkpoint_state(self, hidden=None, model=None, optimizer_state=None):
         """(model arrays, other arrays, JSON metadata) of the current training state; `hidden`: the carried
-        (h, c) of all processes' streams (default: this process's)."""
-        model = {name: t.numpy() for name, t in self.model.state_dict().items()}
-        arrays, optim_json = ckpt.split_optimizer_state(self.optimizer.state_dict())
+        (h, c) of all processes' streams (default: this process's); `model`, `optimizer_state`: the whole
+        model's (default: this process's model and optimizer)."""
+        if model is None:
+            model = {name: t.numpy() for name, t in self.model.state_dict().items()}
+        arrays, optim_json = ckpt.split_optimizer_state(optimizer_state or self.optimizer.state_dict())
         if hidden is None and self.hidden is not None:
             hidden = tuple(t.numpy() for t in self.hidden)
         if hidden is not None:
@@ -396,11 +407,12 @@ class Trainer:
         """Write out_dir/checkpoint atomically (main process only); returns its path or None."""
         if self.out_dir is None:
             return None
-        # the carried state is per process (its B/N streams): every process takes part in gathering it
-        hidden = None if self.hidden is None else tuple(self.strategy.gather_batch(t.numpy()) for t in self.hidden)
+        # the carried state is per process (its B/N streams; pipeline: also per stage, as are the weights and
+        # optimizer buffers): every process takes part in gathering it
+        hidden, model, optimizer_state = self.strategy.gather_checkpoint(self)
         if not self.strategy.is_main:
             return None
-        return ckpt.save_checkpoint(self.out_dir, *self.checkpoint_state(hidden))
+        return ckpt.save_checkpoint(self.out_dir, *self.checkpoint_state(hidden, model, optimizer_state))
 
     def restore(self, checkpoint):
         """Load a Checkpoint (from load_checkpoint) so that fit() continues exactly where it was written.
@@ -410,16 +422,14 @@ class Trainer:
         meta, where = checkpoint.meta, checkpoint.path
         self.load_weights(checkpoint)
         try:
-            self.optimizer.load_state_dict(ckpt.join_optimizer_state(checkpoint.arrays, meta["optimizer"]))
+            self.strategy.load_optimizer_state(
+                self.optimizer, ckpt.join_optimizer_state(checkpoint.arrays, meta["optimizer"]))
             self.schedules.load_state_dict(meta["schedules"])
             self.train_iter.load_state_dict(meta["data"])
         except (ValueError, KeyError) as exc:
             raise ckpt.CheckpointError(f"{where}: does not fit this job: {exc}") from None
-        if "hidden.h" in checkpoint.arrays:
-            self.hidden = tuple(dt.tensor(self.strategy.shard_batch(checkpoint.arrays[f"hidden.{n}"]), device=self.device)
-                                for n in "hc")
-        else:
-            self.hidden = None
+        self.hidden = self.strategy.shard_hidden(self, checkpoint.arrays.get("hidden.h"),
+                                                          checkpoint.arrays.get("hidden.c"))
         dt.set_rng_state(meta["rng"])
         self.step, self.epoch, self.finished = meta["step"], meta["epoch"], meta.get("finished", False)
         self.step_lr = meta.get("step_lr", self.step_lr)
@@ -438,7 +448,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"{where}: saved with a vocabulary of {meta['vocab_size']} entries, this "
                                        f"job's corpus has {len(self.corpus.vocab)}; is it the same data?")
         try:
-            self.model.load_state_dict(checkpoint.model)
+            self.strategy.load_model_state(self.model, checkpoint.model)
         except RuntimeError as exc:
             raise ckpt.CheckpointError(f"{checkpoint.path / ckpt.MODEL_FILE}: does not fit this job's model: "
                                        f"{exc}") from None

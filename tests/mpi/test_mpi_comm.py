@@ -50,3 +50,43 @@ def test_strategy_reductions_and_shards():
     assert mean == pytest.approx((n - 1) / 2) and sums == [n, n * (n - 1) / 2]
     assert strategy.is_main == (r == 0) and mine.shape == (3, 4)
     np.testing.assert_array_equal(np.concatenate(list(gathered), axis=1), streams)
+
+
+class _HostBackedDeviceArray:
+    """A CuPy stand-in (NumPy memory with get/set and __cuda_array_interface__): takes the host-staging path."""
+
+    def __init__(self, values):
+        self.values = np.array(values)
+        self.shape, self.dtype, self.nbytes = self.values.shape, self.values.dtype, self.values.nbytes
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "data": (0, False), "version": 3}
+
+    def get(self, out=None):
+        out[...] = self.values
+        return out
+
+    def set(self, host):
+        self.values[...] = host
+
+
+def test_point_to_point_ring_blocking_and_nonblocking():
+    comm = world()
+    r, n = comm.rank, comm.size
+    right, left = (r + 1) % n, (r - 1) % n
+    got = np.empty(3, dtype=np.int64)
+    pending = comm.Irecv(got, source=left, tag=5)
+    sent = comm.Isend(np.array([r, 2 * r, 7], dtype=np.int64), dest=right, tag=5)
+    pending.wait()
+    sent.wait()
+    # blocking, ordered so that no rank waits on a send its neighbour has not posted yet
+    device = _HostBackedDeviceArray(np.zeros((2, 2)))
+    if r % 2 == 0:
+        comm.Send(_HostBackedDeviceArray(np.full((2, 2), float(r))), dest=right, tag=9)
+        comm.Recv(device, source=left, tag=9)
+    else:
+        comm.Recv(device, source=left, tag=9)
+        comm.Send(_HostBackedDeviceArray(np.full((2, 2), float(r))), dest=right, tag=9)
+    np.testing.assert_array_equal(got, [left, 2 * left, 7])
+    np.testing.assert_array_equal(device.values, np.full((2, 2), float(left)))
