@@ -67,18 +67,18 @@ class LSTMLanguageModel(nn.Module):
         """Mean cross-entropy over the T*B next-token predictions of the window -> (loss (), (h, c)).
 
         tokens, targets: int64 (T, B); state as for forward. Without checkpointing (checkpoint_segments
-        None, or grad disabled as in evaluation: nothing is kept for backward then) this is exactly
-        forward + F.cross_entropy. With it the loss
-        is the sum of the segments' summed cross-entropies over T*B: the same value and gradients up
-        to rounding, except that dropout draws its masks segment by segment (same distribution,
-        other draws than forward's window-wide masks; the recomputation replays them exactly).
+        None, or grad disabled as in evaluation, when nothing is kept for backward) this is exactly
+        forward + F.cross_entropy. With it the loss is the sum of the segments' summed cross-entropies
+        over T*B: the same value and gradients up to rounding, except that dropout draws its masks
+        segment by segment (same distribution, other draws than forward's window-wide masks; the
+        recomputation in backward replays them exactly).
         """
         if tokens.ndim != 2 or targets.shape != tokens.shape:
             raise ValueError(f"forward_loss expects tokens and targets of the same shape (T, B), got tokens "
                              f"{tokens.shape} and targets {targets.shape}")
         if self.checkpoint_segments is None or not is_grad_enabled():
             logits, state = self(tokens, state)
-            return F.cross_entropy(logits, targets.reshape((targets.shape[0] * targets.shape[1],))), state
+            return F.cross_entropy(logits, _flat(targets)), state
         return self._segmented_loss(tokens, targets, state, self.checkpoint_segments)
 
     def _segmented_loss(self, tokens, targets, state, segments, checkpointed=True):
@@ -87,11 +87,12 @@ class LSTMLanguageModel(nn.Module):
         steps, batch = tokens.shape
         bounds = segment_bounds(steps, segments)
         h, c = state if state is not None else (None, None)
+        draws_masks = self.training and (self.dropout > 0 or self.lstm.dropout > 0)  # the only RNG use
         sums = []
         for start, stop in zip(bounds, bounds[1:]):
             args = (tokens[start:stop], targets[start:stop], h, c)
             if checkpointed and stop < steps:
-                total, h, c = checkpoint(self._segment_loss, *args)
+                total, h, c = checkpoint(self._segment_loss, *args, preserve_rng_state=draws_masks)
             else:  # the last segment's activations are needed at once by backward: keep them
                 total, h, c = self._segment_loss(*args)
             sums.append(total)
@@ -105,11 +106,15 @@ class LSTMLanguageModel(nn.Module):
         """
         with _recurrent_checkpointing_off(self.lstm):
             logits, (h, c) = self(tokens, None if h is None else (h, c))
-        flat = targets.reshape((targets.shape[0] * targets.shape[1],))
-        return F.cross_entropy(logits, flat, reduction="sum"), h, c
+        return F.cross_entropy(logits, _flat(targets), reduction="sum"), h, c
 
     def extra_repr(self):
         return f"checkpoint_segments={self.checkpoint_segments!r}" if self.checkpoint_segments else ""
+
+
+def _flat(targets):
+    """(T, B) -> (T*B,), the row order of forward's logits."""
+    return targets.reshape((targets.shape[0] * targets.shape[1],))
 
 
 @contextmanager

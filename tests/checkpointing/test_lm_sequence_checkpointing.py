@@ -70,6 +70,16 @@ def test_float64_gradients_equal_the_plain_step(segments, with_state):
     assert largest_difference(plain_values, values) <= 1e-13
 
 
+def test_tied_weights_get_the_gradients_of_both_uses():
+    dt.manual_seed(0)
+    model = LSTMLanguageModel(VOCAB, hidden=6, layers=1, dropout=0.0, tie_weights=True).double()
+    tokens, targets = window(17)
+    _, plain = step(model, plain_loss(model, tokens, targets))
+    model.checkpoint_segments = "sqrt"
+    _, grads = step(model, lambda s: model.forward_loss(tokens, targets, s))
+    assert largest_difference(plain, grads) <= 1e-12
+
+
 @pytest.mark.parametrize("dtype, tolerance", [("float64", None), ("float32", 1e-5)])
 def test_dropout_masks_replay_in_the_recomputation(dtype, tolerance):
     """Segments draw their masks in time order; checkpointing them must reproduce the uncheckpointed schedule."""
