@@ -2,16 +2,23 @@
 
 MLP: N blocks of Linear(W, W) + ReLU, batch B, float32, loss mean(out**2), N = 16 ... 512,
 checkpoint_sequential with "sqrt" (round(sqrt(N)) segments) against the plain chain.
-LSTM: one layer, hidden H, batch B, loss on the final hidden state, T = 64 ... 2048, recurrent
-checkpointing (checkpoint_segments="sqrt") against none.
+LSTM language model: the training step of LSTMLanguageModel (embedding -> 1-layer LSTM -> decoder,
+vocabulary 96 as the char-level default corpus), loss = forward_loss (mean cross-entropy over the
+T*B tokens), T = 64 ... 2048, three settings: none; "sqrt" = the model's sequence checkpointing
+(round(sqrt(T)) time segments of embedding -> LSTM -> decoder -> loss, all but the last checkpointed,
+only the carried (h, c) kept between them); and, for comparison, only the LSTM's own recurrent
+checkpointing (nn.LSTM.checkpoint_segments = "sqrt", the layer output and logits kept whole).
 
 Memory is the MemoryMeter peak above the start of one training step (forward + backward), after a
 warm-up step and zero_grad(set_to_none=False) so the parameter gradients already exist: i.e. the
-activation memory. For the LSTM it also shows what forward leaves for backward (the (T, B, H)
-output sequence, made during forward, is dropped by the caller here). The log-log slope of peak
-against N (or T) is fitted over the whole range. Step time (forward + backward) of sqrt vs none
-is measured side by side (benchmarks/harness.py: interleaved rounds, median) with no meter running,
-and so is the cost of a running meter. Saves benchmarks/checkpointing_memory.png.
+activation memory. For the LM it also shows what forward keeps for backward (live after forward_loss).
+The log-log slope of peak against N (or T) is fitted over the whole range. Step time (forward +
+backward) of sqrt vs none is measured side by side (benchmarks/harness.py: interleaved rounds,
+median) with no meter running, and so is the cost of a running meter; for the LM also the forward
+alone of both, which splits the sqrt step's extra time into the recomputed forward and the rest.
+Times are this process's CPU seconds (time.process_time): BLAS is single-threaded, so that is the
+step's cost, without the waits for cores that other processes on a shared machine add to wall time.
+Saves benchmarks/checkpointing_memory.png.
 
 BLAS runs on one thread unless OPENBLAS_NUM_THREADS is set: on a shared 2-core machine a second
 BLAS thread that is descheduled stalls every GEMM, which makes the many small GEMMs of the
@@ -21,6 +28,7 @@ checkpointed runs erratic to time.
 """
 import argparse
 import os
+import time
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before NumPy loads BLAS; see the docstring
 
@@ -28,11 +36,15 @@ import numpy as np  # noqa: E402
 
 import disttrain as dt  # noqa: E402
 from disttrain import nn  # noqa: E402
-from disttrain.checkpointing import MemoryMeter, checkpoint_sequential  # noqa: E402
+from disttrain.checkpointing import MemoryMeter, checkpoint_sequential, segment_bounds  # noqa: E402
+from disttrain.models import LSTMLanguageModel  # noqa: E402
 from harness import interleaved, machine  # noqa: E402
 
 MLP_BATCH, MLP_WIDTH = 256, 32
-LSTM_BATCH, LSTM_HIDDEN = 8, 32
+LM = dict(vocab=96, hidden=64, embed=32, batch=8)            # the memory sweep
+LM_TIMED = {"charlm-sized": dict(steps=256, vocab=96, hidden=256, embed=64, batch=32),   # jobs/charlm.toml's model
+            "small": dict(steps=512, vocab=96, hidden=64, embed=32, batch=16)}
+LM_MODES = {"none": (None, None), "sqrt": ("sqrt", None), "lstm only": (None, "sqrt")}  # (model, model.lstm)
 DEPTHS = [16, 32, 64, 128, 256, 512]
 WINDOWS = [64, 128, 256, 512, 1024, 2048]
 
@@ -53,18 +65,20 @@ def make_mlp(depth, width=MLP_WIDTH, batch=MLP_BATCH):
     return step
 
 
-def make_lstm(steps, hidden=LSTM_HIDDEN, batch=LSTM_BATCH):
+def make_lm(steps, vocab, hidden, embed, batch):
+    """step(mode, meter=None, backward=True) runs one LM training step; returns the bytes live after forward."""
     dt.manual_seed(0)
-    lstm = nn.LSTM(hidden, hidden)
-    x = dt.randn(steps, batch, hidden)
+    model = LSTMLanguageModel(vocab, hidden, layers=1, embed=embed)
+    rng = np.random.default_rng(0)
+    tokens, targets = (dt.tensor(rng.integers(0, vocab, (steps, batch))) for _ in range(2))
 
-    def step(segments, meter=None):
-        lstm.checkpoint_segments = segments
-        h_n = lstm(x)[1][0]  # the output sequence is dropped: the loss is on the final state
+    def step(mode, meter=None, backward=True):
+        model.checkpoint_segments, model.lstm.checkpoint_segments = LM_MODES[mode]
+        loss, _ = model.forward_loss(tokens, targets)
         kept = meter.live_bytes - meter.start_bytes if meter is not None else 0
-        h_n.sum().backward()
-        del h_n
-        lstm.zero_grad(set_to_none=False)
+        if backward:
+            loss.backward()
+            model.zero_grad(set_to_none=False)
         return kept
 
     return step
@@ -79,11 +93,11 @@ def mlp_peak(depth, segments):
     return m.peak_bytes - m.start_bytes
 
 
-def lstm_peaks(steps, segments):
-    step = make_lstm(steps)
-    step(segments)
+def lm_peaks(steps, mode):
+    step = make_lm(steps, **LM)
+    step(mode)
     with MemoryMeter() as m:
-        kept = step(segments, m)
+        kept = step(mode, m)
     return m.peak_bytes - m.start_bytes, kept
 
 
@@ -92,12 +106,12 @@ def slope(xs, ys):
 
 
 def step_times(rounds):
-    """Median seconds per step, sqrt vs none side by side (and with a meter running)."""
-    mlp, lstm = make_mlp(64, width=256), make_lstm(512, hidden=64, batch=16)
+    """Median CPU seconds per step, sqrt vs none side by side (and with a meter running)."""
+    mlp = make_mlp(64, width=256)
 
-    def timed(fn, *args):
+    def timed(fn, *args, **kwargs):
         def run():
-            fn(*args)
+            fn(*args, **kwargs)
             return 1
         return run
 
@@ -108,10 +122,32 @@ def step_times(rounds):
             return 1
         return run
 
-    rates = interleaved({"mlp none": timed(mlp, None), "mlp sqrt": timed(mlp, "sqrt"),
-                         "mlp none, meter on": metered(mlp, None), "meter alone": metered(lambda: None),
-                         "lstm none": timed(lstm, None), "lstm sqrt": timed(lstm, "sqrt")}, rounds=rounds)
+    candidates = {"mlp none": timed(mlp, None), "mlp sqrt": timed(mlp, "sqrt"),
+                  "mlp none, meter on": metered(mlp, None), "meter alone": metered(lambda: None)}
+    for name, config in LM_TIMED.items():
+        lm = make_lm(**config)
+        for mode in ("none", "sqrt"):
+            candidates[f"{name} {mode}"] = timed(lm, mode)
+            candidates[f"{name} {mode} forward"] = timed(lm, mode, backward=False)
+    rates = interleaved(candidates, rounds=rounds, clock=time.process_time)
     return {name: 1 / r for name, r in rates.items()}
+
+
+def print_lm_times(times):
+    """The LM step times, and the sqrt step's extra time split into the recomputed forward and the rest."""
+    for name, c in LM_TIMED.items():
+        none, sqrt = times[f"{name} none"], times[f"{name} sqrt"]
+        forward, forward_sqrt = times[f"{name} none forward"], times[f"{name} sqrt forward"]
+        bounds = segment_bounds(c["steps"], "sqrt")
+        recomputed = bounds[-2] / c["steps"]             # every segment but the last is run twice
+        expected = forward_sqrt + recomputed * forward + (none - forward)
+        print(f"  LM {name} (T={c['steps']}, hidden {c['hidden']}, embed {c['embed']}, batch {c['batch']}, vocab "
+              f"{c['vocab']}): none {none * 1e3:.1f} ms, sqrt {sqrt * 1e3:.1f} ms, ratio {sqrt / none:.2f}x "
+              "(target <= 1.4x)")
+        print(f"      none = forward {forward * 1e3:.1f} + backward {(none - forward) * 1e3:.1f}; sqrt = forward "
+              f"{forward_sqrt * 1e3:.1f} (segments without graph) + recomputed forward ~{recomputed * forward * 1e3:.1f} "
+              f"({len(bounds) - 2} of {len(bounds) - 1} segments) + backward; left over "
+              f"{(sqrt - expected) * 1e3:+.1f} ms (per-segment bookkeeping, smaller GEMMs)")
 
 
 def plot(mlp_rows, lstm_rows, path):
@@ -131,10 +167,11 @@ def plot(mlp_rows, lstm_rows, path):
     t = [r[0] for r in lstm_rows]
     b.loglog(t, [r[1] * mib for r in lstm_rows], "o-", label="none: peak")
     b.loglog(t, [r[2] * mib for r in lstm_rows], "s-", label='"sqrt": peak')
+    b.loglog(t, [r[5] * mib for r in lstm_rows], "^:", label="LSTM-only recurrent: peak")
     b.loglog(t, [r[3] * mib for r in lstm_rows], "o--", label="none: kept after forward")
     b.loglog(t, [r[4] * mib for r in lstm_rows], "s--", label='"sqrt": kept after forward')
     b.set(xlabel="window T (time steps)", ylabel="MiB",
-          title=f"LSTM, 1 layer, hidden {LSTM_HIDDEN}, batch {LSTM_BATCH}")
+          title=f"LSTM LM step, hidden {LM['hidden']}, vocab {LM['vocab']}, batch {LM['batch']}")
     for ax, ticks in ((a, n), (b, t)):
         ax.set_xticks(ticks, [str(v) for v in ticks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -163,29 +200,31 @@ def main():
     print(f"log-log slope vs N: none {s_none:.2f} (target ~1.0), sqrt {s_sqrt:.2f} (target <= 0.6); "
           f"N={last[0]}: sqrt/none = {last[2] / last[1]:.3f} (target <= 0.10)")
 
-    print(f"\nLSTM: 1 layer, hidden {LSTM_HIDDEN}, batch {LSTM_BATCH}, float32, loss on h_T; "
-          "peak per training step and memory kept after forward")
+    print(f"\nLSTM LM training step (forward_loss + backward): vocab {LM['vocab']}, embed {LM['embed']}, 1 layer "
+          f"hidden {LM['hidden']}, batch {LM['batch']}, float32; peak per step and memory kept after forward")
     print(f"{'T':>6} {'none peak':>10} {'sqrt peak':>10} {'ratio':>7} {'none kept':>10} {'sqrt kept':>10} {'ratio':>7}"
-          "   (MiB)")
+          f" {'lstm-only peak':>15}   (MiB)")
     lstm_rows = []
     for steps in WINDOWS:
-        (none, none_kept), (sqrt, sqrt_kept) = lstm_peaks(steps, None), lstm_peaks(steps, "sqrt")
-        lstm_rows.append((steps, none, sqrt, none_kept, sqrt_kept))
+        (none, none_kept), (sqrt, sqrt_kept) = lm_peaks(steps, "none"), lm_peaks(steps, "sqrt")
+        lstm_only = lm_peaks(steps, "lstm only")[0]
+        lstm_rows.append((steps, none, sqrt, none_kept, sqrt_kept, lstm_only))
         print(f"{steps:>6} {none / 2 ** 20:>10.3f} {sqrt / 2 ** 20:>10.3f} {sqrt / none:>7.3f} "
-              f"{none_kept / 2 ** 20:>10.3f} {sqrt_kept / 2 ** 20:>10.3f} {sqrt_kept / none_kept:>7.3f}")
+              f"{none_kept / 2 ** 20:>10.3f} {sqrt_kept / 2 ** 20:>10.3f} {sqrt_kept / none_kept:>7.3f} "
+              f"{lstm_only / 2 ** 20:>15.3f}")
     cols = list(zip(*lstm_rows))
-    print(f"log-log slope vs T: peak none {slope(WINDOWS, cols[1]):.2f}, sqrt {slope(WINDOWS, cols[2]):.2f}; "
-          f"kept after forward none {slope(WINDOWS, cols[3]):.2f}, sqrt {slope(WINDOWS, cols[4]):.2f}")
-    print("  (the sqrt peak is set during forward by the (T, B, H) output sequence nn.LSTM returns, built "
-          "from the segment outputs by one concat: O(T) with 2H floats per step, against ~12H without)")
+    print(f"log-log slope vs T: peak none {slope(WINDOWS, cols[1]):.2f} (target ~1.0), sqrt {slope(WINDOWS, cols[2]):.2f} "
+          f"(target <= 0.6), LSTM-only recurrent {slope(WINDOWS, cols[5]):.2f}; kept after forward none "
+          f"{slope(WINDOWS, cols[3]):.2f}, sqrt {slope(WINDOWS, cols[4]):.2f}")
+    print("  (sqrt peak = the parameter-sized gradients of a segment (constant) + one segment's activations and "
+          "the carried (h, c) per segment, both O(sqrt(T)); the slope approaches 0.5 as T grows)")
 
     times = step_times(args.rounds)
-    print(f"\nstep time (forward + backward), median of {args.rounds} interleaved rounds, no meter running:")
+    print(f"\nstep time (forward + backward), median CPU time of {args.rounds} interleaved rounds, no meter running:")
     print(f"  MLP N=64, width 256, batch {MLP_BATCH}: none {times['mlp none'] * 1e3:.1f} ms, "
           f"sqrt {times['mlp sqrt'] * 1e3:.1f} ms, ratio {times['mlp sqrt'] / times['mlp none']:.2f}x "
           "(target <= 1.4x; theory ~1.33x)")
-    print(f"  LSTM T=512, hidden 64, batch 16: none {times['lstm none'] * 1e3:.1f} ms, "
-          f"sqrt {times['lstm sqrt'] * 1e3:.1f} ms, ratio {times['lstm sqrt'] / times['lstm none']:.2f}x")
+    print_lm_times(times)
     print(f"  a MemoryMeter started and stopped around the MLP step (none) costs "
           f"{100 * (times['mlp none, meter on'] / times['mlp none'] - 1):+.1f}%, of which "
           f"{times['meter alone'] * 1e3:.2f} ms is start + stop alone")

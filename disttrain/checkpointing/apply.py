@@ -5,14 +5,14 @@ int (the number of segments).
 """
 from disttrain.checkpointing.checkpoint import checkpoint_sequential, segment_bounds
 from disttrain.nn.containers import Sequential
-from disttrain.nn.lstm import LSTM
 
 
 def apply_activation_checkpointing(model, setting):
     """Make `model` checkpoint its activations ("sqrt" or int segments) or stop doing so ("none" / None).
 
-    - every nn.LSTM inside (an LSTM language model's `.lstm`) gets recurrent checkpointing:
-      its `checkpoint_segments` is set (None for "none");
+    - every module inside with a `checkpoint_segments` setting gets it (None for "none"): an
+      nn.LSTM checkpoints its time steps recurrently; an LSTMLanguageModel checkpoints whole-model
+      time segments in forward_loss (embedding -> LSTM -> decoder -> loss per segment);
     - a Sequential model (or, when the model is not one, its outermost Sequential submodules)
       runs its chain through checkpoint_sequential while training with grad enabled.
     Returns the model. Raises ValueError when the model has neither.
@@ -20,18 +20,18 @@ def apply_activation_checkpointing(model, setting):
     segments = None if setting in (None, "none") else setting
     if segments is not None:
         segment_bounds(1, segments)  # validates: "sqrt" or a positive int
-    lstms = [m for m in model.modules() if isinstance(m, LSTM)]
-    for lstm in lstms:
-        lstm.checkpoint_segments = segments
+    sequences = [m for m in model.modules() if hasattr(m, "checkpoint_segments")]
+    for module in sequences:
+        module.checkpoint_segments = segments
     chains = _outermost_sequentials(model)
     for chain in chains:
         if segments is None:
             chain.__dict__.pop("forward", None)
         else:
             object.__setattr__(chain, "forward", _CheckpointedForward(chain, segments))
-    if not lstms and not chains:
-        raise ValueError(f"apply_activation_checkpointing: {type(model).__name__} has no nn.LSTM and no "
-                         "nn.Sequential to checkpoint")
+    if not sequences and not chains:
+        raise ValueError(f"apply_activation_checkpointing: {type(model).__name__} has no nn.LSTM, no "
+                         "checkpoint_segments setting and no nn.Sequential to checkpoint")
     return model
 
 

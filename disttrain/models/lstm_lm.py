@@ -1,19 +1,36 @@
 """The LSTM language model of Zaremba et al. (2014): embedding -> LSTM -> linear decoder."""
+from contextlib import contextmanager
+
 from disttrain import nn
-from disttrain.autograd.ops import dropout
+from disttrain.autograd.grad_mode import is_grad_enabled
+from disttrain.autograd.ops import dropout, stack
+from disttrain.checkpointing.checkpoint import checkpoint, segment_bounds
+from disttrain.nn import functional as F
 from disttrain.nn import init
 
 
 class LSTMLanguageModel(nn.Module):
-    """forward(tokens (T, B) int64, state=None) -> (logits (T*B, V), state).
+    """forward(tokens (T, B) int64, state=None) -> (logits (T*B, V), state);
+    forward_loss(tokens (T, B), targets (T, B), state=None) -> (mean cross-entropy, state).
 
     state is the (h, c) pair of the LSTM, each (layers, B, hidden); the training loop detaches
     it between TBPTT segments. Dropout (Zaremba's "medium"/"large" regularisation) is applied
     to the embedding output, between LSTM layers and before the decoder. Every weight starts
     uniform in [-init_scale, init_scale] as in the paper.
+
+    checkpoint_segments (None, "sqrt" or an int; may be changed at any time): sequence
+    activation checkpointing of a training step.
+    - forward_loss cuts the T steps into that many time segments (round(sqrt(T)) for "sqrt"),
+      each run as embedding -> all LSTM layers -> decoder -> summed cross-entropy inside
+      disttrain.checkpointing.checkpoint, all but the last: between segments only the carried
+      (h, c) of every layer is kept, so a step holds O(sqrt(T)) activations, not O(T)
+      (Chen et al. 2016 with the unrolled RNN and its per-step loss as the chain).
+    - forward returns all T*B logits, O(T) anyway, so there only the LSTM's per-step internals
+      are checkpointed (nn.LSTM's recurrent checkpointing, which this setting switches too).
     """
 
-    def __init__(self, vocab_size, hidden, layers=2, embed=None, dropout=0.0, init_scale=0.1, tie_weights=False):
+    def __init__(self, vocab_size, hidden, layers=2, embed=None, dropout=0.0, init_scale=0.1, tie_weights=False,
+                 checkpoint_segments=None):
         super().__init__()
         embed = embed or hidden
         if tie_weights and embed != hidden:
@@ -26,6 +43,18 @@ class LSTMLanguageModel(nn.Module):
             init.uniform_(p, -init_scale, init_scale)
         if tie_weights:
             self.decoder.weight = self.embedding.weight
+        self.checkpoint_segments = checkpoint_segments
+
+    @property
+    def checkpoint_segments(self):
+        return self._checkpoint_segments
+
+    @checkpoint_segments.setter
+    def checkpoint_segments(self, segments):
+        if segments is not None:
+            segment_bounds(1, segments)  # raises ValueError unless "sqrt" or a positive int
+        self._checkpoint_segments = segments
+        self.lstm.checkpoint_segments = segments
 
     def forward(self, tokens, state=None):
         steps, batch = tokens.shape
@@ -33,3 +62,66 @@ class LSTMLanguageModel(nn.Module):
         out, state = self.lstm(x, state)
         out = dropout(out, self.dropout, self.training)
         return self.decoder(out.reshape((steps * batch, out.shape[2]))), state
+
+    def forward_loss(self, tokens, targets, state=None):
+        """Mean cross-entropy over the T*B next-token predictions of the window -> (loss (), (h, c)).
+
+        tokens, targets: int64 (T, B); state as for forward. Without checkpointing (checkpoint_segments
+        None, or grad disabled as in evaluation, when nothing is kept for backward) this is exactly
+        forward + F.cross_entropy. With it the loss is the sum of the segments' summed cross-entropies
+        over T*B: the same value and gradients up to rounding, except that dropout draws its masks
+        segment by segment (same distribution, other draws than forward's window-wide masks; the
+        recomputation in backward replays them exactly).
+        """
+        if tokens.ndim != 2 or targets.shape != tokens.shape:
+            raise ValueError(f"forward_loss expects tokens and targets of the same shape (T, B), got tokens "
+                             f"{tokens.shape} and targets {targets.shape}")
+        if self.checkpoint_segments is None or not is_grad_enabled():
+            logits, state = self(tokens, state)
+            return F.cross_entropy(logits, _flat(targets)), state
+        return self._segmented_loss(tokens, targets, state, self.checkpoint_segments)
+
+    def _segmented_loss(self, tokens, targets, state, segments, checkpointed=True):
+        """forward_loss over time segments; checkpointed=False runs the same schedule keeping everything
+        (the reference the tests compare checkpointing against when dropout is on)."""
+        steps, batch = tokens.shape
+        bounds = segment_bounds(steps, segments)
+        h, c = state if state is not None else (None, None)
+        draws_masks = self.training and (self.dropout > 0 or self.lstm.dropout > 0)  # the only RNG use
+        sums = []
+        for start, stop in zip(bounds, bounds[1:]):
+            args = (tokens[start:stop], targets[start:stop], h, c)
+            if checkpointed and stop < steps:
+                total, h, c = checkpoint(self._segment_loss, *args, preserve_rng_state=draws_masks)
+            else:  # the last segment's activations are needed at once by backward: keep them
+                total, h, c = self._segment_loss(*args)
+            sums.append(total)
+        return stack(sums).sum() / (steps * batch), (h, c)
+
+    def _segment_loss(self, tokens, targets, h, c):
+        """Summed cross-entropy of one time segment from the carried (h, c) (None: zeros) -> (sum, h, c).
+
+        The LSTM's own recurrent checkpointing is off in here: the segment already is the checkpoint,
+        and nesting would recompute its steps twice.
+        """
+        with _recurrent_checkpointing_off(self.lstm):
+            logits, (h, c) = self(tokens, None if h is None else (h, c))
+        return F.cross_entropy(logits, _flat(targets), reduction="sum"), h, c
+
+    def extra_repr(self):
+        return f"checkpoint_segments={self.checkpoint_segments!r}" if self.checkpoint_segments else ""
+
+
+def _flat(targets):
+    """(T, B) -> (T*B,), the row order of forward's logits."""
+    return targets.reshape((targets.shape[0] * targets.shape[1],))
+
+
+@contextmanager
+def _recurrent_checkpointing_off(lstm):
+    segments = lstm.checkpoint_segments
+    lstm.checkpoint_segments = None
+    try:
+        yield
+    finally:
+        lstm.checkpoint_segments = segments

@@ -43,8 +43,9 @@ def build_corpus(spec):
 def build_model(spec, vocab_size):
     """The job's model, freshly initialised from the current RNG state (seed first for reproducibility).
 
-    [memory] activation_checkpointing sets the LSTM's recurrent checkpointing (segments of each BPTT window
-    recomputed in backward instead of stored).
+    [memory] activation_checkpointing ("none", "sqrt" or a segment count) becomes the model's
+    checkpoint_segments: the training step's forward_loss cuts each BPTT window into that many time segments
+    (round(sqrt(bptt)) for "sqrt") and recomputes them in backward instead of storing their activations.
     """
     m = spec.model
     if m.kind != "lstm_lm":

@@ -149,12 +149,12 @@ class Trainer:
     def forward_backward(self, inputs, targets):
         """Forward from the carried state, loss = cross-entropy mean over the T*B tokens, backward (of the
         per-sequence loss when the job asks for Zaremba's convention; the returned loss stays per token).
-        Returns (loss as a float, the detached (h, c) to carry)."""
+        The forward runs in checkpointed time segments when [memory] activation_checkpointing asks for them
+        (`forward_loss`). Returns (loss as a float, the detached (h, c) to carry)."""
         x = dt.tensor(inputs, device=self.device)
-        y = dt.tensor(targets.reshape(-1), device=self.device)
+        y = dt.tensor(targets, device=self.device)
         with trace.span("forward"):
-            logits, (h, c) = self.model(x, self.hidden)
-            loss = F.cross_entropy(logits, y)
+            loss, (h, c) = self.model.forward_loss(x, y, self.hidden)
         with trace.span("backward"):
             (loss * inputs.shape[0] if self.spec.optim.loss == "sum_over_time" else loss).backward()
         return loss.item(), (h.detach(), c.detach())

@@ -5,7 +5,6 @@ import pytest
 import disttrain as dt
 from disttrain import nn
 from disttrain.checkpointing import apply_activation_checkpointing
-from disttrain.checkpointing.checkpoint import Checkpoint
 from disttrain.models.lstm_lm import LSTMLanguageModel
 
 
@@ -48,7 +47,7 @@ def test_lstm_float32_allclose_and_hooks_fire_once_per_parameter():
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_lstm_option_off_or_no_grad_or_eval_records_no_checkpoint():
+def test_lstm_option_off_or_no_grad_or_eval_records_no_checkpoint(checkpoint_nodes):
     dt.manual_seed(0)
     lstm = nn.LSTM(3, 4, checkpoint_segments="sqrt")
     assert "checkpoint_segments='sqrt'" in repr(lstm) and "checkpoint" not in repr(nn.LSTM(3, 4))
@@ -63,19 +62,6 @@ def test_lstm_option_off_or_no_grad_or_eval_records_no_checkpoint():
     np.testing.assert_allclose(out_ng.numpy(), out_off.numpy(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="checkpoint_segments"):
         nn.LSTM(3, 4, checkpoint_segments=0)
-
-
-def checkpoint_nodes(t):
-    """Number of Checkpoint nodes in t's graph."""
-    seen, stack, count = set(), [t.grad_fn], 0
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        count += isinstance(node, Checkpoint)
-        stack += [e[0] for e in node.next_edges if e is not None]
-    return count
 
 
 def test_apply_to_lstm_language_model():
@@ -93,14 +79,14 @@ def test_apply_to_lstm_language_model():
 
     plain = grads()
     assert apply_activation_checkpointing(model, "sqrt") is model
-    assert model.lstm.checkpoint_segments == "sqrt"
+    assert model.checkpoint_segments == model.lstm.checkpoint_segments == "sqrt"
     ckpt = grads()
     assert max(float(np.abs(a - b).max()) for a, b in zip(plain, ckpt)) <= 1e-12
     apply_activation_checkpointing(model, "none")
-    assert model.lstm.checkpoint_segments is None
+    assert model.checkpoint_segments is None and model.lstm.checkpoint_segments is None
 
 
-def test_apply_to_sequential_and_to_a_model_holding_one():
+def test_apply_to_sequential_and_to_a_model_holding_one(checkpoint_nodes):
     dt.manual_seed(0)
     chain = nn.Sequential(*[m for _ in range(9) for m in (nn.Linear(6, 6, dtype="float64"), nn.ReLU())])
     x = dt.randn(4, 6, dtype="float64")
@@ -129,7 +115,7 @@ def test_apply_to_sequential_and_to_a_model_holding_one():
 
     net = apply_activation_checkpointing(Net(), "sqrt")
     assert checkpoint_nodes(net(x)) == 3  # 18 modules: round(sqrt(18)) = 4 segments, the last plain
-    with pytest.raises(ValueError, match="no nn.LSTM and no nn.Sequential"):
+    with pytest.raises(ValueError, match="no nn.LSTM, no checkpoint_segments setting and no nn.Sequential"):
         apply_activation_checkpointing(nn.Linear(2, 2), "sqrt")
     with pytest.raises(ValueError, match="segments"):
         apply_activation_checkpointing(chain, "half")

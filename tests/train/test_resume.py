@@ -36,6 +36,8 @@ def crash_after(trainer, step):
 JOBS = {
     "adam+dropout": dict(overrides=("optim.warmup_steps=5", "train.eval_every=30"), layers=2, dropout=0.3,
                          optim="adam", lr=0.01, epochs=2),
+    "adam+dropout+sqrt checkpointing": dict(overrides=("memory.activation_checkpointing=sqrt",), layers=2,
+                                            dropout=0.3, optim="adam", lr=0.01, epochs=2),
     "sgd+momentum+decay": dict(overrides=("optim.momentum=0.9", "optim.decay_after_epoch=1", "optim.decay=0.5"),
                                layers=1, dropout=0.0, optim="sgd", lr=0.5, epochs=3),
 }
