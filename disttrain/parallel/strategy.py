@@ -21,20 +21,15 @@ from disttrain.parallel.data_parallel import DataParallel, broadcast_tensors, ve
 from disttrain.parallel.buckets import Reducer
 from disttrain.train.strategy import LocalStrategy
 
-__all__ = ["DataParallelStrategy"]
+__all__ = ["DataParallelStrategy", "MPIStrategy"]
 
 
-class DataParallelStrategy(LocalStrategy):
-    """Data parallelism for the Trainer: same interface as LocalStrategy."""
+class MPIStrategy(LocalStrategy):
+    """What the MPI strategies share. `comm` holds every rank; `data_group` the ranks that split each batch
+    between them (data parallelism: all; a pipeline: the same stage of every replica). Rank 0 is the main one.
+    """
 
-    name = "data"
-
-    def __init__(self, comm=None, bucket_mb=25.0, progress="thread", overlap=True):
-        self.comm = comm if comm is not None else world()
-        self.bucket_mb = bucket_mb
-        self.progress = progress
-        self.overlap = overlap
-        self.reducer = None
+    comm = data_group = None
 
     @property
     def rank(self):
@@ -42,11 +37,55 @@ class DataParallelStrategy(LocalStrategy):
 
     @property
     def world_size(self):
-        return self.comm.size
+        """How many shares each batch is cut into."""
+        return self.data_group.size
 
     @property
     def is_main(self):
         return self.comm.rank == 0
+
+    def shard(self, streams):
+        """This rank's share (B / world_size columns) of the (rows, B) train streams."""
+        return shard_streams(streams, self.data_group.rank, self.data_group.size)
+
+    def shard_eval(self, streams):
+        """This rank's near-equal share of the (N, B) evaluation stream columns; B need not divide (the sums
+        are token-weighted) and a rank gets none when there are more shares than streams."""
+        return streams[:, np.array_split(np.arange(streams.shape[1]), self.data_group.size)[self.data_group.rank]]
+
+    def reduce_mean(self, value):
+        """The mean of a float over all ranks (one 8-byte Allreduce)."""
+        buf = np.array([value], dtype=np.float64)
+        self.comm.Allreduce(buf)
+        return float(buf[0]) / self.comm.size
+
+    def reduce_sum(self, values):
+        """Element-wise sums of floats over the data group (token-weighted evaluation: loss sum, token count)."""
+        buf = np.array(values, dtype=np.float64)
+        self.data_group.Allreduce(buf)
+        return buf.tolist()
+
+    def any(self, flag):
+        """True on every rank when `flag` is true on some rank."""
+        return any_rank(self.comm, flag)
+
+    def barrier(self):
+        """Wait until every rank gets here."""
+        with trace.span("barrier"):
+            self.comm.Barrier()
+
+
+class DataParallelStrategy(MPIStrategy):
+    """Data parallelism for the Trainer: same interface as LocalStrategy."""
+
+    name = "data"
+
+    def __init__(self, comm=None, bucket_mb=25.0, progress="thread", overlap=True):
+        self.comm = self.data_group = comm if comm is not None else world()
+        self.bucket_mb = bucket_mb
+        self.progress = progress
+        self.overlap = overlap
+        self.reducer = None
 
     def attach(self, model, optimizer=None):
         """Verify the model is the same on every rank, broadcast rank 0's weights, register the callbacks."""
@@ -61,10 +100,6 @@ class DataParallelStrategy(LocalStrategy):
         self.reducer = reducer
 
     # ---- the Trainer's calls -------------------------------------------------------------------
-    def shard(self, streams):
-        """This rank's B/N columns of the (rows, B) streams."""
-        return shard_streams(streams, self.comm.rank, self.comm.size)
-
     def sync_gradients(self, params):
         """Wait for the gradient allreduces; every .grad is then the mean over the ranks."""
         if self.reducer is None:
@@ -73,28 +108,6 @@ class DataParallelStrategy(LocalStrategy):
             broadcast_tensors(self.comm, [p for _, p in named])
             self._use(Reducer(named, self.comm, self.bucket_mb, self.progress, overlap=self.overlap))
         self.reducer.synchronize()
-
-    def reduce_mean(self, value):
-        """The mean of a float over all ranks (one 8-byte Allreduce)."""
-        buf = np.array([value], dtype=np.float64)
-        self.comm.Allreduce(buf)
-        return float(buf[0]) / self.comm.size
-
-    def reduce_sum(self, values):
-        """Element-wise sums of a sequence of floats over all ranks (token-weighted evaluation: loss sum, count)."""
-        buf = np.array(values, dtype=np.float64)
-        self.comm.Allreduce(buf)
-        return buf.tolist()
-
-    def any(self, flag):
-        """True on every rank when `flag` is true on some rank."""
-        return any_rank(self.comm, flag)
-
-    def shard_eval(self, streams):
-        """This rank's near-equal share of the (N, B) evaluation stream columns; B need not divide by the ranks
-        (the sums over ranks are token-weighted) and a rank may get none when there are more ranks than streams."""
-        columns = np.array_split(np.arange(streams.shape[1]), self.comm.size)[self.comm.rank]
-        return streams[:, columns]
 
     def gather_batch(self, array, axis=1):
         """Every rank's share of a per-stream array side by side along `axis` (a collective; NumPy arrays):
@@ -109,11 +122,6 @@ class DataParallelStrategy(LocalStrategy):
         index = [slice(None)] * array.ndim
         index[axis] = slice(self.comm.rank * width, (self.comm.rank + 1) * width)
         return np.ascontiguousarray(array[tuple(index)])
-
-    def barrier(self):
-        """Wait until every rank gets here."""
-        with trace.span("barrier"):
-            self.comm.Barrier()
 
     def close(self):
         if self.reducer is not None:

@@ -28,15 +28,14 @@ import numpy as np
 
 import disttrain as dt
 from disttrain import trace
-from disttrain.data.batching import shard_streams
 from disttrain.nn import functional as F
 from disttrain.nn.utils import _grad_norm, clip_grad_norm_
-from disttrain.parallel.comm import any_rank, world
+from disttrain.parallel.comm import world
+from disttrain.parallel.strategy import MPIStrategy
 from disttrain.parallel.pipeline.p2p import StageLink
 from disttrain.parallel.pipeline.partition import Partition, partition
 from disttrain.parallel.pipeline.runtime import PipelineRuntime
 from disttrain.train import checkpoint as ckpt
-from disttrain.train.strategy import LocalStrategy
 
 __all__ = ["PipelineStrategy", "PipelineLayoutError"]
 
@@ -47,7 +46,7 @@ class PipelineLayoutError(ValueError):
     """The world cannot hold the requested stages x replicas, or the batch does not split into micro-batches."""
 
 
-class PipelineStrategy(LocalStrategy):
+class PipelineStrategy(MPIStrategy):
     """Pipeline (x data) parallelism for the Trainer: same interface as LocalStrategy plus its model hooks."""
 
     name = "pipeline"
@@ -68,7 +67,7 @@ class PipelineStrategy(LocalStrategy):
         self.checkpointing, self.batch_size, self.bptt = checkpointing, batch_size, bptt
         self.device, self.loss = device, loss
         self.pipe = self.comm.Split(color=self.replica, key=self.stage)
-        self.stage_group = self.comm.Split(color=self.stage, key=self.replica)
+        self.stage_group = self.data_group = self.comm.Split(color=self.stage, key=self.replica)
         self.partition = self.full_model = self.stage_module = self.runtime = self.link = None
         self._eval_runtimes = {}
 
@@ -79,20 +78,6 @@ class PipelineStrategy(LocalStrategy):
                    split_points=p.split_points, checkpointing=p.stage_checkpointing,
                    batch_size=spec.data.batch_size, bptt=spec.data.bptt, device=spec.train.device,
                    loss=spec.optim.loss)
-
-    # ---- identity -------------------------------------------------------------------------------
-    @property
-    def rank(self):
-        return self.comm.rank
-
-    @property
-    def world_size(self):
-        """The data-parallel width (replicas): each one trains on its share of the global batch."""
-        return self.replicas
-
-    @property
-    def is_main(self):
-        return self.comm.rank == 0
 
     def attach(self, model, optimizer=None):
         """Nothing to do: every rank built the model from the same seed, and prepare_model cut it."""
@@ -125,10 +110,6 @@ class PipelineStrategy(LocalStrategy):
                                batch_axis=1, checkpointing=self.checkpointing, device=self.device)
 
     # ---- one step --------------------------------------------------------------------------------
-    def shard(self, streams):
-        """This replica's B/D columns of the (rows, B) streams (all stages of a replica get the same)."""
-        return shard_streams(streams, self.replica, self.replicas)
-
     def forward_backward(self, trainer, inputs, targets):
         scale = inputs.shape[0] if self.loss == "sum_over_time" else 1.0
         result = self.runtime.step(inputs, targets, self._loss_fn, trainer.hidden, backward_scale=scale)
@@ -282,31 +263,6 @@ class PipelineStrategy(LocalStrategy):
             for m, s in enumerate(states):
                 s.append(tuple(dt.tensor(p[m], device=self.device) for p in pieces))
         return states
-
-    # ---- metrics and the rest of LocalStrategy's interface -----------------------------------------
-    def reduce_mean(self, value):
-        """The mean of a float over all ranks (within a pipe every stage holds the same loss)."""
-        buf = np.array([value], dtype=np.float64)
-        self.comm.Allreduce(buf)
-        return float(buf[0]) / self.comm.size
-
-    def reduce_sum(self, values):
-        """Element-wise sums over the replicas (every stage of a pipe holds its replica's figures already)."""
-        buf = np.array(values, dtype=np.float64)
-        self.stage_group.Allreduce(buf)
-        return buf.tolist()
-
-    def any(self, flag):
-        """True on every rank when `flag` is true on some rank."""
-        return any_rank(self.comm, flag)
-
-    def shard_eval(self, streams):
-        """This replica's near-equal share of the (N, B) evaluation stream columns (all stages of a pipe: the same)."""
-        return streams[:, np.array_split(np.arange(streams.shape[1]), self.replicas)[self.replica]]
-
-    def barrier(self):
-        with trace.span("barrier"):
-            self.comm.Barrier()
 
     def close(self):
         pass
