@@ -3,10 +3,6 @@ every CUDA kernel in disttrain/kernels_cuda is tested against.
 
 Each function takes and returns raw arrays (xp = numpy or cupy) and documents its layout.
 """
-import os
-from concurrent.futures import ThreadPoolExecutor
-
-import numpy as np
 
 
 def sigmoid(xp, a):
@@ -171,16 +167,9 @@ def cross_entropy_forward(xp, logits, target, ignore_index, keep_softmax=False):
     n, classes = logits.shape
     valid = target != ignore_index
     safe = xp.where(valid, target, 0)
-    exp = xp.empty_like(logits)
-    shifted_target = xp.empty(n, dtype=logits.dtype)
-
-    def shifted_exp(rows):  # exp of <= 0 only: no overflow
-        block = exp[rows]
-        xp.subtract(logits[rows], logits[rows].max(axis=1, keepdims=True), out=block)
-        shifted_target[rows] = block[xp.arange(block.shape[0]), safe[rows]]
-        xp.exp(block, out=block)
-
-    _for_row_blocks(xp, n, logits.size, shifted_exp)
+    exp = xp.subtract(logits, logits.max(axis=1, keepdims=True))  # shifted: exp of <= 0 only, no overflow
+    shifted_target = exp[xp.arange(n), safe]
+    xp.exp(exp, out=exp)
     sumexp = exp @ xp.ones(classes, dtype=exp.dtype)  # row sums as one GEMV: a fraction of a reduction's time
     losses = (xp.log(sumexp) - shifted_target) * valid
     return losses, ((exp, sumexp) if keep_softmax else None)
@@ -199,43 +188,12 @@ def cross_entropy_backward(xp, logits, target, saved, row_scale):
         saved = cross_entropy_forward(xp, logits, target, -1, keep_softmax=True)[1]
     if isinstance(saved, tuple):
         grad, sumexp = saved
-        factor = (row_scale / sumexp)[:, None]
+        grad *= (row_scale / sumexp)[:, None]
     else:
         grad = xp.exp(logits - saved[:, None])
-        factor = row_scale[:, None]
-
-    def scale_rows(rows):
-        grad[rows] *= factor[rows]
-
-    _for_row_blocks(xp, n, grad.size, scale_rows)
+        grad *= row_scale[:, None]
     grad[xp.arange(n), target] -= row_scale
     return grad
-
-
-# ---- row blocks on parallel threads ------------------------------------------------------------------
-
-_PARALLEL_MIN_ELEMENTS = 1 << 20  # below this a pass is too short to pay for handing work to a thread
-_pool = []                       # the ThreadPoolExecutor, made on first use
-
-
-def _for_row_blocks(xp, n_rows, elements, fn):
-    """fn(slice) for contiguous row blocks that cover [0, n_rows): one block per thread when the pass
-    over `elements` elements is large, so that its loops run on every core as torch's OpenMP loops do
-    (NumPy releases the GIL inside them). Threads: OMP_NUM_THREADS, else the core count; NumPy only
-    (CuPy kernels are asynchronous already). fn must write disjoint rows only.
-    """
-    threads = min(n_rows, int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1))
-    if xp is not np or threads < 2 or elements < _PARALLEL_MIN_ELEMENTS:
-        fn(slice(0, n_rows))
-        return
-    if not _pool or _pool[0]._max_workers < threads - 1:
-        _pool[:] = [ThreadPoolExecutor(threads - 1, thread_name_prefix="disttrain-rows")]
-    bounds = [n_rows * k // threads for k in range(threads + 1)]
-    blocks = [slice(start, stop) for start, stop in zip(bounds, bounds[1:])]
-    pending = [_pool[0].submit(fn, block) for block in blocks[1:]]
-    fn(blocks[0])
-    for job in pending:
-        job.result()
 
 
 # ---- embedding backward (scatter-add) ----------------------------------------------------------------
@@ -316,23 +274,11 @@ def sgd_step(xp, param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, 
             momentum_buffer *= momentum
             momentum_buffer += (1 - dampening) * grad
         grad = grad + momentum * momentum_buffer if nesterov else momentum_buffer
-    def update(part):
-        if lr == 1.0:  # exact either way; this skips a temporary (a pass and, for a big one, page faults)
-            param_flat[part] -= grad_flat[part]
-        else:
-            param_flat[part] += grad_flat[part] * -lr  # Tensor.add_(grad, alpha=-lr)
-
-    param_flat, grad_flat = _flat_views(param, grad)
-    _for_row_blocks(xp, param_flat.shape[0], param.size, update)
+    if lr == 1.0:  # exact either way; this skips a temporary (a pass and, for a big one, page faults)
+        param -= grad
+    else:
+        param += grad * -lr  # Tensor.add_(grad, alpha=-lr)
     return momentum_buffer
-
-
-def _flat_views(param, grad):
-    """(param, grad) as 1-D views where both are C-contiguous (the usual case: split into blocks),
-    else with a leading axis of length 1 (views too: updated as one block)."""
-    if param.flags.c_contiguous and grad.flags.c_contiguous and grad.shape == param.shape:
-        return param.reshape(-1), grad.reshape(-1)
-    return param[None], grad[None]
 
 
 def adam_step(xp, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
@@ -395,12 +341,7 @@ def norms(xp, arrays, norm_type):
 def scale_(xp, arrays, coef):
     """Multiply every array by the host scalar coef, in place."""
     for a in arrays:
-        flat, _ = _flat_views(a, a)
-
-        def scale(part, flat=flat):
-            flat[part] *= coef
-
-        _for_row_blocks(xp, flat.shape[0], a.size, scale)
+        a *= coef
 
 
 def clip_by_total_norm_(xp, arrays, max_norm, norm_type=2.0):

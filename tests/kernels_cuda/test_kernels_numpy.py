@@ -154,26 +154,6 @@ def test_cross_entropy_backward_accepts_every_saved_form_and_matches_finite_diff
     assert K.cross_entropy_backward(np, logits, safe, saved, row_scale) is saved[0]  # consumed in place
 
 
-def test_cross_entropy_sgd_and_scale_on_parallel_blocks_equal_one_block(monkeypatch):
-    """Large passes run as one row block per thread (OMP_NUM_THREADS); the result must not change."""
-    logits = _r(301, 40, scale=3.0).astype(np.float32)
-    target = RNG.integers(0, 40, 301)
-    row_scale = _r(301).astype(np.float32)
-    results = {}
-    for threads in ("1", "3"):
-        monkeypatch.setenv("OMP_NUM_THREADS", threads)
-        monkeypatch.setattr(K, "_PARALLEL_MIN_ELEMENTS", 0)
-        losses, saved = K.cross_entropy_forward(np, logits, target, -100, keep_softmax=True)
-        results[threads] = [losses, K.cross_entropy_backward(np, logits, target, saved, row_scale)]
-        for lr in (1.0, 0.3):  # SGD and clipping split their flat arrays the same way
-            param = logits.copy()
-            K.sgd_step(np, param, row_scale[:, None] * logits, None, lr)
-            K.scale_(np, [param, param.T], 0.5)  # a transposed view: one block
-            results[threads].append(param)
-    for one_block, blocks in zip(results["1"], results["3"]):
-        np.testing.assert_array_equal(blocks, one_block)
-
-
 # ---- embedding backward --------------------------------------------------------------------------------
 
 def test_index_add_rows_accumulates_repeats_and_counts_negative_indices_from_the_end():
