@@ -167,6 +167,12 @@ def test_index_add_rows_accumulates_repeats_and_counts_negative_indices_from_the
     np.testing.assert_allclose(target, expected, rtol=1e-15)
 
 
+@pytest.mark.parametrize("bad", [5, -6])
+def test_index_add_rows_refuses_out_of_range_rows(bad):
+    with pytest.raises(IndexError):  # -6 must not wrap to -1 on its way through the sorted path
+        K.index_add_rows(np, np.zeros((5, 3)), np.array([0, bad, 1]), _r(3, 3))
+
+
 def test_embedding_backward_sums_the_rows_of_each_token():
     indices = np.array([[1, 3, 1], [0, 1, 3]])
     grad = _r(2, 3, 4)
