@@ -7,13 +7,33 @@ batch/bptt, SGD with the job's lr and clip norm and the job's loss convention, o
 TBPTT segments with the hidden state carried and detached. disttrain runs `Trainer.train_step`
 (the loop every mode uses); PyTorch runs the equivalent step with torch.nn.LSTM (its CPU kernels).
 Rounds are interleaved; the median tokens/s of each side and the ratio are printed (target >= 1.2).
+Both sides' thread counts are printed too: NumPy's OpenBLAS and torch's intra-op pool default to
+the core count (GEMMs on every core on both sides); NumPy's elementwise loops run on one thread,
+torch's on its pool. Run it on a quiet machine: multi-threaded BLAS on cores that other processes
+also use slows down far more than the work it shares (small GEMMs most of all).
 """
 import argparse
+import ctypes
 import itertools
 
 from harness import interleaved, machine, torch_or_none
 
 from disttrain.train import Trainer, load_job
+
+
+def numpy_blas_threads():
+    """The thread count of the OpenBLAS that NumPy loaded (its get_num_threads), or None where unknown."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.lower()})
+    except OSError:
+        return None
+    for path in paths:
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_", "openblas_get_num_threads"):
+            if hasattr(lib, name):
+                return getattr(lib, name)()
+    return None
 
 
 def our_runner(trainer, steps):
@@ -49,7 +69,7 @@ def torch_runner(torch, spec, vocab, segments_list):
 
     model = LM()
     opt = torch.optim.SGD(model.parameters(), lr=o.lr)
-    segments = itertools.cycle([(torch.from_numpy(x), torch.from_numpy(y).reshape(-1)) for x, y in segments_list])
+    segments = itertools.cycle([(torch.tensor(x), torch.tensor(y).reshape(-1)) for x, y in segments_list])
     state = [None]
 
     def run():
@@ -90,6 +110,10 @@ def main():
     m, d = spec.model, spec.data
     print(f"LM training step, {args.job}: {m.layers}x{m.hidden} LSTM, vocab {len(trainer.corpus.vocab):,}, "
           f"batch {d.batch_size}, bptt {d.bptt}, SGD; {machine()}")
+    threads = f"threads: NumPy's OpenBLAS {numpy_blas_threads() or '?'} (NumPy's elementwise loops 1)"
+    if torch is not None:
+        threads += f", torch intra-op {torch.get_num_threads()} (GEMMs and elementwise)"
+    print("  " + threads)
     for name, rate in rates.items():
         print(f"  {name:10s} {rate:9.0f} tokens/s")
     if "pytorch" in rates:

@@ -100,7 +100,10 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
     with grad_mode.set_grad_enabled(create_graph):
         while ready:
             node = heapq.heappop(ready)[2]
-            grads = _take(buffers, node, owned)
+            grads = buffers.pop(node)  # _take, inlined: this loop runs once per node
+            if owned:
+                for g in grads:
+                    owned.discard(id(g))
             if capture is not None:
                 _capture(capture, node, grads, results)
             if type(node) is AccumulateGrad:
@@ -115,10 +118,11 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
                 if edge is None:
                     continue
                 nxt = edge[0]
+                buf = buffers.get(nxt)
+                if buf is None:
+                    buf = buffers[nxt] = [None] * nxt.n_outputs
                 if g is not None:
-                    _accumulate(buffers, nxt, edge[1], g, owned)
-                else:
-                    buffers.setdefault(nxt, [None] * nxt.n_outputs)
+                    _add_to_slot(buf, edge[1], g, owned)
                 remaining = deps[nxt] - 1
                 deps[nxt] = remaining
                 if remaining == 0:
@@ -142,13 +146,19 @@ def _mark_shared(grads, in_grads, given):
     gets a copy: a post-accumulate hook that changes it in place (a data-parallel average)
     must not change a gradient that backward has yet to use.
     """
-    seen = {_owner(g.data) for g in grads if g is not None}
+    seen = set()
+    for g in grads:
+        if g is not None:
+            array = g.data
+            seen.add(id(array) if array.base is None else id(array.base))  # _owner, inlined (hot)
     for g in in_grads:
         if g is not None:
-            owner = _owner(g.data)
+            array = g.data
+            owner = id(array) if array.base is None else id(array.base)
             if owner in seen:
                 given.add(owner)
-            seen.add(owner)
+            else:
+                seen.add(owner)
 
 
 def _take(buffers, node, owned):
@@ -166,16 +176,21 @@ def _take(buffers, node, owned):
 
 
 def _accumulate(buffers, node, index, g, owned=None):
-    """Add g into node's gradient buffer slot.
+    """Add g into node's gradient buffer slot (see _add_to_slot)."""
+    buf = buffers.get(node)
+    if buf is None:
+        buf = buffers[node] = [None] * node.n_outputs
+    _add_to_slot(buf, index, g, owned)
+
+
+def _add_to_slot(buf, index, g, owned):
+    """buf[index] += g.
 
     The first gradient is stored as is (it may be shared with another slot: add's backward passes
     g to both inputs). Without create_graph (`owned` given), the second allocates a fresh sum that
     this pass owns, and later ones add into it in place: a weight used at every time step of an
     RNN costs one allocation, not one per step.
     """
-    buf = buffers.get(node)
-    if buf is None:
-        buf = buffers[node] = [None] * node.n_outputs
     current = buf[index]
     if current is None:
         buf[index] = g

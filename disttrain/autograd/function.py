@@ -21,6 +21,7 @@ from disttrain.tensor.memory import hook as _memory, track_node as _track_node_m
 from disttrain.tensor.tensor import Tensor
 
 _sequence = itertools.count()
+_PLAIN = frozenset({float, int, bool, type(None), tuple, str})  # op parameters passed through as they are
 
 
 class OpError(ValueError):
@@ -33,6 +34,10 @@ class Function:
     n_outputs = 1
     same_dtype = True  # tensor inputs must share one dtype (see disttrain.tensor.dtypes)
     is_view = False    # the output may be a view of input 0: it then shares input 0's version counter
+    # per-node state with class defaults (set on the instance when it differs: fewer stores per op)
+    saved = ()         # ((input, its version at forward), ...) for saves_inputs; None once released
+    saved_out = ()     # ((weakref to output, version, array), ...) when saves_output; None once released
+    out_hooks = None   # {output index: [hooks]} (disttrain.autograd.hooks)
 
     # ---- subclass API ----------------------------------------------------------------------
     def forward(self, *arrays, **params):
@@ -91,6 +96,8 @@ class Function:
                     first = data
                 elif type(data) is not type(first) or (data.dtype != first.dtype and cls.same_dtype):
                     _raise_mismatch(cls, inputs)
+            elif type(x) in _PLAIN:      # the common constants (0.5, an axis, None) need no check
+                arrays.append(x)
             elif isinstance(x, np.generic):  # a NumPy scalar (np.sqrt(d)) acts as a Python scalar: it adopts
                 arrays.append(x.item())      # the tensors' dtype instead of promoting float32 to float64
             else:
@@ -125,11 +132,15 @@ class Function:
                 return tuple(Tensor._wrap(o) for o in out)
             result = outs = tuple(Tensor._wrap(o, node, i) for i, o in enumerate(out))
             node.out_meta = tuple((o.shape, o.dtype) for o in out)
-        node.next_edges = tuple([_edge(x) for x in inputs])
+        # where the gradient w.r.t. each input goes: its producer node, a leaf's accumulator, or nowhere
+        node.next_edges = tuple([((x._node, x._out_index) if x._node is not None else (accumulator_of(x), 0))
+                                 if isinstance(x, Tensor) and x.requires_grad else None for x in inputs])
         node.seq = next(_sequence)
-        node.out_hooks = None
-        node.saved = tuple([(inputs[i], getattr(inputs[i], "_version", 0)) for i in cls.saves_inputs])
-        node.saved_out = tuple([(weakref.ref(t), t._version, t.data) for t in outs]) if cls.saves_output else ()
+        if cls.saves_inputs:
+            node.saved = tuple([(x, x._version_box[0]) if isinstance(x, Tensor) else (x, 0)
+                                for x in [inputs[i] for i in cls.saves_inputs]])
+        if cls.saves_output:
+            node.saved_out = tuple([(weakref.ref(t), t._version_box[0], t.data) for t in outs])
         if _memory.active:  # a MemoryMeter counts what the node keeps for backward (masks, activations)
             _track_node_memory(node)
         return result
@@ -141,15 +152,6 @@ class Function:
 
     def __repr__(self):
         return f"<{type(self).__name__} node>"
-
-
-def _edge(x):
-    """Where the gradient w.r.t. input x goes: its producer node, a leaf's accumulator, or nowhere."""
-    if not isinstance(x, Tensor) or not x.requires_grad:
-        return None
-    if x._node is not None:
-        return (x._node, x._out_index)
-    return (accumulator_of(x), 0)
 
 
 def _raise_mismatch(cls, inputs):

@@ -82,13 +82,9 @@ def lstm_cell_forward(xp, gates_x, h, c, w_hh):
     if not _fused(gates_x, h, c, w_hh):
         return _ref.lstm_cell_forward(xp, gates_x, h, c, w_hh)
     batch, hidden = h.shape
-    hh = h @ w_hh.T
-    gates_x, c = _contiguous(xp, gates_x), _contiguous(xp, c)
     h_new, c_new, tanh_c = (xp.empty((batch, hidden), dtype=c.dtype) for _ in range(3))
     acts = xp.empty((batch, 4 * hidden), dtype=c.dtype)
-    grid, block = launch.rows_config(batch, hidden)
-    kernel("lstm", "lstm_cell_forward", c.dtype)(
-        grid, block, (gates_x, hh, c, h_new, c_new, acts, tanh_c, _i64(batch), _i64(hidden)))
+    _lstm_step_forward(xp, _contiguous(xp, gates_x), h, _contiguous(xp, c), w_hh, h_new, c_new, acts, tanh_c)
     return h_new, c_new, acts, tanh_c
 
 
@@ -96,14 +92,58 @@ def lstm_cell_backward(xp, dh, dc, acts, tanh_c, h, c, w_hh):
     """Gradients of one LSTM step: one fused kernel for d_pre and dc_prev, then two cuBLAS GEMMs."""
     if not _fused(dh, dc, acts, tanh_c, h, c, w_hh):
         return _ref.lstm_cell_backward(xp, dh, dc, acts, tanh_c, h, c, w_hh)
-    batch, hidden = h.shape
     dh, dc, acts, tanh_c, c = (_contiguous(xp, a) for a in (dh, dc, acts, tanh_c, c))
-    d_pre = xp.empty((batch, 4 * hidden), dtype=c.dtype)
+    d_pre = xp.empty_like(acts)
+    dc_prev = _lstm_step_backward(xp, dh, dc, acts, tanh_c, c, d_pre)
+    return d_pre, d_pre @ w_hh, dc_prev, d_pre.T @ h
+
+
+def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
+    """T steps of the fused cell kernel (each after its h @ W_hh^T on cuBLAS), written into (T, B, *) buffers."""
+    if not _fused(gates_x, h0, c0, w_hh):
+        return _ref.lstm_layer_forward(xp, gates_x, h0, c0, w_hh)
+    steps, batch, four_h = gates_x.shape
+    gates_x = _contiguous(xp, gates_x)
+    out, cs, tanh_c = (xp.empty((steps, batch, four_h // 4), dtype=gates_x.dtype) for _ in range(3))
+    acts = xp.empty_like(gates_x)
+    h, c = h0, _contiguous(xp, c0)
+    for t in range(steps):
+        _lstm_step_forward(xp, gates_x[t], h, c, w_hh, out[t], cs[t], acts[t], tanh_c[t])
+        h, c = out[t], cs[t]
+    return out, cs, acts, tanh_c
+
+
+def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh):
+    """T steps of the fused cell backward kernel (each followed by the dh GEMM), then dW_hh as one GEMM."""
+    if not _fused(d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh):
+        return _ref.lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh)
+    d_out, acts, tanh_c, cs, c0 = (_contiguous(xp, a) for a in (d_out, acts, tanh_c, cs, c0))
+    d_gates = xp.empty_like(acts)
+    dh, dc = dh_n, _contiguous(xp, dc_n)
+    for t in reversed(range(acts.shape[0])):
+        dc = _lstm_step_backward(xp, d_out[t] + dh, dc, acts[t], tanh_c[t], cs[t - 1] if t else c0, d_gates[t])
+        dh = d_gates[t] @ w_hh
+    four_h, hidden = w_hh.shape
+    h_prev = xp.concatenate([h0[None], out[:-1]])
+    return d_gates, dh, dc, d_gates.reshape(-1, four_h).T @ h_prev.reshape(-1, hidden)
+
+
+def _lstm_step_forward(xp, gates_x, h, c, w_hh, h_new, c_new, acts, tanh_c):
+    """The fused forward kernel on C-contiguous gates_x, c and outputs (views into layer buffers are)."""
+    batch, hidden = c.shape
+    grid, block = launch.rows_config(batch, hidden)
+    kernel("lstm", "lstm_cell_forward", c.dtype)(
+        grid, block, (gates_x, h @ w_hh.T, c, h_new, c_new, acts, tanh_c, _i64(batch), _i64(hidden)))
+
+
+def _lstm_step_backward(xp, dh, dc, acts, tanh_c, c, d_pre):
+    """The fused backward kernel: writes d_pre (B, 4H), returns dc_prev (B, H); inputs C-contiguous."""
+    batch, hidden = c.shape
     dc_prev = xp.empty((batch, hidden), dtype=c.dtype)
     grid, block = launch.rows_config(batch, hidden)
     kernel("lstm", "lstm_cell_backward", c.dtype)(
         grid, block, (dh, dc, acts, tanh_c, c, d_pre, dc_prev, _i64(batch), _i64(hidden)))
-    return d_pre, d_pre @ w_hh, dc_prev, d_pre.T @ h
+    return dc_prev
 
 
 # ---- cross-entropy ---------------------------------------------------------------------------------------
@@ -127,7 +167,7 @@ def cross_entropy_forward(xp, logits, target, ignore_index, keep_softmax=False):
 
 def cross_entropy_backward(xp, logits, target, saved, row_scale):
     """(softmax - onehot) * row_scale in one elementwise pass from forward's lse (recomputed when None)."""
-    if not _fused(logits) or logits.ndim != 2 or (saved is not None and saved.ndim != 1):
+    if not _fused(logits) or logits.ndim != 2 or isinstance(saved, tuple):  # tuple: the reference's form
         return _ref.cross_entropy_backward(xp, logits, target, saved, row_scale)
     n_rows, n_cols = logits.shape
     logits = _contiguous(xp, logits)

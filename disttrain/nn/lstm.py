@@ -1,8 +1,8 @@
-"""Multi-layer LSTM over (T, B, C) sequences, one fused cell node per time step."""
+"""Multi-layer LSTM over (T, B, C) sequences, one fused layer node per layer (or checkpointed segment)."""
 import math
 
 from disttrain.autograd.grad_mode import is_grad_enabled
-from disttrain.autograd.ops import concat, dropout, linear, lstm_cell, stack, unbind
+from disttrain.autograd.ops import concat, dropout, lstm_layer, stack, unbind
 from disttrain.nn.module import Module
 from disttrain.nn.parameter import Parameter
 from disttrain.tensor.creation import uniform, zeros
@@ -17,9 +17,9 @@ class LSTM(Module):
     Parameters per layer k, with PyTorch's names and layouts (gate order i, f, g, o), so
     state_dicts load into torch.nn.LSTM unchanged:
         weight_ih_l{k} (4H, in_k)   weight_hh_l{k} (4H, H)   bias_ih_l{k} (4H,)   bias_hh_l{k} (4H,)
-    Per layer, the input projection of all T steps is one GEMM; each step is one fused
-    LSTMCell node. `dropout` applies to the outputs of every layer but the last
-    (Zaremba et al.'s non-recurrent dropout).
+    Each layer is one fused LSTMLayer node (disttrain.autograd.ops.lstm): the input projection of
+    all T steps is one GEMM, the T steps run in the backend's kernels. `dropout` applies to the
+    outputs of every layer but the last (Zaremba et al.'s non-recurrent dropout).
 
     checkpoint_segments (None, "sqrt" or an int; an attribute that may be changed at any time):
     recurrent activation checkpointing. Each layer's T steps are cut into that many segments
@@ -70,7 +70,7 @@ class LSTM(Module):
         weights = tuple(getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
         if (self.checkpoint_segments is None or not is_grad_enabled()
                 or not any(t.requires_grad for t in (x, h, c) + weights)):
-            return _steps(x, h, c, *weights)
+            return lstm_layer(x, h, c, *weights)
         # imported here, not at the top: disttrain.checkpointing imports nn
         from disttrain.checkpointing.checkpoint import checkpoint, segment_bounds
 
@@ -98,17 +98,6 @@ class LSTM(Module):
                 + (f", checkpoint_segments={self.checkpoint_segments!r}" if self.checkpoint_segments else ""))
 
 
-def _steps(x, h, c, w_ih, w_hh, b_ih, b_hh):
-    """One layer over x (T, B, in): the input projection of all steps as one GEMM, then T fused cells."""
-    steps, batch, features = x.shape
-    gates_x = linear(x.reshape((steps * batch, features)), w_ih, b_ih + b_hh).reshape((steps, batch, w_hh.shape[0]))
-    outputs = []
-    for gx in unbind(gates_x, 0):
-        h, c = lstm_cell(gx, h, c, w_hh)
-        outputs.append(h)
-    return stack(outputs), h, c
-
-
 def _segment(h, c, w_ih, w_hh, b_ih, b_hh, *xs):
-    """_steps over the time steps xs (each (1, B, in)): what recurrent checkpointing recomputes."""
-    return _steps(concat(xs, 0), h, c, w_ih, w_hh, b_ih, b_hh)
+    """The layer over the time steps xs (each (1, B, in)): what recurrent checkpointing recomputes."""
+    return lstm_layer(concat(xs, 0), h, c, w_ih, w_hh, b_ih, b_hh)

@@ -10,36 +10,146 @@ def sigmoid(xp, a):
     return xp.where(a >= 0, 1 / (1 + e), e / (1 + e)).astype(a.dtype, copy=False)
 
 
+# ---- LSTM: one step, one layer -------------------------------------------------------------------------
+
+def _gate_scales(xp, hidden, dtype):
+    """(alpha, beta), each (4H,): tanh(alpha * pre) * alpha + beta is the activation of every gate.
+
+    sigmoid(x) = tanh(x / 2) / 2 + 1/2 for i, f, o (alpha = beta = 1/2) and tanh for g (alpha = 1,
+    beta = 0): one tanh over the whole contiguous (B, 4H) block instead of slices and exp, and
+    halving is exact in binary floating point, so alpha folds into W_hh and gates_x exactly.
+    """
+    alpha = xp.full(4 * hidden, 0.5, dtype=dtype)
+    alpha[2 * hidden:3 * hidden] = 1
+    beta = alpha.copy()
+    beta[2 * hidden:3 * hidden] = 0
+    return alpha, beta
+
+
+def _lstm_activate(xp, pre, c, h_out, c_out, tanh_c_out, alpha, beta):
+    """The pointwise part of a step, from the scaled pre-activations pre = alpha * (gates_x + h W_hh^T)
+    (B, 4H), which become the activations [i, f, g, o] in place; writes h_out, c_out, tanh_c_out (B, H)."""
+    hidden = c.shape[1]
+    xp.tanh(pre, out=pre)
+    pre *= alpha
+    pre += beta
+    i, f, g, o = (pre[:, k * hidden:(k + 1) * hidden] for k in range(4))
+    xp.multiply(f, c, out=c_out)
+    c_out += i * g
+    xp.tanh(c_out, out=tanh_c_out)
+    xp.multiply(o, tanh_c_out, out=h_out)
+
+
 def lstm_cell_forward(xp, gates_x, h, c, w_hh):
     """One LSTM step.
 
     gates_x (B, 4H): input projection x_t @ W_ih^T + b_ih + b_hh, gate order i, f, g, o (PyTorch's)
     h, c (B, H): previous hidden and cell state;  w_hh (4H, H)
     Returns h_new, c_new (B, H) and the activations backward needs: acts (B, 4H) = [i, f, g, o], tanh_c (B, H).
+    The same arithmetic as one step of lstm_layer_forward.
     """
-    hidden = h.shape[1]
-    pre = gates_x + h @ w_hh.T
-    acts = xp.empty_like(pre)
-    acts[:, :2 * hidden] = sigmoid(xp, pre[:, :2 * hidden])
-    acts[:, 2 * hidden:3 * hidden] = xp.tanh(pre[:, 2 * hidden:3 * hidden])
-    acts[:, 3 * hidden:] = sigmoid(xp, pre[:, 3 * hidden:])
-    i, f, g, o = (acts[:, k * hidden:(k + 1) * hidden] for k in range(4))
-    c_new = f * c + i * g
-    tanh_c = xp.tanh(c_new)
-    return o * tanh_c, c_new, acts, tanh_c
+    alpha, beta = _gate_scales(xp, h.shape[1], gates_x.dtype)
+    acts = gates_x * alpha
+    acts += h @ (w_hh * alpha[:, None]).T
+    h_new, c_new, tanh_c = (xp.empty_like(c) for _ in range(3))
+    _lstm_activate(xp, acts, c, h_new, c_new, tanh_c, alpha, beta)
+    return h_new, c_new, acts, tanh_c
 
 
 def lstm_cell_backward(xp, dh, dc, acts, tanh_c, h, c, w_hh):
     """Gradients of one LSTM step: returns d_gates_x (B, 4H), dh_prev, dc_prev (B, H), dw_hh (4H, H)."""
-    hidden = h.shape[1]
-    i, f, g, o = (acts[:, k * hidden:(k + 1) * hidden] for k in range(4))
-    dc_total = dc + dh * o * (1 - tanh_c * tanh_c)
-    dpre = xp.empty_like(acts)
-    dpre[:, :hidden] = dc_total * g * i * (1 - i)
-    dpre[:, hidden:2 * hidden] = dc_total * c * f * (1 - f)
-    dpre[:, 2 * hidden:3 * hidden] = dc_total * i * (1 - g * g)
-    dpre[:, 3 * hidden:] = dh * tanh_c * o * (1 - o)
-    return dpre, dpre @ w_hh, dc_total * f, dpre.T @ h
+    factors, dh_to_dc = _lstm_backward_factors(xp, acts[None], tanh_c[None], c[None])
+    d_pre = xp.empty_like(acts)
+    dc_prev = _lstm_step_backward(xp, dh, dc, factors[0], dh_to_dc[0], acts, d_pre)
+    return d_pre, d_pre @ w_hh, dc_prev, d_pre.T @ h
+
+
+def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
+    """T LSTM steps: one layer over a sequence.
+
+    gates_x (T, B, 4H): the input projection of every step (as lstm_cell_forward's); it is CONSUMED:
+    its buffer is overwritten with the activations, so the caller passes an array it owns.
+    h0, c0 (B, H): the initial state;  w_hh (4H, H).
+    Returns out (T, B, H) = h_1..h_T, cs (T, B, H) = c_1..c_T, acts (T, B, 4H) = [i, f, g, o] per
+    step (gates_x's buffer) and tanh_c (T, B, H): what lstm_layer_backward reads.
+    """
+    steps, batch, four_h = gates_x.shape
+    alpha, beta = _gate_scales(xp, four_h // 4, gates_x.dtype)
+    gates_x *= alpha
+    w_scaled_t = (w_hh * alpha[:, None]).T  # (H, 4H): h @ it = alpha * (h @ W_hh^T), exactly
+    out, cs, tanh_c = (xp.empty((steps,) + h0.shape, dtype=gates_x.dtype) for _ in range(3))
+    recurrent = xp.empty((batch, four_h), dtype=gates_x.dtype)
+    h, c = h0, c0
+    for t in range(steps):
+        pre = gates_x[t]
+        xp.matmul(h, w_scaled_t, out=recurrent)
+        pre += recurrent
+        _lstm_activate(xp, pre, c, out[t], cs[t], tanh_c[t], alpha, beta)
+        h, c = out[t], cs[t]
+    return out, cs, gates_x, tanh_c
+
+
+def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh):
+    """Gradients of lstm_layer_forward.
+
+    d_out (T, B, H): the gradient of out; dh_n, dc_n (B, H): of the final state h_T, c_T (added to
+    what reaches them through out). acts, tanh_c, out, cs: forward's; h0, c0 (B, H); w_hh (4H, H).
+    Returns d_gates (T, B, 4H) (the gradient of gates_x), dh0, dc0 (B, H) and dw_hh (4H, H).
+    Everything but the recurrence is vectorised over the T steps: the per-step factors before the
+    loop, dw_hh = sum_t d_gates_t^T h_{t-1} as one GEMM after it.
+    """
+    steps = acts.shape[0]
+    c_prev = xp.concatenate([c0[None], cs[:-1]])
+    factors, dh_to_dc = _lstm_backward_factors(xp, acts, tanh_c, c_prev)
+    d_gates = xp.empty_like(acts)
+    dh_step = xp.empty_like(dh_n)
+    dh, dc = dh_n, dc_n
+    for t in reversed(range(steps)):
+        xp.add(d_out[t], dh, out=dh_step)
+        dc = _lstm_step_backward(xp, dh_step, dc, factors[t], dh_to_dc[t], acts[t], d_gates[t])
+        dh = d_gates[t] @ w_hh
+    four_h, hidden = w_hh.shape
+    h_prev = xp.concatenate([h0[None], out[:-1]])
+    dw_hh = d_gates.reshape(-1, four_h).T @ h_prev.reshape(-1, hidden)
+    return d_gates, dh, dc, dw_hh
+
+
+def _lstm_backward_factors(xp, acts, tanh_c, c_prev):
+    """What d pre depends on besides the incoming gradients, for all T steps at once.
+
+    acts (T, B, 4H), tanh_c, c_prev (T, B, H). Returns factors (T, B, 4, H) and dh_to_dc (T, B, H):
+        dc_total = dc + dh * dh_to_dc                      dh_to_dc = o (1 - tanh_c^2)
+        d pre_[i, f, g] = dc_total * factors[:, :, :3]     [g i (1-i), c_prev f (1-f), i (1-g^2)]
+        d pre_o = dh * factors[:, :, 3]                     tanh_c o (1-o)
+    """
+    steps, batch, four_h = acts.shape
+    hidden = four_h // 4
+    gates = acts.reshape(steps, batch, 4, hidden)
+    i, f, g, o = (gates[:, :, k] for k in range(4))
+    factors = xp.subtract(1, gates)
+    factors *= gates                           # s (1 - s): right for i, f, o
+    xp.multiply(g, g, out=factors[:, :, 2])
+    xp.subtract(1, factors[:, :, 2], out=factors[:, :, 2])  # 1 - g^2 for the tanh gate
+    factors[:, :, 0] *= g
+    factors[:, :, 1] *= c_prev
+    factors[:, :, 2] *= i
+    factors[:, :, 3] *= tanh_c
+    dh_to_dc = tanh_c * tanh_c
+    xp.subtract(1, dh_to_dc, out=dh_to_dc)
+    dh_to_dc *= o
+    return factors, dh_to_dc
+
+
+def _lstm_step_backward(xp, dh, dc, factors, dh_to_dc, acts, d_pre):
+    """One step of the recurrence: writes d_pre (B, 4H), returns dc_prev (B, H); see _lstm_backward_factors."""
+    batch, four_h = acts.shape
+    hidden = four_h // 4
+    dc_total = dh * dh_to_dc
+    dc_total += dc
+    d_pre4 = d_pre.reshape(batch, 4, hidden)
+    xp.multiply(factors[:, :3], dc_total[:, None, :], out=d_pre4[:, :3])
+    xp.multiply(factors[:, 3], dh, out=d_pre4[:, 3])
+    return dc_total * acts[:, hidden:2 * hidden]
 
 
 # ---- fused log-softmax + cross-entropy ---------------------------------------------------------------
@@ -48,38 +158,40 @@ def cross_entropy_forward(xp, logits, target, ignore_index, keep_softmax=False):
     """Per-row -log softmax(logits)[target]: logits (N, C) float, target (N,) int, rows whose target is
     ignore_index give 0. Classes must be in [0, C) elsewhere (the op checks).
 
-    Returns (losses (N,), saved): `saved` is what cross_entropy_backward reads. Here it is the
-    softmax (N, C) when keep_softmax (backward then scales it in place: no second exp pass), else
-    None. The CUDA kernel returns the row log-sum-exp (N,) instead and recomputes exp in backward's
-    single pass; cross_entropy_backward below accepts all three forms.
+    Returns (losses (N,), saved): `saved` is what cross_entropy_backward reads. Here it is the pair
+    (exp (N, C), sumexp (N,)) of the row-shifted exponentials and their row sums when keep_softmax
+    (backward then normalises and scales exp in place in one pass: no second exp pass), else None.
+    The CUDA kernel returns the row log-sum-exp (N,) instead and recomputes exp in backward's single
+    pass; cross_entropy_backward below accepts all three forms.
     """
-    n = logits.shape[0]
+    n, classes = logits.shape
     valid = target != ignore_index
     safe = xp.where(valid, target, 0)
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = xp.exp(shifted)
-    sumexp = exp.sum(axis=1, keepdims=True)
-    losses = (xp.log(sumexp[:, 0]) - shifted[xp.arange(n), safe]) * valid
-    return losses, (exp / sumexp if keep_softmax else None)
+    exp = xp.subtract(logits, logits.max(axis=1, keepdims=True))  # shifted: exp of <= 0 only, no overflow
+    shifted_target = exp[xp.arange(n), safe]
+    xp.exp(exp, out=exp)
+    sumexp = exp @ xp.ones(classes, dtype=exp.dtype)  # row sums as one GEMV: a fraction of a reduction's time
+    losses = (xp.log(sumexp) - shifted_target) * valid
+    return losses, ((exp, sumexp) if keep_softmax else None)
 
 
 def cross_entropy_backward(xp, logits, target, saved, row_scale):
     """grad (N, C) = (softmax(logits) - onehot(target)) * row_scale[:, None].
 
     target (N,): a class in [0, C) for every row (rows with row_scale 0, e.g. ignored ones, may hold
-    any class); row_scale (N,): d loss / d loss_row. `saved`: forward's softmax (N, C), overwritten
-    with the result; the row log-sum-exp (N,); or None (the softmax is recomputed).
+    any class); row_scale (N,): d loss / d loss_row. `saved`: forward's (exp, sumexp) pair, whose exp
+    is overwritten with the result; the row log-sum-exp (N,); or None (the softmax is recomputed).
     """
     n = logits.shape[0]
+    row_scale = row_scale.reshape(n)
     if saved is None:
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        grad = xp.exp(shifted)
-        grad /= grad.sum(axis=1, keepdims=True)
-    elif saved.ndim == 1:
-        grad = xp.exp(logits - saved[:, None])
+        saved = cross_entropy_forward(xp, logits, target, -1, keep_softmax=True)[1]
+    if isinstance(saved, tuple):
+        grad, sumexp = saved
+        grad *= (row_scale / sumexp)[:, None]
     else:
-        grad = saved
-    grad *= row_scale.reshape(n, 1)
+        grad = xp.exp(logits - saved[:, None])
+        grad *= row_scale[:, None]
     grad[xp.arange(n), target] -= row_scale
     return grad
 
@@ -90,8 +202,20 @@ def index_add_rows(xp, target, index, values):
     """target[index[r]] += values[r] in place, repeated indices accumulating.
 
     target (V, D); index int array of any shape; values index.shape + (D,).
+    Sorted by row, each row's values are summed by one reduceat and added once: about half the
+    time of ufunc.at (where the array module has reduceat; ufunc.at otherwise).
     """
-    xp.add.at(target, index, values)
+    rows = index.reshape(-1)
+    values = values.reshape(rows.shape + target.shape[1:])
+    if rows.shape[0] < 2 or not hasattr(xp.add, "reduceat"):
+        xp.add.at(target, rows, values)
+        return
+    n_rows = target.shape[0]
+    rows = xp.where((rows < 0) & (rows >= -n_rows), rows + n_rows, rows)  # -1 and V-1 are one key
+    order = xp.argsort(rows, kind="stable")
+    rows = rows[order]
+    starts = xp.flatnonzero(xp.concatenate([xp.ones(1, dtype=bool), rows[1:] != rows[:-1]]))
+    target[rows[starts]] += xp.add.reduceat(values[order], starts, axis=0)  # out of range: IndexError
 
 
 def embedding_backward(xp, grad, indices, num_embeddings):
@@ -162,8 +286,10 @@ def sgd_step(xp, param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, 
             momentum_buffer *= momentum
             momentum_buffer += (1 - dampening) * grad
         grad = grad + momentum * momentum_buffer if nesterov else momentum_buffer
-    alpha = -lr  # Tensor.add_(grad, alpha=-lr)
-    param += grad * alpha if alpha != 1.0 else grad
+    if lr == 1.0:  # exact either way; this skips a temporary (a pass and, for a big one, page faults)
+        param -= grad
+    else:
+        param += grad * -lr  # Tensor.add_(grad, alpha=-lr)
     return momentum_buffer
 
 

@@ -81,6 +81,34 @@ def test_lstm_cell_backward_matches_finite_differences():
         np.testing.assert_allclose(g, _numeric_grad(objective, x), rtol=1e-6, atol=1e-8, err_msg=name)
 
 
+def _layer_inputs(t=4, b=3, h=4):
+    return _r(t, b, 4 * h), _r(b, h), _r(b, h), _r(4 * h, h, scale=0.5)
+
+
+def test_lstm_layer_forward_equals_the_cell_step_by_step():
+    gates_x, h, c, w_hh = _layer_inputs()
+    out, cs, acts, tanh_c = K.lstm_layer_forward(np, gates_x.copy(), h, c, w_hh)
+    for t in range(gates_x.shape[0]):
+        h, c, step_acts, step_tanh_c = K.lstm_cell_forward(np, gates_x[t], h, c, w_hh)
+        for layer_value, cell_value in ((out[t], h), (cs[t], c), (acts[t], step_acts), (tanh_c[t], step_tanh_c)):
+            np.testing.assert_array_equal(layer_value, cell_value)  # the same arithmetic, bit for bit
+
+
+def test_lstm_layer_backward_matches_finite_differences():
+    inputs = list(_layer_inputs())
+    d_out, dh_n, dc_n = _r(4, 3, 4), _r(3, 4), _r(3, 4)
+
+    def objective():
+        out, cs, _, _ = K.lstm_layer_forward(np, inputs[0].copy(), *inputs[1:])
+        return float((out * d_out).sum() + (out[-1] * dh_n).sum() + (cs[-1] * dc_n).sum())
+
+    gates_x, h0, c0, w_hh = inputs
+    out, cs, acts, tanh_c = K.lstm_layer_forward(np, gates_x.copy(), h0, c0, w_hh)
+    grads = K.lstm_layer_backward(np, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh)
+    for name, x, g in zip(("gates_x", "h0", "c0", "w_hh"), inputs, grads):
+        np.testing.assert_allclose(g, _numeric_grad(objective, x), rtol=1e-6, atol=1e-8, err_msg=name)
+
+
 # ---- cross-entropy -------------------------------------------------------------------------------------
 
 def _xent_case(n=6, c=9, scale=3.0):
@@ -98,10 +126,11 @@ def _row_loss(row, t):
 @pytest.mark.parametrize("scale", [1.0, 1e4])  # 1e4: exp overflows unless the row maximum is subtracted
 def test_cross_entropy_forward_matches_the_formula(scale):
     logits, target = _xent_case(scale=scale)
-    losses, probs = K.cross_entropy_forward(np, logits, target, -100, keep_softmax=True)
+    losses, (exp, sumexp) = K.cross_entropy_forward(np, logits, target, -100, keep_softmax=True)
     expected = [0.0 if t == -100 else _row_loss(row, t) for row, t in zip(logits, target)]
     np.testing.assert_allclose(losses, expected, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(exp.max(axis=1), 1.0, rtol=1e-15)  # shifted by the row maximum
+    np.testing.assert_allclose(sumexp, exp.sum(axis=1), rtol=1e-12)
     assert K.cross_entropy_forward(np, logits, target, -100)[1] is None
 
 
@@ -117,11 +146,12 @@ def test_cross_entropy_backward_accepts_every_saved_form_and_matches_finite_diff
     numeric = _numeric_grad(objective, logits)
     shifted = logits - logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(shifted).sum(axis=1)) + logits.max(axis=1)
-    _, probs = K.cross_entropy_forward(np, logits, target, -100, keep_softmax=True)
-    for saved in (probs, lse, None):
+    kept = lambda: K.cross_entropy_forward(np, logits, target, -100, keep_softmax=True)[1]  # noqa: E731
+    for saved in (kept(), lse, None):
         grad = K.cross_entropy_backward(np, logits, safe, saved, row_scale)
         np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-9)
-    assert K.cross_entropy_backward(np, logits, safe, probs, row_scale) is probs  # consumed in place
+    saved = kept()
+    assert K.cross_entropy_backward(np, logits, safe, saved, row_scale) is saved[0]  # consumed in place
 
 
 # ---- embedding backward --------------------------------------------------------------------------------
@@ -135,6 +165,12 @@ def test_index_add_rows_accumulates_repeats_and_counts_negative_indices_from_the
         expected[index[r] % 5] += values[r]
     K.index_add_rows(np, target, index, values)
     np.testing.assert_allclose(target, expected, rtol=1e-15)
+
+
+@pytest.mark.parametrize("bad", [5, -6])
+def test_index_add_rows_refuses_out_of_range_rows(bad):
+    with pytest.raises(IndexError):  # -6 must not wrap to -1 on its way through the sorted path
+        K.index_add_rows(np, np.zeros((5, 3)), np.array([0, bad, 1]), _r(3, 3))
 
 
 def test_embedding_backward_sums_the_rows_of_each_token():

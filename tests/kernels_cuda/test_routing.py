@@ -43,8 +43,8 @@ def test_a_language_model_step_uses_the_fused_kernels(calls, kind):
     loss.backward()
     clip_grad_norm_(params, 1e-3)  # small: the gradients are scaled
     opt.step()
-    steps = 4 * 2  # T * layers
-    assert calls.count("lstm_cell_forward") == steps and calls.count("lstm_cell_backward") == steps
+    layers = 2  # one fused layer kernel per layer, forward and backward
+    assert calls.count("lstm_layer_forward") == layers and calls.count("lstm_layer_backward") == layers
     assert calls.count("cross_entropy_forward") == 1 and calls.count("cross_entropy_backward") == 1
     assert calls.count("norms") == 1 and calls.count("scale_") == len(params)
     assert calls.count(f"{kind}_step") == len(params)

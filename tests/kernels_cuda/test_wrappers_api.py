@@ -163,6 +163,19 @@ def test_lstm_launches(dtype, launches):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_lstm_layer_launches_one_cell_kernel_per_step(dtype, launches):
+    t, b, h = 4, 3, 5
+    out, cs, acts, tanh_c = wrappers.lstm_layer_forward(np, _r((t, b, 4 * h), dtype), _r((b, h), dtype),
+                                                         _r((b, h), dtype), _r((4 * h, h), dtype))
+    assert [a.shape for a in (out, cs, acts, tanh_c)] == [(t, b, h), (t, b, h), (t, b, 4 * h), (t, b, h)]
+    grads = wrappers.lstm_layer_backward(np, _r((t, b, h), dtype), _r((b, h), dtype), _r((b, h), dtype).T.copy().T,
+                                         acts, tanh_c, out, cs, _r((b, h), dtype), _r((b, h), dtype),
+                                         _r((4 * h, h), dtype))
+    assert [g.shape for g in grads] == [(t, b, 4 * h), (b, h), (b, h), (4 * h, h)]
+    assert launches == ["lstm_cell_forward"] * t + ["lstm_cell_backward"] * t
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n_cols, kind", [(10, "warp"), (5000, "block")])
 def test_cross_entropy_launches(dtype, n_cols, kind, launches):
     logits = _r((6, n_cols), dtype)

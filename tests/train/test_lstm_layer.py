@@ -1,11 +1,11 @@
-"""nn.LSTM and the fused LSTM cell: torch equivalence, the composed reference cell, gradcheck, dropout modes."""
+"""nn.LSTM and the fused LSTM cell and layer: torch equivalence, the composed references, gradcheck, dropout modes."""
 import numpy as np
 import pytest
 
 import disttrain as dt
 from disttrain import nn
-from disttrain.autograd import gradcheck
-from disttrain.autograd.ops import lstm_cell, lstm_cell_reference
+from disttrain.autograd import grad, gradcheck
+from disttrain.autograd.ops import lstm_cell, lstm_cell_reference, lstm_layer, lstm_layer_reference
 
 
 def _randn(rng, *shape, requires_grad=True):
@@ -74,6 +74,54 @@ def test_fused_cell_gradcheck():
     rng = np.random.default_rng(3)
     inputs = [_randn(rng, 2, 12), _randn(rng, 2, 3), _randn(rng, 2, 3), _randn(rng, 12, 3)]
     assert gradcheck(lambda *xs: lstm_cell(*xs), inputs)
+
+
+def _layer_inputs(rng, steps=4, batch=3, features=2, hidden=3):
+    shapes = [(steps, batch, features), (batch, hidden), (batch, hidden), (4 * hidden, features),
+              (4 * hidden, hidden), (4 * hidden,), (4 * hidden,)]
+    return [_randn(rng, *shape) for shape in shapes]
+
+
+def test_fused_layer_equals_reference_in_values_and_gradients():
+    rng = np.random.default_rng(6)
+    inputs = _layer_inputs(rng)
+    probes = [dt.tensor(rng.standard_normal(shape)) for shape in ((4, 3, 3), (3, 3), (3, 3))]
+    results = []
+    for layer in (lstm_layer, lstm_layer_reference):
+        for t in inputs:
+            t.grad = None
+        outputs = layer(*inputs)
+        sum((o * p).sum() for o, p in zip(outputs, probes)).backward()
+        results.append([o.numpy() for o in outputs] + [t.grad.numpy() for t in inputs])
+    for fused, reference in zip(*results):
+        np.testing.assert_allclose(fused, reference, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_layer_gradcheck():
+    assert gradcheck(lambda *xs: list(lstm_layer(*xs)), _layer_inputs(np.random.default_rng(7), steps=3, batch=2))
+
+
+def test_fused_layer_second_derivatives_equal_the_reference():
+    """create_graph: the layer's backward differentiates the composed cells, so grad of grad works."""
+    rng = np.random.default_rng(8)
+    inputs = _layer_inputs(rng, steps=3, batch=2)
+    results = []
+    for layer in (lstm_layer, lstm_layer_reference):
+        out, h, c = layer(*inputs)
+        first = grad((out * out).sum() + (h * c).sum(), inputs, create_graph=True)
+        results.append(grad(sum((g * g).sum() for g in first), inputs))
+    for fused, reference in zip(*results):
+        np.testing.assert_allclose(fused.numpy(), reference.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_fused_layer_refuses_backward_after_its_output_changed_in_place():
+    inputs = _layer_inputs(np.random.default_rng(9))
+    out, _, _ = lstm_layer(*inputs)
+    loss = out.sum()
+    with dt.no_grad():
+        out.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
 
 
 def test_lstm_gradcheck_inputs_state_and_weights():

@@ -4,7 +4,8 @@ from disttrain.autograd.ops.conv import Fold, Unfold, avg_pool2d, conv2d, max_po
 from disttrain.autograd.ops.elementwise import (Abs, Add, Clip, Div, Exp, Log, Maximum, Mul, Neg, Pow, Relu,
                                                 Sigmoid, Sub, Tanh, Where, sum_to, where)
 from disttrain.autograd.ops.linalg import Linear, MatMul, linear, matmul
-from disttrain.autograd.ops.lstm import LSTMCell, lstm_cell, lstm_cell_reference
+from disttrain.autograd.ops.lstm import (LSTMCell, LSTMLayer, lstm_cell, lstm_cell_reference, lstm_layer,
+                                         lstm_layer_reference)
 from disttrain.autograd.ops.nn import (CrossEntropy, LogSoftmax, Softmax, cross_entropy, dropout, embedding,
                                        layer_norm, log_softmax, mse_loss, softmax)
 from disttrain.autograd.ops.reduce import Max, Sum, max, mean, min, sum, var

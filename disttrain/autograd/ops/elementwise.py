@@ -1,6 +1,9 @@
 """Elementwise ops with NumPy broadcasting; broadcast gradients are summed back to each input's shape."""
 import math
 
+import numpy as np
+
+from disttrain.autograd import grad_mode
 from disttrain.autograd.function import Function
 from disttrain.tensor.tensor import Tensor
 
@@ -18,6 +21,29 @@ def sum_to(g, shape):
 
 def _shape(x):
     return x.shape if isinstance(x, Tensor) else ()
+
+
+def _array(x):
+    """A saved input as a raw operand: a tensor's array, or a constant as Function.apply passed it."""
+    if isinstance(x, Tensor):
+        return x.data
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def _sum_to_any(g, shape):
+    """sum_to for a Tensor (differentiable) or a raw array (wrapped into a Tensor)."""
+    if isinstance(g, Tensor):
+        return sum_to(g, shape)
+    if g.shape != shape:
+        lead = g.ndim - len(shape)
+        axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
+        g = (g.sum(axis=axes, keepdims=True) if axes else g).reshape(shape)
+    return _wrap_array(g)
+
+
+def _wrap_array(a):
+    """A raw result as a Tensor: NumPy turns 0-d results into scalars, a tensor holds an array."""
+    return Tensor._wrap(np.asarray(a) if isinstance(a, np.generic) else a)
 
 
 class Add(Function):
@@ -50,8 +76,11 @@ class Mul(Function):
 
     def backward(self, g):
         a, b = self.saved_inputs
-        return (sum_to(g * b, _shape(a)) if self.needs_grad(0) else None,
-                sum_to(g * a, _shape(b)) if self.needs_grad(1) else None)
+        shape_a, shape_b = _shape(a), _shape(b)
+        if not grad_mode.state.enabled:  # no create_graph: on the arrays, no nodes (the hottest backward)
+            a, b, g = _array(a), _array(b), g.data
+        return (_sum_to_any(g * b, shape_a) if self.needs_grad(0) else None,
+                _sum_to_any(g * a, shape_b) if self.needs_grad(1) else None)
 
 
 class Div(Function):
@@ -124,6 +153,9 @@ class Tanh(Function):
 
     def backward(self, g):
         y = self.output()
+        if not grad_mode.state.enabled:  # no create_graph: on the arrays, no nodes
+            y = y.data
+            return _wrap_array(g.data * (1 - y * y))
         return g * (1 - y * y)
 
 
