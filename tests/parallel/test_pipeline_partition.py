@@ -170,13 +170,13 @@ def test_profile_records_are_sane_and_leave_no_trace():
     params = dict(model.named_parameters())
     assert prof.blocks[1].param_bytes == sum(params[f"lstm.{w}_l0"].data.nbytes
                                              for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-    cells = [r for r in prof.ops if r.op == "LSTMCell"]
-    assert len(cells) == 2 * steps and {r.block for r in cells} == {"lstm.l0", "lstm.l1"}
-    assert all(r.output_bytes == 2 * batch * 16 * 4 for r in cells)  # (h, c) per step
+    layers = [r for r in prof.ops if r.op == "LSTMLayer"]        # one fused node per layer
+    assert [r.block for r in layers] == ["lstm.l0", "lstm.l1"]
+    assert all(r.output_bytes == (steps + 2) * batch * 16 * 4 for r in layers)  # the T outputs, last (h, c)
     assert sum(b.ops for b in prof.blocks) == len(prof.ops) and all(r.forward_s >= 0 for r in prof.ops)
     assert "CrossEntropy" in {r.op for r in prof.ops if r.block == "decoder"}  # the loss counts with its block
     table = prof.table()
-    assert "lstm.l1" in table and "total" in table and "LSTMCell" in table
+    assert "lstm.l1" in table and "total" in table and "LSTMLayer" in table
 
 
 def test_observe_ops_restores_function_apply():
