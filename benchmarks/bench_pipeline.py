@@ -148,7 +148,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--layers", type=int, default=4, help="Linear+tanh blocks per stage")
-    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--micro", default="1,2,4,8")
     parser.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe"])
     parser.add_argument("--rounds", type=int, default=3)
