@@ -34,22 +34,13 @@ bucket_mb = 0.002
 """
 
 
-def text(n_chars=1200, seed=0):
-    words = "the a cat dog sat on mat ran far and then it was good bad big small red fox jumps".split()
-    rng = np.random.default_rng(seed)
-    out = []
-    while sum(map(len, out)) < n_chars:
-        out.append(" ".join(words[k] for k in rng.integers(0, len(words), rng.integers(3, 9))) + ".\n")
-    return "".join(out)[:n_chars]
-
-
 @pytest.fixture
-def job(mpi_tmp_path):
+def job(mpi_tmp_path, make_text):
     """job(*overrides) -> JobSpec of a tiny char LSTM (45 steps per epoch) on a corpus file every rank reads."""
     comm = world()
     path = mpi_tmp_path / "tiny.txt"
     if comm.rank == 0:
-        path.write_text(text())
+        path.write_text(make_text(1200))
     comm.Barrier()
     return lambda *overrides: loads_job(JOB.format(path=path), overrides, source=str(mpi_tmp_path / "tiny.toml"))
 
