@@ -5,7 +5,6 @@ import pytest
 
 from disttrain.parallel import DataParallelStrategy, world
 from disttrain.train import Trainer, load_checkpoint
-from disttrain.train.jobspec import loads_job
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -35,14 +34,9 @@ bucket_mb = 0.002
 
 
 @pytest.fixture
-def job(mpi_tmp_path, make_text):
-    """job(*overrides) -> JobSpec of a tiny char LSTM (45 steps per epoch) on a corpus file every rank reads."""
-    comm = world()
-    path = mpi_tmp_path / "tiny.txt"
-    if comm.rank == 0:
-        path.write_text(make_text(1200))
-    comm.Barrier()
-    return lambda *overrides: loads_job(JOB.format(path=path), overrides, source=str(mpi_tmp_path / "tiny.toml"))
+def job(char_job):
+    """job(*overrides) -> JobSpec of a tiny char LSTM (45 steps per epoch)."""
+    return char_job(JOB, 1200)
 
 
 def data_parallel_trainer(spec, out_dir=None, attach=True):

@@ -6,7 +6,6 @@ import pytest
 from disttrain.parallel import world
 from disttrain.parallel.pipeline.strategy import PipelineStrategy
 from disttrain.train import Trainer, load_checkpoint
-from disttrain.train.jobspec import loads_job
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -44,13 +43,8 @@ def layouts():
 
 
 @pytest.fixture
-def job(mpi_tmp_path, make_text):
-    comm = world()
-    path = mpi_tmp_path / "tiny.txt"
-    if comm.rank == 0:
-        path.write_text(make_text(1500))
-    comm.Barrier()
-    return lambda *overrides: loads_job(JOB.format(path=path), overrides, source=str(mpi_tmp_path / "tiny.toml"))
+def job(char_job):
+    return char_job(JOB, 1500)
 
 
 def pipeline_trainer(spec, out_dir=None):
