@@ -7,7 +7,9 @@ workers (dropped and departed workers do not count):
     async   every read is answered at once: workers never wait for each other (Hogwild-style, stale reads).
     ssp     bounded staleness s: a read at clock c is answered once c - m <= s, i.e. a worker more than s
             clocks ahead of the slowest live worker waits (Ho et al., NIPS 2013). s = 0 is a barrier without
-            averaging: every worker's update is applied on its own, but nobody runs ahead.
+            averaging: every worker's update is applied on its own, but nobody runs ahead. A read *ahead*
+            (the worker overlaps its push with the next step, so the values serve the step after next) counts
+            as a read at c + 1: overlap keeps the bound s; it needs s >= 1.
     sync    a barrier per step: the gradients of one clock from every live worker are averaged and applied as
             one update, then the reads of the next clock are answered. With equal per-worker batches this is
             single-process SGD on the combined batch (the mean of the per-worker mean losses is the mean loss
@@ -41,6 +43,12 @@ class Consistency:
         if self.mode == "ssp":
             return min_clock is None or clock - min_clock <= self.staleness
         return clock <= applied_round
+
+    @property
+    def allows_ahead(self):
+        """May a worker overlap a push with its next step (read one clock ahead)? Not where the read would
+        wait for that worker's own next push: sync, and ssp with staleness 0."""
+        return self.mode == "async" or (self.mode == "ssp" and self.staleness >= 1)
 
     @property
     def aggregates(self):

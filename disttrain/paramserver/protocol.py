@@ -9,8 +9,10 @@ Requests (worker -> server; a DEALER talks to the server's ROUTER, which prepend
     join       worker, clock, fingerprint [, observer, epoch]    -> joined  (the worker's clock on this server)
     leave      worker                                            -> ok
     heartbeat  worker                                            -> ok
-    pull       worker, clock [, keys, versions]                  -> params  (+ one frame per key)
-    push       worker, clock, keys, dtypes, shapes [, epoch, pull] + frames -> ok, or params when pull is true
+    pull       worker, clock [, keys, versions, ahead]           -> params  (+ one frame per key)
+    push       worker, clock, keys, dtypes, shapes [, epoch, pull, ahead] + frames -> ok, or params when pull
+               is true. ahead: the parameters read are for the step after next (the worker overlaps a push
+               with its next step's compute), so ssp answers the read as one made a clock later.
     stats      (no worker)                                       -> stats
 Every reply echoes the request's "seq" and names the server's "incarnation" (a random id drawn at start-up,
 so a client sees when a server restarted); any request can be answered by
@@ -131,9 +133,9 @@ REQUEST_OPS = {
              {"observer": _bool, "epoch": _CLOCK}, False),
     "leave": ({"worker": _ID}, {}, False),
     "heartbeat": ({"worker": _ID}, {}, False),
-    "pull": ({"worker": _ID, "clock": _CLOCK}, {"keys": _KEYS, "versions": _VERSIONS}, False),
+    "pull": ({"worker": _ID, "clock": _CLOCK}, {"keys": _KEYS, "versions": _VERSIONS, "ahead": _bool}, False),
     "push": ({"worker": _ID, "clock": _CLOCK, "keys": _KEYS, "dtypes": _DTYPES, "shapes": _SHAPES},
-             {"epoch": _CLOCK, "pull": _bool}, True),
+             {"epoch": _CLOCK, "pull": _bool, "ahead": _bool}, True),
     "stats": ({}, {}, False),
 }
 _SERVER = {"incarnation": _SEQ}

@@ -302,23 +302,32 @@ class ParameterServer:
             if key not in self.parts:
                 raise ProtocolError("bad_key", f"key {key} is not held by server {self.index}")
 
+    def _check_ahead(self, header):
+        """A read ahead needs room for one more clock: async, or ssp with staleness >= 1 (else it waits on
+        the worker's own next push, which the worker sends only after this read: a deadlock)."""
+        if header.get("ahead", False) and not self.consistency.allows_ahead:
+            raise ProtocolError("bad_mode", f"server {self.index} runs {self.consistency!r}: reads ahead (push "
+                                            f"overlapped with compute) need async or ssp with staleness >= 1")
+
     def _on_pull(self, identity, header, _):
         worker = header["worker"]
+        self._check_ahead(header)
         state = self._check_connection(identity, worker, allow_observer=True)
         keys = header.get("keys") or self.keys
         self._owned(keys)
         versions = header.get("versions")
         if state is None:                         # an observer reads whatever is there now
-            self._answer_read(identity, worker, header["seq"], keys, versions, clock=0, record=False)
+            self._answer_read(identity, worker, header["seq"], keys, versions, clock=0, read_clock=0, record=False)
             return
         self.membership.touch(worker, time.monotonic())
         if header["clock"] != state.clock:
             raise ProtocolError("bad_clock", f"worker {worker} is at clock {state.clock} on this server, "
                                              f"the pull says {header['clock']}")
-        self._read(identity, worker, header["seq"], keys, versions, state.clock)
+        self._read(identity, worker, header["seq"], keys, versions, state.clock, header.get("ahead", False))
 
     def _on_push(self, identity, header, arrays):
         worker, keys, clock = header["worker"], header["keys"], header["clock"]
+        self._check_ahead(header)
         state = self._check_connection(identity, worker)
         self._owned(keys)
         if self.consistency.aggregates and sorted(keys) != self.keys:
@@ -353,19 +362,22 @@ class ParameterServer:
             else:
                 self._apply(grads)
         if header.get("pull", False):
-            self._read(identity, worker, header["seq"], self.keys, None, state.clock)
+            self._read(identity, worker, header["seq"], self.keys, None, state.clock, header.get("ahead", False))
         else:
             self._reply(identity, "ok", header["seq"], clock=state.clock, lr=self._lr())
         if not duplicate:
             self._release()
 
     # ------------------------------------------------------------------------------------------ reads
-    def _read(self, identity, worker, seq, keys, versions, clock):
-        if self.started and self.consistency.may_read(clock, self.membership.min_clock(), self.round):
-            self._answer_read(identity, worker, seq, keys, versions, clock)
+    def _read(self, identity, worker, seq, keys, versions, clock, ahead=False):
+        """A read by `worker` at `clock`; ahead: its values are for the step after next, so the consistency
+        model judges it as a read at clock + 1."""
+        read_clock = clock + 1 if ahead else clock
+        if self.started and self.consistency.may_read(read_clock, self.membership.min_clock(), self.round):
+            self._answer_read(identity, worker, seq, keys, versions, clock, read_clock)
         else:
             self.deferred += 1
-            self._waiting.append((identity, worker, seq, keys, versions, clock))
+            self._waiting.append((identity, worker, seq, keys, versions, clock, read_clock))
 
     def _release(self):
         """Answer every held-back read the consistency model now allows; forget those of departed workers."""
@@ -374,25 +386,26 @@ class ParameterServer:
         still = []
         slowest = self.membership.min_clock()
         for item in self._waiting:
-            identity, worker, seq, keys, versions, clock = item
+            identity, worker, seq, keys, versions, clock, read_clock = item
             state = self.membership.get(worker)
             if state is None or state.identity != identity:
                 continue
-            if self.consistency.may_read(clock, slowest, self.round):
-                self._answer_read(identity, worker, seq, keys, versions, clock)
+            if self.consistency.may_read(read_clock, slowest, self.round):
+                self._answer_read(identity, worker, seq, keys, versions, clock, read_clock)
             else:
                 still.append(item)
         self._waiting = still
 
-    def _answer_read(self, identity, worker, seq, keys, versions, clock, record=True):
+    def _answer_read(self, identity, worker, seq, keys, versions, clock, read_clock, record=True):
+        """Send the parameters; clock: the worker's clock (echoed), read_clock: the clock the read counts as."""
         if versions is not None:
             keys = [k for k, v in zip(keys, versions) if self.versions[k] != v]
         if record and self.consistency.mode == "ssp":
             slowest = self.membership.min_clock()
-            lead = clock - (slowest if slowest is not None else clock)
+            lead = read_clock - (slowest if slowest is not None else read_clock)
             self.max_lead = max(self.max_lead, lead)
             if len(self.reads) < 10 * MAX_READ_RECORDS:
-                self.reads.append([worker, clock, clock - lead])
+                self.reads.append([worker, read_clock, read_clock - lead])
         arrays = [self.shards[k].data for k in keys]
         fields = {"keys": list(keys), "versions": [self.versions[k] for k in keys], "clock": clock,
                   "updates": self.updates}

@@ -23,6 +23,7 @@ import numpy as np
 
 import disttrain as dt
 from disttrain.data import shard_streams
+from disttrain.paramserver.consistency import Consistency
 from disttrain.paramserver.server import ParameterServer, ServerConfig
 from disttrain.paramserver.sharding import Layout
 from disttrain.paramserver.worker import PSClient
@@ -31,7 +32,7 @@ from disttrain.train.loop import EvalResult, Trainer
 from disttrain.train.strategy import LocalStrategy
 
 __all__ = ["PSStrategy", "RemoteOptimizer", "PSTrainer", "initial_model", "server_from_spec", "layout_from_spec",
-           "run_worker"]
+           "push_weight", "run_worker"]
 
 
 class PSStrategy(LocalStrategy):
@@ -57,19 +58,22 @@ class RemoteOptimizer:
     """Takes the Trainer's optimizer's place on a worker: step() = push the gradients, install the new parameters.
 
     local: the optimizer the Trainer built (kept for its param_groups and state_dict layout, so worker
-    checkpoints load into a local job). overlap: push step t while step t+1 computes (async mode only): step()
-    first installs the answer to the previous push, then sends this one. total_steps: after that many steps the
+    checkpoints load into a local job). overlap: push step t while step t+1 computes (async, or ssp with
+    staleness >= 1, where the push reads ahead so the bound still holds): step() first installs the answer to
+    the previous push, then sends this one. grad_weight: what each gradient is multiplied by before it is
+    pushed (1/workers for `[ps] scale_pushes`: W pushes of W workers' shares make one step of the whole batch). total_steps: after that many steps the
     last push is awaited and the worker leaves; worker 0 then waits for the others to finish and reads the final
     parameters as an observer, so the Trainer's final evaluation sees the finished model.
     """
 
-    def __init__(self, client, params, local, epoch_of=lambda: 0, overlap=False, total_steps=None, is_main=False,
-                 poll_interval=0.2):
+    def __init__(self, client, params, local, epoch_of=lambda: 0, overlap=False, grad_weight=1.0, total_steps=None,
+                 is_main=False, poll_interval=0.2):
         self.client, self.params, self.local = client, list(params), local
         # its own groups: the Trainer's local LR schedules step `local`, never the lr reported here
         self.param_groups = [{"lr": local.param_groups[0]["lr"], "params": self.params}]
         self.state = {}
         self.epoch_of, self.overlap, self.total_steps, self.is_main = epoch_of, overlap, total_steps, is_main
+        self.grad_weight = grad_weight
         self.poll_interval = poll_interval
         self.steps = 0
         self.finished = False
@@ -104,24 +108,27 @@ class RemoteOptimizer:
     def step(self, closure=None):
         if self.finished:
             raise RuntimeError("RemoteOptimizer.step() after the worker finished its steps")
-        grads = []
-        for p in self.params:
-            if p.grad is None:
-                grads.append(np.zeros(p.numel(), dtype=p.dtype))
-            else:
-                grads.append(np.ascontiguousarray(p.grad.backend.to_numpy(p.grad.data)).reshape(-1))
+        grads = [self._flat_grad(p) for p in self.params]
         epoch = self.epoch_of()
         if self.overlap:
             if self._pending is not None:
                 self.client.wait(self._pending)
                 self.installed()
-            self._pending = self.client.push_async(grads, pull=True, epoch=epoch)
+            self._pending = self.client.push_async(grads, pull=True, epoch=epoch, ahead=True)
         else:
             self.client.push(grads, pull=True, epoch=epoch)
             self.installed()
         self.steps += 1
         if self.total_steps is not None and self.steps >= self.total_steps:
             self.finish()
+
+    def _flat_grad(self, p):
+        if p.grad is None:
+            return np.zeros(p.numel(), dtype=p.dtype)
+        g = np.ascontiguousarray(p.grad.backend.to_numpy(p.grad.data)).reshape(-1)
+        if self.grad_weight != 1.0:
+            g = g * g.dtype.type(self.grad_weight)      # a new array: never scale the Trainer's own gradient
+        return g
 
     def finish(self):
         """Await the last push; worker 0 waits for the other workers and pulls the final parameters; leave."""
@@ -205,6 +212,13 @@ def server_from_spec(spec, index, num_servers=None, bind="tcp://127.0.0.1:0", se
                            security=security, log=log)
 
 
+def push_weight(ps, num_shards):
+    """What a worker's gradient is multiplied by before it is pushed: 1/num_shards for async and ssp with
+    `[ps] scale_pushes` (each push is one shard's part of a step of the whole batch), else 1 (sync averages the
+    workers' gradients on the servers)."""
+    return 1.0 / num_shards if ps.scale_pushes and ps.consistency != "sync" else 1.0
+
+
 def run_worker(spec, worker, endpoints, num_shards=None, security=None, out_dir=None, progress=None, log=None,
                on_trainer=None):
     """Train as worker `worker` against the servers at `endpoints`; returns the Trainer's evals (worker 0's count).
@@ -226,7 +240,8 @@ def run_worker(spec, worker, endpoints, num_shards=None, security=None, out_dir=
     if trainer.spec.train.max_steps is not None:
         total = min(total, trainer.spec.train.max_steps)
     remote = RemoteOptimizer(client, trainer.params, trainer.optimizer, epoch_of=lambda: trainer.epoch,
-                             overlap=ps.overlap and ps.consistency == "async", total_steps=total - trainer.step,
+                             overlap=ps.overlap and Consistency(ps.consistency, ps.staleness).allows_ahead,
+                             grad_weight=push_weight(ps, num_shards), total_steps=total - trainer.step,
                              is_main=is_main)
     client.connect(remote.targets, epoch=trainer.epoch)
     try:

@@ -66,8 +66,9 @@ class _Link:
 class _Request:
     """One in-flight request to one server; rebuilt from the link's state whenever it is (re)sent."""
 
-    def __init__(self, link, op, grads=None, pull=False, epoch=0, keys=None):
+    def __init__(self, link, op, grads=None, pull=False, epoch=0, keys=None, ahead=False):
         self.link, self.op, self.grads, self.pull, self.epoch, self.keys = link, op, grads, pull, epoch, keys
+        self.ahead = ahead
         self.seq = None
         self.sent_at = 0.0
         self.sent_clock = self.sent_incarnation = None
@@ -81,11 +82,14 @@ class _Request:
         w = client.worker_id
         if self.op == "push":
             arrays = [self.grads[p.param][p.offset:p.offset + p.length] for p in link.parts]
+            ahead = {"ahead": True} if self.ahead else {}
             header = protocol.request("push", seq, worker=w, clock=link.clock, keys=link.keys, epoch=self.epoch,
-                                      pull=self.pull)
+                                      pull=self.pull, **ahead)
             return protocol.encode(header, arrays)
         if self.op == "pull":
             fields = {"keys": self.keys} if self.keys is not None else {}
+            if self.ahead:
+                fields["ahead"] = True
             return protocol.encode(protocol.request("pull", seq, worker=w, clock=link.clock, **fields))
         if self.op in ("leave", "heartbeat"):
             return protocol.encode(protocol.request(self.op, seq, worker=w))
@@ -219,15 +223,18 @@ class PSClient:
         reqs = [_Request(l, "pull", keys=None if keys is None else [k for k in l.keys if k in keys]) for l in links]
         self._finish(self._start(reqs))
 
-    def push(self, grads, pull=True, epoch=None):
+    def push(self, grads, pull=True, epoch=None, ahead=False):
         """Send one gradient per parameter (flat arrays) to every server; with pull, install the update."""
-        self.wait(self.push_async(grads, pull, epoch))
+        self.wait(self.push_async(grads, pull, epoch, ahead))
 
-    def push_async(self, grads, pull=True, epoch=None):
+    def push_async(self, grads, pull=True, epoch=None, ahead=False):
+        """Start a push (see push); wait(handle) finishes it. ahead=True: the worker computes its next step
+        before it installs this read, so the read is for the step after next (ssp then bounds it one clock
+        earlier, keeping the staleness bound what the job says)."""
         grads = self._check_grads(grads)
         if epoch is not None:
             self.epoch = epoch
-        return Handle(self._start([_Request(l, "push", grads=grads, pull=pull, epoch=self.epoch)
+        return Handle(self._start([_Request(l, "push", grads=grads, pull=pull, epoch=self.epoch, ahead=ahead)
                                    for l in self.links]))
 
     def wait(self, handle):

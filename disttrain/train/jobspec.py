@@ -286,7 +286,10 @@ SCHEMA = {
         Field("consistency", Choice("async", "ssp", "sync"), "async",
               'when workers wait: never ("async"), more than `staleness` clocks ahead ("ssp"), every step ("sync")'),
         Field("staleness", _NONNEG, 3, "ssp: the most clocks a worker may run ahead of the slowest live worker"),
-        Field("overlap", Bool(), True, "async: push step t while computing step t+1"),
+        Field("overlap", Bool(), True, "async, ssp with staleness >= 1: push step t while computing step t+1"),
+        Field("scale_pushes", Bool(), True,
+              "async, ssp: weight each push by 1/workers, so `workers` pushes make one step of the combined batch "
+              "(what sync mode's average does); false: every push is a full step (an effective LR x workers)"),
         Field("heartbeat_interval", Float(gt=0), 1.0, "seconds between a worker's heartbeats"),
         Field("heartbeat_timeout", Float(gt=0), 10.0, "seconds of silence before a worker (or server) counts as gone"),
         Field("reconnect_timeout", Float(gt=0), 120.0, "seconds a worker waits for a lost server to come back"),

@@ -1,4 +1,5 @@
-"""ssp never lets a worker run more than s clocks ahead (recorded clocks); async with 4 workers converges."""
+"""ssp never lets a worker run more than s clocks ahead (recorded clocks), with and without overlapped pushes;
+async with 4 workers converges."""
 import threading
 import time
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from disttrain.paramserver.sharding import Layout, ParamSpec
-from disttrain.paramserver.worker import PSClient
+from disttrain.paramserver.worker import PSClient, PSError
 
 from ps_testing import running_servers, sgd_factory
 
@@ -30,25 +31,42 @@ def _worker_threads(n, target):
         raise errors[0]
 
 
-@pytest.mark.parametrize("staleness", [0, 2])
-def test_ssp_bound_is_never_exceeded(staleness):
-    layout = Layout([ParamSpec("w", (50,), "<f4"), ParamSpec("b", (7,), "<f4")], 2)
-    initial = [np.zeros(50, "<f4"), np.zeros(7, "<f4")]
+@pytest.mark.parametrize("staleness,overlap", [(0, False), (2, False), (1, True), (2, True)])
+def test_ssp_bound_is_never_exceeded(staleness, overlap):
+    """Checked twice: by the servers' records of answered reads, and by what each worker computes with. Worker k
+    pushes the one-hot gradient e_k into `count` (SGD, lr 1), so -count[j] is how many of worker j's pushes
+    the values hold; ssp promises that step n computes with at least n - 1 - s pushes of every worker.
+    overlap: each push reads ahead (the worker computes its next step before it installs the answer)."""
+    layout = Layout([ParamSpec("w", (50,), "<f4"), ParamSpec("b", (7,), "<f4"), ParamSpec("count", (3,), "<f4")], 2)
+    initial = [np.zeros(50, "<f4"), np.zeros(7, "<f4"), np.zeros(3, "<f4")]
     delays, steps = (0.03, 0.01, 0.0), 20
-    with running_servers(layout, initial, sgd_factory(lr=0.01, momentum=0.0),
+    too_stale = []
+    with running_servers(layout, initial, sgd_factory(lr=1.0, momentum=0.0),
                          {"consistency": "ssp", "staleness": staleness}) as (servers, endpoints):
         def work(k):
             client = PSClient(endpoints, layout, k, heartbeat_interval=0.2)
-            targets = [np.zeros(50, "<f4"), np.zeros(7, "<f4")]
+            targets = [np.zeros(50, "<f4"), np.zeros(7, "<f4"), np.zeros(3, "<f4")]
             client.connect(targets)
-            grads = [np.full(50, 1.0, "<f4"), np.full(7, 1.0, "<f4")]
-            for _ in range(steps):
-                time.sleep(delays[k])
-                client.push(grads, pull=True)
+            client.pull()
+            grads = [np.full(50, 1.0, "<f4"), np.full(7, 1.0, "<f4"), np.eye(3, dtype="<f4")[k]]
+            pending = None
+            for n in range(1, steps + 1):
+                time.sleep(delays[k])                             # "compute" step n with `targets`
+                if -targets[2].max() < n - 1 - staleness:
+                    too_stale.append((k, n, (-targets[2]).tolist()))
+                if not overlap:
+                    client.push(grads, pull=True)
+                    continue
+                if pending is not None:
+                    client.wait(pending)
+                pending = client.push_async(grads, pull=True, ahead=True)
+            if pending is not None:
+                client.wait(pending)
             client.leave()
             client.close()
 
         _worker_threads(3, work)
+    assert too_stale == []
     for server in servers:
         leads = [clock - slowest for _, clock, slowest in server.reads]
         assert len(server.reads) >= 3 * steps - 3
@@ -56,6 +74,20 @@ def test_ssp_bound_is_never_exceeded(staleness):
         assert server.max_lead == staleness                  # ... and was reached: fast workers did wait
         assert server.deferred > 0
         assert server.updates == 3 * steps
+
+
+@pytest.mark.parametrize("config", [{"consistency": "sync"}, {"consistency": "ssp", "staleness": 0}])
+def test_read_ahead_is_refused_where_it_would_wait_on_itself(config):
+    layout = Layout([ParamSpec("w", (5,), "<f4")], 1)
+    with running_servers(layout, [np.zeros(5, "<f4")], sgd_factory(lr=0.1, momentum=0.0),
+                         {**config, "expect_workers": 1}) as (servers, endpoints):
+        client = PSClient(endpoints, layout, 0, heartbeat_interval=0.2)
+        client.connect([np.zeros(5, "<f4")])
+        with pytest.raises(PSError, match="need async or ssp with staleness >= 1") as info:
+            client.push([np.ones(5, "<f4")], pull=True, ahead=True)
+        assert info.value.code == "bad_mode"
+        assert servers[0].updates == 0
+        client.close()
 
 
 def test_async_four_workers_converge():

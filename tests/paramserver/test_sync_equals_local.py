@@ -6,7 +6,7 @@ import pytest
 
 import disttrain as dt
 from disttrain.nn import functional as F
-from disttrain.paramserver.training import run_worker, server_from_spec
+from disttrain.paramserver.training import PSStrategy, push_weight, run_worker, server_from_spec
 from disttrain.paramserver.worker import PSClient
 from disttrain.train.loop import Trainer
 
@@ -114,3 +114,46 @@ def test_trainer_worker_sync_equals_local_trainer(ps_job):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
     assert evals["valid"].loss == local.evals["valid"].loss
     assert trainer.step_lr == local.step_lr                       # the lr of the last step, as reported
+
+
+def _serve_job(spec, num_servers, run):
+    """Servers for `spec` in threads around run(endpoints); returns (run's result, servers)."""
+    servers = [server_from_spec(spec, i, log=lambda t: None) for i in range(num_servers)]
+    endpoints = [s.start() for s in servers]
+    stop = threading.Event()
+    threads = [threading.Thread(target=s.serve, kwargs={"stop_event": stop}, daemon=True) for s in servers]
+    for t in threads:
+        t.start()
+    try:
+        return run(endpoints), servers
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=10)
+
+
+def test_scaled_async_push_is_a_share_of_a_step(ps_job):
+    """scale_pushes: a worker holding 1 of 2 shards pushes half its gradient. With SGD + momentum (linear in the
+    gradient) that equals local training on the same shard at half the learning rate, bit for bit (x 0.5 is
+    exact), and the Trainer's own gradients are not scaled."""
+    spec, _ = ps_job("ps.consistency=async", "ps.overlap=false", "ps.servers=2", "ps.workers=2", "optim.kind=sgd",
+                     "optim.lr=0.5", "optim.momentum=0.9", "train.epochs=1", n_chars=1500)
+    assert push_weight(spec.ps, 2) == 0.5
+    half_lr, _ = ps_job("optim.kind=sgd", "optim.lr=0.25", "optim.momentum=0.9", "train.epochs=1", n_chars=1500)
+    local = Trainer(half_lr, out_dir=None, strategy=PSStrategy(0, 2), progress=False)
+    local.fit()
+    captured = {}
+    _, servers = _serve_job(spec, 2, lambda endpoints: run_worker(
+        spec, 0, endpoints, num_shards=2, progress=False, on_trainer=lambda tr: captured.setdefault("t", tr)))
+    trainer = captured["t"]
+    assert trainer.step == local.step == servers[0].updates
+    for (name, a), b in zip(local.model.named_parameters(), trainer.params):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+        np.testing.assert_array_equal(a.grad.numpy(), b.grad.numpy(), err_msg=name)   # the last step's, unscaled
+
+
+@pytest.mark.parametrize("consistency,scale,expected", [("async", True, 0.25), ("ssp", True, 0.25),
+                                                         ("sync", True, 1.0), ("async", False, 1.0)])
+def test_push_weight(ps_job, consistency, scale, expected):
+    spec, _ = ps_job(f"ps.consistency={consistency}", f"ps.scale_pushes={str(scale).lower()}")
+    assert push_weight(spec.ps, 4) == expected
