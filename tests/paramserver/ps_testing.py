@@ -12,6 +12,7 @@ import disttrain as dt
 from disttrain import nn, optim
 from disttrain.paramserver.server import ParameterServer, ServerConfig
 from disttrain.paramserver.sharding import Layout
+from disttrain.paramserver.training import server_from_spec
 from disttrain.paramserver.worker import PSClient
 from disttrain.train.build import Schedules
 
@@ -45,13 +46,28 @@ def running_servers(layout, initial, make_optimizer, config=None, securities=Non
         security = securities[i] if securities is not None else None
         servers.append(ParameterServer(i, layout, initial, make_optimizer, cfg, security=security,
                                        log=lambda text: None))
+    with serving(servers) as endpoints:
+        yield servers, endpoints
+
+
+@contextmanager
+def serving_job(spec, num_servers):
+    """The job's servers (server_from_spec) in threads; yields (servers, endpoints)."""
+    servers = [server_from_spec(spec, i, log=lambda text: None) for i in range(num_servers)]
+    with serving(servers) as endpoints:
+        yield servers, endpoints
+
+
+@contextmanager
+def serving(servers):
+    """Start the servers, serve each in a thread; yields their endpoints; stops them on exit."""
     endpoints = [s.start() for s in servers]
     stop = threading.Event()
     threads = [threading.Thread(target=s.serve, kwargs={"stop_event": stop}, daemon=True) for s in servers]
     for t in threads:
         t.start()
     try:
-        yield servers, endpoints
+        yield endpoints
     finally:
         stop.set()
         for t in threads:

@@ -1,17 +1,16 @@
 """sync mode with one worker is local training, bit for bit; with two workers, SGD on the combined batch."""
-import threading
 
 import numpy as np
 import pytest
 
 import disttrain as dt
 from disttrain.nn import functional as F
-from disttrain.paramserver.training import PSStrategy, push_weight, run_worker, server_from_spec
+from disttrain.paramserver.training import PSStrategy, push_weight, run_worker
 from disttrain.paramserver.worker import PSClient
 from disttrain.train.loop import Trainer
 
 from ps_testing import (adam_factory, flat_grads, flat_targets, layout_of, make_mlp, running_servers,
-                      sgd_factory)
+                        serving_job, sgd_factory)
 
 STEPS = 25
 
@@ -94,19 +93,9 @@ def test_trainer_worker_sync_equals_local_trainer(ps_job):
                      "train.epochs=2", n_chars=1500)
     local = Trainer(spec, out_dir=None, progress=False)
     local.fit()
-    servers = [server_from_spec(spec, i, log=lambda t: None) for i in range(2)]
-    endpoints = [s.start() for s in servers]
-    stop = threading.Event()
-    threads = [threading.Thread(target=s.serve, kwargs={"stop_event": stop}, daemon=True) for s in servers]
-    for t in threads:
-        t.start()
-    try:
-        captured = {}
+    captured = {}
+    with serving_job(spec, 2) as (servers, endpoints):
         evals = run_worker(spec, 0, endpoints, progress=False, on_trainer=lambda tr: captured.setdefault("t", tr))
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=10)
     trainer = captured["t"]
     assert trainer.step == local.step and servers[0].updates == local.step
     assert servers[0].epoch == 1                                    # the epoch decay ran once on the servers
@@ -114,22 +103,6 @@ def test_trainer_worker_sync_equals_local_trainer(ps_job):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
     assert evals["valid"].loss == local.evals["valid"].loss
     assert trainer.step_lr == local.step_lr                       # the lr of the last step, as reported
-
-
-def _serve_job(spec, num_servers, run):
-    """Servers for `spec` in threads around run(endpoints); returns (run's result, servers)."""
-    servers = [server_from_spec(spec, i, log=lambda t: None) for i in range(num_servers)]
-    endpoints = [s.start() for s in servers]
-    stop = threading.Event()
-    threads = [threading.Thread(target=s.serve, kwargs={"stop_event": stop}, daemon=True) for s in servers]
-    for t in threads:
-        t.start()
-    try:
-        return run(endpoints), servers
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=10)
 
 
 def test_scaled_async_push_is_a_share_of_a_step(ps_job):
@@ -143,8 +116,8 @@ def test_scaled_async_push_is_a_share_of_a_step(ps_job):
     local = Trainer(half_lr, out_dir=None, strategy=PSStrategy(0, 2), progress=False)
     local.fit()
     captured = {}
-    _, servers = _serve_job(spec, 2, lambda endpoints: run_worker(
-        spec, 0, endpoints, num_shards=2, progress=False, on_trainer=lambda tr: captured.setdefault("t", tr)))
+    with serving_job(spec, 2) as (servers, endpoints):
+        run_worker(spec, 0, endpoints, num_shards=2, progress=False, on_trainer=lambda tr: captured.setdefault("t", tr))
     trainer = captured["t"]
     assert trainer.step == local.step == servers[0].updates
     for (name, a), b in zip(local.model.named_parameters(), trainer.params):
