@@ -3,8 +3,8 @@
 PyTorch-shaped API: dt.tensor, dt.nn, dt.optim, loss.backward(), opt.step().
 """
 from disttrain.tensor import (Tensor, arange, bool_, cuda_available, float32, float64, from_numpy, full,
-                              get_rng_state, int32, int64, manual_seed, ones, ones_like, rand, randint, randn,
-                              set_rng_state, tensor, uniform, zeros, zeros_like)
+                              get_num_threads, get_rng_state, int32, int64, manual_seed, ones, ones_like, rand,
+                              randint, randn, set_num_threads, set_rng_state, tensor, uniform, zeros, zeros_like)
 from disttrain.autograd import enable_grad, grad, is_grad_enabled, no_grad, set_grad_enabled
 from disttrain.autograd.ops import (concat, exp, log, matmul, maximum, relu, sigmoid, split, stack, tanh,
                                     where)

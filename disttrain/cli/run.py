@@ -8,7 +8,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from disttrain.parallel.launch import run_context, strategy_for
+from disttrain.parallel.launch import run_context, share_cores, strategy_for
 from disttrain.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from disttrain.train.jobspec import JobSpecError, load_job
 from disttrain.train.loop import MemoryBudgetExceeded, Trainer, TrainingInterrupted
@@ -49,6 +49,7 @@ def main(args):
                 raise CheckpointError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoint'}); "
                                       f"run without --resume to start the job")
             checkpoint = load_checkpoint(out)
+        share_cores()                            # N ranks on a node: cores / N threads each
         strategy = strategy_for(spec)            # data mode (under mpirun): DataParallelStrategy, else None
         trainer = Trainer(spec, out_dir=out, strategy=strategy)
         if strategy is not None:

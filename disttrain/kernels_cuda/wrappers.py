@@ -21,6 +21,7 @@ from disttrain.tensor import kernels_numpy as _ref
 
 ACTIVATIONS = _ref.ACTIVATIONS  # index = the kernels' DT_ACT_* code
 adam_scalars = _ref.adam_scalars  # host arithmetic, shared
+add_bias_ = _ref.add_bias_          # one broadcast add: CuPy's own elementwise kernel is all it takes
 NORM_SUM_SQ, NORM_MAX_ABS, NORM_SUM_POW = 0, 1, 2  # norms.cu DT_NORM_*
 _i64, _i32, _f64 = np.int64, np.int32, np.float64
 

@@ -1,8 +1,28 @@
 """Fused kernels written with the array module: the CPU implementation and the reference that
 every CUDA kernel in disttrain/kernels_cuda is tested against.
 
-Each function takes and returns raw arrays (xp = numpy or cupy) and documents its layout.
+Each function takes and returns raw arrays (xp = numpy or cupy) and documents its layout. Passes over
+big NumPy arrays run their row blocks side by side on the intra-op threads (disttrain.tensor.threads).
 """
+import numpy as np
+
+from disttrain.tensor.threads import parallel_rows
+
+
+def _by_rows(xp, fn, rows, elements_per_row):
+    """fn(lo, hi) over row blocks: side by side on the intra-op threads for NumPy arrays, one call otherwise."""
+    if xp is np:
+        parallel_rows(fn, rows, elements_per_row)
+    else:
+        fn(0, rows)
+
+
+def add_bias_(xp, out, bias):
+    """out (N, C) += bias (C,) in place (Linear's forward after its GEMM)."""
+    def rows(lo, hi):
+        out[lo:hi] += bias
+
+    _by_rows(xp, rows, out.shape[0], out.shape[1])
 
 
 def sigmoid(xp, a):
@@ -167,10 +187,20 @@ def cross_entropy_forward(xp, logits, target, ignore_index, keep_softmax=False):
     n, classes = logits.shape
     valid = target != ignore_index
     safe = xp.where(valid, target, 0)
-    exp = xp.subtract(logits, logits.max(axis=1, keepdims=True))  # shifted: exp of <= 0 only, no overflow
-    shifted_target = exp[xp.arange(n), safe]
-    xp.exp(exp, out=exp)
-    sumexp = exp @ xp.ones(classes, dtype=exp.dtype)  # row sums as one GEMV: a fraction of a reduction's time
+    exp = xp.empty_like(logits)
+    shifted_target = xp.empty(n, dtype=logits.dtype)
+    sumexp = xp.empty(n, dtype=logits.dtype)
+
+    def rows(lo, hi):
+        block = exp[lo:hi]
+        xp.subtract(logits[lo:hi], logits[lo:hi].max(axis=1, keepdims=True), out=block)  # exp of <= 0: no overflow
+        shifted_target[lo:hi] = block[xp.arange(hi - lo), safe[lo:hi]]
+        xp.exp(block, out=block)
+        # row sums: einsum's unrolled loop is 3x sum(axis=1) and, unlike a GEMV, adds each row the same
+        # way whichever block the row is in (BLAS kernels treat a block's tail rows apart)
+        xp.einsum("ij->i", block, out=sumexp[lo:hi])
+
+    _by_rows(xp, rows, n, classes)
     losses = (xp.log(sumexp) - shifted_target) * valid
     return losses, ((exp, sumexp) if keep_softmax else None)
 
@@ -188,7 +218,12 @@ def cross_entropy_backward(xp, logits, target, saved, row_scale):
         saved = cross_entropy_forward(xp, logits, target, -1, keep_softmax=True)[1]
     if isinstance(saved, tuple):
         grad, sumexp = saved
-        grad *= (row_scale / sumexp)[:, None]
+        scale = (row_scale / sumexp)[:, None]
+
+        def rows(lo, hi):
+            grad[lo:hi] *= scale[lo:hi]
+
+        _by_rows(xp, rows, n, grad.shape[1])
     else:
         grad = xp.exp(logits - saved[:, None])
         grad *= row_scale[:, None]

@@ -37,7 +37,7 @@ class Linear(Function):
             raise ValueError(f"linear: input {x.shape} does not match weight {w.shape} (expected (N, {w.shape[1]}))")
         out = x @ w.T
         if b is not None:
-            out += b
+            self.backend.kernels.add_bias_(self.xp, out, b)
         return out
 
     def backward(self, g):

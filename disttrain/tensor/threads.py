@@ -1,0 +1,98 @@
+"""Intra-op threads for the CPU backend's big elementwise passes (torch.set_num_threads' counterpart).
+
+NumPy's BLAS already runs GEMMs on every core, but its ufuncs run on one thread: on the language
+model's (T*B, vocab) logits the bias add and the cross-entropy's passes (max, shift, exp, row sums,
+the gradient's scaling) each read and write 16 MB on a single core while the others idle. PyTorch
+splits such loops over its intra-op pool. `parallel_rows` does the same for NumPy: it cuts the rows
+into one contiguous block per thread and runs the pass on each; ufuncs release the GIL on arrays this
+big, so the blocks run side by side. Results are bit for bit those of one thread, since every row is
+computed by the same code whichever block it falls in.
+
+The thread count defaults to what the BLAS is told (DISTTRAIN_NUM_THREADS, else OMP_NUM_THREADS, else
+OPENBLAS_NUM_THREADS, else the CPUs this process may run on), so `mpirun` launchers that give each rank
+one thread get single-threaded passes too; `set_num_threads` sets both (disttrain.parallel.launch uses it
+to share the cores among the ranks of a node).
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import threadpoolctl
+
+__all__ = ["get_num_threads", "set_num_threads", "parallel_rows", "available_cores", "MIN_ELEMENTS_PER_THREAD",
+           "THREAD_ENV_VARS"]
+
+MIN_ELEMENTS_PER_THREAD = 1 << 18   # below ~1 MB of float32 per block a hand-off costs more than it saves
+THREAD_ENV_VARS = ("DISTTRAIN_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+_num_threads = None
+_pool = None
+
+
+def _default_threads():
+    for var in THREAD_ENV_VARS:
+        value = os.environ.get(var, "").strip()
+        if value:
+            try:
+                n = int(value)
+            except ValueError:
+                raise ValueError(f"${var} must be a positive integer, got {value!r}") from None
+            if n < 1:
+                raise ValueError(f"${var} must be a positive integer, got {value!r}")
+            return n
+    return available_cores()
+
+
+def available_cores():
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                  # not on Linux
+        return os.cpu_count() or 1
+
+
+def get_num_threads():
+    """Threads that parallel_rows uses (1: everything runs on the calling thread)."""
+    global _num_threads
+    if _num_threads is None:
+        _num_threads = _default_threads()
+    return _num_threads
+
+
+def set_num_threads(n):
+    """Use n threads on the CPU: for the elementwise passes here and for the BLAS's GEMMs (as
+    torch.set_num_threads does for its intra-op pool; threadpoolctl reaches the BLAS NumPy loaded)."""
+    global _num_threads, _pool
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: expected an int >= 1, got {n!r}")
+    if _pool is not None and n != _num_threads:
+        _pool.shutdown(wait=True)
+        _pool = None
+    _num_threads = n
+    threadpoolctl.threadpool_limits(n, user_api="blas")
+
+
+def _blocks(rows, elements_per_row):
+    threads = min(get_num_threads(), rows, max(1, rows * elements_per_row // MIN_ELEMENTS_PER_THREAD))
+    step = -(-rows // threads)
+    return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+def parallel_rows(fn, rows, elements_per_row):
+    """Call fn(lo, hi) for contiguous row blocks covering range(rows), side by side on the intra-op threads.
+
+    fn must touch only rows lo:hi of its arrays. Small work (under MIN_ELEMENTS_PER_THREAD elements per
+    block) runs as one call on this thread. The calling thread takes the last block itself.
+    """
+    global _pool
+    blocks = _blocks(rows, elements_per_row)
+    if len(blocks) == 1:
+        fn(0, rows)
+        return
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=get_num_threads() - 1, thread_name_prefix="disttrain-intraop")
+    futures = [_pool.submit(fn, lo, hi) for lo, hi in blocks[:-1]]
+    try:
+        fn(*blocks[-1])
+    finally:                                # every block has finished before anyone reads the arrays
+        for future in futures:
+            future.result()

@@ -1,0 +1,108 @@
+"""Intra-op threads: row blocks cover every row once, and threaded kernels equal one thread bit for bit."""
+import numpy as np
+import pytest
+import threadpoolctl
+
+import disttrain as dt
+from disttrain.nn import functional as F
+from disttrain.tensor import kernels_numpy, threads
+
+
+@pytest.fixture
+def num_threads():
+    """set_num_threads for one test; the earlier setting comes back afterwards."""
+    before = threads.get_num_threads()
+    yield threads.set_num_threads
+    threads.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n,rows,per_row", [(1, 1000, 10_000), (2, 1000, 10_000), (3, 7, 1 << 20), (4, 3, 1 << 20),
+                                            (4, 1000, 10)])
+def test_blocks_cover_every_row_once(num_threads, n, rows, per_row):
+    num_threads(n)
+    seen = np.zeros(rows, dtype=int)
+    calls = []
+
+    def fn(lo, hi):
+        seen[lo:hi] += 1
+        calls.append((lo, hi))
+
+    threads.parallel_rows(fn, rows, per_row)
+    assert (seen == 1).all()
+    assert len(calls) <= n
+    if rows * per_row < 2 * threads.MIN_ELEMENTS_PER_THREAD:
+        assert calls == [(0, rows)]                       # small work stays on the calling thread
+
+
+def test_an_error_in_a_block_is_raised_after_every_block_finished(num_threads):
+    num_threads(2)
+    done = []
+
+    def fn(lo, hi):
+        if lo == 0:
+            raise ValueError("block 0 failed")
+        done.append(lo)
+
+    with pytest.raises(ValueError, match="block 0 failed"):
+        threads.parallel_rows(fn, 100, 1 << 20)
+    assert done == [50]
+
+
+def _cross_entropy_pass(seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((400, 2000)).astype(np.float32) * 4
+    target = rng.integers(0, 2000, 400)
+    target[::7] = -100
+    losses, saved = kernels_numpy.cross_entropy_forward(np, logits, target, -100, keep_softmax=True)
+    grad = kernels_numpy.cross_entropy_backward(np, logits, np.where(target < 0, 0, target), saved,
+                                                np.full(400, 0.5, np.float32))
+    out = logits.copy()
+    kernels_numpy.add_bias_(np, out, rng.standard_normal(2000).astype(np.float32))
+    return losses, grad, out
+
+
+def test_threaded_kernels_equal_one_thread_bit_for_bit(num_threads):
+    num_threads(1)
+    one = _cross_entropy_pass()
+    num_threads(2)
+    two = _cross_entropy_pass()
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_linear_and_cross_entropy_gradients_equal_one_thread(num_threads):
+    """The elementwise passes' threads change no bit (the BLAS's own thread count may: not tested here)."""
+    def grads():
+        dt.manual_seed(0)
+        x = dt.randn(300, 64, requires_grad=True)
+        w = dt.randn(3000, 64, requires_grad=True)
+        b = dt.randn(3000, requires_grad=True)
+        loss = F.cross_entropy(F.linear(x, w, b), dt.randint(0, 3000, (300,)))
+        loss.backward()
+        return [loss.numpy()] + [t.grad.numpy() for t in (x, w, b)]
+
+    def with_threads(n):
+        num_threads(n)
+        with threadpoolctl.threadpool_limits(1, user_api="blas"):   # GEMMs split the same way on both sides
+            return grads()
+
+    for a, b in zip(with_threads(1), with_threads(2)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_set_num_threads_names_the_bad_value(num_threads, bad):
+    with pytest.raises(ValueError, match=f"expected an int >= 1, got {bad!r}"):
+        num_threads(bad)
+
+
+def test_thread_count_follows_the_environment(monkeypatch):
+    for var in ("DISTTRAIN_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    assert threads._default_threads() == 3
+    monkeypatch.setenv("DISTTRAIN_NUM_THREADS", "1")          # ours first
+    assert threads._default_threads() == 1
+    monkeypatch.setenv("DISTTRAIN_NUM_THREADS", "many")
+    with pytest.raises(ValueError, match=r"\$DISTTRAIN_NUM_THREADS must be a positive integer, got 'many'"):
+        threads._default_threads()
