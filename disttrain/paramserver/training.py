@@ -45,14 +45,9 @@ class PSStrategy(LocalStrategy):
 
     name = "ps"
 
-    def __init__(self, worker, num_shards, clip_norm=None):
+    def __init__(self, worker, num_shards):
         self.rank, self.world_size = worker, num_shards
         self.is_main = worker == 0
-        self.clip_norm = clip_norm
-
-    def clip_grad_norm(self, params, max_norm):
-        """Clip the worker's own gradient, at `[ps] worker_clip_norm` when the job sets it (else max_norm)."""
-        return super().clip_grad_norm(params, self.clip_norm if self.clip_norm is not None else max_norm)
 
     def shard(self, streams):
         """Worker k trains on shard k mod num_shards of the (N, B) stream columns."""
@@ -233,8 +228,8 @@ def run_worker(spec, worker, endpoints, num_shards=None, security=None, out_dir=
     """
     num_shards = num_shards or spec.ps.workers
     is_main = worker == 0
-    strategy = PSStrategy(worker, num_shards, spec.ps.worker_clip_norm)
-    trainer = PSTrainer(spec, out_dir=out_dir if is_main else None, strategy=strategy, progress=progress)
+    trainer = PSTrainer(spec, out_dir=out_dir if is_main else None, strategy=PSStrategy(worker, num_shards),
+                        progress=progress)
     if worker:                                    # dropout masks differ between workers; weights come from servers
         dt.manual_seed(spec.train.seed + worker)
     layout = Layout.from_named_arrays(trainer.model.named_parameters(), len(endpoints))

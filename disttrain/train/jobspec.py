@@ -290,9 +290,6 @@ SCHEMA = {
         Field("scale_pushes", Bool(), True,
               "async, ssp: weight each push by 1/workers, so `workers` pushes make one step of the combined batch "
               "(what sync mode's average does); false: every push is a full step (an effective LR x workers)"),
-        Field("worker_clip_norm", Float(gt=0), None,
-              "clip each worker's gradient at this norm instead of optim.clip_norm (unset = optim.clip_norm): a "
-              "worker's share of the batch is noisier than the whole batch, so its gradient norm is larger"),
         Field("heartbeat_interval", Float(gt=0), 1.0, "seconds between a worker's heartbeats"),
         Field("heartbeat_timeout", Float(gt=0), 10.0, "seconds of silence before a worker (or server) counts as gone"),
         Field("reconnect_timeout", Float(gt=0), 120.0, "seconds a worker waits for a lost server to come back"),

@@ -130,15 +130,3 @@ def test_scaled_async_push_is_a_share_of_a_step(ps_job):
 def test_push_weight(ps_job, consistency, scale, expected):
     spec, _ = ps_job(f"ps.consistency={consistency}", f"ps.scale_pushes={str(scale).lower()}")
     assert push_weight(spec.ps, 4) == expected
-
-
-@pytest.mark.parametrize("worker_clip,expected_norm", [(None, 1.0), (0.5, 0.5)])
-def test_worker_clip_norm_replaces_the_jobs_clip_norm(worker_clip, expected_norm):
-    model = make_mlp()
-    params = list(model.parameters())
-    for p in params:
-        p.grad = dt.ones(*p.shape, dtype="float64")
-    norm_before = PSStrategy(0, 2, clip_norm=worker_clip).clip_grad_norm(params, 1.0)
-    norm_after = float(np.sqrt(sum((p.grad.numpy() ** 2).sum() for p in params)))
-    assert norm_before == pytest.approx(np.sqrt(sum(p.numel() for p in params)))
-    assert norm_after == pytest.approx(expected_norm)
