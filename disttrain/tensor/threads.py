@@ -26,6 +26,7 @@ THREAD_ENV_VARS = ("DISTTRAIN_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THR
 
 _num_threads = None
 _pool = None
+_pool_size = 0
 
 
 def _default_threads():
@@ -61,12 +62,9 @@ def get_num_threads():
 def set_num_threads(n):
     """Use n threads on the CPU: for the elementwise passes here and for the BLAS's GEMMs (as
     torch.set_num_threads does for its intra-op pool; threadpoolctl reaches the BLAS NumPy loaded)."""
-    global _num_threads, _pool
+    global _num_threads
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: expected an int >= 1, got {n!r}")
-    if _pool is not None and n != _num_threads:
-        _pool.shutdown(wait=True)
-        _pool = None
     _num_threads = n
     threadpoolctl.threadpool_limits(n, user_api="blas")
 
@@ -77,20 +75,30 @@ def _blocks(rows, elements_per_row):
     return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
 
+def _pool_for(helpers):
+    """The pool, grown when it has fewer than `helpers` threads (it starts them lazily, so shrinking the
+    thread count keeps it; the threads it made wait idle)."""
+    global _pool, _pool_size
+    if _pool is None or _pool_size < helpers:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool_size = max(helpers, available_cores() - 1)
+        _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="disttrain-intraop")
+    return _pool
+
+
 def parallel_rows(fn, rows, elements_per_row):
     """Call fn(lo, hi) for contiguous row blocks covering range(rows), side by side on the intra-op threads.
 
     fn must touch only rows lo:hi of its arrays. Small work (under MIN_ELEMENTS_PER_THREAD elements per
     block) runs as one call on this thread. The calling thread takes the last block itself.
     """
-    global _pool
     blocks = _blocks(rows, elements_per_row)
     if len(blocks) == 1:
         fn(0, rows)
         return
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=get_num_threads() - 1, thread_name_prefix="disttrain-intraop")
-    futures = [_pool.submit(fn, lo, hi) for lo, hi in blocks[:-1]]
+    pool = _pool_for(len(blocks) - 1)
+    futures = [pool.submit(fn, lo, hi) for lo, hi in blocks[:-1]]
     try:
         fn(*blocks[-1])
     finally:                                # every block has finished before anyone reads the arrays
