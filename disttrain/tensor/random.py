@@ -31,7 +31,7 @@ class CounterGenerator:
 
     def random(self, shape, dtype=np.float64):
         """An array of `shape` (int or tuple) on the backend, float32 or float64 uniform in [0, 1)."""
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        shape = (int(shape),) if np.ndim(shape) == 0 else tuple(shape)
         out = self.backend.kernels.counter_uniform(self.backend.xp, shape, dtype, self.seed, self.offset)
         self.offset += out.size
         return out
@@ -115,12 +115,16 @@ def set_rng_state(state):
     for name, saved in state.items():
         if name not in ("seed", "cpu"):
             _check_counter_state(saved, name)
+    cpu = None
+    if "cpu" in state:  # applied now, so a bad CPU state fails before anything changed
+        cpu = _make(_backend.CPU, int(state["seed"]))
+        _set_state(cpu, "cpu", state["cpu"])
     _seed = int(state["seed"])
     _generators.clear()
     _pending.clear()
-    _pending.update((name, saved) for name, saved in state.items() if name != "seed")
-    if "cpu" in _pending:
-        generator(_backend.CPU)  # applied now, so a bad CPU state fails here
+    _pending.update((name, saved) for name, saved in state.items() if name not in ("seed", "cpu"))
+    if cpu is not None:
+        _generators["cpu"] = cpu
 
 
 @contextlib.contextmanager
@@ -133,8 +137,8 @@ def fork_rng(state):
     """
     global _seed
     live, pending, live_seed = dict(_generators), dict(_pending), _seed
-    set_rng_state(state)  # new generator objects: the live ones are not touched
     try:
+        set_rng_state(state)  # new generator objects: the live ones are not touched
         yield
     finally:
         _generators.clear()

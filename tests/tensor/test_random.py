@@ -97,6 +97,18 @@ def test_a_bad_device_state_is_refused_by_name(bad):
         dt.set_rng_state({"cuda": {"seed": 1, "offset": 0}})
 
 
+def test_a_refused_state_changes_nothing():
+    dt.manual_seed(6)
+    _draw(2)
+    before = dt.get_rng_state()
+    with pytest.raises(ValueError):
+        with random.fork_rng({"seed": 1, "cpu": {"bit_generator": "MT19937"}}):
+            pass
+    with pytest.raises(ValueError):
+        dt.set_rng_state({"seed": 1, "cpu": {"bit_generator": "MT19937"}})
+    assert dt.get_rng_state() == before
+
+
 # ---- dropout in a checkpointed segment draws on the stand-in's generator ----------------------------
 
 @pytest.fixture
