@@ -18,7 +18,8 @@ NOTE: where the gradients of parameters used inside fn go.
   such a leaf that is also used elsewhere has its hooks fire once per use, and dt.grad() through
   the checkpoint still accumulates into its .grad. Pass such tensors as arguments to avoid both.
 NOTE: the RNG state (dt.get_rng_state()) is taken before the first run and replayed for the
-recomputation, so dropout draws the same masks; the generators then continue where they were.
+recomputation, so dropout draws the same masks, on the CPU and on the GPU alike (the GPU's generator
+is counter-based: its state is a seed and an offset); the generators then continue where they were.
 """
 import math
 from contextlib import nullcontext

@@ -34,6 +34,7 @@ KERNELS = {
     "optim": ("sgd_step", "adam_step"),
     "norms": ("norm_accumulate", "scale", "clip_scale"),
     "bucket": ("copy_scaled",),
+    "random": ("counter_uniform",),
 }
 UNTYPED_KERNELS = {"norms": ("norm_finalize",)}  # kernels without a dtype suffix
 SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}

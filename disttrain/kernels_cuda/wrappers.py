@@ -23,7 +23,7 @@ ACTIVATIONS = _ref.ACTIVATIONS  # index = the kernels' DT_ACT_* code
 adam_scalars = _ref.adam_scalars  # host arithmetic, shared
 add_bias_ = _ref.add_bias_          # one broadcast add: CuPy's own elementwise kernel is all it takes
 NORM_SUM_SQ, NORM_MAX_ABS, NORM_SUM_POW = 0, 1, 2  # norms.cu DT_NORM_*
-_i64, _i32, _f64 = np.int64, np.int32, np.float64
+_i64, _i32, _f64, _u64 = np.int64, np.int32, np.float64, np.uint64
 
 
 def _fused(*arrays):
@@ -340,3 +340,15 @@ def bucket_unpack(xp, flat, arrays, scale=1.0):
         else:
             a[...] = part.reshape(a.shape) * scale if scale != 1.0 else part.reshape(a.shape)
         offset += a.size
+
+
+# ---- counter-based uniform random numbers ------------------------------------------------------------------
+
+def counter_uniform(xp, shape, dtype, seed, offset):
+    """Uniform [0, 1) samples of `shape`, sample i the hash of (seed, offset + i): bit for bit the reference."""
+    out = xp.empty(tuple(shape), dtype=dtype)
+    if not _fused(out):
+        return _ref.counter_uniform(xp, shape, dtype, seed, offset)
+    _launch_1d("random", "counter_uniform", out.dtype, out.size,
+               (out, _i64(out.size), _u64(int(seed) & _ref.UINT64_MASK), _u64(int(offset) & _ref.UINT64_MASK)))
+    return out

@@ -433,3 +433,44 @@ def bucket_unpack(xp, flat, arrays, scale=1.0):
         part = flat[offset:offset + a.size].reshape(a.shape)
         a[...] = part * scale if scale != 1.0 else part
         offset += a.size
+
+
+# ---- counter-based uniform random numbers ------------------------------------------------------------
+# SplitMix64 (Steele, Lea & Flood 2014, Java's SplittableRandom) read as a counter-based generator:
+# sample `counter` of seed s is mix64(mix64(s) + (counter + 1) * GOLDEN), i.e. the counter-th output of
+# the SplitMix64 sequence that starts in state mix64(s). Stateless: the generator's whole state is
+# (seed, offset), two integers, and any sample is computed without the ones before it, which is what
+# lets a GPU thread produce sample i on its own. Its output passes BigCrush; plenty for dropout masks.
+# All arithmetic is modulo 2^64 (NumPy's uint64 arrays wrap silently; random.cu does the same).
+
+SPLITMIX_GOLDEN = 0x9E3779B97F4A7C15
+SPLITMIX_MULTIPLIERS = (0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+UINT64_MASK = 2 ** 64 - 1
+UNIT_BITS = {"float32": 24, "float64": 53}  # mantissa bits of a uniform sample: top bits * 2^-bits
+
+
+def _splitmix64_mix(xp, z):
+    """SplitMix64's finaliser on a uint64 array (any shape), elementwise, wrapping modulo 2^64."""
+    m1, m2 = (xp.uint64(m) for m in SPLITMIX_MULTIPLIERS)
+    z = (z ^ (z >> xp.uint64(30))) * m1
+    z = (z ^ (z >> xp.uint64(27))) * m2
+    return z ^ (z >> xp.uint64(31))
+
+
+def counter_uniform(xp, shape, dtype, seed, offset):
+    """Uniform samples in [0, 1) of `shape` and float `dtype` (float32: top 24 bits * 2^-24, float64:
+    top 53 bits * 2^-53 of the hash), sample i (C order) being the counter-based SplitMix64 output for
+    (seed, offset + i). The caller advances its offset by the number of samples."""
+    dtype = xp.dtype(dtype)
+    if dtype.name not in UNIT_BITS:
+        raise TypeError(f"counter_uniform: dtype must be float32 or float64, got {dtype}")
+    bits = UNIT_BITS[dtype.name]
+    # (1,), not 0-d: NumPy warns about wrap-around in scalar arithmetic, never in array arithmetic
+    key = _splitmix64_mix(xp, xp.asarray([int(seed) & UINT64_MASK], dtype=xp.uint64))
+    n = 1
+    for d in shape:
+        n *= int(d)
+    counters = xp.arange(n, dtype=xp.uint64) + xp.uint64((int(offset) + 1) & UINT64_MASK)
+    z = _splitmix64_mix(xp, key + counters * xp.uint64(SPLITMIX_GOLDEN))
+    top = (z >> xp.uint64(64 - bits)).astype(dtype)  # exact: at most `bits` significant bits
+    return (top * dtype.type(2.0 ** -bits)).reshape(tuple(shape))

@@ -344,3 +344,58 @@ def test_bucket_pack_and_unpack_round_trip_with_scale():
         K.bucket_pack(np, arrays, np.empty(11))
     with pytest.raises(ValueError, match="the arrays need"):
         K.bucket_unpack(np, flat[:-1], targets)
+
+
+# ---- counter-based uniform random numbers ------------------------------------------------------------
+
+_M64 = 2 ** 64 - 1
+
+
+def _splitmix64_output(seed, counter):
+    """Output `counter` (0-based) of SplitMix64 started in state mix64(seed), in Python integers."""
+    def mix(z):
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _M64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _M64
+        return z ^ (z >> 31)
+    return mix((mix(seed & _M64) + (counter + 1) * 0x9E3779B97F4A7C15) & _M64)
+
+
+def test_counter_uniform_is_splitmix64_bit_for_bit():
+    # mix64(0) = 0, so seed 0 is the published SplitMix64 stream from state 0 (first output 0xE220A8397B1DCDAF)
+    assert K.counter_uniform(np, (1,), np.float64, 0, 0)[0] == (0xE220A8397B1DCDAF >> 11) * 2.0 ** -53
+    for seed, offset in [(0, 0), (12345, 678), (2 ** 64 - 1, 2 ** 64 - 3), (-5, 2 ** 40)]:  # the last two wrap
+        got64 = K.counter_uniform(np, (2, 3), np.float64, seed, offset)
+        got32 = K.counter_uniform(np, (2, 3), np.float32, seed, offset)
+        bits = [_splitmix64_output(seed, (offset + i) & _M64) for i in range(6)]
+        assert got64.dtype == np.float64 and got32.dtype == np.float32
+        assert got64.ravel().tolist() == [(b >> 11) * 2.0 ** -53 for b in bits]
+        assert got32.ravel().tolist() == [(b >> 40) * 2.0 ** -24 for b in bits]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_counter_uniform_depends_on_seed_and_counter_only(dtype):
+    first = K.counter_uniform(np, (4, 5), dtype, 7, 100)
+    np.testing.assert_array_equal(K.counter_uniform(np, (4, 5), dtype, 7, 100), first)  # same (seed, offset)
+    np.testing.assert_array_equal(K.counter_uniform(np, (20,), dtype, 7, 100), first.ravel())  # C order
+    n_then_m = np.concatenate([K.counter_uniform(np, (13,), dtype, 7, 100),
+                               K.counter_uniform(np, (7,), dtype, 7, 113)])
+    np.testing.assert_array_equal(n_then_m, first.ravel())  # drawing n then m = drawing n + m
+    assert not np.array_equal(K.counter_uniform(np, (4, 5), dtype, 8, 100), first)
+    assert K.counter_uniform(np, (0, 3), dtype, 7, 100).shape == (0, 3)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        K.counter_uniform(np, (2,), np.float16, 7, 100)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_counter_uniform_is_uniform_on_the_unit_interval(dtype):
+    n = 10 ** 6
+    x = K.counter_uniform(np, (n,), dtype, 2024, 0)
+    assert x.min() >= 0 and x.max() < 1
+    # standard errors: of the mean sqrt(1/12 / n) = 2.9e-4, of the variance sqrt((1/80 - 1/144) / n) = 7.5e-5;
+    # the bounds are 5 of them
+    assert abs(x.mean(dtype=np.float64) - 0.5) < 1.5e-3
+    assert abs(x.var(dtype=np.float64) - 1 / 12) < 3.8e-4
+    counts, _ = np.histogram(x, bins=100, range=(0, 1))
+    expected = n / 100
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert chi2 < 180, chi2  # 99 degrees of freedom: P(chi2 > 180) ~ 1e-6

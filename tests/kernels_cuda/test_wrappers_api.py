@@ -74,7 +74,7 @@ def _params(text):
 
 
 SIGNATURES = _c_signatures()
-C_SCALARS = {"dt_index": np.int64, "int": np.int32, "double": np.float64}
+C_SCALARS = {"dt_index": np.int64, "int": np.int32, "double": np.float64, "dt_u64": np.uint64}
 C_POINTEES = {"dt_index": np.dtype(np.int64), "double": np.dtype(np.float64)}
 
 
@@ -224,6 +224,14 @@ def test_norm_and_bucket_launches(dtype, launches):
                         + ["copy_scaled"] * 2 + ["copy_scaled"] * 2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_launches(dtype, launches):
+    out = wrappers.counter_uniform(np, (3, 5), dtype, 2 ** 64 + 7, 2 ** 64 - 1)  # both wrap to uint64
+    assert out.shape == (3, 5) and out.dtype == dtype
+    assert wrappers.counter_uniform(np, (0, 4), dtype, 1, 0).shape == (0, 4)  # empty: no launch
+    assert launches == ["counter_uniform"]
+
+
 def test_fallbacks_launch_nothing_and_match_the_reference(launches):
     x = _r((4, 6), np.float16)
     np.testing.assert_array_equal(wrappers.sigmoid(np, x), kernels_numpy.sigmoid(np, x))
@@ -232,6 +240,10 @@ def test_fallbacks_launch_nothing_and_match_the_reference(launches):
     np.testing.assert_array_equal(got, kernels_numpy.cross_entropy_forward(np, logits, target, -100)[0])
     got = wrappers.norms(np, [_r(5, np.float32)], 0.0)  # order 0 (count of non-zeros): the reference
     assert got.tolist() == [5.0]
+    np.testing.assert_array_equal(wrappers.counter_uniform(np, (), np.float64, 3, 9),
+                                  kernels_numpy.counter_uniform(np, (), np.float64, 3, 9))  # 0-d
+    with pytest.raises(TypeError, match="float32 or float64"):
+        wrappers.counter_uniform(np, (2,), np.float16, 3, 9)
     p = _r((4, 6), np.float32)[:, ::2]  # a non-contiguous parameter cannot be updated by the kernel in place
     expected = p.copy()
     kernels_numpy.sgd_step(np, expected, np.ones_like(p), None, 0.5)

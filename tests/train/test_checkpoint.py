@@ -2,11 +2,13 @@
 import json
 import os
 import shutil
+import types
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from disttrain.tensor import kernels_numpy, random
 from disttrain.train import Trainer
 from disttrain.train import checkpoint as ckpt
 from disttrain.train.checkpoint import (FORMAT_VERSION, CheckpointError, find_checkpoint, join_optimizer_state,
@@ -151,6 +153,22 @@ def test_trainer_checkpoint_contents(tiny_job, tmp_path):
         np.testing.assert_array_equal(loaded.model[name], t.numpy())
     assert loaded.arrays["hidden.h"].shape == (2, 4, 16) and "optimizer.0.exp_avg" in loaded.arrays
     assert load_file(tmp_path / "checkpoint" / "model.safetensors").keys() == loaded.model.keys()
+
+
+def test_the_device_generator_state_goes_through_a_job_checkpoint(tiny_job, tmp_path):
+    """A GPU's random stream (here a stand-in backend named "cuda" on NumPy) is saved and resumed."""
+    stand_in = types.SimpleNamespace(name="cuda", xp=np, kernels=kernels_numpy)
+    trainer = Trainer(tiny_job("train.max_steps=2"), out_dir=tmp_path, progress=False)
+    random.generator(stand_in).random((10,))
+    trainer.fit()
+    saved = load_checkpoint(tmp_path)
+    assert saved.meta["rng"]["cuda"] == {"seed": 3, "offset": 10}
+    resumed = Trainer(tiny_job("train.max_steps=4"), progress=False)  # seeds the generators afresh
+    resumed.restore(saved)
+    try:
+        assert random.generator(stand_in).state == {"seed": 3, "offset": 10}
+    finally:
+        random.manual_seed(0)  # no stand-in generator left for the next tests
 
 
 def test_model_weights_load_into_torch(tiny_job, tmp_path):
