@@ -286,7 +286,9 @@ SCHEMA = {
         Field("consistency", Choice("async", "ssp", "sync"), "async",
               'when workers wait: never ("async"), more than `staleness` clocks ahead ("ssp"), every step ("sync")'),
         Field("staleness", _NONNEG, 3, "ssp: the most clocks a worker may run ahead of the slowest live worker"),
-        Field("overlap", Bool(), True, "async, ssp with staleness >= 1: push step t while computing step t+1"),
+        Field("overlap", Bool(), False,
+              "async, ssp with staleness >= 1: push step t while computing step t+1 (faster steps, but each "
+              "gradient misses the worker's own last update: slower learning, docs/PARAMSERVER.md)"),
         Field("scale_pushes", Bool(), True,
               "async, ssp: weight each push by 1/workers, so `workers` pushes make one step of the combined batch "
               "(what sync mode's average does); false: every push is a full step (an effective LR x workers)"),

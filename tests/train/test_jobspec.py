@@ -35,8 +35,8 @@ def test_empty_file_gets_every_default(tmp_path, monkeypatch):
         "memory": {"activation_checkpointing": "none", "budget_mb": None},
         "parallel": {"mode": "local", "bucket_mb": 25.0, "stages": 2, "micro_batches": 4, "schedule": "1f1b",
                      "split_points": None, "stage_checkpointing": False},
-        "ps": {"servers": 1, "workers": 2, "consistency": "async", "staleness": 3, "overlap": True,
-               "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0, "reconnect_timeout": 120.0,
+        "ps": {"servers": 1, "workers": 2, "consistency": "async", "staleness": 3, "overlap": False,
+               "scale_pushes": True, "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0, "reconnect_timeout": 120.0,
                "snapshot_every": 500, "reject_nonfinite": True, "log_every": 10.0},
     }
     assert spec.source == str(tmp_path / "job.toml")
