@@ -4,9 +4,11 @@ every CUDA kernel in disttrain/kernels_cuda is tested against.
 Each function takes and returns raw arrays (xp = numpy or cupy) and documents its layout. Passes over
 big NumPy arrays run their row blocks side by side on the intra-op threads (disttrain.tensor.threads).
 """
+import contextlib
+
 import numpy as np
 
-from disttrain.tensor.threads import parallel_rows
+from disttrain.tensor.threads import one_blas_thread, parallel_rows
 
 
 def _by_rows(xp, fn, rows, elements_per_row):
@@ -15,6 +17,14 @@ def _by_rows(xp, fn, rows, elements_per_row):
         parallel_rows(fn, rows, elements_per_row)
     else:
         fn(0, rows)
+
+
+def _small_gemms(xp):
+    """Around a loop of small GEMMs (the recurrence's (B, H) x (H, 4H)): the BLAS on one thread for NumPy.
+    Handing a 3-MFLOP GEMM to a second thread gains next to nothing on a quiet machine (2.12 vs 1.98 ms
+    for a 20-step layer here) but, when another process holds that core, each hand-off waits for the
+    scheduler: the same layer took a median 20-87 ms with 2 threads, 6.5-9 ms with one."""
+    return one_blas_thread() if xp is np else contextlib.nullcontext()
 
 
 def add_bias_(xp, out, bias):
@@ -100,12 +110,13 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     out, cs, tanh_c = (xp.empty((steps,) + h0.shape, dtype=gates_x.dtype) for _ in range(3))
     recurrent = xp.empty((batch, four_h), dtype=gates_x.dtype)
     h, c = h0, c0
-    for t in range(steps):
-        pre = gates_x[t]
-        xp.matmul(h, w_scaled_t, out=recurrent)
-        pre += recurrent
-        _lstm_activate(xp, pre, c, out[t], cs[t], tanh_c[t], alpha, beta)
-        h, c = out[t], cs[t]
+    with _small_gemms(xp):
+        for t in range(steps):
+            pre = gates_x[t]
+            xp.matmul(h, w_scaled_t, out=recurrent)
+            pre += recurrent
+            _lstm_activate(xp, pre, c, out[t], cs[t], tanh_c[t], alpha, beta)
+            h, c = out[t], cs[t]
     return out, cs, gates_x, tanh_c
 
 
@@ -124,10 +135,11 @@ def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_
     d_gates = xp.empty_like(acts)
     dh_step = xp.empty_like(dh_n)
     dh, dc = dh_n, dc_n
-    for t in reversed(range(steps)):
-        xp.add(d_out[t], dh, out=dh_step)
-        dc = _lstm_step_backward(xp, dh_step, dc, factors[t], dh_to_dc[t], acts[t], d_gates[t])
-        dh = d_gates[t] @ w_hh
+    with _small_gemms(xp):
+        for t in reversed(range(steps)):
+            xp.add(d_out[t], dh, out=dh_step)
+            dc = _lstm_step_backward(xp, dh_step, dc, factors[t], dh_to_dc[t], acts[t], d_gates[t])
+            dh = d_gates[t] @ w_hh
     four_h, hidden = w_hh.shape
     h_prev = xp.concatenate([h0[None], out[:-1]])
     dw_hh = d_gates.reshape(-1, four_h).T @ h_prev.reshape(-1, hidden)

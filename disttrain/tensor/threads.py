@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import threadpoolctl
 
-__all__ = ["get_num_threads", "set_num_threads", "parallel_rows", "available_cores", "MIN_ELEMENTS_PER_THREAD",
-           "THREAD_ENV_VARS"]
+__all__ = ["get_num_threads", "set_num_threads", "parallel_rows", "one_blas_thread", "available_cores",
+           "MIN_ELEMENTS_PER_THREAD", "THREAD_ENV_VARS"]
 
 MIN_ELEMENTS_PER_THREAD = 1 << 18   # below ~1 MB of float32 per block a hand-off costs more than it saves
 THREAD_ENV_VARS = ("DISTTRAIN_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -27,6 +27,7 @@ THREAD_ENV_VARS = ("DISTTRAIN_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THR
 _num_threads = None
 _pool = None
 _pool_size = 0
+_blas = None                        # threadpoolctl's controller of the BLAS libraries (found on first use)
 
 
 def _default_threads():
@@ -73,6 +74,14 @@ def _blocks(rows, elements_per_row):
     threads = min(get_num_threads(), rows, max(1, rows * elements_per_row // MIN_ELEMENTS_PER_THREAD))
     step = -(-rows // threads)
     return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
+
+
+def one_blas_thread():
+    """A context in which the BLAS runs on one thread (for loops of small GEMMs; see kernels_numpy)."""
+    global _blas
+    if _blas is None:
+        _blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    return _blas.limit(limits=1)
 
 
 def _pool_for(helpers):
