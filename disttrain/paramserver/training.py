@@ -61,9 +61,10 @@ class RemoteOptimizer:
     checkpoints load into a local job). overlap: push step t while step t+1 computes (async, or ssp with
     staleness >= 1, where the push reads ahead so the bound still holds): step() first installs the answer to
     the previous push, then sends this one. grad_weight: what each gradient is multiplied by before it is
-    pushed (1/workers for `[ps] scale_pushes`: W pushes of W workers' shares make one step of the whole batch). total_steps: after that many steps the
-    last push is awaited and the worker leaves; worker 0 then waits for the others to finish and reads the final
-    parameters as an observer, so the Trainer's final evaluation sees the finished model.
+    pushed (1/workers for `[ps] scale_pushes`: W pushes of W workers' shares make one step of the whole
+    batch). total_steps: after that many steps the last push is awaited and the worker leaves; worker 0 then
+    waits for the others to finish and reads the final parameters as an observer, so the Trainer's final
+    evaluation sees the finished model.
     """
 
     def __init__(self, client, params, local, epoch_of=lambda: 0, overlap=False, grad_weight=1.0, total_steps=None,
