@@ -8,8 +8,8 @@ TBPTT segments with the hidden state carried and detached. disttrain runs `Train
 (the loop every mode uses); PyTorch runs the equivalent step with torch.nn.LSTM (its CPU kernels).
 Rounds are interleaved; the median tokens/s of each side and the ratio are printed (target >= 1.2).
 Both sides' thread counts are printed too: NumPy's OpenBLAS and torch's intra-op pool default to
-the core count (GEMMs on every core on both sides); NumPy's elementwise loops run on one thread,
-torch's on its pool. Run it on a quiet machine: multi-threaded BLAS on cores that other processes
+the core count (GEMMs on every core on both sides); disttrain splits its big elementwise passes
+over as many threads (disttrain.tensor.threads), torch runs them on its pool. Run it on a quiet machine: multi-threaded BLAS on cores that other processes
 also use slows down far more than the work it shares (small GEMMs most of all).
 """
 import argparse
@@ -18,6 +18,7 @@ import itertools
 
 from harness import interleaved, machine, torch_or_none
 
+import disttrain as dt
 from disttrain.train import Trainer, load_job
 
 
@@ -110,7 +111,8 @@ def main():
     m, d = spec.model, spec.data
     print(f"LM training step, {args.job}: {m.layers}x{m.hidden} LSTM, vocab {len(trainer.corpus.vocab):,}, "
           f"batch {d.batch_size}, bptt {d.bptt}, SGD; {machine()}")
-    threads = f"threads: NumPy's OpenBLAS {numpy_blas_threads() or '?'} (NumPy's elementwise loops 1)"
+    threads = (f"threads: NumPy's OpenBLAS {numpy_blas_threads() or '?'}, disttrain's intra-op "
+               f"{dt.get_num_threads()} (big elementwise passes; the LSTM recurrence's small GEMMs on 1)")
     if torch is not None:
         threads += f", torch intra-op {torch.get_num_threads()} (GEMMs and elementwise)"
     print("  " + threads)

@@ -67,7 +67,7 @@ def set_num_threads(n):
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"set_num_threads: expected an int >= 1, got {n!r}")
     _num_threads = n
-    threadpoolctl.threadpool_limits(n, user_api="blas")
+    _blas_libraries().limit(limits=n)     # kept: a limiter restores the old count only when used as a context
 
 
 def _blocks(rows, elements_per_row):
@@ -78,10 +78,16 @@ def _blocks(rows, elements_per_row):
 
 def one_blas_thread():
     """A context in which the BLAS runs on one thread (for loops of small GEMMs; see kernels_numpy)."""
+    return _blas_libraries().limit(limits=1)
+
+
+def _blas_libraries():
+    """threadpoolctl's controller of the BLAS libraries loaded, found once (a search costs milliseconds;
+    setting a thread count through it, microseconds)."""
     global _blas
     if _blas is None:
         _blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
-    return _blas.limit(limits=1)
+    return _blas
 
 
 def _pool_for(helpers):
