@@ -15,7 +15,7 @@ import os
 
 from disttrain import trace
 from disttrain.parallel.comm import abort_on_error, world
-from disttrain.tensor.threads import THREAD_ENV_VARS, available_cores, set_num_threads
+from disttrain.tensor.threads import available_cores, set_num_threads, user_thread_count
 from disttrain.train.jobspec import JobSpecError
 
 __all__ = ["strategy_for", "run_context", "launched_size", "local_size", "share_cores"]
@@ -84,7 +84,7 @@ def share_cores():
     a plain `mpiexec -n N disttrain run`.
     """
     ranks = local_size()
-    if ranks <= 1 or any(os.environ.get(name, "").strip() for name in THREAD_ENV_VARS):
+    if ranks <= 1 or user_thread_count() is not None:
         return None
     n = max(1, available_cores() // ranks)
     set_num_threads(n)

@@ -80,17 +80,15 @@ class _Request:
         self.seq, self.sent_at = seq, time.monotonic()
         self.sent_clock, self.sent_incarnation = link.clock, link.incarnation
         w = client.worker_id
+        ahead = {"ahead": True} if self.ahead else {}      # sent only when set: plain headers stay as they were
         if self.op == "push":
             arrays = [self.grads[p.param][p.offset:p.offset + p.length] for p in link.parts]
-            ahead = {"ahead": True} if self.ahead else {}
             header = protocol.request("push", seq, worker=w, clock=link.clock, keys=link.keys, epoch=self.epoch,
                                       pull=self.pull, **ahead)
             return protocol.encode(header, arrays)
         if self.op == "pull":
             fields = {"keys": self.keys} if self.keys is not None else {}
-            if self.ahead:
-                fields["ahead"] = True
-            return protocol.encode(protocol.request("pull", seq, worker=w, clock=link.clock, **fields))
+            return protocol.encode(protocol.request("pull", seq, worker=w, clock=link.clock, **fields, **ahead))
         if self.op in ("leave", "heartbeat"):
             return protocol.encode(protocol.request(self.op, seq, worker=w))
         if self.op == "stats":

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import threadpoolctl
 
 __all__ = ["get_num_threads", "set_num_threads", "parallel_rows", "one_blas_thread", "available_cores",
-           "MIN_ELEMENTS_PER_THREAD", "THREAD_ENV_VARS"]
+           "user_thread_count", "MIN_ELEMENTS_PER_THREAD", "THREAD_ENV_VARS"]
 
 MIN_ELEMENTS_PER_THREAD = 1 << 18   # below ~1 MB of float32 per block a hand-off costs more than it saves
 THREAD_ENV_VARS = ("DISTTRAIN_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -31,6 +31,11 @@ _blas = None                        # threadpoolctl's controller of the BLAS lib
 
 
 def _default_threads():
+    return user_thread_count() or available_cores()
+
+
+def user_thread_count():
+    """The thread count the environment asks for (the first of THREAD_ENV_VARS that is set), or None."""
     for var in THREAD_ENV_VARS:
         value = os.environ.get(var, "").strip()
         if value:
@@ -41,7 +46,7 @@ def _default_threads():
             if n < 1:
                 raise ValueError(f"${var} must be a positive integer, got {value!r}")
             return n
-    return available_cores()
+    return None
 
 
 def available_cores():
