@@ -9,8 +9,19 @@ TBPTT segments with the hidden state carried and detached. disttrain runs `Train
 Rounds are interleaved; the median tokens/s of each side and the ratio are printed (target >= 1.2).
 Both sides' thread counts are printed too: NumPy's OpenBLAS and torch's intra-op pool default to
 the core count (GEMMs on every core on both sides); disttrain splits its big elementwise passes
-over as many threads (disttrain.tensor.threads), torch runs them on its pool. Run it on a quiet machine: multi-threaded BLAS on cores that other processes
-also use slows down far more than the work it shares (small GEMMs most of all).
+over as many threads (disttrain.tensor.threads), torch runs them on its pool. Run it on a quiet machine:
+multi-threaded BLAS on cores that other processes also use slows down far more than the work it shares
+(small GEMMs most of all).
+
+The printed machine line names the GEMM kernels NumPy's OpenBLAS picked. Some machines set
+OPENBLAS_CORETYPE=Haswell for old OpenBLAS builds; a current one then runs AVX2 kernels on an AVX-512
+CPU and the decoder's GEMMs take ~1.8x as long, while PyTorch's MKL picks its own kernels. To compare
+the two on the CPU's own kernels, unset both variables for this command alone:
+
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_lm_speed.py
+
+Both sides share this process's malloc (glibc's default here; `disttrain run` retains freed memory on
+top: benchmarks/bench_host_allocator.py measures that separately).
 """
 import argparse
 import ctypes

@@ -23,10 +23,23 @@ def interleaved(candidates, rounds=7, warmup=1, clock=time.perf_counter):
 
 
 def machine():
-    """One line naming the machine and the BLAS settings that change GEMM speed."""
+    """One line naming the machine, the BLAS settings that change GEMM speed and the GEMM kernels NumPy runs."""
     blas = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS") if k in os.environ}
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-            f", BLAS env {blas or 'unset'}")
+            f", BLAS env {blas or 'unset'}, NumPy's BLAS kernels: {blas_kernels()}")
+
+
+def blas_kernels():
+    """NumPy's BLAS and the CPU kernels it picked (threadpoolctl), e.g. 'openblas 0.3.31 SkylakeX'.
+
+    OPENBLAS_CORETYPE=Haswell (set on some machines for old OpenBLAS builds) makes a current OpenBLAS run
+    its AVX2 kernels on an AVX-512 CPU: the decoder's GEMMs then take ~1.8x as long here.
+    """
+    import numpy  # noqa: F401  (loads the BLAS that threadpoolctl reports)
+    import threadpoolctl
+
+    libs = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    return ", ".join(f"{lib['internal_api']} {lib['version']} {lib.get('architecture', '?')}" for lib in libs) or "?"
 
 
 def torch_or_none():

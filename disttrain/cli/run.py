@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from disttrain.parallel.launch import run_context, share_cores, strategy_for
+from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from disttrain.train.jobspec import JobSpecError, load_job
 from disttrain.train.loop import MemoryBudgetExceeded, Trainer, TrainingInterrupted
@@ -50,6 +51,7 @@ def main(args):
                                       f"run without --resume to start the job")
             checkpoint = load_checkpoint(out)
         share_cores()                            # N ranks on a node: cores / N threads each
+        retain_freed_memory()                    # reuse each step's big arrays instead of faulting them in again
         strategy = strategy_for(spec)            # data mode (under mpirun): DataParallelStrategy, else None
         trainer = Trainer(spec, out_dir=out, strategy=strategy)
         if strategy is not None:
