@@ -10,6 +10,7 @@ from pathlib import Path
 
 from disttrain.parallel.launch import run_context, share_cores, strategy_for
 from disttrain.tensor.host_allocator import retain_freed_memory
+from disttrain.tensor.threads import blas_kernel_note
 from disttrain.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
 from disttrain.train.jobspec import JobSpecError, load_job
 from disttrain.train.loop import MemoryBudgetExceeded, Trainer, TrainingInterrupted
@@ -94,6 +95,8 @@ def evaluate(args):
 
 
 def _describe(trainer, out, checkpoint):
+    if not trainer.strategy.is_main:             # under mpirun: one description, from the process that logs
+        return
     spec, corpus = trainer.spec, trainer.corpus
     n_params = sum(p.numel() for p in trainer.params)
     where = f"resuming at step {trainer.step} (epoch {trainer.epoch + 1})" if checkpoint else "starting"
@@ -102,6 +105,9 @@ def _describe(trainer, out, checkpoint):
           f"{len(trainer.train_iter)} steps/epoch x {spec.train.epochs} epochs"
           + (f", max {spec.train.max_steps} steps" if spec.train.max_steps else "")
           + f"; device {trainer.device}; {where}; outputs in {out}/", flush=True)
+    note = blas_kernel_note() if trainer.device == "cpu" else None
+    if note:
+        print(note, file=sys.stderr, flush=True)
 
 
 def _report(evals, char_level):

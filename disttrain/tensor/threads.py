@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import threadpoolctl
 
 __all__ = ["get_num_threads", "set_num_threads", "parallel_rows", "one_blas_thread", "available_cores",
-           "user_thread_count", "MIN_ELEMENTS_PER_THREAD", "THREAD_ENV_VARS"]
+           "user_thread_count", "blas_kernel_note", "MIN_ELEMENTS_PER_THREAD", "THREAD_ENV_VARS"]
 
 MIN_ELEMENTS_PER_THREAD = 1 << 18   # below ~1 MB of float32 per block a hand-off costs more than it saves
 THREAD_ENV_VARS = ("DISTTRAIN_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -93,6 +93,41 @@ def _blas_libraries():
     if _blas is None:
         _blas = threadpoolctl.ThreadpoolController().select(user_api="blas")
     return _blas
+
+
+def blas_kernel_note(environ=None, cpu_flags=None, kernels=None):
+    """A warning line when OPENBLAS_CORETYPE holds the BLAS to AVX2 kernels on an AVX-512 CPU, else None.
+
+    Some machines set OPENBLAS_CORETYPE=Haswell because old OpenBLAS builds misbehave on newer CPUs; a
+    current OpenBLAS then runs GEMMs ~1.8x slower on ptb_small's decoder than with its AVX-512 kernels
+    (benchmarks/RESULTS.md). environ, cpu_flags (a set) and kernels (OpenBLAS's architecture names)
+    default to this process's.
+    """
+    environ = os.environ if environ is None else environ
+    coretype = environ.get("OPENBLAS_CORETYPE", "").strip()
+    if not coretype:
+        return None
+    cpu_flags = _cpu_flags() if cpu_flags is None else cpu_flags
+    if kernels is None:
+        kernels = [lib.architecture for lib in _blas_libraries().lib_controllers
+                   if lib.internal_api == "openblas" and getattr(lib, "architecture", None)]
+    slow = [k for k in kernels if k.lower() in ("haswell", "zen", "sandybridge", "nehalem", "prescott")]
+    if "avx512f" not in cpu_flags or not slow:
+        return None
+    return (f"note: OPENBLAS_CORETYPE={coretype} makes NumPy's OpenBLAS run its {slow[0]} (AVX2 or older) GEMM "
+            "kernels on this AVX-512 CPU (large GEMMs took ~1.8x as long on the dev box); unset it unless your OpenBLAS "
+            "build needs it")
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _pool_for(helpers):

@@ -6,6 +6,7 @@ import threadpoolctl
 import disttrain as dt
 from disttrain.nn import functional as F
 from disttrain.tensor import kernels_numpy, threads
+from disttrain.tensor.threads import blas_kernel_note
 
 
 @pytest.fixture
@@ -106,3 +107,20 @@ def test_thread_count_follows_the_environment(monkeypatch):
     monkeypatch.setenv("DISTTRAIN_NUM_THREADS", "many")
     with pytest.raises(ValueError, match=r"\$DISTTRAIN_NUM_THREADS must be a positive integer, got 'many'"):
         threads._default_threads()
+
+
+AVX512 = {"fma", "avx2", "avx512f"}
+
+
+@pytest.mark.parametrize("environ, flags, kernels, warns", [
+    ({"OPENBLAS_CORETYPE": "Haswell"}, AVX512, ["Haswell"], True),
+    ({"OPENBLAS_CORETYPE": "Haswell"}, {"fma", "avx2"}, ["Haswell"], False),     # an AVX2 CPU: Haswell is its best
+    ({"OPENBLAS_CORETYPE": "SkylakeX"}, AVX512, ["SkylakeX"], False),
+    ({}, AVX512, ["Haswell"], False),                                            # OpenBLAS's own choice
+    ({"OPENBLAS_CORETYPE": "Haswell"}, AVX512, [], False),                       # no OpenBLAS loaded (MKL)
+])
+def test_blas_kernel_note_names_a_coretype_that_holds_back_an_avx512_cpu(environ, flags, kernels, warns):
+    note = blas_kernel_note(environ, flags, kernels)
+    assert (note is not None) == warns
+    if warns:
+        assert "OPENBLAS_CORETYPE=Haswell" in note and "AVX-512" in note
