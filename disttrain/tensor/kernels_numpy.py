@@ -106,7 +106,9 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     steps, batch, four_h = gates_x.shape
     alpha, beta = _gate_scales(xp, four_h // 4, gates_x.dtype)
     gates_x *= alpha
-    w_scaled_t = (w_hh * alpha[:, None]).T  # (H, 4H): h @ it = alpha * (h @ W_hh^T), exactly
+    # (H, 4H): h @ it = alpha * (h @ W_hh^T), exactly. Copied contiguous, not a transposed view: a 20-step
+    # layer (B = 20, H = 200) took 1.5-1.8 ms so against 2.3-2.8 ms with the view (OpenBLAS, one thread)
+    w_scaled_t = xp.ascontiguousarray((w_hh * alpha[:, None]).T)
     out, cs, tanh_c = (xp.empty((steps,) + h0.shape, dtype=gates_x.dtype) for _ in range(3))
     recurrent = xp.empty((batch, four_h), dtype=gates_x.dtype)
     h, c = h0, c0
