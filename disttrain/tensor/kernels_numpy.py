@@ -107,7 +107,7 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     alpha, beta = _gate_scales(xp, four_h // 4, gates_x.dtype)
     gates_x *= alpha
     # (H, 4H): h @ it = alpha * (h @ W_hh^T), exactly. Copied contiguous, not a transposed view: a 20-step
-    # layer (B = 20, H = 200) took 1.5-1.8 ms so against 2.3-2.8 ms with the view (OpenBLAS, one thread)
+    # layer (B = 20, H = 200) took 1.5-1.8 ms against 2.3-2.8 ms with the view (OpenBLAS, one thread)
     w_scaled_t = xp.ascontiguousarray((w_hh * alpha[:, None]).T)
     out, cs, tanh_c = (xp.empty((steps,) + h0.shape, dtype=gates_x.dtype) for _ in range(3))
     recurrent = xp.empty((batch, four_h), dtype=gates_x.dtype)

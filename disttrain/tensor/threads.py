@@ -115,8 +115,8 @@ def blas_kernel_note(environ=None, cpu_flags=None, kernels=None):
     if "avx512f" not in cpu_flags or not slow:
         return None
     return (f"note: OPENBLAS_CORETYPE={coretype} makes NumPy's OpenBLAS run its {slow[0]} (AVX2 or older) GEMM "
-            "kernels on this AVX-512 CPU (large GEMMs took ~1.8x as long on the dev box); unset it unless your OpenBLAS "
-            "build needs it")
+            "kernels on this AVX-512 CPU (large GEMMs took ~1.8x as long on the dev box); unset it unless your "
+            "OpenBLAS build needs it")
 
 
 def _cpu_flags():
