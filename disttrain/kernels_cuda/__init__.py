@@ -14,6 +14,8 @@
     launch.py       launch configurations (pure Python, tested on the CPU)
     wrappers.py     kernels_numpy's names and signatures, launching the kernels above
     graph.py        CUDA-graph capture of a steady-state training step
+    emulator.py     runs the .cu kernels on the CPU for tests (C++ with emulator_runtime.h's stand-in
+                    built-ins); loader.kernel's signature, cupy.RawKernel's call convention
 
 Every kernel has a NumPy reference of the same name in disttrain.tensor.kernels_numpy.
 
@@ -21,8 +23,11 @@ Verification status (see tests/kernels_cuda, CPU, and tests/gpu, GPU):
   - CPU, in CI: every source compiles with nvcc to PTX for sm_80 and sm_90 with warnings as errors,
     also as the self-contained text NVRTC gets; ptxas reports no spills and registers that fit the
     launch blocks; the launch helpers; the wrappers' names/signatures; every launch's arguments
-    checked against the kernel's C parameter list; the NumPy references against independent math.
-  - GPU (tests/gpu, marked `gpu`): kernels vs references, ops cuda vs cpu, ptb_small loss curve,
-    CUDA-graph replay vs eager. Owed until a GPU session runs them: no kernel has executed yet.
+    checked against the kernel's C parameter list; the NumPy references against independent math;
+    every kernel, through its wrapper, against its reference on the emulator
+    (tests/kernels_cuda/test_kernels_against_reference.py, the "emulated" runs).
+  - GPU (marked `gpu`): the same kernel tests on CuPy arrays; tests/gpu: ops cuda vs cpu, ptb_small
+    loss curve, CUDA-graph replay vs eager. Owed until a GPU session runs them: no kernel has yet
+    executed on a GPU (the emulator does not reproduce the GPU's rounding, memory or concurrency).
 This package imports nothing at import time; loader.py guards `import cupy` (`loader.available`).
 """

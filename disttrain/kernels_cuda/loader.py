@@ -71,20 +71,25 @@ def module(name):
     return cupy.RawModule(code=source_text(name), options=OPTIONS, backend=compiler())
 
 
-@functools.lru_cache(maxsize=None)
-def kernel(source, name, dtype=None):
-    """The cached RawKernel `name` of `source` for float dtype `dtype` (None for untyped kernels)."""
+def symbol(source, name, dtype=None):
+    """The exported name of kernel `name` of `source`.cu for float dtype `dtype` (None: untyped)."""
     if dtype is None:
         if name not in UNTYPED_KERNELS.get(source, ()):
             raise KeyError(f"{source}.cu has no untyped kernel {name!r}")
-        return module(source).get_function(name)
+        return name
     if name not in KERNELS.get(source, ()):
         raise KeyError(f"{source}.cu has no kernel {name!r}; known: {KERNELS.get(source)}")
     try:
         suffix = SUFFIX[np.dtype(dtype)]
     except KeyError:
         raise TypeError(f"kernel {name}: no CUDA kernel for dtype {np.dtype(dtype)}") from None
-    return module(source).get_function(f"{name}_{suffix}")
+    return f"{name}_{suffix}"
+
+
+@functools.lru_cache(maxsize=None)
+def kernel(source, name, dtype=None):
+    """The cached RawKernel `name` of `source` for float dtype `dtype` (None for untyped kernels)."""
+    return module(source).get_function(symbol(source, name, dtype))
 
 
 def compile_all():

@@ -1,4 +1,9 @@
-"""Every CUDA kernel (through its wrapper, CuPy arrays) equals its NumPy reference (NumPy arrays).
+"""Every CUDA kernel (through its wrapper) equals its NumPy reference, run two ways:
+
+  - "cuda": on a GPU, CuPy arrays (marked `gpu`; skipped without a GPU);
+  - "emulated": on the CPU, NumPy arrays, each kernel's .cu code compiled as C++ and run by
+    disttrain.kernels_cuda.emulator (skipped without a C++ compiler). This runs in CI: the kernels'
+    arithmetic, indexing and launch shapes are checked there, without the GPU's own rounding.
 
 Shapes cover the edges of each launch configuration: single elements, sizes that are not multiples
 of the block, narrow and wide softmax rows (warp- and block-per-row kernels), rows beyond the
@@ -8,10 +13,25 @@ import numpy as np
 import pytest
 
 import disttrain as dt
-from disttrain.kernels_cuda import launch, loader, wrappers as W
+from disttrain.kernels_cuda import emulator, launch, loader, wrappers as W
 from disttrain.tensor import kernels_numpy as K
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not dt.cuda_available(), reason="needs a CUDA GPU")]
+NEEDS_GPU = pytest.mark.skipif(not dt.cuda_available(), reason="needs a CUDA GPU")
+NEEDS_CXX = pytest.mark.skipif(not emulator.available, reason="the emulator needs a C++ compiler")
+RUNS = [pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_GPU]), pytest.param("emulated", marks=NEEDS_CXX)]
+
+
+@pytest.fixture(params=RUNS)
+def cp(request, monkeypatch):
+    """The array module the kernels run on: CuPy on the GPU, or NumPy with every kernel emulated."""
+    if request.param == "cuda":
+        import cupy
+
+        return cupy
+    monkeypatch.setattr(W, "kernel", emulator.kernel)
+    monkeypatch.setattr(loader, "kernel", emulator.kernel)
+    return np
+
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-11)}
 DTYPES = [np.float32, np.float64]
@@ -21,9 +41,12 @@ def _r(shape, dtype, seed=0, scale=1.0):
     return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
 
 
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
 def _close(got, expected, dtype, **kw):
-    tol = dict(TOL[dtype], **kw)
-    np.testing.assert_allclose(got.get() if hasattr(got, "get") else got, expected, **tol)
+    np.testing.assert_allclose(_host(got), expected, **dict(TOL[dtype], **kw))
 
 
 def test_every_kernel_compiles_and_loads(cp):
@@ -97,7 +120,7 @@ def test_cross_entropy_extreme_rows(cp):
     logits = np.array([[0.0, -np.inf, 1.0], [np.inf, 0.0, 0.0], [-1e30, 1e30, 0.0]], dtype=np.float32)
     target = np.array([0, 1, 1])
     got, _ = W.cross_entropy_forward(cp, cp.array(logits), cp.array(target), -100)
-    got = got.get()
+    got = _host(got)
     assert got[0] == pytest.approx(np.log(1 + np.e) , rel=1e-6) and got[2] == 0.0
     assert np.isposinf(got[1])
 
@@ -184,10 +207,10 @@ def test_norms_scale_and_device_clipping(cp, dtype, p):
 
 def test_norms_propagate_nan_and_inf(cp):
     bad = cp.array(np.array([1.0, np.nan, 2.0], np.float32))
-    assert np.isnan(W.norms(cp, [bad], 2.0).get()[0])
-    assert np.isnan(W.norms(cp, [bad], float("inf")).get()[0])
+    assert np.isnan(_host(W.norms(cp, [bad], 2.0))[0])
+    assert np.isnan(_host(W.norms(cp, [bad], float("inf")))[0])
     inf = cp.array(np.array([1.0, -np.inf], np.float32))
-    assert np.isposinf(W.norms(cp, [inf], float("inf")).get()[0])
+    assert np.isposinf(_host(W.norms(cp, [inf], float("inf")))[0])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -199,3 +222,15 @@ def test_bucket_pack_and_unpack(cp, dtype):
     W.bucket_unpack(cp, flat * 4, out, scale=0.25)
     for o, a in zip(out, arrays):
         _close(o, a, dtype)
+
+
+BEYOND_ONE_GRID = launch.GRID_CAP * launch.BLOCK + 12345  # threads loop: some draw two samples
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (1000,), (3, 5, 7), (2, 70_000), (BEYOND_ONE_GRID,)])
+@pytest.mark.parametrize("seed, offset", [(0, 0), (1234, 99), (2 ** 64 - 1, 2 ** 64 - 500), (-3, 2 ** 33)])
+def test_counter_uniform_equals_the_reference_bit_for_bit(cp, dtype, shape, seed, offset):
+    got = W.counter_uniform(cp, shape, dtype, seed, offset)
+    assert got.shape == shape and got.dtype == dtype
+    np.testing.assert_array_equal(_host(got), K.counter_uniform(np, shape, dtype, seed, offset))
