@@ -15,7 +15,8 @@
     wrappers.py     kernels_numpy's names and signatures, launching the kernels above
     graph.py        CUDA-graph capture of a steady-state training step
     emulator.py     runs the .cu kernels on the CPU for tests (C++ with emulator_runtime.h's stand-in
-                    built-ins); loader.kernel's signature, cupy.RawKernel's call convention
+                    built-ins); loader.kernel's signature, cupy.RawKernel's call convention;
+                    emulator_memory.py puts an inaccessible page after every array argument
 
 Every kernel has a NumPy reference of the same name in disttrain.tensor.kernels_numpy.
 

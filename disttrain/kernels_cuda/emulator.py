@@ -1,7 +1,7 @@
 """Run our CUDA kernels on the CPU: the .cu sources compiled as C++ with stand-in CUDA built-ins.
 
     from disttrain.kernels_cuda import emulator, wrappers
-    wrappers.kernel = emulator.kernel            # what tests/kernels_cuda/test_kernels_against_reference.py does
+    wrappers.kernel = emulator.kernel   # as tests/kernels_cuda/test_kernels_against_reference.py does
     losses, lse = wrappers.cross_entropy_forward(numpy, logits, target, -100)   # xent.cu ran, on the CPU
 
 A debugging and testing tool, not a device: it checks a kernel's arithmetic, indexing and launch
@@ -15,10 +15,12 @@ What it checks, beyond running the code:
     scalar of exactly the C type for a value (CuPy would pass a wider or narrower one as raw bytes);
   - the launch: block and grid within CUDA's limits, dynamic shared memory within 48 KiB;
   - synchronisation the GPU would hang on: a __syncthreads some threads skip, a warp shuffle some
-    lanes skip (emulator_runtime.h).
-What it does not model: memory outside the arrays (an out-of-bounds index reads or writes host
-memory), races between threads (it runs them in turn), the GPU's own rounding of expf/tanhf and its
-fused multiply-adds (results differ from the GPU's in the last bits, as both do from NumPy's).
+    lanes skip (emulator_runtime.h);
+  - memory: each array is copied to end at an inaccessible page (emulator_memory.py), so reading or
+    writing past an array's end fails the launch, naming the argument and element.
+What it does not model: accesses before an array's start, races between threads (it runs them in
+turn), the GPU's own rounding of expf/tanhf and its fused multiply-adds (results differ from the
+GPU's in the last bits, as both do from NumPy's).
 
 Each source is compiled once per content into a shared library cached under
 $DISTTRAIN_EMULATOR_CACHE (default: a directory in the system's temporary directory).
@@ -27,6 +29,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -35,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from disttrain.kernels_cuda import loader
+from disttrain.kernels_cuda.emulator_memory import GuardedArguments
 
 RUNTIME = Path(__file__).resolve().parent / "emulator_runtime.h"
 FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-U_FORTIFY_SOURCE", "-Wall", "-Werror", "-Wno-unused-function")
@@ -44,6 +48,7 @@ TYPE_CODES = {"f": np.dtype(np.float32), "d": np.dtype(np.float64), "q": np.dtyp
               "Q": np.dtype(np.uint64), "i": np.dtype(np.int32), "I": np.dtype(np.uint32)}
 SYNCHRONISING = ("__syncthreads", "__shfl")  # a source using these needs a fiber per thread
 ERROR_BYTES = 512
+FAULT = re.compile(r"memory fault at address (0x[0-9a-f]+)")
 
 
 def compiler():
@@ -136,29 +141,40 @@ class EmulatedKernel:
         if len(args) != len(self.parameters):
             raise TypeError(f"{self.name}: {len(args)} arguments for {len(self.parameters)} parameters "
                             f"({', '.join(self.parameters)})")
-        values = [self._value(k, code, arg) for k, (code, arg) in enumerate(zip(self.parameters, args))]
-        pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
-        error = ctypes.create_string_buffer(ERROR_BYTES)
-        failed = self._launch(_dim3(grid, "grid"), _dim3(block, "block"), ctypes.c_ulonglong(int(shared_mem)),
-                              ctypes.c_int(self.with_fibers), pointers, error, ctypes.c_int(ERROR_BYTES))
-        if failed:
-            raise RuntimeError(f"{self.name} (grid {tuple(grid)}, block {tuple(block)}): {error.value.decode()}")
+        for k, (code, arg) in enumerate(zip(self.parameters, args)):
+            self._check(k, code, arg)
+        arrays = {k: a for k, a in enumerate(args) if isinstance(a, np.ndarray)}
+        writes = [k for k in arrays if not self.parameters[k].startswith("*c")]
+        with GuardedArguments(arrays, writes) as memory:
+            values = [ctypes.c_void_p(memory.address(k)) if k in arrays
+                      else np.ctypeslib.as_ctypes(np.asarray(a).reshape(1)) for k, a in enumerate(args)]
+            pointers = (ctypes.c_void_p * len(values))(*(ctypes.addressof(v) for v in values))
+            error = ctypes.create_string_buffer(ERROR_BYTES)
+            failed = self._launch(_dim3(grid, "grid"), _dim3(block, "block"), ctypes.c_ulonglong(int(shared_mem)),
+                                  ctypes.c_int(self.with_fibers), pointers, error, ctypes.c_int(ERROR_BYTES))
+            if failed:
+                message = error.value.decode()
+                fault = FAULT.search(message)
+                detail = fault and memory.describe_fault(int(fault.group(1), 16))
+                raise RuntimeError(f"{self.name} (grid {tuple(grid)}, block {tuple(block)}): {message}"
+                                   + (f": {detail}" if detail else ""))
+            memory.succeeded = True
 
-    def _value(self, k, code, arg):
-        """The ctypes object holding argument k as the kernel's parameter `code` receives it."""
+    def _check(self, k, code, arg):
+        """Argument k against the kernel's parameter `code` (emulator_runtime.h's type codes)."""
         where = f"{self.name} argument {k} ({code})"
         if code.startswith("*"):
+            pointee = TYPE_CODES[code[-1]]
             if not isinstance(arg, np.ndarray):
                 raise TypeError(f"{where}: expected an array for a pointer, got {type(arg).__name__}")
-            if arg.dtype != TYPE_CODES[code[1:]]:
-                raise TypeError(f"{where}: array of {arg.dtype}, the kernel reads {TYPE_CODES[code[1:]]}")
+            if arg.dtype != pointee:
+                raise TypeError(f"{where}: array of {arg.dtype}, the kernel reads {pointee}")
             if not arg.flags.c_contiguous:
                 raise ValueError(f"{where}: array is not C-contiguous; the kernel indexes a flat buffer")
-            return ctypes.c_void_p(arg.ctypes.data)
+            return
         expected = TYPE_CODES[code]
         if not isinstance(arg, np.generic) or arg.dtype != expected:
             raise TypeError(f"{where}: expected a NumPy {expected} scalar, got {type(arg).__name__} {arg!r}")
-        return np.ctypeslib.as_ctypes(np.asarray(arg).reshape(1))
 
 
 def _dim3(dims, what):

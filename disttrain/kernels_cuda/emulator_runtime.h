@@ -21,6 +21,7 @@
 
 #include <math.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <ucontext.h>
 
 #include <algorithm>
@@ -212,6 +213,46 @@ void check_launch(const dim3& grid, const dim3& block, unsigned long long shared
         throw std::invalid_argument(std::to_string(shared_bytes) + " bytes of dynamic shared memory (max 49152)");
 }
 
+void run_grid() {
+    const unsigned n_threads = block_dim.x * block_dim.y * block_dim.z;
+    for (unsigned z = 0; z < grid_dim.z; ++z)
+        for (unsigned y = 0; y < grid_dim.y; ++y)
+            for (unsigned x = 0; x < grid_dim.x; ++x) {
+                block_idx = dim3{x, y, z};
+                if (cooperative) run_block_with_fibers(n_threads);
+                else run_block_plainly();
+            }
+}
+
+// A kernel touching memory it may not (emulator.py puts an inaccessible page after every array)
+// raises SIGSEGV; the handler jumps back here, from whichever stack faulted, and the launch fails
+// with the address, which emulator.py names as an argument and element.
+sigjmp_buf fault_return;
+void* fault_address = nullptr;
+
+void on_fault(int, siginfo_t* info, void*) {
+    fault_address = info->si_addr;
+    siglongjmp(fault_return, 1);
+}
+
+void run_grid_catching_faults() {
+    struct sigaction action = {}, previous_segv = {}, previous_bus = {};
+    action.sa_sigaction = on_fault;
+    action.sa_flags = SA_SIGINFO;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGSEGV, &action, &previous_segv);
+    sigaction(SIGBUS, &action, &previous_bus);
+    const bool faulted = sigsetjmp(fault_return, 1) != 0;
+    if (!faulted) run_grid();
+    sigaction(SIGSEGV, &previous_segv, nullptr);
+    sigaction(SIGBUS, &previous_bus, nullptr);
+    if (faulted) {
+        char text[64];
+        std::snprintf(text, sizeof text, "memory fault at address %p", fault_address);
+        fail(text);
+    }
+}
+
 }  // namespace
 
 template <class... Args, std::size_t... I>
@@ -232,13 +273,7 @@ int launch(void (*kernel)(Args...), const unsigned* grid, const unsigned* block,
         grid_dim = g;
         block_dim = b;
         if (cooperative) prepare_fibers(b.x * b.y * b.z);
-        for (unsigned z = 0; z < g.z; ++z)
-            for (unsigned y = 0; y < g.y; ++y)
-                for (unsigned x = 0; x < g.x; ++x) {
-                    block_idx = dim3{x, y, z};
-                    if (cooperative) run_block_with_fibers(b.x * b.y * b.z);
-                    else run_block_plainly();
-                }
+        run_grid_catching_faults();
         release_launch();
         return 0;
     } catch (const std::exception& e) {
@@ -248,7 +283,7 @@ int launch(void (*kernel)(Args...), const unsigned* grid, const unsigned* block,
     }
 }
 
-// The parameter list as type codes ("*f,q,i": float*, long long, int), for emulator.py's argument checks.
+// The parameter list as type codes ("*cf,*f,q,i": const float*, float*, long long, int), for emulator.py's argument checks.
 template <class T> constexpr const char* type_code() {
     using U = std::remove_cv_t<T>;
     if constexpr (std::is_same_v<U, float>) return "f";
@@ -260,10 +295,15 @@ template <class T> constexpr const char* type_code() {
     else static_assert(sizeof(U) == 0, "a kernel parameter type the emulator does not know");
 }
 
+// A pointer is "*" then "c" when the kernel only reads through it, then the pointee's code.
 template <class T> std::string parameter_code() {
     using U = std::remove_cv_t<T>;
-    if constexpr (std::is_pointer_v<U>) return "*" + parameter_code<std::remove_pointer_t<U>>();
-    else return type_code<U>();
+    if constexpr (std::is_pointer_v<U>) {
+        using Pointee = std::remove_pointer_t<U>;
+        return std::string(std::is_const_v<Pointee> ? "*c" : "*") + type_code<Pointee>();
+    } else {
+        return type_code<U>();
+    }
 }
 
 template <class... Args> const char* signature(void (*)(Args...)) {

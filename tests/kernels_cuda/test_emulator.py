@@ -6,6 +6,7 @@ mean something.
     1 to 32 warps (they synchronise: the fiber scheduler is exercised);
   - a barrier or shuffle some threads skip, a shuffle in a partial warp: errors naming the block;
   - arguments: wrong count, dtype, a Python number, a strided array, launch limits: errors;
+  - reading or writing one element past an array's end: an error naming the argument and element;
   - a kernel with a bug (lstm.cu with two gates swapped) fails the comparison with the reference.
 """
 import numpy as np
@@ -138,3 +139,36 @@ def test_a_kernel_bug_fails_the_comparison_with_the_reference(monkeypatch):
                         mutated.kernel(loader.symbol(source, name, dtype)))
     h_new = wrappers.lstm_cell_forward(np, gates_x, h, c, w_hh)[0]
     assert not np.allclose(h_new, expected[0])
+
+
+OUT_OF_BOUNDS = PREAMBLE + r"""
+extern "C" __global__ void shift_left(const float* x, float* y, dt_index n) {
+    DT_FOR_EACH(i, n) y[i] = x[i + 1];  // reads one element past the end of x
+}
+extern "C" __global__ void fill(float* y, dt_index n) {
+    DT_FOR_EACH(i, n + 1) y[i] = 1.0f;  // writes one element past the end of y
+}
+"""
+
+
+@pytest.mark.parametrize("n", [1, 1024, 1000])
+def test_reading_or_writing_past_an_array_is_an_error(n):
+    lib = emulator.Library(OUT_OF_BOUNDS, ["shift_left", "fill"], label="test-out-of-bounds")
+    x, y = np.arange(n, dtype=np.float32), np.zeros(n, np.float32)
+    with pytest.raises(RuntimeError, match=rf"memory fault .*argument 0: element {n} of an array of {n}"):
+        lib.kernel("shift_left")((4,), (256,), (x, y, np.int64(n)))
+    with pytest.raises(RuntimeError, match=rf"memory fault .*argument 0: element {n} of an array of {n}"):
+        lib.kernel("fill")((4,), (256,), (y, np.int64(n)))
+    assert not y.any()  # a failed launch writes nothing back
+
+
+def test_outputs_are_written_back_and_a_shared_buffer_stays_one():
+    k = emulator.kernel("bucket", "copy_scaled", np.float64)
+    buf = np.arange(6.0)
+    k((1,), (32,), (buf, buf, np.int64(6), np.float64(3.0), np.int32(1)))  # in place: src and dst the same
+    np.testing.assert_array_equal(buf, np.arange(6.0) * 3)
+    whole = np.arange(8.0)
+    k((1,), (32,), (whole[:6], whole[2:], np.int64(6), np.float64(1.0), np.int32(0)))  # overlapping views
+    # they ran on the original memory, threads in order (thread i reads what thread i - 2 wrote); on
+    # copies the result would be 0, 1, 0, 1, 2, 3, 4, 5
+    assert whole.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
