@@ -283,7 +283,8 @@ int launch(void (*kernel)(Args...), const unsigned* grid, const unsigned* block,
     }
 }
 
-// The parameter list as type codes ("*cf,*f,q,i": const float*, float*, long long, int), for emulator.py's argument checks.
+// The parameter list as type codes ("*cf,*f,q,i": const float*, float*, long long, int), for
+// emulator.py's argument checks.
 template <class T> constexpr const char* type_code() {
     using U = std::remove_cv_t<T>;
     if constexpr (std::is_same_v<U, float>) return "f";
