@@ -134,7 +134,8 @@ class EmulatedKernel:
         self._launch.restype = ctypes.c_int
         signature = getattr(lib, f"dt_emu_signature_{name}")
         signature.restype = ctypes.c_char_p
-        self.parameters = signature().decode().split(",")
+        codes = signature().decode()
+        self.parameters = codes.split(",") if codes else []
         self.with_fibers = with_fibers
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
