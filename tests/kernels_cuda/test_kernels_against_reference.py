@@ -4,6 +4,7 @@
   - "emulated": on the CPU, NumPy arrays, each kernel's .cu code compiled as C++ and run by
     disttrain.kernels_cuda.emulator (skipped without a C++ compiler). This runs in CI: the kernels'
     arithmetic, indexing and launch shapes are checked there, without the GPU's own rounding.
+(The `cp` fixture, tests/kernels_cuda/conftest.py.)
 
 Shapes cover the edges of each launch configuration: single elements, sizes that are not multiples
 of the block, narrow and wide softmax rows (warp- and block-per-row kernels), rows beyond the
@@ -12,26 +13,8 @@ of the block, narrow and wide softmax rows (warp- and block-per-row kernels), ro
 import numpy as np
 import pytest
 
-import disttrain as dt
-from disttrain.kernels_cuda import emulator, launch, loader, wrappers as W
+from disttrain.kernels_cuda import launch, loader, wrappers as W
 from disttrain.tensor import kernels_numpy as K
-
-NEEDS_GPU = pytest.mark.skipif(not dt.cuda_available(), reason="needs a CUDA GPU")
-NEEDS_CXX = pytest.mark.skipif(not emulator.available, reason="the emulator needs a C++ compiler")
-RUNS = [pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_GPU]), pytest.param("emulated", marks=NEEDS_CXX)]
-
-
-@pytest.fixture(params=RUNS)
-def cp(request, monkeypatch):
-    """The array module the kernels run on: CuPy on the GPU, or NumPy with every kernel emulated."""
-    if request.param == "cuda":
-        import cupy
-
-        return cupy
-    monkeypatch.setattr(W, "kernel", emulator.kernel)
-    monkeypatch.setattr(loader, "kernel", emulator.kernel)
-    return np
-
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-11)}
 DTYPES = [np.float32, np.float64]
