@@ -29,18 +29,22 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--no-overlap", action="store_true", help="reduce the gradient buckets after backward")
+    parser.add_argument("--overlap", choices=("true", "false", "auto"), default=None,
+                        help="reduce the gradient buckets during backward, after it, or pick by timing "
+                             "(default: the job's [parallel] overlap)")
+    parser.add_argument("--no-overlap", dest="overlap", action="store_const", const="false", help="= --overlap false")
     args = parser.parse_args()
     spec = load_job(args.job, args.overrides)
+    overlap = {"true": True, "false": False, "auto": "auto", None: spec.parallel.overlap}[args.overlap]
     strategy = None
     if launched_size() > 1:
-        strategy = DataParallelStrategy(bucket_mb=spec.parallel.bucket_mb, overlap=not args.no_overlap)
+        strategy = DataParallelStrategy(bucket_mb=spec.parallel.bucket_mb, overlap=overlap)
     trainer = Trainer(spec, strategy=strategy, progress=False)
     if strategy is not None:
         strategy.attach(trainer.model, trainer.optimizer)
     s = trainer.strategy
     segments = iter(trainer.train_iter)
-    losses, tokens = [], 0
+    losses, tokens, notes = [], 0, []
     for k in range(args.warmup + args.steps):
         if k == args.warmup:
             s.barrier()
@@ -50,6 +54,7 @@ def main():
         losses.append(s.reduce_mean(loss))
         if k >= args.warmup:
             tokens += targets.size * s.world_size
+        notes += s.messages()
     s.barrier()
     seconds = time.perf_counter() - start
     if not s.is_main:
@@ -57,10 +62,12 @@ def main():
     print(f"# {machine()}")
     print(f"# {args.job} (batch {spec.data.batch_size} global, bptt {spec.data.bptt}, {spec.model.layers}x"
           f"{spec.model.hidden} LSTM, {sum(p.numel() for p in trainer.params):,} parameters); {s.world_size} "
-          f"rank(s) ({s.name}" + (f", bucket_mb {spec.parallel.bucket_mb:g}, overlap {not args.no_overlap}"
+          f"rank(s) ({s.name}" + (f", bucket_mb {spec.parallel.bucket_mb:g}, overlap {overlap}"
                                   if strategy else "") + f"), {args.steps} timed steps after {args.warmup}")
     print("global train loss every 10 steps: " + " ".join(f"{loss:.5f}" for loss in losses[::10]))
     print(f"throughput: {tokens / seconds:,.0f} tokens/s ({seconds / args.steps * 1e3:.1f} ms/step)")
+    for line in notes:
+        print(line)
     return 0
 
 

@@ -73,9 +73,10 @@ def main(args):
     except MemoryBudgetExceeded as exc:
         print(f"disttrain run: {exc}", file=sys.stderr)
         return 1
-    _report(evals, trainer.char_level)
-    print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}/ (metrics.jsonl, config.toml, "
-          f"curves.png, checkpoint/)")
+    if trainer.strategy.is_main:                 # under mpirun: one report, from the process that logs
+        _report(evals, trainer.char_level)
+        print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}/ (metrics.jsonl, config.toml, "
+              f"curves.png, checkpoint/)")
     return 0
 
 

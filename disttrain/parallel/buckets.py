@@ -42,9 +42,12 @@ import time
 
 from disttrain.autograd.grad_mode import no_grad
 from disttrain import trace
+from disttrain.parallel.overlap_choice import OverlapChoice
 from disttrain.tensor.tensor import Tensor
 
-__all__ = ["Reducer", "bucket_layout"]
+__all__ = ["Reducer", "bucket_layout", "OVERLAP_MODES"]
+
+OVERLAP_MODES = (True, False, "auto")
 
 MiB = 1 << 20
 
@@ -106,11 +109,14 @@ class Reducer:
     overlap=False: the callbacks only pack; synchronize() reduces the buckets one after another. That is
     faster where communication needs the same cores as backward (shared-memory MPI on a small machine:
     measured in benchmarks/bench_allreduce_overlap.py), slower where a network adapter moves the data.
+    overlap="auto": time the first steps both ways and keep the faster (disttrain.parallel.overlap_choice).
     """
 
     def __init__(self, named_params, comm, bucket_mb=25.0, progress="thread", poll_interval=1e-4, overlap=True):
         if progress not in ("thread", "hooks"):
             raise ValueError(f'progress must be "thread" or "hooks", got {progress!r}')
+        if overlap not in OVERLAP_MODES:
+            raise ValueError(f'overlap must be true, false or "auto", got {overlap!r}')
         self.comm = comm
         self.named_params = [(n, p) for n, p in named_params if p.requires_grad]
         self.bucket_mb = bucket_mb
@@ -119,12 +125,14 @@ class Reducer:
         self._next = 0                 # the next bucket to start (buckets start in index order)
         self._active = False           # some gradient arrived or some bucket started since the last sync
         self._enabled = True           # False inside no_sync()
-        self.overlap = overlap
+        auto = isinstance(overlap, str)
+        self.choice = OverlapChoice(comm) if auto and comm.size > 1 else None
+        self.overlap = auto or bool(overlap)  # the mode of the coming backward pass ("auto" starts overlapped)
         self._handles = []
         for bucket in self.buckets:
             for i, p in enumerate(bucket.params):
                 self._handles.append(p.register_post_accumulate_grad_hook(self._callback(bucket, i)))
-        use_thread = progress == "thread" and overlap and comm.size > 1 and comm.supports_threads()
+        use_thread = progress == "thread" and self.overlap and comm.size > 1 and comm.supports_threads()
         self.progress = "thread" if use_thread else "hooks"
         self._poller = _Poller(poll_interval) if use_thread else None
 
@@ -202,6 +210,15 @@ class Reducer:
                     self._unpack(bucket)
         self._next = 0
         self._active = False
+        if self.choice is not None:
+            self._next_mode()
+
+    def _next_mode(self):
+        """overlap="auto": the trial steps' mode, then the chosen one (the progress thread goes if unused)."""
+        self.overlap = self.choice.next_mode(self.overlap)
+        if self.choice.chosen is False and self._poller is not None:
+            self._poller.stop()
+            self._poller = None
 
     def _pack(self, bucket, i, grad):
         """Copy a gradient / number of ranks into its slot and count it."""

@@ -36,7 +36,7 @@ def strategy_for(spec):
         return None
     from disttrain.parallel.strategy import DataParallelStrategy
 
-    return DataParallelStrategy(world(), bucket_mb=spec.parallel.bucket_mb)
+    return DataParallelStrategy(world(), bucket_mb=spec.parallel.bucket_mb, overlap=spec.parallel.overlap)
 
 
 def _pipeline_strategy(spec):

@@ -86,6 +86,7 @@ class DataParallelStrategy(MPIStrategy):
         self.progress = progress
         self.overlap = overlap
         self.reducer = None
+        self._reported_choice = False
 
     def attach(self, model, optimizer=None):
         """Verify the model is the same on every rank, broadcast rank 0's weights, register the callbacks."""
@@ -98,6 +99,14 @@ class DataParallelStrategy(MPIStrategy):
         if self.reducer is not None:
             self.reducer.close()
         self.reducer = reducer
+
+    def messages(self):
+        """overlap="auto": the decision, once, when the trial steps have made it."""
+        choice = self.reducer.choice if self.reducer is not None else None
+        if choice is None or choice.chosen is None or self._reported_choice:
+            return []
+        self._reported_choice = True
+        return [choice.describe()]
 
     # ---- the Trainer's calls -------------------------------------------------------------------
     def sync_gradients(self, params):

@@ -272,6 +272,9 @@ SCHEMA = {
     "parallel": (
         Field("mode", Choice("local", "data", "pipeline", "ps"), "local", "how training is distributed"),
         Field("bucket_mb", Float(gt=0), 25.0, "gradient-bucket size for data-parallel allreduce, in MiB"),
+        Field("overlap", AnyOf(Bool(), Choice("auto")), "auto",
+              "data: allreduce gradient buckets while backward runs (true), after it (false), or time the first "
+              'steps both ways and keep the faster ("auto"; same numbers either way)'),
         Field("stages", _POS, 2, "pipeline: stages per model replica (the world size must be a multiple)"),
         Field("micro_batches", _POS, 4, "pipeline: micro-batches per step (must divide the per-replica batch)"),
         Field("schedule", Choice("1f1b", "gpipe"), "1f1b",

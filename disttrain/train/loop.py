@@ -218,6 +218,9 @@ class Trainer:
         t = self.spec.train
         if self.progress is not None:
             self.progress.advance()
+        for line in self.strategy.messages():
+            if self.progress is not None:
+                self.progress.message(line)
         if self.step % t.log_every == 0:
             self._log_train()
         if t.eval_every != "epoch" and self.step % t.eval_every == 0:

@@ -12,6 +12,7 @@ take part:
     if strategy.any(stop_requested): ...       # every process stops after the same step
     streams = strategy.shard_eval(streams)     # evaluation: each process its columns, sums via reduce_sum
     if strategy.is_main: log, plot, write checkpoints
+    for line in strategy.messages(): ...       # e.g. what overlap="auto" chose
 
 LocalStrategy is the one-process mode: every call is the identity. Every other strategy subclasses it:
 data parallelism and the parameter server keep its `prepare_model`, `forward_backward`, `clip_grad_norm`,
@@ -58,6 +59,10 @@ class LocalStrategy:
     def gather_batch(self, array, axis=1):
         """Every process's share of a per-stream array side by side (here: the array itself)."""
         return array
+
+    def messages(self):
+        """Lines for the job log that the strategy has to say since the last call (the main process prints them)."""
+        return []
 
     def shard_batch(self, array, axis=1):
         """This process's share of a per-stream array of the global batch (here: all of it)."""

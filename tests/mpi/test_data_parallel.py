@@ -94,6 +94,36 @@ def test_runs_are_repeatable_bit_for_bit():
         np.testing.assert_array_equal(a, b)
 
 
+def test_overlap_auto_decides_alike_everywhere_and_keeps_the_numbers():
+    """overlap="auto" alternates the modes over its trial steps and then keeps one: every rank keeps the
+    same, and the parameters equal an overlapped run's bit for bit (the mode never changes the sums)."""
+    comm = world()
+    data = batches(seed=2, count=12)
+    overlapped, _, _ = train_data_parallel(dt.float32, data, overlap=True)
+    model = lstm_lm(dt.float32)
+    opt = make_optimizer("adam", model)
+    dp = DataParallel(model, comm, bucket_mb=0.001, optimizer=opt, overlap="auto")
+    try:
+        modes = []
+        for x, y in data:
+            modes.append(dp.reducer.overlap)
+            loss = step_loss(dp, shard(x, comm), shard(y, comm))
+            opt.zero_grad()
+            loss.backward()
+            dp.synchronize()
+            opt.step()
+        choice = dp.reducer.choice
+        assert modes[:8] == [True, True, True, False, True, False, True, False]
+        assert choice.chosen in (True, False) and all(m == choice.chosen for m in modes[9:])
+        everyone = comm.allgather_object((choice.chosen, choice.medians))
+        assert all(e == everyone[0] for e in everyone)
+        assert (dp.reducer._poller is None) == (dp.reducer.progress == "hooks" or not choice.chosen)
+    finally:
+        dp.close()
+    for a, b in zip([p.data for p in model.parameters()], overlapped):
+        np.testing.assert_array_equal(a, b)
+
+
 class Branchy(nn.Module):
     """head on every example; `side` only on rank 0's examples; `unused` never."""
 
