@@ -109,9 +109,11 @@ def main():
     parser.add_argument("--bucket-mb", type=float, default=5.0, help="one Linear layer (4 MiB + bias) per bucket")
     parser.add_argument("--poll-us", type=float, default=100.0, help="progress thread's test interval")
     parser.add_argument("--steps", type=int, default=15, help="timed steps of each kind")
-    parser.add_argument("--trace", default="overlap.trace.json", help="Chrome trace of the overlap/thread steps")
+    parser.add_argument("--trace", help="write a Chrome trace of the overlap/thread steps here")
     parser.add_argument("--plot", help="PNG of the trace's last two steps (forward, backward, bucket allreduces)")
     args = parser.parse_args()
+    if args.plot and not args.trace:
+        parser.error("--plot draws the trace: give --trace FILE too")
     comm = world()
     x = dt.tensor(np.random.default_rng(comm.rank).standard_normal((args.batch, args.width)).astype(np.float32))
     wrappers = {"thread": DataParallel(build(args.layers, args.width), comm, bucket_mb=args.bucket_mb,
@@ -133,7 +135,8 @@ def main():
                 row = step(run, dp_for[run], x, comm, raw_buf)
             if k:                                                  # round 0 warms up
                 rows[run].append(row)
-    tracer.write(args.trace, comm)
+    if args.trace:
+        tracer.write(args.trace, comm)
     if args.plot and comm.rank == 0:
         plot_trace(args.trace, args.plot)
     n_buckets = len(wrappers["thread"].reducer.buckets)
@@ -172,7 +175,7 @@ def main():
           f"backward (progress thread), {worst['after backward']:.2f} after backward")
     print(f"fraction of allreduce time hidden behind backward (target >= 0.7): {fraction:.2f} (progress thread), "
           f"{min(res['overlap/hooks']['fraction'] for res in everyone):.2f} (callbacks only)")
-    print(f"[worst rank]; trace: {args.trace}")
+    print("[worst rank]" + (f"; trace: {args.trace}" if args.trace else ""))
     return 0
 
 
