@@ -200,7 +200,7 @@ class Trainer:
         """
         if (self.step + 1) % self.spec.train.log_every and self.step != 0:   # the first step checks the budget
             return self.train_step(inputs, targets)
-        with MemoryMeter(self.device) as meter:
+        with MemoryMeter(self.device, resident=self._resident_tensors()) as meter:
             result = self.train_step(inputs, targets)
         needed = self._acc["peak_mem_bytes"] = meter.peak_bytes - meter.start_bytes  # beyond the parameters
         budget = self.spec.memory.budget_mb                                           # and state already held
@@ -210,6 +210,12 @@ class Trainer:
                 f"{budget:g} (activation_checkpointing = {self.spec.memory.activation_checkpointing!r}); "
                 'try activation_checkpointing = "sqrt", a smaller bptt or a smaller batch')
         return result
+
+    def _resident_tensors(self):
+        """The tensors a step starts with: parameters and buffers, their gradients, the carried state."""
+        resident = list(self.model.state_dict(keep_vars=True).values())
+        resident += [p.grad for p in self.params if p.grad is not None]
+        return resident + _tensors_in(self.hidden)
 
     def _reached(self, max_steps):
         return max_steps is not None and self.step >= max_steps
@@ -474,3 +480,12 @@ def _check_same_job(saved, current, where):
                 diffs.append(f"[{section}] {key}: checkpoint {a!r}, job {b!r}")
     if diffs:
         raise ckpt.CheckpointError(f"{where}: was written for a different job; " + "; ".join(diffs))
+
+
+def _tensors_in(value):
+    """The Tensors in a nest of tuples and lists (a carried state: (h, c), or one per pipeline micro-batch)."""
+    if isinstance(value, dt.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []

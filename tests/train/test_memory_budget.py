@@ -24,3 +24,22 @@ def test_checkpointing_fits_a_budget_the_plain_job_exceeds(tiny_job):
         Trainer(over, progress=False).fit()
     fits = tiny_job(*LONG_WINDOW, f"memory.budget_mb={budget_mb}", "memory.activation_checkpointing=sqrt", hidden=64)
     Trainer(fits, progress=False).fit()   # trains to max_steps within the budget
+
+
+@pytest.mark.parametrize("extra", [(), ("memory.activation_checkpointing=sqrt",)])
+def test_the_step_meter_counts_what_a_scan_of_every_object_counts(tiny_job, monkeypatch, extra):
+    """The Trainer hands the meter its resident tensors (parameters, gradients, carried state) instead of
+    scanning every Python object: the step's figure must not change (steps 2 and 3 start with grads and state)."""
+    def peaks(scan):
+        if scan:
+            monkeypatch.setattr(Trainer, "_resident_tensors", lambda self: None)
+        trainer = Trainer(tiny_job("train.log_every=1", *extra, layers=2), progress=False)
+        batches = iter(trainer.train_iter)
+        figures = []
+        for _ in range(3):
+            trainer._metered_step(*next(batches))
+            figures.append(trainer._acc["peak_mem_bytes"])
+        monkeypatch.undo()
+        return figures
+
+    assert peaks(scan=False) == peaks(scan=True)
