@@ -10,11 +10,12 @@ that becomes a tensor's data (op outputs, gradients, masks, created tensors) and
 recorded node keeps for backward (ReLU masks, LSTM gate activations, softmax probabilities) is
 counted once, by the array that owns the memory (a view counts its base), and uncounted by a weak
 reference callback the moment it is freed. On entry, the arrays of all tensors alive are counted
-too, so figures are absolute and a view of a parameter (w.T) costs nothing. That takes one scan of
-the garbage collector's objects, which grows with the number of Python objects alive (measured
-below), so the Trainer meters one step per log interval. Tensors in reference cycles count until
-the cycle collector runs. Temporaries that an op frees before returning are not seen, so the peak
-is that of memory held between ops (a lower bound on the process's peak).
+too, so figures are absolute and a view of a parameter (w.T) costs nothing. Those are the
+`resident` tensors the caller names (the Trainer: parameters, gradients, carried state) or, when it
+names none, every tensor a scan of the garbage collector's objects finds; the scan's cost grows with
+the number of Python objects alive (see _count_existing_tensors). Tensors in reference cycles
+count until the cycle collector runs. Temporaries that an op frees before returning are not seen,
+so the peak is that of memory held between ops (a lower bound on the process's peak).
 
 GPU (CuPy) figures come from CuPy's default memory pool: used_bytes() now, its maximum sampled
 whenever the engine makes or keeps an array while a meter is active, and total_bytes() (held by
@@ -105,8 +106,8 @@ def _count_existing_tensors():
     from disttrain.tensor.tensor import Tensor
 
     # NOTE: the filter runs in C (compress over map): a Python loop with issubclass took ~30 ms per
-    # scan in a Trainer process (80k objects), ~80 ms once torch was imported (250k); this takes a
-    # quarter of that, most of it gc.get_objects itself. type(obj), not isinstance: that reads
+    # scan in a Trainer process (80k objects), ~80 ms once torch was imported (250k); this takes
+    # about half, a third of it gc.get_objects itself. type(obj), not isinstance: that reads
     # obj.__class__, which some objects warn on.
     objects = gc.get_objects()
     for tensor in itertools.compress(objects, map(_subclasses(Tensor).__contains__, map(type, objects))):
