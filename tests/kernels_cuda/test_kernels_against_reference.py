@@ -24,12 +24,6 @@ def _r(shape, dtype, seed=0, scale=1.0):
     return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(dtype)
 
 
-def _only_on_the_gpu(cp, why):
-    """Skip a repeat of a large case in the emulated run (one CPU thread runs every GPU thread)."""
-    if cp is np:
-        pytest.skip(f"emulated: {why}")
-
-
 def _host(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
 
@@ -90,8 +84,6 @@ XENT_SHAPES = [(1, 1), (5, 3), (33, 1024), (33, 1025), (400, 10_000), (7, 50_000
 @pytest.mark.parametrize("n, c", XENT_SHAPES)
 @pytest.mark.parametrize("scale", [1.0, 1e3])
 def test_cross_entropy_forward_and_backward(cp, dtype, n, c, scale):
-    if n * c > 1_000_000 and scale != 1.0:
-        _only_on_the_gpu(cp, "the large shapes run at scale 1")
     logits = _r((n, c), dtype, scale=scale)
     target = np.random.default_rng(1).integers(0, c, n)
     target[::3] = -100
@@ -222,8 +214,6 @@ BEYOND_ONE_GRID = launch.GRID_CAP * launch.BLOCK + 12345  # threads loop: some d
 @pytest.mark.parametrize("shape", [(1,), (1000,), (3, 5, 7), (2, 70_000), (BEYOND_ONE_GRID,)])
 @pytest.mark.parametrize("seed, offset", [(0, 0), (1234, 99), (2 ** 64 - 1, 2 ** 64 - 500), (-3, 2 ** 33)])
 def test_counter_uniform_equals_the_reference_bit_for_bit(cp, dtype, shape, seed, offset):
-    if shape == (BEYOND_ONE_GRID,) and seed != 0:
-        _only_on_the_gpu(cp, "the grid-stride shape runs with one seed")
     got = W.counter_uniform(cp, shape, dtype, seed, offset)
     assert got.shape == shape and got.dtype == dtype
     np.testing.assert_array_equal(_host(got), K.counter_uniform(np, shape, dtype, seed, offset))
