@@ -71,22 +71,22 @@ class GuardedArguments:
 
     def __init__(self, arrays, writes):
         self._arrays, self._writes = arrays, set(writes)
-        self._copies = {}     # argument index -> GuardedCopy (shared by arguments that are the same array)
+        self._copies = {}     # span -> GuardedCopy of that memory (one for arguments that are the same array)
+        self._users = {}      # span -> the argument indices that use it
         self._addresses = {}  # argument index -> address passed to the kernel
         self.succeeded = False
 
     def __enter__(self):
         spans = {k: _span(a) for k, a in self._arrays.items()}
-        shared = {}
         for k, array in self._arrays.items():
-            if any(_overlap(spans[k], spans[j]) and spans[k] != spans[j] for j in spans if j != k):
+            span = spans[k]
+            if any(_overlap(span, other) and span != other for other in spans.values()):
                 self._addresses[k] = array.ctypes.data  # partial overlap: keep the original memory
                 continue
-            key = (spans[k], array.dtype.str)
-            if key not in shared:
-                shared[key] = GuardedCopy(array)
-            self._copies[k] = shared[key]
-            self._addresses[k] = shared[key].address
+            if span not in self._copies:
+                self._copies[span] = GuardedCopy(array)
+            self._users.setdefault(span, []).append(k)
+            self._addresses[k] = self._copies[span].address
         return self
 
     def address(self, k):
@@ -94,20 +94,16 @@ class GuardedArguments:
 
     def describe_fault(self, address):
         """'argument k, element i of n' for an address in a guard page, else None."""
-        for k, copy in self._copies.items():
+        for span, copy in self._copies.items():
             element = copy.element_at(address)
             if element is not None:
-                return f"argument {k}: element {element} of an array of {copy.array.size} (past its end)"
+                return (f"argument {self._users[span][0]}: element {element} of an array of {copy.array.size} "
+                        "(past its end)")
         return None
 
     def __exit__(self, *exc):
-        released = set()
-        for k, copy in self._copies.items():
-            if id(copy) in released:
-                continue
-            users = [j for j, c in self._copies.items() if c is copy]
-            copy.release(write_back=self.succeeded and any(j in self._writes for j in users))
-            released.add(id(copy))
+        for span, copy in self._copies.items():
+            copy.release(write_back=self.succeeded and any(k in self._writes for k in self._users[span]))
         return False
 
 
