@@ -17,8 +17,14 @@ $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e '.[test,bench]'
 	touch $@
 
+# The main job. Run again, it continues the run in runs/charlm (a finished run only prints its results again)
+# instead of replacing it; `make run OVERWRITE=1` starts it over.
+RUN_DIR := runs/charlm
+RUN_AGAIN = $(if $(OVERWRITE),--overwrite,$(if $(wildcard $(RUN_DIR)/checkpoints/step-*),--resume))
 run: $(VENV)/.base
-	$(VENV)/bin/disttrain run jobs/charlm.toml
+	@if [ "$(RUN_AGAIN)" = "--resume" ]; then \
+	    echo "make run: $(RUN_DIR) holds a run: continuing it (make run OVERWRITE=1 starts over)"; fi
+	$(VENV)/bin/disttrain run jobs/charlm.toml --out $(RUN_DIR) $(RUN_AGAIN)
 
 # the plain run skips tests/mpi; the mpiexec runs execute them on 2 and 4 ranks (oversubscribed on 2 cores)
 test: $(VENV)/.test

@@ -18,7 +18,8 @@ SPLITS = ("train", "valid", "test")
 
 
 def by_step(rows, split):
-    return {r["step"]: r for r in rows if r.get("split") == split}
+    """Rows of one split by step; rows whose loss is null (a diverged or skipped step) are left out."""
+    return {r["step"]: r for r in rows if r.get("split") == split and r.get("loss") is not None}
 
 
 def compare(reference, other):

@@ -1,11 +1,12 @@
 """Entry point of the `disttrain` console script: one sub-command per mode of use.
 
-    disttrain run JOB.toml [--set section.key=value ...] [--out DIR] [--resume] [--device cpu|cuda]
+    disttrain run JOB.toml [--set section.key=value ...] [--out DIR] [--resume | --overwrite] [--device cpu|cuda]
     disttrain eval JOB.toml --checkpoint DIR [--set section.key=value ...] [--device cpu|cuda]
     disttrain demo
 
-Exit status: 0 done, 1 failure, 2 unusable job file, options or checkpoint (the message says what and where),
-130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint.
+Exit status: 0 done, 1 failure, 2 unusable job file, options or checkpoint, or an output directory that holds an
+earlier run (the message says what and where), 3 stopped by a NaN or infinite loss, gradient norm or weight
+([train] on_nonfinite), 130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
 import argparse
 import sys
@@ -25,14 +26,21 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="train an MLP and a small CNN on generated data (no downloads)")
 
-    run = sub.add_parser("run", help="train a job: writes metrics.jsonl, config.toml, curves.png, checkpoint/",
+    run = sub.add_parser("run", help="train a job: writes metrics.jsonl, config.toml, curves.png, checkpoints/",
                          description="Train the job JOB.toml in local mode. Outputs go to DIR (default "
                                      "runs/<job name>): metrics.jsonl, config.toml (the resolved job), curves.png "
-                                     "and checkpoint/. Ctrl-C or SIGTERM writes a checkpoint before exiting; "
-                                     "--resume continues from it.")
+                                     "and checkpoints/. Ctrl-C or SIGTERM writes a checkpoint before exiting; "
+                                     "--resume continues from it. A DIR that holds an earlier run's checkpoints "
+                                     "needs --resume or --overwrite.")
     _add_job_arguments(run)
     run.add_argument("--out", metavar="DIR", help="output directory (default: runs/<job name>)")
-    run.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in DIR/checkpoints that verifies; --set may change "
+                            "the lr, clip_norm, the step budget and cadences (README: When things go wrong)")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over in a DIR that holds an earlier run: deletes its checkpoints, metrics.jsonl "
+                            "and curves.png")
     run.add_argument("--trace", metavar="FILE", help="write a Chrome trace (JSON, per-rank spans: forward, backward, "
                      "each bucket's allreduce, optimizer step) of the run to FILE")
 
@@ -40,7 +48,8 @@ def build_parser():
                               description="Evaluate the weights in a job checkpoint on the valid and test splits.")
     _add_job_arguments(evaluate)
     evaluate.add_argument("--checkpoint", required=True, metavar="DIR",
-                          help="a run directory (DIR/checkpoint) or a checkpoint directory")
+                          help="a run directory (its newest checkpoint that verifies) or one checkpoint directory "
+                               "(DIR/checkpoints/step-NNNNNN)")
     ps_cli.register(sub)           # ps-cluster, ps-server, ps-worker, ps-keys (disttrain/paramserver/cli.py)
     return parser
 

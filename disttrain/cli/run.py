@@ -11,11 +11,12 @@ from pathlib import Path
 from disttrain.parallel.launch import run_context, share_cores, strategy_for
 from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.tensor.threads import blas_kernel_note
-from disttrain.train.checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from disttrain.train.checkpoint import CheckpointError, check_new_run, list_checkpoints, load_checkpoint
 from disttrain.train.jobspec import JobSpecError, load_job
-from disttrain.train.loop import MemoryBudgetExceeded, Trainer, TrainingInterrupted
+from disttrain.train.loop import MemoryBudgetExceeded, Trainer, TrainingDiverged, TrainingInterrupted
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3           # a NaN or infinity stopped the run: restarting it unchanged would diverge again
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
@@ -41,20 +42,17 @@ def _fail(command, exc):
 
 
 def main(args):
-    """disttrain run JOB.toml [--set k=v ...] [--out DIR] [--resume] [--device cpu|cuda]."""
+    """disttrain run JOB.toml [--set k=v ...] [--out DIR] [--resume | --overwrite] [--device cpu|cuda]."""
     try:
         spec = _load_spec(args, "run")
         out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
-        checkpoint = None
-        if args.resume:
-            if find_checkpoint(out) is None:
-                raise CheckpointError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoint'}); "
-                                      f"run without --resume to start the job")
-            checkpoint = load_checkpoint(out)
+        checkpoint = _checkpoint_to_resume(out) if args.resume else None
+        if not args.resume and not args.overwrite:
+            check_new_run(out)                   # never replace an earlier run's checkpoints silently
         share_cores()                            # N ranks on a node: cores / N threads each
         retain_freed_memory()                    # reuse each step's big arrays instead of faulting them in again
         strategy = strategy_for(spec)            # data mode (under mpirun): DataParallelStrategy, else None
-        trainer = Trainer(spec, out_dir=out, strategy=strategy)
+        trainer = Trainer(spec, out_dir=out, strategy=strategy, overwrite=args.overwrite)
         if strategy is not None:
             strategy.attach(trainer.model, trainer.optimizer)
         if checkpoint is not None:
@@ -65,19 +63,43 @@ def main(args):
     _describe(trainer, out, checkpoint)
     start = time.perf_counter()
     try:
-        with _stop_on_signals(trainer), run_context(trainer.strategy, args.trace, (TrainingInterrupted,)):
+        with _stop_on_signals(trainer), run_context(trainer.strategy, args.trace,
+                                                    (TrainingInterrupted, TrainingDiverged)):
             evals = trainer.fit()
     except TrainingInterrupted as exc:
-        print(f"{exc} in {out / 'checkpoint'}; continue with --resume", file=sys.stderr)
+        if trainer.strategy.is_main:
+            print(f"{exc} in {trainer.last_checkpoint}; continue with --resume", file=sys.stderr)
         return EXIT_SIGNAL.get(exc.signal_name, 1)
+    except TrainingDiverged as exc:
+        if trainer.strategy.is_main:
+            print(f"disttrain run: {exc}", file=sys.stderr)
+            print(_after_divergence(exc), file=sys.stderr)
+        return EXIT_DIVERGED
     except MemoryBudgetExceeded as exc:
         print(f"disttrain run: {exc}", file=sys.stderr)
         return 1
     if trainer.strategy.is_main:                 # under mpirun: one report, from the process that logs
         _report(evals, trainer.char_level)
         print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}/ (metrics.jsonl, config.toml, "
-              f"curves.png, checkpoint/)")
+              f"curves.png, checkpoints/)")
     return 0
+
+
+def _checkpoint_to_resume(out):
+    """The newest checkpoint of the run in `out` that verifies (CheckpointError when there is none)."""
+    if not list_checkpoints(out):
+        raise CheckpointError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoints'}/step-NNNNNN/); "
+                              f"run without --resume to start the job")
+    return load_checkpoint(out)
+
+
+def _after_divergence(exc):
+    """What to type next after TrainingDiverged."""
+    if exc.last_checkpoint is None:
+        return ('start over with --overwrite and a lower --set optim.lr=..., a --set optim.clip_norm=..., or '
+                '--set train.on_nonfinite=skip')
+    return ("continue from that checkpoint with --resume and a lower --set optim.lr=... (or a --set "
+            "optim.clip_norm=..., or --set train.on_nonfinite=skip)")
 
 
 def evaluate(args):
@@ -89,6 +111,8 @@ def evaluate(args):
         trainer.load_weights(checkpoint)     # checks it was written for this job's model and data
     except (JobSpecError, CheckpointError) as exc:
         return _fail("eval", exc)
+    for line in checkpoint.skipped:
+        print(f"disttrain eval: {line}", file=sys.stderr)
     print(f"checkpoint {checkpoint.path} (step {checkpoint.meta['step']}, epoch {checkpoint.meta['epoch']})")
     evals = {split: trainer.evaluate(split) for split in ("valid", "test")}
     _report(evals, trainer.char_level)
@@ -101,6 +125,8 @@ def _describe(trainer, out, checkpoint):
     spec, corpus = trainer.spec, trainer.corpus
     n_params = sum(p.numel() for p in trainer.params)
     where = f"resuming at step {trainer.step} (epoch {trainer.epoch + 1})" if checkpoint else "starting"
+    for line in (checkpoint.skipped if checkpoint else []) + trainer.resume_changes:
+        print(f"disttrain run: {line}", file=sys.stderr, flush=True)
     print(f"job {spec.source}: {spec.data.kind} corpus, {corpus.train.size:,} train tokens, vocab "
           f"{len(corpus.vocab):,}; model {spec.model.layers}x{spec.model.hidden} LSTM, {n_params:,} parameters; "
           f"{len(trainer.train_iter)} steps/epoch x {spec.train.epochs} epochs"

@@ -50,6 +50,11 @@ class LRScheduler:
         """The lrs this scheduler set last, one per param group."""
         return list(self._last_lr)
 
+    def scale_base_lrs(self, factor):
+        """Multiply the base lrs (and the lrs last set) by `factor`; `scale_lr` also scales the optimizer's."""
+        self.base_lrs = [lr * factor for lr in self.base_lrs]
+        self._last_lr = [lr * factor for lr in self._last_lr]
+
     def state_dict(self):
         return copy.deepcopy({k: v for k, v in vars(self).items() if k not in self._not_saved})
 
@@ -286,6 +291,11 @@ class SequentialLR(LRScheduler):
             scheduler.step()
         self._last_lr = scheduler.get_last_lr()
 
+    def scale_base_lrs(self, factor):
+        super().scale_base_lrs(factor)
+        for scheduler in self._schedulers:
+            scheduler.scale_base_lrs(factor)
+
     def state_dict(self):
         state = super().state_dict()
         state["_schedulers"] = [s.state_dict() for s in self._schedulers]
@@ -296,6 +306,22 @@ class SequentialLR(LRScheduler):
         for scheduler, saved in zip(self._schedulers, state_dict.pop("_schedulers"), strict=True):
             scheduler.load_state_dict(saved)
         super().load_state_dict(state_dict)
+
+
+def scale_lr(optimizer, schedulers, factor):
+    """Multiply a running optimizer's lr by `factor`, as if it had started from `factor` times its base lrs.
+
+    Every group's current lr and initial_lr, and every scheduler's base lrs, are scaled. Chainable schedules
+    derive each lr from the current one and closed forms from the base lrs, so both must move: then the factors
+    applied so far (a warm-up, a decay) carry over and every later lr is `factor` times what it would have been.
+    `schedulers`: all the schedulers driving the optimizer (each once).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    for scheduler in schedulers:
+        scheduler.scale_base_lrs(factor)
 
 
 def _check_sequence(optimizer, schedulers, milestones):

@@ -5,7 +5,7 @@ A job file holds up to six sections of scalar keys; a missing section or key tak
     [model]    kind = "lstm_lm"   hidden = 200   layers = 2   dropout = 0.0   init_scale = 0.1
     [data]     kind = "ptb"       batch_size = 20   bptt = 20
     [optim]    kind = "sgd"       lr = 1.0   clip_norm = 5.0   decay_after_epoch = 4   decay = 0.5
-    [train]    epochs = 13        eval_every = "epoch"   checkpoint_every = 500   seed = 0
+    [train]    epochs = 13        eval_every = "epoch"   checkpoint_every = 500   keep_checkpoints = 2   seed = 0
     [memory]   activation_checkpointing = "none"
     [parallel] mode = "local"
 
@@ -259,6 +259,12 @@ SCHEMA = {
         Field("max_steps", _POS, None, "stop after this many optimizer steps (unset = no limit)"),
         Field("eval_every", AnyOf(Choice("epoch"), _POS), "epoch", 'evaluate on valid every N steps, or "epoch"'),
         Field("checkpoint_every", _NONNEG, 500, "write a job checkpoint every N steps (0 = only at the end)"),
+        Field("keep_checkpoints", _POS, 2, "keep the newest N job checkpoints (older ones are deleted)"),
+        Field("keep_best", Bool(), False,
+              "also keep the checkpoint of the lowest valid loss (a checkpoint is written at each new best)"),
+        Field("on_nonfinite", Choice("stop", "skip"), "stop",
+              'a NaN or infinite loss or gradient norm: "stop" the run, or "skip" that step\'s update (the run '
+              "stops after 10 skips in a row)"),
         Field("log_every", _POS, 50, "log metrics every N steps"),
         Field("seed", _NONNEG, 0, "random seed"),
         Field("device", Choice("cpu", "cuda"), "cpu", "where tensors live"),

@@ -8,6 +8,9 @@ One step (`train_step`), in this order, so that distributed modes change only th
     forward over a (T, B) segment from the carried state -> loss = cross-entropy mean over the T*B tokens
     -> backward -> strategy.sync_gradients (data parallel: allreduce) -> clip the global grad norm
     -> optimizer step -> per-step LR schedule (warm-up) -> carry (h.detach(), c.detach()) to the next segment.
+When the loss (averaged over processes) or the gradient norm is NaN or infinite, no process takes the optimizer
+step or the schedule step and the state restarts from zeros; [train] on_nonfinite then stops the run
+(TrainingDiverged) or goes on ("skip", at most MAX_SKIPS_IN_A_ROW skipped steps in a row).
 
 Truncated BPTT: the train split is cut into B parallel streams (`batchify`) walked in segments of `bptt` rows
 (`TBPTTIterator`); the LSTM state flows across segments but gradients stop at segment borders, and the state is
@@ -42,12 +45,14 @@ from disttrain.train.build import (build_corpus, build_model, build_optimizer, b
                                    is_char_level)
 from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves
 from disttrain.train.progress import Progress
+from disttrain.train.resume import apply_lr_change, check_same_model, resume_changes
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.train.strategy import LocalStrategy
 
-__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "EVAL_BATCH_SIZE"]
+__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "EVAL_BATCH_SIZE"]
 
 EVAL_BATCH_SIZE = 10
+MAX_SKIPS_IN_A_ROW = 10        # [train] on_nonfinite = "skip" stops the run after this many skipped steps in a row
 METRICS_FILE, CONFIG_FILE, CURVES_FILE = "metrics.jsonl", "config.toml", "curves.png"
 
 
@@ -61,6 +66,17 @@ class TrainingInterrupted(Exception):
     def __init__(self, signal_name, step):
         super().__init__(f"stopped by {signal_name} after step {step}; checkpoint written")
         self.signal_name, self.step = signal_name, step
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss, gradient norm or weight became NaN or infinite (see [train] on_nonfinite); nothing non-finite was
+    written. `step`: the step it happened at; `last_checkpoint`: the newest good checkpoint (a Path) or None."""
+
+    def __init__(self, step, what, last_checkpoint):
+        where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
+                 else "no checkpoint was written before it")
+        super().__init__(f"step {step}: {what}; {where}")
+        self.step, self.last_checkpoint = step, last_checkpoint
 
 
 @dataclass
@@ -90,15 +106,18 @@ class Trainer:
     Construction seeds the global RNG with [train] seed, then builds corpus, model, optimizer and schedules.
     out_dir=None keeps everything in memory (no files). corpus: a prebuilt Corpus (default: the job's).
     progress: True/False forces a tqdm bar on/off; None picks one when stdout is a terminal.
+    overwrite: a new (not restored) run may replace an earlier run's checkpoints, metrics and curves in out_dir;
+    without it, fit() raises RunExistsError when out_dir holds checkpoints.
     """
 
-    def __init__(self, spec, out_dir=None, corpus=None, strategy=None, progress=None):
+    def __init__(self, spec, out_dir=None, corpus=None, strategy=None, progress=None, overwrite=False):
         self.spec = spec
         self.strategy = strategy or LocalStrategy()
         self.device = spec.train.device
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.char_level = is_char_level(spec)
         self._progress_mode = progress
+        self.overwrite = overwrite
 
         dt.manual_seed(spec.train.seed)
         self.corpus = corpus if corpus is not None else build_corpus(spec)
@@ -119,6 +138,12 @@ class Trainer:
         self._elapsed_before = 0.0    # training seconds of earlier (resumed-from) processes
         self._metrics_position = None  # where to continue metrics.jsonl when resuming
         self._resumed = False
+        self.resume_changes = []      # lines saying what a restore changed (the lr, the step budget, ...)
+        self.last_checkpoint = None   # the newest checkpoint written or restored (main process)
+        self.skipped_step = False     # the last step's update was dropped: its loss or gradient norm was not finite
+        self._skips_in_a_row = 0
+        self._skip_report = None      # "loss nan, gradient norm 3.2" of the last dropped step
+        self._best_valid = None       # the lowest valid loss so far (for [train] keep_best)
         self._stop_signal = None
         self._started = self._tick = None   # perf_counter at fit() start / at the last train log
         self.metrics = None
@@ -136,15 +161,25 @@ class Trainer:
         clip = self.spec.optim.clip_norm
         with trace.span("clip + optimizer step"):
             grad_norm = self.strategy.clip_grad_norm(self.params, clip if clip is not None else math.inf)
-            # 5. update, then the per-step LR schedule
+            # 5. update, then the per-step LR schedule, unless the loss or the norm is not finite on some process
             self.step_lr = self.optimizer.param_groups[0]["lr"]       # the lr this step uses (for the metrics)
-            self.optimizer.step()
-        if self.schedules.step is not None:
+            self.skipped_step = not self._finite_on_every_process(loss, grad_norm)
+            if not self.skipped_step:
+                self.optimizer.step()
+        if self.schedules.step is not None and not self.skipped_step:
             self.schedules.step.step()
-        # 6. carry the state into the next segment, cut from this segment's graph
-        self.hidden = hidden
+        # 6. carry the state into the next segment, cut from this segment's graph (a dropped step: from zeros)
+        self.hidden = None if self.skipped_step else hidden
         self.step += 1
         return loss, grad_norm
+
+    def _finite_on_every_process(self, loss, grad_norm):
+        """The same answer on every process: the gradient norm is already global, the loss is this process's.
+        A skipped step keeps `_skip_report` for the log."""
+        mean_loss = self.strategy.reduce_mean(loss)
+        finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
+        self._skip_report = None if finite else f"loss {mean_loss:g}, gradient norm {grad_norm:g}"
+        return finite
 
     def forward_backward(self, inputs, targets):
         """Forward from the carried state, loss = cross-entropy mean over the T*B tokens, backward (of the
@@ -181,6 +216,7 @@ class Trainer:
             for inputs, targets in self.train_iter:       # continues from the cursor after a resume
                 loss, grad_norm = self._metered_step(inputs, targets)
                 self._accumulate(loss, inputs.size, grad_norm)
+                self._check_skipped_step()
                 self._after_step()
                 if self.strategy.any(self._stop_signal is not None):    # all processes stop after one step
                     self._stop_signal = self._stop_signal or "a stop request on another process"
@@ -217,6 +253,29 @@ class Trainer:
         resident += [p.grad for p in self.params if p.grad is not None]
         return resident + _tensors_in(self.hidden)
 
+    def _check_skipped_step(self):
+        """[train] on_nonfinite after a step whose update train_step dropped: "skip" logs it and goes on, until
+        MAX_SKIPS_IN_A_ROW in a row; "stop" ends the run. Stopping logs and plots what came before, writes no
+        checkpoint (the last one written is the last good one) and raises TrainingDiverged on every process."""
+        if not self.skipped_step:
+            self._skips_in_a_row = 0
+            return
+        self._skips_in_a_row += 1
+        policy = self.spec.train.on_nonfinite
+        if policy == "skip" and self._skips_in_a_row < MAX_SKIPS_IN_A_ROW:
+            self._say(f"step {self.step}: {self._skip_report}: update skipped ([train] on_nonfinite = \"skip\", "
+                      f"{self._skips_in_a_row} in a row)")
+            return
+        why = (f'stopped ([train] on_nonfinite = "stop")' if policy == "stop" else
+               f'stopped after {MAX_SKIPS_IN_A_ROW} skipped steps in a row ([train] on_nonfinite = "skip")')
+        self._log_train()
+        self._plot()
+        raise TrainingDiverged(self.step, f"{self._skip_report}: not finite; {why}", self.last_checkpoint)
+
+    def _say(self, line):
+        if self.progress is not None:
+            self.progress.message(line)
+
     def _reached(self, max_steps):
         return max_steps is not None and self.step >= max_steps
 
@@ -229,9 +288,10 @@ class Trainer:
                 self.progress.message(line)
         if self.step % t.log_every == 0:
             self._log_train()
+        best = False
         if t.eval_every != "epoch" and self.step % t.eval_every == 0:
-            self._evaluate_and_log("valid")
-        if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+            best = self._new_best(self._evaluate_and_log("valid"))
+        if best or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
             self.save_checkpoint()
 
     def _end_epoch(self):
@@ -239,11 +299,21 @@ class Trainer:
         self.hidden = None                 # every epoch starts from the zero state
         if self.schedules.epoch is not None:
             self.schedules.epoch.step()
-        if self.spec.train.eval_every == "epoch":
-            self._evaluate_and_log("valid")
+        if self.spec.train.eval_every == "epoch" and self._new_best(self._evaluate_and_log("valid")):
+            self.save_checkpoint()
+
+    def _new_best(self, result):
+        """With [train] keep_best: True when `result` (a valid EvalResult) is the lowest loss so far, so that a
+        checkpoint of these weights is written and kept."""
+        if not self.spec.train.keep_best or not math.isfinite(result.loss):
+            return False
+        if self._best_valid is not None and result.loss >= self._best_valid:
+            return False
+        self._best_valid = result.loss
+        return True
 
     def _finish(self):
-        if self._acc["steps"]:
+        if self._acc["steps"] or self._acc["skipped"]:
             self._log_train()
         if self.evals.get("valid") is None or self.evals["valid"].step != self.step:
             self._evaluate_and_log("valid")
@@ -313,6 +383,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ metrics
     def _accumulate(self, loss, tokens, grad_norm):
         acc = self._acc
+        if self.skipped_step:          # a dropped update: its non-finite numbers stay out of the means
+            acc["skipped"] += 1
+            return
         acc["loss_sum"] += loss * tokens
         acc["tokens"] += tokens
         acc["grad_norm_sum"] += grad_norm
@@ -322,11 +395,14 @@ class Trainer:
         acc, now = self._acc, time.perf_counter()
         seconds = acc["seconds"] + (now - self._tick)
         # every process logs at the same steps: the mean over processes is the global batch's loss
-        loss = self.strategy.reduce_mean(acc["loss_sum"] / acc["tokens"])
+        # (NaN when every step of the interval was skipped; written as null)
+        loss = self.strategy.reduce_mean(acc["loss_sum"] / acc["tokens"] if acc["tokens"] else math.nan)
         tokens = acc["tokens"] * self.strategy.world_size
         row = {"step": self.step, "epoch": self._epoch_label(), "split": "train", "loss": loss,
                "ppl": perplexity(loss), "tokens_per_s": tokens / max(seconds, 1e-9),
-               "lr": self.step_lr, "grad_norm": acc["grad_norm_sum"] / acc["steps"]}
+               "lr": self.step_lr, "grad_norm": acc["grad_norm_sum"] / acc["steps"] if acc["steps"] else math.nan}
+        if acc["skipped"]:
+            row["skipped_steps"] = acc["skipped"]
         if self.char_level:
             row["bpc"] = loss / LN2
         if "peak_mem_bytes" in acc:
@@ -366,10 +442,18 @@ class Trainer:
         if self.out_dir is None or not self.strategy.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not self._resumed:        # a new run replaces an old one's checkpoint, never resumes into it
-            ckpt.remove_checkpoints(self.out_dir)
+        if not self._resumed:
+            self._start_new_run()
         (self.out_dir / CONFIG_FILE).write_text(self.spec.to_toml(), encoding="utf-8")
         self.metrics = MetricsWriter(self.out_dir / METRICS_FILE, resume_at=self._metrics_position)
+
+    def _start_new_run(self):
+        """Refuse to write a new run over an earlier one's checkpoints, unless overwrite: then delete that run's
+        checkpoints and curves (metrics.jsonl and config.toml are rewritten from the start)."""
+        if not self.overwrite:
+            ckpt.check_new_run(self.out_dir)
+        ckpt.remove_checkpoints(self.out_dir)
+        (self.out_dir / CURVES_FILE).unlink(missing_ok=True)
 
     def _close_outputs(self):
         if self.metrics is not None:
@@ -405,6 +489,8 @@ class Trainer:
             "metrics": {"position": self.metrics.position if self.metrics is not None else None,
                         "accumulators": acc},
             "evals": {split: r.to_dict() for split, r in self.evals.items()},
+            "best_valid_loss": self._best_valid,
+            "skips_in_a_row": self._skips_in_a_row,
             "elapsed": self.elapsed(),
             "vocab_size": len(self.corpus.vocab),
             "job": self.spec.to_dict(),
@@ -413,15 +499,37 @@ class Trainer:
         return model, arrays, meta
 
     def save_checkpoint(self):
-        """Write out_dir/checkpoint atomically (main process only); returns its path or None."""
+        """Write a checkpoint of this step into out_dir/checkpoints/ atomically, keeping the job's
+        keep_checkpoints (and keep_best) ones (main process only); returns its path or None.
+
+        Raises TrainingDiverged on every process, writing nothing, when some process's weights, optimizer
+        buffers, carried state or last evaluation hold NaN or an infinity.
+        """
         if self.out_dir is None:
             return None
+        self._check_finite_state()
         # the carried state is per process (its B/N streams; pipeline: also per stage, as are the weights and
         # optimizer buffers): every process takes part in gathering it
         hidden, model, optimizer_state = self.strategy.gather_checkpoint(self)
         if not self.strategy.is_main:
             return None
-        return ckpt.save_checkpoint(self.out_dir, *self.checkpoint_state(hidden, model, optimizer_state))
+        model, arrays, meta = self.checkpoint_state(hidden, model, optimizer_state)
+        self.last_checkpoint = ckpt.save_checkpoint(self.out_dir, model, arrays, meta,
+                                                    keep=self.spec.train.keep_checkpoints,
+                                                    keep_best=self.spec.train.keep_best)
+        return self.last_checkpoint
+
+    def _check_finite_state(self):
+        """Every process checks its own part of what a checkpoint holds; all raise if any found NaN or inf."""
+        model = {name: t.numpy() for name, t in self.model.state_dict().items()}
+        optimizer_arrays, _ = ckpt.split_optimizer_state(self.optimizer.state_dict())
+        hidden = {f"hidden {i}": t.numpy() for i, t in enumerate(_tensors_in(self.hidden))}
+        evals = {f"{split} loss": r.loss for split, r in self.evals.items()}
+        bad = (ckpt.first_nonfinite(model, "weight") or ckpt.first_nonfinite(optimizer_arrays, "optimizer buffer")
+               or ckpt.first_nonfinite(hidden, "carried state") or ckpt.first_nonfinite(evals, "the"))
+        if self.strategy.any(bad is not None):
+            what = f"{bad[0]} is {bad[1]}" if bad else "another process's weights or state are not finite"
+            raise TrainingDiverged(self.step, f"{what}; not writing a checkpoint", self.last_checkpoint)
 
     def restore(self, checkpoint):
         """Load a Checkpoint (from load_checkpoint) so that fit() continues exactly where it was written.
@@ -429,6 +537,7 @@ class Trainer:
         Raises CheckpointError when it does not fit this job (another model or data, other shapes).
         """
         meta, where = checkpoint.meta, checkpoint.path
+        changes = resume_changes(meta["job"], self.spec.to_dict(), where)
         self.load_weights(checkpoint)
         try:
             self.strategy.load_optimizer_state(
@@ -446,13 +555,25 @@ class Trainer:
         self._acc = {**_fresh_accumulators(), **meta["metrics"]["accumulators"]}
         self._metrics_position = meta["metrics"]["position"]
         self._elapsed_before = meta.get("elapsed", 0.0)
+        self._best_valid = meta.get("best_valid_loss")
+        self._skips_in_a_row = meta.get("skips_in_a_row", 0)
         self._resumed = True
+        self.last_checkpoint = where
+        self.resume_changes = [self._apply_change(*change) for change in changes]
+
+    def _apply_change(self, section, key, saved, wanted):
+        """Apply one job change a resumed run may make (train/resume.py); returns the line that reports it."""
+        line = f"resumed with [{section}] {key} = {wanted!r} (the checkpoint's job: {saved!r})"
+        if (section, key) == ("optim", "lr"):
+            before, after = apply_lr_change(self.optimizer, self.schedules, saved, wanted)
+            line += f"; the lr in use goes from {before:.6g} to {after:.6g}"
+        return line     # every other resumable key is read from the job when it is used
 
     def load_weights(self, checkpoint):
         """Load only the model weights of a Checkpoint (all evaluation needs), after checking that it was
         written for this job's model and data (other sections, e.g. [optim] or [train], may differ)."""
         meta, where = checkpoint.meta, checkpoint.path
-        _check_same_job(meta["job"], self.spec.to_dict(), where)
+        check_same_model(meta["job"], self.spec.to_dict(), where)
         if meta.get("vocab_size") not in (None, len(self.corpus.vocab)):
             raise ckpt.CheckpointError(f"{where}: saved with a vocabulary of {meta['vocab_size']} entries, this "
                                        f"job's corpus has {len(self.corpus.vocab)}; is it the same data?")
@@ -464,22 +585,7 @@ class Trainer:
 
 
 def _fresh_accumulators():
-    return {"loss_sum": 0.0, "tokens": 0, "grad_norm_sum": 0.0, "steps": 0, "seconds": 0.0}
-
-
-# Sections whose change makes a checkpoint meaningless for the job (others, e.g. epochs, may change on resume).
-_FIXED_SECTIONS = ("model", "data")
-
-
-def _check_same_job(saved, current, where):
-    diffs = []
-    for section in _FIXED_SECTIONS:
-        for key in sorted(set(saved.get(section, {})) | set(current.get(section, {}))):
-            a, b = saved.get(section, {}).get(key), current.get(section, {}).get(key)
-            if a != b:
-                diffs.append(f"[{section}] {key}: checkpoint {a!r}, job {b!r}")
-    if diffs:
-        raise ckpt.CheckpointError(f"{where}: was written for a different job; " + "; ".join(diffs))
+    return {"loss_sum": 0.0, "tokens": 0, "grad_norm_sum": 0.0, "steps": 0, "skipped": 0, "seconds": 0.0}
 
 
 def _tensors_in(value):

@@ -19,7 +19,9 @@ LN2 = math.log(2.0)
 
 
 def perplexity(loss):
-    """exp(loss), or inf where that overflows a float."""
+    """exp(loss), or inf where that overflows a float (NaN stays NaN)."""
+    if math.isnan(loss):
+        return loss
     return math.exp(loss) if loss < 700 else math.inf
 
 

@@ -23,11 +23,12 @@ def start(args):
                             text=True)
 
 
-def wait_for(path, proc, timeout=60):
+def wait_for_a_checkpoint(out, proc, timeout=60):
+    """Until some complete checkpoint is in out/checkpoints (its manifest is the last file a save writes)."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"run ended before {path} appeared: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, f"{path} did not appear in {timeout} s"
+    while not list((out / "checkpoints").glob("step-*[0-9]/manifest.json")):
+        assert proc.poll() is None, f"run ended before a checkpoint appeared: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"no checkpoint appeared in {out} in {timeout} s"
         time.sleep(0.005)
 
 
@@ -41,7 +42,7 @@ def test_sigkill_then_resume_equals_uninterrupted(job_file, text_file, tmp_path)
 
     out = tmp_path / "run"
     proc = start(job_args(job_file, text_file, out))
-    wait_for(out / "checkpoint" / "trainer.json", proc)
+    wait_for_a_checkpoint(out, proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) == -signal.SIGKILL
     proc.stderr.close()
@@ -61,7 +62,7 @@ def test_sigkill_then_resume_equals_uninterrupted(job_file, text_file, tmp_path)
 def test_signal_writes_a_checkpoint_then_exits(job_file, text_file, tmp_path, sig, code):
     out = tmp_path / "run"
     proc = start(job_args(job_file, text_file, out))
-    wait_for(out / "checkpoint" / "trainer.json", proc)
+    wait_for_a_checkpoint(out, proc)
     proc.send_signal(sig)
     assert proc.wait(30) == code
     err = proc.stderr.read()
@@ -71,4 +72,4 @@ def test_signal_writes_a_checkpoint_then_exits(job_file, text_file, tmp_path, si
 
     step = load_checkpoint(out).meta["step"]
     assert step == len(train_rows(out)) < STEPS and not load_checkpoint(out).meta["finished"]
-    assert os.listdir(out / "checkpoint") and not list(out.glob("checkpoint.*"))
+    assert not list((out / "checkpoints").glob("*.tmp")) and not list((out / "checkpoints").glob("*.prev"))

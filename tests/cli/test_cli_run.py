@@ -16,7 +16,7 @@ def test_run_writes_all_outputs_and_eval_reproduces_them(job_file, text_file, tm
     out = tmp_path / "out"
     assert main(["run", str(job_file), *chars(text_file), "--set", "train.max_steps=30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "config.toml", "checkpoint", "curves.png"}
+    assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "config.toml", "checkpoints", "curves.png"}
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = (out / "config.toml").read_text()
     assert 'kind = "chars"' in config and "max_steps = 30" in config
@@ -43,7 +43,7 @@ def test_run_writes_all_outputs_and_eval_reproduces_them(job_file, text_file, tm
 def test_default_output_dir_is_runs_job_name(job_file, text_file, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(job_file), *chars(text_file), "--set", "train.max_steps=3"]) == 0
-    assert (tmp_path / "runs" / "tiny" / "checkpoint" / "model.safetensors").is_file()
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "step-000003" / "model.safetensors").is_file()
     assert "outputs in runs/tiny/" in capsys.readouterr().out
 
 

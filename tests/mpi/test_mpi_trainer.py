@@ -39,8 +39,8 @@ def job(char_job):
     return char_job(JOB, 1200)
 
 
-def data_parallel_trainer(spec, out_dir=None, attach=True):
-    strategy = DataParallelStrategy(world(), bucket_mb=spec.parallel.bucket_mb)
+def data_parallel_trainer(spec, out_dir=None, attach=True, strategy_class=DataParallelStrategy):
+    strategy = strategy_class(world(), bucket_mb=spec.parallel.bucket_mb)
     trainer = Trainer(spec, out_dir=out_dir, strategy=strategy, progress=False)
     if attach:       # else the first sync_gradients attaches to the parameters it is given
         strategy.attach(trainer.model, trainer.optimizer)
@@ -88,7 +88,7 @@ def resume_and_compare(job, out, first, then):
 
 def test_every_rank_resumes_from_rank_0_checkpoint(job, mpi_tmp_path):
     written, got, want = resume_and_compare(job, mpi_tmp_path / "run", ["train.epochs=1"], ["train.epochs=2"])
-    assert "checkpoint" in written and "metrics.jsonl" in written
+    assert "checkpoints" in written and "metrics.jsonl" in written
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
@@ -143,3 +143,39 @@ def test_a_stop_request_on_one_rank_stops_every_rank_after_the_same_step(job, mp
     strategy.close()
     comm.Barrier()
     assert load_checkpoint(out).meta["step"] == 3
+
+
+class NanLossOnTheLastRank(DataParallelStrategy):
+    """The last rank's loss of step 3 is NaN; its gradients, and so the global gradient norm, stay finite."""
+
+    def forward_backward(self, trainer, inputs, targets):
+        loss, hidden = super().forward_backward(trainer, inputs, targets)
+        if self.comm.rank == self.comm.size - 1 and trainer.step + 1 == 3:
+            loss = float("nan")
+        return loss, hidden
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(job):
+    comm = world()
+    trainer, strategy = data_parallel_trainer(job("train.max_steps=6", "train.on_nonfinite=skip"),
+                                              strategy_class=NanLossOnTheLastRank)
+    trainer.fit()
+    strategy.close()
+    adam_steps = {entry["step"] for entry in trainer.optimizer.state_dict()["state"].values()}
+    assert trainer.step == 6 and adam_steps == {5}                        # step 3 applied nowhere
+    mine = np.concatenate([a.ravel() for a in weights(trainer).values()])
+    for other in comm.Allgather(mine):                                   # and the replicas still agree
+        np.testing.assert_array_equal(other, mine)
+
+
+def test_a_nonfinite_loss_on_one_rank_stops_every_rank(job, mpi_tmp_path):
+    from disttrain.train.loop import TrainingDiverged
+
+    out = mpi_tmp_path / "diverged"
+    trainer, strategy = data_parallel_trainer(job("train.max_steps=6", "train.checkpoint_every=2"), out,
+                                              strategy_class=NanLossOnTheLastRank)
+    with pytest.raises(TrainingDiverged, match="^step 3: loss nan, gradient norm"):
+        trainer.fit()
+    strategy.close()
+    world().Barrier()
+    assert load_checkpoint(out).meta["step"] == 2

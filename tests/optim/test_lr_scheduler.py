@@ -108,3 +108,28 @@ def test_lambda_state_dict_leaves_the_functions_out():
 def test_bad_arguments_are_named(build, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build(_opt())
+
+
+@pytest.mark.parametrize("build", [
+    lambda opt: [sched.LinearLR(opt, start_factor=0.25, total_iters=4), sched.EpochDecayLR(opt, 2, 0.5)],
+    lambda opt: [sched.LambdaLR(opt, lambda epoch: 1 / (1 + epoch))],
+    lambda opt: [sched.SequentialLR(opt, [sched.LinearLR(opt, 0.5, total_iters=4), sched.StepLR(opt, 2, 0.5)],
+                                    milestones=[6])],
+], ids=["warm-up and decay chained", "lambda (from the base lrs)", "sequential (restarts from the base lrs)"])
+def test_scale_lr_mid_run_gives_the_lrs_of_a_run_started_from_the_scaled_base(build):
+    def run(lr, scale_at=None, steps=9):
+        opt = _opt(lr, groups=2)
+        schedulers = build(opt)
+        seen = []
+        for step in range(steps):
+            if step == scale_at:
+                sched.scale_lr(opt, schedulers, 0.1)
+            seen += [g["lr"] for g in opt.param_groups]
+            for s in schedulers:
+                s.step()
+        return seen
+
+    scaled, plain, fresh = run(1.0, scale_at=3), run(1.0), run(0.1)
+    assert scaled[:6] == plain[:6]                                      # steps 0-2, two groups each
+    assert scaled[6:] == pytest.approx(fresh[6:], rel=1e-12)
+    assert len(set(fresh[6:])) > 2                                      # the schedule still moves the lr

@@ -70,7 +70,7 @@ def test_disttrain_run_under_mpiexec_equals_one_process(tmp_path):
     assert [r[:2] for r in got] == [r[:2] for r in want] and len(got) >= 5
     for (_, _, a), (_, _, b) in zip(got, want):
         assert a == pytest.approx(b, rel=1e-5)
-    assert (tmp_path / "dp" / "checkpoint").is_dir()
+    assert (tmp_path / "dp" / "checkpoints").is_dir()
     events = json.loads((tmp_path / "dp.trace.json").read_text())["traceEvents"]
     spans = [e for e in events if e["ph"] == "X"]
     assert {e["pid"] for e in spans} == {0, 1}

@@ -23,7 +23,7 @@ def test_ps_cluster_async_four_workers_trains(ps_job, tmp_path):
     vocab = len(local.corpus.vocab)
     assert train[-1]["loss"] < train[0]["loss"] - 0.5 and valid[-1]["loss"] < 0.6 * math.log(vocab)  # learned
     assert valid[-1]["loss"] < 1.25 * local.evals["valid"].loss                     # near local training
-    for name in ("curves.png", "config.toml", "checkpoint", "keys/server.key", "keys/clients/worker-3.key",
+    for name in ("curves.png", "config.toml", "checkpoints", "keys/server.key", "keys/clients/worker-3.key",
                  "ps-snapshots/server-0.snap", "ps-snapshots/server-1.snap", "logs/server-1.log"):
         assert (out / name).exists(), name
     for i in range(2):

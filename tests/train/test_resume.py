@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from disttrain.train import Trainer, TrainingInterrupted, load_checkpoint
+from disttrain.train import CheckpointError, Trainer, TrainingInterrupted, load_checkpoint
 
 TIMING = ("time", "tokens_per_s", "peak_mem_bytes")  # measurements of the process, not results
 
@@ -116,3 +116,54 @@ def test_resuming_a_finished_run_changes_nothing_and_can_extend_it(tiny_job, tmp
     rows = rows_of(tmp_path)
     assert rows[:len(before)] == before and longer.step == 20
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, 21))
+
+
+SCHEDULED = ("optim.warmup_steps=6", "optim.decay_after_epoch=1", "optim.decay=0.5", "optim.momentum=0.9")
+
+
+@pytest.mark.parametrize("resume_at", ["in the warm-up", "after a decay"])
+def test_a_new_lr_on_resume_takes_effect_through_the_schedules(tiny_job, tmp_path, resume_at):
+    """--resume --set optim.lr=NEW: from the resumed step on, every lr is the one a run started with NEW has."""
+    per_epoch = len(Trainer(tiny_job(*SCHEDULED, optim="sgd"), progress=False).train_iter)
+    stop = 3 if resume_at == "in the warm-up" else per_epoch + 4
+    total = 2 * per_epoch + 2                                             # into the third epoch: a second decay
+    old = Trainer(tiny_job(*SCHEDULED, f"train.max_steps={stop}", optim="sgd", lr=0.5, epochs=3),
+                  out_dir=tmp_path / "run", progress=False)
+    old.fit()
+    fresh = Trainer(tiny_job(*SCHEDULED, f"train.max_steps={total}", optim="sgd", lr=0.05, epochs=3),
+                    out_dir=tmp_path / "fresh", progress=False)
+    fresh.fit()
+
+    resumed = Trainer(tiny_job(*SCHEDULED, f"train.max_steps={total}", optim="sgd", lr=0.05, epochs=3),
+                      out_dir=tmp_path / "run", progress=False)
+    resumed.restore(load_checkpoint(tmp_path / "run"))
+    [change, steps] = resumed.resume_changes
+    assert change.startswith("resumed with [optim] lr = 0.05 (the checkpoint's job: 0.5); the lr in use goes from")
+    assert steps.startswith(f"resumed with [train] max_steps = {total} (the checkpoint's job: {stop})")
+    resumed.fit()
+
+    def lrs(run_dir):
+        return {r["step"]: r["lr"] for r in rows_of(run_dir) if r["split"] == "train" and r["step"] > stop}
+    got, want = lrs(tmp_path / "run"), lrs(tmp_path / "fresh")
+    assert sorted(got) == list(range(stop + 1, total + 1))
+    assert got == pytest.approx(want, rel=1e-12)
+    assert len(set(got.values())) > 1                                     # the schedule keeps moving the lr
+    assert 'lr = 0.05' in (tmp_path / "run" / "config.toml").read_text()   # the resumed job's actual settings
+
+
+def test_resume_refuses_changes_other_than_the_resumable_keys(tiny_job, tmp_path):
+    Trainer(tiny_job("train.max_steps=2"), out_dir=tmp_path, progress=False).fit()
+    for change, described in [("optim.momentum=0.9", r"\[optim\] momentum: checkpoint 0.0, job 0.9"),
+                              ("train.seed=4", r"\[train\] seed: checkpoint 3, job 4"),
+                              ("optim.warmup_steps=3", r"\[optim\] warmup_steps: checkpoint 0, job 3")]:
+        other = Trainer(tiny_job(change), progress=False)
+        with pytest.raises(CheckpointError, match=rf"was written for a different job; {described} "
+                                                  r"\(a resumed run may change only: \[optim\] lr, clip_norm;"):
+            other.restore(load_checkpoint(tmp_path))
+    allowed = Trainer(tiny_job("train.max_steps=4", "optim.clip_norm=0.5", "train.log_every=2",
+                               "memory.activation_checkpointing=sqrt", "train.keep_checkpoints=3"), progress=False)
+    allowed.restore(load_checkpoint(tmp_path))
+    assert [line.split(" (")[0] for line in allowed.resume_changes] == [
+        "resumed with [optim] clip_norm = 0.5", "resumed with [train] keep_checkpoints = 3",
+        "resumed with [train] log_every = 2", "resumed with [train] max_steps = 4",
+        "resumed with [memory] activation_checkpointing = 'sqrt'"]
