@@ -24,7 +24,8 @@ RUN_AGAIN = $(if $(OVERWRITE),--overwrite,$(if $(wildcard $(RUN_DIR)/checkpoints
 run: $(VENV)/.base
 	@if [ "$(RUN_AGAIN)" = "--resume" ]; then \
 	    echo "make run: $(RUN_DIR) holds a run: continuing it (make run OVERWRITE=1 starts over)"; fi
-	$(VENV)/bin/disttrain run jobs/charlm.toml --out $(RUN_DIR) $(RUN_AGAIN)
+	@$(VENV)/bin/disttrain run jobs/charlm.toml --out $(RUN_DIR) $(RUN_AGAIN) || { status=$$?; \
+	    if [ $$status -eq 2 ]; then echo "make run: to start $(RUN_DIR) over: make run OVERWRITE=1"; fi; exit $$status; }
 
 # the plain run skips tests/mpi; the mpiexec runs execute them on 2 and 4 ranks (oversubscribed on 2 cores)
 test: $(VENV)/.test

@@ -11,9 +11,10 @@ from pathlib import Path
 from disttrain.parallel.launch import run_context, share_cores, strategy_for
 from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.tensor.threads import blas_kernel_note
-from disttrain.train.checkpoint import CheckpointError, check_new_run, list_checkpoints, load_checkpoint
+from disttrain.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from disttrain.train.jobspec import JobSpecError, load_job
-from disttrain.train.loop import MemoryBudgetExceeded, Trainer, TrainingDiverged, TrainingInterrupted
+from disttrain.train.loop import (MemoryBudgetExceeded, Trainer, TrainingDiverged, TrainingInterrupted,
+                                  check_new_run)
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3           # a NaN or infinity stopped the run: restarting it unchanged would diverge again

@@ -49,7 +49,7 @@ from disttrain.train.resume import apply_lr_change, check_same_model, resume_cha
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.train.strategy import LocalStrategy
 
-__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "EVAL_BATCH_SIZE"]
+__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "check_new_run", "EVAL_BATCH_SIZE"]
 
 EVAL_BATCH_SIZE = 10
 MAX_SKIPS_IN_A_ROW = 10        # [train] on_nonfinite = "skip" stops the run after this many skipped steps in a row
@@ -448,10 +448,10 @@ class Trainer:
         self.metrics = MetricsWriter(self.out_dir / METRICS_FILE, resume_at=self._metrics_position)
 
     def _start_new_run(self):
-        """Refuse to write a new run over an earlier one's checkpoints, unless overwrite: then delete that run's
+        """Refuse to write a new run over an earlier one (check_new_run), unless overwrite: then delete that run's
         checkpoints and curves (metrics.jsonl and config.toml are rewritten from the start)."""
         if not self.overwrite:
-            ckpt.check_new_run(self.out_dir)
+            check_new_run(self.out_dir)
         ckpt.remove_checkpoints(self.out_dir)
         (self.out_dir / CURVES_FILE).unlink(missing_ok=True)
 
@@ -582,6 +582,17 @@ class Trainer:
         except RuntimeError as exc:
             raise ckpt.CheckpointError(f"{checkpoint.path / ckpt.MODEL_FILE}: does not fit this job's model: "
                                        f"{exc}") from None
+
+
+def check_new_run(out_dir):
+    """Raise RunExistsError when out_dir holds an earlier run: its checkpoints, or (a run stopped before its first
+    checkpoint) its metrics.jsonl. A new run would replace them."""
+    ckpt.check_new_run(out_dir)
+    metrics = Path(out_dir) / METRICS_FILE
+    if metrics.exists():
+        raise ckpt.RunExistsError(f"{out_dir} holds an earlier run's {METRICS_FILE} but no checkpoint to resume "
+                                  f"from: start over with --overwrite (deletes it and {CURVES_FILE}), or choose "
+                                  f"another --out")
 
 
 def _fresh_accumulators():

@@ -45,6 +45,17 @@ def test_running_a_job_again_refuses_until_told_to_resume_or_overwrite(job_file,
     assert [r["step"] for r in metric_rows(out) if r["split"] == "train"] == [1, 2, 3]
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_is_not_replaced_either(job_file, text_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 3.0}\n')
+    assert main(run_args(job_file, text_file, out, "train.max_steps=2")) == 2
+    assert capsys.readouterr().err == (f"disttrain run: error: {out} holds an earlier run's metrics.jsonl but no "
+                                       f"checkpoint to resume from: start over with --overwrite (deletes it and "
+                                       f"curves.png), or choose another --out\n")
+    assert main(run_args(job_file, text_file, out, "train.max_steps=2") + ["--overwrite"]) == 0
+
+
 def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous_one(job_file, text_file, tmp_path,
                                                                                   capsys):
     assert main(run_args(job_file, text_file, tmp_path / "whole", "train.max_steps=12",
@@ -94,6 +105,7 @@ def test_resume_applies_a_new_lr_and_refuses_other_changes(job_file, text_file, 
             "only: [optim] lr, clip_norm;") in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")      # what diverging looks like
 def test_a_diverging_run_stops_with_exit_3_naming_step_value_and_last_checkpoint(job_file, text_file, tmp_path,
                                                                                   capsys):
     out = tmp_path / "run"
