@@ -77,6 +77,10 @@ def test_a_damaged_checkpoint_is_named_and_resume_falls_back_to_the_previous_one
     assert main(["eval", str(job_file), "--set", "data.kind=chars", "--set", f"data.path={text_file}",
                  "--checkpoint", str(weights.parent)]) == 2
     assert re.search(r"model.safetensors: sha256 \w+\.\.\. differs from the manifest's", capsys.readouterr().err)
+    assert main(["eval", str(job_file), "--set", "data.kind=chars", "--set", f"data.path={text_file}",
+                 "--checkpoint", str(out / "checkpoints" / "step-000004")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and f"checkpoint {out / 'checkpoints' / 'step-000004'} (step 4," in captured.out
 
     assert main(run_args(job_file, text_file, out, "train.max_steps=12", "train.checkpoint_every=4")
                 + ["--resume"]) == 0
