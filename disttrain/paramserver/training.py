@@ -141,8 +141,8 @@ class RemoteOptimizer:
             self.installed()
         self.client.leave()                 # first: nobody may wait (ssp, sync) for a worker that pushes no more
         if self.is_main:
+            self.client.become_observer()   # an observer's connection may ask for stats
             self._wait_for_others()
-            self.client.become_observer()
             self.client.pull()
             self.installed()
         self.finished = True
