@@ -443,6 +443,7 @@ class ParameterServer:
                 self._apply(grads, epoch_target=self._epoch_target(worker, epoch))
                 self._commit_push(state, clock, epoch)
         self.membership.touch(worker, time.monotonic())
+        self._snapshot_if_due()
         if refused is not None:
             self._release()
             raise refused
@@ -552,9 +553,6 @@ class ParameterServer:
         self.updates += 1
         if self.schedules is not None and self.schedules.step is not None:
             self.schedules.step.step()
-        every = self.config.snapshot_every
-        if every and self.config.snapshot_path is not None and self.updates - self._snapshot_at >= every:
-            self.snapshot()
 
     def _finite_after_update(self, shard):
         """The part and its optimizer state (momentum, Adam's moments) hold no NaN or inf: an inf moment would
@@ -600,6 +598,7 @@ class ParameterServer:
 
     def _membership_changed(self):
         self._finish_round_if_complete()
+        self._snapshot_if_due()
         self._release()
 
     def _expire(self, now):
@@ -639,10 +638,15 @@ class ParameterServer:
         self.snapshots += 1
         return path
 
-    def _snapshot_if_due(self, now):
-        every = self.config.snapshot_every_s
-        if (every and self.config.snapshot_path is not None and self.updates != self._snapshot_at
-                and now - self._snapshot_time >= every):
+    def _snapshot_if_due(self, now=None):
+        """Snapshot after `snapshot_every` updates, or `snapshot_every_s` seconds with updates. Called between
+        messages, never inside an update: the worker clocks it records must match the parameters."""
+        if self.config.snapshot_path is None or self.updates == self._snapshot_at:
+            return
+        by_count = self.config.snapshot_every and self.updates - self._snapshot_at >= self.config.snapshot_every
+        by_time = self.config.snapshot_every_s and (now or time.monotonic()) - self._snapshot_time >= \
+            self.config.snapshot_every_s
+        if by_count or by_time:
             self.snapshot()
 
     def _restore(self, path):

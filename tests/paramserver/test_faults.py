@@ -1,10 +1,13 @@
 """Faults: a server killed and restarted loses only what came after its last snapshot (SIGTERM: nothing), and
 the worker reconnects by itself; a worker killed mid-run is dropped and the others finish."""
 import json
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -16,7 +19,7 @@ from disttrain.paramserver.worker import PSClient
 from disttrain.tensor.tensor import Tensor
 from disttrain.train.build import build_optimizer, build_schedules
 
-from ps_testing import observer
+from ps_testing import observer, running_servers, sgd_factory
 
 
 def start_server(job, tmp_path, port, snapshot):
@@ -90,6 +93,9 @@ def test_server_crash_loses_only_updates_after_the_snapshot(ps_job, tmp_path):
         assert client.reconnects >= 1
         for got, want in zip(targets, at_snapshot):
             np.testing.assert_array_equal(got, want)      # exactly the snapshot: updates 5 and 6 are lost
+        log = (tmp_path / "server.log").read_text()
+        assert re.search(rf"resumed from {re.escape(str(snapshot))}, written [0-9.]+ s ago: 4 updates", log)
+        assert "worker 0 was at clock 6 here and continues at 4: 2 of its updates were lost" in log
         for g in later:                                   # optimizer state and LR schedule resumed too
             client.push(g, pull=True)
         for got, want in zip(targets, at_end):
@@ -106,6 +112,60 @@ def test_server_crash_loses_only_updates_after_the_snapshot(ps_job, tmp_path):
         client.close()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_a_server_killed_before_any_update_restarts_from_its_first_snapshot(ps_job, tmp_path):
+    """The snapshot is written before the server listens: a server killed at once restarts from that file (not
+    from a path that does not exist), and the log says exactly what it restored and what was lost."""
+    spec, _ = ps_job("ps.servers=1", "ps.workers=1", "ps.snapshot_every=100000", "ps.snapshot_every_s=0",
+                     "data.batch_size=4", n_chars=6000)
+    messages = []
+    cluster = Cluster(spec, tmp_path / "run", insecure=True, quiet=True, log=messages.append)
+    with cluster:
+        cluster.prepare()
+        cluster.start_server(0)
+        cluster.wait_for_servers()
+        assert cluster.snapshot_path(0).exists()
+        assert re.fullmatch(r".*server-0\.snap, written [0-9.]+ s ago, holding 0 updates .*",
+                            cluster.restart_source(0))
+        cluster.start_worker(0)
+        layout = Layout.from_named_arrays(initial_model(spec).named_parameters(), 1)
+        watcher = observer([cluster.endpoints[0]], layout, worker_id=ADMIN_ID)
+        deadline = time.monotonic() + 60
+        while watcher.stats(0)["updates"] < 5:
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        watcher.close()
+        cluster.kill_server(0)
+        codes = cluster.supervise(timeout=120)
+    assert codes == {0: 0} and cluster.restarts == 1
+    assert any("restarting it from" in m and "holding 0 updates" in m for m in messages), messages
+    log = cluster.log_path("server-0").read_text()
+    assert re.search(r"resumed from \S+server-0\.snap, written [0-9.]+ s ago: 0 updates", log)
+    assert re.search(r"worker 0 was at clock (\d+) here and continues at 0: \1 of its updates were lost", log)
+
+
+def test_servers_snapshot_by_time():
+    layout = Layout.from_named_arrays([("w", np.zeros(8, "<f4"))], 1)
+    with tempfile.TemporaryDirectory() as tmp, \
+            running_servers(layout, [np.zeros(8, "<f4")], sgd_factory(),
+                            {"snapshot_every": 0, "snapshot_every_s": 0.2},
+                            snapshot_paths=[Path(tmp) / "s.snap"]) as ((server,), endpoints):
+        assert server.snapshots == 1                            # at start
+        client = PSClient(endpoints, layout, 0, heartbeat_interval=0.2)
+        try:
+            client.connect([np.zeros(8, "<f4")], timeout=10)
+            deadline = time.monotonic() + 60
+            while server.snapshots < 3:
+                client.push([np.ones(8, "<f4")], pull=False)
+                assert time.monotonic() < deadline, "no snapshot by time"
+                time.sleep(0.05)
+            time.sleep(1.0)                                     # the last updates get their snapshot ...
+            quiet = server.snapshots
+            time.sleep(1.0)
+            assert server.snapshots == quiet                    # ... and without updates there is none
+        finally:
+            client.close()
 
 
 def test_killed_worker_is_dropped_and_the_others_finish(ps_job, tmp_path):
