@@ -19,7 +19,7 @@ from disttrain.paramserver.worker import PSClient
 from disttrain.tensor.tensor import Tensor
 from disttrain.train.build import build_optimizer, build_schedules
 
-from ps_testing import observer, running_servers, sgd_factory
+from ps_testing import observer, raw_peer, running_servers, sgd_factory
 
 
 def start_server(job, tmp_path, port, snapshot):
@@ -212,3 +212,42 @@ def test_cluster_restarts_a_dead_server_and_workers_carry_on(ps_job, tmp_path):
     assert "resumed from" in log
     for k in (0, 1):
         assert "reconnecting to server 1" in (tmp_path / "run" / "logs" / f"worker-{k}.log").read_text()
+
+
+def test_a_dropped_worker_rejoins_where_the_server_has_it():
+    """A worker whose push was applied but whose reply was lost is dropped, then joins again asking for the
+    clock it still believes in: the server keeps its own count and says which push it holds last, so the
+    waiting push is not applied a second time."""
+    layout = Layout.from_named_arrays([("w", np.zeros(8, "<f4"))], 1)
+    grad = [np.ones(8, "<f4")]
+    with running_servers(layout, [np.zeros(8, "<f4")], sgd_factory(), {"heartbeat_timeout": 0.5}) \
+            as ((server,), endpoints):
+        with raw_peer(endpoints[0]) as first:
+            first.join(layout, 5)
+            assert first.request("push", grad, worker=5, clock=0, keys=[0])["op"] == "ok"   # the "lost" reply
+        deadline = time.monotonic() + 30
+        while 5 not in server.membership.dropped:
+            assert time.monotonic() < deadline, "the silent worker was not dropped"
+            time.sleep(0.05)
+        with raw_peer(endpoints[0]) as again:
+            reply = again.join(layout, 5)                       # asks for clock 0, as before the lost reply
+            assert reply["clock"] == 1 and reply.get("last_push") == 0
+            again.request("push", grad, worker=5, clock=0, keys=[0])        # a resend is not applied again
+        assert server.updates == 1
+
+
+def test_restored_servers_know_each_workers_clock_and_last_push(tmp_path):
+    layout = Layout.from_named_arrays([("w", np.zeros(8, "<f4"))], 1)
+    config = {"snapshot_every": 0}
+    with running_servers(layout, [np.zeros(8, "<f4")], sgd_factory(), config,
+                         snapshot_paths=[tmp_path / "s.snap"]) as (_, endpoints), raw_peer(endpoints[0]) as peer:
+        peer.join(layout, 2)
+        for clock in range(3):
+            peer.request("push", [np.ones(8, "<f4")], worker=2, clock=clock, keys=[0])
+    with running_servers(layout, [np.zeros(8, "<f4")], sgd_factory(), config,
+                         snapshot_paths=[tmp_path / "s.snap"]) as ((server,), endpoints), \
+            raw_peer(endpoints[0]) as peer:
+        assert server.updates == 3
+        reply = peer.join(layout, 2)
+        assert (reply["clock"], reply["last_push"]) == (3, 2)
+        assert peer.join(layout, 7).get("last_push") is None and peer.join(layout, 7)["clock"] == 3
