@@ -415,7 +415,7 @@ def receive(socket, max_frames, max_bytes, flags=0):
         frame = socket.recv(copy=False)          # the rest of the message is already here
         count += 1
         total += len(frame)
-        if count <= max_frames and total <= max_bytes:
+        if count <= 2 or (count <= max_frames and total <= max_bytes):
             frames.append(frame)
         elif len(frames) > 2:
             del frames[2:]
