@@ -315,12 +315,14 @@ class ParameterServer:
         """(clock, last_push) of a worker that is not live here. The server, not the worker, sets the clock:
         a worker seen before (dropped, departed, or in the restored snapshot) continues from its remembered
         clock, moved up to the slowest live one so that it holds nobody back; a new one starts at the slowest
-        live clock (sync: the current round). `requested`, the clock the worker had here before, only serves
+        live clock (sync: the current round, or the next when its push is in the current one already). `requested`, the clock the worker had here before, only serves
         to say how many of its updates this server lost (a restart from an older snapshot, or none)."""
         known = self.membership.recall(worker)
         clock, last_push = known if known is not None else (0, None)
         if self.consistency.aggregates:
-            clock = self.round
+            # its gradient for the current round, if it sent one, is in the round already: it reads that round's
+            # result and pushes for the next (a second push into this round would count it twice)
+            clock = self.round + 1 if last_push == self.round else self.round
         else:
             clock = max(clock, self.membership.min_clock() or 0)
         if requested > clock:

@@ -89,14 +89,14 @@ class _Request:
         self.ahead = ahead
         self.seq = None
         self.sent_at = 0.0
-        self.sent_clock = self.sent_incarnation = None
+        self.sent_clock = None
         self.retries = 0
         self.reply = None
 
     def frames(self, client, seq):
         link = self.link
         self.seq, self.sent_at = seq, time.monotonic()
-        self.sent_clock, self.sent_incarnation = link.clock, link.incarnation
+        self.sent_clock = link.clock
         w = client.worker_id
         ahead = {"ahead": True} if self.ahead else {}      # sent only when set: plain headers stay as they were
         if self.op == "push":

@@ -251,3 +251,25 @@ def test_restored_servers_know_each_workers_clock_and_last_push(tmp_path):
         reply = peer.join(layout, 2)
         assert (reply["clock"], reply["last_push"]) == (3, 2)
         assert peer.join(layout, 7).get("last_push") is None and peer.join(layout, 7)["clock"] == 3
+
+
+def test_sync_a_worker_dropped_after_its_push_is_not_counted_twice_in_the_round():
+    """Worker 5 pushes for round 0, falls silent and is dropped while worker 6 has not pushed yet (its gradient
+    stays in the round); when it rejoins it is at the next clock, so the round still averages 5 and 6 once each."""
+    layout = Layout.from_named_arrays([("w", np.zeros(4, "<f4"))], 1)
+    with running_servers(layout, [np.zeros(4, "<f4")], sgd_factory(lr=1.0, momentum=0.0),
+                         {"consistency": "sync", "heartbeat_timeout": 0.5, "expect_workers": 2}) \
+            as ((server,), endpoints), raw_peer(endpoints[0]) as five, raw_peer(endpoints[0]) as six:
+        five.join(layout, 5)
+        six.join(layout, 6)
+        assert five.request("push", [np.full(4, 2.0, "<f4")], worker=5, clock=0, keys=[0])["op"] == "ok"
+        deadline = time.monotonic() + 30
+        while 5 not in server.membership.dropped:
+            assert time.monotonic() < deadline, "the silent worker was not dropped"
+            six.request("heartbeat", worker=6)
+            time.sleep(0.1)
+        reply = five.join(layout, 5)
+        assert reply["clock"] == 1 and reply["last_push"] == 0
+        assert six.request("push", [np.full(4, 4.0, "<f4")], worker=6, clock=0, keys=[0])["op"] == "ok"
+        assert server.round == 1
+        np.testing.assert_array_equal(server.shards[0].data, np.full(4, -3.0, "<f4"))    # -(2 + 4) / 2
