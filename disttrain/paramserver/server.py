@@ -648,8 +648,14 @@ class ParameterServer:
         by_count = self.config.snapshot_every and self.updates - self._snapshot_at >= self.config.snapshot_every
         by_time = self.config.snapshot_every_s and (now or time.monotonic()) - self._snapshot_time >= \
             self.config.snapshot_every_s
-        if by_count or by_time:
+        if not (by_count or by_time):
+            return
+        try:
             self.snapshot()
+        except OSError as exc:          # e.g. a full disk: serve on, say so, and try again at the next due time
+            self._snapshot_at, self._snapshot_time = self.updates, time.monotonic()
+            self.log(f"server {self.index}: snapshot to {self.config.snapshot_path} FAILED ({exc}); the previous "
+                     f"one stays, a crash now loses every update since it")
 
     def _restore(self, path):
         arrays, meta = load_snapshot(path)

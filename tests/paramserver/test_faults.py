@@ -2,6 +2,7 @@
 the worker reconnects by itself; a worker killed mid-run is dropped and the others finish."""
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -273,3 +274,18 @@ def test_sync_a_worker_dropped_after_its_push_is_not_counted_twice_in_the_round(
         assert six.request("push", [np.full(4, 4.0, "<f4")], worker=6, clock=0, keys=[0])["op"] == "ok"
         assert server.round == 1
         np.testing.assert_array_equal(server.shards[0].data, np.full(4, -3.0, "<f4"))    # -(2 + 4) / 2
+
+
+def test_a_snapshot_that_cannot_be_written_is_logged_and_the_push_still_answered(tmp_path):
+    layout = Layout.from_named_arrays([("w", np.zeros(4, "<f4"))], 1)
+    where = tmp_path / "snapshots"
+    with running_servers(layout, [np.zeros(4, "<f4")], sgd_factory(), {"snapshot_every": 1},
+                         snapshot_paths=[where / "s.snap"]) as ((server,), endpoints), raw_peer(endpoints[0]) as peer:
+        logged = []
+        server.log = logged.append
+        shutil.rmtree(where)
+        where.write_text("a file where the snapshot directory was")
+        peer.join(layout, 0)
+        assert peer.request("push", [np.ones(4, "<f4")], worker=0, clock=0, keys=[0])["op"] == "ok"
+        assert server.updates == 1 and any("FAILED" in line for line in logged)
+        where.unlink()                                  # the final snapshot at exit can be written again
