@@ -42,9 +42,8 @@ import zmq
 
 __all__ = ["PROTOCOL_VERSION", "DTYPES", "ProtocolError", "encode", "decode_request", "decode_reply",
            "request", "reply", "error_reply", "peek_seq", "receive", "check_shape", "check_clock", "check_worker",
-           "array_nbytes", "check_depth",
-           "show", "MAX_HEADER_BYTES", "MAX_KEYS", "MAX_ARRAY_BYTES", "MAX_DEPTH", "MAX_WORKER_ID", "MAX_CLOCK",
-           "FRAME_SLACK", "REQUEST_OPS", "REPLY_OPS"]
+           "check_depth", "array_nbytes", "show", "MAX_HEADER_BYTES", "MAX_KEYS", "MAX_ARRAY_BYTES", "MAX_DEPTH",
+           "MAX_WORKER_ID", "MAX_CLOCK", "FRAME_SLACK", "REQUEST_OPS", "REPLY_OPS"]
 
 PROTOCOL_VERSION = 1
 DTYPES = {"<f4": np.dtype("<f4"), "<f8": np.dtype("<f8")}   # wire name -> dtype; nothing else is accepted
