@@ -162,6 +162,7 @@ def worker_main(args):
     from disttrain.paramserver.auth import ClientSecurity, check_insecure_endpoint
     from disttrain.paramserver.training import run_worker
     from disttrain.paramserver.worker import PSError
+    from disttrain.train.checkpoint import CheckpointError
     from disttrain.train.loop import TrainingInterrupted
 
     try:
@@ -200,7 +201,7 @@ def worker_main(args):
     except PSError as exc:
         print(f"worker {args.id}: error: {exc}", file=sys.stderr)
         return 1
-    except _usage_errors() as exc:               # e.g. a checkpoint that does not fit, a batch it cannot share
+    except CheckpointError as exc:               # --resume: no checkpoint, or one of another job
         return _fail("ps-worker", exc)
     if args.id == 0:
         parts = [f"{split} ppl {r.ppl:.3f}" for split, r in evals.items()]
