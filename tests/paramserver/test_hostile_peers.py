@@ -67,27 +67,34 @@ def test_a_deep_header_is_refused_and_the_server_goes_on(server, field):
     assert srv.updates == 1 and srv.internal_errors == 0
 
 
-def test_a_worker_refuses_a_deep_reply_with_an_error():
-    """A hostile (or broken) server answers join with a deep header: the client raises PSError, nothing else."""
+def joined_reply(seq):
+    return protocol.reply("joined", seq, 1, worker=ME, clock=0, server=0, mode="async", staleness=0)
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (lambda seq: [with_deep_value(joined_reply(seq), "mode", 1000)], "nest"),
+    (lambda seq: [msgpack.packb(joined_reply(seq))] + [b""] * 10_000, "frames"),
+], ids=["deep", "many-frames"])
+def test_a_worker_refuses_a_hostile_reply_with_an_error(answer, expected):
+    """A hostile (or broken) server answers join with a deep header or too many frames: the client raises
+    PSError, nothing else."""
     ctx = zmq.Context()
     fake = ctx.socket(zmq.ROUTER)
     fake.linger = 0
     port = fake.bind_to_random_port("tcp://127.0.0.1")
 
-    def answer():
+    def serve_one():
         if fake.poll(10_000):
             identity, body = fake.recv_multipart()
-            seq = msgpack.unpackb(body)["seq"]
-            header = protocol.reply("joined", seq, 1, worker=ME, clock=0, server=0, mode="async", staleness=0)
-            fake.send_multipart([identity, with_deep_value(header, "mode", 1000)])
+            fake.send_multipart([identity, *answer(msgpack.unpackb(body)["seq"])])
 
-    thread = threading.Thread(target=answer, daemon=True)
+    thread = threading.Thread(target=serve_one, daemon=True)
     thread.start()
     client = PSClient([f"tcp://127.0.0.1:{port}"], LAYOUT, ME, heartbeat_interval=0, reconnect_timeout=10)
     try:
         with pytest.raises(PSError) as info:
             client.connect(timeout=10)
-        assert info.value.code == "bad_reply" and "nest" in str(info.value)
+        assert info.value.code == "bad_reply" and expected in str(info.value)
     finally:
         thread.join(timeout=15)
         client.close()
