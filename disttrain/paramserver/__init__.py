@@ -2,12 +2,13 @@
 workers pull, compute gradients with the ordinary training loop and push (docs/PARAMSERVER.md).
 
 Modules (import what you need; nothing is imported here, so `disttrain` stays quick to start):
-    protocol     the wire format: msgpack header + raw array frames, strict validation
+    protocol     the wire format: msgpack header + raw array frames, strict and bounded validation and receiving
     sharding     Layout: parameters cut into parts spread evenly over S servers
     consistency  async / ssp / sync rules and sync rounds
-    membership   live workers, clocks, heartbeats, time-outs
+    membership   live workers, clocks, heartbeats, time-outs; what the server remembers of workers not live
     snapshot     atomic snapshot files
-    auth         CURVE keys, ZAP on the servers, the loopback-only insecure mode
+    rollback     undo of one optimizer update (an update that comes out non-finite)
+    auth         CURVE keys, ZAP on the servers, what each key name may do, the loopback-only insecure mode
     server       ParameterServer (one ROUTER socket, one thread)
     worker       PSClient (join, pull, push, heartbeats, reconnection)
     training     PSStrategy + RemoteOptimizer for the Trainer; servers and workers from a job spec

@@ -1,8 +1,10 @@
 """Sub-commands of parameter-server mode; `register(subparsers)` adds them to the `disttrain` command.
 
-    disttrain ps-cluster JOB.toml [--servers S] [--workers W] [--out DIR] [--insecure] [--set k=v ...]
+    disttrain ps-cluster JOB.toml [--servers S] [--workers W] [--out DIR] [--resume | --overwrite] [--insecure]
+                         [--set k=v ...]
     disttrain ps-server  JOB.toml --index I --bind tcp://HOST:PORT (--keys DIR | --insecure) [--snapshot FILE]
     disttrain ps-worker  JOB.toml --id K --connect tcp://H0:P0,tcp://H1:P1 (--keys DIR | --insecure) [--out DIR]
+                         [--resume]
     disttrain ps-keys    DIR --workers W [--client NAME ...]
 
 ps-cluster runs a whole cluster on this machine (keys, S servers, W workers; worker 0 shows progress and writes
@@ -40,13 +42,18 @@ def register(subparsers):
                               description="Generate CURVE keys, start S parameter servers and W workers on this "
                                           "machine, restart a server that dies (from its snapshot), and wait for "
                                           "the workers. Outputs in DIR (default runs/<job name>): worker 0's "
-                                          "metrics.jsonl, curves.png, checkpoint/; keys/, ps-snapshots/, logs/.")
+                                          "metrics.jsonl, curves.png, checkpoints/; keys/, ps-snapshots/, logs/.")
     _job_arguments(p)
     p.add_argument("--servers", type=int, metavar="S", help="number of servers (default [ps] servers)")
     p.add_argument("--workers", type=int, metavar="W", help="number of workers (default [ps] workers)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/<job name>)")
     p.add_argument("--port", type=int, default=0, metavar="P", help="first server port (default: any free ports)")
     p.add_argument("--insecure", action="store_true", help="no CURVE keys (debugging; the cluster is on loopback)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in DIR: servers from their snapshots, workers from their checkpoints")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over in a DIR that holds an earlier run (its outputs are deleted; keys are kept)")
     p.set_defaults(ps_main=cluster_main)
 
     p = subparsers.add_parser("ps-server", help="run one parameter server",
@@ -70,7 +77,9 @@ def register(subparsers):
                    help="comma-separated server endpoints, server 0 first")
     p.add_argument("--shards", type=int, metavar="W", help="data shards (default [ps] workers); worker K trains "
                                                             "on shard K mod W")
-    p.add_argument("--out", metavar="DIR", help="worker 0's output directory (default runs/<job name>)")
+    p.add_argument("--out", metavar="DIR", help="the run directory: worker 0's outputs and checkpoint, worker K's "
+                                                "checkpoint in DIR/workers/worker-K (default runs/<job name>)")
+    p.add_argument("--resume", action="store_true", help="continue from this worker's checkpoint in --out")
     _security_arguments(p, client=True)
     p.set_defaults(ps_main=worker_main)
 
@@ -153,6 +162,7 @@ def worker_main(args):
     from disttrain.paramserver.auth import ClientSecurity, check_insecure_endpoint
     from disttrain.paramserver.training import run_worker
     from disttrain.paramserver.worker import PSError
+    from disttrain.train.checkpoint import CheckpointError
     from disttrain.train.loop import TrainingInterrupted
 
     try:
@@ -183,13 +193,16 @@ def worker_main(args):
             signal.signal(sig, handler)
 
     try:
-        evals = run_worker(spec, args.id, endpoints, security=security, out_dir=out, log=log, on_trainer=on_trainer)
+        evals = run_worker(spec, args.id, endpoints, security=security, out_dir=out, log=log, on_trainer=on_trainer,
+                           resume=args.resume)
     except TrainingInterrupted as exc:
         print(f"worker {args.id}: {exc}", file=sys.stderr)
         return 1
     except PSError as exc:
         print(f"worker {args.id}: error: {exc}", file=sys.stderr)
         return 1
+    except CheckpointError as exc:               # --resume: no checkpoint, or one of another job
+        return _fail("ps-worker", exc)
     if args.id == 0:
         parts = [f"{split} ppl {r.ppl:.3f}" for split, r in evals.items()]
         print("final: " + " | ".join(parts), flush=True)
@@ -202,7 +215,9 @@ def cluster_main(args):
     try:
         spec = _spec(args, servers=args.servers, workers=args.workers)
         out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
-        cluster = Cluster(spec, out, insecure=args.insecure, port=args.port)
+        cluster = Cluster(spec, out, insecure=args.insecure, port=args.port, resume=args.resume,
+                          overwrite=args.overwrite)
+        cluster.check_run_dir()
     except _usage_errors() as exc:
         return _fail("ps-cluster", exc)
     return cluster.run()

@@ -4,46 +4,82 @@
     cluster.run()                                  # start everything, supervise, stop the servers at the end
 
 What it does, in order:
-    1. writes OUT/job.toml (the resolved job: every process reads the same one) and, unless insecure, CURVE
+    1. checks the output directory: one that holds an earlier run is refused unless `resume` (continue it:
+       servers from their snapshots, workers from their checkpoints) or `overwrite` (its outputs are deleted;
+       keys are kept);
+    2. writes OUT/job.toml (the resolved job: every process reads the same one) and, unless insecure, CURVE
        keys into OUT/keys (one server pair, one pair per worker plus "admin");
-    2. starts the servers (`python -m disttrain.paramserver.cli ps-server`) on 127.0.0.1, each writing its
-       endpoint into OUT/ps/server-I.endpoint and snapshotting to OUT/ps-snapshots/server-I.snap;
-    3. starts the workers; worker 0 writes to the terminal and OUT (metrics.jsonl, curves.png, checkpoint/),
-       the others and the servers log into OUT/logs/;
-    4. supervises: a server that dies is restarted on the same port from its snapshot (the workers reconnect);
-       a worker that dies is reported and the others go on (the servers drop it after heartbeat_timeout);
-    5. when every worker has exited, stops the servers with SIGTERM (each writes a final snapshot).
-Each process gets cores / (S + W) BLAS threads unless OMP_NUM_THREADS is set.
-Ctrl-C / SIGTERM stops the workers (they leave the servers), then the servers.
+    3. starts the servers on 127.0.0.1, each writing its endpoint into OUT/ps/server-I.endpoint and snapshotting
+       to OUT/ps-snapshots/server-I.snap (the first snapshot before it listens);
+    4. starts the workers; worker 0's stdout goes to the terminal and its stderr to the terminal and its log,
+       the others and the servers log into OUT/logs/; worker K > 0 keeps its checkpoint in OUT/workers/worker-K;
+    5. supervises: a server that dies is restarted on the same port from its snapshot, and the log says what
+       that snapshot holds (the workers reconnect); a worker that fails is reported with the end of its log and
+       the others go on (the servers drop it after heartbeat_timeout);
+    6. when every worker has exited, stops the servers with SIGTERM (each writes a final snapshot).
+Children run with this process's interpreter and this disttrain (never a `disttrain` in the working
+directory). Each process gets cores / (S + W) BLAS threads unless OMP_NUM_THREADS is set.
+Ctrl-C / SIGTERM stops the workers (they checkpoint and leave the servers), then the servers.
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from disttrain.paramserver.auth import generate_keys
+import disttrain
+from disttrain.paramserver.auth import ADMIN_NAME, generate_keys, worker_key_name
+from disttrain.paramserver.snapshot import SnapshotError, read_meta
+from disttrain.train import checkpoint as ckpt
+from disttrain.train.loop import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 
-__all__ = ["Cluster", "ADMIN_ID", "ADMIN_KEY"]
+__all__ = ["Cluster", "ADMIN_ID", "ADMIN_KEY", "child_command"]
 
-ADMIN_KEY = "admin"
+ADMIN_KEY = ADMIN_NAME
 ADMIN_ID = 65535           # the worker id monitoring clients (observers) use
+LOG_TAIL = 15              # lines of a failed process's log shown on the console
+# what a run writes into its directory besides keys/ (the checkpoint is ckpt.remove_checkpoints' to find)
+RUN_OUTPUTS = ("job.toml", "ps", "ps-snapshots", "logs", "workers", METRICS_FILE, CURVES_FILE, CONFIG_FILE)
+
+
+def child_command(module, argv):
+    """argv running `module` with this interpreter and the disttrain this process imported.
+
+    `python -m` would put the working directory first on sys.path, so a `disttrain` folder there (another
+    checkout) would be imported instead. -P (Python 3.11+; -I before it) keeps it off; _child_env puts the
+    directory this disttrain came from first on PYTHONPATH.
+    """
+    safe_path = "-P" if sys.version_info >= (3, 11) else "-I"
+    return [sys.executable, safe_path, "-m", module, *argv]
+
+
+def _package_root():
+    return str(Path(disttrain.__file__).resolve().parent.parent)
 
 
 class Cluster:
-    def __init__(self, spec, out_dir, insecure=False, port=0, python=None, quiet=False, log=None):
+    def __init__(self, spec, out_dir, insecure=False, port=0, quiet=False, log=None, resume=False, overwrite=False):
+        if resume and overwrite:
+            raise ValueError("give --resume or --overwrite, not both")
         self.spec, self.out = spec, Path(out_dir)
         self.num_servers, self.num_workers = spec.ps.servers, spec.ps.workers
+        if spec.data.batch_size % self.num_workers:
+            raise ValueError(f"{spec.source or 'the job'}: [data] batch_size = {spec.data.batch_size} cannot be "
+                             f"shared by {self.num_workers} workers: it must be a multiple of [ps] workers")
         self.insecure, self.port = insecure, port
-        self.python = python or sys.executable
-        self.quiet = quiet                       # True: worker 0 logs to a file too (tests)
+        self.resume, self.overwrite = resume, overwrite
+        self.quiet = quiet                       # True: worker 0 logs to its file only (tests)
         self.log = log or (lambda text: print(f"[ps-cluster] {text}", file=sys.stderr, flush=True))
         self.servers, self.workers = {}, {}      # index -> Popen
         self.endpoints = {}
         self.restarts = 0
         self._stopping = False
         self._files = []
+        self._tees = []
+        self._checked = False
 
     # ------------------------------------------------------------------------------------------ paths
     @property
@@ -57,16 +93,52 @@ class Cluster:
     def snapshot_path(self, index):
         return self.out / "ps-snapshots" / f"server-{index}.snap"
 
+    def log_path(self, name):
+        return self.out / "logs" / f"{name}.log"
+
     def _endpoint_file(self, index):
         return self.out / "ps" / f"server-{index}.endpoint"
 
     # ------------------------------------------------------------------------------------------ start
+    def earlier_run(self):
+        """The outputs of an earlier run in the output directory (names), empty when there are none."""
+        found = [name for name in RUN_OUTPUTS if (self.out / name).exists()]
+        return found + (["checkpoints"] if ckpt.list_checkpoints(self.out) else [])
+
+    def check_run_dir(self):
+        """Refuse a directory holding an earlier run unless resume or overwrite; overwrite deletes its outputs.
+        Raises ValueError naming the directory and what to do."""
+        if self._checked:
+            return
+        earlier = self.earlier_run()
+        if self.resume:
+            missing = [str(path) for path in map(self.snapshot_path, range(self.num_servers)) if not path.exists()]
+            if not ckpt.list_checkpoints(self.out):
+                missing.append(f"a checkpoint in {self.out / 'checkpoints'} (worker 0's)")
+            if missing:
+                raise ValueError(f"--resume: {self.out} holds no run to continue: missing {', '.join(missing)}; "
+                                 f"run without --resume (or with --overwrite) to start one")
+        elif earlier and not self.overwrite:
+            raise ValueError(f"{self.out} holds an earlier run ({', '.join(earlier)}): give --resume to continue "
+                             f"it or --overwrite to start over, or choose another --out")
+        elif earlier:
+            for name in RUN_OUTPUTS:
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            ckpt.remove_checkpoints(self.out)
+            self.log(f"--overwrite: removed the earlier run in {self.out} ({', '.join(earlier)})")
+        self._checked = True
+
     def prepare(self):
+        self.check_run_dir()
         for sub in ("", "ps", "logs", "ps-snapshots"):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
         self.job_file.write_text(self.spec.to_toml(), encoding="utf-8")
         if not self.insecure:
-            generate_keys(self.keys_dir, [f"worker-{k}" for k in range(self.num_workers)] + [ADMIN_KEY])
+            generate_keys(self.keys_dir, [worker_key_name(k) for k in range(self.num_workers)] + [ADMIN_KEY])
 
     def _security_args(self, key_name=None):
         if self.insecure:
@@ -74,16 +146,25 @@ class Cluster:
         return ["--keys", str(self.keys_dir)] + (["--key-name", key_name] if key_name else [])
 
     def _spawn(self, name, argv, to_terminal=False):
-        log = open(self.out / "logs" / f"{name}.log", "ab")
+        """Start `disttrain <argv>` as a child; its output goes to logs/NAME.log (stderr also to the terminal,
+        stdout only there, when to_terminal), so an early failure is in the log and can be shown."""
+        log = open(self.log_path(name), "ab")
         self._files.append(log)
-        cmd = [self.python, "-m", "disttrain.paramserver.cli", *argv]
-        out = None if to_terminal else log
-        return subprocess.Popen(cmd, stdout=out, stderr=log if not to_terminal else None, env=self._env(),
+        cmd = child_command("disttrain.paramserver.cli", argv)
+        proc = subprocess.Popen(cmd, stdout=None if to_terminal else log,
+                                stderr=subprocess.PIPE if to_terminal else log, env=self._env(),
                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        if to_terminal:
+            tee = threading.Thread(target=_tee, args=(proc.stderr, log), name=f"tee-{name}", daemon=True)
+            tee.start()
+            self._tees.append(tee)
+        return proc
 
     def _env(self):
-        """BLAS threads: cores / (servers + workers) per process unless OMP_NUM_THREADS is set (no oversubscription)."""
+        """This disttrain first on PYTHONPATH; BLAS threads: cores / (servers + workers) per process unless
+        OMP_NUM_THREADS is set (no oversubscription)."""
         env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
         if "OMP_NUM_THREADS" not in env:
             threads = str(max(1, (os.cpu_count() or 1) // (self.num_servers + self.num_workers)))
             for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -109,20 +190,27 @@ class Cluster:
             while not path.exists():
                 proc = self.servers[i]
                 if proc.poll() is not None:
-                    raise RuntimeError(f"server {i} exited with status {proc.returncode} before listening; "
-                                       f"see {self.out / 'logs' / f'server-{i}.log'}")
+                    raise RuntimeError(f"server {i} exited with status {proc.returncode} before listening"
+                                       f"{self._tail(f'server-{i}')}")
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"server {i} did not start listening within {timeout:g} s")
+                    raise RuntimeError(f"server {i} did not start listening within {timeout:g} s"
+                                       f"{self._tail(f'server-{i}')}")
                 time.sleep(0.05)
             self.endpoints[i] = path.read_text().strip()
         return [self.endpoints[i] for i in sorted(self.endpoints)]
 
     def start_worker(self, worker):
+        """Start worker `worker`; one beyond the job's workers gets a key of its own (and data shard K mod W)."""
+        if not self.insecure and worker >= self.num_workers:
+            generate_keys(self.keys_dir, [worker_key_name(worker)])
         argv = ["ps-worker", str(self.job_file), "--id", str(worker), "--shards", str(self.num_workers),
                 "--connect", ",".join(self.endpoints[i] for i in range(self.num_servers)), "--out", str(self.out),
-                *self._security_args(f"worker-{worker}" if worker < self.num_workers else ADMIN_KEY)]
-        self.workers[worker] = self._spawn(f"worker-{worker}", argv, to_terminal=worker == 0 and not self.quiet)
+                *(["--resume"] if self.resume else []), *self._security_args(worker_key_name(worker))]
+        self.workers[worker] = self._spawn(f"worker-{worker}", argv, to_terminal=self._on_terminal(worker))
         return self.workers[worker]
+
+    def _on_terminal(self, worker):
+        return worker == 0 and not self.quiet
 
     def start(self):
         self.prepare()
@@ -130,8 +218,8 @@ class Cluster:
             self.start_server(i)
         endpoints = self.wait_for_servers()
         self.log(f"{self.num_servers} server(s) at {', '.join(endpoints)} ({self.spec.ps.consistency}"
-                 f"{', insecure' if self.insecure else ', CURVE'}); starting {self.num_workers} worker(s); "
-                 f"logs in {self.out / 'logs'}")
+                 f"{', insecure' if self.insecure else ', CURVE'}); {'resuming' if self.resume else 'starting'} "
+                 f"{self.num_workers} worker(s); logs in {self.out / 'logs'}")
         for k in range(self.num_workers):
             self.start_worker(k)
 
@@ -150,6 +238,21 @@ class Cluster:
         self.start_server(index, port=port)
         self.wait_for_servers(indices=[index])
 
+    def restart_source(self, index):
+        """What a restart of server `index` restores, in words: its snapshot and the snapshot's age, or the
+        initial weights."""
+        path = self.snapshot_path(index)
+        if not path.exists():
+            return f"the initial weights (no snapshot at {path}): every update it applied is lost"
+        try:
+            meta = read_meta(path)
+        except SnapshotError as exc:
+            return f"nothing: {exc}"
+        written = meta.get("time")
+        age = f"written {time.time() - written:.1f} s ago" if isinstance(written, (int, float)) else "of unknown age"
+        return (f"{path}, {age}, holding {meta.get('updates')} updates (those it applied after that are lost; "
+                f"its log counts them per worker as they rejoin)")
+
     def supervise(self, timeout=None, restart_servers=True, poll=0.2):
         """Until every worker exits: restart dead servers. Returns {worker: exit status}."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -160,19 +263,28 @@ class Cluster:
                 if code is not None and k not in reported:
                     reported.add(k)
                     if code != 0:
-                        self.log(f"worker {k} exited with status {code}; the others go on "
-                                 f"(see {self.out / 'logs' / f'worker-{k}.log'})")
+                        shown = "" if self._on_terminal(k) else self._tail(f"worker-{k}")
+                        self.log(f"worker {k} exited with status {code}; the others go on (log: "
+                                 f"{self.log_path(f'worker-{k}')}){shown}")
             if all(code is not None for code in codes.values()):
                 return codes
             if restart_servers and not self._stopping:
                 for i, proc in list(self.servers.items()):
                     if proc.poll() is not None:
                         self.log(f"server {i} exited with status {proc.returncode}; restarting it from "
-                                 f"{self.snapshot_path(i)}")
+                                 f"{self.restart_source(i)}{self._tail(f'server-{i}') if proc.returncode > 0 else ''}")
                         self.restart_server(i)
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"workers still running after {timeout:g} s")
             time.sleep(poll)
+
+    def _tail(self, name):
+        """The last lines of logs/NAME.log, indented, for a message (empty when there are none)."""
+        try:
+            lines = self.log_path(name).read_text(encoding="utf-8", errors="replace").splitlines()[-LOG_TAIL:]
+        except OSError:
+            return ""
+        return "".join(f"\n    {line}" for line in lines) if lines else f" ({self.log_path(name)} is empty)"
 
     def stop(self, timeout=30.0):
         """SIGTERM to the workers still running, then to the servers (final snapshots); SIGKILL stragglers."""
@@ -188,6 +300,9 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        for tee in self._tees:
+            tee.join(timeout=10)
+        self._tees = []
         for f in self._files:
             f.close()
         self._files = []
@@ -220,6 +335,15 @@ class Cluster:
         self.stop(timeout=10.0)
 
 
+def _tee(pipe, log):
+    """Copy a child's stderr, line by line, to this process's stderr and to the child's log file."""
+    for line in pipe:
+        log.write(line)
+        log.flush()
+        sys.stderr.write(line.decode("utf-8", errors="replace"))
+        sys.stderr.flush()
+    pipe.close()
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
-

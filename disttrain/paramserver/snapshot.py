@@ -12,6 +12,11 @@ NOTE (atomicity): a snapshot is written to `.<name>.tmp-<pid>` in the same direc
 renamed over `<name>` and the directory fsynced. A process killed at any moment leaves either the previous
 complete snapshot or the new complete one under `<name>`, never a mix; a stray temp file is ignored by
 `load_snapshot` and removed by the next `save_snapshot`. The CRC catches a file damaged later (disk, copy).
+
+NOTE (reading): a snapshot is checked like a message from a peer before anything is built from it: the header
+nests at most MAX_DEPTH levels, every array entry is [name, dtype, shape, offset, nbytes] with a shape that
+protocol.check_shape accepts and nbytes equal to what shape and dtype need (protocol.array_nbytes, no
+overflow), inside the data; any failure is a SnapshotError naming the file.
 """
 import os
 import zlib
@@ -22,13 +27,15 @@ import numpy as np
 
 from disttrain.fsutil import fsync_path
 
-from disttrain.paramserver.protocol import DTYPES
+from disttrain.paramserver.protocol import (DTYPES, MAX_ARRAY_BYTES, ProtocolError, array_nbytes, check_depth,
+                                            check_shape, show)
 
-__all__ = ["SnapshotError", "save_snapshot", "load_snapshot"]
+__all__ = ["SnapshotError", "save_snapshot", "load_snapshot", "read_meta"]
 
 MAGIC = b"DTPSSNAP"
 VERSION = 1
 ALIGN = 64
+MAX_DEPTH = 32                    # optimizer and schedule state nest a few levels; nothing needs more
 _DTYPES = {**DTYPES, "<i8": np.dtype("<i8")}
 
 
@@ -80,6 +87,39 @@ def load_snapshot(path):
         raw = path.read_bytes()
     except OSError as exc:
         raise SnapshotError(f"{path}: cannot read the snapshot ({exc.strerror or exc})") from None
+    header, start = _header(path, raw)
+    data = memoryview(raw)[start:]
+    if len(data) != header.get("data_bytes"):
+        raise SnapshotError(f"{path}: {len(data)} data bytes, the header declares {show(header.get('data_bytes'))}")
+    entries = header.get("arrays")
+    if not isinstance(entries, list):
+        raise SnapshotError(f"{path}: malformed array table (got {show(entries)})")
+    arrays, crc = {}, 0
+    for entry in entries:
+        name, dt, shape, offset, nbytes = _entry(path, entry, len(data))
+        chunk = data[offset:offset + nbytes]
+        crc = zlib.crc32(chunk, crc)
+        arrays[name] = np.frombuffer(chunk, dtype=dt).reshape(shape).copy()
+    if crc != header.get("crc32"):
+        raise SnapshotError(f"{path}: checksum mismatch; the file is damaged")
+    return arrays, header["meta"]
+
+
+def read_meta(path):
+    """The metadata map of a snapshot without reading its arrays (e.g. to say what a restart restores)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(len(MAGIC) + 8)
+            size = int.from_bytes(raw[len(MAGIC):], "little") if len(raw) == len(MAGIC) + 8 else 0
+            raw += fh.read(min(size, 1 << 30))
+    except OSError as exc:
+        raise SnapshotError(f"{path}: cannot read the snapshot ({exc.strerror or exc})") from None
+    return _header(path, raw)[0]["meta"]
+
+
+def _header(path, raw):
+    """(header map, start of the data) of a snapshot's bytes; checks magic, size, depth and the meta map."""
     if raw[:len(MAGIC)] != MAGIC or len(raw) < len(MAGIC) + 8:
         raise SnapshotError(f"{path}: not a disttrain parameter-server snapshot (bad magic)")
     size = int.from_bytes(raw[len(MAGIC):len(MAGIC) + 8], "little")
@@ -88,26 +128,34 @@ def load_snapshot(path):
         raise SnapshotError(f"{path}: truncated header ({size} bytes declared, {len(raw) - begin} present)")
     try:
         header = msgpack.unpackb(raw[begin:begin + size], raw=False, strict_map_key=False)
-    except Exception as exc:
-        raise SnapshotError(f"{path}: unreadable header ({type(exc).__name__}: {exc})") from None
+        check_depth(header, MAX_DEPTH)
+    except Exception as exc:     # msgpack raises many kinds on bad bytes; check_depth a ProtocolError
+        raise SnapshotError(f"{path}: unreadable header ({type(exc).__name__}: {show(str(exc), 200)})") from None
     version = header.get("version") if isinstance(header, dict) else None
     if version != VERSION:
-        raise SnapshotError(f"{path}: snapshot format version {version}, this disttrain reads version {VERSION}")
-    start = -(-(begin + size) // ALIGN) * ALIGN
-    data = memoryview(raw)[start:]
-    if len(data) != header.get("data_bytes"):
-        raise SnapshotError(f"{path}: {len(data)} data bytes, the header declares {header.get('data_bytes')}")
-    arrays, crc = {}, 0
+        raise SnapshotError(f"{path}: snapshot format version {show(version)}, this disttrain reads version {VERSION}")
+    if not isinstance(header.get("meta"), dict):
+        raise SnapshotError(f"{path}: the metadata is not a map (got {show(header.get('meta'))})")
+    return header, -(-(begin + size) // ALIGN) * ALIGN
+
+
+def _entry(path, entry, data_bytes):
+    """(name, dtype, shape, offset, nbytes) of one array-table entry, checked to fit its bytes and the data."""
+    if not isinstance(entry, list) or len(entry) != 5:
+        raise SnapshotError(f"{path}: malformed array table entry {show(entry)}")
+    name, dtype, shape, offset, nbytes = entry
+    where = f"{path}: array {show(name)}"
+    if not isinstance(name, str) or not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise SnapshotError(f"{where}: bad name or dtype {show(dtype)} (allowed: {sorted(_DTYPES)})")
     try:
-        for name, dtype, shape, offset, nbytes in header["arrays"]:
-            dt = _DTYPES[dtype]
-            chunk = data[offset:offset + nbytes]
-            if len(chunk) != nbytes or int(np.prod(shape, dtype=np.int64)) * dt.itemsize != nbytes:
-                raise SnapshotError(f"{path}: array {name!r} of shape {shape} does not fit its {nbytes} bytes")
-            crc = zlib.crc32(chunk, crc)
-            arrays[name] = np.frombuffer(chunk, dtype=dt).reshape(shape).copy()
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SnapshotError(f"{path}: malformed array table ({type(exc).__name__}: {exc})") from None
-    if crc != header.get("crc32"):
-        raise SnapshotError(f"{path}: checksum mismatch; the file is damaged")
-    return arrays, header.get("meta", {})
+        check_shape(shape, "shape")
+    except ProtocolError as exc:
+        raise SnapshotError(f"{where}: {exc}") from None
+    dt = _DTYPES[dtype]
+    for field, value in (("offset", offset), ("nbytes", nbytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= data_bytes:
+            raise SnapshotError(f"{where}: {field} {show(value)} is not within the {data_bytes} data bytes")
+    if array_nbytes(shape, dt.itemsize, MAX_ARRAY_BYTES) != nbytes or offset + nbytes > data_bytes:
+        raise SnapshotError(f"{where}: shape {show(shape)} of {dtype} does not fit its {nbytes} bytes at offset "
+                            f"{offset} of {data_bytes}")
+    return name, dt, shape, offset, nbytes

@@ -14,10 +14,13 @@ optimizer and LR schedules over their parts (`server_from_spec`).
 
 NOTE (seam): the Trainer is not modified. `run_worker` builds it with the PSStrategy, then puts the
 RemoteOptimizer in `trainer.optimizer` (the Trainer only calls zero_grad, step, param_groups, state_dict and
-load_state_dict on it); PSTrainer overrides `evaluate` so that only worker 0 spends time evaluating.
+load_state_dict on it); PSTrainer overrides `evaluate` so that only worker 0 spends time evaluating, and
+`save_checkpoint` so that every worker keeps a job checkpoint (worker 0 in the run directory, worker K in
+OUT/workers/worker-K): a cluster resumed with `--resume` continues each worker's shard where it stopped.
 """
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -27,12 +30,13 @@ from disttrain.paramserver.consistency import Consistency
 from disttrain.paramserver.server import ParameterServer, ServerConfig
 from disttrain.paramserver.sharding import Layout
 from disttrain.paramserver.worker import PSClient
+from disttrain.train import checkpoint as ckpt
 from disttrain.train.build import build_corpus, build_model, build_optimizer, build_schedules
 from disttrain.train.loop import EvalResult, Trainer
 from disttrain.train.strategy import LocalStrategy
 
 __all__ = ["PSStrategy", "RemoteOptimizer", "PSTrainer", "initial_model", "server_from_spec", "layout_from_spec",
-           "push_weight", "run_worker"]
+           "push_weight", "run_worker", "worker_run_dir"]
 
 
 class PSStrategy(LocalStrategy):
@@ -141,8 +145,8 @@ class RemoteOptimizer:
             self.installed()
         self.client.leave()                 # first: nobody may wait (ssp, sync) for a worker that pushes no more
         if self.is_main:
+            self.client.become_observer()   # an observer's connection may ask for stats
             self._wait_for_others()
-            self.client.become_observer()
             self.client.pull()
             self.installed()
         self.finished = True
@@ -169,12 +173,30 @@ class RemoteOptimizer:
 
 
 class PSTrainer(Trainer):
-    """Trainer for a parameter-server worker: only worker 0 evaluates (the others' results would be thrown away)."""
+    """Trainer for a parameter-server worker: only worker 0 evaluates (the others' results would be thrown away);
+    the others write their job checkpoints into `checkpoint_dir` (None: none)."""
+
+    def __init__(self, spec, checkpoint_dir=None, **kwargs):
+        super().__init__(spec, **kwargs)
+        self.checkpoint_dir = checkpoint_dir
 
     def evaluate(self, split):
         if not self.strategy.is_main:
             return EvalResult(split, math.nan, 0, self.step)
         return super().evaluate(split)
+
+    def save_checkpoint(self):
+        if self.strategy.is_main or self.checkpoint_dir is None:
+            return super().save_checkpoint()
+        model, arrays, meta = self.checkpoint_state()
+        meta["evals"] = {}                    # this worker does not evaluate (its placeholders are NaN)
+        return ckpt.save_checkpoint(self.checkpoint_dir, model, arrays, meta, keep=self.spec.train.keep_checkpoints)
+
+
+def worker_run_dir(out_dir, worker):
+    """Where worker `worker` keeps its job checkpoint: the run directory itself for worker 0 (beside its metrics
+    and curves), OUT/workers/worker-K for the others."""
+    return Path(out_dir) if worker == 0 else Path(out_dir) / "workers" / f"worker-{worker}"
 
 
 # ------------------------------------------------------------------------------------------------ from a job
@@ -206,11 +228,22 @@ def server_from_spec(spec, index, num_servers=None, bind="tcp://127.0.0.1:0", se
 
     ps = spec.ps
     config = ServerConfig(consistency=ps.consistency, staleness=ps.staleness, heartbeat_timeout=ps.heartbeat_timeout,
-                          snapshot_every=ps.snapshot_every, snapshot_path=snapshot_path,
-                          reject_nonfinite=ps.reject_nonfinite, log_every=ps.log_every,
-                          expect_workers=ps.workers, start_timeout=ps.reconnect_timeout)
+                          snapshot_every=ps.snapshot_every, snapshot_every_s=ps.snapshot_every_s,
+                          snapshot_path=snapshot_path, reject_nonfinite=ps.reject_nonfinite, log_every=ps.log_every,
+                          expect_workers=ps.workers, start_timeout=ps.reconnect_timeout, max_epoch=spec.train.epochs)
     return ParameterServer(index, layout, [p.numpy() for _, p in named], make_optimizer, config, bind=bind,
                            security=security, log=log)
+
+
+def _resume(trainer, worker, own_dir, log):
+    if own_dir is None:
+        raise ckpt.CheckpointError(f"worker {worker}: resuming needs its run directory (--out)")
+    if worker and not ckpt.list_checkpoints(own_dir):
+        log(f"worker {worker}: no checkpoint in {own_dir}: its shard starts again from step 0")
+        return
+    checkpoint = ckpt.load_checkpoint(own_dir)
+    trainer.restore(checkpoint)
+    log(f"worker {worker}: resuming from {checkpoint.path} at step {trainer.step} (epoch {trainer.epoch + 1})")
 
 
 def push_weight(ps, num_shards):
@@ -221,18 +254,25 @@ def push_weight(ps, num_shards):
 
 
 def run_worker(spec, worker, endpoints, num_shards=None, security=None, out_dir=None, progress=None, log=None,
-               on_trainer=None):
+               on_trainer=None, resume=False):
     """Train as worker `worker` against the servers at `endpoints`; returns the Trainer's evals (worker 0's count).
 
     num_shards: how many data shards the streams are cut into (default [ps] workers). on_trainer(trainer) is
-    called once the Trainer exists (the CLI uses it to route SIGTERM to trainer.request_stop).
+    called once the Trainer exists (the CLI uses it to route SIGTERM to trainer.request_stop). out_dir: the run
+    directory (None: no outputs, no checkpoints). resume: continue from this worker's checkpoint in
+    worker_run_dir(out_dir, worker) (CheckpointError when worker 0 has none; another worker without one starts
+    its shard from step 0, and says so).
     """
     num_shards = num_shards or spec.ps.workers
     is_main = worker == 0
+    log = log or (lambda text: None)
+    own_dir = worker_run_dir(out_dir, worker) if out_dir is not None else None
     trainer = PSTrainer(spec, out_dir=out_dir if is_main else None, strategy=PSStrategy(worker, num_shards),
-                        progress=progress)
+                        progress=progress, checkpoint_dir=None if is_main else own_dir)
     if worker:                                    # dropout masks differ between workers; weights come from servers
         dt.manual_seed(spec.train.seed + worker)
+    if resume:
+        _resume(trainer, worker, own_dir, log)
     layout = Layout.from_named_arrays(trainer.model.named_parameters(), len(endpoints))
     ps = spec.ps
     client = PSClient(endpoints, layout, worker, security=security, heartbeat_interval=ps.heartbeat_interval,

@@ -13,13 +13,22 @@ the S servers work in parallel. Gradients are sent straight from their memory (c
 not change them until the push's wait() returns. Replies are checked (keys, dtypes, shapes) before anything is
 copied into `targets`.
 
-NOTE (faults): a background thread sends a heartbeat to every server each `heartbeat_interval` seconds on its
-own sockets, which keeps this worker live on the servers while it computes and tells the client whether each
-server is alive and which incarnation it is. A request whose server restarted (new incarnation, or "not
-joined") or fell silent for `server_timeout` is retried after a reconnect: a new socket, a new join (the server
-says which clock it has for us), and the request again — a push whose clock the server had already counted is
-not sent twice. A server that stays away longer than `reconnect_timeout` raises ServerUnavailable.
+NOTE (heartbeats): a server accepts a worker's heartbeats only on the connection it joined on, so they share
+the request socket. Each link's lock guards its socket: the main thread holds it while it sends, polls or
+reads (and then sends the heartbeats that are due itself); while it computes, a background thread takes the
+free lock and sends them, so the worker stays live on the servers. Only the main thread reads: it sorts the
+heartbeat replies out (by seq) as it waits for its own, and learns from them whether each server is alive and
+which incarnation it is.
+
+NOTE (faults): a request whose server restarted (new incarnation, or "not joined") or fell silent for
+`server_timeout` is retried after a reconnect: a new socket, a new join, and the request again. The join's
+answer says which clock the server has for us and the clock of our latest push its state holds: the push
+that was waiting is sent again only when that state lacks it, so no push is applied twice (a lost reply) and
+none is lost (a restart from an older snapshot). A server that stays away longer than `reconnect_timeout`
+raises ServerUnavailable. Replies are read through protocol.receive with this link's bounds: at most one frame
+per part it owns plus the header, and the bytes those hold.
 """
+import contextlib
 import itertools
 import threading
 import time
@@ -51,14 +60,23 @@ class ServerUnavailable(PSError):
 class _Link:
     """One server as this client sees it."""
 
-    def __init__(self, index, endpoint, parts):
+    def __init__(self, index, endpoint, parts, layout):
         self.index, self.endpoint, self.parts = index, endpoint, parts
         self.keys = [p.key for p in parts]
+        part_bytes = [p.length * np.dtype(layout.dtype_of(p)).itemsize for p in parts]
+        self.largest_frame = max(part_bytes + [protocol.MAX_HEADER_BYTES]) + protocol.FRAME_SLACK
+        self.max_frames = 1 + len(parts)
+        self.max_bytes = sum(part_bytes) + protocol.MAX_HEADER_BYTES + protocol.FRAME_SLACK
+        self.lock = threading.RLock()     # guards `socket`: the main thread and the heartbeat thread use it
         self.socket = None
+        self.joined = False
         self.incarnation = None
         self.clock = 0
+        self.last_push = None             # clock of our latest push the server's state holds (from the join)
         self.joined_at = 0.0
-        self.hb_ok = time.monotonic()     # last heartbeat answered (set by the heartbeat thread)
+        self.hb_sent = {}                 # seq -> send time of heartbeats not answered yet
+        self.hb_last = 0.0                # when the last heartbeat was sent
+        self.hb_ok = time.monotonic()     # when the server was last heard from
         self.hb_incarnation = None
         self.hb_not_joined_at = None      # send time of a heartbeat answered "not_joined"
 
@@ -71,14 +89,14 @@ class _Request:
         self.ahead = ahead
         self.seq = None
         self.sent_at = 0.0
-        self.sent_clock = self.sent_incarnation = None
+        self.sent_clock = None
         self.retries = 0
         self.reply = None
 
     def frames(self, client, seq):
         link = self.link
         self.seq, self.sent_at = seq, time.monotonic()
-        self.sent_clock, self.sent_incarnation = link.clock, link.incarnation
+        self.sent_clock = link.clock
         w = client.worker_id
         ahead = {"ahead": True} if self.ahead else {}      # sent only when set: plain headers stay as they were
         if self.op == "push":
@@ -89,17 +107,16 @@ class _Request:
         if self.op == "pull":
             fields = {"keys": self.keys} if self.keys is not None else {}
             return protocol.encode(protocol.request("pull", seq, worker=w, clock=link.clock, **fields, **ahead))
-        if self.op in ("leave", "heartbeat"):
-            return protocol.encode(protocol.request(self.op, seq, worker=w))
+        if self.op == "leave":
+            return protocol.encode(protocol.request("leave", seq, worker=w))
         if self.op == "stats":
             return protocol.encode(protocol.request("stats", seq))
         raise ValueError(self.op)
 
     def after_rejoin(self):
-        """The link was re-joined: drop a push the server had already counted (keep its read, if any)."""
+        """The link was re-joined: drop a push the server's state already holds (keep its read, if any)."""
         link = self.link
-        if (self.op == "push" and link.incarnation == self.sent_incarnation
-                and link.clock == self.sent_clock + 1):
+        if self.op == "push" and link.last_push is not None and link.last_push >= self.sent_clock:
             self.op = "pull" if self.pull else "done"
 
 
@@ -124,7 +141,7 @@ class PSClient:
         self.layout, self.worker_id, self.security, self.observer = layout, worker_id, security, observer
         self.heartbeat_interval = heartbeat_interval
         self.server_timeout, self.reconnect_timeout = server_timeout, reconnect_timeout
-        self.links = [_Link(i, ep, layout.parts_of(i)) for i, ep in enumerate(endpoints)]
+        self.links = [_Link(i, ep, layout.parts_of(i), layout) for i, ep in enumerate(endpoints)]
         self._own_context = context is None
         self.context = context or zmq.Context()
         self.log = log or (lambda text: None)
@@ -169,50 +186,62 @@ class PSClient:
         self.targets = targets
 
     def _open(self, link):
-        sock = self.context.socket(zmq.DEALER)
-        sock.linger = 0
-        if self.security is not None:
-            self.security.apply(sock)
-        sock.connect(link.endpoint)
-        link.socket = sock
+        with link.lock:
+            sock = self.context.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.setsockopt(zmq.MAXMSGSIZE, link.largest_frame)
+            if self.security is not None:
+                self.security.apply(sock)
+            sock.connect(link.endpoint)
+            link.socket = sock
+            link.hb_sent = {}
 
     def _join(self, link, deadline):
         """Send join until the server answers (each try waits a second); raises ServerUnavailable at deadline."""
-        while True:
-            seq = next(self._seq)
-            header = protocol.request("join", seq, worker=self.worker_id, clock=link.clock,
-                                      fingerprint=self.layout.fingerprint, epoch=self.epoch)
-            if self.observer:
-                header["observer"] = True
-            link.socket.send_multipart(protocol.encode(header), copy=False)
-            try_until = min(deadline, time.monotonic() + 1.0)
+        with link.lock:
+            link.joined = False
             while True:
-                left = try_until - time.monotonic()
-                if left <= 0 or not link.socket.poll(int(left * 1000) + 1):
-                    break
-                reply, _ = self._decode(link, link.socket.recv_multipart(copy=False))
-                if reply["seq"] != seq:
-                    continue
-                if reply["op"] == "error":
-                    raise PSError(reply["code"], reply["message"], link.index)
-                if reply["op"] != "joined" or reply["worker"] != self.worker_id or reply["server"] != link.index:
-                    raise PSError("bad_reply", f"unexpected answer to join: {reply['op']}", link.index)
-                link.incarnation, link.clock = reply["incarnation"], reply["clock"]
-                link.joined_at = link.hb_ok = time.monotonic()
-                link.hb_not_joined_at, link.hb_incarnation = None, None
-                return
-            if time.monotonic() >= deadline:
-                raise ServerUnavailable("unreachable", f"no answer from {link.endpoint} to join", link.index)
-            # no answer within a second: a fresh socket (the old one may hold a half-open connection)
-            link.socket.close(linger=0)
-            self._open(link)
+                seq = next(self._seq)
+                header = protocol.request("join", seq, worker=self.worker_id, clock=link.clock,
+                                          fingerprint=self.layout.fingerprint, epoch=self.epoch)
+                if self.observer:
+                    header["observer"] = True
+                link.socket.send_multipart(protocol.encode(header), copy=False)
+                try_until = min(deadline, time.monotonic() + 1.0)
+                while True:
+                    left = try_until - time.monotonic()
+                    if left <= 0 or not link.socket.poll(int(left * 1000) + 1):
+                        break
+                    reply, _ = self._receive(link)
+                    if reply is None or reply["seq"] != seq:
+                        continue
+                    self._joined(link, reply)
+                    return
+                if time.monotonic() >= deadline:
+                    raise ServerUnavailable("unreachable", f"no answer from {link.endpoint} to join", link.index)
+                # no answer within a second: a fresh socket (the old one may hold a half-open connection)
+                link.socket.close(linger=0)
+                self._open(link)
+
+    def _joined(self, link, reply):
+        if reply["op"] == "error":
+            raise PSError(reply["code"], reply["message"], link.index)
+        if reply["op"] != "joined" or reply["worker"] != self.worker_id or reply["server"] != link.index:
+            raise PSError("bad_reply", f"unexpected answer to join: {reply['op']}", link.index)
+        link.incarnation, link.clock = reply["incarnation"], reply["clock"]
+        link.last_push = reply.get("last_push")
+        link.joined_at = link.hb_ok = time.monotonic()
+        link.hb_not_joined_at, link.hb_incarnation = None, None
+        link.joined = True
 
     def _reconnect(self, link):
         self.reconnects += 1
         self.log(f"worker {self.worker_id}: reconnecting to server {link.index} at {link.endpoint}")
-        link.socket.close(linger=0)
-        self._open(link)
-        self._join(link, time.monotonic() + self.reconnect_timeout)
+        with link.lock:
+            link.joined = False
+            link.socket.close(linger=0)
+            self._open(link)
+            self._join(link, time.monotonic() + self.reconnect_timeout)
 
     # ------------------------------------------------------------------------------------------ requests
     def pull(self, keys=None):
@@ -264,9 +293,11 @@ class PSClient:
     def close(self):
         self._stop_heartbeats()
         for link in self.links:
-            if link.socket is not None:
-                link.socket.close(linger=0)
-                link.socket = None
+            with link.lock:
+                if link.socket is not None:
+                    link.socket.close(linger=0)
+                    link.socket = None
+                link.joined = False
         if self._own_context:
             self.context.term()
 
@@ -286,40 +317,54 @@ class PSClient:
         return reqs
 
     def _send(self, req):
-        req.link.socket.send_multipart(req.frames(self, next(self._seq)), copy=False)
+        with req.link.lock:
+            req.link.socket.send_multipart(req.frames(self, next(self._seq)), copy=False)
 
     def _finish(self, reqs, rejoin=True):
         """Wait for the reply to every request; retry after reconnects; install params replies."""
         pending = {r.link.index: r for r in reqs if r.op != "done"}
         while pending:
-            poller = zmq.Poller()
-            for r in pending.values():
-                poller.register(r.link.socket, zmq.POLLIN)
-            ready = dict(poller.poll(50))
-            for index, r in list(pending.items()):
-                link = r.link
-                if link.socket in ready:
-                    while True:
-                        try:
-                            frames = link.socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        header, arrays = self._decode(link, frames)
-                        if header["seq"] != r.seq:
-                            continue                      # the answer to a request given up on
-                        if header["op"] == "error":
-                            if rejoin and header["code"] in _REJOIN_CODES:
-                                self._retry(r, f"server said {header['code']}: {header['message']}")
-                                break
-                            raise PSError(header["code"], header["message"], link.index)
-                        self._accept(r, header, arrays)
-                        del pending[index]
-                        break
-                    continue
-                if rejoin and self._server_lost(r):
-                    self._retry(r, "server restarted or silent")
+            with contextlib.ExitStack() as held:
+                for index in sorted(pending):                 # one order everywhere: no deadlock
+                    held.enter_context(pending[index].link.lock)
+                lost = self._wait_step(pending, rejoin)
+            for r, why in lost:                               # reconnect with the other links free for heartbeats
+                self._retry(r, why)
             for index in [i for i, r in pending.items() if r.op == "done"]:
                 del pending[index]
+
+    def _wait_step(self, pending, rejoin):
+        """One poll of the pending requests' sockets (their locks held): read what came, send heartbeats due.
+        Answered requests leave `pending`; returns [(request, why)] of those to retry after a reconnect."""
+        poller = zmq.Poller()
+        for r in pending.values():
+            poller.register(r.link.socket, zmq.POLLIN)
+        ready = dict(poller.poll(50))
+        lost = []
+        for index, r in list(pending.items()):
+            link = r.link
+            if link.socket not in ready:
+                if rejoin and self._server_lost(r):
+                    lost.append((r, "server restarted or silent"))
+                continue
+            while True:
+                try:
+                    header, arrays = self._receive(link, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if header is None or header["seq"] != r.seq:
+                    continue                      # a heartbeat's answer, or one to a request given up on
+                if header["op"] == "error":
+                    if rejoin and header["code"] in _REJOIN_CODES:
+                        lost.append((r, f"server said {header['code']}: {header['message']}"))
+                        break
+                    raise PSError(header["code"], header["message"], link.index)
+                self._accept(r, header, arrays)
+                del pending[index]
+                break
+        for r in pending.values():
+            self._heartbeat_if_due(r.link)
+        return lost
 
     def _server_lost(self, req):
         link, now = req.link, time.monotonic()
@@ -327,7 +372,7 @@ class PSClient:
             return True
         if link.hb_not_joined_at is not None and link.hb_not_joined_at > link.joined_at:
             return True
-        if self._hb_thread is None:               # no heartbeats: a plain time-out
+        if self.observer or not self.heartbeat_interval:      # no heartbeats: a plain time-out
             return now - req.sent_at > self.server_timeout
         return now - link.hb_ok > self.server_timeout and now - req.sent_at > self.server_timeout
 
@@ -341,11 +386,24 @@ class PSClient:
         if req.op != "done":
             self._send(req)
 
-    def _decode(self, link, frames):
+    def _receive(self, link, flags=0):
+        """The next message from the server (link.lock held): (header, arrays), or (None, None) for the answer
+        to a heartbeat, which is handled here. Raises zmq.Again (flags=NOBLOCK) when none waits."""
+        frames, problem = protocol.receive(link.socket, link.max_frames, link.max_bytes, flags)
         try:
-            return protocol.decode_reply(frames)
+            if problem is not None:
+                raise problem
+            header, arrays = protocol.decode_reply(frames)
         except ProtocolError as exc:
             raise PSError("bad_reply", f"answer outside the protocol: {exc}", link.index) from None
+        link.hb_ok = time.monotonic()
+        sent_at = link.hb_sent.pop(header["seq"], None)
+        if sent_at is None:
+            return header, arrays
+        link.hb_incarnation = header["incarnation"]
+        if header["op"] == "error" and header["code"] == "not_joined":
+            link.hb_not_joined_at = sent_at
+        return None, None
 
     def _accept(self, req, header, arrays):
         link = req.link
@@ -380,58 +438,35 @@ class PSClient:
 
     # ------------------------------------------------------------------------------------------ heartbeats
     def _heartbeats(self):
-        socks = {}
-        for link in self.links:
-            s = self.context.socket(zmq.DEALER)
-            s.linger = 0
-            s.sndhwm = 4
-            if self.security is not None:
-                self.security.apply(s)
-            s.connect(link.endpoint)
-            socks[link.index] = s
-        sent = {}                                 # seq -> (link index, send time)
-        try:
-            while not self._hb_stop.is_set():
-                for link in self.links:
-                    seq = next(self._seq)
+        """The background thread: heartbeats on the links the main thread is not using."""
+        while not self._hb_stop.wait(self.heartbeat_interval / 4):
+            for link in self.links:
+                if link.lock.acquire(blocking=False):
                     try:
-                        socks[link.index].send_multipart(
-                            protocol.encode(protocol.request("heartbeat", seq, worker=self.worker_id)), zmq.NOBLOCK)
-                        sent[seq] = (link.index, time.monotonic())
-                    except zmq.Again:
-                        pass
-                deadline = time.monotonic() + self.heartbeat_interval
-                while not self._hb_stop.is_set():
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    poller = zmq.Poller()
-                    for s in socks.values():
-                        poller.register(s, zmq.POLLIN)
-                    for s, _ in poller.poll(min(int(left * 1000) + 1, 200)):
-                        self._heartbeat_reply(s, sent)
-                if len(sent) > 1000:
-                    sent = dict(list(sent.items())[-100:])
-        finally:
-            for s in socks.values():
-                s.close(linger=0)
+                        self._heartbeat_if_due(link)
+                    finally:
+                        link.lock.release()
 
-    def _heartbeat_reply(self, sock, sent):
+    def _heartbeat_if_due(self, link):
+        """Send a heartbeat on a joined link whose last one is `heartbeat_interval` old (link.lock held)."""
+        now = time.monotonic()
+        if (self.observer or not self.heartbeat_interval or not link.joined or link.socket is None
+                or now - link.hb_last < self.heartbeat_interval):
+            return
+        seq = next(self._seq)
         try:
-            header, _ = protocol.decode_reply(sock.recv_multipart(copy=False))
-        except (ProtocolError, zmq.ZMQError):
+            link.socket.send_multipart(protocol.encode(protocol.request("heartbeat", seq, worker=self.worker_id)),
+                                       zmq.NOBLOCK)
+        except zmq.Again:                         # the server is not taking messages: nothing to add to the queue
             return
-        origin = sent.pop(header["seq"], None)
-        if origin is None:
-            return
-        link = self.links[origin[0]]
-        link.hb_incarnation = header["incarnation"]
-        link.hb_ok = time.monotonic()
-        if header["op"] == "error" and header["code"] == "not_joined":
-            link.hb_not_joined_at = origin[1]
+        link.hb_last, link.hb_sent[seq] = now, now
+        if len(link.hb_sent) > 100:               # answers lost with an old connection
+            for old in sorted(link.hb_sent)[:-10]:
+                del link.hb_sent[old]
 
     def _stop_heartbeats(self):
         if self._hb_thread is not None:
             self._hb_stop.set()
             self._hb_thread.join(timeout=5)
             self._hb_thread = None
+        self._hb_stop.clear()

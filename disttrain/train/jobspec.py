@@ -304,7 +304,10 @@ SCHEMA = {
         Field("heartbeat_interval", Float(gt=0), 1.0, "seconds between a worker's heartbeats"),
         Field("heartbeat_timeout", Float(gt=0), 10.0, "seconds of silence before a worker (or server) counts as gone"),
         Field("reconnect_timeout", Float(gt=0), 120.0, "seconds a worker waits for a lost server to come back"),
-        Field("snapshot_every", _NONNEG, 500, "server snapshot every N updates (0 = only on SIGTERM and at exit)"),
+        Field("snapshot_every", _NONNEG, 500, "server snapshot every N updates (0 = not by count; servers also "
+                                                 "snapshot at start, on SIGTERM and at exit)"),
+        Field("snapshot_every_s", Float(ge=0), 60.0,
+              "server snapshot every N seconds in which it applied updates (0 = not by time)"),
         Field("reject_nonfinite", Bool(), True, "servers refuse gradients holding NaN or inf"),
         Field("log_every", Float(ge=0), 10.0, "seconds between a server's update-rate log lines (0 = never)"),
     ),

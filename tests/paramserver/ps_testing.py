@@ -6,10 +6,13 @@ by itself even when something is broken.
 import threading
 from contextlib import contextmanager
 
+import msgpack
 import numpy as np
+import zmq
 
 import disttrain as dt
 from disttrain import nn, optim
+from disttrain.paramserver.protocol import decode_reply, encode, request
 from disttrain.paramserver.server import ParameterServer, ServerConfig
 from disttrain.paramserver.sharding import Layout
 from disttrain.paramserver.training import server_from_spec
@@ -121,3 +124,67 @@ log_every = 0.0
 
 def layout_of(model, num_servers):
     return Layout.from_named_arrays(model.named_parameters(), num_servers)
+
+
+class RawPeer:
+    """A hand-driven DEALER connection to one server: sends any frames, reads one decoded reply at a time.
+
+    Every wait is bounded: reply() fails the test when the server does not answer within `wait_ms`.
+    """
+
+    def __init__(self, endpoint, security=None, wait_ms=10_000):
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.linger = 0
+        if security is not None:
+            security.apply(self.socket)
+        self.socket.connect(endpoint)
+        self.wait_ms = wait_ms
+        self.seq = 0
+
+    def next_seq(self):
+        self.seq += 1
+        return self.seq
+
+    def send(self, frames):
+        self.socket.send_multipart([bytes(f) if not isinstance(f, bytes) else f for f in frames])
+
+    def reply(self):
+        assert self.socket.poll(self.wait_ms), "the server did not answer"
+        return decode_reply(self.socket.recv_multipart())[0]
+
+    def ask(self, frames):
+        self.send(frames)
+        return self.reply()
+
+    def request(self, op, arrays=None, **fields):
+        """Send a request built from fields (and arrays); returns the reply header."""
+        return self.ask(encode(request(op, self.next_seq(), **fields), arrays))
+
+    def raw(self, header, frames=()):
+        """Send a hand-packed header (anything msgpack packs) and raw frames; returns the reply header."""
+        return self.ask([msgpack.packb(header), *frames])
+
+    def join(self, layout, worker, **fields):
+        return self.request("join", worker=worker, clock=0, fingerprint=layout.fingerprint, **fields)
+
+    def close(self):
+        self.socket.close()
+        self.context.term()
+
+
+@contextmanager
+def raw_peer(endpoint, security=None):
+    peer = RawPeer(endpoint, security)
+    try:
+        yield peer
+    finally:
+        peer.close()
+
+
+def nested(depth, leaf=0):
+    """A list nested `depth` levels deep around `leaf`."""
+    value = leaf
+    for _ in range(depth):
+        value = [value]
+    return value

@@ -1,4 +1,5 @@
 """CURVE + ZAP: only listed client keys get through; everyone else gets nothing and changes nothing."""
+import os
 import subprocess
 import sys
 
@@ -103,3 +104,18 @@ def test_missing_keys_are_reported(tmp_path):
     with pytest.raises(AuthError, match="key"):
         ClientSecurity.from_dir(tmp_path, "worker-0")
 
+
+
+def test_secret_keys_are_created_private(tmp_path, monkeypatch):
+    """0600 from the moment the file exists: not after a chmod (here made a no-op), whatever the umask."""
+    monkeypatch.setattr("os.chmod", lambda *args, **kwargs: None)
+    old = os.umask(0)
+    try:
+        keys = generate_keys(tmp_path / "keys", ["worker-0"])
+    finally:
+        os.umask(old)
+    for secret in (keys / "server.key_secret", keys / "private" / "worker-0.key_secret"):
+        assert secret.stat().st_mode & 0o777 == 0o600, secret
+        public, private = zmq.auth.load_certificate(secret)
+        assert len(public) == len(private) == 40
+    assert zmq.auth.load_certificate(keys / "clients" / "worker-0.key")[1] is None

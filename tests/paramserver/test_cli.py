@@ -4,6 +4,7 @@ import json
 import pytest
 
 from disttrain.cli.main import main
+from disttrain.paramserver.snapshot import read_meta
 from disttrain.train.jobspec import JobSpecError, describe_schema, loads_job
 
 
@@ -42,3 +43,39 @@ def test_ps_section_defaults_and_errors():
     for part in ("[ps] servers = 0", "[ps] heartbeat_timeout = -1", "[ps] staleness = true",
                  '(did you mean "workers"?)'):
         assert part in message
+
+
+def test_ps_cluster_refuses_resumes_or_overwrites_an_earlier_run(ps_job, tmp_path, capfd):
+    _, job = ps_job("data.batch_size=4")
+    out = tmp_path / "run"
+    base = ["ps-cluster", str(job), "--servers", "1", "--workers", "2", "--insecure", "--out", str(out)]
+    assert main(base + ["--set", "train.max_steps=10"]) == 0
+    capfd.readouterr()
+
+    assert main(base + ["--set", "train.max_steps=10"]) == 2                  # no silent warm start
+    err = capfd.readouterr().err
+    assert f"{out} holds an earlier run" in err and "--resume" in err and "--overwrite" in err
+
+    assert main(base + ["--resume", "--set", "train.max_steps=20"]) == 0      # servers and workers continue
+    captured = capfd.readouterr()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 20 and rows[-1]["split"] == "test"
+    assert "resuming from" in captured.err and "at step 10" in captured.err
+    assert "worker 1: resuming from" in (out / "logs" / "worker-1.log").read_text()
+    assert "resumed from" in (out / "logs" / "server-0.log").read_text()
+    assert read_meta(out / "ps-snapshots" / "server-0.snap")["updates"] == 2 * 20     # each step applied once
+
+    assert main(base + ["--overwrite", "--set", "train.max_steps=5"]) == 0
+    assert read_meta(out / "ps-snapshots" / "server-0.snap")["updates"] == 2 * 5
+    assert "resumed from" not in (out / "logs" / "server-0.log").read_text()
+
+    assert main(["ps-cluster", str(job), "--insecure", "--out", str(tmp_path / "empty"), "--resume"]) == 2
+    assert "holds no run to continue" in capfd.readouterr().err
+
+
+def test_ps_cluster_refuses_a_batch_its_workers_cannot_share(ps_job, tmp_path, capfd):
+    _, job = ps_job("data.batch_size=4")
+    assert main(["ps-cluster", str(job), "--workers", "3", "--insecure", "--out", str(tmp_path / "run")]) == 2
+    assert "batch_size = 4 cannot be shared by 3 workers" in capfd.readouterr().err
+    assert not (tmp_path / "run").exists()

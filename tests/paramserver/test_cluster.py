@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 
+from disttrain.paramserver.cluster import Cluster, child_command
 from disttrain.train.loop import Trainer
 
 
@@ -29,3 +30,32 @@ def test_ps_cluster_async_four_workers_trains(ps_job, tmp_path):
     for i in range(2):
         log = (out / "logs" / f"server-{i}.log").read_text()
         assert "CURVE" in log and "worker 3 joined" in log and "stopped after" in log
+
+
+def test_children_never_import_a_disttrain_from_the_working_directory(ps_job, tmp_path, monkeypatch):
+    spec, _ = ps_job("ps.servers=1", "ps.workers=1", "train.max_steps=5")
+    impostor = tmp_path / "cwd" / "disttrain"
+    impostor.mkdir(parents=True)
+    (impostor / "__init__.py").write_text('raise SystemExit("imported the disttrain of the working directory")\n')
+    monkeypatch.chdir(impostor.parent)
+    with Cluster(spec, tmp_path / "run", insecure=True, quiet=True, log=lambda text: None) as cluster:
+        cluster.start()
+        assert cluster.supervise(timeout=120) == {0: 0}
+    assert "working directory" not in (tmp_path / "run" / "logs" / "server-0.log").read_text()
+    assert child_command("m", ["x"])[:2] == [sys.executable, "-P" if sys.version_info >= (3, 11) else "-I"]
+
+
+def test_a_worker_failing_at_start_reaches_its_log_and_the_console(ps_job, tmp_path, capfd):
+    spec, _ = ps_job("ps.servers=1", "ps.workers=2", "memory.budget_mb=0.001")
+    messages = []
+    with Cluster(spec, tmp_path / "run", insecure=True, log=messages.append) as cluster:
+        cluster.start()
+        codes = cluster.supervise(timeout=120)
+    assert codes == {0: 1, 1: 1}
+    console = capfd.readouterr().err
+    for k in (0, 1):
+        log = cluster.log_path(f"worker-{k}").read_text()
+        assert "budget_mb = 0.001" in log, log
+    assert "budget_mb = 0.001" in console                              # worker 0: its stderr, as it happened
+    shown = [m for m in messages if m.startswith("worker 1 exited with status 1")]
+    assert shown and "budget_mb = 0.001" in shown[0]                   # worker 1: the end of its log

@@ -1,10 +1,14 @@
 """Faults: a server killed and restarted loses only what came after its last snapshot (SIGTERM: nothing), and
 the worker reconnects by itself; a worker killed mid-run is dropped and the others finish."""
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -16,7 +20,7 @@ from disttrain.paramserver.worker import PSClient
 from disttrain.tensor.tensor import Tensor
 from disttrain.train.build import build_optimizer, build_schedules
 
-from ps_testing import observer
+from ps_testing import observer, raw_peer, running_servers, sgd_factory
 
 
 def start_server(job, tmp_path, port, snapshot):
@@ -90,6 +94,9 @@ def test_server_crash_loses_only_updates_after_the_snapshot(ps_job, tmp_path):
         assert client.reconnects >= 1
         for got, want in zip(targets, at_snapshot):
             np.testing.assert_array_equal(got, want)      # exactly the snapshot: updates 5 and 6 are lost
+        log = (tmp_path / "server.log").read_text()
+        assert re.search(rf"resumed from {re.escape(str(snapshot))}, written [0-9.]+ s ago: 4 updates", log)
+        assert "worker 0 was at clock 6 here and continues at 4: 2 of its updates were lost" in log
         for g in later:                                   # optimizer state and LR schedule resumed too
             client.push(g, pull=True)
         for got, want in zip(targets, at_end):
@@ -106,6 +113,60 @@ def test_server_crash_loses_only_updates_after_the_snapshot(ps_job, tmp_path):
         client.close()
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
+
+
+def test_a_server_killed_before_any_update_restarts_from_its_first_snapshot(ps_job, tmp_path):
+    """The snapshot is written before the server listens: a server killed at once restarts from that file (not
+    from a path that does not exist), and the log says exactly what it restored and what was lost."""
+    spec, _ = ps_job("ps.servers=1", "ps.workers=1", "ps.snapshot_every=100000", "ps.snapshot_every_s=0",
+                     "data.batch_size=4", n_chars=6000)
+    messages = []
+    cluster = Cluster(spec, tmp_path / "run", insecure=True, quiet=True, log=messages.append)
+    with cluster:
+        cluster.prepare()
+        cluster.start_server(0)
+        cluster.wait_for_servers()
+        assert cluster.snapshot_path(0).exists()
+        assert re.fullmatch(r".*server-0\.snap, written [0-9.]+ s ago, holding 0 updates .*",
+                            cluster.restart_source(0))
+        cluster.start_worker(0)
+        layout = Layout.from_named_arrays(initial_model(spec).named_parameters(), 1)
+        watcher = observer([cluster.endpoints[0]], layout, worker_id=ADMIN_ID)
+        deadline = time.monotonic() + 60
+        while watcher.stats(0)["updates"] < 5:
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.05)
+        watcher.close()
+        cluster.kill_server(0)
+        codes = cluster.supervise(timeout=120)
+    assert codes == {0: 0} and cluster.restarts == 1
+    assert any("restarting it from" in m and "holding 0 updates" in m for m in messages), messages
+    log = cluster.log_path("server-0").read_text()
+    assert re.search(r"resumed from \S+server-0\.snap, written [0-9.]+ s ago: 0 updates", log)
+    assert re.search(r"worker 0 was at clock (\d+) here and continues at 0: \1 of its updates were lost", log)
+
+
+def test_servers_snapshot_by_time():
+    layout = Layout.from_named_arrays([("w", np.zeros(8, "<f4"))], 1)
+    with tempfile.TemporaryDirectory() as tmp, \
+            running_servers(layout, [np.zeros(8, "<f4")], sgd_factory(),
+                            {"snapshot_every": 0, "snapshot_every_s": 0.2},
+                            snapshot_paths=[Path(tmp) / "s.snap"]) as ((server,), endpoints):
+        assert server.snapshots == 1                            # at start
+        client = PSClient(endpoints, layout, 0, heartbeat_interval=0.2)
+        try:
+            client.connect([np.zeros(8, "<f4")], timeout=10)
+            deadline = time.monotonic() + 60
+            while server.snapshots < 3:
+                client.push([np.ones(8, "<f4")], pull=False)
+                assert time.monotonic() < deadline, "no snapshot by time"
+                time.sleep(0.05)
+            time.sleep(1.0)                                     # the last updates get their snapshot ...
+            quiet = server.snapshots
+            time.sleep(1.0)
+            assert server.snapshots == quiet                    # ... and without updates there is none
+        finally:
+            client.close()
 
 
 def test_killed_worker_is_dropped_and_the_others_finish(ps_job, tmp_path):
@@ -152,3 +213,79 @@ def test_cluster_restarts_a_dead_server_and_workers_carry_on(ps_job, tmp_path):
     assert "resumed from" in log
     for k in (0, 1):
         assert "reconnecting to server 1" in (tmp_path / "run" / "logs" / f"worker-{k}.log").read_text()
+
+
+def test_a_dropped_worker_rejoins_where_the_server_has_it():
+    """A worker whose push was applied but whose reply was lost is dropped, then joins again asking for the
+    clock it still believes in: the server keeps its own count and says which push it holds last, so the
+    waiting push is not applied a second time."""
+    layout = Layout.from_named_arrays([("w", np.zeros(8, "<f4"))], 1)
+    grad = [np.ones(8, "<f4")]
+    with running_servers(layout, [np.zeros(8, "<f4")], sgd_factory(), {"heartbeat_timeout": 0.5}) \
+            as ((server,), endpoints):
+        with raw_peer(endpoints[0]) as first:
+            first.join(layout, 5)
+            assert first.request("push", grad, worker=5, clock=0, keys=[0])["op"] == "ok"   # the "lost" reply
+        deadline = time.monotonic() + 30
+        while 5 not in server.membership.dropped:
+            assert time.monotonic() < deadline, "the silent worker was not dropped"
+            time.sleep(0.05)
+        with raw_peer(endpoints[0]) as again:
+            reply = again.join(layout, 5)                       # asks for clock 0, as before the lost reply
+            assert reply["clock"] == 1 and reply.get("last_push") == 0
+            again.request("push", grad, worker=5, clock=0, keys=[0])        # a resend is not applied again
+        assert server.updates == 1
+
+
+def test_restored_servers_know_each_workers_clock_and_last_push(tmp_path):
+    layout = Layout.from_named_arrays([("w", np.zeros(8, "<f4"))], 1)
+    config = {"snapshot_every": 0}
+    with running_servers(layout, [np.zeros(8, "<f4")], sgd_factory(), config,
+                         snapshot_paths=[tmp_path / "s.snap"]) as (_, endpoints), raw_peer(endpoints[0]) as peer:
+        peer.join(layout, 2)
+        for clock in range(3):
+            peer.request("push", [np.ones(8, "<f4")], worker=2, clock=clock, keys=[0])
+    with running_servers(layout, [np.zeros(8, "<f4")], sgd_factory(), config,
+                         snapshot_paths=[tmp_path / "s.snap"]) as ((server,), endpoints), \
+            raw_peer(endpoints[0]) as peer:
+        assert server.updates == 3
+        reply = peer.join(layout, 2)
+        assert (reply["clock"], reply["last_push"]) == (3, 2)
+        assert peer.join(layout, 7).get("last_push") is None and peer.join(layout, 7)["clock"] == 3
+
+
+def test_sync_a_worker_dropped_after_its_push_is_not_counted_twice_in_the_round():
+    """Worker 5 pushes for round 0, falls silent and is dropped while worker 6 has not pushed yet (its gradient
+    stays in the round); when it rejoins it is at the next clock, so the round still averages 5 and 6 once each."""
+    layout = Layout.from_named_arrays([("w", np.zeros(4, "<f4"))], 1)
+    with running_servers(layout, [np.zeros(4, "<f4")], sgd_factory(lr=1.0, momentum=0.0),
+                         {"consistency": "sync", "heartbeat_timeout": 0.5, "expect_workers": 2}) \
+            as ((server,), endpoints), raw_peer(endpoints[0]) as five, raw_peer(endpoints[0]) as six:
+        five.join(layout, 5)
+        six.join(layout, 6)
+        assert five.request("push", [np.full(4, 2.0, "<f4")], worker=5, clock=0, keys=[0])["op"] == "ok"
+        deadline = time.monotonic() + 30
+        while 5 not in server.membership.dropped:
+            assert time.monotonic() < deadline, "the silent worker was not dropped"
+            six.request("heartbeat", worker=6)
+            time.sleep(0.1)
+        reply = five.join(layout, 5)
+        assert reply["clock"] == 1 and reply["last_push"] == 0
+        assert six.request("push", [np.full(4, 4.0, "<f4")], worker=6, clock=0, keys=[0])["op"] == "ok"
+        assert server.round == 1
+        np.testing.assert_array_equal(server.shards[0].data, np.full(4, -3.0, "<f4"))    # -(2 + 4) / 2
+
+
+def test_a_snapshot_that_cannot_be_written_is_logged_and_the_push_still_answered(tmp_path):
+    layout = Layout.from_named_arrays([("w", np.zeros(4, "<f4"))], 1)
+    where = tmp_path / "snapshots"
+    with running_servers(layout, [np.zeros(4, "<f4")], sgd_factory(), {"snapshot_every": 1},
+                         snapshot_paths=[where / "s.snap"]) as ((server,), endpoints), raw_peer(endpoints[0]) as peer:
+        logged = []
+        server.log = logged.append
+        shutil.rmtree(where)
+        where.write_text("a file where the snapshot directory was")
+        peer.join(layout, 0)
+        assert peer.request("push", [np.ones(4, "<f4")], worker=0, clock=0, keys=[0])["op"] == "ok"
+        assert server.updates == 1 and any("FAILED" in line for line in logged)
+        where.unlink()                                  # the final snapshot at exit can be written again

@@ -38,7 +38,7 @@ def test_empty_file_gets_every_default(tmp_path, monkeypatch):
                      "schedule": "1f1b", "split_points": None, "stage_checkpointing": False},
         "ps": {"servers": 1, "workers": 2, "consistency": "async", "staleness": 3, "overlap": False,
                "scale_pushes": True, "heartbeat_interval": 1.0, "heartbeat_timeout": 10.0, "reconnect_timeout": 120.0,
-               "snapshot_every": 500, "reject_nonfinite": True, "log_every": 10.0},
+               "snapshot_every": 500, "snapshot_every_s": 60.0, "reject_nonfinite": True, "log_every": 10.0},
     }
     assert spec.source == str(tmp_path / "job.toml")
 
