@@ -179,6 +179,29 @@ class Relu(Function):
         return g * Tensor._wrap(self.xp.asarray(self.mask, dtype=g.dtype))  # asarray: 0-d masks are scalars
 
 
+class Gelu(Function):
+    """GELU in its tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): torch's
+    gelu(approximate="tanh"), the one GPT-2 uses. Backward recomputes the tanh from the saved
+    input instead of keeping a second activation."""
+
+    saves_inputs = (0,)
+    SCALE = math.sqrt(2 / math.pi)
+    CUBIC = 0.044715
+
+    def forward(self, a):
+        return 0.5 * a * (1 + self.xp.tanh(self.SCALE * (a + self.CUBIC * a * a * a)))
+
+    def backward(self, g):
+        (x,) = self.saved_inputs
+        s, k = self.SCALE, self.CUBIC
+        if not grad_mode.state.enabled:  # no create_graph: on the arrays, no nodes
+            x, xp = x.data, self.xp
+            t = xp.tanh(s * (x + k * x * x * x))
+            return _wrap_array(g.data * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * s * (1 + 3 * k * x * x)))
+        t = (s * (x + k * x * x * x)).tanh()
+        return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * s * (1 + 3 * k * x * x))
+
+
 class Abs(Function):
     def forward(self, a):
         self.sign = self.xp.sign(a)
