@@ -148,6 +148,21 @@ def segment_bounds(n, segments):
     return [i * n // segments for i in range(segments + 1)]
 
 
+class SegmentsSetting:
+    """A model's `checkpoint_segments` attribute: None, "sqrt" or a positive int, checked when assigned."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__.get(self.slot)
+
+    def __set__(self, obj, segments):
+        if segments is not None:
+            segment_bounds(1, segments)  # raises ValueError unless "sqrt" or a positive int
+        obj.__dict__[self.slot] = segments
+
+
 class _Segment:
     """modules[i:j] as one callable."""
 
