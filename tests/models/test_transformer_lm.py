@@ -239,3 +239,15 @@ def test_a_short_local_training_loop_learns_generated_text(make_text):
         losses.append(loss.item())
     assert np.mean(losses[:5]) > 0.9 * np.log(len(vocab))
     assert np.mean(losses[-10:]) < 0.6 * np.log(len(vocab)), losses[-10:]
+
+
+def test_the_job_file_loads_and_builds_the_model():
+    from pathlib import Path
+
+    from disttrain.train.build import build_model
+    from disttrain.train.jobspec import load_job
+
+    spec = load_job(Path(__file__).resolve().parents[2] / "jobs" / "charlm_transformer.toml")
+    model = build_model(spec, 96)
+    assert isinstance(model, TransformerLanguageModel) and len(model.blocks) == spec.model.layers
+    assert model.max_len >= spec.data.bptt and model.checkpoint_segments is None
