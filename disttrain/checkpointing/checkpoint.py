@@ -50,7 +50,8 @@ class Checkpoint(Function):
     def forward(self, *arrays, fn, template, tensors, rng_state, whole):
         """fn on the tensors themselves (the arrays are their data) under no_grad; `whole` receives fn's
         result, of which the floating-point tensors become this node's outputs."""
-        self.fn, self.args, self.rng_state, self.n_args = fn, template, rng_state, template.count(_ARG)
+        self.fn, self.args, self.rng_state = fn, template, rng_state
+        self.n_args = sum(a is _ARG for a in template)  # not list.count: == on an array argument is elementwise
         self.saved = tuple([(t, t._version) for t in tensors])  # checked for in-place changes in backward
         args = iter(tensors)
         with grad_mode.no_grad():

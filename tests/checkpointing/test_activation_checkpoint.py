@@ -263,3 +263,12 @@ def test_the_checkpoint_node_is_an_op_that_observers_and_the_memory_meter_see():
         y = checkpoint(model, x)
         kept = meter.live_bytes - meter.start_bytes
     assert kept == 32 * 64 * 8
+
+
+def test_array_and_tensor_arguments_side_by_side():
+    dt.manual_seed(0)
+    x = dt.randn(3, 4, dtype="float64", requires_grad=True)
+    offsets = np.arange(12.0).reshape(3, 4)  # a plain array argument: compared by identity, never with ==
+    y = checkpoint(lambda v, a: v * dt.tensor(a), x, offsets)
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), offsets)
