@@ -16,6 +16,7 @@ import weakref
 import numpy as np
 
 from disttrain.autograd import grad_mode, observe
+from disttrain.autograd.observe import state as _observing
 from disttrain.tensor.backend import _BY_ARRAY_TYPE as _BACKENDS
 from disttrain.tensor.tensor import Tensor
 
@@ -80,7 +81,7 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **params):
         """Run forward on the inputs' arrays and, in grad mode, record the node."""
-        if observe.state.active and not observe.take_bypass():  # an op observer listens (autograd.observe)
+        if _observing.active and not observe.take_bypass():  # an op observer listens (autograd.observe)
             return observe.observed_apply(cls, inputs, params)
         node = cls.__new__(cls)
         arrays = []
