@@ -6,8 +6,11 @@
 3. A leaf's AccumulateGrad node runs the moment it becomes ready: that is the instant the
    leaf's gradient is final within this pass, which fires post-accumulate hooks early enough
    for data parallelism to overlap allreduce with the rest of backward.
+4. Callbacks that hooks queued during the pass (queue_callback) run once every node has run,
+   before backward() / grad() returns (data parallelism waits for its last buckets there).
 """
 import heapq
+import threading
 
 from disttrain.autograd import grad_mode
 from disttrain.autograd.function import AccumulateGrad, accumulator_of
@@ -39,6 +42,27 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
             raise RuntimeError(f"grad: input {i} (shape {inputs[i].shape}) is not reachable from the outputs; "
                                "pass allow_unused=True to get None for it")
     return results[0] if single else tuple(results)
+
+
+def queue_callback(callback):
+    """Run callback() when the backward pass now running finishes, before its backward() / grad() returns.
+
+    Call it from a hook during backward (torch's queue_callback). The callbacks of a pass run in the
+    order queued, after every node and hook of the pass, in the caller's grad mode; one may queue
+    more, which run in the same round. A pass that runs inside another (grad() called from a
+    checkpoint's backward) has its own queue. When the pass raises, its queued callbacks are
+    dropped unrun; when a callback raises, the rest are dropped and the error reaches the caller
+    of backward(). Each pass starts with an empty queue (retain_graph or not): a hook that wants a
+    callback every pass queues it every pass.
+    """
+    passes = getattr(_running, "passes", None)
+    if not passes:
+        raise RuntimeError("queue_callback: no backward pass is running; call it from a hook while "
+                           "backward() or grad() runs")
+    passes[-1].append(callback)
+
+
+_running = threading.local()  # .passes: one callback list per backward pass running in this thread
 
 
 def _roots(tensors, grads, caller):
@@ -87,6 +111,21 @@ def _count_dependencies(nodes):
 
 
 def _run(roots, retain_graph, create_graph, capture, results=None):
+    """One backward pass, then the callbacks its hooks queued (see queue_callback)."""
+    passes = getattr(_running, "passes", None)
+    if passes is None:
+        passes = _running.passes = []
+    callbacks = []
+    passes.append(callbacks)
+    try:
+        _execute(roots, retain_graph, create_graph, capture, results)
+        for callback in callbacks:  # a list grown while iterated: callbacks queued by callbacks run too
+            callback()
+    finally:
+        passes.pop()
+
+
+def _execute(roots, retain_graph, create_graph, capture, results):
     deps = _count_dependencies({node for node, _, _ in roots})
     buffers = {}
     owned = None if create_graph else set()  # ids of buffer tensors this pass allocated

@@ -15,9 +15,9 @@ import weakref
 
 import numpy as np
 
-from disttrain.autograd import grad_mode
+from disttrain.autograd import grad_mode, observe
+from disttrain.autograd.observe import state as _observing
 from disttrain.tensor.backend import _BY_ARRAY_TYPE as _BACKENDS
-from disttrain.tensor.memory import hook as _memory, track_node as _track_node_memory
 from disttrain.tensor.tensor import Tensor
 
 _sequence = itertools.count()
@@ -81,6 +81,8 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **params):
         """Run forward on the inputs' arrays and, in grad mode, record the node."""
+        if _observing.active and not observe.take_bypass():  # an op observer listens (autograd.observe)
+            return observe.observed_apply(cls, inputs, params)
         node = cls.__new__(cls)
         arrays = []
         first = None
@@ -141,8 +143,6 @@ class Function:
                                 for x in [inputs[i] for i in cls.saves_inputs]])
         if cls.saves_output:
             node.saved_out = tuple([(weakref.ref(t), t._version_box[0], t.data) for t in outs])
-        if _memory.active:  # a MemoryMeter counts what the node keeps for backward (masks, activations)
-            _track_node_memory(node)
         return result
 
     def release(self):

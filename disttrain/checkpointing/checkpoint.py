@@ -29,6 +29,7 @@ from disttrain.autograd import function as _function
 from disttrain.autograd.engine import grad
 from disttrain.autograd.function import AccumulateGrad, Function, accumulator_of
 from disttrain.tensor import dtypes
+from disttrain.tensor.creation import zeros
 from disttrain.tensor.random import fork_rng, get_rng_state
 from disttrain.tensor.tensor import Tensor
 
@@ -36,11 +37,32 @@ _ARG = object()  # stands for a tensor argument in the saved argument list
 
 
 class Checkpoint(Function):
-    """The node standing for one checkpointed call of fn.
+    """The node standing for one checkpointed call of fn, made by Function.apply like any op's.
 
-    Inputs (edges): the tensor arguments, then the known parameters. Outputs: fn's
-    floating-point tensor outputs; its other outputs are returned as they are.
+    Inputs (edges): the tensor arguments, then the known parameters, then (only when none of
+    those requires grad and fn may use other leaves) an anchor: a 0-d leaf that requires grad, so
+    Function.apply records the node; it gets no gradient. Outputs: fn's floating-point tensor
+    outputs; its other outputs are returned as they are.
     """
+
+    same_dtype = False  # token ids (int64) and float activations are inputs alike
+
+    def forward(self, *arrays, fn, template, tensors, rng_state, whole):
+        """fn on the tensors themselves (the arrays are their data) under no_grad; `whole` receives fn's
+        result, of which the floating-point tensors become this node's outputs."""
+        self.fn, self.args, self.rng_state = fn, template, rng_state
+        self.n_args = sum(a is _ARG for a in template)  # not list.count: == on an array argument is elementwise
+        self.saved = tuple([(t, t._version) for t in tensors])  # checked for in-place changes in backward
+        args = iter(tensors)
+        with grad_mode.no_grad():
+            result = fn(*[next(args) if a is _ARG else a for a in template])
+        outputs = _as_tuple(result)
+        self.out_positions = [i for i, o in enumerate(outputs)
+                              if isinstance(o, Tensor) and dtypes.is_floating(o.dtype)]
+        self.n_outputs = len(self.out_positions)
+        whole.append(result)
+        arrays = tuple(outputs[i].data for i in self.out_positions)
+        return arrays[0] if self.n_outputs == 1 else arrays
 
     def backward(self, *grads):
         if grad_mode.is_grad_enabled():
@@ -127,6 +149,21 @@ def segment_bounds(n, segments):
     return [i * n // segments for i in range(segments + 1)]
 
 
+class SegmentsSetting:
+    """A model's `checkpoint_segments` attribute: None, "sqrt" or a positive int, checked when assigned."""
+
+    def __set_name__(self, owner, name):
+        self.slot = "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__.get(self.slot)
+
+    def __set__(self, obj, segments):
+        if segments is not None:
+            segment_bounds(1, segments)  # raises ValueError unless "sqrt" or a positive int
+        obj.__dict__[self.slot] = segments
+
+
 class _Segment:
     """modules[i:j] as one callable."""
 
@@ -161,29 +198,19 @@ def _checkpoint(fn, args, leaves, opaque, preserve_rng_state):
     if not opaque and not known and not any(t.requires_grad for t in tensors):
         return fn(*args)  # nothing inside can need a gradient
     rng_state = get_rng_state() if preserve_rng_state else None
-    with grad_mode.no_grad():
-        result = fn(*args)
-    outputs = _as_tuple(result)
-    positions = [i for i, o in enumerate(outputs) if isinstance(o, Tensor) and dtypes.is_floating(o.dtype)]
-    if not positions:
-        return result
-    node = Checkpoint.__new__(Checkpoint)  # recorded by hand: it may have no input that requires grad
-    first = outputs[positions[0]]
-    node.backend, node.xp, node.recording = first.backend, first.backend.xp, True
-    node.fn, node.rng_state, node.n_args = fn, rng_state, len(tensors)
-    node.args = [_ARG if isinstance(a, Tensor) else a for a in args]
-    node.out_positions = positions
-    node.n_outputs = len(positions)
-    node.out_meta = tuple((outputs[i].shape, outputs[i].dtype) for i in positions)
     edge_tensors = tensors + known
-    node.next_edges = tuple([_edge(t) for t in edge_tensors])
-    node.seq = next(_function._sequence)  # NOTE: the engine runs nodes latest-first by this number
-    node.out_hooks = None
-    node.saved = tuple([(t, t._version) for t in edge_tensors])
-    node.saved_out = ()
-    wrapped = list(outputs)
-    for k, i in enumerate(positions):
-        wrapped[i] = Tensor._wrap(outputs[i].data, node, k)
+    if not any(t.requires_grad for t in edge_tensors):  # fn may still use leaves of its own (opaque)
+        edge_tensors.append(_anchor(edge_tensors))
+    whole = []
+    outs = Checkpoint.apply(*edge_tensors, fn=fn, template=[_ARG if isinstance(a, Tensor) else a for a in args],
+                            tensors=edge_tensors, rng_state=rng_state, whole=whole)
+    result = whole[0]
+    node = outs[0].grad_fn if isinstance(outs, tuple) and outs else getattr(outs, "grad_fn", None)
+    if node is None:  # no floating-point output: nothing to differentiate
+        return result
+    wrapped = list(_as_tuple(result))
+    for k, i in enumerate(node.out_positions):
+        wrapped[i] = outs[k] if isinstance(outs, tuple) else outs
     if isinstance(result, Tensor):
         return wrapped[0]
     if hasattr(result, "_fields"):  # a namedtuple
@@ -191,10 +218,10 @@ def _checkpoint(fn, args, leaves, opaque, preserve_rng_state):
     return type(result)(wrapped)
 
 
-def _edge(t):
-    if not t.requires_grad:
-        return None
-    return (t._node, t._out_index) if t._node is not None else (accumulator_of(t), 0)
+def _anchor(tensors):
+    """A 0-d leaf requiring grad on the device of `tensors` (the CPU when there are none)."""
+    device = tensors[0].device if tensors else "cpu"
+    return Tensor(zeros((), device=device).data, requires_grad=True)
 
 
 def _parameters_of(fn):

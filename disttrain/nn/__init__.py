@@ -5,8 +5,8 @@ equivalent torch model's.
 """
 from disttrain.nn import functional, init, utils
 from disttrain.nn.containers import ModuleList, Sequential
-from disttrain.nn.layers import (AvgPool2d, Conv2d, CrossEntropyLoss, Dropout, Embedding, Flatten, Identity,
-                                 LayerNorm, Linear, MaxPool2d, MSELoss, ReLU, Sigmoid, Tanh)
+from disttrain.nn.layers import (GELU, AvgPool2d, Conv2d, CrossEntropyLoss, Dropout, Embedding, Flatten,
+                                 Identity, LayerNorm, Linear, MaxPool2d, MSELoss, ReLU, Sigmoid, Tanh)
 from disttrain.nn.lstm import LSTM
 from disttrain.nn.module import Module
 from disttrain.nn.parameter import Parameter

@@ -6,7 +6,7 @@ PyTorch's name for an axis and `axis` is accepted as well.
 from disttrain.autograd import ops
 from disttrain.autograd.ops import avg_pool2d, conv2d, max_pool2d, mse_loss
 
-__all__ = ["relu", "sigmoid", "tanh", "softmax", "log_softmax", "cross_entropy", "mse_loss", "dropout",
+__all__ = ["relu", "sigmoid", "tanh", "gelu", "softmax", "log_softmax", "cross_entropy", "mse_loss", "dropout",
            "embedding", "layer_norm", "conv2d", "max_pool2d", "avg_pool2d", "linear"]
 
 
@@ -20,6 +20,11 @@ def sigmoid(input):
 
 def tanh(input):
     return ops.tanh(input)
+
+
+def gelu(input, approximate="tanh"):
+    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): torch's gelu(approximate="tanh"), the only form here."""
+    return ops.gelu(input, approximate)
 
 
 def _axis(dim, axis, name):

@@ -21,9 +21,10 @@ GPU (CuPy) figures come from CuPy's default memory pool: used_bytes() now, its m
 whenever the engine makes or keeps an array while a meter is active, and total_bytes() (held by
 the pool, used or not) as `reserved_bytes`.
 
-NOTE: with no meter active the engine pays one attribute check per op output (`hook.active`,
-read by Tensor._wrap, Tensor.__init__ and Function.apply); counting costs about a microsecond
-per array only while a meter is active.
+NOTE: with no meter active, Tensor._wrap and Tensor.__init__ pay one attribute check per array
+(`hook.active`); counting costs about a microsecond per array only while a meter is active. The
+arrays a node keeps come from an op observer (disttrain.autograd.observe) that the first meter to
+start registers and the last to stop removes: this layer reaches up to autograd only then.
 """
 import gc
 import itertools
@@ -89,6 +90,15 @@ def track_node(node):
             track(value)
 
 
+def _count_recorded_node(call):
+    """The op observer active meters share: what each recorded node keeps for backward."""
+    if call.node is not None:
+        track_node(call.node)
+
+
+_node_observer = None  # its handle while a meter runs
+
+
 def _sample_device():
     used = _cuda_pool().used_bytes()
     for m in _meters:
@@ -149,16 +159,20 @@ class MemoryMeter:
         self._start = self._final = 0
 
     def start(self):
+        global _node_observer
         if self.running:
             raise RuntimeError("MemoryMeter.start(): this meter is already running")
         resident, self._resident = self._resident, None  # holding them would keep freed gradients alive
         if not _meters:
+            from disttrain.autograd.observe import add_op_observer
+
             if resident is None:
                 _count_existing_tensors()
             else:
                 for tensor in resident:
                     track(tensor.data)
             hook.active = True
+            _node_observer = add_op_observer(_count_recorded_node)
         _meters.append(self)
         self.running = True
         self._start = self._now()
@@ -173,8 +187,10 @@ class MemoryMeter:
         _meters.remove(self)
         self.running = False
         if not _meters:  # nobody is counting: forget every array, callbacks included
-            global _live
+            global _live, _node_observer
             hook.active = False
+            _node_observer.remove()
+            _node_observer = None
             _refs.clear()
             _live = 0
         return self

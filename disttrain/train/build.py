@@ -15,7 +15,7 @@ from pathlib import Path
 from disttrain import optim
 from disttrain.data import load_char_corpus, load_default_corpus, load_ptb
 from disttrain.checkpointing import apply_activation_checkpointing
-from disttrain.models import LSTMLanguageModel
+from disttrain.models import LSTMLanguageModel, TransformerLanguageModel
 from disttrain.train.jobspec import JobSpecError, check_paths
 
 __all__ = ["Schedules", "build_corpus", "build_model", "build_optimizer", "build_schedules", "is_char_level"]
@@ -48,13 +48,28 @@ def build_model(spec, vocab_size):
     (round(sqrt(bptt)) for "sqrt") and recomputes them in backward instead of storing their activations.
     """
     m = spec.model
-    if m.kind != "lstm_lm":
+    if m.kind == "transformer_lm":
+        model = _transformer_lm(spec, vocab_size)
+    elif m.kind == "lstm_lm":
+        model = LSTMLanguageModel(vocab_size, hidden=m.hidden, layers=m.layers, embed=m.embed, dropout=m.dropout,
+                                  init_scale=m.init_scale, tie_weights=m.tie_weights)
+    else:
         raise JobSpecError(f'{spec.source or "<job>"}: [model] kind = "{m.kind}": the training loop trains '
-                           f'language models; expected "lstm_lm"')
-    model = LSTMLanguageModel(vocab_size, hidden=m.hidden, layers=m.layers, embed=m.embed, dropout=m.dropout,
-                              init_scale=m.init_scale, tie_weights=m.tie_weights)
+                           f'language models; expected "lstm_lm" or "transformer_lm"')
     apply_activation_checkpointing(model, spec.memory.activation_checkpointing)  # "none", "sqrt" or segments
     return model
+
+
+def _transformer_lm(spec, vocab_size):
+    """[model] kind = "transformer_lm", its keys checked against each other and against [data] bptt."""
+    m, source = spec.model, spec.source or "<job>"
+    if m.d_model % m.heads:
+        raise JobSpecError(f"{source}: [model] d_model = {m.d_model} is not a multiple of [model] heads = {m.heads}")
+    if spec.data.bptt > m.max_len:
+        raise JobSpecError(f"{source}: [data] bptt = {spec.data.bptt} is longer than [model] max_len = {m.max_len}, "
+                           "the positions the transformer has embeddings for; raise max_len or lower bptt")
+    return TransformerLanguageModel(vocab_size, d_model=m.d_model, heads=m.heads, layers=m.layers, d_ff=m.d_ff,
+                                    max_len=m.max_len, dropout=m.dropout, tie_weights=m.tie_weights)
 
 
 def build_optimizer(spec, params):

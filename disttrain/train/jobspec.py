@@ -222,15 +222,34 @@ def _ptb_or_required(section):
 
 _POS, _NONNEG = Int(gt=0), Int(ge=0)
 
+
+def _transformer(default, text):
+    """A [model] default for transformer_lm only (a value, or a function of the section); unset otherwise."""
+    def compute(section):
+        if section["kind"] != "transformer_lm":
+            return None
+        return default(section) if callable(default) else default
+
+    return Derived(f"{text}, else unset", compute)
+
+
 SCHEMA = {
     "model": (
-        Field("kind", Choice("lstm_lm", "mlp"), "lstm_lm", "model family"),
+        Field("kind", Choice("lstm_lm", "transformer_lm", "mlp"), "lstm_lm", "model family"),
         Field("hidden", _POS, 200, "hidden units per layer"),
         Field("embed", _POS, Derived("= hidden", lambda s: s["hidden"]), "embedding size"),
         Field("layers", _POS, 2, "number of layers"),
         Field("dropout", Float(ge=0, lt=1), 0.0, "dropout probability (0 = off)"),
-        Field("init_scale", Float(gt=0), 0.1, "weights drawn uniformly from [-init_scale, init_scale]"),
+        Field("init_scale", Float(gt=0), 0.1,
+              "lstm_lm: weights drawn uniformly from [-init_scale, init_scale] (transformer_lm: N(0, 0.02), GPT-2's)"),
         Field("tie_weights", Bool(), False, "share the embedding and output-projection weights"),
+        Field("d_model", _POS, _transformer(128, "128 for transformer_lm"), "transformer_lm: model width"),
+        Field("heads", _POS, _transformer(4, "4 for transformer_lm"),
+              "transformer_lm: attention heads (must divide d_model)"),
+        Field("d_ff", _POS, _transformer(lambda s: 4 * s["d_model"], "= 4 * d_model for transformer_lm"),
+              "transformer_lm: hidden units of each block's MLP"),
+        Field("max_len", _POS, _transformer(256, "256 for transformer_lm"),
+              "transformer_lm: positions with an embedding (at least [data] bptt)"),
     ),
     "data": (
         Field("kind", Choice("ptb", "chars", "default_corpus"), "default_corpus", "corpus"),

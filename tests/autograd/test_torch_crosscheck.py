@@ -59,6 +59,8 @@ class Ours:
     unfold = staticmethod(lambda x, k, stride=1, padding=0: ops.unfold(x, k, stride, padding))
     index = staticmethod(lambda a: dt.tensor(np.asarray(a)))
     flip = staticmethod(lambda x, axis: x[(slice(None),) * (axis % x.ndim) + (slice(None, None, -1),)])
+    gelu = staticmethod(lambda x: ops.gelu(x, approximate="tanh"))
+    masked_softmax = staticmethod(lambda x, mask=None, causal=False: ops.masked_softmax(x, mask, causal))
 
 
 class Torch:
@@ -94,6 +96,19 @@ class Torch:
     unfold = staticmethod(lambda x, k, stride=1, padding=0: F.unfold(x, k, padding=padding, stride=stride))
     index = staticmethod(lambda a: torch.tensor(np.asarray(a)))
     flip = staticmethod(lambda x, axis: x.flip(axis))  # torch has no negative slice steps
+    gelu = staticmethod(lambda x: F.gelu(x, approximate="tanh"))
+
+    @staticmethod
+    def masked_softmax(x, mask=None, causal=False):
+        keep = None
+        if mask is not None and mask.dtype == torch.bool:
+            keep = mask
+        elif mask is not None:
+            x = x + mask
+        if causal:
+            tri = torch.ones(x.shape[-2], x.shape[-1], dtype=torch.bool).tril()
+            keep = tri if keep is None else keep & tri
+        return torch.softmax(x if keep is None else x.masked_fill(~keep, float("-inf")), -1)
 
 
 def run_both(model, arrays, constants=()):
@@ -171,7 +186,36 @@ def test_embedding_lm_step():
     run_both(model, [_rand(5, 4), _rand(4, 5)], [np.array([[1, 1, 4], [0, 1, 1]]), np.array([[2, -100, 0], [4, 4, 1]])])
 
 
+def test_causal_multi_head_attention_against_scaled_dot_product_attention():
+    """4-D batched matmuls and the causal softmax against torch's fused attention."""
+    def model(L, q, k, v):
+        if L is Torch:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        scores = q @ L.transpose(k, (0, 1, 3, 2)) * (1 / np.sqrt(4.0))  # (B, H, T, T)
+        return L.masked_softmax(scores, causal=True) @ v
+
+    run_both(model, [_rand(2, 3, 5, 4), _rand(2, 3, 5, 4, seed=1), _rand(2, 3, 5, 4, seed=2)])
+
+
 # ---- single ops with their options ----------------------------------------------------------------
+def test_gelu_tanh_form():
+    run_both(lambda L, x: [L.gelu(x), L.gelu(x * 5.0)], [_rand(3, 4, 2)])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_masked_softmax_with_boolean_and_additive_masks(causal):
+    rng = np.random.default_rng(3)
+    keep = rng.random((2, 1, 4, 4)) < 0.7
+    keep[..., 0] = True  # every row keeps an entry (torch gives NaN for an empty row, ours zeros)
+    additive = np.where(rng.random((4, 4)) < 0.7, rng.uniform(-2, 2, (4, 4)), -np.inf)
+    additive[:, 0] = 0.0
+
+    def model(L, x, keep, additive):
+        return [L.masked_softmax(x * 3.0, keep, causal), L.masked_softmax(x, additive, causal)]
+
+    run_both(model, [_rand(2, 3, 4, 4)], [keep, additive])
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(5, 4), (3, 4, 2), (2, 4, 2, 3)], ids=["NC", "NCd", "NCd1d2"])
 @pytest.mark.parametrize("ignore_index", [-100, 2])

@@ -232,3 +232,43 @@ def test_segment_bounds():
     for bad in (0, -1, "half", 2.0, True):
         with pytest.raises(ValueError, match="segments"):
             segment_bounds(10, bad)
+
+
+def test_closure_over_parameters_with_no_input_requiring_grad_still_gives_their_gradients():
+    dt.manual_seed(0)
+    w = dt.randn(4, 4, dtype="float64", requires_grad=True)
+    x = dt.randn(2, 4, dtype="float64")  # neither the argument nor any known parameter requires grad
+    y = checkpoint(lambda v: (v @ w).tanh(), x)
+    assert y.requires_grad
+    y.sum().backward()
+    ckpt = w.grad.numpy().copy()
+    w.grad = None
+    (x @ w).tanh().sum().backward()
+    np.testing.assert_array_equal(w.grad.numpy(), ckpt)
+
+
+def test_the_checkpoint_node_is_an_op_that_observers_and_the_memory_meter_see():
+    from disttrain.autograd import observe_ops
+    from disttrain.checkpointing import MemoryMeter
+
+    model = mlp(2, 64)
+    x = dt.randn(32, 64, dtype="float64", requires_grad=True)
+    calls = []
+    with observe_ops(calls.append):
+        y = checkpoint(model, x)
+    outer = [c for c in calls if c.depth == 0]
+    assert [c.op.__name__ for c in outer] == ["Checkpoint"] and outer[0].node is y.grad_fn
+    assert outer[0].outputs == (y,) and {c.op.__name__ for c in calls if c.depth == 1} >= {"Linear", "Tanh"}
+    with MemoryMeter() as meter:  # a checkpointed call keeps only its output: no activations inside
+        y = checkpoint(model, x)
+        kept = meter.live_bytes - meter.start_bytes
+    assert kept == 32 * 64 * 8
+
+
+def test_array_and_tensor_arguments_side_by_side():
+    dt.manual_seed(0)
+    x = dt.randn(3, 4, dtype="float64", requires_grad=True)
+    offsets = np.arange(12.0).reshape(3, 4)  # a plain array argument: compared by identity, never with ==
+    y = checkpoint(lambda v, a: v * dt.tensor(a), x, offsets)
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), offsets)

@@ -94,6 +94,10 @@ def test_stateless_layers(ours, theirs):
     compare(ours(), theirs(), randn(2, 3, 4, 5) * 3)
 
 
+def test_gelu_tanh_form():
+    compare(nn.GELU(approximate="tanh"), torch.nn.GELU(approximate="tanh"), randn(2, 3, 4) * 3)
+
+
 def test_flatten_ranges():
     x = randn(2, 3, 4, 5)
     for start, end in [(0, -1), (1, 2), (2, 3)]:

@@ -9,11 +9,13 @@ from hypothesis import given, settings, strategies as st
 
 import disttrain as dt
 from disttrain import nn
+from disttrain.autograd import observe
 from disttrain.autograd.function import Function
+from disttrain.autograd.observe import observe_ops
 from disttrain.autograd.ops import cross_entropy
 from disttrain.models.lstm_lm import LSTMLanguageModel
 from disttrain.parallel.pipeline.partition import Partition, balance, partition
-from disttrain.parallel.pipeline.profile import observe_ops, profile
+from disttrain.parallel.pipeline.profile import profile
 
 
 # ---- the balancer against brute force --------------------------------------------------------------
@@ -179,14 +181,16 @@ def test_profile_records_are_sane_and_leave_no_trace():
     assert "lstm.l1" in table and "total" in table and "LSTMLayer" in table
 
 
-def test_observe_ops_restores_function_apply():
+def test_profiling_leaves_function_apply_and_the_observers_as_they_were():
     original = Function.__dict__["apply"]
+    profile(small_lm(), dt.randint(0, 50, (3, 2)), repeats=1)
     seen = []
     with pytest.raises(RuntimeError, match="stop"):
-        with observe_ops(lambda cls, s, out: seen.append(cls.__name__)):
+        with observe_ops(lambda call: seen.append(call.op.__name__)):
             dt.ones(2, requires_grad=True).exp()
             raise RuntimeError("stop")
-    assert seen == ["Exp"] and Function.__dict__["apply"] is original
+    dt.ones(2).exp()
+    assert seen == ["Exp"] and Function.__dict__["apply"] is original and not observe.state.active
 
 
 def test_profile_rejects_bad_settings():

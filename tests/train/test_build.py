@@ -63,3 +63,21 @@ def test_schedules(tiny_job):
     assert lrs[3:] == pytest.approx([1.0, 0.5, 0.25])        # epochs 2, 3, 4 (decay after epoch 2)
     state = both.state_dict()
     assert state["epoch"]["last_epoch"] == 3
+
+
+def test_transformer_model_from_spec(tiny_job):
+    spec = tiny_job('model.kind="transformer_lm"', "model.d_model=16", "model.heads=2", "model.max_len=32",
+                    'memory.activation_checkpointing="sqrt"', layers=3, dropout=0.1)
+    assert (spec.model.d_ff, spec.model.max_len) == (64, 32)
+    model = build_model(spec, 30)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    assert shapes["embedding.weight"] == (30, 16) and shapes["position.weight"] == (32, 16)
+    assert shapes["blocks.2.attn.in_proj.weight"] == (48, 16) and shapes["blocks.2.mlp.fc1.weight"] == (64, 16)
+    assert model.blocks[0].attn.heads == 2 and model.dropout == 0.1 and model.checkpoint_segments == "sqrt"
+    defaults = tiny_job('model.kind="transformer_lm"').model
+    assert (defaults.d_model, defaults.heads, defaults.d_ff, defaults.max_len) == (128, 4, 512, 256)
+    assert tiny_job().model.d_model is None  # the transformer's keys stay unset for other families
+    with pytest.raises(JobSpecError, match=r"\[model\] d_model = 16 is not a multiple of \[model\] heads = 3"):
+        build_model(tiny_job('model.kind="transformer_lm"', "model.d_model=16", "model.heads=3"), 30)
+    with pytest.raises(JobSpecError, match=r"\[data\] bptt = \d+ is longer than \[model\] max_len = 4"):
+        build_model(tiny_job('model.kind="transformer_lm"', "model.max_len=4"), 30)

@@ -26,7 +26,8 @@ def test_empty_file_gets_every_default(tmp_path, monkeypatch):
     spec = load_job(write(tmp_path, ""))
     assert spec.to_dict() == {
         "model": {"kind": "lstm_lm", "hidden": 200, "embed": 200, "layers": 2, "dropout": 0.0,
-                  "init_scale": 0.1, "tie_weights": False},
+                  "init_scale": 0.1, "tie_weights": False, "d_model": None, "heads": None, "d_ff": None,
+                  "max_len": None},
         "data": {"kind": "default_corpus", "path": None, "batch_size": 20, "bptt": 35, "max_bytes": 2_000_000},
         "optim": {"kind": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "clip_norm": None, "loss": "token_mean",
                   "decay_after_epoch": 0, "decay": 1.0, "warmup_steps": 0},
@@ -153,7 +154,7 @@ def test_bad_value_message_names_file_key_value_expected(tmp_path):
 @pytest.mark.parametrize("section, key, value, expected", [
     ("model", "hidden", "0", "an int > 0"),
     ("model", "hidden", "2.5", "an int > 0"),
-    ("model", "kind", '"gru"', 'one of "lstm_lm", "mlp"'),
+    ("model", "kind", '"gru"', 'one of "lstm_lm", "transformer_lm", "mlp"'),
     ("model", "dropout", "1.0", "a float in [0, 1)"),
     ("model", "dropout", "-0.1", "a float in [0, 1)"),
     ("model", "init_scale", "0", "a float > 0"),

@@ -1,8 +1,9 @@
 """Differentiable ops. Each Function subclass keeps forward and backward side by side;
 the lowercase functions here are the public entry points (Tensor methods call them)."""
+from disttrain.autograd.ops.attention import MaskedSoftmax, masked_softmax
 from disttrain.autograd.ops.conv import Fold, Unfold, avg_pool2d, conv2d, max_pool2d, unfold
-from disttrain.autograd.ops.elementwise import (Abs, Add, Clip, Div, Exp, Log, Maximum, Mul, Neg, Pow, Relu,
-                                                Sigmoid, Sub, Tanh, Where, sum_to, where)
+from disttrain.autograd.ops.elementwise import (Abs, Add, Clip, Div, Exp, Gelu, Log, Maximum, Mul, Neg, Pow,
+                                                Relu, Sigmoid, Sub, Tanh, Where, sum_to, where)
 from disttrain.autograd.ops.linalg import Linear, MatMul, linear, matmul
 from disttrain.autograd.ops.lstm import (LSTMCell, LSTMLayer, lstm_cell, lstm_cell_reference, lstm_layer,
                                          lstm_layer_reference)
@@ -56,6 +57,14 @@ def sigmoid(a):
 
 def relu(a):
     return Relu.apply(a)
+
+
+def gelu(a, approximate="tanh"):
+    """GELU, tanh form (torch's approximate="tanh"); the exact erf form needs an erf that NumPy lacks."""
+    if approximate != "tanh":
+        raise ValueError(f"gelu: approximate={approximate!r} is not available; only the tanh form "
+                         "(approximate='tanh', as GPT-2) is implemented")
+    return Gelu.apply(a)
 
 
 def abs(a):

@@ -179,6 +179,53 @@ class Relu(Function):
         return g * Tensor._wrap(self.xp.asarray(self.mask, dtype=g.dtype))  # asarray: 0-d masks are scalars
 
 
+class Gelu(Function):
+    """GELU in its tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): torch's
+    gelu(approximate="tanh"), the one GPT-2 uses. Backward recomputes the tanh from the saved
+    input instead of keeping a second activation; both passes work in place on their own
+    temporaries (an MLP's hidden layer is the largest activation of a Transformer block)."""
+
+    saves_inputs = (0,)
+    SCALE = math.sqrt(2 / math.pi)
+    CUBIC = 0.044715
+
+    def forward(self, a):
+        y = self._tanh_part(a)
+        y += 1
+        y *= a
+        y *= 0.5
+        return y
+
+    def backward(self, g):
+        (x,) = self.saved_inputs
+        s, k = self.SCALE, self.CUBIC
+        if grad_mode.state.enabled:  # create_graph: differentiable ops
+            t = (s * (x + k * x * x * x)).tanh()
+            return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * s * (1 + 3 * k * x * x))
+        x = x.data
+        t = self._tanh_part(x)
+        slope = x * x                # 0.5 x (1 - t^2) s (1 + 3k x^2): the tanh argument's derivative part
+        slope *= 3 * k * s
+        slope += s
+        slope *= x
+        slope *= 0.5
+        slope *= 1 - t * t
+        t += 1                       # + 0.5 (1 + t)
+        t *= 0.5
+        t += slope
+        t *= g.data
+        return _wrap_array(t)
+
+    def _tanh_part(self, x):
+        """tanh(s (x + k x^3)) as a new array."""
+        inner = self.xp.asarray(x * x)  # asarray: NumPy makes 0-d products scalars, which out= refuses
+        inner *= self.CUBIC
+        inner += 1
+        inner *= x
+        inner *= self.SCALE
+        return self.xp.tanh(inner, out=inner)
+
+
 class Abs(Function):
     def forward(self, a):
         self.sign = self.xp.sign(a)

@@ -1,5 +1,5 @@
 """Layers: one concept per module, PyTorch's weight layouts and default initialisations."""
-from disttrain.nn.layers.activation import ReLU, Sigmoid, Tanh
+from disttrain.nn.layers.activation import GELU, ReLU, Sigmoid, Tanh
 from disttrain.nn.layers.conv import Conv2d
 from disttrain.nn.layers.dropout import Dropout
 from disttrain.nn.layers.embedding import Embedding

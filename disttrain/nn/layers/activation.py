@@ -20,3 +20,20 @@ class Sigmoid(Module):
 
     def forward(self, x):
         return F.sigmoid(x)
+
+
+class GELU(Module):
+    """GELU, tanh form: torch.nn.GELU(approximate="tanh") (the exact erf form is not available)."""
+
+    def __init__(self, approximate="tanh"):
+        super().__init__()
+        if approximate != "tanh":
+            raise ValueError(f"GELU: approximate={approximate!r} is not available; only the tanh form "
+                             "(approximate='tanh') is implemented")
+        self.approximate = approximate
+
+    def forward(self, x):
+        return F.gelu(x, self.approximate)
+
+    def extra_repr(self):
+        return f"approximate={self.approximate!r}"

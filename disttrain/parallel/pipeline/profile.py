@@ -8,7 +8,8 @@ Three passes over the chain, each block fed the previous block's output (detache
 block's backward stops at its own input, as it does at a stage boundary):
   1. memory: a MemoryMeter around each block's forward gives the bytes its graph keeps for
      backward plus its output (`activation_bytes`);
-  2. ops: every Function.apply in the forward is timed and recorded with the block it ran in;
+  2. ops: every Function.apply in the forward is timed and recorded with the block it ran in
+     (an op observer, disttrain.autograd.observe);
   3. timing: `repeats` rounds of all forwards, then all backwards in reverse (a step's order:
      what each block finds in the caches is realistic); the median (or min) of each kept.
 NOTE: profiling leaves no trace in the model: gradients and the random generators are restored.
@@ -20,7 +21,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from disttrain.autograd.function import Function
+from disttrain.autograd.observe import observe_ops
 from disttrain.nn.module import Module
 from disttrain.parallel.pipeline.blocks import blocks_of, split_state
 from disttrain.tensor import dtypes
@@ -161,9 +162,10 @@ def _record_ops(blocks, x, states, loss_fn):
     each block's output (shape, bytes)."""
     records, outputs, where = [], [], [None]
 
-    def on_op(cls, seconds, out):
-        arrays = out if isinstance(out, tuple) else (out,)
-        records.append(OpRecord(cls.__name__, where[0], seconds, sum(t.data.nbytes for t in arrays)))
+    def on_op(call):  # ops inside another op's forward (a checkpoint's first run) count toward that op
+        if call.depth == 0:
+            records.append(OpRecord(call.op.__name__, where[0], call.seconds,
+                                    sum(t.data.nbytes for t in call.outputs)))
 
     with observe_ops(on_op):
         for i, (name, block) in enumerate(blocks):
@@ -245,36 +247,6 @@ def _grads_kept(params):
     finally:
         for p, g in zip(params, saved):
             p.grad = g
-
-
-@contextmanager
-def observe_ops(on_op):
-    """Call on_op(op class, seconds, output tensor(s)) after every outermost Function.apply inside the block.
-
-    NOTE: Function.apply is swapped for a timing wrapper only inside the block (every op is
-    called as `SomeOp.apply`, looked up on the class each time), so the engine's hot path pays
-    nothing when no profile runs. Ops applied inside another op's forward (activation
-    checkpointing's recomputation) count toward the outer op only.
-    """
-    original = Function.__dict__["apply"]
-    run, depth = original.__func__, [0]
-
-    def apply(cls, *inputs, **params):
-        depth[0] += 1
-        start = time.perf_counter()
-        try:
-            out = run(cls, *inputs, **params)
-        finally:
-            depth[0] -= 1
-        if depth[0] == 0:
-            on_op(cls, time.perf_counter() - start, out)
-        return out
-
-    Function.apply = classmethod(apply)
-    try:
-        yield
-    finally:
-        Function.apply = original
 
 
 # ---- printing ------------------------------------------------------------------------------------
