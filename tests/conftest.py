@@ -2,6 +2,8 @@
 import numpy as np
 import pytest
 
+from disttrain.checkpointing.checkpoint import Checkpoint
+
 WORDS = ("the a cat dog sat on mat ran far and then it was good bad big small red fox jumps over lazy "
          "quick brown end begin loop step time").split()
 
@@ -21,3 +23,22 @@ def _make_text(n_chars=3000, seed=0):
 def make_text():
     """make_text(n_chars=3000, seed=0) -> a few KB of generated text for tiny char-level jobs."""
     return _make_text
+
+
+def _checkpoint_nodes(t):
+    """Number of Checkpoint nodes in t's graph."""
+    seen, stack, count = set(), [t.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        count += isinstance(node, Checkpoint)
+        stack += [e[0] for e in node.next_edges if e is not None]
+    return count
+
+
+@pytest.fixture
+def checkpoint_nodes():
+    """checkpoint_nodes(t) -> how many checkpointed calls t's graph records."""
+    return _checkpoint_nodes
