@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from disttrain.autograd import grad_mode
 from disttrain.checkpointing.checkpoint import Checkpoint
 
 WORDS = ("the a cat dog sat on mat ran far and then it was good bad big small red fox jumps over lazy "
@@ -17,6 +18,19 @@ def _make_text(n_chars=3000, seed=0):
         out.append(sentence)
         size += len(sentence)
     return "".join(out)[:n_chars]
+
+
+@pytest.fixture(autouse=True)
+def grad_mode_is_restored(request):
+    """Fail the test that leaves grad mode off (and switch it back on), not the unrelated tests after it.
+
+    Grad mode is one flag per process; parameter servers run in threads of the test process here, and two
+    of them updating at once (each inside no_grad) can restore each other's saved mode out of order."""
+    yield
+    if not grad_mode.is_grad_enabled():
+        grad_mode.set_grad_enabled(True)
+        pytest.fail(f"{request.node.nodeid} left grad mode off (no_grad entered and exited out of order, "
+                    f"e.g. by two threads at once)", pytrace=False)
 
 
 @pytest.fixture

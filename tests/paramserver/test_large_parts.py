@@ -128,10 +128,10 @@ def test_reads_during_many_updates_are_each_one_version():
 
 # ------------------------------------------------------------------------------------------ snapshots
 
-def run_and_snapshot(paths, layout, initial, pushes):
-    """The servers of `layout`, server i snapshotting to paths[i]: apply `pushes` from one worker, then stop
-    (which snapshots)."""
-    with running_servers(layout, initial, sgd_factory(lr=0.5), snapshot_paths=paths) as (_, endpoints):
+def run_and_snapshot(path, layout, initial, pushes):
+    """The one server of `layout` snapshotting to `path`: apply `pushes` from one worker, then stop (which
+    snapshots)."""
+    with running_servers(layout, initial, sgd_factory(lr=0.5), snapshot_paths=[path]) as (_, endpoints):
         targets = [np.zeros(p.size, p.dtype) for p in layout.params]
         client = PSClient(endpoints, layout, WRITER, heartbeat_interval=0, server_timeout=60.0)
         try:
@@ -150,7 +150,7 @@ def gradients(layout, n):
 
 def test_snapshot_of_large_parts_resumes_on_the_same_setup(tmp_path):
     path = tmp_path / "server-0.snap"
-    at_stop = run_and_snapshot([path], LAYOUT, INITIAL, gradients(LAYOUT, 3))
+    at_stop = run_and_snapshot(path, LAYOUT, INITIAL, gradients(LAYOUT, 3))
     with running_servers(LAYOUT, INITIAL, sgd_factory(lr=0.5), snapshot_paths=[path]) as ((server,), endpoints):
         assert server.updates == 3
         watcher = observer(endpoints, LAYOUT)
@@ -171,11 +171,12 @@ def test_a_snapshot_from_another_setup_is_refused(tmp_path, setup):
     # two equal big parameters: with two servers each server holds one part of the same shape
     layout2 = Layout([ParamSpec("u", (BIG,), "<f4"), ParamSpec("v", (BIG,), "<f4")], 2, limit=BIG)
     initial2 = [np.zeros(BIG, "<f4"), np.ones(BIG, "<f4")]
-    paths = [tmp_path / "server-0.snap", tmp_path / "server-1.snap"]
-    run_and_snapshot(paths, layout2, initial2, gradients(layout2, 1))
+    config = ServerConfig(snapshot_path=tmp_path / "server-0.snap", log_every=0)
+    # server 0's snapshot, written without serving: two servers in threads of one process would share its
+    # grad mode, which is one flag per process (disttrain.autograd.grad_mode)
+    ParameterServer(0, layout2, initial2, sgd_factory(lr=0.5), config, log=lambda text: None).snapshot()
     index, layout = {"renamed parameters": (0, renamed(layout2)),
                      "other server index": (1, layout2),
                      "other server count": (0, Layout(layout2.params, 1, limit=BIG))}[setup]
-    config = ServerConfig(snapshot_path=paths[0], log_every=0)                  # server 0's snapshot
     with pytest.raises(SnapshotError, match="written by another setup"):
         ParameterServer(index, layout, initial2, sgd_factory(lr=0.5), config, log=lambda text: None)
