@@ -1,9 +1,33 @@
-"""Fixtures shared by every test package."""
+"""Fixtures shared by every test package, and the skip policy's hooks (tests/skip_policy.py)."""
 import numpy as np
 import pytest
 
+import skip_policy
+
 from disttrain.autograd import grad_mode
 from disttrain.checkpointing.checkpoint import Checkpoint
+
+def pytest_addoption(parser):
+    parser.addoption("--require-tools", action="store_true", default=False,
+                     help="fail tests skipped for a missing tool or data set (as CI=true and "
+                          "DISTTRAIN_REQUIRE_ALL=1 do)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    skip_policy.fail_if_required(outcome.get_result(), item.config)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    skip_policy.fail_if_required(outcome.get_result(), collector.config)
+
+
+def pytest_terminal_summary(terminalreporter):
+    skip_policy.record(terminalreporter)
+
 
 WORDS = ("the a cat dog sat on mat ran far and then it was good bad big small red fox jumps over lazy "
          "quick brown end begin loop step time").split()
