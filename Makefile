@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: run test test-gpu bench clean
+.PHONY: run test test-gpu bench mutate clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: $(VENV)/.test
 	$(VENV)/bin/mpiexec -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
 	$(VENV)/bin/mpiexec -n 4 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
 	@$(PY) tests/skip_policy.py $$DISTTRAIN_SKIP_LOG
+
+# mutation testing (tools/mutate.py, docs/TESTING.md): hours for every module; pick some and sample, e.g.
+#   make mutate MODULES="parallel/buckets.py autograd/ops" MUTATE_ARGS="--sample 100"
+mutate: $(VENV)/.test
+	nice -n 10 $(PY) tools/mutate.py $(MODULES) $(MUTATE_ARGS)
 
 # on a machine with an NVIDIA GPU: the gpu-marked tests and the GPU benchmarks
 test-gpu: $(VENV)/.test
