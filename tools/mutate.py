@@ -48,18 +48,13 @@ def mpi(ranks, *args):
 # module -> (source globs, test steps): the tests that exercise the module, fastest killers first
 MODULES = {
     "autograd/ops": (["disttrain/autograd/ops/*.py"],
-                     [pytest("tests/autograd", "tests/nn/test_nn_functional.py", "tests/train/test_lstm_layer.py",
-                             "tests/nn/test_layers_vs_torch.py")]),
+                     [pytest("tests/autograd", "tests/train/test_lstm_layer.py")]),
     "parallel/buckets.py": (["disttrain/parallel/buckets.py"],
                             [pytest("tests/parallel/test_parallel_units.py"),
-                             mpi(2, "tests/mpi/test_data_parallel.py", "tests/mpi/test_checkpointed_data_parallel.py"),
-                             mpi(4, "tests/mpi/test_data_parallel.py")]),
+                             mpi(2, "tests/mpi/test_data_parallel.py", "tests/mpi/test_checkpointed_data_parallel.py")]),
     "parallel/pipeline/strategy.py": (["disttrain/parallel/pipeline/strategy.py"],
                                       [mpi(2, "tests/mpi/test_pipeline_replica_mean.py",
-                                           "tests/mpi/test_pipeline_trainer.py"),
-                                       mpi(4, "tests/mpi/test_pipeline_replica_mean.py",
-                                           "tests/mpi/test_pipeline_trainer.py"),
-                                       pytest("tests/parallel/test_pipeline_jobs.py")]),
+                                           "tests/mpi/test_pipeline_trainer.py")]),
     "parallel/pipeline/schedule.py": (["disttrain/parallel/pipeline/schedule.py"],
                                       [pytest("tests/parallel/test_pipeline_schedule.py"),
                                        mpi(2, "tests/mpi/test_pipeline.py", "tests/mpi/test_pipeline_trainer.py"),
@@ -275,8 +270,12 @@ def run_step(step, workspace, env, timeout):
         output, _ = proc.communicate(timeout=timeout)
         return proc.returncode == 0, time.monotonic() - started, output[-2000:]
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)                      # mpiexec and its ranks too
-        proc.communicate()
+        proc.terminate()                            # mpiexec passes it on to its ranks
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
         return None, time.monotonic() - started, ""
 
 
