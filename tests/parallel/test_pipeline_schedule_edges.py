@@ -23,3 +23,23 @@ def test_simulate_costs_a_forward_1_and_a_backward_2_by_default():
     default, explicit = simulate("gpipe", 2, 3), simulate("gpipe", 2, 3, forward_cost=1, backward_cost=2)
     assert default["makespan"] == explicit["makespan"] == 3 * (3 + 2 - 1)
     assert default["bubble"] == explicit["bubble"]
+
+
+def test_simulate_charges_forwards_and_backwards_their_own_costs():
+    result = simulate("1f1b", 2, 2, forward_cost=1, backward_cost=5)
+    for spans in result["timeline"]:
+        for action, start, end in spans:
+            assert end - start == (1 if action.kind == "F" else 5), (action, start, end)
+
+
+def test_a_deadlock_after_one_stage_finished_names_only_the_stuck_stages(monkeypatch):
+    import disttrain.parallel.pipeline.schedule as schedule
+    plain = schedule.stage_actions
+
+    def last_stage_waits_forever(kind, stages, micro, stage):      # a forward nobody upstream ever makes
+        actions = plain(kind, stages, micro, stage)
+        return actions + [Action("F", 99)] if stage == stages - 1 else actions
+
+    monkeypatch.setattr(schedule, "stage_actions", last_stage_waits_forever)
+    with pytest.raises(schedule.ScheduleDeadlock, match=r"at \{1: F99\}$"):
+        simulate("gpipe", 2, 2)
