@@ -45,18 +45,25 @@ def mpi(ranks, *args):
     return ("mpi", ranks, args)
 
 
-# module -> (source globs, test steps): the tests that exercise the module, fastest killers first
+# module -> (source globs, test steps): the tests that exercise the module, the quickest killers first; a
+# mutant stops at the first failing step, so only the survivors of the early steps pay for the slow last ones
 MODULES = {
     "autograd/ops": (["disttrain/autograd/ops/*.py"],
-                     [pytest("tests/autograd", "tests/train/test_lstm_layer.py")]),
+                     [pytest("tests/autograd", "tests/train/test_lstm_layer.py"),
+                      pytest("tests/nn/test_nn_functional.py", "tests/nn/test_layers_vs_torch.py")]),
     "parallel/buckets.py": (["disttrain/parallel/buckets.py"],
-                            [pytest("tests/parallel/test_parallel_units.py"),
-                             mpi(2, "tests/mpi/test_data_parallel.py", "tests/mpi/test_checkpointed_data_parallel.py")]),
+                            [pytest("tests/parallel/test_parallel_units.py", "tests/parallel/test_reducer_one_rank.py"),
+                             mpi(2, "tests/mpi/test_data_parallel.py", "tests/mpi/test_checkpointed_data_parallel.py",
+                                 "tests/mpi/test_reducer_modes.py"),
+                             mpi(4, "tests/mpi/test_data_parallel.py")]),
     "parallel/pipeline/strategy.py": (["disttrain/parallel/pipeline/strategy.py"],
-                                      [mpi(2, "tests/mpi/test_pipeline_replica_mean.py",
+                                      [mpi(2, "tests/mpi/test_pipeline_replica_mean.py", "tests/mpi/test_pipeline_clip.py",
+                                           "tests/mpi/test_pipeline_trainer.py"),
+                                       mpi(4, "tests/mpi/test_pipeline_replica_mean.py",
                                            "tests/mpi/test_pipeline_trainer.py")]),
     "parallel/pipeline/schedule.py": (["disttrain/parallel/pipeline/schedule.py"],
-                                      [pytest("tests/parallel/test_pipeline_schedule.py"),
+                                      [pytest("tests/parallel/test_pipeline_schedule.py",
+                                              "tests/parallel/test_pipeline_schedule_edges.py"),
                                        mpi(2, "tests/mpi/test_pipeline.py", "tests/mpi/test_pipeline_trainer.py"),
                                        mpi(4, "tests/mpi/test_pipeline.py")]),
     "paramserver/server.py": (["disttrain/paramserver/server.py"], [pytest("tests/paramserver")]),
