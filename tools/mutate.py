@@ -54,7 +54,7 @@ MODULES = {
     "parallel/buckets.py": (["disttrain/parallel/buckets.py"],
                             [pytest("tests/parallel/test_parallel_units.py", "tests/parallel/test_reducer_one_rank.py"),
                              mpi(2, "tests/mpi/test_data_parallel.py", "tests/mpi/test_checkpointed_data_parallel.py",
-                                 "tests/mpi/test_reducer_modes.py"),
+                                 "tests/mpi/test_reducer_modes.py", "tests/mpi/test_bucket_refill.py"),
                              mpi(4, "tests/mpi/test_data_parallel.py")]),
     "parallel/pipeline/strategy.py": (["disttrain/parallel/pipeline/strategy.py"],
                                       [mpi(2, "tests/mpi/test_pipeline_replica_mean.py", "tests/mpi/test_pipeline_clip.py",
