@@ -206,7 +206,7 @@ class _Finder(ast.NodeVisitor):
         value = node.value
         if isinstance(value, bool):
             self.add(*self.span(node), str(not value), "boolean constant")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        elif isinstance(value, (int, float)):
             self.add(*self.span(node), repr(value + 1), "number")
 
     def visit_Break(self, node):
