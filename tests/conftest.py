@@ -1,6 +1,33 @@
-"""Fixtures shared by every test package."""
+"""Fixtures shared by every test package, and the skip policy's hooks (tests/skip_policy.py)."""
 import numpy as np
 import pytest
+
+import skip_policy
+
+from disttrain.autograd import grad_mode
+from disttrain.checkpointing.checkpoint import Checkpoint
+
+def pytest_addoption(parser):
+    parser.addoption("--require-tools", action="store_true", default=False,
+                     help="fail tests skipped for a missing tool or data set (as CI=true and "
+                          "DISTTRAIN_REQUIRE_ALL=1 do)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    skip_policy.fail_if_required(outcome.get_result(), item.config)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    skip_policy.fail_if_required(outcome.get_result(), collector.config)
+
+
+def pytest_terminal_summary(terminalreporter):
+    skip_policy.record(terminalreporter)
+
 
 WORDS = ("the a cat dog sat on mat ran far and then it was good bad big small red fox jumps over lazy "
          "quick brown end begin loop step time").split()
@@ -17,6 +44,19 @@ def _make_text(n_chars=3000, seed=0):
     return "".join(out)[:n_chars]
 
 
+@pytest.fixture(autouse=True)
+def grad_mode_is_restored(request):
+    """Fail the test that leaves grad mode off (and switch it back on), not the unrelated tests after it.
+
+    Grad mode is one flag per process; parameter servers run in threads of the test process here, and two
+    of them updating at once (each inside no_grad) can restore each other's saved mode out of order."""
+    yield
+    if not grad_mode.is_grad_enabled():
+        grad_mode.set_grad_enabled(True)
+        pytest.fail(f"{request.node.nodeid} left grad mode off (no_grad entered and exited out of order, "
+                    f"e.g. by two threads at once)", pytrace=False)
+
+
 @pytest.fixture
 def make_text():
     """make_text(n_chars=3000, seed=0) -> a few KB of generated text for tiny char-level jobs."""
@@ -25,8 +65,6 @@ def make_text():
 
 def _checkpoint_nodes(t):
     """Number of Checkpoint nodes in t's graph."""
-    from disttrain.checkpointing.checkpoint import Checkpoint
-
     seen, stack, count = set(), [t.grad_fn], 0
     while stack:
         node = stack.pop()

@@ -64,26 +64,36 @@ def test_lstm_option_off_or_no_grad_or_eval_records_no_checkpoint(checkpoint_nod
         nn.LSTM(3, 4, checkpoint_segments=0)
 
 
-def test_apply_to_lstm_language_model():
+def test_apply_to_lstm_language_model(checkpoint_nodes):
     dt.manual_seed(0)
     model = LSTMLanguageModel(vocab_size=20, hidden=8, layers=2, dropout=0.25).double()
     tokens = dt.tensor(np.random.default_rng(0).integers(0, 20, (30, 3)))
     targets = dt.tensor(np.random.default_rng(1).integers(0, 20, 90))
+    nodes = {}
 
     def grads():
         model.zero_grad()
         dt.manual_seed(5)
         logits, _ = model(tokens)
-        nn.functional.cross_entropy(logits, targets).backward()
+        loss = nn.functional.cross_entropy(logits, targets)
+        nodes["forward"] = checkpoint_nodes(loss)
+        nodes["forward_loss"] = checkpoint_nodes(model.forward_loss(tokens, tokens)[0])
+        loss.backward()
         return [p.grad.numpy().copy() for p in model.parameters()]
 
     plain = grads()
+    assert nodes == {"forward": 0, "forward_loss": 0}
     assert apply_activation_checkpointing(model, "sqrt") is model
     assert model.checkpoint_segments == model.lstm.checkpoint_segments == "sqrt"
     ckpt = grads()
+    # 30 steps: round(sqrt(30)) = 5 segments, the last one plain; forward checkpoints each LSTM layer's
+    # steps, forward_loss whole-model time segments
+    assert nodes == {"forward": 2 * 4, "forward_loss": 4}
     assert max(float(np.abs(a - b).max()) for a, b in zip(plain, ckpt)) <= 1e-12
     apply_activation_checkpointing(model, "none")
     assert model.checkpoint_segments is None and model.lstm.checkpoint_segments is None
+    grads()
+    assert nodes == {"forward": 0, "forward_loss": 0}
 
 
 def test_apply_to_sequential_and_to_a_model_holding_one(checkpoint_nodes):

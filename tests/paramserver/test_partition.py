@@ -102,6 +102,8 @@ def test_a_ten_second_partition_costs_time_and_nothing_else(two_hosts, ps_job, t
             workers.append(start(worker_ns, ["ps-worker", str(job), "--id", str(k), "--connect", endpoints,
                                              "--keys", str(keys), "--out", str(out)], logs / f"worker-{k}.log"))
         wait_for(lambda: train_steps(out / "metrics.jsonl"), "training to start", procs=servers + workers)
+        wait_for(lambda: all(f"worker {k} joined" in (logs / f"server-{i}.log").read_text()
+                             for i in range(2) for k in range(2)), "both workers to join", procs=servers + workers)
 
         ip("-n", worker_ns, "link", "set", worker_if, "down")          # the cable is cut
         cut_at_step = max(train_steps(out / "metrics.jsonl"))
