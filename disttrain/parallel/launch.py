@@ -30,10 +30,11 @@ def strategy_for(spec):
     if spec.parallel.mode == "local" and launched_size() > 1:
         raise JobSpecError(f'{spec.source}: [parallel] mode = "local" but {launched_size()} processes were '
                            f'launched; set mode = "data" (--set parallel.mode=data) or run one process')
+    if spec.parallel.mode not in ("data", "pipeline"):
+        return None
     if spec.parallel.mode == "pipeline":
         return _pipeline_strategy(spec)
-    if spec.parallel.mode != "data":
-        return None
+    world().set_timeout(spec.parallel.timeout_s)
     from disttrain.parallel.strategy import DataParallelStrategy
 
     return DataParallelStrategy(world(), bucket_mb=spec.parallel.bucket_mb, overlap=spec.parallel.overlap)
@@ -53,6 +54,7 @@ def _pipeline_strategy(spec):
                            f"([data] batch_size = {batch} / {replicas})")
     from disttrain.parallel.pipeline.strategy import PipelineStrategy
 
+    world().set_timeout(spec.parallel.timeout_s)
     return PipelineStrategy.from_spec(spec, world())
 
 

@@ -56,13 +56,13 @@ class MPIStrategy(LocalStrategy):
     def reduce_mean(self, value):
         """The mean of a float over all ranks (one 8-byte Allreduce)."""
         buf = np.array([value], dtype=np.float64)
-        self.comm.Allreduce(buf)
+        self.comm.Allreduce(buf, what="allreduce of a logged metric")
         return float(buf[0]) / self.comm.size
 
     def reduce_sum(self, values):
         """Element-wise sums of floats over the data group (token-weighted evaluation: loss sum, token count)."""
         buf = np.array(values, dtype=np.float64)
-        self.data_group.Allreduce(buf)
+        self.data_group.Allreduce(buf, what="allreduce of evaluation sums")
         return buf.tolist()
 
     def any(self, flag):
@@ -72,7 +72,7 @@ class MPIStrategy(LocalStrategy):
     def barrier(self):
         """Wait until every rank gets here."""
         with trace.span("barrier"):
-            self.comm.Barrier()
+            self.comm.Barrier(what="barrier")
 
 
 class DataParallelStrategy(MPIStrategy):
@@ -122,7 +122,7 @@ class DataParallelStrategy(MPIStrategy):
         """Every rank's share of a per-stream array side by side along `axis` (a collective; NumPy arrays):
         e.g. the carried LSTM state (layers, B/N, hidden) -> (layers, B, hidden), for a job checkpoint."""
         array = np.ascontiguousarray(array)
-        table = self.comm.Allgather(array)
+        table = self.comm.Allgather(array, what="allgather of the carried state")
         return np.concatenate(list(table), axis=axis)
 
     def shard_batch(self, array, axis=1):

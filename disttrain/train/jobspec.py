@@ -282,6 +282,9 @@ SCHEMA = {
         Field("split_points", SplitPoints(), None,
               "pipeline: blocks where stages 1..K-1 start, overriding the balancer (unset = balanced)"),
         Field("stage_checkpointing", Bool(), False, "pipeline: recompute each stage's activations in backward"),
+        Field("timeout_s", Float(gt=0), 300.0,
+              "data, pipeline: seconds a rank waits in one collective or message before the job reports which "
+              "ranks did not arrive and aborts (README: A hung rank)"),
     ),
     "ps": (   # parameter-server mode (disttrain/paramserver, docs/PARAMSERVER.md)
         Field("servers", _POS, 1, "parameter-server processes (each owns a share of every large tensor)"),

@@ -127,6 +127,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self, inputs, targets):
         """One TBPTT segment: inputs, targets np.int64 (T, B). Returns (mean loss, grad norm before clipping)."""
+        trace.set_step(self.step + 1)              # names this step in traces and watchdog messages
         # 1-2. forward from the carried state, loss, backward (a pipeline strategy runs them through its stages)
         self.optimizer.zero_grad()
         loss, hidden = self.strategy.forward_backward(self, inputs, targets)
@@ -264,6 +265,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, split):
         """Token-weighted mean loss over the whole split, under no_grad in eval mode -> EvalResult."""
+        with trace.phase(f"eval {split}"):            # labels its spans in traces and watchdog messages
+            return self._evaluate(split)
+
+    def _evaluate(self, split):
         ids = self.corpus.split(split)
         batch = max(1, min(EVAL_BATCH_SIZE, ids.size // 2))
         streams = self.strategy.shard_eval(batchify(ids, batch))     # data parallel: each rank its columns

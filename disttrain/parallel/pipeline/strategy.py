@@ -89,7 +89,8 @@ class PipelineStrategy(MPIStrategy):
         layout = None
         if self.comm.rank == 0:
             layout = self._partition(model).to_dict()
-        self.partition = Partition.from_dict(self.comm.bcast_object(layout, root=0))
+        self.partition = Partition.from_dict(self.comm.bcast_object(layout, root=0,
+                                                                    what="broadcast of the partition"))
         self.stage_module = self.partition.build_stage(model, self.stage)
         _release_other_stages(model, self.stage_module)
         self.link = StageLink(self.pipe, self.stage, self.stages, xp=_array_module(model))
@@ -134,7 +135,7 @@ class PipelineStrategy(MPIStrategy):
         """The last stage's loss on every stage of the pipe (one 8-byte Bcast)."""
         buf = np.array([loss if loss is not None else 0.0], dtype=np.float64)
         with trace.span("broadcast loss", lane="comm"):
-            self.pipe.Bcast(buf, root=self.stages - 1)
+            self.pipe.Bcast(buf, root=self.stages - 1, what="broadcast of the loss from the last stage")
         return float(buf[0])
 
     def sync_gradients(self, params):
@@ -147,7 +148,7 @@ class PipelineStrategy(MPIStrategy):
                 same = [g for g in grads if g.dtype == dtype]
                 xp = same[0].backend.xp
                 flat = xp.concatenate([g.data.reshape(-1) for g in same])
-                self.stage_group.Allreduce(flat)
+                self.stage_group.Allreduce(flat, what=f"allreduce of stage {self.stage}'s gradients")
                 flat /= self.replicas
                 offset = 0
                 for g in same:
@@ -159,7 +160,7 @@ class PipelineStrategy(MPIStrategy):
         grads = [p.grad for p in params if p.grad is not None]
         local = _grad_norm(grads, 2.0) if grads else 0.0
         squares = np.array([local * local], dtype=np.float64)
-        self.pipe.Allreduce(squares)
+        self.pipe.Allreduce(squares, what="allreduce of the squared gradient norm")
         total = math.sqrt(float(squares[0]))
         coef = float(max_norm) / (total + 1e-6)
         if coef < 1.0 and grads:       # clip_grad_norm_ scales by its max_norm / (local + 1e-6): make that coef
@@ -199,7 +200,7 @@ class PipelineStrategy(MPIStrategy):
                 continue
             for part, label in enumerate("hc"):
                 mine = np.concatenate([s[i][part].numpy() for s in states], axis=0)     # (B/D, H)
-                table = self.stage_group.Allgather(np.ascontiguousarray(mine))
+                table = self.stage_group.Allgather(np.ascontiguousarray(mine), what="allgather of the carried state")
                 out[f"hidden.{name}.{label}"] = np.concatenate(list(table), axis=0)
         return out
 
@@ -216,16 +217,18 @@ class PipelineStrategy(MPIStrategy):
         The names, shapes and dtypes go as small metadata (gather_object), the arrays as plain buffers."""
         if self.replica != 0:
             return None
-        catalog = self.pipe.gather_object(([(n, a.shape, a.dtype.str) for n, a in arrays.items()], scalars), root=0)
+        catalog = self.pipe.gather_object(([(n, a.shape, a.dtype.str) for n, a in arrays.items()], scalars), root=0,
+                                          what="gather of the checkpoint's array list")
         if self.stage != 0:
             for array in arrays.values():
-                self.pipe.Send(np.ascontiguousarray(array), dest=0, tag=_PARAM_TAG)
+                self.pipe.Send(np.ascontiguousarray(array), dest=0, tag=_PARAM_TAG, what="checkpoint send")
             return None
         merged, merged_scalars = dict(arrays), dict(scalars)
         for k in range(1, self.stages):
             names, their_scalars = catalog[k]
             for name, shape, dtype in names:
-                merged[name] = self.pipe.Recv(np.empty(shape, dtype=dtype), source=k, tag=_PARAM_TAG)
+                merged[name] = self.pipe.Recv(np.empty(shape, dtype=dtype), source=k, tag=_PARAM_TAG,
+                                              what="checkpoint receive")
             merged_scalars.update(their_scalars)
         return merged, merged_scalars
 
