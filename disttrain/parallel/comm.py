@@ -158,9 +158,10 @@ class Handle:
                     self._mark_done()
         return self.done
 
-    def wait(self):
+    def wait(self, sleep=None):
+        """sleep: seconds between tests while a watchdog bounds the wait (default: its own choice)."""
         if not self.done and self.watchdog is not None:
-            self.watchdog.wait(self, self.op)
+            self.watchdog.wait(self, self.op, sleep)
         if not self.done:
             with _LOCK:
                 if not self.done:

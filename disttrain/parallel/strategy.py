@@ -19,7 +19,8 @@ from disttrain import trace
 from disttrain.parallel.comm import any_rank, world
 from disttrain.parallel.data_parallel import DataParallel, broadcast_tensors, verify_same_model
 from disttrain.parallel.buckets import Reducer
-from disttrain.train.strategy import LocalStrategy
+from disttrain.parallel.launch import local_size
+from disttrain.train.strategy import LocalStrategy, describe_threads
 
 __all__ = ["DataParallelStrategy", "MPIStrategy"]
 
@@ -68,6 +69,17 @@ class MPIStrategy(LocalStrategy):
     def any(self, flag):
         """True on every rank when `flag` is true on some rank."""
         return any_rank(self.comm, flag)
+
+    def describe(self, spec):
+        batch, shares = spec.data.batch_size, self.data_group.size
+        return [f"{self.name} parallel: {_ranks(self.comm.size)} ({local_size()} on this node), "
+                f"{batch // shares} of the batch's {batch} streams per rank, {describe_threads(spec)} per rank; "
+                f"{self._waits()}"]
+
+    def _waits(self):
+        timeout = self.comm.watchdog.timeout_s if self.comm.watchdog is not None else None
+        return ("no bound on waits" if timeout is None else
+                f"a rank waits at most {timeout:g} s for the others ([parallel] timeout_s)")
 
     def barrier(self):
         """Wait until every rank gets here."""
@@ -136,3 +148,7 @@ class DataParallelStrategy(MPIStrategy):
         if self.reducer is not None:
             self.reducer.close()
             self.reducer = None
+
+
+def _ranks(n):
+    return f"{n} rank{'s' if n != 1 else ''}"

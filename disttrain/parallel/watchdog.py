@@ -86,8 +86,9 @@ class Watchdog:
             return self._grace_s
         return min(10.0, max(2.0, 0.1 * (self.timeout_s or 0)))
 
-    def wait(self, handle, op):
-        """Test `handle` until it completes; past timeout_s (or on another rank's report) report and abort."""
+    def wait(self, handle, op, sleep=None):
+        """Test `handle` until it completes; past timeout_s (or on another rank's report) report and abort.
+        sleep: seconds between tests (default: none for a second, then a millisecond)."""
         start = time.monotonic()
         deadline = None if self.timeout_s is None else start + self.timeout_s
         next_check = start + _SERVE_INTERVAL
@@ -101,7 +102,7 @@ class Watchdog:
                     self.expire(op, waited, notice)
             if deadline is not None and now >= deadline:
                 self.expire(op, waited)
-            time.sleep(_SLEEP if waited > _SPIN else 0)
+            time.sleep(sleep or (_SLEEP if waited > _SPIN else 0))
 
     # ---- after a time-out ------------------------------------------------------------------------
     def expire(self, op, waited, notice=None):

@@ -523,7 +523,7 @@ def _build(data, overrides, source):
             out[f.name] = default
 
     if not errors:
-        errors += _pipeline_problems(resolved, origins, source)
+        errors += _pipeline_problems(resolved, origins, source) + _data_problems(resolved, origins, source)
     if errors:
         raise JobSpecError("\n".join(errors), errors)
     return JobSpec(resolved, source)
@@ -544,6 +544,16 @@ def _pipeline_problems(resolved, origins, source):
         problems.append(f"{where('parallel', 'split_points')}: [parallel] split_points = "
                         f"{_toml_value(p['split_points'])}: expected stages - 1 = {p['stages'] - 1} entries")
     return problems
+
+
+def _data_problems(resolved, origins, source):
+    """A key the chosen corpus would ignore is a mistake to report, not to skip silently."""
+    data = resolved["data"]
+    if data["kind"] == "default_corpus" and data["path"] is not None:
+        return [f"{origins.get(('data', 'path'), source)}: [data] path = {_toml_value(data['path'])}: "
+                f'[data] kind = "default_corpus" reads no file (it is the corpus embedded in disttrain); remove '
+                f'the path, or set kind = "chars" (a text file) or "ptb" (a PTB directory)']
+    return []
 
 
 def _parse_value(text):

@@ -45,7 +45,7 @@ from disttrain.train.progress import Progress
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.train.strategy import LocalStrategy
 
-__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "EVAL_BATCH_SIZE"]
+__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "EVAL_BATCH_SIZE", "epoch_label"]
 
 EVAL_BATCH_SIZE = 10
 METRICS_FILE, CONFIG_FILE, CURVES_FILE = "metrics.jsonl", "config.toml", "curves.png"
@@ -345,7 +345,7 @@ class Trainer:
 
     def _epoch_label(self):
         """The 1-based epoch a step belongs to (after an epoch ends: the epoch just completed)."""
-        return self.epoch + 1 if 0 < self.train_iter.position or self.epoch == 0 else self.epoch
+        return epoch_label(self.epoch, self.train_iter.position)
 
     def elapsed(self):
         """Seconds spent in fit() so far, summed over resumed runs."""
@@ -466,6 +466,12 @@ class Trainer:
         except RuntimeError as exc:
             raise ckpt.CheckpointError(f"{checkpoint.path / ckpt.MODEL_FILE}: does not fit this job's model: "
                                        f"{exc}") from None
+
+
+def epoch_label(epochs_done, position):
+    """The 1-based epoch of the step taken last, from the epochs completed and the data cursor (back at 0
+    once an epoch ends): what logs, metrics and `disttrain eval` call it."""
+    return epochs_done + 1 if 0 < position or epochs_done == 0 else epochs_done
 
 
 def _fresh_accumulators():

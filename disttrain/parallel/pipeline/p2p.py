@@ -161,10 +161,10 @@ class StageLink:
         return buffer
 
     def _complete(self, handle):
-        if self.poll_interval and handle.watchdog is None:     # a watchdog polls (with sleeps) itself
+        if self.poll_interval and handle.watchdog is None:
             while not handle.test():
                 time.sleep(self.poll_interval)
-        handle.wait()
+        handle.wait(self.poll_interval)
 
     def _isend(self, array, dest, tag, kind):
         what = f"stage {self.stage} send of {kind}" + (f" of micro-batch {tag}" if tag != HEADER_TAG else "") + \
