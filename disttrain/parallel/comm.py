@@ -79,7 +79,8 @@ def _start_watchdog(comm):
     with _LOCK:
         private, request = comm.Idup()
     bootstrap = Watchdog(None, rank, size, _LOCK)
-    bootstrap.wait(Handle(request), operation("start-up (duplicating the world communicator)"))
+    bootstrap.wait(Handle(request), operation("start-up (duplicating the world communicator)", ("world", 0),
+                                              tuple(range(size))))
     return Watchdog(private, rank, size, _LOCK)
 
 

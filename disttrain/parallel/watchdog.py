@@ -40,6 +40,7 @@ _MESSAGE_BYTES = 2048
 _SERVE_INTERVAL = 0.05         # seconds between checks for another rank's time-out report while waiting
 _SPIN = 1.0                    # seconds of back-to-back tests before waits sleep between tests
 _SLEEP = 1e-3
+_ABORT_DELAY = 1.5             # seconds between a rank's report and its abort
 
 
 class WatchdogTimeout(RuntimeError):
@@ -107,15 +108,17 @@ class Watchdog:
     # ---- after a time-out ------------------------------------------------------------------------
     def expire(self, op, waited, notice=None):
         """Exchange positions with the live ranks, print the report, end the job (or raise)."""
-        mine = {"rank": self.rank, "what": op.label(), "key": list(op.key), "waited": waited, "timed_out": notice is None}
+        mine = {"rank": self.rank, "what": op.label(), "key": list(op.key), "waited": waited}
         positions = self._exchange(mine, notice)
         line = describe_expiry(mine, op.peers, positions, self.size, self.timeout_s, self.grace_s, notice)
         if not self.abort:
             raise WatchdogTimeout(line)
         print(line, file=sys.stderr, flush=True)
         sys.stdout.flush()
-        time.sleep(1.0 + 0.5)        # NOTE (abort delay); the extra half second lets the launcher forward output
-        self._comm.Abort(EXIT_TIMEOUT)
+        time.sleep(_ABORT_DELAY)     # NOTE (abort delay), and time for the launcher to forward the output
+        from mpi4py import MPI
+
+        (self._comm or MPI.COMM_WORLD).Abort(EXIT_TIMEOUT)
 
     def _exchange(self, mine, notice):
         """{world rank: position} of every rank that answered within grace_s (this rank's own included)."""

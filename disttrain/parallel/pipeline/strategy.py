@@ -93,11 +93,11 @@ class PipelineStrategy(MPIStrategy):
     def describe(self, spec):
         batch = spec.data.batch_size
         streams = batch // self.replicas
+        recompute = ", stage checkpointing" if self.checkpointing else ""
         return [f"pipeline: {self.comm.size} ranks ({local_size()} on this node) = {self.stages} stages x "
                 f"{self.replicas} replica{'s' if self.replicas > 1 else ''}, {streams} of the batch's {batch} streams "
                 f"per replica in {self.micro_batches} micro-batches of {streams // self.micro_batches}, schedule "
-                f"{self.schedule}{', stage checkpointing' if self.checkpointing else ''}, {describe_threads(spec)} per rank; "
-                f"{self._waits()}",
+                f"{self.schedule}{recompute}, {describe_threads(spec)} per rank; {self._waits()}",
                 *self.partition.describe().splitlines()]
 
     def parameter_count(self, model):
