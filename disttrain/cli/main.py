@@ -1,16 +1,21 @@
 """Entry point of the `disttrain` console script: one sub-command per mode of use.
 
     disttrain run JOB.toml [--set section.key=value ...] [--out DIR] [--resume | --overwrite] [--device cpu|cuda]
+                           [--trace FILE [--trace-steps A:B]]
+    disttrain launch -n N [--max-restarts R] [--restart-n M] JOB.toml [run options ...]
     disttrain eval JOB.toml --checkpoint DIR [--set section.key=value ...] [--device cpu|cuda]
     disttrain demo
 
 Exit status: 0 done, 1 failure, 2 unusable job file, options or checkpoint, or an output directory that holds an
 earlier run (the message says what and where), 3 stopped by a NaN or infinite loss, gradient norm or weight
-([train] on_nonfinite), 130 / 143 stopped by SIGINT / SIGTERM after writing a checkpoint.
+([train] on_nonfinite), 124 a rank did not arrive within [parallel] timeout_s, 130 / 143 stopped by SIGINT /
+SIGTERM after writing a checkpoint.
 """
 import argparse
 import sys
 
+from disttrain import trace
+from disttrain.cli import launch
 from disttrain.paramserver import cli as ps_cli
 
 
@@ -42,14 +47,19 @@ def build_parser():
                        help="start over in a DIR that holds an earlier run: deletes its checkpoints, metrics.jsonl "
                             "and curves.png")
     run.add_argument("--trace", metavar="FILE", help="write a Chrome trace (JSON, per-rank spans: forward, backward, "
-                     "each bucket's allreduce, optimizer step) of the run to FILE")
+                     "each bucket's allreduce, optimizer step, evaluation) of the run to FILE")
+    run.add_argument("--trace-steps", type=_step_window, metavar="A:B",
+                     help="trace only training steps A to B (and the evaluations after them)")
+    launch.register(sub)
 
     evaluate = sub.add_parser("eval", help="report valid/test perplexity of a checkpoint",
-                              description="Evaluate the weights in a job checkpoint on the valid and test splits.")
+                              description="Evaluate the weights in a job checkpoint, or a parameter-server job's "
+                                          "server snapshots, on the valid and test splits.")
     _add_job_arguments(evaluate)
     evaluate.add_argument("--checkpoint", required=True, metavar="DIR",
-                          help="a run directory (its newest checkpoint that verifies) or one checkpoint directory "
-                               "(DIR/checkpoints/step-NNNNNN)")
+                          help="a run directory (its newest checkpoint that verifies), one checkpoint directory "
+                               "(DIR/checkpoints/step-NNNNNN), or parameter-server snapshots (DIR/ps-snapshots, or a "
+                               "directory of *.snap files)")
     ps_cli.register(sub)           # ps-cluster, ps-server, ps-worker, ps-keys (disttrain/paramserver/cli.py)
     return parser
 
@@ -65,12 +75,21 @@ def main(argv=None):
 
         return run.main(args)
     if args.command == "eval":
-        from disttrain.cli import run
+        from disttrain.cli import evaluate
 
-        return run.evaluate(args)
+        return evaluate.evaluate(args)
+    if args.command == "launch":
+        return launch.main(args)
     if hasattr(args, "ps_main"):
         return ps_cli.run(args)
     return 2
+
+
+def _step_window(text):
+    try:
+        return trace.parse_steps(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 if __name__ == "__main__":

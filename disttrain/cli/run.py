@@ -1,6 +1,7 @@
-"""`disttrain run` (train a job in local mode) and `disttrain eval` (evaluate a checkpoint).
+"""`disttrain run` (train a job: local, data-parallel or pipeline mode).
 
-Both print a JobSpecError or CheckpointError as its message alone (no traceback) and exit 2.
+A JobSpecError or CheckpointError is printed as its message alone (no traceback), once (by rank 0 under
+mpiexec: every rank meets the same one), and the exit status is 2.
 """
 import signal
 import sys
@@ -8,7 +9,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from disttrain.parallel.launch import run_context, share_cores, strategy_for
+from disttrain.cli import preflight
+from disttrain.parallel.launch import launched_rank, run_context, share_cores, strategy_for
 from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.tensor.threads import blas_kernel_note
 from disttrain.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
@@ -24,9 +26,10 @@ EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 def _load_spec(args, command):
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     spec = load_job(args.job, overrides)
-    if spec.parallel.mode not in ("local", "data", "pipeline"):
-        raise JobSpecError(f'{spec.source}: [parallel] mode = "{spec.parallel.mode}": `disttrain {command}` runs '
-                           f'local, data-parallel and pipeline mode here; expected "local", "data" or "pipeline"')
+    if spec.parallel.mode == "ps" and command == "run":
+        raise JobSpecError(f'{spec.source}: [parallel] mode = "ps" is a parameter-server job: start it with '
+                           f'`disttrain ps-cluster {args.job}` (servers and workers on this machine), or ps-server and '
+                           f'ps-worker on several (docs/PARAMSERVER.md)')
     if spec.train.device == "cuda":
         from disttrain.tensor.backend import get_backend
 
@@ -38,7 +41,8 @@ def _load_spec(args, command):
 
 
 def _fail(command, exc):
-    print(f"disttrain {command}: error: {exc}", file=sys.stderr)
+    if launched_rank() == 0:                     # under mpiexec every rank meets the same error: say it once
+        print(f"disttrain {command}: error: {exc}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -47,13 +51,14 @@ def main(args):
     try:
         spec = _load_spec(args, "run")
         out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
+        corpus = preflight.check_run(args, spec, out)     # before anything large is allocated or MPI waits
         checkpoint = _checkpoint_to_resume(out) if args.resume else None
         if not args.resume and not args.overwrite:
             check_new_run(out)                   # never replace an earlier run's checkpoints silently
         share_cores()                            # N ranks on a node: cores / N threads each
         retain_freed_memory()                    # reuse each step's big arrays instead of faulting them in again
         strategy = strategy_for(spec)            # data mode (under mpirun): DataParallelStrategy, else None
-        trainer = Trainer(spec, out_dir=out, strategy=strategy, overwrite=args.overwrite)
+        trainer = Trainer(spec, out_dir=out, strategy=strategy, corpus=corpus, overwrite=args.overwrite)
         if strategy is not None:
             strategy.attach(trainer.model, trainer.optimizer)
         if checkpoint is not None:
@@ -65,7 +70,7 @@ def main(args):
     start = time.perf_counter()
     try:
         with _stop_on_signals(trainer), run_context(trainer.strategy, args.trace,
-                                                    (TrainingInterrupted, TrainingDiverged)):
+                                                    (TrainingInterrupted, TrainingDiverged), steps=args.trace_steps):
             evals = trainer.fit()
     except TrainingInterrupted as exc:
         if trainer.strategy.is_main:
@@ -103,28 +108,11 @@ def _after_divergence(exc):
             "optim.clip_norm=..., or --set train.on_nonfinite=skip)")
 
 
-def evaluate(args):
-    """disttrain eval JOB.toml --checkpoint DIR: valid and test perplexity of the checkpoint's weights."""
-    try:
-        spec = _load_spec(args, "eval")
-        checkpoint = load_checkpoint(args.checkpoint)
-        trainer = Trainer(spec, out_dir=None, progress=False)
-        trainer.load_weights(checkpoint)     # checks it was written for this job's model and data
-    except (JobSpecError, CheckpointError) as exc:
-        return _fail("eval", exc)
-    for line in checkpoint.skipped:
-        print(f"disttrain eval: {line}", file=sys.stderr)
-    print(f"checkpoint {checkpoint.path} (step {checkpoint.meta['step']}, epoch {checkpoint.meta['epoch']})")
-    evals = {split: trainer.evaluate(split) for split in ("valid", "test")}
-    _report(evals, trainer.char_level)
-    return 0
-
-
 def _describe(trainer, out, checkpoint):
     if not trainer.strategy.is_main:             # under mpirun: one description, from the process that logs
         return
     spec, corpus = trainer.spec, trainer.corpus
-    n_params = sum(p.numel() for p in trainer.params)
+    n_params = trainer.strategy.parameter_count(trainer.model)
     where = f"resuming at step {trainer.step} (epoch {trainer.epoch + 1})" if checkpoint else "starting"
     for line in (checkpoint.skipped if checkpoint else []) + trainer.resume_changes:
         print(f"disttrain run: {line}", file=sys.stderr, flush=True)
@@ -133,6 +121,7 @@ def _describe(trainer, out, checkpoint):
           f"{len(trainer.train_iter)} steps/epoch x {spec.train.epochs} epochs"
           + (f", max {spec.train.max_steps} steps" if spec.train.max_steps else "")
           + f"; device {trainer.device}; {where}; outputs in {out}/", flush=True)
+    print("\n".join(trainer.strategy.describe(spec)), flush=True)
     note = blas_kernel_note() if trainer.device == "cpu" else None
     if note:
         print(note, file=sys.stderr, flush=True)

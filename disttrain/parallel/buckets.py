@@ -169,7 +169,7 @@ class Reducer:
             self._start(buckets[self._next])
 
     def _start(self, bucket):
-        bucket.handle = self.comm.Iallreduce(bucket.flat)
+        bucket.handle = self.comm.Iallreduce(bucket.flat, what=f"allreduce of gradient bucket {bucket.index}")
         bucket.launched = True
         self._next += 1
         if self._poller is not None:

@@ -21,9 +21,19 @@ NOTE (threads): every MPI call made through this module holds one process-wide l
 progress thread tests requests while the main thread computes, and MPI forbids completing one request from
 two threads at once (and, below MPI_THREAD_MULTIPLE, any concurrent calls); the lock rules both out for the
 price of an uncontended acquire per call.
+
+NOTE (bounded waits): every operation that can block, blocking methods and object collectives included,
+starts as a non-blocking one and completes through the communicator's Watchdog (watchdog.py), which ends
+the job with a report naming the ranks that did not arrive when a wait passes its timeout (`set_timeout`;
+[parallel] timeout_s in jobs). Each operation is described for that report: what it is for (the `what`
+argument, e.g. "allreduce of gradient bucket 2"), and a key equal on every rank that takes part: the
+communicator's name and the number of collectives started on it (the same on every member, since all
+members start the same collectives in the same order), or for a message the two world ranks and its tag.
+Sub-communicators are named after their parent ("world/1:0": split 1 of world, color 0).
 """
 import contextlib
 import os
+import pickle
 import sys
 import threading
 import time
@@ -32,6 +42,7 @@ import traceback
 import numpy as np
 
 from disttrain import trace
+from disttrain.parallel.watchdog import DEFAULT_TIMEOUT_S, Watchdog, operation
 from disttrain.tensor import cuda_available
 
 __all__ = ["Communicator", "Handle", "HostStaging", "world", "abort_on_error", "cuda_aware_default"]
@@ -51,11 +62,26 @@ def _mpi():
 
 
 def world():
-    """The communicator of all processes of the job (MPI_COMM_WORLD), created once."""
+    """The communicator of all processes of the job (MPI_COMM_WORLD), created once, with a Watchdog bounding
+    its waits by DEFAULT_TIMEOUT_S (Communicator.set_timeout changes it for every communicator of the job)."""
     global _world
     if _world is None:
-        _world = Communicator(_mpi().COMM_WORLD)
+        _world = Communicator(_mpi().COMM_WORLD, watchdog=_start_watchdog(_mpi().COMM_WORLD))
     return _world
+
+
+def _start_watchdog(comm):
+    """The job's Watchdog, with a duplicate of `comm` of its own for time-out reports (a bounded collective:
+    a rank that never starts ends the job after DEFAULT_TIMEOUT_S instead of hanging it)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if size == 1:
+        return Watchdog(None, rank, size, _LOCK)
+    with _LOCK:
+        private, request = comm.Idup()
+    bootstrap = Watchdog(None, rank, size, _LOCK)
+    bootstrap.wait(Handle(request), operation("start-up (duplicating the world communicator)", ("world", 0),
+                                              tuple(range(size))))
+    return Watchdog(private, rank, size, _LOCK)
 
 
 def cuda_aware_default():
@@ -115,14 +141,16 @@ class Handle:
     `completed_at` is the trace clock when completion was first observed, for timelines.
     """
 
-    __slots__ = ("_request", "_finish", "done", "started_at", "completed_at")
+    __slots__ = ("_request", "_finish", "done", "started_at", "completed_at", "op", "watchdog")
 
-    def __init__(self, request, finish=None):
+    def __init__(self, request, finish=None, op=None, watchdog=None):
         self._request = request
         self._finish = finish
         self.done = False
         self.started_at = trace.now()
         self.completed_at = None
+        self.op = op                  # what the watchdog reports if the wait times out
+        self.watchdog = watchdog      # None: wait without a bound
 
     def test(self):
         if not self.done:
@@ -131,7 +159,10 @@ class Handle:
                     self._mark_done()
         return self.done
 
-    def wait(self):
+    def wait(self, sleep=None):
+        """sleep: seconds between tests while a watchdog bounds the wait (default: its own choice)."""
+        if not self.done and self.watchdog is not None:
+            self.watchdog.wait(self, self.op, sleep)
         if not self.done:
             with _LOCK:
                 if not self.done:
@@ -147,34 +178,63 @@ class Handle:
 
 
 class Communicator:
-    """A wrapper of one mpi4py communicator: rank, size, buffer collectives, sub-communicators, Abort."""
+    """A wrapper of one mpi4py communicator: rank, size, buffer collectives, sub-communicators, Abort.
 
-    def __init__(self, mpi_comm, cuda_aware=None):
+    name: how time-out reports call it (sub-communicators get "<parent>/<split>:<color>"); watchdog: the
+    job's Watchdog, shared with sub-communicators (None: waits are unbounded).
+    """
+
+    def __init__(self, mpi_comm, cuda_aware=None, name="world", watchdog=None):
         self._comm = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
         self.cuda_aware = cuda_aware_default() if cuda_aware is None else bool(cuda_aware)
         self._staging = HostStaging()
+        self.name = name
+        self.watchdog = watchdog
+        self._world_ranks = None
+        self._collectives = 0       # collectives started here: the same count on every member
+        self._children = 0          # sub-communicators made from this one
 
     @property
     def mpi_comm(self):
         """The underlying mpi4py communicator (for calls this class does not wrap)."""
         return self._comm
 
+    @property
+    def world_ranks(self):
+        """The MPI_COMM_WORLD rank of each rank of this communicator."""
+        if self._world_ranks is None:
+            self._world_ranks = _world_ranks(self._comm)
+        return self._world_ranks
+
     def __repr__(self):
-        return f"<Communicator rank {self.rank} of {self.size}>"
+        return f"<Communicator {self.name} rank {self.rank} of {self.size}>"
+
+    def set_timeout(self, seconds):
+        """Bound every wait of the job's communicators by `seconds` (None: no bound)."""
+        if self.watchdog is not None:
+            self.watchdog.timeout_s = seconds
 
     # ---- sub-communicators -----------------------------------------------------------------
     def Split(self, color, key=None):
         """Ranks passing the same color form a new communicator, ordered by key (default: this rank)."""
+        self._children += 1
+        name = f"{self.name}/{self._children}:{int(color)}"
+        # MPI has no non-blocking split: a bounded barrier first, so a missing rank is reported, not waited for
+        self.Barrier(what=f"creating communicator {name}")
         with _LOCK:
             sub = self._comm.Split(int(color), self.rank if key is None else int(key))
-        return Communicator(sub, self.cuda_aware)
+        return Communicator(sub, self.cuda_aware, name, self.watchdog)
 
     def Dup(self):
         """A communicator over the same ranks whose messages never match this one's."""
+        self._children += 1
+        name = f"{self.name}/{self._children}"
         with _LOCK:
-            return Communicator(self._comm.Dup(), self.cuda_aware)
+            dup, request = self._comm.Idup()
+        self._wait(request, _nothing, self._collective(f"creating communicator {name}"))
+        return Communicator(dup, self.cuda_aware, name, self.watchdog)
 
     def thread_level(self):
         """The MPI thread support level granted (compare with MPI.THREAD_SERIALIZED / THREAD_MULTIPLE)."""
@@ -186,41 +246,39 @@ class Communicator:
         return MPI.Query_thread() >= MPI.THREAD_SERIALIZED
 
     # ---- buffer collectives (hot paths) ------------------------------------------------------
-    def Barrier(self):
+    def Barrier(self, what="barrier"):
         with _LOCK:
-            self._comm.Barrier()
+            request = self._comm.Ibarrier()
+        self._wait(request, _nothing, self._collective(what))
 
-    def Allreduce(self, buf, op="sum"):
+    def Allreduce(self, buf, op="sum", what="allreduce"):
         """Reduce `buf` over all ranks, in place; returns buf."""
-        mpi_op = _op(op)
         if self.size == 1:
+            _op(op)
             return buf
-        target, finish = self._prepare(buf)
-        with _LOCK:
-            self._comm.Allreduce(_mpi().IN_PLACE, target, op=mpi_op)
-        finish()
+        self.Iallreduce(buf, op, what).wait()
         return buf
 
-    def Iallreduce(self, buf, op="sum"):
+    def Iallreduce(self, buf, op="sum", what="allreduce"):
         """Start reducing `buf` in place over all ranks; returns a Handle. `buf` must not be touched until
         the handle completes."""
         mpi_op = _op(op)
         target, finish = self._prepare(buf)
         with _LOCK:
             request = self._comm.Iallreduce(_mpi().IN_PLACE, target, op=mpi_op)
-        return Handle(request, finish)
+        return self._handle(request, finish, self._collective(what))
 
-    def Bcast(self, buf, root=0):
+    def Bcast(self, buf, root=0, what="broadcast"):
         """Overwrite `buf` on every rank with root's; returns buf."""
         if self.size == 1:
             return buf
         target, finish = self._prepare(buf, copy_in=self.rank == root, copy_out=self.rank != root)
         with _LOCK:
-            self._comm.Bcast(target, root=root)
-        finish()
+            request = self._comm.Ibcast(target, root=root)
+        self._wait(request, finish, self._collective(what))
         return buf
 
-    def Allgather(self, sendbuf, recvbuf=None):
+    def Allgather(self, sendbuf, recvbuf=None, what="allgather"):
         """Every rank's `sendbuf` side by side: recvbuf has shape (size, *sendbuf.shape); returns recvbuf."""
         if recvbuf is None:
             xp = np if not is_device_array(sendbuf) else _array_module(sendbuf)
@@ -228,54 +286,76 @@ class Communicator:
         send, sent = self._prepare(sendbuf, copy_out=False)
         target, finish = self._prepare(recvbuf, copy_in=False)
         with _LOCK:
-            self._comm.Allgather(send, target)
-        sent()
-        finish()
+            request = self._comm.Iallgather(send, target)
+        self._wait(request, lambda: (sent(), finish()), self._collective(what))
         return recvbuf
 
     # ---- point-to-point (pipeline stages) -------------------------------------------------------
-    def Send(self, buf, dest, tag=0):
+    def Send(self, buf, dest, tag=0, what="send"):
         """Send `buf` to rank `dest` (blocking until the buffer may be reused)."""
-        send, sent = self._prepare(buf, copy_out=False)
-        with _LOCK:
-            self._comm.Send(send, dest=int(dest), tag=int(tag))
-        sent()
+        self.Isend(buf, dest, tag, what).wait()
 
-    def Recv(self, buf, source, tag=0):
+    def Recv(self, buf, source, tag=0, what="receive"):
         """Receive into `buf` (its shape and dtype must match the message) from rank `source`; returns buf."""
-        target, finish = self._prepare(buf, copy_in=False)
-        with _LOCK:
-            self._comm.Recv(target, source=int(source), tag=int(tag))
-        finish()
+        self.Irecv(buf, source, tag, what).wait()
         return buf
 
-    def Isend(self, buf, dest, tag=0):
+    def Isend(self, buf, dest, tag=0, what="send"):
         """Start sending `buf` to rank `dest`; returns a Handle. `buf` must not change until it completes."""
         send, sent = self._prepare(buf, copy_out=False)
         with _LOCK:
             request = self._comm.Isend(send, dest=int(dest), tag=int(tag))
-        return Handle(request, sent)
+        return self._handle(request, sent, self._message(what, dest, tag))
 
-    def Irecv(self, buf, source, tag=0):
+    def Irecv(self, buf, source, tag=0, what="receive"):
         """Start receiving into `buf` from rank `source`; returns a Handle (buf holds the message after
         wait(); a device array is filled from its host staging buffer then)."""
         target, finish = self._prepare(buf, copy_in=False)
         with _LOCK:
             request = self._comm.Irecv(target, source=int(source), tag=int(tag))
-        return Handle(request, finish)
+        return self._handle(request, finish, self._message(what, source, tag))
 
     # ---- pickled objects (setup, error reports, end of run: never on hot paths) --------------
-    def allgather_object(self, obj):
+    def allgather_object(self, obj, what="allgather of metadata"):
+        """Every rank's picklable `obj`, in rank order (as mpi4py's allgather, over bounded buffer calls)."""
+        if self.size == 1:
+            return [obj]
+        data, counts = self._sizes(obj, what)
+        everything = np.empty(int(counts.sum()), dtype=np.uint8)
+        spec = [everything, (counts, _displacements(counts)), _mpi().BYTE]
         with _LOCK:
-            return self._comm.allgather(obj)
+            request = self._comm.Iallgatherv([data, _mpi().BYTE], spec)
+        self._wait(request, _nothing, self._collective(what))
+        return _unpickle_parts(everything, counts)
 
-    def gather_object(self, obj, root=0):
+    def gather_object(self, obj, root=0, what="gather of metadata"):
+        """Every rank's picklable `obj` in rank order on `root`, None elsewhere."""
+        if self.size == 1:
+            return [obj]
+        data, counts = self._sizes(obj, what)
+        everything = np.empty(int(counts.sum()), dtype=np.uint8) if self.rank == root else None
+        spec = [everything, (counts, _displacements(counts)), _mpi().BYTE] if self.rank == root else None
         with _LOCK:
-            return self._comm.gather(obj, root=root)
+            request = self._comm.Igatherv([data, _mpi().BYTE], spec, root=root)
+        self._wait(request, _nothing, self._collective(what))
+        return _unpickle_parts(everything, counts) if self.rank == root else None
 
-    def bcast_object(self, obj, root=0):
-        with _LOCK:
-            return self._comm.bcast(obj, root=root)
+    def bcast_object(self, obj, root=0, what="broadcast of metadata"):
+        """Root's picklable `obj` on every rank."""
+        if self.size == 1:
+            return obj
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if self.rank == root else None
+        size = np.array([data.size if data is not None else 0], dtype=np.int64)
+        self.Bcast(size, root, what)
+        buffer = data.copy() if data is not None else np.empty(int(size[0]), dtype=np.uint8)
+        self.Bcast(buffer, root, what)
+        return obj if self.rank == root else pickle.loads(buffer.tobytes())
+
+    def _sizes(self, obj, what):
+        """(this rank's pickled bytes, every rank's byte count)."""
+        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        counts = self.Allgather(np.array([data.size], dtype=np.int64), what=what).reshape(-1)
+        return data, counts
 
     # ---- ending the job ------------------------------------------------------------------------
     def Abort(self, code=1):
@@ -285,6 +365,23 @@ class Communicator:
         sys.stderr.flush()
         time.sleep(0.5)     # let the launcher forward this rank's last output: the abort kills its pipes
         self._comm.Abort(int(code))
+        os._exit(int(code))    # not reached: MPI_Abort does not return (and no caller may run on if it did)
+
+    # ---- waits -----------------------------------------------------------------------------------
+    def _collective(self, what):
+        self._collectives += 1
+        return operation(f"{what} on {self.name}", (self.name, self._collectives), self.world_ranks)
+
+    def _message(self, what, peer, tag):
+        me, them = self.world_ranks[self.rank], self.world_ranks[int(peer)]
+        return operation(f"{what} (rank {me} with rank {them}, tag {tag})",
+                         (self.name, "p2p", min(me, them), max(me, them), int(tag)), (them,))
+
+    def _handle(self, request, finish, op):
+        return Handle(request, finish, op, self.watchdog)
+
+    def _wait(self, request, finish, op):
+        self._handle(request, finish, op).wait()
 
     # ---- buffers -------------------------------------------------------------------------------
     def _prepare(self, buf, copy_in=True, copy_out=True):
@@ -317,6 +414,28 @@ def _nothing():
     pass
 
 
+def _world_ranks(mpi_comm):
+    """The MPI_COMM_WORLD rank of every rank of `mpi_comm`, in its rank order."""
+    MPI = _mpi()
+    if mpi_comm == MPI.COMM_WORLD:
+        return tuple(range(mpi_comm.Get_size()))
+    group, world_group = mpi_comm.Get_group(), MPI.COMM_WORLD.Get_group()
+    try:
+        return tuple(MPI.Group.Translate_ranks(group, list(range(mpi_comm.Get_size())), world_group))
+    finally:
+        group.Free()
+        world_group.Free()
+
+
+def _displacements(counts):
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def _unpickle_parts(data, counts):
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    return [pickle.loads(data[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 def _synchronize_device(array):
     """Wait for the kernels that produce `array` before MPI reads GPU memory (CUDA-aware MPI)."""
     import cupy
@@ -342,7 +461,7 @@ def any_rank(comm, flag):
     """True on every rank of `comm` when `flag` is true on some rank (one 4-byte Allreduce, max): e.g. a stop
     request that only one rank received, so that all of them stop after the same step."""
     buf = np.array([1 if flag else 0], dtype=np.int32)
-    comm.Allreduce(buf, op="max")
+    comm.Allreduce(buf, op="max", what="stop agreement")
     return bool(buf[0])
 
 

@@ -123,17 +123,17 @@ def verify_same_model(comm, named_params, named_buffers=(), bucket_mb=None):
     """
     rows = describe(named_params, named_buffers, bucket_mb)
     digest = hashlib.sha256(repr(rows).encode()).digest()
-    if _all_equal(comm, digest):
+    if _all_equal(comm, digest, what="model check"):
         return
-    everyone = comm.allgather_object(rows)
+    everyone = comm.allgather_object(rows, what="model check (descriptions)")
     raise ModelMismatchError(_mismatch_message(everyone))
 
 
-def _all_equal(comm, digest):
+def _all_equal(comm, digest, what="comparison of digests"):
     mine = np.frombuffer(digest, dtype=np.uint8).copy()
     if comm.size == 1:
         return True
-    table = comm.Allgather(mine)
+    table = comm.Allgather(mine, what=what)
     return bool((table == table[0]).all())
 
 
@@ -186,7 +186,7 @@ def broadcast_tensors(comm, tensors, root=0):
             xp = group[0].backend.xp
             flat = xp.concatenate([t.data.reshape(-1) for t in group]) if comm.rank == root else \
                 xp.empty(sum(t.numel() for t in group), dtype=group[0].dtype)
-            comm.Bcast(flat, root=root)
+            comm.Bcast(flat, root=root, what=f"broadcast of rank {root}'s parameters")
             if comm.rank != root:
                 offset = 0
                 for t in group:

@@ -18,30 +18,54 @@ from disttrain.parallel.comm import abort_on_error, world
 from disttrain.tensor.threads import available_cores, set_num_threads, user_thread_count
 from disttrain.train.jobspec import JobSpecError
 
-__all__ = ["strategy_for", "run_context", "launched_size", "local_size", "share_cores"]
+__all__ = ["strategy_for", "check_launch", "run_context", "launched_size", "launched_rank", "launched_by_mpi",
+           "local_size", "share_cores", "data_shares"]
+
+_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")     # MPICH / Intel MPI / srun --mpi=pmi2; Open MPI
+_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 
 
 def strategy_for(spec):
-    """The distributed strategy a job spec asks for, or None for local mode.
-
-    Raises JobSpecError for a local-mode job started as several processes (each would train its own copy
-    into the same output directory).
-    """
-    if spec.parallel.mode == "local" and launched_size() > 1:
-        raise JobSpecError(f'{spec.source}: [parallel] mode = "local" but {launched_size()} processes were '
-                           f'launched; set mode = "data" (--set parallel.mode=data) or run one process')
-    if spec.parallel.mode == "pipeline":
-        return _pipeline_strategy(spec)
-    if spec.parallel.mode != "data":
+    """The distributed strategy a job spec asks for (after check_launch), or None for local mode."""
+    check_launch(spec)
+    if spec.parallel.mode not in ("data", "pipeline"):
         return None
+    world().set_timeout(spec.parallel.timeout_s)
+    if spec.parallel.mode == "pipeline":
+        from disttrain.parallel.pipeline.strategy import PipelineStrategy
+
+        return PipelineStrategy.from_spec(spec, world())
     from disttrain.parallel.strategy import DataParallelStrategy
 
     return DataParallelStrategy(world(), bucket_mb=spec.parallel.bucket_mb, overlap=spec.parallel.overlap)
 
 
-def _pipeline_strategy(spec):
-    """PipelineStrategy for the job, after checking the launched world fits [parallel] stages and the batch."""
-    stages, size, batch = spec.parallel.stages, launched_size(), spec.data.batch_size
+def check_launch(spec):
+    """Raise JobSpecError unless the processes launched (read from the launcher's environment, before MPI
+    starts, so every rank finds the same answer) fit the job's [parallel] mode and [data] batch_size."""
+    mode, size, batch = spec.parallel.mode, launched_size(), spec.data.batch_size
+    where = f"{spec.source}: [parallel] mode = \"{mode}\""
+    if mode == "local" and size > 1:
+        raise JobSpecError(f'{where} but {size} processes were launched; set mode = "data" '
+                           f'(--set parallel.mode=data) or run one process')
+    if mode not in ("data", "pipeline"):
+        return
+    if not launched_by_mpi():
+        example = spec.parallel.stages if mode == "pipeline" else 2
+        raise JobSpecError(f"{where}, but this is 1 process, not started by mpiexec; {mode} mode runs one process "
+                           f"per rank: mpiexec -n {example} disttrain run {spec.source} (or disttrain launch -n "
+                           f"{example} {spec.source}), or set mode = \"local\"")
+    if mode == "data" and batch % size:
+        fitting = [n for n in range(1, min(batch, 4 * size) + 1) if batch % n == 0]
+        raise JobSpecError(f"{spec.source}: [data] batch_size = {batch} does not divide among the {size} ranks "
+                           f"launched (each trains on batch_size / ranks streams); expected a multiple of {size}, "
+                           f"or launch {', '.join(map(str, fitting[-4:]))} ranks")
+    if mode == "pipeline":
+        _check_pipeline_launch(spec, size, batch)
+
+
+def _check_pipeline_launch(spec, size, batch):
+    stages = spec.parallel.stages
     if size % stages:
         raise JobSpecError(f"{spec.source}: [parallel] stages = {stages} but {size} processes were launched; "
                            f"expected a world size that is a multiple of the stages (mpirun -n {stages} for one "
@@ -51,18 +75,38 @@ def _pipeline_strategy(spec):
         raise JobSpecError(f"{spec.source}: [parallel] micro_batches = {spec.parallel.micro_batches}: expected a "
                            f"divisor of the {batch / replicas:g} streams each of the {replicas} replicas trains on "
                            f"([data] batch_size = {batch} / {replicas})")
-    from disttrain.parallel.pipeline.strategy import PipelineStrategy
 
-    return PipelineStrategy.from_spec(spec, world())
+
+def data_shares(spec):
+    """How many shares each batch is cut into: the data-parallel ranks, or a pipeline's replicas (1 locally)."""
+    if spec.parallel.mode == "data":
+        return launched_size()
+    if spec.parallel.mode == "pipeline":
+        return max(1, launched_size() // spec.parallel.stages)
+    return 1
 
 
 def launched_size():
     """How many processes mpirun / mpiexec / srun started, read from their environment (MPI not started)."""
-    for name in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE"):      # MPICH / Intel MPI / srun --mpi=pmi2; Open MPI
+    return _launcher_number(_SIZE_VARS, 1)
+
+
+def launched_rank():
+    """This process's rank as the launcher numbered it (0 when not launched by one)."""
+    return _launcher_number(_RANK_VARS, 0)
+
+
+def launched_by_mpi():
+    """Whether an MPI launcher (mpiexec, mpirun, srun) started this process, even as a single rank."""
+    return any(os.environ.get(name, "").isdigit() for name in _SIZE_VARS)
+
+
+def _launcher_number(names, default):
+    for name in names:
         value = os.environ.get(name, "")
         if value.isdigit():
             return int(value)
-    return 1
+    return default
 
 
 def local_size():
@@ -92,16 +136,16 @@ def share_cores():
 
 
 @contextlib.contextmanager
-def run_context(strategy, trace_path=None, passthrough=()):
+def run_context(strategy, trace_path=None, passthrough=(), steps=None):
     """Around a rank's training run: abort the job on an error (multi-process strategies only; exceptions of
-    the `passthrough` types propagate) and, when trace_path is given, record spans and write them as one
-    Chrome trace on the main rank."""
+    the `passthrough` types propagate) and, when trace_path is given, record spans (of the training steps
+    steps[0]..steps[1] only, when given) and write them as one Chrome trace on the main rank."""
     comm = getattr(strategy, "comm", None)
     with abort_on_error(comm, passthrough) if comm is not None else contextlib.nullcontext():
         if trace_path is None:
             yield
             return
-        tracer = trace.Tracer(rank=getattr(strategy, "rank", 0))
+        tracer = trace.Tracer(rank=getattr(strategy, "rank", 0), steps=steps)
         tracer.start(comm)
         with trace.tracing(tracer):
             yield

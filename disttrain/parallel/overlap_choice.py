@@ -53,7 +53,7 @@ class OverlapChoice:
 
     def _agree(self):
         medians = np.array([np.median(self.times[True]), np.median(self.times[False])])
-        self.comm.Allreduce(medians, op="max")
+        self.comm.Allreduce(medians, op="max", what="allreduce of overlap trial times")
         self.medians = {True: float(medians[0]), False: float(medians[1])}
         self.chosen = not medians[1] < medians[0] * (1 - self.margin)
         return self.chosen

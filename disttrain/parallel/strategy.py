@@ -19,7 +19,8 @@ from disttrain import trace
 from disttrain.parallel.comm import any_rank, world
 from disttrain.parallel.data_parallel import DataParallel, broadcast_tensors, verify_same_model
 from disttrain.parallel.buckets import Reducer
-from disttrain.train.strategy import LocalStrategy
+from disttrain.parallel.launch import local_size
+from disttrain.train.strategy import LocalStrategy, describe_threads
 
 __all__ = ["DataParallelStrategy", "MPIStrategy"]
 
@@ -56,23 +57,34 @@ class MPIStrategy(LocalStrategy):
     def reduce_mean(self, value):
         """The mean of a float over all ranks (one 8-byte Allreduce)."""
         buf = np.array([value], dtype=np.float64)
-        self.comm.Allreduce(buf)
+        self.comm.Allreduce(buf, what="allreduce of a logged metric")
         return float(buf[0]) / self.comm.size
 
     def reduce_sum(self, values):
         """Element-wise sums of floats over the data group (token-weighted evaluation: loss sum, token count)."""
         buf = np.array(values, dtype=np.float64)
-        self.data_group.Allreduce(buf)
+        self.data_group.Allreduce(buf, what="allreduce of evaluation sums")
         return buf.tolist()
 
     def any(self, flag):
         """True on every rank when `flag` is true on some rank."""
         return any_rank(self.comm, flag)
 
+    def describe(self, spec):
+        batch, shares = spec.data.batch_size, self.data_group.size
+        return [f"{self.name} parallel: {_ranks(self.comm.size)} ({local_size()} on this node), "
+                f"{batch // shares} of the batch's {batch} streams per rank, {describe_threads(spec)} per rank; "
+                f"{self._waits()}"]
+
+    def _waits(self):
+        timeout = self.comm.watchdog.timeout_s if self.comm.watchdog is not None else None
+        return ("no bound on waits" if timeout is None else
+                f"a rank waits at most {timeout:g} s for the others ([parallel] timeout_s)")
+
     def barrier(self):
         """Wait until every rank gets here."""
         with trace.span("barrier"):
-            self.comm.Barrier()
+            self.comm.Barrier(what="barrier")
 
 
 class DataParallelStrategy(MPIStrategy):
@@ -122,7 +134,7 @@ class DataParallelStrategy(MPIStrategy):
         """Every rank's share of a per-stream array side by side along `axis` (a collective; NumPy arrays):
         e.g. the carried LSTM state (layers, B/N, hidden) -> (layers, B, hidden), for a job checkpoint."""
         array = np.ascontiguousarray(array)
-        table = self.comm.Allgather(array)
+        table = self.comm.Allgather(array, what="allgather of the carried state")
         return np.concatenate(list(table), axis=axis)
 
     def shard_batch(self, array, axis=1):
@@ -136,3 +148,7 @@ class DataParallelStrategy(MPIStrategy):
         if self.reducer is not None:
             self.reducer.close()
             self.reducer = None
+
+
+def _ranks(n):
+    return f"{n} rank{'s' if n != 1 else ''}"

@@ -49,7 +49,7 @@ from safetensors.numpy import save as save_safetensors
 from disttrain.fsutil import fsync_path
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "RunExistsError", "NonFiniteCheckpointError", "Checkpoint",
-           "save_checkpoint", "load_checkpoint", "list_checkpoints", "check_new_run", "remove_checkpoints",
+           "save_checkpoint", "load_checkpoint", "holds_checkpoint", "list_checkpoints", "step_of", "check_new_run", "remove_checkpoints",
            "first_nonfinite", "split_optimizer_state", "join_optimizer_state"]
 
 FORMAT_VERSION = 2
@@ -254,6 +254,12 @@ def list_checkpoints(path):
     path = Path(path)
     root = path if path.name == DIRNAME else path / DIRNAME
     return [p for _, p in sorted(_complete_steps(root).items(), reverse=True)]
+
+
+def holds_checkpoint(path):
+    """True when `path` is a checkpoint directory or a run directory with at least one checkpoint (unverified)."""
+    path = Path(path)
+    return (path / MANIFEST_FILE).is_file() or bool(list_checkpoints(path))
 
 
 def load_checkpoint(path):

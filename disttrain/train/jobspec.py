@@ -307,6 +307,9 @@ SCHEMA = {
         Field("split_points", SplitPoints(), None,
               "pipeline: blocks where stages 1..K-1 start, overriding the balancer (unset = balanced)"),
         Field("stage_checkpointing", Bool(), False, "pipeline: recompute each stage's activations in backward"),
+        Field("timeout_s", Float(gt=0), 300.0,
+              "data, pipeline: seconds a rank waits in one collective or message before the job reports which "
+              "ranks did not arrive and aborts (README: A hung rank)"),
     ),
     "ps": (   # parameter-server mode (disttrain/paramserver, docs/PARAMSERVER.md)
         Field("servers", _POS, 1, "parameter-server processes (each owns a share of every large tensor)"),
@@ -548,7 +551,7 @@ def _build(data, overrides, source):
             out[f.name] = default
 
     if not errors:
-        errors += _pipeline_problems(resolved, origins, source)
+        errors += _pipeline_problems(resolved, origins, source) + _data_problems(resolved, origins, source)
     if errors:
         raise JobSpecError("\n".join(errors), errors)
     return JobSpec(resolved, source)
@@ -569,6 +572,16 @@ def _pipeline_problems(resolved, origins, source):
         problems.append(f"{where('parallel', 'split_points')}: [parallel] split_points = "
                         f"{_toml_value(p['split_points'])}: expected stages - 1 = {p['stages'] - 1} entries")
     return problems
+
+
+def _data_problems(resolved, origins, source):
+    """A key the chosen corpus would ignore is a mistake to report, not to skip silently."""
+    data = resolved["data"]
+    if data["kind"] == "default_corpus" and data["path"] is not None:
+        return [f"{origins.get(('data', 'path'), source)}: [data] path = {_toml_value(data['path'])}: "
+                f'[data] kind = "default_corpus" reads no file (it is the corpus embedded in disttrain); remove '
+                f'the path, or set kind = "chars" (a text file) or "ptb" (a PTB directory)']
+    return []
 
 
 def _parse_value(text):

@@ -49,7 +49,8 @@ from disttrain.train.resume import apply_lr_change, check_same_model, resume_cha
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.train.strategy import LocalStrategy
 
-__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "check_new_run", "EVAL_BATCH_SIZE"]
+__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "check_new_run", "EVAL_BATCH_SIZE",
+           "epoch_label"]
 
 EVAL_BATCH_SIZE = 10
 MAX_SKIPS_IN_A_ROW = 10        # [train] on_nonfinite = "skip" stops the run after this many skipped steps in a row
@@ -152,6 +153,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self, inputs, targets):
         """One TBPTT segment: inputs, targets np.int64 (T, B). Returns (mean loss, grad norm before clipping)."""
+        trace.set_step(self.step + 1)              # names this step in traces and watchdog messages
         # 1-2. forward from the carried state, loss, backward (a pipeline strategy runs them through its stages)
         self.optimizer.zero_grad()
         loss, hidden = self.strategy.forward_backward(self, inputs, targets)
@@ -334,6 +336,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, split):
         """Token-weighted mean loss over the whole split, under no_grad in eval mode -> EvalResult."""
+        with trace.phase(f"eval {split}"):            # labels its spans in traces and watchdog messages
+            return self._evaluate(split)
+
+    def _evaluate(self, split):
         ids = self.corpus.split(split)
         batch = max(1, min(EVAL_BATCH_SIZE, ids.size // 2))
         streams = self.strategy.shard_eval(batchify(ids, batch))     # data parallel: each rank its columns
@@ -416,7 +422,7 @@ class Trainer:
 
     def _epoch_label(self):
         """The 1-based epoch a step belongs to (after an epoch ends: the epoch just completed)."""
-        return self.epoch + 1 if 0 < self.train_iter.position or self.epoch == 0 else self.epoch
+        return epoch_label(self.epoch, self.train_iter.position)
 
     def elapsed(self):
         """Seconds spent in fit() so far, summed over resumed runs."""
@@ -593,6 +599,12 @@ def check_new_run(out_dir):
         raise ckpt.RunExistsError(f"{out_dir} holds an earlier run's {METRICS_FILE} but no checkpoint to resume "
                                   f"from: start over with --overwrite (deletes it and {CURVES_FILE}), or choose "
                                   f"another --out")
+
+
+def epoch_label(epochs_done, position):
+    """The 1-based epoch of the step taken last, from the epochs completed and the data cursor (back at 0
+    once an epoch ends): what logs, metrics and `disttrain eval` call it."""
+    return epochs_done + 1 if 0 < position or epochs_done == 0 else epochs_done
 
 
 def _fresh_accumulators():

@@ -13,6 +13,7 @@ take part:
     streams = strategy.shard_eval(streams)     # evaluation: each process its columns, sums via reduce_sum
     if strategy.is_main: log, plot, write checkpoints
     for line in strategy.messages(): ...       # e.g. what overlap="auto" chose
+    strategy.describe(spec), strategy.parameter_count(model)   # for the job log at start
 
 LocalStrategy is the one-process mode: every call is the identity. Every other strategy subclasses it:
 data parallelism and the parameter server keep its `prepare_model`, `forward_backward`, `clip_grad_norm`,
@@ -21,8 +22,9 @@ data parallelism and the parameter server keep its `prepare_model`, `forward_bac
 """
 import disttrain as dt
 from disttrain.nn.utils import clip_grad_norm_
+from disttrain.tensor.threads import get_num_threads
 
-__all__ = ["LocalStrategy"]
+__all__ = ["LocalStrategy", "describe_threads"]
 
 
 class LocalStrategy:
@@ -63,6 +65,15 @@ class LocalStrategy:
     def messages(self):
         """Lines for the job log that the strategy has to say since the last call (the main process prints them)."""
         return []
+
+    def describe(self, spec):
+        """Lines for the job log at start: how many processes train, on what share of the batch, with how many
+        BLAS threads."""
+        return [f"local: 1 process, {spec.data.batch_size} streams a batch, {describe_threads(spec)}"]
+
+    def parameter_count(self, model):
+        """The whole model's number of parameters (model: what prepare_model returned)."""
+        return sum(p.numel() for p in model.parameters())
 
     def shard_batch(self, array, axis=1):
         """This process's share of a per-stream array of the global batch (here: all of it)."""
@@ -109,3 +120,11 @@ class LocalStrategy:
         if h is None:
             return None
         return tuple(dt.tensor(self.shard_batch(a), device=trainer.device) for a in (h, c))
+
+
+def describe_threads(spec):
+    """The BLAS threads of each process, in words (a GPU job: its device instead)."""
+    if spec.train.device != "cpu":
+        return f"device {spec.train.device}"
+    n = get_num_threads()
+    return f"{n} BLAS thread{'s' if n > 1 else ''}"

@@ -12,8 +12,8 @@ def disttrain_cmd(*args):
     return [sys.executable, "-m", "disttrain.cli.main", *map(str, args)]
 
 
-def run_disttrain(*args, cwd=None, timeout=120):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def run_disttrain(*args, cwd=None, timeout=120, env=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(disttrain_cmd(*args), capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout,
                           env=env)
 

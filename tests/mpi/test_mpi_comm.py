@@ -90,3 +90,22 @@ def test_point_to_point_ring_blocking_and_nonblocking():
         comm.Send(_HostBackedDeviceArray(np.full((2, 2), float(r))), dest=right, tag=9)
     np.testing.assert_array_equal(got, [left, 2 * left, 7])
     np.testing.assert_array_equal(device.values, np.full((2, 2), float(left)))
+
+
+def test_object_collectives_over_bounded_buffer_calls():
+    comm = world()
+    r, n = comm.rank, comm.size
+    mine = {"rank": r, "names": ["w"] * r, "shape": (r, 2)}
+    assert comm.allgather_object(mine) == [{"rank": k, "names": ["w"] * k, "shape": (k, 2)} for k in range(n)]
+    gathered = comm.gather_object(mine, root=n - 1)
+    assert gathered == ([{"rank": k, "names": ["w"] * k, "shape": (k, 2)} for k in range(n)] if r == n - 1 else None)
+    assert comm.bcast_object({"from": r, "big": "x" * 100_000} if r == 0 else None) == {"from": 0, "big": "x" * 100_000}
+
+
+def test_sub_communicators_know_their_world_ranks_and_names():
+    comm = world()
+    sub = comm.Split(color=comm.rank % 2)
+    assert sub.world_ranks == tuple(k for k in range(comm.size) if k % 2 == comm.rank % 2)
+    assert sub.name.startswith("world/") and sub.name.endswith(f":{comm.rank % 2}")
+    dup = comm.Dup()
+    assert dup.world_ranks == tuple(range(comm.size)) and dup.Allreduce(np.array([1.0]))[0] == comm.size

@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from parallel_testing import HERE, needs_mpiexec, run_mpiexec
-from test_mpiexec_jobs import CLI_JOB
+from parallel_testing import CLI_JOB, HERE, needs_mpiexec, run_mpiexec
 
 pytestmark = [needs_mpiexec, pytest.mark.mpi_skip]
 

@@ -3,7 +3,7 @@ import pytest
 
 from disttrain import optim
 from disttrain.train.build import (build_corpus, build_model, build_optimizer, build_schedules, is_char_level)
-from disttrain.train.jobspec import JobSpecError
+from disttrain.train.jobspec import JobSpecError, loads_job
 
 
 def test_corpora(tiny_job, text_file):
@@ -11,7 +11,7 @@ def test_corpora(tiny_job, text_file):
     corpus = build_corpus(spec)
     assert corpus.train.size + corpus.valid.size + corpus.test.size == len(text_file.read_text())
     assert is_char_level(spec)
-    small = build_corpus(tiny_job('data.kind="default_corpus"', "data.max_bytes=3000"))
+    small = build_corpus(loads_job('[data]\nkind = "default_corpus"\nmax_bytes = 3000\n'))
     assert small.train.size + small.valid.size + small.test.size <= 3000
     with pytest.raises(JobSpecError, match=r'\[data\] path = "nowhere/ptb" .* does not exist'):
         build_corpus(tiny_job('data.kind="ptb"', 'data.path="nowhere/ptb"'))

@@ -95,10 +95,11 @@ class StageLink:
             if key not in self._shapes_in:
                 header = np.empty(2 + _MAX_DIMS, dtype=np.int64)
                 with trace.span("recv header", lane="comm", peer=self.prev):
-                    self.comm.Recv(header, source=self.prev, tag=HEADER_TAG)
+                    self.comm.Recv(header, source=self.prev, tag=HEADER_TAG,
+                                   what=f"stage {self.stage} receive of an activation header")
                 self._shapes_in[key] = decode_header(header)
             shape, dtype = self._shapes_in[key]
-            self._act_in[m] = self._post_receive(shape, dtype, self.prev, m)
+            self._act_in[m] = self._post_receive(shape, dtype, self.prev, m, "activation")
 
     def end_step(self):
         """Wait for this step's sends (their buffers may be reused or freed afterwards)."""
@@ -119,12 +120,12 @@ class StageLink:
         """Send micro-batch m's output to the next stage and (expect_gradient) post the receive of its gradient."""
         array = self.xp.ascontiguousarray(array)
         if key not in self._keys_out:
-            self._isend(encode_header(array.shape, array.dtype), self.next, HEADER_TAG)
+            self._isend(encode_header(array.shape, array.dtype), self.next, HEADER_TAG, "activation header")
             self._keys_out.add(key)
         with trace.span("send activation", lane="comm", micro_batch=m, peer=self.next):
-            self._isend(array, self.next, m)
+            self._isend(array, self.next, m, "activation")
         if expect_gradient:
-            self._grad_in[m] = self._post_receive(array.shape, array.dtype, self.next, m)
+            self._grad_in[m] = self._post_receive(array.shape, array.dtype, self.next, m, "gradient")
 
     # ---- backward direction ----------------------------------------------------------------------
     def recv_gradient(self, m):
@@ -134,7 +135,7 @@ class StageLink:
     def send_gradient(self, m, array):
         """Send d loss / d (this stage's input) for micro-batch m to the previous stage."""
         with trace.span("send gradient", lane="comm", micro_batch=m, peer=self.prev):
-            self._isend(self.xp.ascontiguousarray(array), self.prev, m)
+            self._isend(self.xp.ascontiguousarray(array), self.prev, m, "gradient")
 
     # ---- internals -------------------------------------------------------------------------------
     def close(self):
@@ -148,9 +149,10 @@ class StageLink:
             self._poller.watch(handle)
         return handle
 
-    def _post_receive(self, shape, dtype, source, tag):
+    def _post_receive(self, shape, dtype, source, tag, kind):
         buffer = self.xp.empty(shape, dtype=dtype)
-        return self._watched(self.comm.Irecv(buffer, source=source, tag=tag)), buffer
+        what = f"stage {self.stage} receive of micro-batch {tag}'s {kind} from stage {source}"
+        return self._watched(self.comm.Irecv(buffer, source=source, tag=tag, what=what)), buffer
 
     def _wait(self, pending, m, what, peer):
         handle, buffer = pending.pop(m)
@@ -159,10 +161,12 @@ class StageLink:
         return buffer
 
     def _complete(self, handle):
-        if self.poll_interval:
+        if self.poll_interval and handle.watchdog is None:
             while not handle.test():
                 time.sleep(self.poll_interval)
-        handle.wait()
+        handle.wait(self.poll_interval)
 
-    def _isend(self, array, dest, tag):
-        self._sends.append((self._watched(self.comm.Isend(array, dest=dest, tag=tag)), array))
+    def _isend(self, array, dest, tag, kind):
+        what = f"stage {self.stage} send of {kind}" + (f" of micro-batch {tag}" if tag != HEADER_TAG else "") + \
+            f" to stage {dest}"
+        self._sends.append((self._watched(self.comm.Isend(array, dest=dest, tag=tag, what=what)), array))

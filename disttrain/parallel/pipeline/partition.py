@@ -149,7 +149,8 @@ class Partition:
 
     bounds: [0, b1, ..., n]; stage k runs blocks bounds[k]:bounds[k+1]. Per-block lists (None
     when no profile was taken): block_costs (s, forward + backward), block_activation_bytes,
-    block_output_bytes; block_param_bytes is always known.
+    block_output_bytes; block_param_bytes and block_param_counts (parameters, not bytes) are always
+    known (block_param_counts is None in partitions written before it existed).
     """
 
     bounds: list
@@ -160,6 +161,7 @@ class Partition:
     block_output_bytes: list = None
     bandwidth: float = DEFAULT_BANDWIDTH
     chosen_by: str = "balancer"
+    block_param_counts: list = None
 
     @property
     def stages(self):
@@ -202,6 +204,12 @@ class Partition:
     def stage_param_bytes(self, k):
         return sum(self.block_param_bytes[i] for i in self.stage_range(k))
 
+    def stage_param_count(self, k):
+        """The number of parameters stage k holds (None when unknown)."""
+        if self.block_param_counts is None:
+            return None
+        return sum(self.block_param_counts[i] for i in self.stage_range(k))
+
     def stage_activation_bytes(self, k):
         """Bytes one micro-batch's forward keeps alive on stage k until its backward (None without a profile)."""
         if self.block_activation_bytes is None:
@@ -220,12 +228,13 @@ class Partition:
         for k in range(self.stages):
             cut = self.cut_bytes()[k] if self.block_output_bytes is not None and k < self.stages - 1 else None
             rows.append((str(k), _span(self.stage_blocks(k)), _fmt(self.stage_compute(k), 1e3, ".3f"),
-                         _fmt(self.stage_cost(k), 1e3, ".3f"), _fmt(self.stage_param_bytes(k), 2**-20, ".3f"),
+                         _fmt(self.stage_cost(k), 1e3, ".3f"), _fmt(self.stage_param_count(k), 1, ","),
+                         _fmt(self.stage_param_bytes(k), 2**-20, ".3f"),
                          _fmt(self.stage_activation_bytes(k), 2**-20, ".3f"), _fmt(cut, 2**-20, ".3f")))
         head = (f"{self.stages} stages over {len(self.block_names)} blocks, chosen by {self.chosen_by}"
                 + (f"; largest/smallest stage cost {self.imbalance():.3f}" if self.block_costs else ""))
-        return head + "\n" + format_table(("stage", "blocks", "compute ms", "cost ms", "param MB", "act MB",
-                                           "cut out MB"), rows)
+        return head + "\n" + format_table(("stage", "blocks", "compute ms", "cost ms", "params", "param MB",
+                                           "act MB", "cut out MB"), rows)
 
     def _check_stage(self, k):
         if not 0 <= k < self.stages:
@@ -282,6 +291,7 @@ def partition(model, sample_input, stages, split_points=None, sample_state=None,
     return Partition(
         bounds=bounds, block_names=names,
         block_param_bytes=[sum(p.data.nbytes for p in b.parameters()) for _, b in blocks],
+        block_param_counts=[sum(p.numel() for p in b.parameters()) for _, b in blocks],
         block_costs=None if profiled is None else profiled.costs(),
         block_activation_bytes=None if profiled is None else [b.activation_bytes for b in profiled.blocks],
         block_output_bytes=None if profiled is None else profiled.output_bytes(),

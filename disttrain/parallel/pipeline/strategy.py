@@ -10,8 +10,9 @@ Each replica trains on its B/D columns of the train streams (as DataParallelStra
 `micro_batches` micro-batches.
 
 What the Trainer's hooks become here:
-- prepare_model: rank 0 partitions the model (profiled balance, or the job's split_points) and broadcasts
-  the partition; every rank keeps its Stage, whose parameters the optimizer gets.
+- prepare_model: with the job's split_points every rank cuts the model itself (the same cut everywhere, so
+  a bad split point is the same error on every rank); otherwise rank 0 partitions by a profiled balance and
+  broadcasts the partition. Every rank keeps its Stage, whose parameters the optimizer gets.
 - forward_backward: PipelineRuntime.step under the job's schedule; the last stage's loss is broadcast to the
   pipe (every rank logs the same number); the carried state is this stage's per-micro-batch state.
 - sync_gradients: the mean over the stage communicator (one flat Allreduce per dtype), when D > 1.
@@ -22,6 +23,7 @@ What the Trainer's hooks become here:
 - checkpoints: rank 0 writes the full model's state_dict, receiving the other stages' parameters (plain
   buffers of shapes it knows from its own copy of the model), so `disttrain eval` and local runs load it.
 """
+import json
 import math
 
 import numpy as np
@@ -31,19 +33,23 @@ from disttrain import trace
 from disttrain.nn import functional as F
 from disttrain.nn.utils import _grad_norm, clip_grad_norm_
 from disttrain.parallel.comm import world
+from disttrain.parallel.launch import local_size
 from disttrain.parallel.strategy import MPIStrategy
 from disttrain.parallel.pipeline.p2p import StageLink
 from disttrain.parallel.pipeline.partition import Partition, partition
 from disttrain.parallel.pipeline.runtime import PipelineRuntime
 from disttrain.train import checkpoint as ckpt
+from disttrain.train.jobspec import JobSpecError
+from disttrain.train.strategy import describe_threads
 
 __all__ = ["PipelineStrategy", "PipelineLayoutError"]
 
 _PARAM_TAG = 31000       # full-model gathering for checkpoints (below the pipe's header tag)
 
 
-class PipelineLayoutError(ValueError):
-    """The world cannot hold the requested stages x replicas, or the batch does not split into micro-batches."""
+class PipelineLayoutError(JobSpecError):
+    """The world cannot hold the requested stages x replicas, the batch does not split into micro-batches, or
+    the split points do not cut the model."""
 
 
 class PipelineStrategy(MPIStrategy):
@@ -52,7 +58,7 @@ class PipelineStrategy(MPIStrategy):
     name = "pipeline"
 
     def __init__(self, comm=None, stages=2, micro_batches=1, schedule="1f1b", split_points=None,
-                 checkpointing=False, batch_size=None, bptt=None, device="cpu", loss="token_mean"):
+                 checkpointing=False, batch_size=None, bptt=None, device="cpu", loss="token_mean", source=None):
         self.comm = comm if comm is not None else world()
         if stages < 1 or self.comm.size % stages:
             raise PipelineLayoutError(f"pipeline: {self.comm.size} processes do not divide into stages = {stages} "
@@ -66,6 +72,8 @@ class PipelineStrategy(MPIStrategy):
         self.micro_batches, self.schedule, self.split_points = micro_batches, schedule, split_points
         self.checkpointing, self.batch_size, self.bptt = checkpointing, batch_size, bptt
         self.device, self.loss = device, loss
+        self.source = source                  # the job file, named in errors
+        self.model_parameters = None          # the whole model's parameter count (prepare_model)
         self.pipe = self.comm.Split(color=self.replica, key=self.stage)
         self.stage_group = self.data_group = self.comm.Split(color=self.stage, key=self.replica)
         self.partition = self.full_model = self.stage_module = self.runtime = self.link = None
@@ -77,28 +85,54 @@ class PipelineStrategy(MPIStrategy):
         return cls(comm, stages=p.stages, micro_batches=p.micro_batches, schedule=p.schedule,
                    split_points=p.split_points, checkpointing=p.stage_checkpointing,
                    batch_size=spec.data.batch_size, bptt=spec.data.bptt, device=spec.train.device,
-                   loss=spec.optim.loss)
+                   loss=spec.optim.loss, source=spec.source)
 
     def attach(self, model, optimizer=None):
         """Nothing to do: every rank built the model from the same seed, and prepare_model cut it."""
+
+    def describe(self, spec):
+        batch = spec.data.batch_size
+        streams = batch // self.replicas
+        recompute = ", stage checkpointing" if self.checkpointing else ""
+        return [f"pipeline: {self.comm.size} ranks ({local_size()} on this node) = {self.stages} stages x "
+                f"{self.replicas} replica{'s' if self.replicas > 1 else ''}, {streams} of the batch's {batch} streams "
+                f"per replica in {self.micro_batches} micro-batches of {streams // self.micro_batches}, schedule "
+                f"{self.schedule}{recompute}, {describe_threads(spec)} per rank; {self._waits()}",
+                *self.partition.describe().splitlines()]
+
+    def parameter_count(self, model):
+        """The whole model's parameters (every stage's), not this rank's stage's."""
+        return self.model_parameters
 
     # ---- the model -------------------------------------------------------------------------------
     def prepare_model(self, model):
         """This rank's Stage of `model` (rank 0 chooses the partition, every rank follows it)."""
         self.full_model = model
-        layout = None
-        if self.comm.rank == 0:
-            layout = self._partition(model).to_dict()
-        self.partition = Partition.from_dict(self.comm.bcast_object(layout, root=0))
+        self.model_parameters = sum(p.numel() for p in model.parameters())
+        if self.split_points is not None:
+            self.partition = self._user_partition(model)
+        else:
+            layout = self._partition(model).to_dict() if self.comm.rank == 0 else None
+            self.partition = Partition.from_dict(self.comm.bcast_object(layout, root=0,
+                                                                        what="broadcast of the partition"))
         self.stage_module = self.partition.build_stage(model, self.stage)
         _release_other_stages(model, self.stage_module)
         self.link = StageLink(self.pipe, self.stage, self.stages, xp=_array_module(model))
         self.runtime = self._runtime(self.micro_batches, self.schedule)
         return self.stage_module
 
-    def _partition(self, model):
-        if self.split_points is not None or self.stages == 1:
+    def _user_partition(self, model):
+        """The cut at the job's split_points (no profile: the same on every rank), or PipelineLayoutError."""
+        try:
             return partition(model, None, self.stages, split_points=self.split_points)
+        except (ValueError, TypeError) as exc:
+            points = json.dumps(self.split_points)
+            raise PipelineLayoutError(f"{self.source or '<job>'}: [parallel] split_points = {points} with stages = "
+                                      f"{self.stages}: {str(exc).removeprefix('split_points: ')}") from None
+
+    def _partition(self, model):
+        if self.stages == 1:
+            return partition(model, None, self.stages)
         streams = (self.batch_size or self.micro_batches) // self.replicas // self.micro_batches
         tokens = np.zeros((self.bptt or 1, max(streams, 1)), dtype=np.int64)
         sample = dt.tensor(tokens, device=self.device)
@@ -134,7 +168,7 @@ class PipelineStrategy(MPIStrategy):
         """The last stage's loss on every stage of the pipe (one 8-byte Bcast)."""
         buf = np.array([loss if loss is not None else 0.0], dtype=np.float64)
         with trace.span("broadcast loss", lane="comm"):
-            self.pipe.Bcast(buf, root=self.stages - 1)
+            self.pipe.Bcast(buf, root=self.stages - 1, what="broadcast of the loss from the last stage")
         return float(buf[0])
 
     def sync_gradients(self, params):
@@ -147,7 +181,7 @@ class PipelineStrategy(MPIStrategy):
                 same = [g for g in grads if g.dtype == dtype]
                 xp = same[0].backend.xp
                 flat = xp.concatenate([g.data.reshape(-1) for g in same])
-                self.stage_group.Allreduce(flat)
+                self.stage_group.Allreduce(flat, what=f"allreduce of stage {self.stage}'s gradients")
                 flat /= self.replicas
                 offset = 0
                 for g in same:
@@ -159,7 +193,7 @@ class PipelineStrategy(MPIStrategy):
         grads = [p.grad for p in params if p.grad is not None]
         local = _grad_norm(grads, 2.0) if grads else 0.0
         squares = np.array([local * local], dtype=np.float64)
-        self.pipe.Allreduce(squares)
+        self.pipe.Allreduce(squares, what="allreduce of the squared gradient norm")
         total = math.sqrt(float(squares[0]))
         coef = float(max_norm) / (total + 1e-6)
         if coef < 1.0 and grads:       # clip_grad_norm_ scales by its max_norm / (local + 1e-6): make that coef
@@ -199,7 +233,7 @@ class PipelineStrategy(MPIStrategy):
                 continue
             for part, label in enumerate("hc"):
                 mine = np.concatenate([s[i][part].numpy() for s in states], axis=0)     # (B/D, H)
-                table = self.stage_group.Allgather(np.ascontiguousarray(mine))
+                table = self.stage_group.Allgather(np.ascontiguousarray(mine), what="allgather of the carried state")
                 out[f"hidden.{name}.{label}"] = np.concatenate(list(table), axis=0)
         return out
 
@@ -216,16 +250,18 @@ class PipelineStrategy(MPIStrategy):
         The names, shapes and dtypes go as small metadata (gather_object), the arrays as plain buffers."""
         if self.replica != 0:
             return None
-        catalog = self.pipe.gather_object(([(n, a.shape, a.dtype.str) for n, a in arrays.items()], scalars), root=0)
+        catalog = self.pipe.gather_object(([(n, a.shape, a.dtype.str) for n, a in arrays.items()], scalars), root=0,
+                                          what="gather of the checkpoint's array list")
         if self.stage != 0:
             for array in arrays.values():
-                self.pipe.Send(np.ascontiguousarray(array), dest=0, tag=_PARAM_TAG)
+                self.pipe.Send(np.ascontiguousarray(array), dest=0, tag=_PARAM_TAG, what="checkpoint send")
             return None
         merged, merged_scalars = dict(arrays), dict(scalars)
         for k in range(1, self.stages):
             names, their_scalars = catalog[k]
             for name, shape, dtype in names:
-                merged[name] = self.pipe.Recv(np.empty(shape, dtype=dtype), source=k, tag=_PARAM_TAG)
+                merged[name] = self.pipe.Recv(np.empty(shape, dtype=dtype), source=k, tag=_PARAM_TAG,
+                                              what="checkpoint receive")
             merged_scalars.update(their_scalars)
         return merged, merged_scalars
 

@@ -1,0 +1,58 @@
+"""`disttrain launch`: a failed mpiexec job is run again from its last checkpoint, on another world size if asked."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli_testing import run_disttrain
+
+HERE = Path(__file__).resolve().parent
+mpiexec = Path(sys.executable).parent / "mpiexec"
+pytestmark = [pytest.mark.skipif(not mpiexec.exists(), reason="no mpiexec beside this Python (pip install mpich)"),
+              pytest.mark.mpi_skip]
+
+
+
+def launch(job, tmp_path, *args, fail=None):
+    env = {"PYTHONPATH": os.pathsep.join([str(HERE / "fault_injection"), os.environ.get("PYTHONPATH", "")]),
+           "DISTTRAIN_TEST_FAIL": fail or "", "DISTTRAIN_TEST_FAIL_MARKER": str(tmp_path / "failed"),
+           "OMP_NUM_THREADS": "1"}
+    job_options = ["--set", "parallel.mode=data", "--set", "train.max_steps=6", "--set", "train.checkpoint_every=2",
+                   "--set", "train.log_every=1"]
+    return run_disttrain("launch", *args, job, *job_options, "--out", tmp_path / "out", timeout=240, env=env)
+
+
+def restarts(done):
+    return [line for line in done.stderr.splitlines() if line.startswith("disttrain launch: attempt")]
+
+
+def test_a_job_that_fails_once_is_resumed_from_its_checkpoint_on_another_world_size(job_file, tmp_path):
+    done = launch(job_file, tmp_path, "-n", "2", "--max-restarts", "2", "--restart-n", "1", fail="once")
+    assert done.returncode == 0, done.stderr
+    assert "injected failure in rank 1's third optimizer step" in done.stderr
+    lines = restarts(done)
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("disttrain launch: attempt 1 on 2 rank(s) ended with exit status 1 after ")
+    assert lines[0].endswith(f"restart 1 of 2 on 1 rank(s), resuming from the checkpoint of step 2 in "
+                             f"{tmp_path / 'out'}")
+    assert "resuming at step 2 (epoch 1)" in done.stdout and "data parallel: 1 rank (1 on this node)" in done.stdout
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_restarts_end_when_none_are_left(job_file, tmp_path):
+    done = launch(job_file, tmp_path, "-n", "2", "--max-restarts", "1", fail="always")
+    assert done.returncode == 1
+    lines = restarts(done)
+    assert len(lines) == 2 and "restart 1 of 1 on 2 rank(s)" in lines[0], done.stderr
+    assert lines[1].startswith("disttrain launch: attempt 2 on 2 rank(s) ended with exit status 1; no restarts left")
+
+
+def test_a_mistake_in_the_job_is_not_restarted(job_file, tmp_path):
+    done = launch(job_file, tmp_path, "-n", "3", "--max-restarts", "2")
+    assert done.returncode == 2
+    assert done.stderr.count("[data] batch_size = 4 does not divide among the 3 ranks launched") == 1
+    assert restarts(done) == ["disttrain launch: attempt 1 ended with exit status 2 (a mistake in the job or "
+                              "options): not restarted"]

@@ -1,0 +1,54 @@
+"""The memory estimate of a job: exact parameter counts, activations near what the memory meter sees."""
+import pytest
+
+from disttrain.tensor.memory import MemoryMeter
+from disttrain.train.jobspec import JobSpecError, loads_job
+from disttrain.train.loop import Trainer
+from disttrain.train.memory_plan import check_fits, estimate, format_bytes, parameter_count
+
+BASE = '[data]\nkind = "default_corpus"\nmax_bytes = 20000\n[train]\nmax_steps = 3\n'
+
+
+@pytest.mark.parametrize("extra", [
+    "[model]\nhidden = 64\nlayers = 2\n[data]\nbatch_size = 8\nbptt = 20\n[optim]\nkind = \"adam\"\n",
+    "[model]\nhidden = 128\nlayers = 1\ndropout = 0.5\n[data]\nbatch_size = 20\nbptt = 35\n",
+    "[model]\nhidden = 128\nlayers = 2\n[data]\nbatch_size = 20\nbptt = 35\n[memory]\n"
+    "activation_checkpointing = \"sqrt\"\n[optim]\nmomentum = 0.9\n",
+    "[model]\nhidden = 32\nembed = 32\nlayers = 3\ntie_weights = true\n[data]\nbatch_size = 6\nbptt = 10\n",
+])
+def test_parameters_exact_and_a_step_within_a_small_factor_of_the_meter(extra):
+    sections = {}
+    for block in (BASE + extra).split("["):
+        if block.strip():
+            name, _, body = block.partition("]")
+            sections[name] = sections.get(name, "") + body
+    spec = loads_job("".join(f"[{name}]{body}" for name, body in sections.items()))
+    trainer = Trainer(spec, progress=False)
+    vocab = len(trainer.corpus.vocab)
+    assert parameter_count(spec, vocab) == sum(p.numel() for p in trainer.params)
+    need = estimate(spec, vocab, spec.data.batch_size)
+    batches = iter(trainer.train_iter)
+    trainer.train_step(*next(batches))                 # the optimizer state exists from here on
+    with MemoryMeter("cpu", resident=trainer._resident_tensors()) as meter:
+        trainer.train_step(*next(batches))
+    step = meter.peak_bytes - meter.start_bytes        # a step's activations: its new gradients replace the old
+    assert 0.75 * step <= need.activations <= 2.5 * step
+
+
+def test_a_model_that_cannot_fit_is_refused_with_its_figures():
+    spec = loads_job("[model]\nhidden = 100000\nlayers = 1\n", source="big.toml")
+    with pytest.raises(JobSpecError) as raised:
+        check_fits(spec, vocab_size=72, streams=20, processes=2, available=8 * 2**30)
+    message = str(raised.value)
+    assert message.startswith("big.toml: the job needs about 1.2 TiB of memory, this machine has 8.0 GiB available: "
+                              "parameters 298.1 GiB, gradients 298.1 GiB, optimizer state 0 B, activations")
+    assert "on each of the 2 processes on this machine" in message and "\n" not in message
+    small = loads_job("[model]\nhidden = 16\n")
+    assert check_fits(small, vocab_size=72, streams=20, available=8 * 2**30).total < 4 * 2**20
+
+
+def test_pipeline_stages_share_all_but_the_parameters():
+    spec = loads_job("[model]\nhidden = 64\n[optim]\nkind = \"adam\"\n")
+    whole, stage = estimate(spec, 100, 10), estimate(spec, 100, 10, stages=2)
+    assert stage.parameters == whole.parameters and stage.optimizer == whole.optimizer // 2
+    assert format_bytes(1536) == "1.5 KiB" and format_bytes(3 * 2**40) == "3.0 TiB"
