@@ -6,6 +6,7 @@ run's OUT/ps-snapshots, or that run directory when it holds no checkpoints/). A 
 written for this job's model and data; snapshots to be written by the servers of this model (the layout
 fingerprint every server records). Errors: one line, exit status 2.
 """
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +47,9 @@ def _load_weights(trainer, path):
         trainer.load_weights(checkpoint)     # checks it was written for this job's model and data
         meta = checkpoint.meta
         epoch = epoch_label(meta["epoch"], meta["data"]["position"])
-        skipped = "".join(f"\ndisttrain eval: {line}" for line in checkpoint.skipped)
-        return f"checkpoint {checkpoint.path} (step {meta['step']}, epoch {epoch}){skipped}"
+        for line in checkpoint.skipped:
+            print(f"disttrain eval: {line}", file=sys.stderr, flush=True)
+        return f"checkpoint {checkpoint.path} (step {meta['step']}, epoch {epoch})"
     files = find_snapshots(path)
     if files is None:
         raise CheckpointError(f"no checkpoint in {path}: expected a job checkpoint ({Path(path) / 'checkpoints'}/step-NNNNNN) or "
