@@ -31,7 +31,7 @@ def run(job, mode, out_dir):
     """Train `job` with activation_checkpointing = mode into out_dir -> (peak bytes of the worst step or None,
     the MemoryBudgetExceeded message or None, seconds, steps taken)."""
     spec = load_job(job, overrides=[f'memory.activation_checkpointing="{mode}"'])
-    trainer = Trainer(spec, out_dir=out_dir, progress=False, overwrite=True)    # a rerun replaces its own runs
+    trainer = Trainer.from_job(spec, out_dir=out_dir, progress=False, overwrite=True)    # a rerun replaces its own runs
     start = time.perf_counter()
     try:
         trainer.fit()

@@ -4,7 +4,7 @@
     mpiexec -n 2 .venv/bin/python benchmarks/bench_dp_throughput.py [--job jobs/ptb_small.toml] [--steps 50]
 
 Runs the Trainer's own train_step over the job's first `--steps` TBPTT segments (after `--warmup` untimed
-ones): with one process under LocalStrategy, with several under DataParallelStrategy (each rank B/N of the
+ones): with one process under LocalStrategy, with several under DataParallelMode (each rank B/N of the
 streams). Prints global tokens/s and the global training loss (mean over ranks) every 10 steps, so two runs
 can be compared: the loss curves must agree (to float32 rounding) and the throughput ratio is the scaling.
 """
@@ -18,8 +18,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from harness import machine  # noqa: E402
 
-from disttrain.parallel import DataParallelStrategy  # noqa: E402
-from disttrain.parallel.launch import launched_size  # noqa: E402
+from disttrain.parallel import DataParallelMode  # noqa: E402
+from disttrain.parallel.mpi_job import launched_size  # noqa: E402
 from disttrain.train import Trainer, load_job  # noqa: E402
 
 
@@ -36,13 +36,9 @@ def main():
     args = parser.parse_args()
     spec = load_job(args.job, args.overrides)
     overlap = {"true": True, "false": False, "auto": "auto", None: spec.parallel.overlap}[args.overlap]
-    strategy = None
-    if launched_size() > 1:
-        strategy = DataParallelStrategy(bucket_mb=spec.parallel.bucket_mb, overlap=overlap)
-    trainer = Trainer(spec, strategy=strategy, progress=False)
-    if strategy is not None:
-        strategy.attach(trainer.model, trainer.optimizer)
-    s = trainer.strategy
+    mode = DataParallelMode(bucket_mb=spec.parallel.bucket_mb, overlap=overlap) if launched_size() > 1 else None
+    trainer = Trainer.from_job(spec, mode=mode, progress=False)
+    s = trainer.mode
     segments = iter(trainer.train_iter)
     losses, tokens, notes = [], 0, []
     for k in range(args.warmup + args.steps):
@@ -51,7 +47,7 @@ def main():
             start = time.perf_counter()
         inputs, targets = next(segments)
         loss, _ = trainer.train_step(inputs, targets)
-        losses.append(s.reduce_mean(loss))
+        losses.append(s.reduce([loss], "mean")[0])
         if k >= args.warmup:
             tokens += targets.size * s.world_size
         notes += s.messages()

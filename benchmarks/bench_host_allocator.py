@@ -23,7 +23,7 @@ from disttrain.train import Trainer, load_job
 mode, job, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if mode == "retained" and not retain_freed_memory({}):
     raise SystemExit("mallopt refused the settings (not glibc?)")
-trainer = Trainer(load_job(job, []), progress=False)
+trainer = Trainer.from_job(load_job(job, []), progress=False)
 segments = list(itertools.islice(iter(trainer.train_iter), steps))
 for inputs, targets in segments[:3]:
     trainer.train_step(inputs, targets)

@@ -54,7 +54,7 @@ def time_ms(cp, fn, rounds, warmup=3):
 
 def cases(cp, n):
     """(name, bytes moved, fused fn, reference fn) for every kernel, on about n float32 elements each."""
-    from disttrain.kernels_cuda import launch, loader, wrappers as W
+    from disttrain.kernels_cuda import launch_config as launch, loader, wrappers as W
     from disttrain.tensor import kernels_numpy as K
 
     f32 = np.float32

@@ -112,15 +112,15 @@ def main():
     spec = load_job(args.job, args.overrides)
     if spec.optim.kind != "sgd" or spec.optim.momentum:
         raise SystemExit("bench_lm_speed compares plain SGD jobs (like ptb_small)")
-    trainer = Trainer(spec, progress=False)
+    trainer = Trainer.from_job(spec, progress=False)
     candidates = {"disttrain": our_runner(trainer, args.steps)}
     torch = torch_or_none()
     if torch is not None:
         segments = list(itertools.islice(iter(trainer.train_iter), args.steps))
-        candidates["pytorch"] = torch_runner(torch, spec, len(trainer.corpus.vocab), segments)
+        candidates["pytorch"] = torch_runner(torch, spec, trainer.data.vocab_size, segments)
     rates = interleaved(candidates, rounds=args.rounds)
     m, d = spec.model, spec.data
-    print(f"LM training step, {args.job}: {m.layers}x{m.hidden} LSTM, vocab {len(trainer.corpus.vocab):,}, "
+    print(f"LM training step, {args.job}: {m.layers}x{m.hidden} LSTM, vocab {trainer.data.vocab_size:,}, "
           f"batch {d.batch_size}, bptt {d.bptt}, SGD; {machine()}")
     threads = (f"threads: NumPy's OpenBLAS {numpy_blas_threads() or '?'}, disttrain's intra-op "
                f"{dt.get_num_threads()} (big elementwise passes; the LSTM recurrence's small GEMMs on 1)")

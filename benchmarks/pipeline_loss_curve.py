@@ -14,18 +14,18 @@ import numpy as np
 
 
 def record(job, steps, out, mode):
-    from disttrain.parallel.launch import strategy_for
+    from disttrain.parallel.mpi_job import mode_for
     from disttrain.train import Trainer
     from disttrain.train.jobspec import load_job
 
     spec = load_job(job, [f"parallel.mode={mode}"] if mode else [])
-    trainer = Trainer(spec, strategy=strategy_for(spec), progress=False)
+    trainer = Trainer.from_job(spec, mode=mode_for(spec), progress=False)
     losses = []
     for inputs, targets in trainer.train_iter:
         losses.append(trainer.train_step(inputs, targets)[0])
         if len(losses) == steps:
             break
-    if trainer.strategy.is_main:
+    if trainer.mode.is_main:
         with open(out, "w") as fh:
             json.dump(losses, fh)
 

@@ -52,7 +52,7 @@ class Checkpoint(Function):
         result, of which the floating-point tensors become this node's outputs."""
         self.fn, self.args, self.rng_state = fn, template, rng_state
         self.n_args = sum(a is _ARG for a in template)  # not list.count: == on an array argument is elementwise
-        self.saved = tuple([(t, t._version) for t in tensors])  # checked for in-place changes in backward
+        self.saved = tuple([(t, t.version) for t in tensors])  # checked for in-place changes in backward
         args = iter(tensors)
         with grad_mode.no_grad():
             result = fn(*[next(args) if a is _ARG else a for a in template])

@@ -16,7 +16,7 @@ from disttrain.cli import preflight
 from disttrain.cli.run import _fail, _load_spec, _report
 from disttrain.paramserver.sharding import Layout
 from disttrain.paramserver.snapshot import SnapshotError, load_snapshot
-from disttrain.train.checkpoint import CheckpointError, holds_checkpoint, load_checkpoint
+from disttrain.train.saving import CheckpointError, holds_checkpoint, load_checkpoint
 from disttrain.train.jobspec import JobSpecError
 from disttrain.train.loop import Trainer, epoch_label
 
@@ -30,13 +30,13 @@ def evaluate(args):
     try:
         spec = _load_spec(args, "eval")
         preflight.check_job_file(args.job)
-        trainer = Trainer(spec, out_dir=None, progress=False)
+        trainer = Trainer.from_job(spec, progress=False)
         loaded = _load_weights(trainer, args.checkpoint)
     except (JobSpecError, CheckpointError, SnapshotError) as exc:
         return _fail("eval", exc)
     print(loaded, flush=True)
-    evals = {split: trainer.evaluate(split) for split in ("valid", "test")}
-    _report(evals, trainer.char_level)
+    evals = {split: trainer.evaluate(split) for split in trainer.data.eval_splits}
+    _report(evals, trainer.data)
     return 0
 
 

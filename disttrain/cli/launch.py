@@ -106,7 +106,7 @@ def _split_options(options, job):
 
 def _checkpoint_step(out):
     """The step of the checkpoint a resume of `out` would continue from, or None when there is none."""
-    from disttrain.train.checkpoint import list_checkpoints, step_of
+    from disttrain.train.saving import list_checkpoints, step_of
 
     found = list_checkpoints(out)
     return step_of(found[0]) if found else None

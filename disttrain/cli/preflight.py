@@ -1,6 +1,6 @@
 """What `disttrain run` checks before anything large is allocated: user mistakes become one-line errors.
 
-    corpus = check_run(args, spec, out)     # JobSpecError naming the bad value and where it came from
+    data = check_run(args, spec, out)       # JobSpecError naming the bad value and where it came from
 
 Each failure is a JobSpecError (exit status 2 in the CLI). Under mpiexec every rank makes these checks and
 every rank fails alike, so that rank 0 alone prints the message and no rank is left waiting for another:
@@ -12,8 +12,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from disttrain.parallel.launch import check_launch, data_shares, launched_by_mpi, launched_size, local_size
-from disttrain.train.build import build_corpus
+from disttrain.parallel.mpi_job import check_launch, data_shares, launched_by_mpi, launched_size, local_size
+from disttrain.data.source import LanguageModelData
+from disttrain.train.build import build_data
 from disttrain.train.jobspec import JobSpecError
 from disttrain.train.memory_plan import check_fits
 
@@ -28,17 +29,21 @@ _MIN_TOKENS_PER_STREAM = 2       # an input and a target
 
 
 def check_run(args, spec, out):
-    """Every check of `disttrain run JOB`; returns the job's corpus (built once: the Trainer takes it)."""
+    """Every check of `disttrain run JOB`; returns the job's data source (built once: the Trainer takes it).
+    The batch and memory checks know the built-in language-model families and corpora; a job's own model or
+    data (factories) is checked when it runs."""
     check_job_file(args.job)
     check_launch(spec)
     if getattr(args, "trace_steps", None) and not args.trace:
         raise JobSpecError(f"--trace-steps {args.trace_steps[0]}:{args.trace_steps[1]}: needs --trace FILE, "
                            "the file the spans are written to")
     _on_rank0(lambda: check_out_dir(out))
-    corpus = build_corpus(spec)
-    check_batch_fits(spec, corpus)
-    _on_rank0(lambda: check_memory(spec, len(corpus.vocab)))
-    return corpus
+    data = build_data(spec)
+    if isinstance(data, LanguageModelData):
+        check_batch_fits(spec, data.corpus)
+        if spec.model.factory is None and spec.model.kind == "lstm_lm":      # the families estimate knows
+            _on_rank0(lambda: check_memory(spec, data.vocab_size))
+    return data
 
 
 def check_job_file(path):

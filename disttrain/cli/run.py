@@ -10,11 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from disttrain.cli import preflight
-from disttrain.parallel.launch import launched_rank, run_context, share_cores, strategy_for
+from disttrain.parallel.mpi_job import launched_rank, mode_for, run_context, share_cores
 from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.tensor.threads import blas_kernel_note
-from disttrain.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
+from disttrain.train.build import describe_data, describe_model
 from disttrain.train.jobspec import JobSpecError, load_job
+from disttrain.train.saving import CheckpointError, list_checkpoints, load_checkpoint
 from disttrain.train.loop import (MemoryBudgetExceeded, Trainer, TrainingDiverged, TrainingInterrupted,
                                   check_new_run)
 
@@ -51,16 +52,14 @@ def main(args):
     try:
         spec = _load_spec(args, "run")
         out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
-        corpus = preflight.check_run(args, spec, out)     # before anything large is allocated or MPI waits
+        data = preflight.check_run(args, spec, out)       # before anything large is allocated or MPI waits
         checkpoint = _checkpoint_to_resume(out) if args.resume else None
         if not args.resume and not args.overwrite:
             check_new_run(out)                   # never replace an earlier run's checkpoints silently
         share_cores()                            # N ranks on a node: cores / N threads each
         retain_freed_memory()                    # reuse each step's big arrays instead of faulting them in again
-        strategy = strategy_for(spec)            # data mode (under mpirun): DataParallelStrategy, else None
-        trainer = Trainer(spec, out_dir=out, strategy=strategy, corpus=corpus, overwrite=args.overwrite)
-        if strategy is not None:
-            strategy.attach(trainer.model, trainer.optimizer)
+        mode = mode_for(spec)                    # local, or data / pipeline under mpirun
+        trainer = Trainer.from_job(spec, out_dir=out, mode=mode, data=data, overwrite=args.overwrite)
         if checkpoint is not None:
             trainer.restore(checkpoint)
     except (JobSpecError, CheckpointError) as exc:
@@ -69,23 +68,25 @@ def main(args):
     _describe(trainer, out, checkpoint)
     start = time.perf_counter()
     try:
-        with _stop_on_signals(trainer), run_context(trainer.strategy, args.trace,
+        with _stop_on_signals(trainer), run_context(trainer.mode, args.trace,
                                                     (TrainingInterrupted, TrainingDiverged), steps=args.trace_steps):
             evals = trainer.fit()
     except TrainingInterrupted as exc:
-        if trainer.strategy.is_main:
+        if trainer.mode.is_main:
             print(f"{exc} in {trainer.last_checkpoint}; continue with --resume", file=sys.stderr)
         return EXIT_SIGNAL.get(exc.signal_name, 1)
     except TrainingDiverged as exc:
-        if trainer.strategy.is_main:
+        if trainer.mode.is_main:
             print(f"disttrain run: {exc}", file=sys.stderr)
             print(_after_divergence(exc), file=sys.stderr)
         return EXIT_DIVERGED
     except MemoryBudgetExceeded as exc:
         print(f"disttrain run: {exc}", file=sys.stderr)
         return 1
-    if trainer.strategy.is_main:                 # under mpirun: one report, from the process that logs
-        _report(evals, trainer.char_level)
+    finally:
+        trainer.mode.close()
+    if trainer.mode.is_main:                     # under mpirun: one report, from the process that logs
+        _report(evals, trainer.data)
         print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}/ (metrics.jsonl, config.toml, "
               f"curves.png, checkpoints/)")
     return 0
@@ -109,29 +110,33 @@ def _after_divergence(exc):
 
 
 def _describe(trainer, out, checkpoint):
-    if not trainer.strategy.is_main:             # under mpirun: one description, from the process that logs
+    if not trainer.mode.is_main:                 # under mpirun: one description, from the process that logs
         return
-    spec, corpus = trainer.spec, trainer.corpus
-    n_params = trainer.strategy.parameter_count(trainer.model)
+    spec, mode = trainer.spec, trainer.mode
     where = f"resuming at step {trainer.step} (epoch {trainer.epoch + 1})" if checkpoint else "starting"
     for line in (checkpoint.skipped if checkpoint else []) + trainer.resume_changes:
         print(f"disttrain run: {line}", file=sys.stderr, flush=True)
-    print(f"job {spec.source}: {spec.data.kind} corpus, {corpus.train.size:,} train tokens, vocab "
-          f"{len(corpus.vocab):,}; model {spec.model.layers}x{spec.model.hidden} LSTM, {n_params:,} parameters; "
-          f"{len(trainer.train_iter)} steps/epoch x {spec.train.epochs} epochs"
+    print(f"job {spec.source}: {describe_data(spec, trainer.data)}; model {describe_model(spec)}, "
+          f"{mode.parameter_count():,} parameters; {len(trainer.train_iter)} steps/epoch x {spec.train.epochs} epochs"
           + (f", max {spec.train.max_steps} steps" if spec.train.max_steps else "")
-          + f"; device {trainer.device}; {where}; outputs in {out}/", flush=True)
-    print("\n".join(trainer.strategy.describe(spec)), flush=True)
-    note = blas_kernel_note() if trainer.device == "cpu" else None
+          + f"; device {mode.device}; {where}; outputs in {out}/", flush=True)
+    unit = "streams" if trainer.data.sequential else trainer.data.unit
+    print("\n".join(mode.describe(spec.data.batch_size, unit)), flush=True)
+    note = blas_kernel_note() if mode.device == "cpu" else None
     if note:
         print(note, file=sys.stderr, flush=True)
 
 
-def _report(evals, char_level):
-    parts = [f"{split} ppl {evals[split].ppl:.3f}" for split in ("valid", "test") if split in evals]
-    if char_level:
-        parts += [f"{split} bpc {evals[split].bpc:.4f}" for split in ("valid", "test") if split in evals]
-    print("final: " + " | ".join(parts), flush=True)
+def _report(evals, data):
+    """The final line: perplexity (and bits per character) of language data, the loss of any other."""
+    splits = [split for split in data.eval_splits if split in evals]
+    if data.language:
+        parts = [f"{split} ppl {evals[split].ppl:.3f}" for split in splits]
+    else:
+        parts = [f"{split} loss {evals[split].loss:.4f}" for split in splits]
+    if getattr(data, "char_level", False):
+        parts += [f"{split} bpc {evals[split].bpc:.4f}" for split in splits]
+    print("final: " + (" | ".join(parts) or "no evaluation splits"), flush=True)
 
 
 @contextmanager

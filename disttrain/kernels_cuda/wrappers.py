@@ -2,7 +2,7 @@
 
 CudaBackend.kernels is this module, so an op calls `self.backend.kernels.f(self.xp, ...)` and gets
 our CUDA kernel on the GPU and the NumPy reference on the CPU. Each wrapper makes its inputs
-C-contiguous, allocates the outputs, picks the launch configuration (launch.py) and launches the
+C-contiguous, allocates the outputs, picks the launch configuration (launch_config.py) and launches the
 kernel (loader.py). GEMMs stay on cuBLAS through CuPy's matmul.
 
 Where no kernel applies (a dtype other than float32/float64, empty arrays, a non-contiguous
@@ -15,7 +15,7 @@ step built from them can be captured in a CUDA graph (disttrain.kernels_cuda.gra
 """
 import numpy as np
 
-from disttrain.kernels_cuda import launch
+from disttrain.kernels_cuda import launch_config
 from disttrain.kernels_cuda.loader import SUFFIX, kernel
 from disttrain.tensor import kernels_numpy as _ref
 
@@ -36,7 +36,7 @@ def _contiguous(xp, a):
 
 
 def _launch_1d(source, name, dtype, n, args):
-    grid, block = launch.elementwise_config(n)
+    grid, block = launch_config.elementwise_config(n)
     kernel(source, name, dtype)(grid, block, args)
 
 
@@ -58,7 +58,7 @@ def bias_act_forward(xp, x, bias, act):
     n_rows = x.size // n_cols
     y = xp.empty_like(x)
     b = _contiguous(xp, bias) if bias is not None else x  # not read without a bias
-    grid, block = launch.rows_config(n_rows, n_cols)
+    grid, block = launch_config.rows_config(n_rows, n_cols)
     kernel("elementwise", "bias_act_forward", x.dtype)(
         grid, block, (x, b, y, _i64(n_rows), _i64(n_cols), _i32(ACTIVATIONS.index(act)), _i32(bias is not None)))
     return y
@@ -132,7 +132,7 @@ def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_
 def _lstm_step_forward(xp, gates_x, h, c, w_hh, h_new, c_new, acts, tanh_c):
     """The fused forward kernel on C-contiguous gates_x, c and outputs (views into layer buffers are)."""
     batch, hidden = c.shape
-    grid, block = launch.rows_config(batch, hidden)
+    grid, block = launch_config.rows_config(batch, hidden)
     kernel("lstm", "lstm_cell_forward", c.dtype)(
         grid, block, (gates_x, h @ w_hh.T, c, h_new, c_new, acts, tanh_c, _i64(batch), _i64(hidden)))
 
@@ -141,7 +141,7 @@ def _lstm_step_backward(xp, dh, dc, acts, tanh_c, c, d_pre):
     """The fused backward kernel: writes d_pre (B, 4H), returns dc_prev (B, H); inputs C-contiguous."""
     batch, hidden = c.shape
     dc_prev = xp.empty((batch, hidden), dtype=c.dtype)
-    grid, block = launch.rows_config(batch, hidden)
+    grid, block = launch_config.rows_config(batch, hidden)
     kernel("lstm", "lstm_cell_backward", c.dtype)(
         grid, block, (dh, dc, acts, tanh_c, c, d_pre, dc_prev, _i64(batch), _i64(hidden)))
     return dc_prev
@@ -159,7 +159,7 @@ def cross_entropy_forward(xp, logits, target, ignore_index, keep_softmax=False):
     target = _contiguous(xp, target.astype(np.int64, copy=False))
     losses = xp.empty(n_rows, dtype=logits.dtype)
     lse = xp.empty(n_rows, dtype=logits.dtype)
-    cfg = launch.softmax_config(n_rows, n_cols, logits.itemsize)
+    cfg = launch_config.softmax_config(n_rows, n_cols, logits.itemsize)
     kernel("xent", f"xent_forward_{cfg.kind}", logits.dtype)(
         cfg.grid, cfg.block, (logits, target, losses, lse, _i64(n_rows), _i64(n_cols), _i64(ignore_index)),
         shared_mem=cfg.shared_mem)
@@ -178,7 +178,7 @@ def cross_entropy_backward(xp, logits, target, saved, row_scale):
     lse = _contiguous(xp, saved)
     scale = _contiguous(xp, xp.broadcast_to(row_scale.astype(logits.dtype, copy=False), (n_rows,)))
     grad = xp.empty_like(logits)
-    grid, block = launch.rows_config(n_rows, n_cols)
+    grid, block = launch_config.rows_config(n_rows, n_cols)
     kernel("xent", "xent_backward", logits.dtype)(
         grid, block, (logits, target, lse, scale, grad, _i64(n_rows), _i64(n_cols)))
     return grad
@@ -194,7 +194,7 @@ def index_add_rows(xp, target, index, values):
     n_index, n_cols = index.size, target.shape[1]
     idx = _contiguous(xp, index.reshape(-1).astype(np.int64, copy=False))
     vals = _contiguous(xp, values.reshape(n_index, n_cols))
-    grid, block = launch.rows_config(n_index, n_cols)
+    grid, block = launch_config.rows_config(n_index, n_cols)
     kernel("embedding", "index_add_rows", target.dtype)(
         grid, block, (target, idx, vals, _i64(n_index), _i64(n_cols), _i64(target.shape[0])))
 
@@ -262,13 +262,13 @@ def _norm_mode(norm_type):
 
 def _accumulate_norm(xp, a, acc, mode, p):
     a = _contiguous(xp, a)
-    grid, block = launch.reduction_config(a.size)
+    grid, block = launch_config.reduction_config(a.size)
     kernel("norms", "norm_accumulate", a.dtype)(grid, block, (a, _i64(a.size), acc, _i32(mode), _f64(p)))
 
 
 def _finalize_norms(xp, acc, mode, p):
     out = xp.empty_like(acc)
-    grid, block = launch.elementwise_config(acc.size)
+    grid, block = launch_config.elementwise_config(acc.size)
     kernel("norms", "norm_finalize")(grid, block, (acc, out, _i64(acc.size), _i32(mode), _f64(p)))
     return out
 

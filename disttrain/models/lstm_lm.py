@@ -3,18 +3,21 @@ from contextlib import contextmanager
 
 from disttrain import nn
 from disttrain.autograd.grad_mode import is_grad_enabled
-from disttrain.autograd.ops import dropout, stack
+from disttrain.autograd.ops import dropout, stack, unbind
 from disttrain.checkpointing.checkpoint import checkpoint, segment_bounds
+from disttrain.models.blocks import ModelPart, ParameterSubset
 from disttrain.nn import functional as F
 from disttrain.nn import init
+from disttrain.tensor.creation import zeros
 
 
 class LSTMLanguageModel(nn.Module):
     """forward(tokens (T, B) int64, state=None) -> (logits (T*B, V), state);
     forward_loss(tokens (T, B), targets (T, B), state=None) -> (mean cross-entropy, state).
 
-    state is the (h, c) pair of the LSTM, each (layers, B, hidden); the training loop detaches
-    it between TBPTT segments. Dropout (Zaremba's "medium"/"large" regularisation) is applied
+    state is the (h, c) pair of the LSTM, each (layers, B, hidden): a carried state
+    (disttrain.models.protocol) whose streams lie along axis 1; the training loop detaches it
+    between TBPTT segments. Dropout (Zaremba's "medium"/"large" regularisation) is applied
     to the embedding output, between LSTM layers and before the decoder. Every weight starts
     uniform in [-init_scale, init_scale] as in the paper.
 
@@ -28,6 +31,9 @@ class LSTMLanguageModel(nn.Module):
     - forward returns all T*B logits, O(T) anyway, so there only the LSTM's per-step internals
       are checkpointed (nn.LSTM's recurrent checkpointing, which this setting switches too).
     """
+
+    carries_state = True
+    state_batch_axis = 1
 
     def __init__(self, vocab_size, hidden, layers=2, embed=None, dropout=0.0, init_scale=0.1, tie_weights=False,
                  checkpoint_segments=None):
@@ -108,8 +114,89 @@ class LSTMLanguageModel(nn.Module):
             logits, (h, c) = self(tokens, None if h is None else (h, c))
         return F.cross_entropy(logits, _flat(targets), reduction="sum"), h, c
 
+    # ---- pipeline blocks and their share of the carried state ------------------------------------
+    def pipeline_blocks(self):
+        """"embedding" (with its dropout), "lstm.l0" ... "lstm.l{L-1}" (one LSTM layer each, state (h, c) of
+        (B, H)), "decoder" (dropout + decoder): composed, the model's forward bit for bit."""
+        return ([("embedding", _EmbeddingBlock(self))]
+                + [(f"lstm.l{k}", _LSTMLayerBlock(self.lstm, k)) for k in range(self.lstm.num_layers)]
+                + [("decoder", _DecoderBlock(self))])
+
+    def block_states(self, state):
+        """The carried (h, c) as {block name: that block's state}: layer k's block gets (h[k], c[k])."""
+        if state is None:
+            return {}
+        hs, cs = (unbind(t, 0) for t in state)
+        return {f"lstm.l{k}": (h, c) for k, (h, c) in enumerate(zip(hs, cs))}
+
+    def state_from_blocks(self, states):
+        """block_states' inverse: every layer's (h, c) stacked to (L, B, H), or None when no block has one."""
+        layers = [states.get(f"lstm.l{k}") for k in range(self.lstm.num_layers)]
+        if all(s is None for s in layers):
+            return None
+        missing = [k for k, s in enumerate(layers) if s is None]
+        if missing:
+            raise ValueError(f"LSTMLanguageModel.state_from_blocks: no state for layers {missing}")
+        return stack([h for h, _ in layers]), stack([c for _, c in layers])
+
     def extra_repr(self):
         return f"checkpoint_segments={self.checkpoint_segments!r}" if self.checkpoint_segments else ""
+
+
+class _EmbeddingBlock(ModelPart):
+    """The embedding and the dropout on its output: tokens (T, B) -> (T, B, E)."""
+
+    def __init__(self, model):
+        super().__init__(model, ["embedding"])
+
+    def forward(self, tokens, state=None):
+        return dropout(self.embedding(tokens), self.owner.dropout, self.training), None
+
+
+class _LSTMLayerBlock(nn.Module):
+    """Layer k of the LSTM: x (T, B, in) -> (T, B, H), state (h, c) each (B, H) (zeros when None).
+
+    Holds only layer k's four Parameters (named `lstm.weight_ih_l{k}`, ...) and runs LSTM.forward_layer, so the
+    LSTM's recurrent checkpointing setting applies; the LSTM's dropout follows every layer but the last, as in
+    LSTM.forward.
+    """
+
+    state_batch_axis = 0
+
+    def __init__(self, lstm, layer):
+        super().__init__()
+        self.add_module("lstm", ParameterSubset(lstm, [f"{w}_l{layer}" for w in
+                                                       ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]))
+        object.__setattr__(self, "whole", lstm)  # not registered: its other layers belong to other blocks
+        object.__setattr__(self, "layer", layer)
+
+    def forward(self, x, state=None):
+        lstm = self.whole
+        batch, hidden = x.shape[1], lstm.hidden_size
+        if state is None:
+            h = c = zeros(batch, hidden, dtype=x.dtype, device=x.device)
+        else:
+            h, c = state
+            for t, name in ((h, "h"), (c, "c")):
+                if t.shape != (batch, hidden):
+                    raise ValueError(f"LSTM layer {self.layer} block: state {name} has shape {t.shape}, "
+                                     f"expected {(batch, hidden)} (B, H)")
+        out, h, c = lstm.forward_layer(self.layer, x, h, c)
+        if lstm.dropout and self.training and self.layer < lstm.num_layers - 1:
+            out = dropout(out, lstm.dropout, training=True)
+        return out, (h, c)
+
+
+class _DecoderBlock(ModelPart):
+    """The dropout before the decoder, and the decoder: (T, B, H) -> logits (T*B, V)."""
+
+    def __init__(self, model):
+        super().__init__(model, ["decoder"])
+
+    def forward(self, x, state=None):
+        steps, batch, hidden = x.shape
+        x = dropout(x, self.owner.dropout, self.training)
+        return self.decoder(x.reshape((steps * batch, hidden))), None
 
 
 def _flat(targets):

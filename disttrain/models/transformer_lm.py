@@ -11,6 +11,7 @@ from disttrain.autograd.ops import dropout, masked_softmax, unbind
 from disttrain.checkpointing.checkpoint import SegmentsSetting, checkpoint_sequential
 from disttrain.nn import functional as F
 from disttrain.nn import init
+from disttrain.models.blocks import ModelPart
 
 
 class CausalSelfAttention(nn.Module):
@@ -158,17 +159,7 @@ class TransformerLanguageModel(nn.Module):
 
 
 # ---- pipeline blocks: the model's own modules, run by the model's own code ------------------------------
-class _ModelPart(nn.Module):
-    """Some of a model's child modules, registered under their names in the model."""
-
-    def __init__(self, model, names):
-        super().__init__()
-        object.__setattr__(self, "owner", model)  # not registered: only the named parts are this block's
-        for name in names:
-            self.add_module(name, getattr(model, name))
-
-
-class _EmbeddingBlock(_ModelPart):
+class _EmbeddingBlock(ModelPart):
     def __init__(self, model):
         super().__init__(model, ["embedding", "position"])
 
@@ -176,7 +167,7 @@ class _EmbeddingBlock(_ModelPart):
         return dropout(self.owner.embed(tokens), self.owner.dropout, self.training), None
 
 
-class _DecoderBlock(_ModelPart):
+class _DecoderBlock(ModelPart):
     def __init__(self, model):
         super().__init__(model, ["norm", "decoder"])
 

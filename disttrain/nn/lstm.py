@@ -59,14 +59,16 @@ class LSTM(Module):
             h0, c0 = (self._check_state(s, batch, name) for s, name in zip(hx, ("h", "c")))
         layer_input, h_n, c_n = x, [], []
         for k in range(self.num_layers):
-            layer_input, h, c = self._layer(k, layer_input, h0[k], c0[k])
+            layer_input, h, c = self.forward_layer(k, layer_input, h0[k], c0[k])
             h_n.append(h)
             c_n.append(c)
             if self.dropout and self.training and k < self.num_layers - 1:
                 layer_input = dropout(layer_input, self.dropout, training=True)
         return layer_input, (stack(h_n), stack(c_n))
 
-    def _layer(self, k, x, h, c):
+    def forward_layer(self, k, x, h, c):
+        """Layer k alone: x (T, B, in_k), h, c (B, H) -> (output (T, B, H), h, c); no dropout (forward adds it
+        between layers). Pipeline blocks run one layer each through this."""
         weights = tuple(getattr(self, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
         if (self.checkpoint_segments is None or not is_grad_enabled()
                 or not any(t.requires_grad for t in (x, h, c) + weights)):

@@ -272,7 +272,7 @@ class Module:
                 array = backend.asarray(array) if backend.name != "cpu" else t.backend.to_numpy(array)
             if array is not t.data:
                 t.data = array
-                t._version += 1
+                t.increment_version()
 
         for t in list(self.parameters()) + list(self.buffers()):
             convert(t)

@@ -10,8 +10,9 @@ def _as_list(parameters):
     return [parameters] if isinstance(parameters, Tensor) else list(parameters)
 
 
-def _grad_norm(grads, norm_type):
-    """The norm of all gradients together, as a float, computed on their backend arrays."""
+def grad_norm(grads, norm_type=2.0):
+    """The norm of all gradients (Tensors) together, as a float, computed on their backend arrays."""
+    norm_type = float(norm_type)
     per_device = {}
     for g in grads:
         per_device.setdefault(g.backend.name, (g.backend, []))[1].append(g.data)
@@ -23,23 +24,25 @@ def _grad_norm(grads, norm_type):
     return math.fsum(p ** norm_type for p in parts) ** (1.0 / norm_type)
 
 
-def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False):
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, total_norm=None):
     """Scale the gradients in place so that their total norm is at most max_norm; return the norm before.
 
     The total norm is that of all gradients concatenated into one vector. When it exceeds
     max_norm every gradient is multiplied by max_norm / (total_norm + 1e-6), as in PyTorch.
-    Parameters without a gradient are skipped.
+    Parameters without a gradient are skipped. total_norm: the norm to clip by, when it was computed
+    elsewhere over more gradients than these (a pipeline stage's share of the model: the norm of all
+    stages' gradients together), so that every share is scaled as the whole would be.
     """
     grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
-    if not grads:
-        return 0.0
     norm_type = float(norm_type)
-    total = _grad_norm(grads, norm_type)
+    if total_norm is None and not grads:
+        return 0.0
+    total = grad_norm(grads, norm_type) if total_norm is None else float(total_norm)
     if error_if_nonfinite and not math.isfinite(total):
         raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total}; "
                            "pass error_if_nonfinite=False to clip anyway")
     coef = float(max_norm) / (total + 1e-6)
-    if coef < 1.0:
+    if coef < 1.0 and grads:
         with no_grad():
             for g in grads:
                 g._check_inplace("clip_grad_norm_")  # bumps the version, as g.mul_(coef) would

@@ -6,13 +6,14 @@
 
 Modules: comm (Communicator over mpi4py, host staging of device buffers, abort_on_error), buckets (gradient
 buckets and the Reducer that overlaps their allreduce with backward), data_parallel (DataParallel, model
-verification, broadcast), strategy (DataParallelStrategy for the Trainer), trace (Chrome-trace timelines).
+verification, broadcast), mpi_mode / data_mode (the Trainer's modes over MPI), mpi_job (a job under mpirun:
+its mode, the run context, cores shared among a node's ranks), watchdog (bounded waits).
 Importing this package does not initialise MPI.
 """
 from disttrain.parallel.comm import Communicator, abort_on_error, world
 from disttrain.parallel.data_parallel import DataParallel, ModelMismatchError
-from disttrain.parallel.strategy import DataParallelStrategy
+from disttrain.parallel.data_mode import DataParallelMode
 from disttrain import trace
 
-__all__ = ["Communicator", "DataParallel", "DataParallelStrategy", "ModelMismatchError", "abort_on_error",
+__all__ = ["Communicator", "DataParallel", "DataParallelMode", "ModelMismatchError", "abort_on_error",
            "trace", "world"]

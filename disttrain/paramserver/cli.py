@@ -115,7 +115,7 @@ def _fail(command, exc):
 def _usage_errors():
     from disttrain.paramserver.auth import AuthError
     from disttrain.paramserver.snapshot import SnapshotError
-    from disttrain.train.checkpoint import CheckpointError
+    from disttrain.train.saving import CheckpointError
     from disttrain.train.jobspec import JobSpecError
 
     return (JobSpecError, CheckpointError, AuthError, SnapshotError, ValueError)
@@ -123,7 +123,7 @@ def _usage_errors():
 
 def server_main(args):
     from disttrain.paramserver.auth import ServerSecurity, check_insecure_endpoint
-    from disttrain.paramserver.training import server_from_spec
+    from disttrain.paramserver.job import server_from_spec
 
     try:
         spec = _spec(args, servers=args.servers)
@@ -160,9 +160,9 @@ def _server_security(args, ServerSecurity, check_insecure_endpoint):
 
 def worker_main(args):
     from disttrain.paramserver.auth import ClientSecurity, check_insecure_endpoint
-    from disttrain.paramserver.training import run_worker
+    from disttrain.paramserver.job import run_worker
     from disttrain.paramserver.worker import PSError
-    from disttrain.train.checkpoint import CheckpointError
+    from disttrain.train.saving import CheckpointError
     from disttrain.train.loop import TrainingInterrupted
 
     try:

@@ -33,7 +33,7 @@ from pathlib import Path
 import disttrain
 from disttrain.paramserver.auth import ADMIN_NAME, generate_keys, worker_key_name
 from disttrain.paramserver.snapshot import SnapshotError, read_meta
-from disttrain.train import checkpoint as ckpt
+from disttrain.train import saving as ckpt
 from disttrain.train.loop import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 
 __all__ = ["Cluster", "ADMIN_ID", "ADMIN_KEY", "child_command"]

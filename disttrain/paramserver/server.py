@@ -50,7 +50,7 @@ from disttrain.paramserver.protocol import ProtocolError, show
 from disttrain.paramserver.rollback import Rollback
 from disttrain.paramserver.snapshot import SnapshotError, load_snapshot, save_snapshot
 from disttrain.tensor.tensor import Tensor
-from disttrain.train.checkpoint import join_optimizer_state, split_optimizer_state
+from disttrain.train.saving import join_optimizer_state, split_optimizer_state
 
 __all__ = ["ServerConfig", "ParameterServer"]
 

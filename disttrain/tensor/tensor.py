@@ -70,6 +70,17 @@ class Tensor:
         self._version_box[0] = value
 
     @property
+    def version(self):
+        """How many in-place changes this tensor's memory has seen (shared with its views); nodes that saved
+        it compare this in backward."""
+        return self._version_box[0]
+
+    def increment_version(self):
+        """Count an in-place change made behind the tensor's back (new .data, or a communicator writing into
+        its memory), so that a backward through a graph that saved it fails instead of using the new values."""
+        self._version_box[0] += 1
+
+    @property
     def shape(self):
         return self.data.shape
 

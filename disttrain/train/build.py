@@ -1,24 +1,37 @@
-"""From a JobSpec to the objects a training run needs: corpus, model, optimizer, LR schedules, device.
+"""From a JobSpec to the objects a training run needs: data, model, optimizer, LR schedules.
 
     spec = load_job("jobs/charlm.toml")
-    corpus = build_corpus(spec)
-    model = build_model(spec, len(corpus.vocab)).to(spec.train.device)
+    data = build_data(spec)                           # a data source (disttrain.data.source)
+    model = build_model(spec, data).to(spec.train.device)
     optimizer = build_optimizer(spec, model.parameters())
     schedules = build_schedules(spec, optimizer)      # Schedules(epoch=..., step=...), either may be None
+
+A job brings its own model or data with `[model] factory` / `[data] factory = "package.module:function"`
+(the module importable, e.g. on PYTHONPATH):
+
+    model function(job, data) -> nn.Module     job: the JobSpec (read any key), data: the data source;
+                                               the model follows disttrain.models.protocol
+    data  function(job) -> data source         disttrain.data.source's contract (e.g. an ArrayData)
+
+A factory replaces the family `kind` names; the run seeds the RNG with [train] seed before calling it.
 
 Everything here is a pure function of the spec (plus the data files and the RNG seed), so a resumed job
 rebuilds exactly the same objects before loading their saved state into them.
 """
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from disttrain import optim
 from disttrain.data import load_char_corpus, load_default_corpus, load_ptb
+from disttrain.data.source import LanguageModelData
 from disttrain.checkpointing import apply_activation_checkpointing
 from disttrain.models import LSTMLanguageModel, TransformerLanguageModel
+from disttrain.nn.module import Module
 from disttrain.train.jobspec import JobSpecError, check_paths
 
-__all__ = ["Schedules", "build_corpus", "build_model", "build_optimizer", "build_schedules", "is_char_level"]
+__all__ = ["Schedules", "build_data", "build_corpus", "build_model", "build_optimizer", "build_schedules",
+           "is_char_level", "load_factory", "describe_model", "describe_data"]
 
 
 def is_char_level(spec):
@@ -40,23 +53,70 @@ def build_corpus(spec):
     return load_default_corpus(spec.data.max_bytes)
 
 
-def build_model(spec, vocab_size):
+def build_data(spec):
+    """The job's data source: its [data] factory's, or the corpus cut for truncated BPTT."""
+    if spec.data.factory is not None:
+        data = load_factory(spec, "data")(spec)
+        _check_data_source(spec, data)
+        return data
+    return LanguageModelData(build_corpus(spec), spec.data.batch_size, spec.data.bptt,
+                             char_level=is_char_level(spec))
+
+
+def load_factory(spec, section):
+    """The function `[section] factory = "package.module:function"` names; JobSpecError when it cannot be
+    imported or is not callable."""
+    where = f'{spec.source or "<job>"}: [{section}] factory = "{spec[section].factory}"'
+    module_name, _, attribute = spec[section].factory.partition(":")
+    if not module_name or not attribute:
+        raise JobSpecError(f'{where}: expected "package.module:function"')
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise JobSpecError(f"{where}: cannot import {module_name}: {exc} (is its directory on PYTHONPATH?)") from None
+    function = getattr(module, attribute, None)
+    if not callable(function):
+        raise JobSpecError(f"{where}: {module_name} has no function {attribute!r}")
+    return function
+
+
+def _check_data_source(spec, data):
+    missing = [name for name in ("train_batches", "eval_batches", "eval_splits", "batch_axis", "sequential", "unit",
+                                 "language") if not hasattr(data, name)]
+    if missing:
+        raise JobSpecError(f'{spec.source or "<job>"}: [data] factory = "{spec.data.factory}" returned a '
+                           f"{type(data).__name__} without {', '.join(missing)} (disttrain.data.source's contract)")
+
+
+def build_model(spec, data):
     """The job's model, freshly initialised from the current RNG state (seed first for reproducibility).
+    data: the data source (a factory gets it; the language-model families read its vocab_size), or the
+    vocabulary size.
 
     [memory] activation_checkpointing ("none", "sqrt" or a segment count) becomes the model's
     checkpoint_segments: the training step's forward_loss cuts each BPTT window into that many time segments
     (round(sqrt(bptt)) for "sqrt") and recomputes them in backward instead of storing their activations.
     """
     m = spec.model
-    if m.kind == "transformer_lm":
-        model = _transformer_lm(spec, vocab_size)
-    elif m.kind == "lstm_lm":
-        model = LSTMLanguageModel(vocab_size, hidden=m.hidden, layers=m.layers, embed=m.embed, dropout=m.dropout,
-                                  init_scale=m.init_scale, tie_weights=m.tie_weights)
+    if m.factory is not None:
+        model = load_factory(spec, "model")(spec, data)
+        if not isinstance(model, Module):
+            raise JobSpecError(f'{spec.source or "<job>"}: [model] factory = "{m.factory}" returned a '
+                               f"{type(model).__name__}, not an nn.Module")
     else:
-        raise JobSpecError(f'{spec.source or "<job>"}: [model] kind = "{m.kind}": the training loop trains '
-                           f'language models; expected "lstm_lm" or "transformer_lm"')
-    apply_activation_checkpointing(model, spec.memory.activation_checkpointing)  # "none", "sqrt" or segments
+        vocab_size = data if isinstance(data, int) else data.vocab_size
+        if m.kind == "transformer_lm":
+            model = _transformer_lm(spec, vocab_size)
+        else:
+            model = LSTMLanguageModel(vocab_size, hidden=m.hidden, layers=m.layers, embed=m.embed,
+                                      dropout=m.dropout, init_scale=m.init_scale, tie_weights=m.tie_weights)
+    setting = spec.memory.activation_checkpointing          # "none", "sqrt" or a segment count
+    if setting != "none":
+        try:
+            apply_activation_checkpointing(model, setting)
+        except ValueError as exc:
+            raise JobSpecError(f'{spec.source or "<job>"}: [memory] activation_checkpointing = {setting!r}: '
+                               f"{exc}") from None
     return model
 
 
@@ -70,6 +130,23 @@ def _transformer_lm(spec, vocab_size):
                            "the positions the transformer has embeddings for; raise max_len or lower bptt")
     return TransformerLanguageModel(vocab_size, d_model=m.d_model, heads=m.heads, layers=m.layers, d_ff=m.d_ff,
                                     max_len=m.max_len, dropout=m.dropout, tie_weights=m.tie_weights)
+
+
+def describe_model(spec):
+    """The job's model in a few words, for the job log."""
+    m = spec.model
+    if m.factory is not None:
+        return f"from {m.factory}"
+    if m.kind == "transformer_lm":
+        return f"{m.layers}-block transformer (d_model {m.d_model}, {m.heads} heads)"
+    return f"{m.layers}x{m.hidden} LSTM"
+
+
+def describe_data(spec, data):
+    """The job's data in a few words, for the job log."""
+    what = f"data from {spec.data.factory}" if spec.data.factory is not None else f"{spec.data.kind} corpus"
+    own = getattr(data, "describe", None)
+    return f"{what}, {own()}" if own is not None else what
 
 
 def build_optimizer(spec, params):

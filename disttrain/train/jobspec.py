@@ -235,7 +235,9 @@ def _transformer(default, text):
 
 SCHEMA = {
     "model": (
-        Field("kind", Choice("lstm_lm", "transformer_lm", "mlp"), "lstm_lm", "model family"),
+        Field("kind", Choice("lstm_lm", "transformer_lm"), "lstm_lm", "model family (unless a factory is given)"),
+        Field("factory", Str('"package.module:function"'), None,
+              "a function (job, data) -> nn.Module building your own model (replaces kind; docs/ARCHITECTURE.md)"),
         Field("hidden", _POS, 200, "hidden units per layer"),
         Field("embed", _POS, Derived("= hidden", lambda s: s["hidden"]), "embedding size"),
         Field("layers", _POS, 2, "number of layers"),
@@ -252,7 +254,9 @@ SCHEMA = {
               "transformer_lm: positions with an embedding (at least [data] bptt)"),
     ),
     "data": (
-        Field("kind", Choice("ptb", "chars", "default_corpus"), "default_corpus", "corpus"),
+        Field("kind", Choice("ptb", "chars", "default_corpus"), "default_corpus", "corpus (unless a factory is given)"),
+        Field("factory", Str('"package.module:function"'), None,
+              "a function (job) -> data source supplying your own data (replaces kind; docs/ARCHITECTURE.md)"),
         Field("path", Str("a path"),
               Derived(f"${PTB_ENV_VAR} or {PTB_FALLBACK} for ptb; required for chars", _ptb_or_required),
               "PTB directory (ptb.{train,valid,test}.txt[.gz]) or the text file for chars"),

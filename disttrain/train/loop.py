@@ -1,32 +1,34 @@
-"""Trainer: the one training loop every mode uses, for LSTM language models with truncated BPTT.
+"""Trainer: the one training loop, for any model and data source, in every mode.
 
-    trainer = Trainer(spec, out_dir="runs/charlm")
+    trainer = Trainer(model, data, optimizer, mode=LocalMode(), out_dir="runs/mine")   # from objects
+    trainer = Trainer.from_job(spec, out_dir="runs/charlm")                              # from a job file
     trainer.restore(load_checkpoint("runs/charlm"))     # only when resuming
     results = trainer.fit()                             # {"valid": EvalResult, "test": EvalResult}
 
-One step (`train_step`), in this order, so that distributed modes change only the marked hook:
-    forward over a (T, B) segment from the carried state -> loss = cross-entropy mean over the T*B tokens
-    -> backward -> strategy.sync_gradients (data parallel: allreduce) -> clip the global grad norm
-    -> optimizer step -> per-step LR schedule (warm-up) -> carry (h.detach(), c.detach()) to the next segment.
-When the loss (averaged over processes) or the gradient norm is NaN or infinite, no process takes the optimizer
-step or the schedule step and the state restarts from zeros; [train] on_nonfinite then stops the run
-(TrainingDiverged) or goes on ("skip", at most MAX_SKIPS_IN_A_ROW skipped steps in a row).
+The model follows disttrain.models.protocol (any Module; a recurrent one carries a state), the data
+disttrain.data.source (batches, shares, evaluation splits), and the mode disttrain.train.mode (how the run is
+spread over processes). Settings come from a JobSpec (`spec`: [train], [optim] clip_norm and loss, [memory]
+budget_mb); `dt.train.fit` builds one from keyword arguments.
 
-Truncated BPTT: the train split is cut into B parallel streams (`batchify`) walked in segments of `bptt` rows
-(`TBPTTIterator`); the LSTM state flows across segments but gradients stop at segment borders, and the state is
-reset to zeros at the start of every epoch. The per-epoch LR schedule is stepped after each epoch.
+One step (`train_step`):
+    mode.forward_backward (forward from the carried state, loss, backward; every .grad then holds the whole
+    batch's gradient) -> mode.clip_grad_norm (the global norm) -> mode.step(optimizer) -> per-step LR schedule
+    -> carry the detached state into the next batch.
+When the loss (averaged over processes) or the gradient norm is NaN or infinite, no process takes the update or
+the schedule step and the state restarts from zeros; [train] on_nonfinite then stops the run (TrainingDiverged)
+or goes on ("skip", at most MAX_SKIPS_IN_A_ROW skipped steps in a row).
 
-Evaluation (`evaluate`) runs under no_grad with model.eval() (no dropout) over EVAL_BATCH_SIZE = 10 streams of
-the split (the convention of PyTorch's word_language_model example; fewer when the split is tiny), segments of
-the training `bptt`, state carried from zeros. Perplexity is exp of the token-weighted mean loss over every
-evaluated token (not an average of per-segment perplexities); with several processes each evaluates its share
-of the streams (`strategy.shard_eval`) and the loss sums and token counts are added up (`strategy.reduce_sum`),
-so every process gets the one-process figure. Character-level jobs also report bits per
-character, loss / ln 2. Validation runs every `eval_every` steps or after every epoch, and once more at the end
-(unless it just ran) followed by the test split.
+Sequential data (truncated BPTT): the carried state flows across batches but gradients stop at batch borders,
+and it restarts from None (zeros) at every epoch. The per-epoch LR schedule is stepped after each epoch.
+
+Evaluation (`evaluate`) runs under no_grad with model.eval() (no dropout) over the data's evaluation batches,
+each process its share (`mode.eval_share`), the loss sums and target counts added up (`mode.reduce`), so every
+process gets the one-process figure: the target-weighted mean loss, and for language data perplexity = exp of
+it (and bits per character for character-level corpora). Validation runs every `eval_every` steps or after
+every epoch, and once more at the end (unless it just ran) followed by the test split.
 
 NOTE (exact resume): everything a step depends on is in the job checkpoint — weights, optimizer buffers and
-scalars, LR schedules, the data cursor, the carried LSTM state, the RNG state and the metrics accumulators — and
+scalars, LR schedules, the data cursor, the carried state, the RNG state and the metrics accumulators — and
 evaluation consumes no randomness and touches no training state. A run resumed from the checkpoint of step k
 therefore computes bit-for-bit the same steps k+1, k+2, ... as one that was never stopped (same device, same
 float dtype, same BLAS).
@@ -37,22 +39,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import disttrain as dt
-from disttrain.data import TBPTTIterator, batchify
-from disttrain.nn import functional as F
 from disttrain import trace
-from disttrain.train import checkpoint as ckpt
-from disttrain.train.build import (build_corpus, build_model, build_optimizer, build_schedules,
-                                   is_char_level)
+from disttrain.data.source import EVAL_STREAMS
+from disttrain.models import protocol
+from disttrain.tensor.memory import MemoryMeter
+from disttrain.train import saving
+from disttrain.train.build import Schedules, build_data, build_model, build_optimizer, build_schedules
+from disttrain.train.jobspec import loads_job
 from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves
+from disttrain.train.mode import LocalMode, RunState
 from disttrain.train.progress import Progress
 from disttrain.train.resume import apply_lr_change, check_same_model, resume_changes
-from disttrain.tensor.memory import MemoryMeter
-from disttrain.train.strategy import LocalStrategy
 
-__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "check_new_run", "EVAL_BATCH_SIZE",
-           "epoch_label"]
+__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "MemoryBudgetExceeded",
+           "check_new_run", "epoch_label", "EVAL_BATCH_SIZE"]
 
-EVAL_BATCH_SIZE = 10
+EVAL_BATCH_SIZE = EVAL_STREAMS
 MAX_SKIPS_IN_A_ROW = 10        # [train] on_nonfinite = "skip" stops the run after this many skipped steps in a row
 METRICS_FILE, CONFIG_FILE, CURVES_FILE = "metrics.jsonl", "config.toml", "curves.png"
 
@@ -83,8 +85,8 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class EvalResult:
     split: str
-    loss: float          # mean cross-entropy per token (nats)
-    tokens: int
+    loss: float          # mean loss per target (nats for cross-entropy)
+    tokens: int          # targets evaluated
     step: int
     seconds: float = 0.0
 
@@ -102,36 +104,33 @@ class EvalResult:
 
 
 class Trainer:
-    """Trains the job `spec` (a JobSpec); writes metrics, curves, config and checkpoints into `out_dir`.
+    """Trains `model` on `data` with `optimizer` in `mode`; writes metrics, curves, config and checkpoints
+    into `out_dir` (None: nothing written).
 
-    Construction seeds the global RNG with [train] seed, then builds corpus, model, optimizer and schedules.
-    out_dir=None keeps everything in memory (no files). corpus: a prebuilt Corpus (default: the job's).
-    progress: True/False forces a tqdm bar on/off; None picks one when stdout is a terminal.
-    overwrite: a new (not restored) run may replace an earlier run's checkpoints, metrics and curves in out_dir;
-    without it, fit() raises RunExistsError when out_dir holds checkpoints.
+    optimizer: an Optimizer over model's parameters, or a factory params -> Optimizer. schedules: None, or a
+    factory optimizer -> Schedules (disttrain.train.build). spec: the settings (a JobSpec; default: every key
+    at its default). progress: True/False forces a tqdm bar on/off; None picks one when stdout is a terminal.
+    overwrite: a new (not restored) run may replace an earlier run's checkpoints, metrics and curves in
+    out_dir; without it, fit() raises RunExistsError when out_dir holds an earlier run.
     """
 
-    def __init__(self, spec, out_dir=None, corpus=None, strategy=None, progress=None, overwrite=False):
-        self.spec = spec
-        self.strategy = strategy or LocalStrategy()
-        self.device = spec.train.device
+    def __init__(self, model, data, optimizer, spec=None, mode=None, schedules=None, out_dir=None, progress=None,
+                 overwrite=False):
+        self.spec = spec if spec is not None else loads_job("")
+        self.mode = mode if mode is not None else LocalMode()
+        self.data = data
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.char_level = is_char_level(spec)
         self._progress_mode = progress
         self.overwrite = overwrite
 
-        dt.manual_seed(spec.train.seed)
-        self.corpus = corpus if corpus is not None else build_corpus(spec)
-        self.model = self.strategy.prepare_model(build_model(spec, len(self.corpus.vocab)).to(self.device))
+        self.model, self.optimizer = self.mode.prepare(model, optimizer, data)
         self.params = list(self.model.parameters())
-        self.optimizer = build_optimizer(spec, self.params)
-        self.schedules = build_schedules(spec, self.optimizer)
-        streams = self.strategy.shard(batchify(self.corpus.train, spec.data.batch_size))
-        self.train_iter = TBPTTIterator(streams, spec.data.bptt)
+        self.schedules = schedules(self.optimizer) if schedules is not None else Schedules()
+        self.train_iter = data.train_batches(self.mode.train_share())
 
         self.step = 0                 # optimizer steps taken
         self.epoch = 0                # epochs completed
-        self.hidden = None            # (h, c) carried into the next segment; None = zeros
+        self.state = None             # the model's carried state into the next batch; None = zeros
         self.evals = {}               # split -> last EvalResult
         self.finished = False
         self.step_lr = self.optimizer.param_groups[0]["lr"]
@@ -150,51 +149,52 @@ class Trainer:
         self.metrics = None
         self.progress = None
 
+    @classmethod
+    def from_job(cls, spec, out_dir=None, mode=None, data=None, progress=None, overwrite=False):
+        """The job's model, data, optimizer and LR schedules (seeded with [train] seed first), in `mode`
+        (default: local). data: a prebuilt data source (default: the job's)."""
+        dt.manual_seed(spec.train.seed)
+        data = data if data is not None else build_data(spec)
+        model = build_model(spec, data).to(spec.train.device)
+        return cls(model, data, lambda params: build_optimizer(spec, params), spec=spec, mode=mode,
+                   schedules=lambda optimizer: build_schedules(spec, optimizer), out_dir=out_dir,
+                   progress=progress, overwrite=overwrite)
+
+    @property
+    def total_steps(self):
+        """The steps the run takes in all: epochs x batches per epoch, capped by max_steps."""
+        total = self.spec.train.epochs * len(self.train_iter)
+        max_steps = self.spec.train.max_steps
+        return min(total, max_steps) if max_steps is not None else total
+
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self, inputs, targets):
-        """One TBPTT segment: inputs, targets np.int64 (T, B). Returns (mean loss, grad norm before clipping)."""
+        """One batch: inputs, targets NumPy arrays (this process's share). Returns (mean loss, grad norm before
+        clipping)."""
         trace.set_step(self.step + 1)              # names this step in traces and watchdog messages
-        # 1-2. forward from the carried state, loss, backward (a pipeline strategy runs them through its stages)
         self.optimizer.zero_grad()
-        loss, hidden = self.strategy.forward_backward(self, inputs, targets)
-        # 3. gradient synchronisation across processes (a no-op in local mode)
-        self.strategy.sync_gradients(self.params)
-        # 4. clip the global gradient norm (max_norm = inf only measures it)
+        scale = inputs.shape[0] if self.spec.optim.loss == "sum_over_time" else 1.0
+        loss, state = self.mode.forward_backward(inputs, targets, self.state, backward_scale=scale)
         clip = self.spec.optim.clip_norm
         with trace.span("clip + optimizer step"):
-            grad_norm = self.strategy.clip_grad_norm(self.params, clip if clip is not None else math.inf)
-            # 5. update, then the per-step LR schedule, unless the loss or the norm is not finite on some process
-            self.step_lr = self.optimizer.param_groups[0]["lr"]       # the lr this step uses (for the metrics)
+            grad_norm = self.mode.clip_grad_norm(self.params, clip if clip is not None else math.inf)
+            self.step_lr = self.mode.learning_rate(self.optimizer)    # the lr this step uses (for the metrics)
             self.skipped_step = not self._finite_on_every_process(loss, grad_norm)
             if not self.skipped_step:
-                self.optimizer.step()
+                self.mode.step(self.optimizer, epoch=self.epoch)
         if self.schedules.step is not None and not self.skipped_step:
             self.schedules.step.step()
-        # 6. carry the state into the next segment, cut from this segment's graph (a dropped step: from zeros)
-        self.hidden = None if self.skipped_step else hidden
+        self.state = None if self.skipped_step or not self.data.sequential else state
         self.step += 1
         return loss, grad_norm
 
     def _finite_on_every_process(self, loss, grad_norm):
         """The same answer on every process: the gradient norm is already global, the loss is this process's.
         A skipped step keeps `_skip_report` for the log."""
-        mean_loss = self.strategy.reduce_mean(loss)
+        mean_loss, = self.mode.reduce([loss], "mean")
         finite = math.isfinite(mean_loss) and math.isfinite(grad_norm)
         self._skip_report = None if finite else f"loss {mean_loss:g}, gradient norm {grad_norm:g}"
         return finite
-
-    def forward_backward(self, inputs, targets):
-        """Forward from the carried state, loss = cross-entropy mean over the T*B tokens, backward (of the
-        per-sequence loss when the job asks for Zaremba's convention; the returned loss stays per token).
-        The forward runs in checkpointed time segments when [memory] activation_checkpointing asks for them
-        (`forward_loss`). Returns (loss as a float, the detached (h, c) to carry)."""
-        x = dt.tensor(inputs, device=self.device)
-        y = dt.tensor(targets, device=self.device)
-        with trace.span("forward"):
-            loss, (h, c) = self.model.forward_loss(x, y, self.hidden)
-        with trace.span("backward"):
-            (loss * inputs.shape[0] if self.spec.optim.loss == "sum_over_time" else loss).backward()
-        return loss.item(), (h.detach(), c.detach())
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self):
@@ -204,28 +204,29 @@ class Trainer:
         """
         self._open_outputs()
         try:
+            self.mode.start(self.epoch)
             self.model.train()
             self._tick = time.perf_counter()
             self._train()
+            self.mode.finish()
             self._finish()
         finally:
             self._close_outputs()
         return self.evals
 
     def _train(self):
-        max_steps = self.spec.train.max_steps
-        while self.epoch < self.spec.train.epochs and not self._reached(max_steps):
+        while self.epoch < self.spec.train.epochs and not self._reached_max_steps():
             for inputs, targets in self.train_iter:       # continues from the cursor after a resume
                 loss, grad_norm = self._metered_step(inputs, targets)
-                self._accumulate(loss, inputs.size, grad_norm)
+                self._accumulate(loss, targets.size, grad_norm)
                 self._check_skipped_step()
                 self._after_step()
-                if self.strategy.any(self._stop_signal is not None):    # all processes stop after one step
+                if self.mode.agree(self._stop_signal is not None):    # all processes stop after one step
                     self._stop_signal = self._stop_signal or "a stop request on another process"
                     self.save_checkpoint()
                     self._plot()
                     raise TrainingInterrupted(self._stop_signal, self.step)
-                if self._reached(max_steps):
+                if self._reached_max_steps():
                     return
             self._end_epoch()
 
@@ -238,7 +239,7 @@ class Trainer:
         """
         if (self.step + 1) % self.spec.train.log_every and self.step != 0:   # the first step checks the budget
             return self.train_step(inputs, targets)
-        with MemoryMeter(self.device, resident=self._resident_tensors()) as meter:
+        with MemoryMeter(self.mode.device, resident=self._resident_tensors()) as meter:
             result = self.train_step(inputs, targets)
         needed = self._acc["peak_mem_bytes"] = meter.peak_bytes - meter.start_bytes  # beyond the parameters
         budget = self.spec.memory.budget_mb                                           # and state already held
@@ -253,7 +254,7 @@ class Trainer:
         """The tensors a step starts with: parameters and buffers, their gradients, the carried state."""
         resident = list(self.model.state_dict(keep_vars=True).values())
         resident += [p.grad for p in self.params if p.grad is not None]
-        return resident + _tensors_in(self.hidden)
+        return resident + _tensors_in(self.state)
 
     def _check_skipped_step(self):
         """[train] on_nonfinite after a step whose update train_step dropped: "skip" logs it and goes on, until
@@ -278,16 +279,15 @@ class Trainer:
         if self.progress is not None:
             self.progress.message(line)
 
-    def _reached(self, max_steps):
-        return max_steps is not None and self.step >= max_steps
+    def _reached_max_steps(self):
+        return self.spec.train.max_steps is not None and self.step >= self.spec.train.max_steps
 
     def _after_step(self):
         t = self.spec.train
         if self.progress is not None:
             self.progress.advance()
-        for line in self.strategy.messages():
-            if self.progress is not None:
-                self.progress.message(line)
+        for line in self.mode.messages():
+            self._say(line)
         if self.step % t.log_every == 0:
             self._log_train()
         best = False
@@ -298,7 +298,7 @@ class Trainer:
 
     def _end_epoch(self):
         self.epoch += 1
-        self.hidden = None                 # every epoch starts from the zero state
+        self.state = None                  # every epoch starts from the zero state
         if self.schedules.epoch is not None:
             self.schedules.epoch.step()
         if self.spec.train.eval_every == "epoch" and self._new_best(self._evaluate_and_log("valid")):
@@ -307,7 +307,7 @@ class Trainer:
     def _new_best(self, result):
         """With [train] keep_best: True when `result` (a valid EvalResult) is the lowest loss so far, so that a
         checkpoint of these weights is written and kept."""
-        if not self.spec.train.keep_best or not math.isfinite(result.loss):
+        if result is None or not self.spec.train.keep_best or not math.isfinite(result.loss):
             return False
         if self._best_valid is not None and result.loss >= self._best_valid:
             return False
@@ -317,10 +317,9 @@ class Trainer:
     def _finish(self):
         if self._acc["steps"] or self._acc["skipped"]:
             self._log_train()
-        if self.evals.get("valid") is None or self.evals["valid"].step != self.step:
-            self._evaluate_and_log("valid")
-        if self.evals.get("test") is None or self.evals["test"].step != self.step:
-            self._evaluate_and_log("test")
+        for split in self.data.eval_splits:
+            if self.evals.get(split) is None or self.evals[split].step != self.step:
+                self._evaluate_and_log(split)
         self.finished = True
         self.save_checkpoint()
         self._plot()
@@ -335,35 +334,34 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ evaluation
     def evaluate(self, split):
-        """Token-weighted mean loss over the whole split, under no_grad in eval mode -> EvalResult."""
+        """Target-weighted mean loss over the whole split, under no_grad in eval mode -> EvalResult (NaN on a
+        process that does not evaluate)."""
         with trace.phase(f"eval {split}"):            # labels its spans in traces and watchdog messages
             return self._evaluate(split)
 
     def _evaluate(self, split):
-        ids = self.corpus.split(split)
-        batch = max(1, min(EVAL_BATCH_SIZE, ids.size // 2))
-        streams = self.strategy.shard_eval(batchify(ids, batch))     # data parallel: each rank its columns
+        share = self.mode.eval_share()
+        if share is None:
+            return EvalResult(split, math.nan, 0, self.step)
         was_training = self.model.training
         self.model.eval()
         start = time.perf_counter()
-        total, tokens, hidden = 0.0, 0, None
+        total, count, state = 0.0, 0, None
         try:
             with dt.no_grad():
-                for inputs, targets in (TBPTTIterator(streams, self.spec.data.bptt) if streams.shape[1] else ()):
-                    loss, hidden = self.strategy.eval_segment(self, inputs, targets, hidden)
+                for inputs, targets in self.data.eval_batches(split, share):
+                    loss, state = self.mode.forward_only(inputs, targets, state if self.data.sequential else None)
                     total += loss * targets.size
-                    tokens += targets.size
+                    count += targets.size
         finally:
             self.model.train(was_training)
-        total, tokens = self.strategy.reduce_sum([total, tokens])
-        return EvalResult(split, total / tokens, int(tokens), self.step, time.perf_counter() - start)
-
-    def eval_segment(self, inputs, targets, hidden):
-        """(mean loss as a float, state) of one evaluation segment (called under no_grad)."""
-        logits, hidden = self.model(dt.tensor(inputs, device=self.device), hidden)
-        return F.cross_entropy(logits, dt.tensor(targets.reshape(-1), device=self.device)).item(), hidden
+        total, count = self.mode.reduce([total, count], "sum")
+        return EvalResult(split, total / count if count else math.nan, int(count), self.step,
+                          time.perf_counter() - start)
 
     def _evaluate_and_log(self, split):
+        if split not in self.data.eval_splits:
+            return None
         start = time.perf_counter()
         result = self._evaluate_logged(split)
         if self._tick is not None:            # train throughput counts training time only
@@ -374,11 +372,8 @@ class Trainer:
         result = self.evaluate(split)
         self.evals[split] = result
         row = {"step": self.step, "epoch": self._epoch_label(), "split": split, "loss": result.loss,
-               "ppl": result.ppl, "tokens_per_s": result.tokens / max(result.seconds, 1e-9)}
-        if self.char_level:
-            row["bpc"] = result.bpc
-        row["tokens"] = result.tokens
-        row["time"] = self.elapsed()
+               **self._loss_figures(result.loss), self._rate_key(): result.tokens / max(result.seconds, 1e-9),
+               "tokens": result.tokens, "time": self.elapsed()}
         self._write(row)
         if self.progress is not None:
             self.progress.eval_row(row)
@@ -387,13 +382,25 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------------ metrics
-    def _accumulate(self, loss, tokens, grad_norm):
+    def _loss_figures(self, loss):
+        """Perplexity (and bits per character) of a loss, for language data."""
+        figures = {}
+        if self.data.language:
+            figures["ppl"] = perplexity(loss)
+        if getattr(self.data, "char_level", False):
+            figures["bpc"] = loss / LN2
+        return figures
+
+    def _rate_key(self):
+        return f"{self.data.unit}_per_s"
+
+    def _accumulate(self, loss, targets, grad_norm):
         acc = self._acc
         if self.skipped_step:          # a dropped update: its non-finite numbers stay out of the means
             acc["skipped"] += 1
             return
-        acc["loss_sum"] += loss * tokens
-        acc["tokens"] += tokens
+        acc["loss_sum"] += loss * targets
+        acc["tokens"] += targets
         acc["grad_norm_sum"] += grad_norm
         acc["steps"] += 1
 
@@ -402,15 +409,13 @@ class Trainer:
         seconds = acc["seconds"] + (now - self._tick)
         # every process logs at the same steps: the mean over processes is the global batch's loss
         # (NaN when every step of the interval was skipped; written as null)
-        loss = self.strategy.reduce_mean(acc["loss_sum"] / acc["tokens"] if acc["tokens"] else math.nan)
-        tokens = acc["tokens"] * self.strategy.world_size
+        loss, = self.mode.reduce([acc["loss_sum"] / acc["tokens"] if acc["tokens"] else math.nan], "mean")
+        targets = acc["tokens"] * self.mode.world_size
         row = {"step": self.step, "epoch": self._epoch_label(), "split": "train", "loss": loss,
-               "ppl": perplexity(loss), "tokens_per_s": tokens / max(seconds, 1e-9),
+               **self._loss_figures(loss), self._rate_key(): targets / max(seconds, 1e-9),
                "lr": self.step_lr, "grad_norm": acc["grad_norm_sum"] / acc["steps"] if acc["steps"] else math.nan}
         if acc["skipped"]:
             row["skipped_steps"] = acc["skipped"]
-        if self.char_level:
-            row["bpc"] = loss / LN2
         if "peak_mem_bytes" in acc:
             row["peak_mem_bytes"] = acc["peak_mem_bytes"]
         row["time"] = self.elapsed()
@@ -434,18 +439,16 @@ class Trainer:
             self.metrics.write(row)
 
     def _plot(self):
-        if self.out_dir is not None and self.strategy.is_main and self.metrics is not None:
+        if self.out_dir is not None and self.mode.is_main and self.metrics is not None:
             name = Path(self.spec.source).stem if self.spec.source else "job"
-            plot_curves(self.metrics.rows, self.out_dir / CURVES_FILE, title=f"{name}: perplexity")
+            what = "perplexity" if self.data.language else "loss"
+            plot_curves(self.metrics.rows, self.out_dir / CURVES_FILE, title=f"{name}: {what}")
 
     def _open_outputs(self):
         self._started = time.perf_counter()
-        if self.progress is None and self.strategy.is_main:     # one process reports
-            total = self.spec.train.epochs * len(self.train_iter)
-            if self.spec.train.max_steps is not None:
-                total = min(total, self.spec.train.max_steps)
-            self.progress = Progress(total, initial=self.step, bar=self._progress_mode)
-        if self.out_dir is None or not self.strategy.is_main:
+        if self.progress is None and self.mode.is_main:     # one process reports
+            self.progress = Progress(self.total_steps, initial=self.step, bar=self._progress_mode)
+        if self.out_dir is None or not self.mode.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self._resumed:
@@ -458,7 +461,7 @@ class Trainer:
         checkpoints and curves (metrics.jsonl and config.toml are rewritten from the start)."""
         if not self.overwrite:
             check_new_run(self.out_dir)
-        ckpt.remove_checkpoints(self.out_dir)
+        saving.remove_checkpoints(self.out_dir)
         (self.out_dir / CURVES_FILE).unlink(missing_ok=True)
 
     def _close_outputs(self):
@@ -470,17 +473,16 @@ class Trainer:
             self.progress = None
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self, hidden=None, model=None, optimizer_state=None):
-        """(model arrays, other arrays, JSON metadata) of the current training state; `hidden`: the carried
-        (h, c) of all processes' streams (default: this process's); `model`, `optimizer_state`: the whole
-        model's (default: this process's model and optimizer)."""
-        if model is None:
-            model = {name: t.numpy() for name, t in self.model.state_dict().items()}
-        arrays, optim_json = ckpt.split_optimizer_state(optimizer_state or self.optimizer.state_dict())
-        if hidden is None and self.hidden is not None:
-            hidden = tuple(t.numpy() for t in self.hidden)
-        if hidden is not None:
-            arrays["hidden.h"], arrays["hidden.c"] = hidden
+    def run_state(self):
+        """This process's RunState: its model's arrays, its optimizer's state, its carried state."""
+        model = {name: t.numpy() for name, t in self.model.state_dict().items()}
+        return RunState(model, self.optimizer.state_dict(), self.state)
+
+    def checkpoint_contents(self, whole):
+        """(model arrays, other arrays, JSON metadata) of a checkpoint of `whole` (a whole-model RunState) and
+        this process's loop state."""
+        arrays, optim_json = saving.split_optimizer_state(whole.optimizer)
+        arrays.update(protocol.state_to_arrays(whole.carried))
         acc = dict(self._acc)
         acc["seconds"] += time.perf_counter() - self._tick if self._tick is not None else 0.0
         meta = {
@@ -494,19 +496,20 @@ class Trainer:
             "rng": dt.get_rng_state(),
             "metrics": {"position": self.metrics.position if self.metrics is not None else None,
                         "accumulators": acc},
-            "evals": {split: r.to_dict() for split, r in self.evals.items()},
+            "evals": {split: r.to_dict() for split, r in self.evals.items() if r.tokens},
             "best_valid_loss": self._best_valid,
             "skips_in_a_row": self._skips_in_a_row,
             "elapsed": self.elapsed(),
-            "vocab_size": len(self.corpus.vocab),
+            "vocab_size": getattr(self.data, "vocab_size", None),
             "job": self.spec.to_dict(),
             "job_source": self.spec.source,
         }
-        return model, arrays, meta
+        return whole.model, arrays, meta
 
     def save_checkpoint(self):
-        """Write a checkpoint of this step into out_dir/checkpoints/ atomically, keeping the job's
-        keep_checkpoints (and keep_best) ones (main process only); returns its path or None.
+        """Write a checkpoint of this step atomically into this process's checkpoint directory (the main
+        process: out_dir/checkpoints/), keeping the job's keep_checkpoints (and keep_best) ones; returns its path
+        or None.
 
         Raises TrainingDiverged on every process, writing nothing, when some process's weights, optimizer
         buffers, carried state or last evaluation hold NaN or an infinity.
@@ -514,26 +517,26 @@ class Trainer:
         if self.out_dir is None:
             return None
         self._check_finite_state()
-        # the carried state is per process (its B/N streams; pipeline: also per stage, as are the weights and
-        # optimizer buffers): every process takes part in gathering it
-        hidden, model, optimizer_state = self.strategy.gather_checkpoint(self)
-        if not self.strategy.is_main:
+        whole = self.mode.gather(self.run_state())        # a collective: every process takes part
+        directory = self.mode.checkpoint_dir(self.out_dir)
+        if whole is None or directory is None:
             return None
-        model, arrays, meta = self.checkpoint_state(hidden, model, optimizer_state)
-        self.last_checkpoint = ckpt.save_checkpoint(self.out_dir, model, arrays, meta,
-                                                    keep=self.spec.train.keep_checkpoints,
-                                                    keep_best=self.spec.train.keep_best)
-        return self.last_checkpoint
+        path = saving.save_checkpoint(directory, *self.checkpoint_contents(whole),
+                                      keep=self.spec.train.keep_checkpoints, keep_best=self.spec.train.keep_best)
+        if self.mode.is_main:
+            self.last_checkpoint = path
+        return path
 
     def _check_finite_state(self):
         """Every process checks its own part of what a checkpoint holds; all raise if any found NaN or inf."""
-        model = {name: t.numpy() for name, t in self.model.state_dict().items()}
-        optimizer_arrays, _ = ckpt.split_optimizer_state(self.optimizer.state_dict())
-        hidden = {f"hidden {i}": t.numpy() for i, t in enumerate(_tensors_in(self.hidden))}
-        evals = {f"{split} loss": r.loss for split, r in self.evals.items()}
-        bad = (ckpt.first_nonfinite(model, "weight") or ckpt.first_nonfinite(optimizer_arrays, "optimizer buffer")
-               or ckpt.first_nonfinite(hidden, "carried state") or ckpt.first_nonfinite(evals, "the"))
-        if self.strategy.any(bad is not None):
+        local = self.run_state()
+        optimizer_arrays, _ = saving.split_optimizer_state(local.optimizer)
+        carried = protocol.state_to_arrays(local.carried)
+        evals = {f"{split} loss": r.loss for split, r in self.evals.items() if r.tokens}
+        bad = (saving.first_nonfinite(local.model, "weight")
+               or saving.first_nonfinite(optimizer_arrays, "optimizer buffer")
+               or saving.first_nonfinite(carried, "carried state") or saving.first_nonfinite(evals, "the"))
+        if self.mode.agree(bad is not None):
             what = f"{bad[0]} is {bad[1]}" if bad else "another process's weights or state are not finite"
             raise TrainingDiverged(self.step, f"{what}; not writing a checkpoint", self.last_checkpoint)
 
@@ -544,16 +547,18 @@ class Trainer:
         """
         meta, where = checkpoint.meta, checkpoint.path
         changes = resume_changes(meta["job"], self.spec.to_dict(), where)
-        self.load_weights(checkpoint)
+        self._check_data(meta, where)
+        whole = RunState(checkpoint.model, saving.join_optimizer_state(checkpoint.arrays, meta["optimizer"]),
+                         protocol.state_from_arrays(checkpoint.arrays, device=self.mode.device))
         try:
-            self.strategy.load_optimizer_state(
-                self.optimizer, ckpt.join_optimizer_state(checkpoint.arrays, meta["optimizer"]))
+            local = self.mode.scatter(whole)
+            self._load_model(local.model, checkpoint)
+            self.optimizer.load_state_dict(local.optimizer)
             self.schedules.load_state_dict(meta["schedules"])
             self.train_iter.load_state_dict(meta["data"])
         except (ValueError, KeyError) as exc:
-            raise ckpt.CheckpointError(f"{where}: does not fit this job: {exc}") from None
-        self.hidden = self.strategy.shard_hidden(self, checkpoint.arrays.get("hidden.h"),
-                                                          checkpoint.arrays.get("hidden.c"))
+            raise saving.CheckpointError(f"{where}: does not fit this job: {exc}") from None
+        self.state = local.carried
         dt.set_rng_state(meta["rng"])
         self.step, self.epoch, self.finished = meta["step"], meta["epoch"], meta.get("finished", False)
         self.step_lr = meta.get("step_lr", self.step_lr)
@@ -578,27 +583,34 @@ class Trainer:
     def load_weights(self, checkpoint):
         """Load only the model weights of a Checkpoint (all evaluation needs), after checking that it was
         written for this job's model and data (other sections, e.g. [optim] or [train], may differ)."""
-        meta, where = checkpoint.meta, checkpoint.path
+        self._check_data(checkpoint.meta, checkpoint.path)
+        whole = RunState(checkpoint.model, {}, None)
+        self._load_model(self.mode.scatter(whole).model, checkpoint)
+
+    def _check_data(self, meta, where):
         check_same_model(meta["job"], self.spec.to_dict(), where)
-        if meta.get("vocab_size") not in (None, len(self.corpus.vocab)):
-            raise ckpt.CheckpointError(f"{where}: saved with a vocabulary of {meta['vocab_size']} entries, this "
-                                       f"job's corpus has {len(self.corpus.vocab)}; is it the same data?")
+        vocab = getattr(self.data, "vocab_size", None)
+        if meta.get("vocab_size") not in (None, vocab):
+            raise saving.CheckpointError(f"{where}: saved with a vocabulary of {meta['vocab_size']} entries, this "
+                                         f"job's corpus has {vocab}; is it the same data?")
+
+    def _load_model(self, arrays, checkpoint):
         try:
-            self.strategy.load_model_state(self.model, checkpoint.model)
+            self.model.load_state_dict(arrays)
         except RuntimeError as exc:
-            raise ckpt.CheckpointError(f"{checkpoint.path / ckpt.MODEL_FILE}: does not fit this job's model: "
-                                       f"{exc}") from None
+            raise saving.CheckpointError(f"{checkpoint.path / saving.MODEL_FILE}: does not fit this job's model: "
+                                         f"{exc}") from None
 
 
 def check_new_run(out_dir):
     """Raise RunExistsError when out_dir holds an earlier run: its checkpoints, or (a run stopped before its first
     checkpoint) its metrics.jsonl. A new run would replace them."""
-    ckpt.check_new_run(out_dir)
+    saving.check_new_run(out_dir)
     metrics = Path(out_dir) / METRICS_FILE
     if metrics.exists():
-        raise ckpt.RunExistsError(f"{out_dir} holds an earlier run's {METRICS_FILE} but no checkpoint to resume "
-                                  f"from: start over with --overwrite (deletes it and {CURVES_FILE}), or choose "
-                                  f"another --out")
+        raise saving.RunExistsError(f"{out_dir} holds an earlier run's {METRICS_FILE} but no checkpoint to resume "
+                                    f"from: start over with --overwrite (deletes it and {CURVES_FILE}), or choose "
+                                    f"another --out")
 
 
 def epoch_label(epochs_done, position):

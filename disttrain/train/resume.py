@@ -15,7 +15,7 @@ how often or how the same run is computed, or its step size:
 Any other difference is refused with CheckpointError "... was written for a different job; ..." naming each key.
 """
 from disttrain.optim.lr_scheduler import scale_lr
-from disttrain.train.checkpoint import CheckpointError
+from disttrain.train.saving import CheckpointError
 
 __all__ = ["RESUMABLE_KEYS", "check_same_model", "resume_changes", "apply_lr_change"]
 

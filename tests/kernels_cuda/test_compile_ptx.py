@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from disttrain.kernels_cuda import launch, loader
+from disttrain.kernels_cuda import launch_config as launch, loader
 
 ARCHS = ("sm_80", "sm_90")
 FLAGS = ("--std=c++17", "-Werror", "all-warnings")

@@ -13,7 +13,7 @@ of the block, narrow and wide softmax rows (warp- and block-per-row kernels), ro
 import numpy as np
 import pytest
 
-from disttrain.kernels_cuda import launch, loader, wrappers as W
+from disttrain.kernels_cuda import launch_config as launch, loader, wrappers as W
 from disttrain.tensor import kernels_numpy as K
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-5), np.float64: dict(rtol=1e-10, atol=1e-11)}

@@ -64,7 +64,7 @@ def _spec(device, use_ptb):
 
 
 def _first_steps(device, use_ptb):
-    trainer = Trainer(_spec(device, use_ptb), progress=False)
+    trainer = Trainer.from_job(_spec(device, use_ptb), progress=False)
     curve = []
     for k, (inputs, targets) in enumerate(trainer.train_iter):
         if k == STEPS:

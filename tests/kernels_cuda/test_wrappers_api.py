@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pytest
 
-from disttrain.kernels_cuda import launch, loader, wrappers
+from disttrain.kernels_cuda import launch_config as launch, loader, wrappers
 from disttrain.tensor import kernels_numpy
 
 

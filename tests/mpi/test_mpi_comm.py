@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from disttrain.parallel import world
-from disttrain.parallel.strategy import DataParallelStrategy
+from disttrain.parallel.data_mode import DataParallelMode
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -38,17 +38,18 @@ def test_split_into_sub_communicators():
     assert total[0] == sum(mine)
 
 
-def test_strategy_reductions_and_shards():
-    strategy = DataParallelStrategy(world())
-    n, r = strategy.world_size, strategy.rank
-    mean = strategy.reduce_mean(float(r))
-    sums = strategy.reduce_sum([1.0, float(r)])
+def test_data_parallel_mode_reductions_and_shares():
+    mode = DataParallelMode(world())
+    n, r = mode.world_size, mode.rank
+    mean, = mode.reduce([float(r)], "mean")
+    sums = mode.reduce([1.0, float(r)])
+    share = mode.train_share()
     streams = np.arange(3 * 4 * n).reshape(3, 4 * n)
-    mine = strategy.shard(streams)
+    mine = streams[:, share.index * 4:(share.index + 1) * 4]
     gathered = world().Allgather(np.ascontiguousarray(mine))
-    strategy.barrier()
+    mode.barrier()
     assert mean == pytest.approx((n - 1) / 2) and sums == [n, n * (n - 1) / 2]
-    assert strategy.is_main == (r == 0) and mine.shape == (3, 4)
+    assert mode.is_main == (r == 0) and (share.index, share.count) == (r, n)
     np.testing.assert_array_equal(np.concatenate(list(gathered), axis=1), streams)
 
 

@@ -1,9 +1,9 @@
-"""The Trainer with DataParallelStrategy equals the Trainer in one process with the same global batch,
+"""The Trainer in DataParallelMode equals the Trainer in one process with the same global batch,
 and every rank resumes from the checkpoint rank 0 wrote (run under mpiexec --with-mpi)."""
 import numpy as np
 import pytest
 
-from disttrain.parallel import DataParallelStrategy, world
+from disttrain.parallel import DataParallelMode, world
 from disttrain.train import Trainer, load_checkpoint
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -39,26 +39,23 @@ def job(char_job):
     return char_job(JOB, 1200)
 
 
-def data_parallel_trainer(spec, out_dir=None, attach=True, strategy_class=DataParallelStrategy):
-    strategy = strategy_class(world(), bucket_mb=spec.parallel.bucket_mb)
-    trainer = Trainer(spec, out_dir=out_dir, strategy=strategy, progress=False)
-    if attach:       # else the first sync_gradients attaches to the parameters it is given
-        strategy.attach(trainer.model, trainer.optimizer)
-    return trainer, strategy
+def data_parallel_trainer(spec, out_dir=None, mode_class=DataParallelMode):
+    mode = mode_class(world(), bucket_mb=spec.parallel.bucket_mb)
+    trainer = Trainer.from_job(spec, out_dir=out_dir, mode=mode, progress=False)
+    return trainer, mode
 
 
 def weights(trainer):
     return {name: t.numpy().copy() for name, t in trainer.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("attach", [True, False])
-def test_trainer_data_parallel_equals_local(job, attach):
+def test_trainer_data_parallel_equals_local(job):
     spec = job("train.max_steps=6")
-    trainer, strategy = data_parallel_trainer(spec, attach=attach)
+    trainer, mode = data_parallel_trainer(spec)
     evals = trainer.fit()
     got, shard_width = weights(trainer), trainer.train_iter.batch_size
-    strategy.close()
-    local = Trainer(spec, progress=False)
+    mode.close()
+    local = Trainer.from_job(spec, progress=False)
     local_evals = local.fit()
     assert trainer.step == local.step == 6 and shard_width * world().size == 4
     for name, want in weights(local).items():
@@ -70,19 +67,19 @@ def resume_and_compare(job, out, first, then):
     """Train `first` on every rank with rank 0 writing the checkpoint, resume on every rank to `then`;
     returns (files rank 0 wrote, resumed weights, weights of the same run without the stop)."""
     comm = world()
-    trainer, strategy = data_parallel_trainer(job(*first), out)
+    trainer, mode = data_parallel_trainer(job(*first), out)
     trainer.fit()
-    strategy.close()
+    mode.close()
     comm.Barrier()                                       # rank 0 has written the checkpoint
     written = sorted(p.name for p in out.iterdir())
-    resumed, strategy = data_parallel_trainer(job(*then), out)
+    resumed, mode = data_parallel_trainer(job(*then), out)
     resumed.restore(load_checkpoint(out))
     resumed.fit()
     got = weights(resumed)
-    strategy.close()
-    straight, strategy = data_parallel_trainer(job(*then))
+    mode.close()
+    straight, mode = data_parallel_trainer(job(*then))
     straight.fit()
-    strategy.close()
+    mode.close()
     return written, got, weights(straight)
 
 
@@ -101,16 +98,16 @@ def test_every_rank_resumes_mid_epoch(job, mpi_tmp_path):
 
 @pytest.mark.parametrize("batch", [10, 3])          # 3 streams on 4 ranks: one rank evaluates none
 def test_evaluation_is_sharded_and_equals_local(job, batch, monkeypatch):
-    import disttrain.train.loop as loop
+    import disttrain.data.source as source
 
-    monkeypatch.setattr(loop, "EVAL_BATCH_SIZE", batch)
+    monkeypatch.setattr(source, "EVAL_STREAMS", batch)
     spec = job()
-    trainer, strategy = data_parallel_trainer(spec)
+    trainer, mode = data_parallel_trainer(spec)
     evaluated = []
     monkeypatch.setattr(trainer.model, "forward", _recording(trainer.model.forward, evaluated))
     result = trainer.evaluate("valid")
-    strategy.close()
-    local = Trainer(spec, progress=False).evaluate("valid")
+    mode.close()
+    local = Trainer.from_job(spec, progress=False).evaluate("valid")
     columns = sum(x.shape[1] for x in evaluated[:1])
     assert columns == len(np.array_split(np.arange(batch), world().size)[world().rank])   # this rank's share only
     assert result.tokens == local.tokens
@@ -127,7 +124,7 @@ def _recording(forward, seen):
 def test_a_stop_request_on_one_rank_stops_every_rank_after_the_same_step(job, mpi_tmp_path):
     comm = world()
     out = mpi_tmp_path / "stopped"
-    trainer, strategy = data_parallel_trainer(job("train.max_steps=20"), out)
+    trainer, mode = data_parallel_trainer(job("train.max_steps=20"), out)
     if comm.rank == comm.size - 1:               # only the last rank sees the signal, after its third step
         original = trainer._after_step
 
@@ -140,27 +137,30 @@ def test_a_stop_request_on_one_rank_stops_every_rank_after_the_same_step(job, mp
 
     with pytest.raises(TrainingInterrupted, match="after step 3"):
         trainer.fit()
-    strategy.close()
+    mode.close()
     comm.Barrier()
     assert load_checkpoint(out).meta["step"] == 3
 
 
-class NanLossOnTheLastRank(DataParallelStrategy):
+class NanLossOnTheLastRank(DataParallelMode):
     """The last rank's loss of step 3 is NaN; its gradients, and so the global gradient norm, stay finite."""
 
-    def forward_backward(self, trainer, inputs, targets):
-        loss, hidden = super().forward_backward(trainer, inputs, targets)
-        if self.comm.rank == self.comm.size - 1 and trainer.step + 1 == 3:
+    steps = 0
+
+    def forward_backward(self, inputs, targets, state=None, backward_scale=1.0):
+        loss, state = super().forward_backward(inputs, targets, state, backward_scale)
+        self.steps += 1
+        if self.comm.rank == self.comm.size - 1 and self.steps == 3:
             loss = float("nan")
-        return loss, hidden
+        return loss, state
 
 
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(job):
     comm = world()
-    trainer, strategy = data_parallel_trainer(job("train.max_steps=6", "train.on_nonfinite=skip"),
-                                              strategy_class=NanLossOnTheLastRank)
+    trainer, mode = data_parallel_trainer(job("train.max_steps=6", "train.on_nonfinite=skip"),
+                                              mode_class=NanLossOnTheLastRank)
     trainer.fit()
-    strategy.close()
+    mode.close()
     adam_steps = {entry["step"] for entry in trainer.optimizer.state_dict()["state"].values()}
     assert trainer.step == 6 and adam_steps == {5}                        # step 3 applied nowhere
     mine = np.concatenate([a.ravel() for a in weights(trainer).values()])
@@ -172,10 +172,10 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(job, mpi_tmp_path):
     from disttrain.train.loop import TrainingDiverged
 
     out = mpi_tmp_path / "diverged"
-    trainer, strategy = data_parallel_trainer(job("train.max_steps=6", "train.checkpoint_every=2"), out,
-                                              strategy_class=NanLossOnTheLastRank)
+    trainer, mode = data_parallel_trainer(job("train.max_steps=6", "train.checkpoint_every=2"), out,
+                                              mode_class=NanLossOnTheLastRank)
     with pytest.raises(TrainingDiverged, match="^step 3: loss nan, gradient norm"):
         trainer.fit()
-    strategy.close()
+    mode.close()
     world().Barrier()
     assert load_checkpoint(out).meta["step"] == 2

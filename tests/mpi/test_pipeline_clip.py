@@ -8,7 +8,7 @@ import disttrain as dt
 from disttrain.nn import Parameter
 from disttrain.nn.utils import clip_grad_norm_
 from disttrain.parallel import world
-from disttrain.parallel.pipeline.strategy import PipelineStrategy
+from disttrain.parallel.pipeline.pipeline_mode import PipelineMode
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -25,12 +25,12 @@ def stage_parameters(stage, scale):
 @pytest.mark.parametrize("scale,max_norm", [(1e-3, 1e-3), (1.0, 0.5), (1.0, 100.0)])
 def test_clipping_over_stages_equals_one_process(scale, max_norm):
     comm = world()
-    strategy = PipelineStrategy(comm, stages=comm.size)            # one replica: every rank a stage
-    mine = stage_parameters(strategy.stage, scale)
-    total = strategy.clip_grad_norm(mine, max_norm)
+    mode = PipelineMode(comm, stages=comm.size)            # one replica: every rank a stage
+    mine = stage_parameters(mode.stage, scale)
+    total = mode.clip_grad_norm(mine, max_norm)
     everyone = [p for stage in range(comm.size) for p in stage_parameters(stage, scale)]
     want_total = clip_grad_norm_(everyone, max_norm)
     assert total == pytest.approx(want_total, rel=1e-12)
-    want = everyone[2 * strategy.stage:2 * strategy.stage + 2]
+    want = everyone[2 * mode.stage:2 * mode.stage + 2]
     for got, expected in zip(mine, want):
         np.testing.assert_allclose(got.grad.numpy(), expected.grad.numpy(), rtol=1e-12, atol=0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from disttrain.parallel import world
-from disttrain.parallel.pipeline.strategy import PipelineStrategy
+from disttrain.parallel.pipeline.pipeline_mode import PipelineMode
 from disttrain.train import Trainer
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -64,12 +64,12 @@ def job(char_job):
 
 
 def test_replicas_average_their_gradients(job):
-    want = updates_after_steps(Trainer(job("parallel.mode=local"), progress=False), 2)
+    want = updates_after_steps(Trainer.from_job(job("parallel.mode=local"), progress=False), 2)
     wrong = []                                   # every layout is checked, so a failure names all that differ
     for stages in stage_counts():
         spec = job(f"parallel.stages={stages}")
-        trainer = Trainer(spec, strategy=PipelineStrategy.from_spec(spec, world()), progress=False)
-        layout = f"{stages} stages x {trainer.strategy.replicas} replicas"
+        trainer = Trainer.from_job(spec, mode=PipelineMode.from_spec(spec, world()), progress=False)
+        layout = f"{stages} stages x {trainer.mode.replicas} replicas"
         got = updates_after_steps(trainer, 2)
         assert got and set(got) <= set(want), layout
         for name, update in got.items():

@@ -1,10 +1,10 @@
-"""The Trainer with PipelineStrategy (K stages x D replicas) equals the Trainer in one process, and resumes
+"""The Trainer in PipelineMode (K stages x D replicas) equals the Trainer in one process, and resumes
 from the whole-model checkpoint rank 0 wrote (run under mpiexec --with-mpi on 2 or 4 ranks)."""
 import numpy as np
 import pytest
 
 from disttrain.parallel import world
-from disttrain.parallel.pipeline.strategy import PipelineStrategy
+from disttrain.parallel.pipeline.pipeline_mode import PipelineMode
 from disttrain.train import Trainer, load_checkpoint
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -48,7 +48,7 @@ def job(char_job):
 
 
 def pipeline_trainer(spec, out_dir=None):
-    return Trainer(spec, out_dir=out_dir, strategy=PipelineStrategy.from_spec(spec, world()), progress=False)
+    return Trainer.from_job(spec, out_dir=out_dir, mode=PipelineMode.from_spec(spec, world()), progress=False)
 
 
 def weights(trainer):
@@ -58,7 +58,7 @@ def weights(trainer):
 @pytest.mark.parametrize("schedule,recompute", [("1f1b", False), ("gpipe", True)])
 def test_trainer_pipeline_equals_local(job, schedule, recompute):
     local_spec = job("parallel.mode=local")
-    local = Trainer(local_spec, progress=False)
+    local = Trainer.from_job(local_spec, progress=False)
     local_losses = [local.train_step(x, y)[0] for x, y in _segments(local, 5)]
     local_valid = local.evaluate("valid").loss
     want = weights(local)
@@ -70,7 +70,7 @@ def test_trainer_pipeline_equals_local(job, schedule, recompute):
         valid = trainer.evaluate("valid").loss
         got = weights(trainer)
         # a replica's loss is its streams' mean: the mean over replicas is the global batch's
-        losses = [trainer.strategy.reduce_mean(v) for v in losses]
+        losses = [trainer.mode.reduce([v], "mean")[0] for v in losses]
         np.testing.assert_allclose(losses, local_losses, rtol=1e-5)
         assert valid == pytest.approx(local_valid, rel=1e-5)
         assert got and set(got) <= set(want)
@@ -95,7 +95,7 @@ def test_resume_from_the_whole_model_checkpoint(job, mpi_tmp_path):
         first.fit()
         comm.Barrier()                                   # rank 0 has written the checkpoint
         checkpoint = load_checkpoint(out)
-        assert len(checkpoint.model) == len(Trainer(job("parallel.mode=local"), progress=False).model.state_dict())
+        assert len(checkpoint.model) == len(Trainer.from_job(job("parallel.mode=local"), progress=False).model.state_dict())
         resumed = pipeline_trainer(job(f"parallel.stages={stages}", "train.max_steps=6"), out)
         resumed.restore(checkpoint)
         resumed.fit()
@@ -105,7 +105,7 @@ def test_resume_from_the_whole_model_checkpoint(job, mpi_tmp_path):
         for name in want:
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
         # the checkpoint is a whole-model one: a local run resumes from it too (weights, Adam state, carried state)
-        local = Trainer(job("parallel.mode=local", "train.max_steps=6"), progress=False)
+        local = Trainer.from_job(job("parallel.mode=local", "train.max_steps=6"), progress=False)
         local.restore(checkpoint)
         local.fit()
         for name, value in weights(local).items():

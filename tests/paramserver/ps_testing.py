@@ -15,7 +15,7 @@ from disttrain import nn, optim
 from disttrain.paramserver.protocol import decode_reply, encode, request
 from disttrain.paramserver.server import ParameterServer, ServerConfig
 from disttrain.paramserver.sharding import Layout
-from disttrain.paramserver.training import server_from_spec
+from disttrain.paramserver.job import server_from_spec
 from disttrain.paramserver.worker import PSClient
 from disttrain.train.build import Schedules
 

@@ -19,9 +19,9 @@ def test_ps_cluster_async_four_workers_trains(ps_job, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     valid = [r for r in rows if r["split"] == "valid"]
-    local = Trainer(spec, out_dir=None, progress=False)
+    local = Trainer.from_job(spec, out_dir=None, progress=False)
     local.fit()
-    vocab = len(local.corpus.vocab)
+    vocab = local.data.vocab_size
     assert train[-1]["loss"] < train[0]["loss"] - 0.5 and valid[-1]["loss"] < 0.6 * math.log(vocab)  # learned
     assert valid[-1]["loss"] < 1.25 * local.evals["valid"].loss                     # near local training
     for name in ("curves.png", "config.toml", "checkpoints", "keys/server.key", "keys/clients/worker-3.key",

@@ -15,7 +15,7 @@ import numpy as np
 from disttrain.autograd.grad_mode import no_grad
 from disttrain.paramserver.cluster import ADMIN_ID, Cluster
 from disttrain.paramserver.sharding import Layout
-from disttrain.paramserver.training import initial_model
+from disttrain.paramserver.job import initial_model
 from disttrain.paramserver.worker import PSClient
 from disttrain.tensor.tensor import Tensor
 from disttrain.train.build import build_optimizer, build_schedules

@@ -163,7 +163,7 @@ def test_sigterm_stops_a_server_sent_an_epoch_jump(ps_job, tmp_path):
         while not endpoint_file.exists():
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
             time.sleep(0.05)
-        from disttrain.paramserver.training import layout_from_spec
+        from disttrain.paramserver.job import layout_from_spec
 
         layout = layout_from_spec(spec)
         with raw_peer(endpoint_file.read_text().strip()) as peer:

@@ -4,10 +4,12 @@ import numpy as np
 import pytest
 
 import disttrain as dt
+from disttrain.data.source import Share
 from disttrain.nn import functional as F
-from disttrain.paramserver.training import PSStrategy, push_weight, run_worker
+from disttrain.paramserver.job import push_weight, run_worker
 from disttrain.paramserver.worker import PSClient
 from disttrain.train.loop import Trainer
+from disttrain.train.mode import LocalMode
 
 from ps_testing import (adam_factory, flat_grads, flat_targets, layout_of, make_mlp, running_servers,
                         serving_job, sgd_factory)
@@ -91,7 +93,7 @@ def test_trainer_worker_sync_equals_local_trainer(ps_job):
     spec, _ = ps_job("ps.consistency=sync", "ps.servers=2", "ps.workers=1", "optim.kind=sgd", "optim.lr=0.5",
                      "optim.momentum=0.9", "optim.warmup_steps=5", "optim.decay_after_epoch=1", "optim.decay=0.5",
                      "train.epochs=2", n_chars=1500)
-    local = Trainer(spec, out_dir=None, progress=False)
+    local = Trainer.from_job(spec, out_dir=None, progress=False)
     local.fit()
     captured = {}
     with serving_job(spec, 2) as (servers, endpoints):
@@ -113,7 +115,7 @@ def test_scaled_async_push_is_a_share_of_a_step(ps_job):
                      "optim.lr=0.5", "optim.momentum=0.9", "train.epochs=1", n_chars=1500)
     assert push_weight(spec.ps, 2) == 0.5
     half_lr, _ = ps_job("optim.kind=sgd", "optim.lr=0.25", "optim.momentum=0.9", "train.epochs=1", n_chars=1500)
-    local = Trainer(half_lr, out_dir=None, strategy=PSStrategy(0, 2), progress=False)
+    local = Trainer.from_job(half_lr, out_dir=None, mode=FirstOfTwoShares(), progress=False)
     local.fit()
     captured = {}
     with serving_job(spec, 2) as (servers, endpoints):
@@ -123,6 +125,13 @@ def test_scaled_async_push_is_a_share_of_a_step(ps_job):
     for (name, a), b in zip(local.model.named_parameters(), trainer.params):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
         np.testing.assert_array_equal(a.grad.numpy(), b.grad.numpy(), err_msg=name)   # the last step's, unscaled
+
+
+class FirstOfTwoShares(LocalMode):
+    """One process training on share 0 of 2 of every batch, as PS worker 0 of 2 does."""
+
+    def train_share(self):
+        return Share(0, 2)
 
 
 @pytest.mark.parametrize("consistency,scale,expected", [("async", True, 0.25), ("ssp", True, 0.25),

@@ -27,7 +27,7 @@ def test_model_from_spec(tiny_job):
     assert model.lstm.dropout == 0.25 and model.lstm.checkpoint_segments is None
     assert build_model(tiny_job('memory.activation_checkpointing="sqrt"'), 30).lstm.checkpoint_segments == "sqrt"
     assert build_model(tiny_job("memory.activation_checkpointing=4"), 30).lstm.checkpoint_segments == 4
-    with pytest.raises(JobSpecError, match=r'\[model\] kind = "mlp": .* expected "lstm_lm"'):
+    with pytest.raises(JobSpecError, match=r'\[model\] kind = "mlp": expected one of "lstm_lm", "transformer_lm"'):
         build_model(tiny_job('model.kind="mlp"'), 30)
 
 

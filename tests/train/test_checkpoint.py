@@ -13,8 +13,8 @@ from safetensors.numpy import load_file
 
 from disttrain.tensor import kernels_numpy, random
 from disttrain.train import Trainer
-from disttrain.train import checkpoint as ckpt
-from disttrain.train.checkpoint import (FORMAT_VERSION, CheckpointError, NonFiniteCheckpointError, RunExistsError,
+from disttrain.train import saving as ckpt
+from disttrain.train.saving import (FORMAT_VERSION, CheckpointError, NonFiniteCheckpointError, RunExistsError,
                                         check_new_run, join_optimizer_state, list_checkpoints, load_checkpoint,
                                         save_checkpoint, split_optimizer_state)
 
@@ -97,7 +97,7 @@ def test_validation_names_what_is_wrong(tmp_path):
     meta = json.loads(meta_file.read_text())
 
     _rewrite(meta_file, json.dumps({**meta, "format_version": 99}).encode())
-    with pytest.raises(CheckpointError, match=r'trainer.json: "format_version" is 99, this disttrain reads version 2'):
+    with pytest.raises(CheckpointError, match=r'trainer.json: "format_version" is 99, this disttrain reads version 3'):
         load_checkpoint(path)
     _rewrite(meta_file, json.dumps({k: v for k, v in meta.items() if k != "format_version"}).encode())
     with pytest.raises(CheckpointError, match='no "format_version" field'):
@@ -238,7 +238,7 @@ def test_optimizer_state_split_and_join():
 
 
 def test_trainer_checkpoint_contents(tiny_job, tmp_path):
-    trainer = Trainer(tiny_job("train.max_steps=6", "train.checkpoint_every=4", layers=2), out_dir=tmp_path,
+    trainer = Trainer.from_job(tiny_job("train.max_steps=6", "train.checkpoint_every=4", layers=2), out_dir=tmp_path,
                       progress=False)
     trainer.fit()
     loaded = load_checkpoint(tmp_path)
@@ -251,19 +251,19 @@ def test_trainer_checkpoint_contents(tiny_job, tmp_path):
     assert sorted(loaded.model) == sorted(trainer.model.state_dict())           # safetensors sorts keys
     for name, t in trainer.model.state_dict().items():
         np.testing.assert_array_equal(loaded.model[name], t.numpy())
-    assert loaded.arrays["hidden.h"].shape == (2, 4, 16) and "optimizer.0.exp_avg" in loaded.arrays
+    assert loaded.arrays["state.0"].shape == (2, 4, 16) and "optimizer.0.exp_avg" in loaded.arrays
     assert load_file(loaded.path / "model.safetensors").keys() == loaded.model.keys()
 
 
 def test_the_device_generator_state_goes_through_a_job_checkpoint(tiny_job, tmp_path):
     """A GPU's random stream (here a stand-in backend named "cuda" on NumPy) is saved and resumed."""
     stand_in = types.SimpleNamespace(name="cuda", xp=np, kernels=kernels_numpy)
-    trainer = Trainer(tiny_job("train.max_steps=2"), out_dir=tmp_path, progress=False)
+    trainer = Trainer.from_job(tiny_job("train.max_steps=2"), out_dir=tmp_path, progress=False)
     random.generator(stand_in).random((10,))
     trainer.fit()
     saved = load_checkpoint(tmp_path)
     assert saved.meta["rng"]["cuda"] == {"seed": 3, "offset": 10}
-    resumed = Trainer(tiny_job("train.max_steps=4"), progress=False)  # seeds the generators afresh
+    resumed = Trainer.from_job(tiny_job("train.max_steps=4"), progress=False)  # seeds the generators afresh
     resumed.restore(saved)
     try:
         assert random.generator(stand_in).state == {"seed": 3, "offset": 10}
@@ -275,9 +275,9 @@ def test_model_weights_load_into_torch(tiny_job, tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file as torch_load
 
-    trainer = Trainer(tiny_job("train.max_steps=2", layers=2), out_dir=tmp_path, progress=False)
+    trainer = Trainer.from_job(tiny_job("train.max_steps=2", layers=2), out_dir=tmp_path, progress=False)
     trainer.fit()
-    vocab, hidden = len(trainer.corpus.vocab), 16
+    vocab, hidden = trainer.data.vocab_size, 16
 
     class TorchLM(torch.nn.Module):
         def __init__(self):
@@ -303,8 +303,8 @@ def test_model_weights_load_into_torch(tiny_job, tmp_path):
 
 
 def test_restore_refuses_another_job(tiny_job, tmp_path):
-    Trainer(tiny_job("train.max_steps=2"), out_dir=tmp_path, progress=False).fit()
-    other = Trainer(tiny_job(hidden=8), progress=False)
+    Trainer.from_job(tiny_job("train.max_steps=2"), out_dir=tmp_path, progress=False).fit()
+    other = Trainer.from_job(tiny_job(hidden=8), progress=False)
     with pytest.raises(CheckpointError, match=r"different job; .*\[model\] hidden: checkpoint 16, job 8"):
         other.restore(load_checkpoint(tmp_path))
 
@@ -329,7 +329,7 @@ def test_the_trainer_keeps_its_newest_checkpoints_and_with_keep_best_the_best_on
         *args, **kw))
     job = ("train.checkpoint_every=4", "train.eval_every=3", "train.keep_best=true")
     losses = {3: 2.0, 6: 1.5, 9: 1.8, 12: 1.9, 15: 1.7, 18: 1.6, 20: 1.55}
-    trainer = Trainer(tiny_job("train.max_steps=15", *job), out_dir=tmp_path, progress=False)
+    trainer = Trainer.from_job(tiny_job("train.max_steps=15", *job), out_dir=tmp_path, progress=False)
     scripted_valid_losses(trainer, losses)
     trainer.fit()
     assert saved == [3, 4, 6, 8, 12, 15]                # every 4 steps, at each new best (3, 6), and at the end
@@ -339,7 +339,7 @@ def test_the_trainer_keeps_its_newest_checkpoints_and_with_keep_best_the_best_on
     assert [valid_loss(6), valid_loss(12), valid_loss(15)] == [1.5, 1.9, 1.7]
 
     saved.clear()
-    resumed = Trainer(tiny_job("train.max_steps=20", *job), out_dir=tmp_path, progress=False)
+    resumed = Trainer.from_job(tiny_job("train.max_steps=20", *job), out_dir=tmp_path, progress=False)
     resumed.restore(load_checkpoint(tmp_path))
     scripted_valid_losses(resumed, losses)
     resumed.fit()

@@ -25,10 +25,11 @@ def test_empty_file_gets_every_default(tmp_path, monkeypatch):
     monkeypatch.delenv(PTB_ENV_VAR, raising=False)
     spec = load_job(write(tmp_path, ""))
     assert spec.to_dict() == {
-        "model": {"kind": "lstm_lm", "hidden": 200, "embed": 200, "layers": 2, "dropout": 0.0,
+        "model": {"kind": "lstm_lm", "factory": None, "hidden": 200, "embed": 200, "layers": 2, "dropout": 0.0,
                   "init_scale": 0.1, "tie_weights": False, "d_model": None, "heads": None, "d_ff": None,
                   "max_len": None},
-        "data": {"kind": "default_corpus", "path": None, "batch_size": 20, "bptt": 35, "max_bytes": 2_000_000},
+        "data": {"kind": "default_corpus", "factory": None, "path": None, "batch_size": 20, "bptt": 35,
+                 "max_bytes": 2_000_000},
         "optim": {"kind": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "clip_norm": None, "loss": "token_mean",
                   "decay_after_epoch": 0, "decay": 1.0, "warmup_steps": 0},
         "train": {"epochs": 1, "max_steps": None, "eval_every": "epoch", "checkpoint_every": 500,
@@ -132,7 +133,7 @@ def test_override_with_unknown_key_or_section_is_named(tmp_path):
     err = errors_of(job, ["model.hiden=3"])
     message = str(err)
     assert 'override "model.hiden=3"' in message and '"hiden"' in message
-    assert 'did you mean "hidden"' in message and "valid keys in [model]: kind, hidden, embed" in message
+    assert 'did you mean "hidden"' in message and "valid keys in [model]: kind, factory, hidden, embed" in message
     err = errors_of(job, ["optm.lr=3"])
     assert 'override "optm.lr=3"' in str(err) and "did you mean [optim]" in str(err)
 
@@ -155,7 +156,7 @@ def test_bad_value_message_names_file_key_value_expected(tmp_path):
 @pytest.mark.parametrize("section, key, value, expected", [
     ("model", "hidden", "0", "an int > 0"),
     ("model", "hidden", "2.5", "an int > 0"),
-    ("model", "kind", '"gru"', 'one of "lstm_lm", "transformer_lm", "mlp"'),
+    ("model", "kind", '"gru"', 'one of "lstm_lm", "transformer_lm"'),
     ("model", "dropout", "1.0", "a float in [0, 1)"),
     ("model", "dropout", "-0.1", "a float in [0, 1)"),
     ("model", "init_scale", "0", "a float > 0"),

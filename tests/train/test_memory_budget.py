@@ -8,7 +8,7 @@ LONG_WINDOW = ("data.bptt=256", "data.batch_size=2", "train.max_steps=2", "train
 
 
 def _first_step_peak(spec):
-    trainer = Trainer(spec, progress=False)
+    trainer = Trainer.from_job(spec, progress=False)
     inputs, targets = next(iter(trainer.train_iter))
     trainer._metered_step(inputs, targets)
     return trainer._acc["peak_mem_bytes"]
@@ -21,9 +21,9 @@ def test_checkpointing_fits_a_budget_the_plain_job_exceeds(tiny_job):
     budget_mb = (plain + sqrt) / 2 / 2**20
     over = tiny_job(*LONG_WINDOW, f"memory.budget_mb={budget_mb}", hidden=64)
     with pytest.raises(MemoryBudgetExceeded, match=r"budget_mb.*activation_checkpointing = 'none'"):
-        Trainer(over, progress=False).fit()
+        Trainer.from_job(over, progress=False).fit()
     fits = tiny_job(*LONG_WINDOW, f"memory.budget_mb={budget_mb}", "memory.activation_checkpointing=sqrt", hidden=64)
-    Trainer(fits, progress=False).fit()   # trains to max_steps within the budget
+    Trainer.from_job(fits, progress=False).fit()   # trains to max_steps within the budget
 
 
 @pytest.mark.parametrize("extra", [(), ("memory.activation_checkpointing=sqrt",)])
@@ -33,7 +33,7 @@ def test_the_step_meter_counts_what_a_scan_of_every_object_counts(tiny_job, monk
     def peaks(scan):
         if scan:
             monkeypatch.setattr(Trainer, "_resident_tensors", lambda self: None)
-        trainer = Trainer(tiny_job("train.log_every=1", *extra, layers=2), progress=False)
+        trainer = Trainer.from_job(tiny_job("train.log_every=1", *extra, layers=2), progress=False)
         batches = iter(trainer.train_iter)
         figures = []
         for _ in range(3):

@@ -23,8 +23,8 @@ def test_parameters_exact_and_a_step_within_a_small_factor_of_the_meter(extra):
             name, _, body = block.partition("]")
             sections[name] = sections.get(name, "") + body
     spec = loads_job("".join(f"[{name}]{body}" for name, body in sections.items()))
-    trainer = Trainer(spec, progress=False)
-    vocab = len(trainer.corpus.vocab)
+    trainer = Trainer.from_job(spec, progress=False)
+    vocab = trainer.data.vocab_size
     assert parameter_count(spec, vocab) == sum(p.numel() for p in trainer.params)
     need = estimate(spec, vocab, spec.data.batch_size)
     batches = iter(trainer.train_iter)

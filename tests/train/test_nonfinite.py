@@ -9,30 +9,32 @@ import pytest
 
 from disttrain.train import Trainer, load_checkpoint
 from disttrain.train.loop import MAX_SKIPS_IN_A_ROW, TrainingDiverged
-from disttrain.train.strategy import LocalStrategy
+from disttrain.train.mode import LocalMode
 
 
-class Poisoned(LocalStrategy):
-    """What a diverging run produces, on chosen steps: a NaN loss and/or NaN gradients."""
+class Poisoned(LocalMode):
+    """What a diverging run produces, on chosen steps (1-based): a NaN loss and/or NaN gradients."""
 
     def __init__(self, steps, loss=True, grads=True):
         self.steps, self.loss, self.grads = set(steps), loss, grads
         self.weights_before = {}            # step -> the weights it started from
+        self.step_now = 0
 
-    def forward_backward(self, trainer, inputs, targets):
-        self.weights_before[trainer.step + 1] = weights(trainer)
-        loss, hidden = super().forward_backward(trainer, inputs, targets)
-        if trainer.step + 1 in self.steps:
+    def forward_backward(self, inputs, targets, state=None, backward_scale=1.0):
+        self.step_now += 1
+        self.weights_before[self.step_now] = weights(self)
+        loss, state = super().forward_backward(inputs, targets, state, backward_scale)
+        if self.step_now in self.steps:
             if self.grads:
-                for p in trainer.params:
+                for p in self.model.parameters():
                     p.grad.data[...] = np.nan
             if self.loss:
                 loss = math.nan
-        return loss, hidden
+        return loss, state
 
 
-def weights(trainer):
-    return {name: t.numpy().copy() for name, t in trainer.model.state_dict().items()}
+def weights(holder):
+    return {name: t.numpy().copy() for name, t in holder.model.state_dict().items()}
 
 
 def assert_same(a, b):
@@ -55,8 +57,8 @@ def files_under(run_dir):
                          ids=["nan loss", "nan gradients"])
 def test_stop_ends_the_run_at_the_step_without_applying_it(tiny_job, tmp_path, poison):
     spec = tiny_job("train.max_steps=20", "train.checkpoint_every=3")
-    strategy = Poisoned({8}, **poison)
-    trainer = Trainer(spec, out_dir=tmp_path, strategy=strategy, progress=False)
+    mode = Poisoned({8}, **poison)
+    trainer = Trainer.from_job(spec, out_dir=tmp_path, mode=mode, progress=False)
     with pytest.raises(TrainingDiverged) as caught:
         trainer.fit()
     value = "loss nan, gradient norm" if poison["loss"] else "gradient norm nan"
@@ -64,7 +66,7 @@ def test_stop_ends_the_run_at_the_step_without_applying_it(tiny_job, tmp_path, p
     assert str(caught.value).endswith(f'stopped ([train] on_nonfinite = "stop"); the last good checkpoint is '
                                       f'{tmp_path / "checkpoints" / "step-000006"}')
     assert caught.value.step == 8 and trainer.step == 8
-    assert_same(weights(trainer), strategy.weights_before[8])            # step 8's update was not applied
+    assert_same(weights(trainer), mode.weights_before[8])            # step 8's update was not applied
     assert load_checkpoint(tmp_path).meta["step"] == 6
     assert not [f for f in files_under(tmp_path) if f.endswith((".tmp", ".prev"))]
     rows = strict_rows(tmp_path)
@@ -75,8 +77,8 @@ def test_stop_ends_the_run_at_the_step_without_applying_it(tiny_job, tmp_path, p
 
 
 def test_stop_before_any_checkpoint_says_so(tiny_job, tmp_path):
-    trainer = Trainer(tiny_job("train.max_steps=20", "train.checkpoint_every=10"), out_dir=tmp_path / "run",
-                      strategy=Poisoned({2}), progress=False)
+    trainer = Trainer.from_job(tiny_job("train.max_steps=20", "train.checkpoint_every=10"), out_dir=tmp_path / "run",
+                      mode=Poisoned({2}), progress=False)
     with pytest.raises(TrainingDiverged, match="^step 2: loss nan, gradient norm nan: not finite; .*; no checkpoint "
                                                "was written before it$"):
         trainer.fit()
@@ -86,13 +88,13 @@ def test_stop_before_any_checkpoint_says_so(tiny_job, tmp_path):
 def test_skip_drops_the_update_logs_it_and_goes_on(tiny_job, tmp_path, capsys):
     spec = tiny_job("train.max_steps=9", "train.checkpoint_every=4", "train.keep_checkpoints=3",
                     "train.on_nonfinite=skip", "optim.warmup_steps=20")
-    strategy = Poisoned({3, 4, 7})
-    trainer = Trainer(spec, out_dir=tmp_path, strategy=strategy, progress=False)
+    mode = Poisoned({3, 4, 7})
+    trainer = Trainer.from_job(spec, out_dir=tmp_path, mode=mode, progress=False)
     trainer.fit()
     assert trainer.step == 9
     for step in (3, 4, 7):                                                # no update: the next step starts where
-        assert_same(strategy.weights_before[step + 1], strategy.weights_before[step])   # the skipped one did
-    assert_same(load_checkpoint(tmp_path / "checkpoints" / "step-000004").model, strategy.weights_before[5])
+        assert_same(mode.weights_before[step + 1], mode.weights_before[step])   # the skipped one did
+    assert_same(load_checkpoint(tmp_path / "checkpoints" / "step-000004").model, mode.weights_before[5])
     state = trainer.optimizer.state_dict()["state"]
     assert {entry["step"] for entry in state.values()} == {6}            # Adam took 9 - 3 steps
     assert trainer.schedules.step.last_epoch == 6                        # and so did the warm-up
@@ -105,8 +107,8 @@ def test_skip_drops_the_update_logs_it_and_goes_on(tiny_job, tmp_path, capsys):
 
 
 def test_skip_stops_after_ten_skips_in_a_row(tiny_job, tmp_path):
-    trainer = Trainer(tiny_job("train.max_steps=40", "train.checkpoint_every=4", "train.on_nonfinite=skip"),
-                      out_dir=tmp_path, strategy=Poisoned(range(6, 40)), progress=False)
+    trainer = Trainer.from_job(tiny_job("train.max_steps=40", "train.checkpoint_every=4", "train.on_nonfinite=skip"),
+                      out_dir=tmp_path, mode=Poisoned(range(6, 40)), progress=False)
     with pytest.raises(TrainingDiverged, match=rf"^step {5 + MAX_SKIPS_IN_A_ROW}: loss nan, gradient norm nan: not "
                                                rf"finite; stopped after 10 skipped steps in a row .*step-000012$"):
         trainer.fit()
@@ -115,7 +117,7 @@ def test_skip_stops_after_ten_skips_in_a_row(tiny_job, tmp_path):
 
 
 def test_a_checkpoint_of_nonfinite_weights_is_never_written(tiny_job, tmp_path):
-    trainer = Trainer(tiny_job("train.max_steps=2"), out_dir=tmp_path, progress=False)
+    trainer = Trainer.from_job(tiny_job("train.max_steps=2"), out_dir=tmp_path, progress=False)
     trainer.fit()
     before = files_under(tmp_path)
     name, param = next(iter(trainer.model.named_parameters()))

@@ -49,23 +49,23 @@ def test_resumed_run_repeats_the_uninterrupted_one_exactly(tiny_job, tmp_path, n
     job = JOBS[name]
     overrides = job["overrides"]
     kwargs = {k: v for k, v in job.items() if k != "overrides"}
-    per_epoch = len(Trainer(tiny_job(*overrides, **kwargs), progress=False).train_iter)
+    per_epoch = len(Trainer.from_job(tiny_job(*overrides, **kwargs), progress=False).train_iter)
     # the last checkpoint before the crash falls mid-epoch, or on the last step of the first epoch
     every = 5 if crash_at == "mid-epoch" else per_epoch
     ckpt_step = 2 * every if crash_at == "mid-epoch" else every
     spec = tiny_job(*overrides, f"train.checkpoint_every={every}", **kwargs)
 
-    whole = Trainer(spec, out_dir=tmp_path / "whole", progress=False)
+    whole = Trainer.from_job(spec, out_dir=tmp_path / "whole", progress=False)
     whole.fit()
     assert 0 < ckpt_step < whole.step - 3
 
-    broken = Trainer(spec, out_dir=tmp_path / "run", progress=False)
+    broken = Trainer.from_job(spec, out_dir=tmp_path / "run", progress=False)
     crash_after(broken, ckpt_step + 3)
     with pytest.raises(Crash):
         broken.fit()
     assert load_checkpoint(tmp_path / "run").meta["step"] == ckpt_step
 
-    resumed = Trainer(spec, out_dir=tmp_path / "run", progress=False)
+    resumed = Trainer.from_job(spec, out_dir=tmp_path / "run", progress=False)
     resumed.restore(load_checkpoint(tmp_path / "run"))
     assert resumed.step == ckpt_step
     resumed.fit()
@@ -78,10 +78,10 @@ def test_resumed_run_repeats_the_uninterrupted_one_exactly(tiny_job, tmp_path, n
 
 def test_stop_request_checkpoints_and_resumes_exactly(tiny_job, tmp_path):
     spec = tiny_job(dropout=0.2, layers=2, epochs=2)
-    whole = Trainer(spec, out_dir=tmp_path / "whole", progress=False)
+    whole = Trainer.from_job(spec, out_dir=tmp_path / "whole", progress=False)
     whole.fit()
 
-    stopped = Trainer(spec, out_dir=tmp_path / "run", progress=False)
+    stopped = Trainer.from_job(spec, out_dir=tmp_path / "run", progress=False)
     real = stopped.train_step
 
     def train_step(inputs, targets):
@@ -95,7 +95,7 @@ def test_stop_request_checkpoints_and_resumes_exactly(tiny_job, tmp_path):
         stopped.fit()
     assert load_checkpoint(tmp_path / "run").meta["step"] == 13           # checkpoint_every = 0, still written
 
-    resumed = Trainer(spec, out_dir=tmp_path / "run", progress=False)
+    resumed = Trainer.from_job(spec, out_dir=tmp_path / "run", progress=False)
     resumed.restore(load_checkpoint(tmp_path / "run"))
     resumed.fit()
     assert rows_of(tmp_path / "run") == rows_of(tmp_path / "whole")
@@ -103,14 +103,14 @@ def test_stop_request_checkpoints_and_resumes_exactly(tiny_job, tmp_path):
 
 def test_resuming_a_finished_run_changes_nothing_and_can_extend_it(tiny_job, tmp_path):
     spec = tiny_job("train.max_steps=12", epochs=3)
-    Trainer(spec, out_dir=tmp_path, progress=False).fit()
+    Trainer.from_job(spec, out_dir=tmp_path, progress=False).fit()
     before = rows_of(tmp_path)
-    again = Trainer(spec, out_dir=tmp_path, progress=False)
+    again = Trainer.from_job(spec, out_dir=tmp_path, progress=False)
     again.restore(load_checkpoint(tmp_path))
     again.fit()
     assert rows_of(tmp_path) == before and again.step == 12
 
-    longer = Trainer(tiny_job("train.max_steps=20", epochs=3), out_dir=tmp_path, progress=False)
+    longer = Trainer.from_job(tiny_job("train.max_steps=20", epochs=3), out_dir=tmp_path, progress=False)
     longer.restore(load_checkpoint(tmp_path))
     longer.fit()
     rows = rows_of(tmp_path)
@@ -124,17 +124,17 @@ SCHEDULED = ("optim.warmup_steps=6", "optim.decay_after_epoch=1", "optim.decay=0
 @pytest.mark.parametrize("resume_at", ["in the warm-up", "after a decay"])
 def test_a_new_lr_on_resume_takes_effect_through_the_schedules(tiny_job, tmp_path, resume_at):
     """--resume --set optim.lr=NEW: from the resumed step on, every lr is the one a run started with NEW has."""
-    per_epoch = len(Trainer(tiny_job(*SCHEDULED, optim="sgd"), progress=False).train_iter)
+    per_epoch = len(Trainer.from_job(tiny_job(*SCHEDULED, optim="sgd"), progress=False).train_iter)
     stop = 3 if resume_at == "in the warm-up" else per_epoch + 4
     total = 2 * per_epoch + 2                                             # into the third epoch: a second decay
-    old = Trainer(tiny_job(*SCHEDULED, f"train.max_steps={stop}", optim="sgd", lr=0.5, epochs=3),
+    old = Trainer.from_job(tiny_job(*SCHEDULED, f"train.max_steps={stop}", optim="sgd", lr=0.5, epochs=3),
                   out_dir=tmp_path / "run", progress=False)
     old.fit()
-    fresh = Trainer(tiny_job(*SCHEDULED, f"train.max_steps={total}", optim="sgd", lr=0.05, epochs=3),
+    fresh = Trainer.from_job(tiny_job(*SCHEDULED, f"train.max_steps={total}", optim="sgd", lr=0.05, epochs=3),
                     out_dir=tmp_path / "fresh", progress=False)
     fresh.fit()
 
-    resumed = Trainer(tiny_job(*SCHEDULED, f"train.max_steps={total}", optim="sgd", lr=0.05, epochs=3),
+    resumed = Trainer.from_job(tiny_job(*SCHEDULED, f"train.max_steps={total}", optim="sgd", lr=0.05, epochs=3),
                       out_dir=tmp_path / "run", progress=False)
     resumed.restore(load_checkpoint(tmp_path / "run"))
     [change, steps] = resumed.resume_changes
@@ -152,15 +152,15 @@ def test_a_new_lr_on_resume_takes_effect_through_the_schedules(tiny_job, tmp_pat
 
 
 def test_resume_refuses_changes_other_than_the_resumable_keys(tiny_job, tmp_path):
-    Trainer(tiny_job("train.max_steps=2"), out_dir=tmp_path, progress=False).fit()
+    Trainer.from_job(tiny_job("train.max_steps=2"), out_dir=tmp_path, progress=False).fit()
     for change, described in [("optim.momentum=0.9", r"\[optim\] momentum: checkpoint 0.0, job 0.9"),
                               ("train.seed=4", r"\[train\] seed: checkpoint 3, job 4"),
                               ("optim.warmup_steps=3", r"\[optim\] warmup_steps: checkpoint 0, job 3")]:
-        other = Trainer(tiny_job(change), progress=False)
+        other = Trainer.from_job(tiny_job(change), progress=False)
         with pytest.raises(CheckpointError, match=rf"was written for a different job; {described} "
                                                   r"\(a resumed run may change only: \[optim\] lr, clip_norm;"):
             other.restore(load_checkpoint(tmp_path))
-    allowed = Trainer(tiny_job("train.max_steps=4", "optim.clip_norm=0.5", "train.log_every=2",
+    allowed = Trainer.from_job(tiny_job("train.max_steps=4", "optim.clip_norm=0.5", "train.log_every=2",
                                "memory.activation_checkpointing=sqrt", "train.keep_checkpoints=3"), progress=False)
     allowed.restore(load_checkpoint(tmp_path))
     assert [line.split(" (")[0] for line in allowed.resume_changes] == [

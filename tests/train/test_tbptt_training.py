@@ -35,24 +35,24 @@ def test_segments_carrying_state_equal_one_long_forward(bptt):
 
 
 def test_train_step_carries_the_detached_state(tiny_job):
-    trainer = Trainer(tiny_job(layers=2), progress=False)
+    trainer = Trainer.from_job(tiny_job(layers=2), progress=False)
     (x1, y1), (x2, y2) = trainer.train_iter.segment(0), trainer.train_iter.segment(1)
     with dt.no_grad():
         expected_loss, expected_state = _loss(trainer.model, x1, y1)
     loss, grad_norm = trainer.train_step(x1, y1)
     assert loss == pytest.approx(expected_loss.item(), rel=1e-6) and grad_norm > 0
-    h, c = trainer.hidden
+    h, c = trainer.state
     assert h.grad_fn is None and not h.requires_grad and c.grad_fn is None and not c.requires_grad
     np.testing.assert_array_equal(h.numpy(), expected_state[0].numpy())
     np.testing.assert_array_equal(c.numpy(), expected_state[1].numpy())
     # the next segment starts from that state (with the updated weights)
     with dt.no_grad():
-        expected_loss, _ = _loss(trainer.model, x2, y2, trainer.hidden)
+        expected_loss, _ = _loss(trainer.model, x2, y2, trainer.state)
     assert trainer.train_step(x2, y2)[0] == pytest.approx(expected_loss.item(), rel=1e-6)
 
 
 def test_state_resets_at_each_epoch_start(tiny_job):
-    trainer = Trainer(tiny_job(epochs=3), progress=False)
+    trainer = Trainer.from_job(tiny_job(epochs=3), progress=False)
     starts = []
     forward = trainer.model.forward
 
@@ -69,8 +69,8 @@ def test_state_resets_at_each_epoch_start(tiny_job):
 
 
 def test_evaluation_is_token_weighted_without_grad_and_in_eval_mode(tiny_job):
-    trainer = Trainer(tiny_job(layers=2, dropout=0.5), progress=False)
-    ids = trainer.corpus.valid
+    trainer = Trainer.from_job(tiny_job(layers=2, dropout=0.5), progress=False)
+    ids = trainer.data.corpus.valid
     streams = batchify(ids, EVAL_BATCH_SIZE)
     losses, sizes, state = [], [], None
     trainer.model.eval()
@@ -92,7 +92,7 @@ def test_evaluation_is_token_weighted_without_grad_and_in_eval_mode(tiny_job):
 
 
 def test_max_steps_stops_and_evaluates_valid_and_test(tiny_job):
-    trainer = Trainer(tiny_job("train.max_steps=5", epochs=10), progress=False)
+    trainer = Trainer.from_job(tiny_job("train.max_steps=5", epochs=10), progress=False)
     evals = trainer.fit()
     assert trainer.step == 5 and trainer.epoch == 0
     assert set(evals) == {"valid", "test"} and evals["valid"].step == evals["test"].step == 5
@@ -103,7 +103,7 @@ def test_lr_schedules_per_epoch_and_warmup(tiny_job, tmp_path):
 
     spec = tiny_job("optim.decay_after_epoch=1", "optim.decay=0.5", "optim.warmup_steps=4", optim="sgd", lr=0.5,
                     epochs=3)
-    trainer = Trainer(spec, out_dir=tmp_path / "run", progress=False)
+    trainer = Trainer.from_job(spec, out_dir=tmp_path / "run", progress=False)
     trainer.fit()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
@@ -121,7 +121,7 @@ def test_lr_schedules_per_epoch_and_warmup(tiny_job, tmp_path):
 
 
 def test_clipping_bounds_the_update(tiny_job):
-    trainer = Trainer(tiny_job("optim.clip_norm=1e-3", optim="sgd", lr=1.0), progress=False)
+    trainer = Trainer.from_job(tiny_job("optim.clip_norm=1e-3", optim="sgd", lr=1.0), progress=False)
     before = [p.numpy().copy() for p in trainer.params]
     _, norm = trainer.train_step(*trainer.train_iter.segment(0))
     moved = math.sqrt(sum(((p.numpy() - b) ** 2).sum() for p, b in zip(trainer.params, before)))

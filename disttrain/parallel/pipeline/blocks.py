@@ -13,12 +13,8 @@ state_dict is a subset of the model's and the stages' state_dicts merge into the
 """
 from collections import OrderedDict
 
-from disttrain.autograd.ops import dropout, stack, unbind
-from disttrain.models.lstm_lm import LSTMLanguageModel
 from disttrain.nn.containers import Sequential
 from disttrain.nn.module import Module
-from disttrain.tensor.creation import zeros
-from disttrain.tensor.tensor import Tensor
 
 
 class Block(Module):
@@ -40,103 +36,21 @@ class ModuleBlock(Block):
         return self.module(x), None
 
 
-class _LanguageModelPart(ModuleBlock):
-    """The model's module named `part`, with the model's dropout rate (read at each forward)."""
-
-    part = None
-
-    def __init__(self, model):
-        super().__init__(self.part, getattr(model, self.part))
-        object.__setattr__(self, "owner", model)  # not registered: only `part` is this block's
-
-    @property
-    def p(self):
-        return self.owner.dropout
-
-
-class EmbeddingBlock(_LanguageModelPart):
-    """LSTMLanguageModel's embedding and the dropout on its output: tokens (T, B) -> (T, B, E)."""
-
-    part = "embedding"
-
-    def forward(self, tokens, state=None):
-        return dropout(self.module(tokens), self.p, self.training), None
-
-
-class LSTMLayerBlock(Block):
-    """Layer k of an nn.LSTM: x (T, B, in) -> (T, B, H), state (h, c) each (B, H) (zeros when None).
-
-    Holds only layer k's four Parameters (named `lstm.weight_ih_l{k}`, ...) and runs
-    LSTM._layer, so the LSTM's recurrent checkpointing setting applies; the LSTM's dropout
-    follows every layer but the last, as in LSTM.forward.
-    """
-
-    def __init__(self, lstm, layer, prefix="lstm"):
-        super().__init__()
-        self.add_module(prefix, _ParameterSubset(lstm, [f"{w}_l{layer}" for w in
-                                                       ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]))
-        object.__setattr__(self, "lstm", lstm)  # not registered: its other layers belong to other blocks
-        object.__setattr__(self, "layer", layer)
-
-    def forward(self, x, state=None):
-        lstm = self.lstm
-        batch, hidden = x.shape[1], lstm.hidden_size
-        if state is None:
-            h = c = zeros(batch, hidden, dtype=x.dtype, device=x.device)
-        else:
-            h, c = state
-            for t, name in ((h, "h"), (c, "c")):
-                if t.shape != (batch, hidden):
-                    raise ValueError(f"LSTM layer {self.layer} block: state {name} has shape {t.shape}, "
-                                     f"expected {(batch, hidden)} (B, H)")
-        out, h, c = lstm._layer(self.layer, x, h, c)
-        if lstm.dropout and self.training and self.layer < lstm.num_layers - 1:
-            out = dropout(out, lstm.dropout, training=True)
-        return out, (h, c)
-
-
-class DecoderBlock(_LanguageModelPart):
-    """LSTMLanguageModel's dropout + decoder: (T, B, H) -> logits (T*B, V)."""
-
-    part = "decoder"
-
-    def forward(self, x, state=None):
-        steps, batch, hidden = x.shape
-        x = dropout(x, self.p, self.training)
-        return self.module(x.reshape((steps * batch, hidden))), None
-
-
-class _ParameterSubset(Module):
-    """Some of a module's Parameters (the same objects) under their names in that module."""
-
-    def __init__(self, owner, names):
-        super().__init__()
-        for name in names:
-            self.register_parameter(name, getattr(owner, name))
-
-    def extra_repr(self):
-        return ", ".join(self._parameters)
-
-
 def blocks_of(model):
     """The model as a chain of blocks: [(name, Block), ...] in data-flow order.
 
-    - a model with a `pipeline_blocks()` method: what it returns;
-    - nn.Sequential: one stateless block per child, named as the child ("0", "1", ...);
-    - LSTMLanguageModel: "embedding", "lstm.l0" ... "lstm.l{L-1}", "decoder".
+    - a model with a `pipeline_blocks()` method (a model family's own cut, disttrain.models.protocol): what it
+      returns, checked to be (unique name, Module) pairs covering every parameter;
+    - nn.Sequential: one stateless block per child, named as the child ("0", "1", ...).
     Blocks start in the model's training mode.
     """
     if hasattr(model, "pipeline_blocks"):
         blocks = _checked(model, list(model.pipeline_blocks()))
     elif isinstance(model, Sequential):
         blocks = [(name, ModuleBlock(name, child)) for name, child in model._modules.items() if child is not None]
-    elif isinstance(model, LSTMLanguageModel):
-        blocks = ([("embedding", EmbeddingBlock(model))]
-                  + [(f"lstm.l{k}", LSTMLayerBlock(model.lstm, k)) for k in range(model.lstm.num_layers)]
-                  + [("decoder", DecoderBlock(model))])
     else:
         raise TypeError(f"blocks_of: cannot cut a {type(model).__name__} into pipeline blocks; supported are "
-                        "nn.Sequential, LSTMLanguageModel, and models that define pipeline_blocks() returning "
+                        "nn.Sequential and models that define pipeline_blocks() returning "
                         "[(name, Block), ...] where Block.forward(x, state=None) -> (y, new_state)")
     if not blocks:
         raise ValueError(f"blocks_of: {type(model).__name__} has no blocks (an empty Sequential?)")
@@ -214,46 +128,3 @@ class Stage(Module):
     def __repr__(self):
         lines = [f"  ({name}): " + repr(block).replace("\n", "\n  ") for name, block in self.named_children()]
         return "Stage(\n" + "\n".join(lines) + "\n)"
-
-
-# ---- carried state ---------------------------------------------------------------------------------
-def detach_state(state):
-    """state with every tensor detached (None, a Tensor, or tuples/lists of them): what TBPTT carries."""
-    if state is None:
-        return None
-    if isinstance(state, Tensor):
-        return state.detach()
-    return type(state)(detach_state(s) for s in state)
-
-
-def split_state(blocks, model_state):
-    """The model's own state as one entry per block (None for stateless blocks).
-
-    LSTMLanguageModel: (h, c) each (L, B, H) -> layer k's block gets (h[k], c[k]).
-    `blocks`: Blocks or (name, Block) pairs, e.g. blocks_of(model).
-    """
-    blocks = _bare(blocks)
-    if model_state is None:
-        return [None] * len(blocks)
-    layers = [b for b in blocks if isinstance(b, LSTMLayerBlock)]
-    if not layers:
-        raise ValueError("split_state: a model state was given but no block carries state "
-                         f"(blocks: {[type(b).__name__ for b in blocks]})")
-    hs, cs = (unbind(t, 0) for t in model_state)
-    return [(hs[b.layer], cs[b.layer]) if isinstance(b, LSTMLayerBlock) else None for b in blocks]
-
-
-def merge_state(blocks, states):
-    """split_state's inverse over a whole model's blocks: the LSTM layers' (h, c) stacked to (L, B, H)."""
-    pairs = sorted(((b.layer, s) for b, s in zip(_bare(blocks), states) if isinstance(b, LSTMLayerBlock)),
-                   key=lambda pair: pair[0])
-    if not pairs:
-        return None
-    layers = [k for k, _ in pairs]
-    if layers != list(range(len(layers))):
-        raise ValueError(f"merge_state: needs every LSTM layer's state, got layers {layers}")
-    return stack([s[0] for _, s in pairs]), stack([s[1] for _, s in pairs])
-
-
-def _bare(blocks):
-    return [b[1] if isinstance(b, tuple) else b for b in blocks]

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from disttrain.autograd.observe import observe_ops
 from disttrain.nn.module import Module
-from disttrain.parallel.pipeline.blocks import blocks_of, split_state
+from disttrain.models.protocol import block_states
+from disttrain.parallel.pipeline.blocks import blocks_of
 from disttrain.tensor import dtypes
 from disttrain.tensor.creation import ones_like
 from disttrain.tensor.memory import MemoryMeter
@@ -104,7 +105,8 @@ _CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, statistic="median", clock="wall"):
     """Measure every block of `model` (a Module, or blocks_of(model)'s list) on `sample_input`.
 
-    sample_state: the model's own state (what model.forward takes), split among its blocks.
+    sample_state: the model's own state (what model.forward takes), split among its blocks (given the
+    blocks' list instead of a model: one state per block, or None).
     loss_fn(y) -> scalar, if given, is applied to the last block's output inside its timed
     forward and drives its backward (the last stage computes the loss); otherwise each block's
     backward is seeded with the gradient the next block sent back. statistic: how the repeats'
@@ -120,8 +122,12 @@ def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, sta
     if clock not in _CLOCKS:
         raise ValueError(f"profile: clock must be one of {sorted(_CLOCKS)}, got {clock!r}")
     summary, now = _STATISTICS[statistic], _CLOCKS[clock]
-    blocks = blocks_of(model) if isinstance(model, Module) else list(model)
-    states = split_state(blocks, sample_state)
+    if isinstance(model, Module):
+        blocks = blocks_of(model)
+        states = block_states(model, blocks, sample_state)
+    else:
+        blocks = list(model)
+        states = list(sample_state) if sample_state is not None else [None] * len(blocks)
     params = [p for _, b in blocks for p in b.parameters()]
     with fork_rng(get_rng_state()), _grads_kept(params):
         activation = _measure_memory(blocks, sample_input, states, loss_fn)

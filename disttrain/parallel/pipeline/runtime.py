@@ -33,7 +33,7 @@ import disttrain as dt
 from disttrain import nn
 from disttrain import trace
 from disttrain.checkpointing import checkpoint
-from disttrain.parallel.pipeline.blocks import detach_state
+from disttrain.models.protocol import detach_tensors
 from disttrain.parallel.pipeline.schedule import stage_actions
 
 __all__ = ["PipelineRuntime", "StepResult", "split_micro_batches"]
@@ -101,7 +101,7 @@ class PipelineRuntime:
         x = self._stage_input(m, micro_inputs[m], step)
         with trace.span("forward", micro_batch=m):
             y, new_state = self._call_stage(x, states[m])
-            states[m] = detach_state(new_state)
+            states[m] = detach_tensors(new_state)
             if self.last:
                 loss = loss_fn(y, micro_targets[m])
                 step.losses.append(loss.item())

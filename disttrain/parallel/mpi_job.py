@@ -1,10 +1,8 @@
-"""What `disttrain run` needs to run a job under mpirun: the strategy for the job's mode and the run context.
+"""What `disttrain run` needs to run a job under mpirun: the mode for the job and the run context.
 
-    strategy = strategy_for(spec)      # DataParallelStrategy ("data"), PipelineStrategy ("pipeline"), else None
-    trainer = Trainer(spec, out_dir=out, strategy=strategy)
-    if strategy is not None:
-        strategy.attach(trainer.model, trainer.optimizer)
-    with run_context(trainer.strategy, trace_path, passthrough=(TrainingInterrupted,)):
+    mode = mode_for(spec)              # DataParallelMode ("data"), PipelineMode ("pipeline"), else LocalMode
+    trainer = Trainer.from_job(spec, out_dir=out, mode=mode)
+    with run_context(trainer.mode, trace_path, passthrough=(TrainingInterrupted,)):
         trainer.fit()
 
 run_context makes a failing rank end the whole job (MPI_Abort) instead of leaving the others waiting, and
@@ -15,29 +13,31 @@ import os
 
 from disttrain import trace
 from disttrain.parallel.comm import abort_on_error, world
+from disttrain.parallel.pipeline.layout import check_layout
 from disttrain.tensor.threads import available_cores, set_num_threads, user_thread_count
 from disttrain.train.jobspec import JobSpecError
+from disttrain.train.mode import LocalMode
 
-__all__ = ["strategy_for", "check_launch", "run_context", "launched_size", "launched_rank", "launched_by_mpi",
+__all__ = ["mode_for", "check_launch", "run_context", "launched_size", "launched_rank", "launched_by_mpi",
            "local_size", "share_cores", "data_shares"]
 
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")     # MPICH / Intel MPI / srun --mpi=pmi2; Open MPI
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 
 
-def strategy_for(spec):
-    """The distributed strategy a job spec asks for (after check_launch), or None for local mode."""
+def mode_for(spec):
+    """The mode a job spec asks for (after check_launch): LocalMode, DataParallelMode or PipelineMode."""
     check_launch(spec)
     if spec.parallel.mode not in ("data", "pipeline"):
-        return None
+        return LocalMode()
     world().set_timeout(spec.parallel.timeout_s)
     if spec.parallel.mode == "pipeline":
-        from disttrain.parallel.pipeline.strategy import PipelineStrategy
+        from disttrain.parallel.pipeline.pipeline_mode import PipelineMode
 
-        return PipelineStrategy.from_spec(spec, world())
-    from disttrain.parallel.strategy import DataParallelStrategy
+        return PipelineMode.from_spec(spec, world())
+    from disttrain.parallel.data_mode import DataParallelMode
 
-    return DataParallelStrategy(world(), bucket_mb=spec.parallel.bucket_mb, overlap=spec.parallel.overlap)
+    return DataParallelMode.from_spec(spec, world())
 
 
 def check_launch(spec):
@@ -61,20 +61,7 @@ def check_launch(spec):
                            f"launched (each trains on batch_size / ranks streams); expected a multiple of {size}, "
                            f"or launch {', '.join(map(str, fitting[-4:]))} ranks")
     if mode == "pipeline":
-        _check_pipeline_launch(spec, size, batch)
-
-
-def _check_pipeline_launch(spec, size, batch):
-    stages = spec.parallel.stages
-    if size % stages:
-        raise JobSpecError(f"{spec.source}: [parallel] stages = {stages} but {size} processes were launched; "
-                           f"expected a world size that is a multiple of the stages (mpirun -n {stages} for one "
-                           f"pipeline, -n {2 * stages} for two data-parallel replicas)")
-    replicas = size // stages
-    if batch % replicas or (batch // replicas) % spec.parallel.micro_batches:
-        raise JobSpecError(f"{spec.source}: [parallel] micro_batches = {spec.parallel.micro_batches}: expected a "
-                           f"divisor of the {batch / replicas:g} streams each of the {replicas} replicas trains on "
-                           f"([data] batch_size = {batch} / {replicas})")
+        check_layout(size, spec.parallel.stages, spec.parallel.micro_batches, batch, spec.source)
 
 
 def data_shares(spec):
@@ -136,16 +123,16 @@ def share_cores():
 
 
 @contextlib.contextmanager
-def run_context(strategy, trace_path=None, passthrough=(), steps=None):
+def run_context(mode, trace_path=None, passthrough=(), steps=None):
     """Around a rank's training run: abort the job on an error (multi-process strategies only; exceptions of
     the `passthrough` types propagate) and, when trace_path is given, record spans (of the training steps
     steps[0]..steps[1] only, when given) and write them as one Chrome trace on the main rank."""
-    comm = getattr(strategy, "comm", None)
+    comm = getattr(mode, "comm", None)
     with abort_on_error(comm, passthrough) if comm is not None else contextlib.nullcontext():
         if trace_path is None:
             yield
             return
-        tracer = trace.Tracer(rank=getattr(strategy, "rank", 0), steps=steps)
+        tracer = trace.Tracer(rank=getattr(mode, "rank", 0), steps=steps)
         tracer.start(comm)
         with trace.tracing(tracer):
             yield

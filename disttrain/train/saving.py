@@ -1,4 +1,5 @@
-"""Job checkpoints: everything a training run needs to continue exactly where it stopped; kept, verified, pruned.
+"""Saving and restoring a training run: job checkpoints (kept, verified, pruned), everything a run needs to
+continue exactly where it stopped.
 
 A run directory DIR keeps its checkpoints in DIR/checkpoints/, one directory per saved step:
 
@@ -6,7 +7,8 @@ A run directory DIR keeps its checkpoints in DIR/checkpoints/, one directory per
         model.safetensors   the model's state_dict, keys = parameter names; readable by torch:
                             torch.nn.Module.load_state_dict(safetensors.torch.load_file(...))
         state.safetensors   the other arrays: optimizer buffers ("optimizer.<param index>.<name>", e.g.
-                            "optimizer.3.exp_avg") and the carried LSTM state ("hidden.h", "hidden.c")
+                            "optimizer.3.exp_avg") and the model's carried state ("state.0", "state.1", ...:
+                            the LSTM LM's h and c; disttrain.models.protocol.state_to_arrays)
         trainer.json        everything else, as JSON: "format_version", step, epoch, data cursor, optimizer
                             scalars and param_groups, LR-schedule states, RNG states, metrics position, the job
         manifest.json       written last: "format_version", "step", "valid_loss" (the validation loss of these
@@ -52,7 +54,7 @@ __all__ = ["FORMAT_VERSION", "CheckpointError", "RunExistsError", "NonFiniteChec
            "save_checkpoint", "load_checkpoint", "holds_checkpoint", "list_checkpoints", "step_of", "check_new_run", "remove_checkpoints",
            "first_nonfinite", "split_optimizer_state", "join_optimizer_state"]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 DIRNAME = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from disttrain.kernels_cuda import launch, loader
+from disttrain.kernels_cuda import launch_config as launch, loader
 
 SIZES = [1, 2, 31, 32, 33, 255, 256, 257, 1000, 4096, 10_000, 65_535 * 256 + 1, 10 ** 9]
 

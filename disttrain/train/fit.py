@@ -1,0 +1,60 @@
+"""fit(): the training loop for your own model and data, from Python, in any mode.
+
+    import disttrain as dt
+    from disttrain.data.source import ArrayData
+
+    data = ArrayData(x, y, batch_size=64, eval={"valid": (xv, yv)})
+    trainer = dt.train.fit(model, data, dt.optim.Adam(model.parameters(), lr=1e-3),
+                           mode="data", epochs=5, clip_norm=1.0, out_dir="runs/mine")
+    trainer.evals["valid"].loss
+
+Under `mpiexec -n N python script.py` with mode="data" every rank runs this same call on its share of every
+batch; mode="pipeline" cuts the model along its blocks (stages=K). The keyword settings are the job keys of
+[train], [optim] (clip_norm, loss), [memory] and [parallel] by name (`epochs`, `max_steps`, `log_every`,
+`eval_every`, `checkpoint_every`, `stages`, `micro_batches`, `bucket_mb`, ...), checked as a job file's are;
+a Mode object may be given instead of a name. Resuming: `fit(..., out_dir=d, resume=True)`.
+"""
+import json
+
+from disttrain.train import saving
+from disttrain.train.jobspec import SCHEMA, loads_job
+from disttrain.train.loop import Trainer
+from disttrain.train.mode import Mode
+
+__all__ = ["fit", "settings_spec"]
+
+_SECTIONS = ("train", "optim", "memory", "parallel")     # where a keyword setting is looked up, in this order
+
+
+def fit(model, data, optimizer, mode="local", out_dir=None, schedules=None, resume=False, overwrite=False,
+        progress=None, **settings):
+    """Train and evaluate; returns the Trainer (its `evals`, `step`, `model`, ...)."""
+    mode_name = mode if isinstance(mode, str) else "local"
+    spec = settings_spec(settings, mode=mode_name)
+    if not isinstance(mode, Mode):
+        from disttrain.parallel.mpi_job import mode_for     # parallel sits above train: chosen at call time
+
+        mode = mode_for(spec)
+    trainer = Trainer(model, data, optimizer, spec=spec, mode=mode, schedules=schedules, out_dir=out_dir,
+                      progress=progress, overwrite=overwrite)
+    if resume:
+        trainer.restore(saving.load_checkpoint(out_dir))
+    try:
+        trainer.fit()
+    finally:
+        mode.close()
+    return trainer
+
+
+def settings_spec(settings, mode="local"):
+    """A JobSpec holding `settings` ({key: value}, keys of [train], [optim], [memory] or [parallel]), checked
+    like a job file; JobSpecError names a bad value, TypeError an unknown key."""
+    overrides = [f"parallel.mode={json.dumps(mode)}"]
+    for key, value in settings.items():
+        section = next((s for s in _SECTIONS if any(f.name == key for f in SCHEMA[s])), None)
+        if section is None:
+            known = sorted({f.name for s in _SECTIONS for f in SCHEMA[s]} - {"kind", "mode", "factory"})
+            raise TypeError(f"fit() got an unknown setting {key!r}; settings are job keys: {', '.join(known)}")
+        if value is not None:
+            overrides.append(f"{section}.{key}={json.dumps(value)}")
+    return loads_job("", overrides, source="fit()")
