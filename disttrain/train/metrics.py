@@ -89,23 +89,26 @@ def read_metrics(path):
 
 
 def plot_curves(rows, path, title=None):
-    """Train and valid perplexity against steps, log-scale y, written to `path` (PNG) atomically."""
+    """Train and valid perplexity (the loss, for rows without one) against steps, log-scale y, written to `path`
+    (PNG) atomically."""
     import matplotlib
     matplotlib.use("Agg")          # no display needed; selecting it here keeps imports side-effect free
     from matplotlib import pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
+    key = "ppl" if any("ppl" in r for r in rows) else "loss"
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
     try:
         for split, style in (("train", "-"), ("valid", "o-")):
-            points = [(r["step"], r["ppl"]) for r in rows
-                      if r.get("split") == split and r.get("ppl") is not None and math.isfinite(r["ppl"])]
+            points = [(r["step"], r[key]) for r in rows
+                      if r.get("split") == split and r.get(key) is not None and math.isfinite(r[key])
+                      and (key == "ppl" or r[key] > 0)]
             if points:
-                steps, ppl = zip(*points)
-                ax.plot(steps, ppl, style, label=split, markersize=4)
-        tests = [r for r in rows if r.get("split") == "test" and r.get("ppl") is not None]
+                steps, values = zip(*points)
+                ax.plot(steps, values, style, label=split, markersize=4)
+        tests = [r for r in rows if r.get("split") == "test" and r.get(key) is not None]
         if tests:
-            ax.axhline(tests[-1]["ppl"], color="grey", linestyle=":", label=f"test {tests[-1]['ppl']:.2f}")
+            ax.axhline(tests[-1][key], color="grey", linestyle=":", label=f"test {tests[-1][key]:.4g}")
         ax.set_yscale("log")
         plain = FuncFormatter(lambda value, _: f"{value:g}")       # 20, 5, 3 rather than 2x10^1
         ax.yaxis.set_major_formatter(plain)
@@ -113,7 +116,7 @@ def plot_curves(rows, path, title=None):
         if high / low < 30:                                         # label minor ticks over a short range only
             ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("step")
-        ax.set_ylabel("perplexity")
+        ax.set_ylabel("perplexity" if key == "ppl" else "loss")
         ax.grid(True, which="both", alpha=0.3)
         if title:
             ax.set_title(title)

@@ -13,14 +13,26 @@ def format_row(row, total=None):
     """One human-readable line for a metrics row."""
     step = f"step {row['step']}" + (f"/{total}" if total else "")
     parts = [step if row["split"] == "train" else f"{row['split']} @ step {row['step']}", f"epoch {row['epoch']}",
-             f"loss {_num(row.get('loss'), '.4f')}", f"ppl {_num(row.get('ppl'), '.2f')}"]
+             f"loss {_num(row.get('loss'), '.4f')}"]
+    if "ppl" in row:
+        parts.append(f"ppl {_num(row['ppl'], '.2f')}")
     if row.get("bpc") is not None:
         parts.append(f"bpc {row['bpc']:.3f}")
-    if row.get("tokens_per_s") is not None:
-        parts.append(f"{row['tokens_per_s']:,.0f} tok/s")
+    rate = _rate(row)
+    if rate is not None:
+        parts.append(f"{rate[1]:,.0f} {rate[0]}/s")
     if row.get("lr") is not None:
         parts.append(f"lr {row['lr']:.4g}")
     return " | ".join(parts)
+
+
+def _rate(row):
+    """(unit, per second) of a row's throughput ("tokens_per_s": ("tok", ...)), or None."""
+    for key, value in row.items():
+        if key.endswith("_per_s") and value is not None:
+            unit = key[:-len("_per_s")]
+            return ("tok" if unit == "tokens" else unit), value
+    return None
 
 
 def _num(value, spec):
@@ -48,12 +60,14 @@ class Progress:
 
     def train_row(self, row):
         if self._bar is not None:
-            postfix = {"epoch": row["epoch"], "loss": f"{row['loss']:.4f}"}
+            postfix = {"epoch": row["epoch"], "loss": _num(row.get("loss"), ".4f")}
             if row.get("bpc") is not None:
                 postfix["bpc"] = f"{row['bpc']:.3f}"
-            else:
-                postfix["ppl"] = f"{row['ppl']:.2f}" if row.get("ppl") is not None else "nan"
-            postfix["tok/s"] = f"{row['tokens_per_s']:,.0f}"
+            elif "ppl" in row:
+                postfix["ppl"] = _num(row["ppl"], ".2f")
+            rate = _rate(row)
+            if rate is not None:
+                postfix[f"{rate[0]}/s"] = f"{rate[1]:,.0f}"
             postfix["lr"] = f"{row['lr']:.3g}"
             self._bar.set_postfix(postfix, refresh=False)
         else:

@@ -89,6 +89,10 @@ class PipelineMode(MPIMode):
                                                                         what="broadcast of the partition"))
         self._blocks = [(name, None) for name in self.partition.block_names]
         self.model = self.partition.build_stage(model, self.stage)
+        if not list(self.model.parameters()):
+            raise PipelineLayoutError(f"{self.source or '<job>'}: pipeline stage {self.stage} of {self.stages} "
+                                      f"holds no parameters (blocks {', '.join(self.model.block_names)}); choose "
+                                      "fewer stages, or split points that give every stage a block with parameters")
         xp = _array_module(model)
         _release_other_stages(model, self.model)
         self.link = StageLink(self.pipe, self.stage, self.stages, xp=xp)

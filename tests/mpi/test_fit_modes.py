@@ -1,0 +1,45 @@
+"""dt.train.fit in data and pipeline mode equals fit in one process: the natural Python entry point for a
+user's own model (an MLP) and data (ArrayData), run under mpiexec --with-mpi on 2 or 4 ranks."""
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain import nn
+from disttrain.data.source import ArrayData
+from disttrain.parallel import DataParallelMode, world
+from disttrain.parallel.pipeline.pipeline_mode import PipelineMode
+from disttrain.train import LocalMode, fit
+
+pytestmark = pytest.mark.mpi(min_size=2)
+
+
+def data():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 192)
+    inputs = np.eye(3)[labels] @ rng.standard_normal((3, 5)) + 0.5 * rng.standard_normal((192, 5))
+    return ArrayData(inputs, labels, batch_size=16, eval={"valid": (inputs[:48], labels[:48])}, shuffle=True)
+
+
+def trained(mode):
+    dt.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+    model.to(dtype="float64")
+    source = data()
+    source.inputs = source.inputs.astype(np.float64)
+    source.eval = {k: (x.astype(np.float64), y) for k, (x, y) in source.eval.items()}
+    optimizer = dt.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = fit(model, source, optimizer, mode=mode, epochs=2, clip_norm=1.0, progress=False)
+    return trainer, {name: t.numpy().copy() for name, t in trainer.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("make_mode", [lambda: DataParallelMode(world(), bucket_mb=0.0005),
+                                       lambda: PipelineMode(world(), stages=2, micro_batches=2)],
+                         ids=["data", "pipeline"])
+def test_fit_in_a_parallel_mode_equals_one_process(make_mode):
+    local, want = trained(LocalMode())
+    trainer, got = trained(make_mode())
+    assert trainer.step == local.step == 24
+    assert got and set(got) <= set(want)
+    for name, value in got.items():
+        np.testing.assert_allclose(value, want[name], rtol=1e-12, atol=1e-13, err_msg=name)
+    assert trainer.evals["valid"].loss == pytest.approx(local.evals["valid"].loss, rel=1e-12)

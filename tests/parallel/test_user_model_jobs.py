@@ -1,0 +1,78 @@
+"""A user's own model and data, named by `[model] factory` / `[data] factory` (tests/parallel/user_models.py on
+PYTHONPATH), train through `disttrain run` in local, data and pipeline mode with the same numbers, resume, and
+get metrics and curves, without a line of training loop."""
+import json
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from parallel_testing import HERE, needs_mpiexec, run_mpiexec
+
+pytestmark = [needs_mpiexec, pytest.mark.mpi_skip]
+
+JOB = """
+[model]
+factory = "user_models:classifier"
+hidden = 16
+layers = 2
+[data]
+factory = "user_models:blobs"
+batch_size = 24
+[optim]
+kind = "sgd"
+lr = 0.2
+momentum = 0.9
+[train]
+epochs = 3
+log_every = 5
+checkpoint_every = 20
+seed = 4
+"""
+
+
+def run(tmp_path, ranks, out, *overrides, options=()):
+    job = tmp_path / "user.toml"
+    job.write_text(JOB)
+    args = ["-m", "disttrain.cli.main", "run", job, "--out", out, *options]
+    for override in overrides:
+        args += ["--set", override]
+    done = run_mpiexec(ranks, [sys.executable, *args], timeout=240, PYTHONPATH=str(HERE))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def final_weights(run_dir):
+    newest = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return load_file(newest / "model.safetensors")
+
+
+def rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_factory_model_trains_in_local_data_and_pipeline_mode_alike(tmp_path):
+    local = run(tmp_path, 1, tmp_path / "local")
+    assert "model from user_models:classifier" in local.stdout and "final: valid loss" in local.stdout
+    metrics = rows(tmp_path / "local")
+    train = [r for r in metrics if r["split"] == "train"]
+    valid = [r for r in metrics if r["split"] == "valid"]
+    assert "examples_per_s" in train[0] and "ppl" not in train[0] and (tmp_path / "local" / "curves.png").exists()
+    assert valid[-1]["loss"] < 0.5 * valid[0]["loss"] or valid[-1]["loss"] < 0.3      # it learns the blobs
+    want = final_weights(tmp_path / "local")
+    for mode, extra in (("data", []), ("pipeline", ["parallel.stages=2", "parallel.micro_batches=2"])):
+        run(tmp_path, 2, tmp_path / mode, f"parallel.mode={mode}", *extra)
+        got = final_weights(tmp_path / mode)
+        assert got.keys() == want.keys()
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=f"{mode}: {name}")
+
+
+def test_a_factory_run_resumes_where_it_stopped(tmp_path):
+    run(tmp_path, 1, tmp_path / "whole")
+    run(tmp_path, 1, tmp_path / "part", "train.epochs=1")
+    run(tmp_path, 2, tmp_path / "part", "parallel.mode=data", options=["--resume"])
+    got, want = final_weights(tmp_path / "part"), final_weights(tmp_path / "whole")
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)

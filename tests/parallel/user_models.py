@@ -1,0 +1,29 @@
+"""A user's own model and data, outside disttrain: what a job's `[model] factory` and `[data] factory` name
+("user_models:classifier", "user_models:blobs") when this directory is on PYTHONPATH."""
+import numpy as np
+
+from disttrain import nn
+from disttrain.data.source import ArrayData
+
+
+def blobs(job):
+    """Three Gaussian blobs in the plane, labelled by blob: 480 training points, 120 each to validate and test."""
+    rng = np.random.default_rng(job.train.seed)
+    centres = np.array([[0.0, 2.0], [2.0, -1.0], [-2.0, -1.0]])
+
+    def points(n):
+        labels = rng.integers(0, 3, n)
+        return centres[labels] + rng.standard_normal((n, 2)), labels
+
+    return ArrayData(*points(480), job.data.batch_size, eval={"valid": points(120), "test": points(120)},
+                     shuffle=True, seed=job.train.seed)
+
+
+def classifier(job, data):
+    """An MLP of [model] layers hidden layers of [model] hidden units, from the data's input width to its classes."""
+    width, classes = data.inputs.shape[1], int(data.targets.max()) + 1
+    layers, last = [], width
+    for _ in range(job.model.layers):
+        layers += [nn.Linear(last, job.model.hidden), nn.Tanh()]
+        last = job.model.hidden
+    return nn.Sequential(*layers, nn.Linear(last, classes))

@@ -1,0 +1,53 @@
+"""dt.train.fit: your own model and data from Python, with the job keys as keyword settings."""
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain import nn
+from disttrain.data.source import ArrayData
+from disttrain.train import JobSpecError, fit
+
+
+def blobs(n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    return np.where(labels[:, None] == 1, 1.5, -1.5) + rng.standard_normal((n, 2)), labels
+
+
+def model():
+    dt.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+def test_fit_trains_evaluates_and_writes_a_run(tmp_path):
+    data = ArrayData(*blobs(), batch_size=20, eval={"valid": blobs(60, 1)})
+    net = model()
+    trainer = fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), epochs=4, log_every=4, clip_norm=1.0,
+                  out_dir=tmp_path, progress=False)
+    assert trainer.step == 4 * 12 and trainer.model is net
+    assert trainer.evals["valid"].loss < 0.3 and trainer.evals["valid"].tokens == 60
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoints").is_dir()
+
+
+def test_fit_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path):
+    data = ArrayData(*blobs(), batch_size=20, shuffle=True, seed=3)
+
+    def run(out, epochs, resume=False):
+        net = model()
+        opt = dt.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+        return fit(net, data, opt, epochs=epochs, out_dir=out, resume=resume, progress=False)
+
+    whole = run(tmp_path / "whole", 3)
+    run(tmp_path / "part", 1)
+    resumed = run(tmp_path / "part", 3, resume=True)
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_fit_settings_are_checked_like_a_job_file():
+    data = ArrayData(*blobs(), batch_size=20)
+    net = model()
+    with pytest.raises(TypeError, match="unknown setting 'epoch'.*epochs"):
+        fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), epoch=2)
+    with pytest.raises(JobSpecError, match=r"\[train\] epochs = 0"):
+        fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), epochs=0)
