@@ -142,10 +142,14 @@ def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_
             xp.add(d_out[t], dh, out=dh_step)
             dc = _lstm_step_backward(xp, dh_step, dc, factors[t], dh_to_dc[t], acts[t], d_gates[t])
             dh = d_gates[t] @ w_hh
-    four_h, hidden = w_hh.shape
+    return d_gates, dh, dc, _recurrent_weight_grad(xp, d_gates, h0, out)
+
+
+def _recurrent_weight_grad(xp, d_gates, h0, out):
+    """dW_hh (4H, H) = sum_t d_gates_t^T h_{t-1} over all T steps as one GEMM (h_{-1} = h0)."""
+    four_h, hidden = d_gates.shape[2], h0.shape[1]
     h_prev = xp.concatenate([h0[None], out[:-1]])
-    dw_hh = d_gates.reshape(-1, four_h).T @ h_prev.reshape(-1, hidden)
-    return d_gates, dh, dc, dw_hh
+    return d_gates.reshape(-1, four_h).T @ h_prev.reshape(-1, hidden)
 
 
 def _lstm_backward_factors(xp, acts, tanh_c, c_prev):
