@@ -71,6 +71,42 @@ def test_threaded_kernels_equal_one_thread_bit_for_bit(num_threads):
         np.testing.assert_array_equal(a, b)
 
 
+def _optimizer_updates(seed=0):
+    """SGD with momentum (first and later steps), Adam, AMSGrad-AdamW and a clip scale on arrays big
+    enough to split into element blocks."""
+    rng = np.random.default_rng(seed)
+    n = 3 * threads.MIN_ELEMENTS_PER_THREAD + 5
+    param, grad = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    buf = kernels_numpy.sgd_step(np, param, grad, None, 0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    kernels_numpy.sgd_step(np, param, grad, buf, 0.1, momentum=0.9, dampening=0.1)
+    kernels_numpy.sgd_step(np, param, grad, None, 1.0, maximize=True)
+    moments = [np.zeros(n, np.float32) for _ in range(5)]
+    kernels_numpy.adam_step(np, param, grad, moments[0], moments[1], None, 3, 0.01, 0.9, 0.999, 1e-8,
+                            weight_decay=0.1)
+    kernels_numpy.adam_step(np, param, grad, *moments[2:5], 1, 0.01, 0.9, 0.99, 1e-8, weight_decay=0.1,
+                            decoupled=True)
+    kernels_numpy.scale_(np, [grad], 0.37)
+    return [param, grad, buf] + moments
+
+
+def test_threaded_optimizer_updates_equal_one_thread_bit_for_bit(num_threads, monkeypatch):
+    num_threads(1)
+    one = _optimizer_updates()
+    num_threads(2)
+    blocks = []
+    real = threads.parallel_rows
+
+    def counting(fn, rows, per_row, **kwargs):
+        blocks.append(len(threads._blocks(rows, per_row, threads.MIN_ELEMENTS_PER_THREAD)))
+        real(fn, rows, per_row, **kwargs)
+
+    monkeypatch.setattr(kernels_numpy, "parallel_rows", counting)
+    two = _optimizer_updates()
+    assert blocks and all(n == 2 for n in blocks)             # every update did run as two blocks
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_linear_and_cross_entropy_gradients_equal_one_thread(num_threads):
     """The elementwise passes' threads change no bit (the BLAS's own thread count may: not tested here)."""
     def grads():
