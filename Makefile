@@ -20,9 +20,11 @@ $(VENV)/.test: $(VENV)/.base
 run: $(VENV)/.base
 	$(VENV)/bin/disttrain run jobs/charlm.toml
 
-# the plain run skips tests/mpi; the mpiexec runs execute them on 2 and 4 ranks (oversubscribed on 2 cores)
+# the plain run skips tests/mpi; the mpiexec runs execute them on 2 and 4 ranks (oversubscribed on 2 cores);
+# the ops' tests run a second time on the NumPy kernels, the CPU backend's fallback without a C++ compiler
 test: $(VENV)/.test
 	$(PY) -m pytest -q -p no:cacheprovider
+	DISTTRAIN_CPU_KERNELS=numpy $(PY) -m pytest -q -p no:cacheprovider tests/autograd tests/nn tests/kernels_cpu
 	$(VENV)/bin/mpiexec -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
 	$(VENV)/bin/mpiexec -n 4 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
 

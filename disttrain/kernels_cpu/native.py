@@ -68,8 +68,7 @@ def unavailable_reason():
 def _load():
     spec = importlib.util.find_spec("disttrain.kernels_cpu._native")
     if spec is None or not spec.origin:
-        raise RuntimeError("the extension disttrain.kernels_cpu._native was not built "
-                           "(no C++ compiler when disttrain was installed?)")
+        raise RuntimeError("disttrain.kernels_cpu._native was not built (no C++ compiler at install?)")
     lib = ctypes.CDLL(spec.origin)
     for name, argtypes in _SIGNATURES.items():
         for suffix in SUFFIX.values():

@@ -44,7 +44,7 @@ def _note_fallback():
     global _noted
     if not _noted:
         _noted = True
-        print(f"disttrain: compiled CPU kernels unavailable ({native.unavailable_reason()}); using the NumPy "
+        print(f"disttrain: compiled CPU kernels unavailable: {native.unavailable_reason()}; using the NumPy "
               "kernels (slower)", file=sys.stderr)
 
 
