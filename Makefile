@@ -40,6 +40,7 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/bench_autograd_overhead.py
 	$(PY) benchmarks/bench_checkpointing.py
 	$(PY) benchmarks/bench_lm_speed.py --steps 20 --rounds 9
+	$(PY) benchmarks/bench_lm_speed.py --job jobs/charlm.toml --steps 5 --rounds 9
 	$(PY) benchmarks/bench_host_allocator.py
 	$(PY) benchmarks/bench_intraop.py
 	$(VENV)/bin/mpiexec -n 2 $(PY) benchmarks/bench_allreduce_overlap.py

@@ -76,6 +76,8 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     steps, batch, four_h = gates_x.shape
     hidden = four_h // 4
     acts = _c(gates_x)
+    if not acts.flags.writeable:  # the activations are written into its buffer: never into read-only memory
+        acts = acts.copy()
     out, cs, tanh_c = (np.empty((steps, batch, hidden), dtype=acts.dtype) for _ in range(3))
     # W_hh^T copied contiguous once per call: one-thread OpenBLAS GEMMs on the transposed view of W_hh
     # take ~1.8x as long for these shapes (benchmarks/RESULTS.md)

@@ -68,6 +68,10 @@ def test_lstm_forward_consumes_gates_x_and_takes_any_layout():
     buffer = gates_x.copy()
     out, cs, acts, tanh_c = wrappers.lstm_layer_forward(np, buffer, h0, c0, w_hh)
     assert acts is buffer                                   # as documented: the activations in its buffer
+    read_only = gates_x.copy()
+    read_only.flags.writeable = False
+    _assert_all_close(wrappers.lstm_layer_forward(np, read_only, h0, c0, w_hh), expected, np.float32)
+    np.testing.assert_array_equal(read_only, gates_x)         # copied, not written
     fortran = wrappers.lstm_layer_forward(np, np.asfortranarray(gates_x), np.asfortranarray(h0), c0[:, :],
                                           np.asfortranarray(w_hh))
     _assert_all_close(fortran, expected, np.float32)
