@@ -22,8 +22,8 @@ CPU makes its GEMMs ~1.8x slower: `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE`
 the load line gives the 1-minute load average before and after (the machine's other processes). On a
 busy machine `--one-core` compares one thread per side by process CPU time, which other processes
 disturb far less than wall time on shared cores (the GEMM rate is then one core's too). All sides
-share this process's malloc (glibc's default; `disttrain run` also retains freed memory:
-bench_host_allocator.py measures that).
+share this process's malloc: glibc's default, or with `--retain-freed-memory` what `disttrain run` sets
+(freed blocks kept for the next step instead of faulted in again; bench_host_allocator.py).
 
 Other model kinds: add an entry to MODELS (our nn-API model, the PyTorch twin, the GEMM shapes of a step).
 """
@@ -38,6 +38,7 @@ from harness import interleaved, machine, torch_or_none
 
 import disttrain as dt
 from disttrain.tensor import backend
+from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.train import Trainer, load_job
 
 TARGET_GEMM_FRACTION, TARGET_RATIO = 0.75, 1.4
@@ -208,8 +209,12 @@ def main():
     parser.add_argument("--paths", default="trainer,nn", help="which disttrain loops: trainer, nn or both")
     parser.add_argument("--one-core", action="store_true",
                         help="every side on one thread, timed by this process's CPU time (busy machines)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="glibc keeps freed memory, as `disttrain run` sets it (process-wide: PyTorch too)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
+    if args.retain_freed_memory and not retain_freed_memory():
+        raise SystemExit("--retain-freed-memory: not set (not glibc, or MALLOC_* / LD_PRELOAD chose the allocator)")
     spec = load_job(args.job, args.overrides)
     torch = torch_or_none()
     if args.one_core:
@@ -254,7 +259,8 @@ def main():
         print(line)
     print(f"  targets: >= {TARGET_GEMM_FRACTION} of the GEMM limit, >= {TARGET_RATIO}x PyTorch; "
           f"load average (1 min) {load_before:.2f} before, {load_after:.2f} after, on {os.cpu_count()} cores"
-          + ("; one thread per side, CPU time" if args.one_core else "; wall time"))
+          + ("; one thread per side, CPU time" if args.one_core else "; wall time")
+          + ("; freed memory retained" if args.retain_freed_memory else "; glibc's default malloc"))
 
 
 if __name__ == "__main__":
