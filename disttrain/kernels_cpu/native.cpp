@@ -60,6 +60,15 @@ void gemm_rows(i64 m, i64 n, i64 k, const T* a, i64 lda, const T* b, i64 ldb, T 
         fortran_gemm<T, int32_t>('N', 'N', n, m, k, T(1), b, ldb, a, lda, beta, c, ldc);
 }
 
+// The rows of C in BLAS calls of at most `chunk` rows each (chunk <= 0: one call), same arguments as gemm_rows
+template <typename T>
+void gemm_row_chunks(i64 chunk, i64 m, i64 n, i64 k, const T* a, i64 lda, const T* b, i64 ldb, T beta, T* c,
+                     i64 ldc) {
+    if (chunk <= 0) chunk = m;
+    for (i64 r = 0; r < m; r += chunk)
+        gemm_rows<T>(m - r < chunk ? m - r : chunk, n, k, a + r * lda, lda, b, ldb, beta, c + r * ldc, ldc);
+}
+
 // ---- LSTM ------------------------------------------------------------------------------------------
 // Gate order i, f, g, o (PyTorch's); sigmoid(x) = tanh(x / 2) / 2 + 1/2, as the NumPy kernels compute it.
 
@@ -91,17 +100,19 @@ DT_CLONES void lstm_activate_row(T* pre, const T* c_prev, T* h, T* c, T* tanh_c,
 }
 
 // Batch rows [lo, hi) of a layer over `steps` steps. acts (T, B, 4H) holds gates_x on entry and the
-// activations on return; w_t (H, 4H) is W_hh^T, contiguous; out, cs, tanh_c (T, B, H).
+// activations on return; w_t (H, 4H) is W_hh^T, contiguous; out, cs, tanh_c (T, B, H). chunk: rows per
+// BLAS call (0: the block's rows in one call), so that the wrappers can keep each call under the BLAS's
+// small-matrix bound.
 template <typename T>
 void lstm_forward(T* acts, const T* h0, const T* c0, const T* w_t, T* out, T* cs, T* tanh_c, i64 steps,
-                  i64 batch, i64 hidden, i64 lo, i64 hi) {
+                  i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {
     const i64 rows = hi - lo, four_h = 4 * hidden;
     for (i64 t = 0; t < steps; ++t) {
         T* pre = acts + (t * batch + lo) * four_h;
         const i64 here = (t * batch + lo) * hidden, before = ((t - 1) * batch + lo) * hidden;
         const T* h_prev = t ? out + before : h0 + lo * hidden;
         const T* c_prev = t ? cs + before : c0 + lo * hidden;
-        gemm_rows<T>(rows, four_h, hidden, h_prev, hidden, w_t, four_h, T(1), pre, four_h);
+        gemm_row_chunks<T>(chunk, rows, four_h, hidden, h_prev, hidden, w_t, four_h, T(1), pre, four_h);
         for (i64 r = 0; r < rows; ++r)
             lstm_activate_row<T>(pre + r * four_h, c_prev + r * hidden, out + here + r * hidden,
                                  cs + here + r * hidden, tanh_c + here + r * hidden, hidden);
@@ -139,11 +150,11 @@ DT_CLONES void add_rows(const T* a, const T* b, T* out, i64 n) {
 
 // Batch rows [lo, hi) of lstm_layer_backward. d_out (T, B, H); dh_n, dc_n (B, H); acts (T, B, 4H);
 // tanh_c, cs (T, B, H); c0 (B, H); w (4H, H) = W_hh. Writes d_gates (T, B, 4H) and dh0, dc0 (B, H),
-// which also carry dh and dc between the steps. dh_step (B, H): scratch.
+// which also carry dh and dc between the steps. dh_step (B, H): scratch. chunk: as lstm_forward's.
 template <typename T>
 void lstm_backward(const T* d_out, const T* dh_n, const T* dc_n, const T* acts, const T* tanh_c, const T* cs,
                    const T* c0, const T* w, T* d_gates, T* dh0, T* dc0, T* dh_step, i64 steps, i64 batch,
-                   i64 hidden, i64 lo, i64 hi) {
+                   i64 hidden, i64 lo, i64 hi, i64 chunk) {
     const i64 rows = hi - lo, four_h = 4 * hidden;
     T* dh = dh0 + lo * hidden;
     T* dc = dc0 + lo * hidden;
@@ -158,7 +169,7 @@ void lstm_backward(const T* d_out, const T* dh_n, const T* dc_n, const T* acts, 
         for (i64 r = 0; r < rows; ++r)
             lstm_backward_row<T>(dh_t + r * hidden, dc + r * hidden, acts + (t * batch + lo + r) * four_h,
                                  tanh_c + here + r * hidden, c_prev + r * hidden, d_pre + r * four_h, hidden);
-        gemm_rows<T>(rows, hidden, four_h, d_pre, four_h, w, hidden, T(0), dh, hidden);
+        gemm_row_chunks<T>(chunk, rows, hidden, four_h, d_pre, four_h, w, hidden, T(0), dh, hidden);
     }
 }
 
@@ -242,14 +253,14 @@ void dt_set_blas(void* sgemm, void* dgemm, int int64) {
 
 #define DT_EXPORT_ALL(S, T)                                                                                   \
     void dt_lstm_forward_##S(T* acts, const T* h0, const T* c0, const T* w_t, T* out, T* cs, T* tanh_c,       \
-                             i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi) {                              \
-        lstm_forward<T>(acts, h0, c0, w_t, out, cs, tanh_c, steps, batch, hidden, lo, hi);                    \
+                             i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {                   \
+        lstm_forward<T>(acts, h0, c0, w_t, out, cs, tanh_c, steps, batch, hidden, lo, hi, chunk);             \
     }                                                                                                         \
     void dt_lstm_backward_##S(const T* d_out, const T* dh_n, const T* dc_n, const T* acts, const T* tanh_c,   \
                               const T* cs, const T* c0, const T* w, T* d_gates, T* dh0, T* dc0, T* dh_step,   \
-                              i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi) {                             \
+                              i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {                  \
         lstm_backward<T>(d_out, dh_n, dc_n, acts, tanh_c, cs, c0, w, d_gates, dh0, dc0, dh_step, steps,       \
-                         batch, hidden, lo, hi);                                                              \
+                         batch, hidden, lo, hi, chunk);                                                       \
     }                                                                                                         \
     void dt_cross_entropy_forward_##S(const T* logits, const int64_t* target, i64 ignore_index, T* exp,      \
                                       T* sumexp, T* losses, i64 classes, i64 lo, i64 hi) {                    \

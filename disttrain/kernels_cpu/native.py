@@ -23,15 +23,22 @@ import threadpoolctl
 ENV_VAR = "DISTTRAIN_CPU_KERNELS"          # "numpy" forces the NumPy kernels; unset or "compiled": these
 CHOICES = ("compiled", "numpy")
 
+# OpenBLAS's cores with small-matrix GEMM kernels (no packing) for GEMMs of at most SMALL_GEMM_MACS
+# multiply-adds: its kernel/x86_64/KERNEL.SKYLAKEX permit, which Cooperlake and SapphireRapids include;
+# elsewhere (Haswell, Zen, ...) every GEMM packs its operands
+SMALL_GEMM_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+SMALL_GEMM_MACS = 1_000_000
+
 _library = None
 _reason = None
 _loaded = False
+_small_gemm_macs = 0
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
 _SIGNATURES = {
-    "dt_lstm_forward_{s}": [_P] * 7 + [_I64] * 5,
-    "dt_lstm_backward_{s}": [_P] * 12 + [_I64] * 5,
+    "dt_lstm_forward_{s}": [_P] * 7 + [_I64] * 6,
+    "dt_lstm_backward_{s}": [_P] * 12 + [_I64] * 6,
     "dt_cross_entropy_forward_{s}": [_P, _P, _I64, _P, _P, _P, _I64, _I64, _I64],
     "dt_cross_entropy_backward_{s}": [_P] * 4 + [_I64] * 3,
 }
@@ -60,6 +67,12 @@ def library():
     return _library
 
 
+def small_gemm_macs():
+    """The largest float32 GEMM (in multiply-adds) that NumPy's OpenBLAS runs without packing its operands,
+    0 where it packs every GEMM (known once library() has loaded)."""
+    return _small_gemm_macs
+
+
 def unavailable_reason():
     """Why library() is None, in one line; None when it is available (or not tried yet)."""
     return _reason
@@ -74,14 +87,16 @@ def _load():
         for suffix in SUFFIX.values():
             fn = getattr(lib, name.format(s=suffix))
             fn.argtypes, fn.restype = argtypes, None
-    sgemm, dgemm, int64 = _numpy_blas_gemm()
+    sgemm, dgemm, int64, core = _numpy_blas_gemm()
     lib.dt_set_blas.argtypes, lib.dt_set_blas.restype = [_P, _P, ctypes.c_int], None
     lib.dt_set_blas(sgemm, dgemm, int64)
+    global _small_gemm_macs
+    _small_gemm_macs = SMALL_GEMM_MACS if core in SMALL_GEMM_CORES else 0
     return lib
 
 
 def _numpy_blas_gemm():
-    """(sgemm_ address, dgemm_ address, 64-bit integers?) of the OpenBLAS NumPy loaded."""
+    """(sgemm_ address, dgemm_ address, 64-bit integers?, core name) of the OpenBLAS NumPy loaded."""
     np.dot(np.ones((2, 2)), np.ones((2, 2)))  # make sure NumPy's BLAS is loaded
     blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
     openblas = [lib for lib in blas if lib["internal_api"] == "openblas"]
@@ -104,4 +119,4 @@ def _numpy_blas_gemm():
             addresses.append(ctypes.cast(getattr(dynlib, symbol), _P).value)
         except AttributeError:
             raise RuntimeError(f"{path} has no {symbol}") from None
-    return addresses[0], addresses[1], b"USE64BITINT" in get_config()
+    return addresses[0], addresses[1], b"USE64BITINT" in get_config(), openblas[0].get("architecture")

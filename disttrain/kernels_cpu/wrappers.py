@@ -24,6 +24,13 @@ from disttrain.tensor.kernels_numpy import (  # noqa: F401  (the table's other e
 # multiply-adds of its GEMMs (a few hundred microseconds of work).
 MIN_MACS_PER_BLOCK = 1 << 22
 
+# Rows per recurrent GEMM call where the BLAS has unpacked small-matrix kernels: a multiple of 4 under its
+# bound. OpenBLAS's SkylakeX kernels, one thread, ptb_small's (rows, 200) x (200, 800): 3.2 us a row in
+# 4-row calls, 3.75 in 6-row, more in odd-sized ones, 4.8 in one packed 10-row call (half the batch on
+# each of two threads); the char LM's H = 256 leaves 3 rows, slower than its packed 16-row call
+# (benchmarks/RESULTS.md)
+SMALL_GEMM_ROWS = 4
+
 _noted = False
 
 
@@ -61,9 +68,29 @@ def _c(a, dtype=None):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def _recurrence(rows_fn, batch, macs_per_row):
+def _rows_per_gemm(batch, hidden, dtype):
+    """Rows per recurrent GEMM call of the compiled LSTM: 0 for one call per batch block, else a multiple of
+    SMALL_GEMM_ROWS small enough for the BLAS's unpacked small-matrix kernels (native.small_gemm_macs).
+    Both directions multiply by a (H, 4H) or (4H, H) matrix, so one count serves forward and backward."""
+    most = native.small_gemm_macs() // (4 * hidden * hidden) if dtype == np.float32 else 0
+    rows = most - most % SMALL_GEMM_ROWS
+    return rows if 0 < rows < batch else 0
+
+
+def _recurrence(kernel, batch, macs_per_row, chunk):
+    """kernel(lo, hi, chunk) over blocks of batch rows side by side, the BLAS on one thread. With chunk > 0
+    every block is made of whole chunks, so each chunk's GEMMs are the same calls whatever the thread
+    count, and so are the results."""
     with threads.one_blas_thread():
-        threads.parallel_rows(rows_fn, batch, macs_per_row, min_per_block=MIN_MACS_PER_BLOCK)
+        if not chunk:
+            threads.parallel_rows(lambda lo, hi: kernel(lo, hi, 0), batch, macs_per_row,
+                                  min_per_block=MIN_MACS_PER_BLOCK)
+            return
+
+        def chunks(lo, hi):
+            kernel(lo * chunk, min(hi * chunk, batch), chunk)
+
+        threads.parallel_rows(chunks, -(-batch // chunk), macs_per_row * chunk, min_per_block=MIN_MACS_PER_BLOCK)
 
 
 # ---- LSTM layer --------------------------------------------------------------------------------------
@@ -85,10 +112,10 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     args = _pointers(*arrays)
     kernel = _kernel(lib, "lstm_forward", acts.dtype)
 
-    def rows(lo, hi):
-        kernel(*args, steps, batch, hidden, lo, hi)
+    def rows(lo, hi, chunk):
+        kernel(*args, steps, batch, hidden, lo, hi, chunk)
 
-    _recurrence(rows, batch, steps * four_h * hidden)
+    _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype))
     return out, cs, acts, tanh_c
 
 
@@ -107,10 +134,10 @@ def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_
     args = _pointers(*arrays)
     kernel = _kernel(lib, "lstm_backward", acts.dtype)
 
-    def rows(lo, hi):
-        kernel(*args, steps, batch, hidden, lo, hi)
+    def rows(lo, hi, chunk):
+        kernel(*args, steps, batch, hidden, lo, hi, chunk)
 
-    _recurrence(rows, batch, steps * four_h * hidden)
+    _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype))
     return d_gates, dh0, dc0, _ref._recurrent_weight_grad(xp, d_gates, h0, out)
 
 

@@ -91,6 +91,40 @@ def test_the_batch_split_over_threads_changes_nothing_beyond_rounding():
     _assert_all_close(results[1], results[0], np.float32)
 
 
+def test_gemm_chunks_follow_the_small_matrix_bound(monkeypatch):
+    monkeypatch.setattr(native, "small_gemm_macs", lambda: 1_000_000)
+    assert wrappers._rows_per_gemm(20, 200, np.float32) == 4      # at most 6 rows fit: calls of 4
+    assert wrappers._rows_per_gemm(6, 200, np.float32) == 4
+    assert wrappers._rows_per_gemm(4, 200, np.float32) == 0       # the whole batch in one call
+    assert wrappers._rows_per_gemm(32, 256, np.float32) == 0      # 3 rows fit: fewer than SMALL_GEMM_ROWS
+    assert wrappers._rows_per_gemm(20, 200, np.float64) == 0
+    monkeypatch.setattr(native, "small_gemm_macs", lambda: 0)
+    assert wrappers._rows_per_gemm(20, 200, np.float32) == 0
+
+
+@pytest.mark.parametrize("batch", [20, 23])
+def test_chunked_gemms_give_the_same_bits_on_any_thread_count(monkeypatch, batch):
+    # chunks of 8 rows, and thread blocks made of whole chunks: every chunk is the same BLAS call on
+    # one thread or two
+    monkeypatch.setattr(native, "small_gemm_macs", lambda: 4 * 200 * 200 * 9)
+    gates_x, h0, c0, w_hh, (d_out, dh_n, dc_n) = _lstm_inputs(3, batch, 200, np.float32, seed=4)
+    results = []
+    for n in (1, 2):
+        before = threads.get_num_threads()
+        threads.set_num_threads(n)
+        try:
+            monkeypatch.setattr(wrappers, "MIN_MACS_PER_BLOCK", 1)            # split even this small layer
+            fwd = wrappers.lstm_layer_forward(np, gates_x.copy(), h0, c0, w_hh)
+            results.append(fwd + wrappers.lstm_layer_backward(np, d_out, dh_n, dc_n, *fwd[2:4], *fwd[:2], h0, c0,
+                                                               w_hh))
+        finally:
+            threads.set_num_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    expected = kernels_numpy.lstm_layer_forward(np, gates_x.copy(), h0, c0, w_hh)
+    _assert_all_close(results[0][:4], expected, np.float32)
+
+
 def test_lstm_matches_float64_math_to_float32_rounding():
     """The float32 kernels against the float64 ones on the same inputs: each is as close to exact as the
     NumPy float32 kernels are (so the compiled path loses no accuracy of its own)."""
