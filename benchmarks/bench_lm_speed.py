@@ -33,10 +33,10 @@ import itertools
 import os
 import time
 
+import disttrain as dt  # first, as in `disttrain run`: it sets OpenBLAS's idle-thread wait before NumPy loads it
 import numpy as np
 from harness import interleaved, machine, torch_or_none
 
-import disttrain as dt
 from disttrain.tensor import backend
 from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.train import Trainer, load_job

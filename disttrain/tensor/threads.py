@@ -11,7 +11,8 @@ computed by the same code whichever block it falls in.
 The thread count defaults to what the BLAS is told (DISTTRAIN_NUM_THREADS, else OMP_NUM_THREADS, else
 OPENBLAS_NUM_THREADS, else the CPUs this process may run on), so `mpirun` launchers that give each rank
 one thread get single-threaded passes too; `set_num_threads` sets both (disttrain.parallel.launch uses it
-to share the cores among the ranks of a node).
+to share the cores among the ranks of a node). The two pools take turns, which needs OpenBLAS's idle
+threads to sleep soon after a GEMM: disttrain/__init__.py shortens their busy-wait.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor

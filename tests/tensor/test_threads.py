@@ -1,4 +1,8 @@
 """Intra-op threads: row blocks cover every row once, and threaded kernels equal one thread bit for bit."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import threadpoolctl
@@ -160,3 +164,18 @@ def test_blas_kernel_note_names_a_coretype_that_holds_back_an_avx512_cpu(environ
     assert (note is not None) == warns
     if warns:
         assert "OPENBLAS_CORETYPE=Haswell" in note and "AVX-512" in note
+
+
+def _blas_wait_after_import(first_import, environ_value=None):
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if environ_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = environ_value
+    code = f"import {first_import}; import disttrain, os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return done.stdout.strip()
+
+
+def test_importing_disttrain_first_shortens_openblas_idle_wait():
+    assert _blas_wait_after_import("sys") == "16"
+    assert _blas_wait_after_import("sys", environ_value="28") == "28"     # the user's choice stays
+    assert _blas_wait_after_import("numpy") == "None"                     # too late: OpenBLAS has read it
