@@ -8,10 +8,9 @@ The BLAS: NumPy wheels ship OpenBLAS with renamed symbols (`scipy_sgemm_64_`: pr
 `64_`, 64-bit integers) and export no C interface meant for other extensions. threadpoolctl, which
 already finds that library to set its thread count, gives its file; its `openblas_get_config` and
 Fortran `?gemm_` are looked up there under the known renamings, and the integer width is read from the
-configuration string (USE64BITINT). Calling
-that same library keeps one BLAS thread pool in the process, the one `dt.set_num_threads` and
-threads.one_blas_thread set. Another BLAS (MKL, Accelerate, a BLAS threadpoolctl cannot name) means the
-NumPy kernels.
+configuration string (USE64BITINT). Calling that same library keeps one BLAS thread pool in the process,
+the one `dt.set_num_threads` and threads.one_blas_thread set. Another BLAS (MKL, Accelerate, a BLAS
+threadpoolctl cannot name) means the NumPy kernels.
 """
 import ctypes
 import importlib.util
