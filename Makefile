@@ -28,13 +28,15 @@ run: $(VENV)/.base
 	@$(VENV)/bin/disttrain run jobs/charlm.toml --out $(RUN_DIR) $(RUN_AGAIN) || { status=$$?; \
 	    if [ $$status -eq 2 ]; then echo "make run: to start $(RUN_DIR) over: make run OVERWRITE=1"; fi; exit $$status; }
 
-# the plain run skips tests/mpi; the mpiexec runs execute them on 2 and 4 ranks (oversubscribed on 2 cores).
+# the plain run skips tests/mpi; the mpiexec runs execute them on 2 and 4 ranks (oversubscribed on 2 cores);
+# the ops' tests run a second time on the NumPy kernels, the CPU backend's fallback without a C++ compiler.
 # Each run adds its skip counts to the log, and the last line counts them by reason (tests/skip_policy.py);
 # with CI=true (or DISTTRAIN_REQUIRE_ALL=1) a test skipped for a missing tool or data set fails.
 test: export DISTTRAIN_SKIP_LOG := $(abspath $(VENV))/test-skips.jsonl
 test: $(VENV)/.test
 	rm -f $$DISTTRAIN_SKIP_LOG
 	$(PY) -m pytest -q -p no:cacheprovider
+	DISTTRAIN_CPU_KERNELS=numpy $(PY) -m pytest -q -p no:cacheprovider tests/autograd tests/nn tests/kernels_cpu
 	$(VENV)/bin/mpiexec -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
 	$(VENV)/bin/mpiexec -n 4 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
 	@$(PY) tests/skip_policy.py $$DISTTRAIN_SKIP_LOG
@@ -56,6 +58,7 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/bench_autograd_overhead.py
 	$(PY) benchmarks/bench_checkpointing.py
 	$(PY) benchmarks/bench_lm_speed.py --steps 20 --rounds 9
+	$(PY) benchmarks/bench_lm_speed.py --job jobs/charlm.toml --steps 5 --rounds 9
 	$(PY) benchmarks/bench_host_allocator.py
 	$(PY) benchmarks/bench_intraop.py
 	$(VENV)/bin/mpiexec -n 2 $(PY) benchmarks/bench_allreduce_overlap.py

@@ -59,7 +59,7 @@ def main():
     print(f"# {args.job} (batch {spec.data.batch_size} global, bptt {spec.data.bptt}, {spec.model.layers}x"
           f"{spec.model.hidden} LSTM, {sum(p.numel() for p in trainer.params):,} parameters); {s.world_size} "
           f"rank(s) ({s.name}" + (f", bucket_mb {spec.parallel.bucket_mb:g}, overlap {overlap}"
-                                  if strategy else "") + f"), {args.steps} timed steps after {args.warmup}")
+                                  if mode else "") + f"), {args.steps} timed steps after {args.warmup}")
     print("global train loss every 10 steps: " + " ".join(f"{loss:.5f}" for loss in losses[::10]))
     print(f"throughput: {tokens / seconds:,.0f} tokens/s ({seconds / args.steps * 1e3:.1f} ms/step)")
     for line in notes:

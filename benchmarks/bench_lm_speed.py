@@ -1,36 +1,189 @@
-"""Training tokens/s of a job's LSTM language model, disttrain's Trainer vs the identical PyTorch model.
+"""Training tokens/s of a job's language model: disttrain (its Trainer and the public nn API) vs the identical
+PyTorch model, side by side, and how close each comes to the GEMM-bound limit.
 
-    .venv/bin/python benchmarks/bench_lm_speed.py [--job jobs/ptb_small.toml] [--steps 30] [--rounds 5]
+    .venv/bin/python benchmarks/bench_lm_speed.py [--job jobs/ptb_small.toml] [--steps 20] [--rounds 9]
+    .venv/bin/python benchmarks/bench_lm_speed.py --job jobs/charlm.toml --steps 5
 
-Both sides train the same architecture (embedding -> LSTM layers -> linear decoder), the same
-batch/bptt, SGD with the job's lr and clip norm and the job's loss convention, on the job's first
-TBPTT segments with the hidden state carried and detached. disttrain runs `Trainer.train_step`
-(the loop every mode uses); PyTorch runs the equivalent step with torch.nn.LSTM (its CPU kernels).
-Rounds are interleaved; the median tokens/s of each side and the ratio are printed (target >= 1.2).
-Both sides' thread counts are printed too: NumPy's OpenBLAS and torch's intra-op pool default to
-the core count (GEMMs on every core on both sides); disttrain splits its big elementwise passes
-over as many threads (disttrain.tensor.threads), torch runs them on its pool. Run it on a quiet machine:
-multi-threaded BLAS on cores that other processes also use slows down far more than the work it shares
-(small GEMMs most of all).
+Candidates, run in interleaved rounds in one process (median per candidate; machine load hits all alike):
+- "disttrain Trainer": `Trainer.train_step`, the loop every mode uses;
+- "disttrain nn API": the same model written with dt.nn.Embedding / LSTM / Linear, F.cross_entropy,
+  clip_grad_norm_ and the job's optimizer, in a plain loop;
+- "pytorch": that plain loop with torch.nn (its CPU LSTM runs all steps in one oneDNN primitive);
+- "numpy GEMM": the step's largest GEMM shape in NumPy float32, for the GEMM rate of this run.
+All train on the job's first TBPTT segments with the hidden state carried and detached, the job's
+optimizer, lr, clip norm and loss convention.
 
-The printed machine line names the GEMM kernels NumPy's OpenBLAS picked. Some machines set
-OPENBLAS_CORETYPE=Haswell for old OpenBLAS builds; a current one then runs AVX2 kernels on an AVX-512
-CPU and the decoder's GEMMs take ~1.8x as long, while PyTorch's MKL picks its own kernels. To compare
-the two on the CPU's own kernels, unset both variables for this command alone:
+The GEMM limit: a step's GEMM FLOPs (forward, plus twice that in backward: dX and dW) per token, at the
+rate NumPy runs the step's largest GEMM in this run, is the tokens/s of a step that spent time on nothing
+but GEMMs at that rate. Targets: >= 0.75 of it and >= 1.4x PyTorch.
 
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_lm_speed.py
+The machine line names the BLAS kernels NumPy's OpenBLAS picked (OPENBLAS_CORETYPE=Haswell on an AVX-512
+CPU makes its GEMMs ~1.8x slower: `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` for this command alone);
+the load line gives the 1-minute load average before and after (the machine's other processes). On a
+busy machine `--one-core` compares one thread per side by process CPU time, which other processes
+disturb far less than wall time on shared cores (the GEMM rate is then one core's too). All sides
+share this process's malloc: glibc's default, or with `--retain-freed-memory` what `disttrain run` sets
+(freed blocks kept for the next step instead of faulted in again; bench_host_allocator.py).
 
-Both sides share this process's malloc (glibc's default here; `disttrain run` retains freed memory on
-top: benchmarks/bench_host_allocator.py measures that separately).
+Other model kinds: add an entry to MODELS (our nn-API model, the PyTorch twin, the GEMM shapes of a step).
 """
 import argparse
 import ctypes
 import itertools
+import os
+import time
 
+import disttrain as dt  # first, as in `disttrain run`: it sets OpenBLAS's idle-thread wait before NumPy loads it
+import numpy as np
 from harness import interleaved, machine, torch_or_none
 
-import disttrain as dt
+from disttrain.tensor import backend
+from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.train import Trainer, load_job
+
+TARGET_GEMM_FRACTION, TARGET_RATIO = 0.75, 1.4
+
+
+# ---- the LSTM language model (embedding -> LSTM layers -> linear decoder) ------------------------------
+
+def lstm_lm_ours(spec, vocab):
+    m = spec.model
+    nn = dt.nn
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(vocab, m.embed)
+            self.lstm = nn.LSTM(m.embed, m.hidden, m.layers, dropout=m.dropout)
+            self.decoder = nn.Linear(m.hidden, vocab)
+            for p in self.parameters():
+                nn.init.uniform_(p, -m.init_scale, m.init_scale)
+
+        def forward(self, x, state):
+            out, state = self.lstm(self.embedding(x), state)
+            return self.decoder(out.reshape((-1, m.hidden))), state
+
+    return LM()
+
+
+def lstm_lm_torch(torch, spec, vocab):
+    m = spec.model
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(vocab, m.embed)
+            self.lstm = torch.nn.LSTM(m.embed, m.hidden, m.layers, dropout=m.dropout)
+            self.decoder = torch.nn.Linear(m.hidden, vocab)
+            for p in self.parameters():
+                torch.nn.init.uniform_(p, -m.init_scale, m.init_scale)
+
+        def forward(self, x, state):
+            out, state = self.lstm(self.embedding(x), state)
+            return self.decoder(out.reshape(-1, m.hidden)), state
+
+    return LM()
+
+
+def lstm_lm_gemms(spec, vocab):
+    """The forward GEMMs of a step as (M, K, N, count): per layer the input projection of all steps and
+    the T recurrent products, then the decoder."""
+    m, tokens = spec.model, spec.data.batch_size * spec.data.bptt
+    gemms = []
+    for k in range(m.layers):
+        gemms.append((tokens, m.embed if k == 0 else m.hidden, 4 * m.hidden, 1))
+        gemms.append((spec.data.batch_size, m.hidden, 4 * m.hidden, spec.data.bptt))
+    gemms.append((tokens, m.hidden, vocab, 1))
+    return gemms
+
+
+MODELS = {"lstm_lm": (lstm_lm_ours, lstm_lm_torch, lstm_lm_gemms)}
+
+
+# ---- the runners ------------------------------------------------------------------------------------
+
+def trainer_runner(trainer, segments):
+    def run():
+        for inputs, targets in segments:
+            trainer.train_step(inputs, targets)
+        return sum(t.size for _, t in segments)
+
+    return run
+
+
+def plain_loop(lib, model, optimizer, clip, segments, loss_times_steps):
+    """A training loop written the way a user of `lib` (torch or disttrain) writes it."""
+    F = lib.nn.functional
+    params = list(model.parameters())
+    state = [None]
+
+    def run():
+        for x, y in segments:
+            logits, (h, c) = model(x, state[0])
+            loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad()
+            (loss * x.shape[0] if loss_times_steps else loss).backward()
+            if clip is not None:
+                lib.nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            state[0] = (h.detach(), c.detach())
+        return sum(y.shape[0] for _, y in segments)
+
+    return run
+
+
+def optimizer_of(lib, spec, params):
+    o = spec.optim
+    if o.kind == "sgd":
+        return lib.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    kind = lib.optim.Adam if o.kind == "adam" else lib.optim.AdamW
+    return kind(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def nn_api_runner(spec, vocab, segments):
+    dt.manual_seed(0)
+    model = MODELS[spec.model.kind][0](spec, vocab)
+    batches = [(dt.tensor(x), dt.tensor(y.reshape(-1))) for x, y in segments]
+    return plain_loop(dt, model, optimizer_of(dt, spec, model.parameters()), spec.optim.clip_norm, batches,
+                      spec.optim.loss == "sum_over_time")
+
+
+def torch_runner(torch, spec, vocab, segments):
+    torch.manual_seed(0)
+    model = MODELS[spec.model.kind][1](torch, spec, vocab)
+    batches = [(torch.tensor(x), torch.tensor(y).reshape(-1)) for x, y in segments]
+    return plain_loop(torch, model, optimizer_of(torch, spec, model.parameters()), spec.optim.clip_norm, batches,
+                      spec.optim.loss == "sum_over_time")
+
+
+def gemm_runner(shape, min_seconds=0.05):
+    """NumPy float32 (M, K) @ (K, N) repeated for about min_seconds; returns the FLOPs done."""
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    out = np.empty((m, n), np.float32)
+    np.matmul(a, b, out=out)
+    start = time.perf_counter()
+    repeats = 0
+    while repeats < 3 or time.perf_counter() - start < min_seconds:
+        np.matmul(a, b, out=out)
+        repeats += 1
+
+    def run():
+        for _ in range(repeats):
+            np.matmul(a, b, out=out)
+        return 2 * m * k * n * repeats
+
+    return run
+
+
+def step_gemms(spec, vocab):
+    """(GEMM FLOPs per token of a training step, the largest GEMM shape (M, K, N))."""
+    forward = MODELS[spec.model.kind][2](spec, vocab)
+    tokens = spec.data.batch_size * spec.data.bptt
+    flops = 3 * sum(2 * m * k * n * count for m, k, n, count in forward)  # forward, then dX and dW
+    largest = max(forward, key=lambda g: g[0] * g[1] * g[2])
+    return flops / tokens, largest[:3]
 
 
 def numpy_blas_threads():
@@ -48,89 +201,66 @@ def numpy_blas_threads():
     return None
 
 
-def our_runner(trainer, steps):
-    segments = itertools.cycle(list(itertools.islice(iter(trainer.train_iter), steps)))
-
-    def run():
-        tokens = 0
-        for _ in range(steps):
-            inputs, targets = next(segments)
-            trainer.train_step(inputs, targets)
-            tokens += targets.size
-        return tokens
-
-    return run
-
-
-def torch_runner(torch, spec, vocab, segments_list):
-    m, o = spec.model, spec.optim
-    torch.manual_seed(0)
-
-    class LM(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embedding = torch.nn.Embedding(vocab, m.embed)
-            self.lstm = torch.nn.LSTM(m.embed, m.hidden, m.layers, dropout=m.dropout)
-            self.decoder = torch.nn.Linear(m.hidden, vocab)
-            for p in self.parameters():
-                torch.nn.init.uniform_(p, -m.init_scale, m.init_scale)
-
-        def forward(self, x, state):
-            out, state = self.lstm(self.embedding(x), state)
-            return self.decoder(out.reshape(-1, m.hidden)), state
-
-    model = LM()
-    opt = torch.optim.SGD(model.parameters(), lr=o.lr)
-    segments = itertools.cycle([(torch.tensor(x), torch.tensor(y).reshape(-1)) for x, y in segments_list])
-    state = [None]
-
-    def run():
-        tokens = 0
-        for _ in range(len(segments_list)):
-            x, y = next(segments)
-            logits, (h, c) = model(x, state[0])
-            loss = torch.nn.functional.cross_entropy(logits, y)
-            opt.zero_grad()
-            (loss * x.shape[0] if o.loss == "sum_over_time" else loss).backward()
-            if o.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
-            opt.step()
-            state[0] = (h.detach(), c.detach())
-            tokens += y.numel()
-        return tokens
-
-    return run
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", default="jobs/ptb_small.toml")
-    parser.add_argument("--steps", type=int, default=30, help="TBPTT segments per timed round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20, help="TBPTT segments per timed round")
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--paths", default="trainer,nn", help="which disttrain loops: trainer, nn or both")
+    parser.add_argument("--one-core", action="store_true",
+                        help="every side on one thread, timed by this process's CPU time (busy machines)")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="glibc keeps freed memory, as `disttrain run` sets it (process-wide: PyTorch too)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
+    if args.retain_freed_memory and not retain_freed_memory():
+        raise SystemExit("--retain-freed-memory: not set (not glibc, or MALLOC_* / LD_PRELOAD chose the allocator)")
     spec = load_job(args.job, args.overrides)
-    if spec.optim.kind != "sgd" or spec.optim.momentum:
-        raise SystemExit("bench_lm_speed compares plain SGD jobs (like ptb_small)")
-    trainer = Trainer.from_job(spec, progress=False)
-    candidates = {"disttrain": our_runner(trainer, args.steps)}
     torch = torch_or_none()
+    if args.one_core:
+        dt.set_num_threads(1)
+        if torch is not None:
+            torch.set_num_threads(1)
+    if spec.model.kind not in MODELS:
+        raise SystemExit(f"bench_lm_speed knows the model kinds {sorted(MODELS)}, not {spec.model.kind!r}")
+    load_before = os.getloadavg()[0]
+    trainer = Trainer.from_job(spec, progress=False)
+    vocab = trainer.data.vocab_size
+    segments = list(itertools.islice(iter(trainer.train_iter), args.steps))
+    flops_per_token, largest = step_gemms(spec, vocab)
+    candidates = {}
+    if "trainer" in args.paths:
+        candidates["disttrain Trainer"] = trainer_runner(trainer, segments)
+    if "nn" in args.paths:
+        candidates["disttrain nn API"] = nn_api_runner(spec, vocab, segments)
     if torch is not None:
-        segments = list(itertools.islice(iter(trainer.train_iter), args.steps))
-        candidates["pytorch"] = torch_runner(torch, spec, trainer.data.vocab_size, segments)
-    rates = interleaved(candidates, rounds=args.rounds)
+        candidates["pytorch"] = torch_runner(torch, spec, vocab, segments)
+    candidates["numpy GEMM"] = gemm_runner(largest)
+    rates = interleaved(candidates, rounds=args.rounds, clock=time.process_time if args.one_core else time.perf_counter)
+    gemm_rate = rates.pop("numpy GEMM")
+    limit = gemm_rate / flops_per_token
+    load_after = os.getloadavg()[0]
+
     m, d = spec.model, spec.data
-    print(f"LM training step, {args.job}: {m.layers}x{m.hidden} LSTM, vocab {trainer.data.vocab_size:,}, "
-          f"batch {d.batch_size}, bptt {d.bptt}, SGD; {machine()}")
-    threads = (f"threads: NumPy's OpenBLAS {numpy_blas_threads() or '?'}, disttrain's intra-op "
-               f"{dt.get_num_threads()} (big elementwise passes; the LSTM recurrence's small GEMMs on 1)")
+    print(f"LM training step, {args.job}: {m.layers}x{m.hidden} LSTM (embed {m.embed}), vocab {vocab:,}, batch "
+          f"{d.batch_size}, bptt {d.bptt}, {spec.optim.kind}; {machine()}")
+    threads = (f"threads: NumPy's OpenBLAS {numpy_blas_threads() or '?'}, disttrain's intra-op {dt.get_num_threads()}"
+               f" (the LSTM's batch blocks and the big passes); CPU kernels {backend.CPU.kernels.__name__}")
     if torch is not None:
-        threads += f", torch intra-op {torch.get_num_threads()} (GEMMs and elementwise)"
+        threads += f"; torch intra-op {torch.get_num_threads()}"
     print("  " + threads)
+    print(f"  GEMM: {flops_per_token / 1e6:.2f} MFLOP per token; NumPy's {largest[0]}x{largest[1]} @ "
+          f"{largest[1]}x{largest[2]} float32 GEMM at {gemm_rate / 1e9:.0f} GFLOP/s in this run -> GEMM limit "
+          f"{limit:,.0f} tokens/s")
     for name, rate in rates.items():
-        print(f"  {name:10s} {rate:9.0f} tokens/s")
-    if "pytorch" in rates:
-        print(f"  ratio disttrain / pytorch = {rates['disttrain'] / rates['pytorch']:.2f}x  (target >= 1.2)")
+        line = f"  {name:18s} {rate:9,.0f} tokens/s   {rate / limit:.2f} of the GEMM limit"
+        if "pytorch" in rates and name != "pytorch":
+            line += f"   {rate / rates['pytorch']:.2f}x PyTorch"
+        print(line)
+    print(f"  targets: >= {TARGET_GEMM_FRACTION} of the GEMM limit, >= {TARGET_RATIO}x PyTorch; "
+          f"load average (1 min) {load_before:.2f} before, {load_after:.2f} after, on {os.cpu_count()} cores"
+          + ("; one thread per side, CPU time" if args.one_core else "; wall time")
+          + ("; freed memory retained" if args.retain_freed_memory else "; glibc's default malloc"))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,8 @@ Prints steps/s for both and the ratio ours / PyTorch (target >= 1.0).
 """
 import argparse
 
+import disttrain as dt  # first, as in `disttrain run`: it sets OpenBLAS's idle-thread wait before NumPy loads it
 import numpy as np
-
-import disttrain as dt
 from harness import interleaved, machine, torch_or_none
 
 BATCH, IN, HIDDEN, LAYERS, CLASSES = 256, 784, 1024, 3, 10

@@ -2,6 +2,16 @@
 
 PyTorch-shaped API: dt.tensor, dt.nn, dt.optim, loss.backward(), opt.step().
 """
+import os as _os
+import sys as _sys
+
+# NOTE: OpenBLAS's idle worker threads busy-wait 2^28 cycles (~0.1 s) after every multi-threaded BLAS call,
+# holding the cores that disttrain's intra-op threads need for the passes between GEMMs (the cross-entropy,
+# the LSTM's batch blocks, the optimizer): on two cores those passes then ran no faster on two threads than
+# on one. 2^16 cycles (~25 us) still covers back-to-back GEMMs. OpenBLAS reads the variable once, when NumPy
+# loads it, so it is set here, before NumPy's first import, and only if the user has not set it.
+if "numpy" not in _sys.modules:
+    _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
 from disttrain.tensor import (Tensor, arange, bool_, cuda_available, float32, float64, from_numpy, full,
                               get_num_threads, get_rng_state, int32, int64, manual_seed, ones, ones_like, rand,
                               randint, randn, set_num_threads, set_rng_state, tensor, uniform, zeros, zeros_like)

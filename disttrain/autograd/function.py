@@ -135,12 +135,21 @@ class Function:
             result = outs = tuple(Tensor._wrap(o, node, i) for i, o in enumerate(out))
             node.out_meta = tuple((o.shape, o.dtype) for o in out)
         # where the gradient w.r.t. each input goes: its producer node, a leaf's accumulator, or nowhere
-        node.next_edges = tuple([((x._node, x._out_index) if x._node is not None else (accumulator_of(x), 0))
-                                 if isinstance(x, Tensor) and x.requires_grad else None for x in inputs])
+        # (plain loops: a comprehension costs a function call per op on Python 3.11)
+        edges = []
+        for x in inputs:
+            if isinstance(x, Tensor) and x.requires_grad:
+                edges.append((x._node, x._out_index) if x._node is not None else (accumulator_of(x), 0))
+            else:
+                edges.append(None)
+        node.next_edges = tuple(edges)
         node.seq = next(_sequence)
         if cls.saves_inputs:
-            node.saved = tuple([(x, x._version_box[0]) if isinstance(x, Tensor) else (x, 0)
-                                for x in [inputs[i] for i in cls.saves_inputs]])
+            saved = []
+            for i in cls.saves_inputs:
+                x = inputs[i]
+                saved.append((x, x._version_box[0]) if isinstance(x, Tensor) else (x, 0))
+            node.saved = tuple(saved)
         if cls.saves_output:
             node.saved_out = tuple([(weakref.ref(t), t._version_box[0], t.data) for t in outs])
         return result

@@ -4,8 +4,9 @@ Ops never import numpy or cupy directly; they ask the tensor's backend (`node.xp
 `node.backend.index_add(...)`), so the CUDA backend plugs in without touching op code.
 
 `backend.kernels` is a module of fused kernels with one set of names and signatures, called as
-`backend.kernels.f(backend.xp, ...)`: disttrain.tensor.kernels_numpy on the CPU (the reference),
-disttrain.kernels_cuda.wrappers (our CUDA C kernels) on the GPU.
+`backend.kernels.f(backend.xp, ...)`: on the CPU disttrain.kernels_cpu.wrappers (the LSTM layer and the
+cross-entropy compiled, the rest disttrain.tensor.kernels_numpy, the reference), or kernels_numpy itself
+when $DISTTRAIN_CPU_KERNELS=numpy; disttrain.kernels_cuda.wrappers (our CUDA C kernels) on the GPU.
 
 `backend.sync_checks`: ops may read device values on the host to validate indices (class targets,
 embedding ids). True except while a CUDA graph is being captured (disttrain.kernels_cuda.graph),
@@ -16,13 +17,21 @@ import numpy as np
 from disttrain.tensor import kernels_numpy
 
 
+def cpu_kernels():
+    """The CPU kernel table that $DISTTRAIN_CPU_KERNELS asks for: the compiled one by default, "numpy" for
+    the NumPy reference (the compiled table itself falls back to it where its library is missing)."""
+    from disttrain.kernels_cpu import native, wrappers  # kernels_cpu builds on this package's modules
+
+    return kernels_numpy if native.requested() == "numpy" else wrappers
+
+
 class CpuBackend:
     """NumPy arrays in host memory."""
 
     name = "cpu"
     xp = np
     array_type = np.ndarray
-    kernels = kernels_numpy  # fused ops, called as backend.kernels.f(backend.xp, ...)
+    kernels = cpu_kernels()  # fused ops, called as backend.kernels.f(backend.xp, ...)
     sync_checks = True
 
     def asarray(self, data, dtype=None):

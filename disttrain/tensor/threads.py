@@ -11,7 +11,8 @@ computed by the same code whichever block it falls in.
 The thread count defaults to what the BLAS is told (DISTTRAIN_NUM_THREADS, else OMP_NUM_THREADS, else
 OPENBLAS_NUM_THREADS, else the CPUs this process may run on), so `mpirun` launchers that give each rank
 one thread get single-threaded passes too; `set_num_threads` sets both (disttrain.parallel.mpi_job uses it
-to share the cores among the ranks of a node).
+to share the cores among the ranks of a node). The two pools take turns, which needs OpenBLAS's idle
+threads to sleep soon after a GEMM: disttrain/__init__.py shortens their busy-wait.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -75,8 +76,8 @@ def set_num_threads(n):
     _blas_libraries().limit(limits=n)     # kept: a limiter restores the old count only when used as a context
 
 
-def _blocks(rows, elements_per_row):
-    threads = min(get_num_threads(), rows, max(1, rows * elements_per_row // MIN_ELEMENTS_PER_THREAD))
+def _blocks(rows, elements_per_row, min_per_block):
+    threads = min(get_num_threads(), rows, max(1, rows * elements_per_row // min_per_block))
     step = -(-rows // threads)
     return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
 
@@ -142,13 +143,16 @@ def _pool_for(helpers):
     return _pool
 
 
-def parallel_rows(fn, rows, elements_per_row):
+def parallel_rows(fn, rows, elements_per_row, min_per_block=MIN_ELEMENTS_PER_THREAD):
     """Call fn(lo, hi) for contiguous row blocks covering range(rows), side by side on the intra-op threads.
 
-    fn must touch only rows lo:hi of its arrays. Small work (under MIN_ELEMENTS_PER_THREAD elements per
-    block) runs as one call on this thread. The calling thread takes the last block itself.
+    fn must touch only rows lo:hi of its arrays. Small work (under min_per_block elements per block;
+    callers whose rows cost more than an elementwise pass per element count their own unit) runs as one
+    call on this thread. The calling thread takes the last block itself.
     """
-    blocks = _blocks(rows, elements_per_row)
+    if rows <= 0:
+        return
+    blocks = _blocks(rows, elements_per_row, min_per_block)
     if len(blocks) == 1:
         fn(0, rows)
         return

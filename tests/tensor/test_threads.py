@@ -1,4 +1,8 @@
 """Intra-op threads: row blocks cover every row once, and threaded kernels equal one thread bit for bit."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import threadpoolctl
@@ -71,6 +75,42 @@ def test_threaded_kernels_equal_one_thread_bit_for_bit(num_threads):
         np.testing.assert_array_equal(a, b)
 
 
+def _optimizer_updates(seed=0):
+    """SGD with momentum (first and later steps), Adam, AMSGrad-AdamW and a clip scale on arrays big
+    enough to split into element blocks."""
+    rng = np.random.default_rng(seed)
+    n = 3 * threads.MIN_ELEMENTS_PER_THREAD + 5
+    param, grad = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    buf = kernels_numpy.sgd_step(np, param, grad, None, 0.1, momentum=0.9, weight_decay=0.01, nesterov=True)
+    kernels_numpy.sgd_step(np, param, grad, buf, 0.1, momentum=0.9, dampening=0.1)
+    kernels_numpy.sgd_step(np, param, grad, None, 1.0, maximize=True)
+    moments = [np.zeros(n, np.float32) for _ in range(5)]
+    kernels_numpy.adam_step(np, param, grad, moments[0], moments[1], None, 3, 0.01, 0.9, 0.999, 1e-8,
+                            weight_decay=0.1)
+    kernels_numpy.adam_step(np, param, grad, *moments[2:5], 1, 0.01, 0.9, 0.99, 1e-8, weight_decay=0.1,
+                            decoupled=True)
+    kernels_numpy.scale_(np, [grad], 0.37)
+    return [param, grad, buf] + moments
+
+
+def test_threaded_optimizer_updates_equal_one_thread_bit_for_bit(num_threads, monkeypatch):
+    num_threads(1)
+    one = _optimizer_updates()
+    num_threads(2)
+    blocks = []
+    real = threads.parallel_rows
+
+    def counting(fn, rows, per_row, **kwargs):
+        blocks.append(len(threads._blocks(rows, per_row, threads.MIN_ELEMENTS_PER_THREAD)))
+        real(fn, rows, per_row, **kwargs)
+
+    monkeypatch.setattr(kernels_numpy, "parallel_rows", counting)
+    two = _optimizer_updates()
+    assert blocks and all(n == 2 for n in blocks)             # every update did run as two blocks
+    for a, b in zip(one, two):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_linear_and_cross_entropy_gradients_equal_one_thread(num_threads):
     """The elementwise passes' threads change no bit (the BLAS's own thread count may: not tested here)."""
     def grads():
@@ -124,3 +164,18 @@ def test_blas_kernel_note_names_a_coretype_that_holds_back_an_avx512_cpu(environ
     assert (note is not None) == warns
     if warns:
         assert "OPENBLAS_CORETYPE=Haswell" in note and "AVX-512" in note
+
+
+def _blas_wait_after_import(first_import, environ_value=None):
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if environ_value is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = environ_value
+    code = f"import {first_import}; import disttrain, os; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return done.stdout.strip()
+
+
+def test_importing_disttrain_first_shortens_openblas_idle_wait():
+    assert _blas_wait_after_import("sys") == "16"
+    assert _blas_wait_after_import("sys", environ_value="28") == "28"     # the user's choice stays
+    assert _blas_wait_after_import("numpy") == "None"                     # too late: OpenBLAS has read it

@@ -1,0 +1,13 @@
+"""Compiled CPU kernels for the hot paths of a training step: the LSTM layer over a whole segment (forward
+and backward, one call per layer per segment, its recurrent GEMMs on NumPy's BLAS) and the fused
+log-softmax + cross-entropy (forward and backward).
+
+    native.cpp    the kernels, C++ with a plain C ABI, built by setup.py when disttrain is installed
+    simd_math.h   exp and tanh that the compiler vectorises
+    native.py     loads the built library with ctypes and hands it NumPy's BLAS gemm
+    wrappers.py   the CPU backend's kernel table: kernels_numpy's names, these kernels where they apply
+
+Why this mechanism (a C++ extension compiled at install, called through ctypes, threads from
+disttrain.tensor.threads) rather than numba or OpenMP: docs/ARCHITECTURE.md, "Compiled CPU kernels".
+$DISTTRAIN_CPU_KERNELS=numpy makes the CPU backend use the NumPy kernels instead.
+"""

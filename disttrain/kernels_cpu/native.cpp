@@ -1,0 +1,277 @@
+// The CPU backend's compiled kernels: the LSTM layer over a whole segment (forward and backward) and
+// the fused log-softmax + cross-entropy (forward and backward). Layouts and arithmetic are those of
+// disttrain/tensor/kernels_numpy.py, the reference these are tested against.
+//
+// Every kernel works on a block of rows [lo, hi) (batch rows for the LSTM, logit rows for the
+// cross-entropy) and touches nothing outside it, so disttrain.kernels_cpu.wrappers runs the blocks
+// side by side on the intra-op threads: an LSTM batch row's recurrence never reads another row, so
+// the blocks need no synchronisation between time steps. The recurrent GEMMs call the BLAS that
+// NumPy loaded (its Fortran gemm, whose address dt_set_blas receives), on the calling thread: the
+// wrappers hold that BLAS to one thread while the blocks run.
+//
+// Plain C ABI (loaded with ctypes, which releases the GIL for the call); no Python API is used.
+#include <cstdint>
+#include <cstring>
+
+#include "simd_math.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// one build that runs on every x86-64 CPU and uses AVX-512 or AVX2 + FMA where the CPU has them
+#define DT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define DT_CLONES
+#endif
+
+namespace {
+
+using i64 = int64_t;
+
+// ---- BLAS: Fortran ?gemm_ with 32-bit (LP64) or 64-bit (ILP64) integers -----------------------------
+
+template <typename T, typename I>
+using gemm_fn = void (*)(const char*, const char*, const I*, const I*, const I*, const T*, const T*, const I*,
+                         const T*, const I*, const T*, T*, const I*);
+
+struct Blas {
+    void* sgemm = nullptr;
+    void* dgemm = nullptr;
+    bool int64 = false;
+};
+Blas blas;
+
+template <typename T> void* gemm_address();
+template <> void* gemm_address<float>() { return blas.sgemm; }
+template <> void* gemm_address<double>() { return blas.dgemm; }
+
+template <typename T, typename I>
+void fortran_gemm(char ta, char tb, i64 m, i64 n, i64 k, T alpha, const T* a, i64 lda, const T* b, i64 ldb,
+                  T beta, T* c, i64 ldc) {
+    const I mi = m, ni = n, ki = k, ldai = lda, ldbi = ldb, ldci = ldc;
+    reinterpret_cast<gemm_fn<T, I>>(gemm_address<T>())(&ta, &tb, &mi, &ni, &ki, &alpha, a, &ldai, b, &ldbi,
+                                                       &beta, c, &ldci);
+}
+
+// C (M x N) = A (M x K) B (K x N) + beta C, all row-major: the column-major BLAS computes C^T = B^T A^T
+template <typename T>
+void gemm_rows(i64 m, i64 n, i64 k, const T* a, i64 lda, const T* b, i64 ldb, T beta, T* c, i64 ldc) {
+    if (blas.int64)
+        fortran_gemm<T, int64_t>('N', 'N', n, m, k, T(1), b, ldb, a, lda, beta, c, ldc);
+    else
+        fortran_gemm<T, int32_t>('N', 'N', n, m, k, T(1), b, ldb, a, lda, beta, c, ldc);
+}
+
+// The rows of C in BLAS calls of at most `chunk` rows each (chunk <= 0: one call), same arguments as gemm_rows
+template <typename T>
+void gemm_row_chunks(i64 chunk, i64 m, i64 n, i64 k, const T* a, i64 lda, const T* b, i64 ldb, T beta, T* c,
+                     i64 ldc) {
+    if (chunk <= 0) chunk = m;
+    for (i64 r = 0; r < m; r += chunk)
+        gemm_rows<T>(m - r < chunk ? m - r : chunk, n, k, a + r * lda, lda, b, ldb, beta, c + r * ldc, ldc);
+}
+
+// ---- LSTM ------------------------------------------------------------------------------------------
+// Gate order i, f, g, o (PyTorch's); sigmoid(x) = tanh(x / 2) / 2 + 1/2, as the NumPy kernels compute it.
+
+// One batch row of one step: pre (4H) = gates_x + h W_hh^T becomes the activations [i, f, g, o] in
+// place; writes h, c and tanh(c) (H each) from c_prev.
+template <typename T>
+DT_CLONES void lstm_activate_row(T* pre, const T* c_prev, T* h, T* c, T* tanh_c, i64 hidden) {
+    const T half = T(0.5);
+    T* pi = pre;
+    T* pf = pre + hidden;
+    T* pg = pre + 2 * hidden;
+    T* po = pre + 3 * hidden;
+#pragma omp simd
+    for (i64 j = 0; j < hidden; ++j) {
+        T i = dt::tanh_(pi[j] * half) * half + half;
+        T f = dt::tanh_(pf[j] * half) * half + half;
+        T g = dt::tanh_(pg[j]);
+        T o = dt::tanh_(po[j] * half) * half + half;
+        pi[j] = i;
+        pf[j] = f;
+        pg[j] = g;
+        po[j] = o;
+        T cj = f * c_prev[j] + i * g;
+        T tc = dt::tanh_(cj);
+        c[j] = cj;
+        tanh_c[j] = tc;
+        h[j] = o * tc;
+    }
+}
+
+// Batch rows [lo, hi) of a layer over `steps` steps. acts (T, B, 4H) holds gates_x on entry and the
+// activations on return; w_t (H, 4H) is W_hh^T, contiguous; out, cs, tanh_c (T, B, H). chunk: rows per
+// BLAS call (0: the block's rows in one call), so that the wrappers can keep each call under the BLAS's
+// small-matrix bound.
+template <typename T>
+void lstm_forward(T* acts, const T* h0, const T* c0, const T* w_t, T* out, T* cs, T* tanh_c, i64 steps,
+                  i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {
+    const i64 rows = hi - lo, four_h = 4 * hidden;
+    for (i64 t = 0; t < steps; ++t) {
+        T* pre = acts + (t * batch + lo) * four_h;
+        const i64 here = (t * batch + lo) * hidden, before = ((t - 1) * batch + lo) * hidden;
+        const T* h_prev = t ? out + before : h0 + lo * hidden;
+        const T* c_prev = t ? cs + before : c0 + lo * hidden;
+        gemm_row_chunks<T>(chunk, rows, four_h, hidden, h_prev, hidden, w_t, four_h, T(1), pre, four_h);
+        for (i64 r = 0; r < rows; ++r)
+            lstm_activate_row<T>(pre + r * four_h, c_prev + r * hidden, out + here + r * hidden,
+                                 cs + here + r * hidden, tanh_c + here + r * hidden, hidden);
+    }
+}
+
+// One batch row of one backward step (kernels_numpy._lstm_backward_factors and _lstm_step_backward,
+// with the same products in the same order): from dh (the step's total incoming h gradient) and dc,
+// writes d_pre (4H) and replaces dc by the gradient of c_prev.
+template <typename T>
+DT_CLONES void lstm_backward_row(const T* dh, T* dc, const T* act, const T* tanh_c, const T* c_prev, T* d_pre,
+                                 i64 hidden) {
+    const T one = T(1);
+    const T* ai = act;
+    const T* af = act + hidden;
+    const T* ag = act + 2 * hidden;
+    const T* ao = act + 3 * hidden;
+#pragma omp simd
+    for (i64 j = 0; j < hidden; ++j) {
+        T i = ai[j], f = af[j], g = ag[j], o = ao[j], tc = tanh_c[j];
+        T dc_total = dh[j] * ((one - tc * tc) * o) + dc[j];
+        d_pre[j] = ((one - i) * i * g) * dc_total;
+        d_pre[hidden + j] = ((one - f) * f * c_prev[j]) * dc_total;
+        d_pre[2 * hidden + j] = ((one - g * g) * i) * dc_total;
+        d_pre[3 * hidden + j] = ((one - o) * o * tc) * dh[j];
+        dc[j] = dc_total * f;
+    }
+}
+
+template <typename T>
+DT_CLONES void add_rows(const T* a, const T* b, T* out, i64 n) {
+#pragma omp simd
+    for (i64 j = 0; j < n; ++j) out[j] = a[j] + b[j];
+}
+
+// Batch rows [lo, hi) of lstm_layer_backward. d_out (T, B, H); dh_n, dc_n (B, H); acts (T, B, 4H);
+// tanh_c, cs (T, B, H); c0 (B, H); w (4H, H) = W_hh. Writes d_gates (T, B, 4H) and dh0, dc0 (B, H),
+// which also carry dh and dc between the steps. dh_step (B, H): scratch. chunk: as lstm_forward's.
+template <typename T>
+void lstm_backward(const T* d_out, const T* dh_n, const T* dc_n, const T* acts, const T* tanh_c, const T* cs,
+                   const T* c0, const T* w, T* d_gates, T* dh0, T* dc0, T* dh_step, i64 steps, i64 batch,
+                   i64 hidden, i64 lo, i64 hi, i64 chunk) {
+    const i64 rows = hi - lo, four_h = 4 * hidden;
+    T* dh = dh0 + lo * hidden;
+    T* dc = dc0 + lo * hidden;
+    T* dh_t = dh_step + lo * hidden;
+    std::memcpy(dh, dh_n + lo * hidden, sizeof(T) * rows * hidden);
+    std::memcpy(dc, dc_n + lo * hidden, sizeof(T) * rows * hidden);
+    for (i64 t = steps - 1; t >= 0; --t) {
+        const i64 here = (t * batch + lo) * hidden;
+        const T* c_prev = t ? cs + ((t - 1) * batch + lo) * hidden : c0 + lo * hidden;
+        T* d_pre = d_gates + (t * batch + lo) * four_h;
+        add_rows<T>(d_out + here, dh, dh_t, rows * hidden);
+        for (i64 r = 0; r < rows; ++r)
+            lstm_backward_row<T>(dh_t + r * hidden, dc + r * hidden, acts + (t * batch + lo + r) * four_h,
+                                 tanh_c + here + r * hidden, c_prev + r * hidden, d_pre + r * four_h, hidden);
+        gemm_row_chunks<T>(chunk, rows, hidden, four_h, d_pre, four_h, w, hidden, T(0), dh, hidden);
+    }
+}
+
+// ---- log-softmax + cross-entropy ---------------------------------------------------------------------
+
+template <typename T>
+DT_CLONES T row_max(const T* x, i64 n) {
+    T m = x[0];
+#pragma omp simd reduction(max : m)
+    for (i64 j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+    return m;
+}
+
+// sum_j exp(x_j - shift), storing the terms in e when e is not null
+template <typename T>
+DT_CLONES T row_sumexp(const T* x, T shift, T* e, i64 n) {
+    T s = 0;
+    if (e) {
+#pragma omp simd reduction(+ : s)
+        for (i64 j = 0; j < n; ++j) {
+            T v = dt::exp_(x[j] - shift);
+            e[j] = v;
+            s += v;
+        }
+    } else {
+#pragma omp simd reduction(+ : s)
+        for (i64 j = 0; j < n; ++j) s += dt::exp_(x[j] - shift);
+    }
+    return s;
+}
+
+// Rows [lo, hi) of cross_entropy_forward: losses (N,) = log sum exp(x - max) - (x[target] - max), 0 on
+// rows whose target is ignore_index; sumexp (N,); exp (N, C) the shifted exponentials, when not null.
+// A target outside [0, C) on another row gives a NaN loss (the op checks the classes before).
+template <typename T>
+void cross_entropy_forward(const T* logits, const int64_t* target, i64 ignore_index, T* exp, T* sumexp,
+                           T* losses, i64 classes, i64 lo, i64 hi) {
+    for (i64 r = lo; r < hi; ++r) {
+        const T* x = logits + r * classes;
+        const T shift = row_max<T>(x, classes);
+        const T s = row_sumexp<T>(x, shift, exp ? exp + r * classes : nullptr, classes);
+        sumexp[r] = s;
+        const bool valid = target[r] != ignore_index;
+        const i64 k = valid ? target[r] : 0;
+        if (k < 0 || k >= classes) {
+            losses[r] = T(NAN);
+            continue;
+        }
+        losses[r] = (std::log(s) - (x[k] - shift)) * T(valid);
+    }
+}
+
+template <typename T>
+DT_CLONES void scale_row(T* x, T k, i64 n) {
+#pragma omp simd
+    for (i64 j = 0; j < n; ++j) x[j] *= k;
+}
+
+// Rows [lo, hi) of cross_entropy_backward from forward's exp, in place: grad = exp * (row_scale / sumexp),
+// minus row_scale at the target class (skipped for a target outside [0, C)).
+template <typename T>
+void cross_entropy_backward(T* grad, const T* sumexp, const T* row_scale, const int64_t* target, i64 classes,
+                            i64 lo, i64 hi) {
+    for (i64 r = lo; r < hi; ++r) {
+        scale_row<T>(grad + r * classes, row_scale[r] / sumexp[r], classes);
+        const i64 k = target[r];
+        if (k >= 0 && k < classes) grad[r * classes + k] -= row_scale[r];
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+// The BLAS's Fortran sgemm_ and dgemm_ addresses; int64: nonzero when its integers are 64-bit (ILP64).
+void dt_set_blas(void* sgemm, void* dgemm, int int64) {
+    blas.sgemm = sgemm;
+    blas.dgemm = dgemm;
+    blas.int64 = int64 != 0;
+}
+
+#define DT_EXPORT_ALL(S, T)                                                                                   \
+    void dt_lstm_forward_##S(T* acts, const T* h0, const T* c0, const T* w_t, T* out, T* cs, T* tanh_c,       \
+                             i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {                   \
+        lstm_forward<T>(acts, h0, c0, w_t, out, cs, tanh_c, steps, batch, hidden, lo, hi, chunk);             \
+    }                                                                                                         \
+    void dt_lstm_backward_##S(const T* d_out, const T* dh_n, const T* dc_n, const T* acts, const T* tanh_c,   \
+                              const T* cs, const T* c0, const T* w, T* d_gates, T* dh0, T* dc0, T* dh_step,   \
+                              i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {                  \
+        lstm_backward<T>(d_out, dh_n, dc_n, acts, tanh_c, cs, c0, w, d_gates, dh0, dc0, dh_step, steps,       \
+                         batch, hidden, lo, hi, chunk);                                                       \
+    }                                                                                                         \
+    void dt_cross_entropy_forward_##S(const T* logits, const int64_t* target, i64 ignore_index, T* exp,      \
+                                      T* sumexp, T* losses, i64 classes, i64 lo, i64 hi) {                    \
+        cross_entropy_forward<T>(logits, target, ignore_index, exp, sumexp, losses, classes, lo, hi);         \
+    }                                                                                                         \
+    void dt_cross_entropy_backward_##S(T* grad, const T* sumexp, const T* row_scale, const int64_t* target,  \
+                                       i64 classes, i64 lo, i64 hi) {                                         \
+        cross_entropy_backward<T>(grad, sumexp, row_scale, target, classes, lo, hi);                          \
+    }
+
+DT_EXPORT_ALL(f32, float)
+DT_EXPORT_ALL(f64, double)
+
+}  // extern "C"

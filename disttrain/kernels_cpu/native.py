@@ -1,0 +1,121 @@
+"""Loading the compiled kernels (native.cpp, built into `_native` when disttrain is installed) and handing
+them the GEMM of the BLAS that NumPy loaded.
+
+`library()` returns the ctypes library, or None when it cannot be used; `unavailable_reason()` then says
+why in one line. Nothing is loaded at import: the first kernel call loads it.
+
+The BLAS: NumPy wheels ship OpenBLAS with renamed symbols (`scipy_sgemm_64_`: prefix `scipy_`, suffix
+`64_`, 64-bit integers) and export no C interface meant for other extensions. threadpoolctl, which
+already finds that library to set its thread count, gives its file; its `openblas_get_config` and
+Fortran `?gemm_` are looked up there under the known renamings, and the integer width is read from the
+configuration string (USE64BITINT). Calling that same library keeps one BLAS thread pool in the process,
+the one `dt.set_num_threads` and threads.one_blas_thread set. Another BLAS (MKL, Accelerate, a BLAS
+threadpoolctl cannot name) means the NumPy kernels.
+"""
+import ctypes
+import importlib.util
+import os
+
+import numpy as np
+import threadpoolctl
+
+ENV_VAR = "DISTTRAIN_CPU_KERNELS"          # "numpy" forces the NumPy kernels; unset or "compiled": these
+CHOICES = ("compiled", "numpy")
+
+# OpenBLAS's cores with small-matrix GEMM kernels (no packing) for GEMMs of at most SMALL_GEMM_MACS
+# multiply-adds: its kernel/x86_64/KERNEL.SKYLAKEX permit, which Cooperlake and SapphireRapids include;
+# elsewhere (Haswell, Zen, ...) every GEMM packs its operands
+SMALL_GEMM_CORES = ("SkylakeX", "Cooperlake", "SapphireRapids")
+SMALL_GEMM_MACS = 1_000_000
+
+_library = None
+_reason = None
+_loaded = False
+_small_gemm_macs = 0
+
+_I64 = ctypes.c_int64
+_P = ctypes.c_void_p
+_SIGNATURES = {
+    "dt_lstm_forward_{s}": [_P] * 7 + [_I64] * 6,
+    "dt_lstm_backward_{s}": [_P] * 12 + [_I64] * 6,
+    "dt_cross_entropy_forward_{s}": [_P, _P, _I64, _P, _P, _P, _I64, _I64, _I64],
+    "dt_cross_entropy_backward_{s}": [_P] * 4 + [_I64] * 3,
+}
+# (symbol prefix, suffix) of OpenBLAS builds: plain, 64-bit-integer (Debian's libopenblas64), NumPy/SciPy wheels
+_OPENBLAS_RENAMINGS = (("", ""), ("", "64_"), ("scipy_", "64_"), ("scipy_", ""))
+SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+
+
+def requested():
+    """What $DISTTRAIN_CPU_KERNELS asks for: "compiled" (the default) or "numpy"."""
+    value = os.environ.get(ENV_VAR, "").strip().lower() or "compiled"
+    if value not in CHOICES:
+        raise ValueError(f"${ENV_VAR} must be one of {', '.join(CHOICES)}, got {value!r}")
+    return value
+
+
+def library():
+    """The loaded kernels (a ctypes.CDLL with the BLAS set), or None (see unavailable_reason)."""
+    global _library, _reason, _loaded
+    if not _loaded:
+        _loaded = True
+        try:
+            _library = _load()
+        except (OSError, RuntimeError, AttributeError) as exc:
+            _reason = str(exc)
+    return _library
+
+
+def small_gemm_macs():
+    """The largest float32 GEMM (in multiply-adds) that NumPy's OpenBLAS runs without packing its operands,
+    0 where it packs every GEMM (known once library() has loaded)."""
+    return _small_gemm_macs
+
+
+def unavailable_reason():
+    """Why library() is None, in one line; None when it is available (or not tried yet)."""
+    return _reason
+
+
+def _load():
+    spec = importlib.util.find_spec("disttrain.kernels_cpu._native")
+    if spec is None or not spec.origin:
+        raise RuntimeError("disttrain.kernels_cpu._native was not built (no C++ compiler at install?)")
+    lib = ctypes.CDLL(spec.origin)
+    for name, argtypes in _SIGNATURES.items():
+        for suffix in SUFFIX.values():
+            fn = getattr(lib, name.format(s=suffix))
+            fn.argtypes, fn.restype = argtypes, None
+    sgemm, dgemm, int64, core = _numpy_blas_gemm()
+    lib.dt_set_blas.argtypes, lib.dt_set_blas.restype = [_P, _P, ctypes.c_int], None
+    lib.dt_set_blas(sgemm, dgemm, int64)
+    global _small_gemm_macs
+    _small_gemm_macs = SMALL_GEMM_MACS if core in SMALL_GEMM_CORES else 0
+    return lib
+
+
+def _numpy_blas_gemm():
+    """(sgemm_ address, dgemm_ address, 64-bit integers?, core name) of the OpenBLAS NumPy loaded."""
+    np.dot(np.ones((2, 2)), np.ones((2, 2)))  # make sure NumPy's BLAS is loaded
+    blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
+    openblas = [lib for lib in blas if lib["internal_api"] == "openblas"]
+    if not openblas:
+        names = ", ".join(lib["internal_api"] for lib in blas) or "none found"
+        raise RuntimeError(f"NumPy's BLAS is not OpenBLAS ({names})")
+    path = openblas[0]["filepath"]
+    dynlib = ctypes.CDLL(path)  # already loaded: this only opens a handle to it
+    for prefix, suffix in _OPENBLAS_RENAMINGS:
+        get_config = getattr(dynlib, f"{prefix}openblas_get_config{suffix}", None)
+        if get_config is not None:
+            break
+    else:
+        raise RuntimeError(f"{path} has no openblas_get_config under any known symbol naming")
+    get_config.restype = ctypes.c_char_p
+    addresses = []
+    for routine in ("sgemm_", "dgemm_"):
+        symbol = f"{prefix}{routine}{suffix}"
+        try:
+            addresses.append(ctypes.cast(getattr(dynlib, symbol), _P).value)
+        except AttributeError:
+            raise RuntimeError(f"{path} has no {symbol}") from None
+    return addresses[0], addresses[1], b"USE64BITINT" in get_config(), openblas[0].get("architecture")

@@ -1,0 +1,76 @@
+// exp and tanh for float32 that GCC vectorises: arithmetic, bit casts and selects only, no libm call
+// and no branch, so a `#pragma omp simd` loop over them becomes AVX-512 / AVX2 / SSE code. libm's
+// expf/tanhf are scalar calls, and glibc's vector variants (libmvec) are only used under -ffast-math,
+// which would also reorder sums and drop NaN handling everywhere. float64 (the gradient-check path,
+// where speed does not matter) calls libm.
+//
+// Both are the Cephes single-precision algorithms (S. L. Moshier, www.netlib.org/cephes):
+//   exp:  x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-7 polynomial, times 2^n from the exponent bits;
+//         relative error about 1 ulp; below -87.33 (2^-126) the result is 0, above 88.72 it is inf.
+//   tanh: |x| < 0.625: x + x^3 P(x^2) (degree-4 P); else sign(x) (1 - 2 / (exp(2|x|) + 1));
+//         about 2 ulp relative.
+// NaN in gives NaN out (every select keeps x when a comparison with NaN is false).
+#ifndef DISTTRAIN_SIMD_MATH_H
+#define DISTTRAIN_SIMD_MATH_H
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace dt {
+
+static inline float bits_to_float(int32_t i) {
+    float f;
+    std::memcpy(&f, &i, sizeof f);
+    return f;
+}
+
+static inline float exp_f32(float x) {
+    const float hi = 88.72283935546875f, lo = -87.33654022216797f;
+    float xc = x > hi ? hi : x;
+    xc = xc < lo ? lo : xc;
+    // n = round(x / ln2) by the 1.5 * 2^23 trick (exact for |n| < 2^22, no call to rintf)
+    const float shifter = 12582912.0f;
+    float n = (xc * 1.44269504088896341f + shifter) - shifter;
+    float r = xc - n * 0.693359375f;   // ln2 in two parts: the first has few bits, so n * it is exact
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    n = n == n ? n : 0.0f;              // NaN: any n (p is NaN already); keeps the int conversion defined
+    float scale = bits_to_float(static_cast<int32_t>((static_cast<uint32_t>(static_cast<int32_t>(n)) + 127u) << 23));
+    float y = p * scale;
+    y = x < lo ? 0.0f : y;
+    return x > hi ? INFINITY : y;
+}
+
+static inline float tanh_f32(float x) {
+    float z = std::fabs(x);
+    // small |x|: the odd polynomial (1 - 2/(e^2z + 1) would cancel digits there)
+    float s = x * x;
+    float p = -5.70498872745e-3f;
+    p = p * s + 2.06390887954e-2f;
+    p = p * s - 5.37397155531e-2f;
+    p = p * s + 1.33314422036e-1f;
+    p = p * s - 3.33332819422e-1f;
+    float small = p * s * x + x;
+    float large = 1.0f - 2.0f / (exp_f32(2.0f * z) + 1.0f);
+    large = x < 0.0f ? -large : large;
+    return z >= 0.625f ? large : small;
+}
+
+template <typename T> static inline T exp_(T x);
+template <> inline float exp_<float>(float x) { return exp_f32(x); }
+template <> inline double exp_<double>(double x) { return std::exp(x); }
+
+template <typename T> static inline T tanh_(T x);
+template <> inline float tanh_<float>(float x) { return tanh_f32(x); }
+template <> inline double tanh_<double>(double x) { return std::tanh(x); }
+
+}  // namespace dt
+
+#endif

@@ -1,0 +1,189 @@
+"""The CPU backend's kernel table with the compiled hot paths: kernels_numpy's names and signatures, the
+LSTM layer and the cross-entropy running native.cpp, everything else kernels_numpy's own function.
+
+Each wrapper makes its inputs C-contiguous, allocates the outputs and runs the compiled kernel over row
+blocks on the intra-op threads (disttrain.tensor.threads): the LSTM over blocks of the batch, with the
+BLAS held to one thread while the blocks run (each block calls it for its own rows; two levels of
+threads on two cores would only queue for them), the cross-entropy over blocks of logit rows. Where
+no compiled kernel applies (another array module or dtype, empty arrays, the library not built) the
+wrapper runs the NumPy reference; a missing library is reported once, in one line, on stderr.
+"""
+import sys
+
+import numpy as np
+
+from disttrain.kernels_cpu import native
+from disttrain.tensor import kernels_numpy as _ref
+from disttrain.tensor import threads
+
+# A batch block of the recurrence is worth a thread hand-off (tens of microseconds) from about this many
+# multiply-adds of its GEMMs (a few hundred microseconds of work).
+MIN_MACS_PER_BLOCK = 1 << 22
+
+# Rows per recurrent GEMM call where the BLAS has unpacked small-matrix kernels: a multiple of 4 under its
+# bound. OpenBLAS's SkylakeX kernels, one thread, ptb_small's (rows, 200) x (200, 800): 3.2 us a row in
+# 4-row calls, 3.75 in 6-row, more in odd-sized ones, 4.8 in one packed 10-row call (half the batch on
+# each of two threads); the char LM's H = 256 leaves 3 rows, slower than its packed 16-row call
+# (benchmarks/RESULTS.md)
+SMALL_GEMM_ROWS = 4
+
+_noted = False
+
+
+def __getattr__(name):
+    """The table's other entries: kernels_numpy's own (a kernel added there is here too)."""
+    if name.startswith("_"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(_ref, name)
+
+
+def _compiled(xp, *arrays):
+    """The compiled library when it applies to these arrays (NumPy, one float dtype it is built for, no
+    empty array), else None."""
+    if xp is not np or any(a.dtype != arrays[0].dtype or a.size == 0 for a in arrays):
+        return None
+    if arrays[0].dtype not in native.SUFFIX:
+        return None
+    lib = native.library()
+    if lib is None:
+        _note_fallback()
+    return lib
+
+
+def _note_fallback():
+    global _noted
+    if not _noted:
+        _noted = True
+        print(f"disttrain: compiled CPU kernels unavailable: {native.unavailable_reason()}; using the NumPy "
+              "kernels (slower)", file=sys.stderr)
+
+
+def _kernel(lib, name, dtype):
+    return getattr(lib, f"dt_{name}_{native.SUFFIX[dtype]}")
+
+
+def _pointers(*arrays):
+    """The data addresses of C-contiguous arrays (None for None). The caller keeps the arrays alive."""
+    return [None if a is None else a.ctypes.data for a in arrays]
+
+
+def _c(a, dtype=None):
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _rows_per_gemm(batch, hidden, dtype):
+    """Rows per recurrent GEMM call of the compiled LSTM: 0 for one call per batch block, else a multiple of
+    SMALL_GEMM_ROWS small enough for the BLAS's unpacked small-matrix kernels (native.small_gemm_macs).
+    Both directions multiply by a (H, 4H) or (4H, H) matrix, so one count serves forward and backward."""
+    most = native.small_gemm_macs() // (4 * hidden * hidden) if dtype == np.float32 else 0
+    rows = most - most % SMALL_GEMM_ROWS
+    return rows if 0 < rows < batch else 0
+
+
+def _recurrence(kernel, batch, macs_per_row, chunk):
+    """kernel(lo, hi, chunk) over blocks of batch rows side by side, the BLAS on one thread. With chunk > 0
+    every block is made of whole chunks, so each chunk's GEMMs are the same calls whatever the thread
+    count, and so are the results."""
+    with threads.one_blas_thread():
+        if not chunk:
+            threads.parallel_rows(lambda lo, hi: kernel(lo, hi, 0), batch, macs_per_row,
+                                  min_per_block=MIN_MACS_PER_BLOCK)
+            return
+
+        def chunks(lo, hi):
+            kernel(lo * chunk, min(hi * chunk, batch), chunk)
+
+        threads.parallel_rows(chunks, -(-batch // chunk), macs_per_row * chunk, min_per_block=MIN_MACS_PER_BLOCK)
+
+
+# ---- LSTM layer --------------------------------------------------------------------------------------
+
+def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
+    """kernels_numpy.lstm_layer_forward (same arguments, results and consumed gates_x), compiled."""
+    lib = _compiled(xp, gates_x, h0, c0, w_hh)
+    if lib is None:
+        return _ref.lstm_layer_forward(xp, gates_x, h0, c0, w_hh)
+    steps, batch, four_h = gates_x.shape
+    hidden = four_h // 4
+    acts = _c(gates_x)
+    if not acts.flags.writeable:  # the activations are written into its buffer: never into read-only memory
+        acts = acts.copy()
+    out, cs, tanh_c = (np.empty((steps, batch, hidden), dtype=acts.dtype) for _ in range(3))
+    # W_hh^T copied contiguous once per call: one-thread OpenBLAS GEMMs on the transposed view of W_hh
+    # take ~1.8x as long for these shapes (benchmarks/RESULTS.md)
+    arrays = (acts, _c(h0), _c(c0), _c(w_hh.T), out, cs, tanh_c)
+    args = _pointers(*arrays)
+    kernel = _kernel(lib, "lstm_forward", acts.dtype)
+
+    def rows(lo, hi, chunk):
+        kernel(*args, steps, batch, hidden, lo, hi, chunk)
+
+    _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype))
+    return out, cs, acts, tanh_c
+
+
+def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh):
+    """kernels_numpy.lstm_layer_backward, compiled: the recurrence per batch block, then dW_hh as one GEMM
+    over all steps on every BLAS thread."""
+    lib = _compiled(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh)
+    if lib is None:
+        return _ref.lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh)
+    steps, batch, four_h = acts.shape
+    hidden = four_h // 4
+    d_gates = np.empty((steps, batch, four_h), dtype=acts.dtype)
+    dh0, dc0, dh_step = (np.empty((batch, hidden), dtype=acts.dtype) for _ in range(3))
+    arrays = (_c(d_out), _c(dh_n), _c(dc_n), _c(acts), _c(tanh_c), _c(cs), _c(c0), _c(w_hh),
+              d_gates, dh0, dc0, dh_step)
+    args = _pointers(*arrays)
+    kernel = _kernel(lib, "lstm_backward", acts.dtype)
+
+    def rows(lo, hi, chunk):
+        kernel(*args, steps, batch, hidden, lo, hi, chunk)
+
+    _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype))
+    return d_gates, dh0, dc0, _ref._recurrent_weight_grad(xp, d_gates, h0, out)
+
+
+# ---- fused log-softmax + cross-entropy -----------------------------------------------------------------
+
+def cross_entropy_forward(xp, logits, target, ignore_index, keep_softmax=False):
+    """kernels_numpy.cross_entropy_forward, compiled: one max pass and one exp-and-sum pass per row."""
+    lib = _compiled(xp, logits)
+    if lib is None or logits.ndim != 2:
+        return _ref.cross_entropy_forward(xp, logits, target, ignore_index, keep_softmax)
+    n, classes = logits.shape
+    logits, target = _c(logits), _c(target, np.int64)
+    exp = np.empty_like(logits) if keep_softmax else None
+    sumexp, losses = np.empty(n, dtype=logits.dtype), np.empty(n, dtype=logits.dtype)
+    pointers, outputs = _pointers(logits, target), _pointers(exp, sumexp, losses)
+    kernel = _kernel(lib, "cross_entropy_forward", logits.dtype)
+
+    def rows(lo, hi):
+        kernel(*pointers, int(ignore_index), *outputs, classes, lo, hi)
+
+    threads.parallel_rows(rows, n, classes)
+    return losses, ((exp, sumexp) if keep_softmax else None)
+
+
+def cross_entropy_backward(xp, logits, target, saved, row_scale):
+    """kernels_numpy.cross_entropy_backward, compiled for forward's (exp, sumexp) pair (overwritten with
+    the result, as there) and for None (recomputed here); the CUDA form (a row log-sum-exp) goes to the
+    reference."""
+    lib = _compiled(xp, logits)
+    if lib is None or logits.ndim != 2 or not (saved is None or isinstance(saved, tuple)):
+        return _ref.cross_entropy_backward(xp, logits, target, saved, row_scale)
+    n, classes = logits.shape
+    if saved is None:
+        saved = cross_entropy_forward(xp, logits, target, -1, keep_softmax=True)[1]
+    grad, sumexp = saved
+    if not (grad.flags.c_contiguous and grad.dtype == logits.dtype and sumexp.dtype == logits.dtype):
+        return _ref.cross_entropy_backward(xp, logits, target, saved, row_scale)
+    arrays = (grad, _c(sumexp), _c(row_scale.reshape(n), logits.dtype), _c(target, np.int64))
+    args = _pointers(*arrays)
+    kernel = _kernel(lib, "cross_entropy_backward", logits.dtype)
+
+    def rows(lo, hi):
+        kernel(*args, classes, lo, hi)
+
+    threads.parallel_rows(rows, n, classes)
+    return grad
