@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from disttrain.checkpointing.checkpoint import segment_bounds
+from disttrain.checkpointing.plan import segment_bounds
 from disttrain.train.jobspec import JobSpecError
 
 __all__ = ["MemoryEstimate", "estimate", "parameter_count", "available_bytes", "check_fits", "format_bytes"]
