@@ -50,7 +50,7 @@ def sigmoid(xp, a):
 
 def bias_act_forward(xp, x, bias, act):
     """y = act(x + bias) in one kernel: x (..., C), bias (C,) or None."""
-    _ref._check_activation(act)
+    _ref.check_activation(act)
     if not _fused(x) or (bias is not None and bias.shape != x.shape[-1:]):
         return _ref.bias_act_forward(xp, x, bias, act)
     x = _contiguous(xp, x)
@@ -66,7 +66,7 @@ def bias_act_forward(xp, x, bias, act):
 
 def bias_act_backward(xp, grad_y, y, act, with_bias=False):
     """(grad_x, grad_bias): grad_x = grad_y * act'(y) in one kernel; grad_bias a column sum (CuPy)."""
-    _ref._check_activation(act)
+    _ref.check_activation(act)
     if not _fused(grad_y, y) or grad_y.shape != y.shape:
         return _ref.bias_act_backward(xp, grad_y, y, act, with_bias)
     grad_y, y = _contiguous(xp, grad_y), _contiguous(xp, y)
