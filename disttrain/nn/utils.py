@@ -23,18 +23,24 @@ def _grad_norm(grads, norm_type):
     return math.fsum(p ** norm_type for p in parts) ** (1.0 / norm_type)
 
 
-def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False):
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, total_norm=None):
     """Scale the gradients in place so that their total norm is at most max_norm; return the norm before.
 
     The total norm is that of all gradients concatenated into one vector. When it exceeds
     max_norm every gradient is multiplied by max_norm / (total_norm + 1e-6), as in PyTorch.
     Parameters without a gradient are skipped.
+    total_norm: the norm of a larger set of gradients that these are part of (the slices or stages of
+    one model on several processes, its norm summed over them): clip by it instead of these gradients'
+    own norm, and return it.
     """
     grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
-    if not grads:
-        return 0.0
     norm_type = float(norm_type)
-    total = _grad_norm(grads, norm_type)
+    if total_norm is not None:
+        total = float(total_norm)
+    elif not grads:
+        return 0.0
+    else:
+        total = _grad_norm(grads, norm_type)
     if error_if_nonfinite and not math.isfinite(total):
         raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total}; "
                            "pass error_if_nonfinite=False to clip anyway")
