@@ -197,3 +197,31 @@ def loaded_model(arrays):
         for p, value in zip(model.parameters(), arrays):
             p.copy_(value)
     return model
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deferred_sync_with_sharded_state_refuses_until_synchronize(stage):
+    comm = world()
+    data = batches(2, seed=8)
+    want = train(dt.float64, "adam", 0, 3e-4, data=data, schedule=False)[0]
+    model = awkward(dt.float64)
+    dp = DataParallel(model, comm, bucket_mb=3e-4, optimizer=make_optimizer("adam", model), sync="deferred",
+                      shard_optimizer=stage)
+    opt, errors = dp.optimizer, []
+    try:
+        for x, y in data:
+            opt.zero_grad()
+            loss_of(dp, share(x, comm), share(y, comm)).backward()
+            for misuse in (opt.zero_grad, opt.step, lambda: opt.clip_grad_norm_(MAX_NORM)):
+                try:
+                    misuse()
+                except RuntimeError as exc:
+                    errors.append(str(exc).split(" called while")[0])
+            dp.synchronize()
+            opt.clip_grad_norm_(MAX_NORM)
+            opt.step()
+    finally:
+        dp.close()
+    for a, b in zip([p.data for p in model.parameters()], want):
+        np.testing.assert_allclose(a, b, **TOL[dt.float64])
+    assert errors == ["zero_grad()", "step()", "clip_grad_norm_()"] * 2
