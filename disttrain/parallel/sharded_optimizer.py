@@ -54,9 +54,10 @@ class ShardedOptimizer(Optimizer):
     disttrain.parallel.buckets.Reducer over the same parameters on every rank), ZeRO `stage` 1 or 2.
 
     An Optimizer over the wrapped optimizer's param groups (the same list: an LR schedule of either changes
-    both), whose step, state_dict and load_state_dict are collectives. It takes the wrapped optimizer's state
-    over, sliced; the wrapped optimizer refuses to step from then on (step this object). `state` stays empty:
-    this rank's slices live in one optimizer of the wrapped class per bucket.
+    both), whose step and state_dict are collectives: every rank calls them (and load_state_dict, with the
+    same full state, though it only slices it). It takes the wrapped optimizer's state over, sliced; the
+    wrapped optimizer refuses to step from then on (step this object). `state` stays empty: this rank's
+    slices live in one optimizer of the wrapped class per bucket.
     """
 
     def __init__(self, optimizer, reducer, stage=1):
