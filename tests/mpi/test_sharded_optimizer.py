@@ -225,3 +225,54 @@ def test_deferred_sync_with_sharded_state_refuses_until_synchronize(stage):
     for a, b in zip([p.data for p in model.parameters()], want):
         np.testing.assert_allclose(a, b, **TOL[dt.float64])
     assert errors == ["zero_grad()", "step()", "clip_grad_norm_()"] * 2
+
+
+class SideOnRankZero(nn.Module):
+    """`side` gets a gradient only from rank 0's examples: every rank must still update it alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(5, 7)
+        self.side = nn.Linear(7, 3)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x, use_side):
+        h = self.body(x).tanh()
+        return self.head(h) + self.side(h) if use_side else self.head(h)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_parameter_with_a_gradient_on_some_ranks_only(stage):
+    comm = world()
+    rng = np.random.default_rng(4)
+    data = [(rng.standard_normal((BATCH, 5)), rng.integers(0, 3, BATCH)) for _ in range(3)]
+    dt.manual_seed(2)
+    model = SideOnRankZero().double()
+    dp = DataParallel(model, comm, bucket_mb=1e-4, optimizer=dt.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
+                                                                          weight_decay=0.1), shard_optimizer=stage)
+    try:
+        for x, y in data:
+            dp.optimizer.zero_grad()
+            F.cross_entropy(dp(dt.tensor(share(x, comm)), comm.rank == 0), dt.tensor(share(y, comm))).backward()
+            full = [p.grad is not None for p in model.parameters()]
+            dp.optimizer.step()
+        got = [p.data.copy() for p in model.parameters()]
+        held = [None if stage < 2 else b.shard_grad.size for b in dp.reducer.buckets]
+        in_sync = dp.in_sync()
+    finally:
+        dp.close()
+    dt.manual_seed(2)
+    ref = SideOnRankZero().double()
+    opt = dt.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    n = BATCH // comm.size
+    for x, y in data:
+        opt.zero_grad()
+        losses = [F.cross_entropy(ref(dt.tensor(x[r * n:(r + 1) * n]), r == 0), dt.tensor(y[r * n:(r + 1) * n]))
+                  for r in range(comm.size)]
+        (sum(losses[1:], losses[0]) / comm.size).backward()
+        opt.step()
+    for (name, p), a in zip(ref.named_parameters(), got):
+        np.testing.assert_allclose(a, p.data, err_msg=name, **TOL[dt.float64])
+    assert in_sync
+    # stage 2: no rank holds a whole gradient after backward, only its slice of each bucket
+    assert all(full) if stage < 2 else not any(full) and held == [b.shard_numel for b in dp.reducer.buckets]
