@@ -32,6 +32,7 @@ from disttrain.models import LSTMLanguageModel  # noqa: E402
 from disttrain.nn.utils import clip_grad_norm_  # noqa: E402
 from disttrain.parallel import DataParallel, world  # noqa: E402
 from disttrain.parallel.sharded_optimizer import ShardedOptimizer  # noqa: E402
+from disttrain.tensor.host_allocator import retain_freed_memory  # noqa: E402
 
 STAGES = (0, 1, 2)
 
@@ -145,6 +146,7 @@ def step(args):
 
 
 def main():
+    retain_freed_memory()          # as `disttrain run` does: each step's big arrays reused, not faulted in again
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("memory", "step"))
     parser.add_argument("--bucket-mb", type=float, default=25.0)

@@ -106,10 +106,13 @@ class ShardedOptimizer(Optimizer):
         hypers = [{k: v for k, v in group.items() if k != "params"} for group in self.param_groups]
         with no_grad(), trace.span("sharded optimizer step"):
             in_flight = None
-            for shard in self._shards:
+            for k, shard in enumerate(self._shards):
                 changed = shard.update(self.stage, hypers)
                 gathering = shard.start_allgather(self.comm, changed)
-                self.reducer.drive(gathering.handle)
+                if k + 1 < len(self._shards):
+                    # moved forward while the next bucket updates (the last one is waited for at once: a
+                    # second thread testing it then only contends with the waiting one)
+                    self.reducer.drive(gathering.handle)
                 if in_flight is not None:
                     in_flight.finish()
                 in_flight = gathering
