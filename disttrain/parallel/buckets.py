@@ -183,9 +183,8 @@ class _ReduceScatterBucket(Bucket):
 
     collective = "reduce_scatter"
 
-    def __init__(self, index, named, ranks, rank):
+    def __init__(self, index, named, ranks):
         super().__init__(index, named, ranks)
-        self.rank = rank
         self.rows = None
         self.received = None
         self.shard_grad = None      # this rank's slice of the averaged gradients (shard_numel elements)
@@ -290,7 +289,7 @@ class Reducer:
 
     def _bucket(self, index, named):
         if self.collective == "reduce_scatter":
-            return _ReduceScatterBucket(index, named, self.comm.size, self.comm.rank)
+            return _ReduceScatterBucket(index, named, self.comm.size)
         return _AllreduceBucket(index, named, self.comm.size)
 
     # ---- during backward -----------------------------------------------------------------------
