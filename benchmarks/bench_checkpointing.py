@@ -18,7 +18,8 @@ median) with no meter running, and so is the cost of a running meter; for the LM
 alone of both, which splits the sqrt step's extra time into the recomputed forward and the rest.
 Times are this process's CPU seconds (time.process_time): BLAS is single-threaded, so that is the
 step's cost, without the waits for cores that other processes on a shared machine add to wall time.
-Saves benchmarks/checkpointing_memory.png.
+Saves benchmarks/out/checkpointing_memory.png (benchmarks/out/ is not tracked; the plot of record is in
+benchmarks/results/).
 
 BLAS runs on one thread unless OPENBLAS_NUM_THREADS is set: on a shared 2-core machine a second
 BLAS thread that is descheduled stalls every GEMM, which makes the many small GEMMs of the
@@ -229,7 +230,9 @@ def main():
           f"{100 * (times['mlp none, meter on'] / times['mlp none'] - 1):+.1f}%, of which "
           f"{times['meter alone'] * 1e3:.2f} ms is start + stop alone")
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpointing_memory.png")
+    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "checkpointing_memory.png")
     plot(mlp_rows, lstm_rows, path)
     print(f"\nplot: {os.path.relpath(path)}")
 

@@ -1,7 +1,7 @@
 """Pipeline efficiency: a K-stage pipelined step against K x the one-process step, for several micro-batch counts.
 
     mpiexec -n 2 .venv/bin/python benchmarks/bench_pipeline.py [--micro 1,2,4,8] [--schedule 1f1b]
-            [--trace benchmarks/pipeline.trace.json --png benchmarks/pipeline_timeline.png]
+            [--trace benchmarks/out/pipeline.trace.json --png benchmarks/out/pipeline_timeline.png]
 
 Model: an MLP of K x `--layers` blocks Linear(width, width) + tanh (float32), cut into K equal stages, one per
 rank, with a cross-entropy loss over `width` classes on the last stage; a batch of `--batch` rows. Per round,

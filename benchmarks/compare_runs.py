@@ -1,7 +1,7 @@
 """Overlay the perplexity curves of several runs of one job and say how far they are from the first run.
 
     .venv/bin/python benchmarks/compare_runs.py runs/local runs/dp2 --labels "1 process" "2 ranks" \
-        --out benchmarks/ptb_small_dp2_curves.png
+        --out benchmarks/out/ptb_small_dp2_curves.png
 
 Each RUN is a `disttrain run --out` directory (its metrics.jsonl). Rows are matched on the step (the same
 global batch per step in every mode, so the same step means the same training tokens); printed: for every

@@ -5,11 +5,11 @@ PyTorch-shaped API: dt.tensor, dt.nn, dt.optim, loss.backward(), opt.step().
 import os as _os
 import sys as _sys
 
-# NOTE: OpenBLAS's idle worker threads busy-wait 2^28 cycles (~0.1 s) after every multi-threaded BLAS call,
-# holding the cores that disttrain's intra-op threads need for the passes between GEMMs (the cross-entropy,
-# the LSTM's batch blocks, the optimizer): on two cores those passes then ran no faster on two threads than
-# on one. 2^16 cycles (~25 us) still covers back-to-back GEMMs. OpenBLAS reads the variable once, when NumPy
-# loads it, so it is set here, before NumPy's first import, and only if the user has not set it.
+# NOTE: OpenBLAS's idle worker threads busy-wait 2^28 cycles after every multi-threaded BLAS call, holding the
+# cores that disttrain's intra-op threads need for the passes between GEMMs (the cross-entropy, the LSTM's
+# batch blocks, the optimizer), so those passes gain nothing from a second thread. 2^16 cycles still covers
+# back-to-back GEMMs (benchmarks/RESULTS.md, compiled CPU kernels). OpenBLAS reads the variable once, when
+# NumPy loads it, so it is set here, before NumPy's first import, and only if the user has not set it.
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
 from disttrain.tensor import (Tensor, arange, bool_, cuda_available, float32, float64, from_numpy, full,

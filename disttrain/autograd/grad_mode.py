@@ -1,14 +1,14 @@
 """Whether ops record the graph: `no_grad`, `enable_grad`, `set_grad_enabled`.
 
-A plain module-level flag rather than a thread-local: the engine and every op read it on the
-hot path, and disttrain runs autograd on one thread per process (communication threads never
-build graphs).
+Per thread, as in PyTorch: a thread that evaluates or updates under no_grad (a parameter server's
+serving thread, a data loader) leaves every other thread's mode alone. A thread starts with grad on.
 """
 import functools
+import threading
 
 
-class _State:
-    enabled = True
+class _State(threading.local):
+    enabled = True          # each thread's own value once it sets one; this default until then
 
 
 state = _State()

@@ -21,10 +21,8 @@ from disttrain.tensor import threads
 MIN_MACS_PER_BLOCK = 1 << 22
 
 # Rows per recurrent GEMM call where the BLAS has unpacked small-matrix kernels: a multiple of 4 under its
-# bound. OpenBLAS's SkylakeX kernels, one thread, ptb_small's (rows, 200) x (200, 800): 3.2 us a row in
-# 4-row calls, 3.75 in 6-row, more in odd-sized ones, 4.8 in one packed 10-row call (half the batch on
-# each of two threads); the char LM's H = 256 leaves 3 rows, slower than its packed 16-row call
-# (benchmarks/RESULTS.md)
+# bound. OpenBLAS's SkylakeX kernels run 4-row calls fastest per row, faster than odd sizes or one packed
+# call over the whole block (the timings are in benchmarks/RESULTS.md, compiled CPU kernels)
 SMALL_GEMM_ROWS = 4
 
 _noted = False
@@ -141,7 +139,7 @@ def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_
         kernel(*args, steps, batch, hidden, lo, hi, chunk)
 
     _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype))
-    return d_gates, dh0, dc0, _ref._recurrent_weight_grad(xp, d_gates, h0, out)
+    return d_gates, dh0, dc0, _ref.recurrent_weight_grad(xp, d_gates, h0, out)
 
 
 # ---- fused log-softmax + cross-entropy -----------------------------------------------------------------

@@ -20,7 +20,7 @@
 
 Every kernel has a NumPy reference of the same name in disttrain.tensor.kernels_numpy.
 
-Verification status (see tests/kernels_cuda, CPU, and tests/gpu, GPU):
+What checks the kernels (tests/kernels_cuda on the CPU, tests/gpu on a GPU):
   - CPU, in CI: every source compiles with nvcc to PTX for sm_80 and sm_90 with warnings as errors,
     also as the self-contained text NVRTC gets; ptxas reports no spills and registers that fit the
     launch blocks; the launch helpers; the wrappers' names/signatures; every launch's arguments
@@ -29,8 +29,8 @@ Verification status (see tests/kernels_cuda, CPU, and tests/gpu, GPU):
     a few training steps with the CPU backend's kernels swapped for the wrappers over the emulator,
     against the NumPy kernels (tests/kernels_cuda, the "emulated" runs).
   - GPU (marked `gpu`): the same tests of tests/kernels_cuda on the "cuda" device; tests/gpu:
-    CUDA-graph replay vs eager, random-state round trips, memory-pool figures. Owed until a GPU
-    session runs them: no kernel has yet executed on a GPU (the emulator does not reproduce the
-    GPU's rounding, memory or concurrency).
+    CUDA-graph replay vs eager, random-state round trips, memory-pool figures. The emulator does
+    not reproduce the GPU's rounding, memory or concurrency; which GPU runs have been made is in
+    benchmarks/RESULTS.md.
 This package imports nothing at import time; loader.py guards `import cupy` (`loader.available`).
 """

@@ -1,4 +1,4 @@
-"""CUDA-graph capture of a steady-state training step (issue 6, item 5: launch overhead).
+"""CUDA-graph capture of a steady-state training step: one launch instead of hundreds.
 
 A PTB step is hundreds of small kernel launches, each paying Python and driver overhead. Captured
 once in a CUDA graph (CuPy stream capture), the whole step replays with one graph launch:
@@ -10,9 +10,8 @@ once in a CUDA graph (CuPy stream capture), the whole step replays with one grap
     step = capture_lm_step(model, optimizer, batch=20, bptt=20, clip_norm=5.0)
     loss = float(step(tokens, targets)[0])              # the carried (h, c) stays on the device
 
-STATUS: written and reviewed on a machine without a GPU; tests/gpu/test_cuda_graph.py checks a
-replayed step against the eager one and benchmarks/bench_train_gpu.py measures the gain. Until a
-GPU session has run them, the speed-up is unmeasured and the capture itself unverified.
+tests/gpu/test_cuda_graph_gpu.py checks a replayed step against the eager one and
+benchmarks/bench_train_gpu.py measures the gain (results in benchmarks/RESULTS.md).
 
 What `fn` must respect (CUDA graphs replay the captured kernels with the captured arguments):
   - no host synchronisation: no .item(), float(tensor), bool(device value) or device-to-host copy.

@@ -50,7 +50,7 @@ def sigmoid(xp, a):
 
 def bias_act_forward(xp, x, bias, act):
     """y = act(x + bias) in one kernel: x (..., C), bias (C,) or None."""
-    _ref._check_activation(act)
+    _ref.check_activation(act)
     if not _fused(x) or (bias is not None and bias.shape != x.shape[-1:]):
         return _ref.bias_act_forward(xp, x, bias, act)
     x = _contiguous(xp, x)
@@ -66,7 +66,7 @@ def bias_act_forward(xp, x, bias, act):
 
 def bias_act_backward(xp, grad_y, y, act, with_bias=False):
     """(grad_x, grad_bias): grad_x = grad_y * act'(y) in one kernel; grad_bias a column sum (CuPy)."""
-    _ref._check_activation(act)
+    _ref.check_activation(act)
     if not _fused(grad_y, y) or grad_y.shape != y.shape:
         return _ref.bias_act_backward(xp, grad_y, y, act, with_bias)
     grad_y, y = _contiguous(xp, grad_y), _contiguous(xp, y)
@@ -197,13 +197,6 @@ def index_add_rows(xp, target, index, values):
     grid, block = launch_config.rows_config(n_index, n_cols)
     kernel("embedding", "index_add_rows", target.dtype)(
         grid, block, (target, idx, vals, _i64(n_index), _i64(n_cols), _i64(target.shape[0])))
-
-
-def embedding_backward(xp, grad, indices, num_embeddings):
-    d = grad.shape[-1]
-    out = xp.zeros((num_embeddings, d), dtype=grad.dtype)
-    index_add_rows(xp, out, indices.reshape(-1), grad.reshape(-1, d))
-    return out
 
 
 # ---- optimizers ------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     if coef < 1.0 and grads:
         with no_grad():
             for g in grads:
-                g._check_inplace("clip_grad_norm_")  # bumps the version, as g.mul_(coef) would
+                g.begin_inplace("clip_grad_norm_")  # bumps the version, as g.mul_(coef) would
                 g.backend.kernels.scale_(g.backend.xp, [g.data], coef)
     return total
 

@@ -40,7 +40,7 @@ class Adam(Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         # one fused update (backend.kernels.adam_step: the NumPy reference on the CPU, one CUDA kernel on the GPU)
-        param._check_inplace(f"{type(self).__name__}.step")  # bumps the version (see optimizer.py)
+        param.begin_inplace(f"{type(self).__name__}.step")  # bumps the version (see optimizer.py)
         param.backend.kernels.adam_step(
             param.backend.xp, param.data, grad, state["exp_avg"], state["exp_avg_sq"],
             state["max_exp_avg_sq"] if group["amsgrad"] else None, state["step"], group["lr"], beta1, beta2,

@@ -29,7 +29,7 @@ class SGD(Optimizer):
 
     def _update(self, param, grad, state, group):
         # one fused update (backend.kernels.sgd_step: the NumPy reference on the CPU, one CUDA kernel on the GPU)
-        param._check_inplace("SGD.step")  # bumps the version: graphs recorded before the step fail at backward
+        param.begin_inplace("SGD.step")  # bumps the version: graphs recorded before the step fail at backward
         buf = param.backend.kernels.sgd_step(
             param.backend.xp, param.data, grad, state.get("momentum_buffer"), group["lr"], group["momentum"],
             group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"])

@@ -110,9 +110,8 @@ def share_cores():
     thread count (DISTTRAIN_NUM_THREADS, OMP_NUM_THREADS, OPENBLAS_NUM_THREADS). Returns the count set, or None.
 
     Why: every process's BLAS starts one thread per core, so N ranks on one node would run N x cores threads
-    that preempt each other mid-GEMM (measured on the 2-core dev box with two busy processes: a small GEMM
-    took 15.6 ms with 2 BLAS threads, 0.39 ms with 1). launch/mpirun.sh exports the same policy; this covers
-    a plain `mpiexec -n N disttrain run`.
+    that preempt each other mid-GEMM, which makes a small GEMM many times slower (benchmarks/RESULTS.md).
+    launch/mpirun.sh exports the same policy; this covers a plain `mpiexec -n N disttrain run`.
     """
     ranks = local_size()
     if ranks <= 1 or user_thread_count() is not None:

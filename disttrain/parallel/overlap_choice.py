@@ -3,8 +3,8 @@ with backward and after it, then keep the faster for the rest of the run.
 
 Whether overlap pays depends on the machine. Where a network adapter moves the data, it hides the
 communication behind backward. With shared-memory MPI on a few cores, the copies compete with backward
-for the same cores, and reducing after backward gives the shorter step (2 ranks on 2 cores: 36-41 ms vs
-41-48 ms a step, benchmarks/RESULTS.md, issue 5).
+for the same cores, and reducing after backward can give the shorter step (benchmarks/RESULTS.md, data
+parallelism).
 
 So the first steps are trials: `warmup` steps overlapped and not timed (first-touch allocations), then
 steps alternating between the two modes until each has `trials` timed steps. A step's time runs from the

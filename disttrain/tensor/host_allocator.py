@@ -4,9 +4,8 @@ A training step allocates and frees the same big arrays every step: ptb_small's 
 and their softmax are 16 MB each, the decoder's and the embedding's weight gradients 8 MB. glibc's
 malloc serves such blocks from fresh mmap pages and unmaps them on free (above its mmap threshold,
 128 KiB at start, raised on the fly) and gives the top of the heap back to the kernel above its trim
-threshold. Each step then faults every 4 KiB page in again, zero-filled by the kernel: ~2,350 page
-faults a ptb_small step, which took 44.4 ms instead of 35.5 ms with freed memory retained
-(`benchmarks/bench_host_allocator.py`, figures in benchmarks/RESULTS.md).
+threshold. Each step then faults every 4 KiB page in again, zero-filled by the kernel, thousands of page
+faults a ptb_small step (`benchmarks/bench_host_allocator.py`, figures in benchmarks/RESULTS.md).
 
 `retain_freed_memory()` raises the mmap threshold to glibc's maximum (32 MiB) and the trim threshold
 to 1 GiB, so freed blocks stay in the heap and the next step reuses them, as PyTorch's CUDA caching

@@ -36,9 +36,9 @@ def _by_elements(xp, fn, *arrays):
 
 def _small_gemms(xp):
     """Around a loop of small GEMMs (the recurrence's (B, H) x (H, 4H)): the BLAS on one thread for NumPy.
-    Handing a 3-MFLOP GEMM to a second thread gains next to nothing on a quiet machine (2.12 vs 1.98 ms
-    for a 20-step layer here) but, when another process holds that core, each hand-off waits for the
-    scheduler: the same layer took a median 20-87 ms with 2 threads, 6.5-9 ms with one."""
+    Handing a 3-MFLOP GEMM to a second thread gains next to nothing on a quiet machine but, when another
+    process holds that core, each hand-off waits for the scheduler, many times the GEMM itself
+    (benchmarks/RESULTS.md)."""
     return one_blas_thread() if xp is np else contextlib.nullcontext()
 
 
@@ -121,8 +121,8 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     steps, batch, four_h = gates_x.shape
     alpha, beta = _gate_scales(xp, four_h // 4, gates_x.dtype)
     gates_x *= alpha
-    # (H, 4H): h @ it = alpha * (h @ W_hh^T), exactly. Copied contiguous, not a transposed view: a 20-step
-    # layer (B = 20, H = 200) took 1.5-1.8 ms against 2.3-2.8 ms with the view (OpenBLAS, one thread)
+    # (H, 4H): h @ it = alpha * (h @ W_hh^T), exactly. Copied contiguous, not a transposed view: one-thread
+    # OpenBLAS runs the small GEMM markedly faster on it (benchmarks/RESULTS.md)
     w_scaled_t = xp.ascontiguousarray((w_hh * alpha[:, None]).T)
     out, cs, tanh_c = (xp.empty((steps,) + h0.shape, dtype=gates_x.dtype) for _ in range(3))
     recurrent = xp.empty((batch, four_h), dtype=gates_x.dtype)
@@ -157,10 +157,10 @@ def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_
             xp.add(d_out[t], dh, out=dh_step)
             dc = _lstm_step_backward(xp, dh_step, dc, factors[t], dh_to_dc[t], acts[t], d_gates[t])
             dh = d_gates[t] @ w_hh
-    return d_gates, dh, dc, _recurrent_weight_grad(xp, d_gates, h0, out)
+    return d_gates, dh, dc, recurrent_weight_grad(xp, d_gates, h0, out)
 
 
-def _recurrent_weight_grad(xp, d_gates, h0, out):
+def recurrent_weight_grad(xp, d_gates, h0, out):
     """dW_hh (4H, H) = sum_t d_gates_t^T h_{t-1} over all T steps as one GEMM (h_{-1} = h0)."""
     four_h, hidden = d_gates.shape[2], h0.shape[1]
     h_prev = xp.concatenate([h0[None], out[:-1]])
@@ -286,27 +286,23 @@ def index_add_rows(xp, target, index, values):
     target[rows[starts]] += xp.add.reduceat(values[order], starts, axis=0)  # out of range: IndexError
 
 
-def embedding_backward(xp, grad, indices, num_embeddings):
-    """The weight gradient (V, D) of an embedding lookup: grad indices.shape + (D,) summed into rows."""
-    d = grad.shape[-1]
-    out = xp.zeros((num_embeddings, d), dtype=grad.dtype)
-    index_add_rows(xp, out, indices.reshape(-1), grad.reshape(-1, d))
-    return out
-
-
 # ---- fused elementwise chains ------------------------------------------------------------------------
 
 ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid")  # codes 0..3, as common.cuh DT_ACT_*
 
+# Public functions that are not kernels: shared by the other kernel tables (kernels_cpu, kernels_cuda), which
+# need not offer them; every other public function here is a kernel every table offers.
+HELPERS = ("check_activation", "recurrent_weight_grad")
 
-def _check_activation(act):
+
+def check_activation(act):
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {ACTIVATIONS}")
 
 
 def bias_act_forward(xp, x, bias, act):
     """y = act(x + bias): x (..., C), bias (C,) or None, act one of ACTIVATIONS. Returns a new array."""
-    _check_activation(act)
+    check_activation(act)
     z = x + bias if bias is not None else x.copy()
     if act == "relu":
         return xp.where(z > 0, z, 0).astype(z.dtype, copy=False)  # NaN -> 0, as the kernel's x > 0 ? x : 0
@@ -319,7 +315,7 @@ def bias_act_forward(xp, x, bias, act):
 
 def bias_act_backward(xp, grad_y, y, act, with_bias=False):
     """(grad_x, grad_bias) of y = act(x + bias), from forward's output y; grad_bias (C,) or None."""
-    _check_activation(act)
+    check_activation(act)
     if act == "relu":
         grad_x = grad_y * (y > 0)
     elif act == "tanh":

@@ -211,7 +211,10 @@ class Tensor:
         retain_grad(self)
 
     # ---- in-place updates (not recorded; they bump the version counter) -------------------
-    def _check_inplace(self, what):
+    def begin_inplace(self, what):
+        """Before an in-place change of this tensor's memory (`what` names it in errors): refuse it where grad
+        mode would record it, and count it (the version), so that saved copies of the old values are caught.
+        Kernels that write .data directly (optimizers, clipping) call this first."""
         from disttrain.autograd.grad_mode import is_grad_enabled
 
         if self.requires_grad and is_grad_enabled():
@@ -230,7 +233,7 @@ class Tensor:
         return self._add_scaled("sub_", other, -alpha)
 
     def _add_scaled(self, what, other, alpha):
-        self._check_inplace(what)
+        self.begin_inplace(what)
         other = self._operand(other)
         if alpha != 1.0:
             other = other * alpha
@@ -238,27 +241,27 @@ class Tensor:
         return self
 
     def mul_(self, other):
-        self._check_inplace("mul_")
+        self.begin_inplace("mul_")
         self.data *= self._operand(other)
         return self
 
     def div_(self, other):
-        self._check_inplace("div_")
+        self.begin_inplace("div_")
         self.data /= self._operand(other)
         return self
 
     def zero_(self):
-        self._check_inplace("zero_")
+        self.begin_inplace("zero_")
         self.data.fill(0)
         return self
 
     def fill_(self, value):
-        self._check_inplace("fill_")
+        self.begin_inplace("fill_")
         self.data.fill(value)
         return self
 
     def copy_(self, src):
-        self._check_inplace("copy_")
+        self.begin_inplace("copy_")
         src = self._operand(src)
         if getattr(src, "shape", None) != self.shape:
             raise ValueError(f"copy_: source shape {getattr(src, 'shape', ())} != destination shape {self.shape}")
@@ -266,7 +269,7 @@ class Tensor:
         return self
 
     def __setitem__(self, index, value):
-        self._check_inplace("__setitem__")
+        self.begin_inplace("__setitem__")
         self.data[_raw_index(index)] = self._operand(value)
 
     # ---- ops (thin wrappers; see disttrain.autograd.ops) ----------------------------------

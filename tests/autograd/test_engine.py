@@ -313,3 +313,29 @@ def test_grad_with_grad_outputs_for_several_outputs():
     a, b = x * 2.0, x * x
     (gx,) = grad([a, b], [x], [dt.tensor(np.array([1.0, 1.0])), dt.tensor(np.array([0.5, -1.0]))])
     np.testing.assert_array_equal(gx.numpy(), [2.0 + 1.0, 2.0 - 4.0])
+
+
+def test_grad_mode_is_per_thread():
+    import threading
+
+    seen = {}
+
+    def evaluate():
+        with dt.no_grad():
+            seen["inside"] = dt.is_grad_enabled()
+            started.set()
+            finish.wait(10)
+
+    started, finish = threading.Event(), threading.Event()
+    worker = threading.Thread(target=evaluate)
+    worker.start()
+    started.wait(10)
+    x = dt.tensor([1.0, 2.0], requires_grad=True)
+    y = (x * x).sum()                       # the other thread is inside no_grad: this one still records
+    finish.set()
+    worker.join()
+    assert seen["inside"] is False and dt.is_grad_enabled() and y.requires_grad
+    fresh = threading.Thread(target=lambda: seen.setdefault("new", dt.is_grad_enabled()))
+    fresh.start()
+    fresh.join()
+    assert seen["new"] is True                # a new thread starts with grad on

@@ -2,26 +2,11 @@
 import numpy as np
 import pytest
 
-TINY_JOB = """
-[model]
-hidden = 16
-layers = 2
-dropout = 0.1
-[data]
-kind = "default_corpus"
-max_bytes = 4000
-batch_size = 4
-bptt = 8
-[optim]
-kind = "adam"
-lr = 0.01
-clip_norm = 1.0
-[train]
-epochs = 1
-eval_every = 20
-log_every = 5
-checkpoint_every = 10
-"""
+from tiny_jobs import tiny_job_toml
+
+# the tiny job as these tests run it (their data is set on the command line: --set data.kind=chars ...)
+CLI_SETTINGS = ("model.layers=2", "model.dropout=0.1", "train.eval_every=20", "train.log_every=5",
+                "train.checkpoint_every=10", "train.seed=0")
 
 
 @pytest.fixture
@@ -38,5 +23,5 @@ def text_file(tmp_path):
 def job_file(tmp_path):
     """A job file whose data is overridden on the command line (--set data.kind=chars ...)."""
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY_JOB)
+    path.write_text(tiny_job_toml(*CLI_SETTINGS))
     return path

@@ -46,26 +46,3 @@ def text(n_chars=2400, seed=0):
         out.append(" ".join(words[k] for k in rng.integers(0, len(words), rng.integers(3, 9))) + ".\n")
     return "".join(out)[:n_chars]
 
-# a tiny char-level data-parallel job for `disttrain run` under mpiexec ({path}: a text file)
-CLI_JOB = """
-[model]
-hidden = 16
-layers = 1
-[data]
-kind = "chars"
-path = "{path}"
-batch_size = 4
-bptt = 8
-[optim]
-kind = "adam"
-lr = 0.01
-clip_norm = 1.0
-[train]
-max_steps = 6
-log_every = 2
-eval_every = 3
-checkpoint_every = 0
-[parallel]
-mode = "data"
-bucket_mb = 0.002
-"""

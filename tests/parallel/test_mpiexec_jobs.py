@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from parallel_testing import CLI_JOB, HERE, needs_mpiexec, run_mpiexec, text
+from parallel_testing import HERE, needs_mpiexec, run_mpiexec, text
+from tiny_jobs import DATA_PARALLEL, tiny_job_toml
 
 pytestmark = [needs_mpiexec, pytest.mark.mpi_skip]
 SCRIPTS = HERE / "mpi_scripts"
@@ -38,7 +39,7 @@ def train_rows(run_dir):
 def test_disttrain_run_under_mpiexec_equals_one_process(tmp_path):
     (tmp_path / "tiny.txt").write_text(text())
     job = tmp_path / "tiny.toml"
-    job.write_text(CLI_JOB.format(path=tmp_path / "tiny.txt"))
+    job.write_text(tiny_job_toml(*DATA_PARALLEL, text=tmp_path / "tiny.txt"))
     cli = [sys.executable, "-m", "disttrain.cli.main", "run", job]
     done = run_mpiexec(2, [*cli, "--out", tmp_path / "dp", "--trace", tmp_path / "dp.trace.json"], timeout=120)
     assert done.returncode == 0, done.stderr
@@ -58,7 +59,7 @@ def test_disttrain_run_under_mpiexec_equals_one_process(tmp_path):
 def test_disttrain_run_rank_failure_ends_the_job(tmp_path):
     (tmp_path / "tiny.txt").write_text(text())
     job = tmp_path / "tiny.toml"
-    job.write_text(CLI_JOB.format(path=tmp_path / "tiny.txt").replace("max_steps = 6", "max_steps = 1000"))
+    job.write_text(tiny_job_toml(*DATA_PARALLEL, "train.max_steps=1000", text=tmp_path / "tiny.txt"))
     start = time.monotonic()
     # rank 1's third optimizer step raises while rank 0 waits in the next step's allreduce
     done = run_mpiexec(2, [sys.executable, HERE / "mpi_scripts" / "cli_rank_fails.py", job, tmp_path / "out"],
@@ -71,7 +72,7 @@ def test_disttrain_run_rank_failure_ends_the_job(tmp_path):
 def test_local_mode_job_under_mpiexec_is_refused(tmp_path):
     (tmp_path / "tiny.txt").write_text(text())
     job = tmp_path / "tiny.toml"
-    job.write_text(CLI_JOB.format(path=tmp_path / "tiny.txt").replace('mode = "data"', 'mode = "local"'))
+    job.write_text(tiny_job_toml(*DATA_PARALLEL, "parallel.mode=local", text=tmp_path / "tiny.txt"))
     done = run_mpiexec(2, [sys.executable, "-m", "disttrain.cli.main", "run", job, "--out", tmp_path / "out"])
     assert done.returncode == 2
     assert done.stderr.count('mode = "local" but 2 processes were launched') == 1     # said once, by rank 0

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from parallel_testing import CLI_JOB, needs_mpiexec, run_mpiexec, text
+from parallel_testing import needs_mpiexec, run_mpiexec, text
+from tiny_jobs import DATA_PARALLEL, tiny_job_toml
 
 pytestmark = [needs_mpiexec, pytest.mark.mpi_skip]
 
@@ -17,7 +18,7 @@ PIPELINE = ["--set", "parallel.mode=pipeline", "--set", "parallel.micro_batches=
 def job(tmp_path):
     (tmp_path / "tiny.txt").write_text(text())
     path = tmp_path / "tiny.toml"
-    path.write_text(CLI_JOB.format(path=tmp_path / "tiny.txt"))
+    path.write_text(tiny_job_toml(*DATA_PARALLEL, text=tmp_path / "tiny.txt"))
     return path
 
 

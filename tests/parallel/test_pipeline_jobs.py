@@ -6,12 +6,13 @@ import time
 
 import pytest
 
-from parallel_testing import CLI_JOB, HERE, needs_mpiexec, run_mpiexec
+from parallel_testing import HERE, needs_mpiexec, run_mpiexec
+from tiny_jobs import DATA_PARALLEL, tiny_job_toml
 
 pytestmark = [needs_mpiexec, pytest.mark.mpi_skip]
 
-# the data-parallel CLI job (a 1-layer char LSTM: 3 blocks) as a 2-stage pipeline
-JOB = CLI_JOB.replace('mode = "data"\nbucket_mb = 0.002', 'mode = "pipeline"\nstages = 2\nmicro_batches = 2')
+# the data-parallel tiny job (a 1-layer char LSTM: 3 blocks) as a 2-stage pipeline
+PIPELINE = (*DATA_PARALLEL, "parallel.mode=pipeline", "parallel.stages=2", "parallel.micro_batches=2")
 
 
 @pytest.fixture
@@ -20,7 +21,7 @@ def job(tmp_path, make_text):
 
     def write(steps=6, name="tiny.toml"):
         path = tmp_path / name
-        path.write_text(JOB.format(path=tmp_path / "tiny.txt").replace("max_steps = 6", f"max_steps = {steps}"))
+        path.write_text(tiny_job_toml(*PIPELINE, f"train.max_steps={steps}", text=tmp_path / "tiny.txt"))
         return path
     return write
 

@@ -1,9 +1,7 @@
 """Fixtures for parameter-server tests (helpers live in ps_testing.py)."""
 import pytest
 
-from disttrain.train.jobspec import loads_job
-
-from ps_testing import PS_JOB
+from tiny_jobs import PARAMETER_SERVER, tiny_job
 
 
 @pytest.fixture
@@ -12,8 +10,8 @@ def ps_job(tmp_path, make_text):
     def make(*overrides, n_chars=3000, optim="adam", lr=0.01):
         text = tmp_path / "tiny.txt"
         text.write_text(make_text(n_chars))
-        toml = PS_JOB.format(path=text, optim=optim, lr=lr)
-        spec = loads_job(toml, overrides, source=str(tmp_path / "tiny.toml"))
+        spec = tiny_job(*PARAMETER_SERVER, f'optim.kind="{optim}"', f"optim.lr={lr}", *overrides, text=text,
+                        source=str(tmp_path / "tiny.toml"))
         path = tmp_path / "tiny.toml"
         path.write_text(spec.to_toml())
         return spec, path

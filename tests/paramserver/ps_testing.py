@@ -94,32 +94,6 @@ def observer(endpoints, layout, worker_id=60000, security=None):
     return client.connect(targets, timeout=5.0)
 
 
-PS_JOB = """
-[model]
-hidden = 16
-layers = 1
-[data]
-kind = "chars"
-path = "{path}"
-batch_size = 4
-bptt = 8
-[optim]
-kind = "{optim}"
-lr = {lr}
-clip_norm = 1.0
-[train]
-epochs = 1
-log_every = 20
-checkpoint_every = 0
-seed = 3
-[parallel]
-mode = "ps"
-[ps]
-heartbeat_interval = 0.2
-heartbeat_timeout = 2.0
-reconnect_timeout = 20.0
-log_every = 0.0
-"""
 
 
 def layout_of(model, num_servers):

@@ -47,7 +47,7 @@ def blocks_of(model):
     if hasattr(model, "pipeline_blocks"):
         blocks = _checked(model, list(model.pipeline_blocks()))
     elif isinstance(model, Sequential):
-        blocks = [(name, ModuleBlock(name, child)) for name, child in model._modules.items() if child is not None]
+        blocks = [(name, ModuleBlock(name, child)) for name, child in model.named_children()]
     else:
         raise TypeError(f"blocks_of: cannot cut a {type(model).__name__} into pipeline blocks; supported are "
                         "nn.Sequential and models that define pipeline_blocks() returning "

@@ -63,8 +63,8 @@ class StageLink:
     cores (oversubscribed machines). Default from DISTTRAIN_PIPE_POLL (seconds), else None.
     progress: "none" (default): MPI moves messages when this stage sends or waits; "thread" also tests the
     messages in flight every 100 us from a thread (as the data-parallel reducer does), so that a large
-    activation sent before a long forward need not wait for that forward to end. Measured on 2 shared cores
-    (benchmarks/bench_pipeline.py) the thread cost more (GIL hand-offs) than it saved; it may pay across
+    activation sent before a long forward need not wait for that forward to end. Where ranks share cores its
+    GIL hand-offs cost more than it saves (benchmarks/bench_pipeline.py, RESULTS.md); it may pay across
     machines or with spare cores.
     """
 
