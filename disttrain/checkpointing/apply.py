@@ -16,7 +16,7 @@ def apply_activation_checkpointing(model, setting):
     a bad setting or a model with no such module.
     """
     segments = None if setting in (None, "none") else check_setting(setting)
-    owners = _outermost_with_setting(model)
+    owners = checkpointed_modules(model)
     if not owners:
         raise ValueError(f"apply_activation_checkpointing: {type(model).__name__} has no nn.LSTM, no "
                          "checkpoint_segments setting and no nn.Sequential to checkpoint")
@@ -25,7 +25,8 @@ def apply_activation_checkpointing(model, setting):
     return model
 
 
-def _outermost_with_setting(module):
+def checkpointed_modules(module):
+    """The outermost modules in `module` (itself included) with a `checkpoint_segments` setting."""
     if hasattr(type(module), "checkpoint_segments") or "checkpoint_segments" in vars(module):
         return [module]
-    return [found for child in module.children() for found in _outermost_with_setting(child)]
+    return [found for child in module.children() for found in checkpointed_modules(child)]

@@ -202,7 +202,7 @@ def run_chain(plan, run, carry, item_inputs=(), parameters=(), preserve_rng_stat
     carry = tuple(carry)
     items = _Items(tuple(item_inputs), 0)
     outputs = []
-    watch = _watchers[-1](plan) if _watchers else None
+    watch = _watchers[-1](plan, parameters) if _watchers else None
     for segment in plan.segments:
         if watch is None:
             carry = _run_segment(segment, run, carry, items, parameters, preserve_rng_state, outputs)
@@ -215,11 +215,12 @@ def run_chain(plan, run, carry, item_inputs=(), parameters=(), preserve_rng_stat
     return outputs, carry
 
 
-_watchers = []          # functions plan -> a watch (before, after, chain_end) or None
+_watchers = []          # functions (plan, parameters) -> a watch (before, after, chain_end) or None
 
 
 def add_chain_watcher(watcher):
-    """Call watcher(plan) whenever run_chain starts; a watch it returns sees the chain's top-level segments:
+    """Call watcher(plan, parameters) (run_chain's arguments) whenever run_chain starts; a watch it returns sees
+    the chain's top-level segments:
     carry = watch.before(segment, carry), (carry, outputs) = watch.after(segment, carry, outputs) (it may pass
     them through ops of its own), watch.chain_end(). Returns a handle with remove()."""
     _watchers.append(watcher)

@@ -19,7 +19,11 @@ as constants. All figures are array bytes above what was live when the step bega
 
 A plan replays this timeline (`simulate`): a kept segment as measured; a recomputed segment's first run keeps
 only its output carry (transient: each item's forward_peak), and its backward drops that output, reruns the
-segment's pieces (nested plans recurse) and runs their backwards as measured.
+segment's pieces (nested plans recurse) and runs their backwards as measured, while the checkpoint holds the
+gradients of the segment's parameters (`StepCosts.grads`) apart from .grad until it returns them: adding them
+to .grad at the end, and (nested plans) summing its pieces' into them, may each take one more copy for a
+moment. A one-level recomputed segment, and a kept one, runs as one call over its items (what the chain's
+own checkpointing does for "sqrt"); the measured items are its pieces only in the cost model.
 
 `plan_for_budget` searches two families and returns the cheapest plan that fits:
 - one level of segments, each kept or recomputed (Chen et al. 2016's segments; the linear-chain case of
@@ -51,6 +55,7 @@ class ItemCost:
     backward_change: int
     out: int
     seconds: float
+    grads: int = 0              # gradients of parameters this item alone uses (a block's own weights)
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,11 @@ class StepCosts:
     tail_peak: int = 0
     bounds: tuple = ()          # the chain's own item numbers where the measured items start, and its length
     unit: str = "items"         # what the chain's own items are ("blocks", "time steps")
+    shared_grads: int = 0       # gradients of parameters every item uses (a recurrence's weights)
+
+    def grads(self, start, stop):
+        """Parameter-gradient bytes a recomputed segment [start, stop)'s backward holds until it returns."""
+        return self.shared_grads + sum(self.items[i].grads for i in range(start, stop))
 
     @property
     def n(self):
@@ -107,7 +117,7 @@ def simulate(costs, plan):
 
 class _Timeline:
     def __init__(self, costs):
-        self.items, self.live, self.peak = costs.items, 0, 0
+        self.costs, self.items, self.live, self.peak = costs, costs.items, 0, 0
 
     def bump(self, value):
         self.peak = max(self.peak, value)
@@ -124,15 +134,21 @@ class _Timeline:
                     self.bump(self.live + self.items[i].forward_peak)
                     self.live += self.items[i].keep
 
-    def backward(self, segments):
+    def backward(self, segments, summing=0):
+        """summing: the bytes of the gradients a nested recomputation sums its pieces' parameter gradients into
+        (out of place: one more copy for a moment)."""
         for s in reversed(segments):
             if s.recompute:
                 self.live -= self.items[s.stop - 1].out
                 self.forward(s.pieces)
-                self.backward(s.pieces)
+                held = self.costs.grads(s.start, s.stop)
+                self.live += held
+                self.backward(s.pieces, held if s.inner else 0)     # one rerun call sums nothing itself
+                self.bump(self.live + held)
+                self.live -= held
             else:
                 for i in reversed(range(s.start, s.stop)):
-                    self.bump(self.live + self.items[i].backward_peak)
+                    self.bump(self.live + self.items[i].backward_peak + summing)
                     self.live += self.items[i].backward_change
 
 
@@ -157,6 +173,8 @@ class _Segments:
         self.backward_peak = np.array([i.backward_peak for i in items], dtype=np.int64)
         self.out = np.array([i.out for i in items], dtype=np.int64)
         self.seconds = np.array([i.seconds for i in items], dtype=np.float64)
+        self.shared_grads = costs.shared_grads
+        self.grads = np.array([i.grads for i in items], dtype=np.int64)
         net = self.keep + np.array([i.backward_change for i in items], dtype=np.int64)
         self.suffix = np.concatenate([np.cumsum(net[::-1])[::-1], [0]])   # what items i.. leave behind
 
@@ -171,7 +189,9 @@ class _Segments:
         held = np.concatenate([[0], self.out[start:-1]])                    # the previous item's output
         first_run = np.maximum.accumulate(forward_peak + held)
         rerun = self.after + self.suffix[start + 1:] + forward              # after dropping the segment's output
-        recomputed = np.maximum(np.maximum(first_run, rerun), backward).astype(np.float64)
+        held = self.shared_grads + np.cumsum(self.grads[start:])     # the checkpoint's parameter gradients, held and
+        returned = self.after + self.suffix[start] + 2 * held         # summed into (twice), and added to .grad
+        recomputed = np.maximum(np.maximum(first_run, rerun), np.maximum(backward + held, returned)).astype(np.float64)
         recomputed[-1] = np.inf                                             # the last segment stays kept
         return np.maximum(forward, backward), kept, recomputed, self.out[start:], np.cumsum(self.seconds[start:])
 
@@ -340,7 +360,7 @@ def _native(segments, bounds):
     out = []
     for s in segments:
         if s.recompute:
-            out.append(Segment(bounds[s.start], bounds[s.stop], True, _native(s.pieces, bounds)))
+            out.append(Segment(bounds[s.start], bounds[s.stop], True, _native(s.inner, bounds) if s.inner else ()))
         else:
-            out += [Segment(bounds[i], bounds[i + 1]) for i in range(s.start, s.stop)]
+            out.append(Segment(bounds[s.start], bounds[s.stop]))
     return tuple(out)

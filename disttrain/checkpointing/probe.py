@@ -36,6 +36,7 @@ class ChainProbe:
         self.forward_marks, self.backward_marks = [], {}      # boundary k -> (live, peak before, seconds)
         self.outs, self.bounds = [], []
         self.chains = 0
+        self.parameters = ()          # run_chain's `parameters` of the watched chain
         self._watching = False
         self.end = None
 
@@ -60,12 +61,22 @@ class ChainProbe:
         self._clock = now
         return mark
 
-    def _watch(self, plan):
+    def _watch(self, plan, parameters):
         """The watch of the first outermost chain of the step; None for chains inside it and after it."""
         if self._watching:
             return None
         self.chains += 1
-        return _Watch(self) if self.chains == 1 else None
+        if self.chains > 1:
+            return None
+        self.parameters = parameters
+        return _Watch(self)
+
+    def _grad_bytes(self, start, stop):
+        """Bytes of the gradients of the parameters that items [start, stop) alone use (a function of run_chain's
+        `parameters`); those of a list (every item's) are the chain's shared ones."""
+        if not callable(self.parameters):
+            return 0
+        return _nbytes(self.parameters(start, stop))
 
     # ---- run_chain's calls ------------------------------------------------------------------------------------
     def backward_mark(self, boundary):
@@ -83,10 +94,12 @@ class ChainProbe:
             stop_bwd = backward_end[i] if backward_end[i] is not None else self.end
             items.append(ItemCost(keep=f[i + 1][0] - f[i][0], forward_peak=f[i + 1][1] - f[i][0],
                                   backward_peak=stop_bwd[1] - start_bwd[0], backward_change=stop_bwd[0] - start_bwd[0],
-                                  out=self.outs[i], seconds=f[i + 1][2]))
+                                  out=self.outs[i], seconds=f[i + 1][2],
+                                  grads=self._grad_bytes(self.bounds[i], self.bounds[i + 1])))
         tail = self.end[1] - backward_end[0][0] if backward_end[0] is not None else 0
         return StepCosts(tuple(items), before_peak=f[0][1], before_keep=f[0][0], after_peak=b[n][1] - f[n][0],
-                         after_change=b[n][0] - f[n][0], tail_peak=max(0, tail), bounds=tuple(self.bounds), unit=unit)
+                         after_change=b[n][0] - f[n][0], tail_peak=max(0, tail), bounds=tuple(self.bounds), unit=unit,
+                         shared_grads=0 if callable(self.parameters) else _nbytes(self.parameters))
 
 
 class _Watch:
@@ -116,6 +129,10 @@ class _Watch:
 
     def chain_end(self):
         self.probe._watching = False
+
+
+def _nbytes(tensors):
+    return sum(t.data.nbytes for t in tensors if t.requires_grad)
 
 
 def _marked(values, probe, boundary):

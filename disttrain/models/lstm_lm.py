@@ -52,6 +52,8 @@ class LSTMLanguageModel(nn.Module):
             self.decoder.weight = self.embedding.weight
         self.checkpoint_segments = checkpoint_segments
 
+    checkpoint_unit = "time steps"      # what the chain's items are, for plan descriptions
+
     @property
     def checkpoint_segments(self):
         return self._checkpoint_segments

@@ -90,6 +90,7 @@ class TransformerLanguageModel(nn.Module):
     """
 
     checkpoint_segments = SegmentsSetting()
+    checkpoint_unit = "blocks"           # what the chain's items are, for plan descriptions
 
     def __init__(self, vocab_size, d_model=128, heads=4, layers=2, d_ff=None, max_len=256, dropout=0.0,
                  tie_weights=False, checkpoint_segments=None, init_std=0.02):

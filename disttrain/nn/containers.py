@@ -69,6 +69,7 @@ class Sequential(_IndexedModules):
     """
 
     checkpoint_segments = SegmentsSetting()
+    checkpoint_unit = "modules"           # what the chain's items are, for plan descriptions
 
     def __init__(self, *modules):
         if len(modules) == 1 and isinstance(modules[0], OrderedDict):

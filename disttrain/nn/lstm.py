@@ -31,6 +31,7 @@ class LSTM(Module):
     """
 
     checkpoint_segments = SegmentsSetting()
+    checkpoint_unit = "time steps"           # what the chain's items are, for plan descriptions
 
     def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, checkpoint_segments=None):
         super().__init__()

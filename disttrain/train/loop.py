@@ -44,6 +44,7 @@ from disttrain.data.source import EVAL_STREAMS
 from disttrain.models import protocol
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.train import saving
+from disttrain.train.auto_checkpointing import plan_checkpointing
 from disttrain.train.build import Schedules, build_data, build_model, build_optimizer, build_schedules
 from disttrain.train.jobspec import loads_job
 from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves
@@ -123,6 +124,8 @@ class Trainer:
         self._progress_mode = progress
         self.overwrite = overwrite
 
+        # before prepare: a mode's hooks (data parallelism's reductions) must not see the measuring step
+        self.checkpoint_choice = plan_checkpointing(self.spec, model, data, self.mode.train_share())
         self.model, self.optimizer = self.mode.prepare(model, optimizer, data)
         self.params = list(self.model.parameters())
         self.schedules = schedules(self.optimizer) if schedules is not None else Schedules()
@@ -145,6 +148,7 @@ class Trainer:
         self._skip_report = None      # "loss nan, gradient norm 3.2" of the last dropped step
         self._best_valid = None       # the lowest valid loss so far (for [train] keep_best)
         self._stop_signal = None
+        self._reported_measured_peak = False   # "auto" checkpointing: the first metered step's peak was logged
         self._started = self._tick = None   # perf_counter at fit() start / at the last train log
         self.metrics = None
         self.progress = None
@@ -204,6 +208,9 @@ class Trainer:
         """
         self._open_outputs()
         try:
+            if self.checkpoint_choice is not None:
+                self._say(f"activation checkpointing for [memory] budget_mb = {self.spec.memory.budget_mb:g}: "
+                          f"{self.checkpoint_choice.describe()}")
             self.mode.start(self.epoch)
             self.model.train()
             self._tick = time.perf_counter()
@@ -243,11 +250,15 @@ class Trainer:
             result = self.train_step(inputs, targets)
         needed = self._acc["peak_mem_bytes"] = meter.peak_bytes - meter.start_bytes  # beyond the parameters
         budget = self.spec.memory.budget_mb                                           # and state already held
+        if self.checkpoint_choice is not None and not self._reported_measured_peak:
+            self._reported_measured_peak = True
+            self._say(f"activation checkpointing: step {self.step} measured peak {needed / 2**20:.1f} MiB, "
+                      f"predicted {self.checkpoint_choice.peak / 2**20:.1f} MiB")
         if budget is not None and needed > budget * 2**20:
             raise MemoryBudgetExceeded(
                 f"step {self.step} needed {needed / 2**20:.1f} MiB of array memory, over [memory] budget_mb = "
                 f"{budget:g} (activation_checkpointing = {self.spec.memory.activation_checkpointing!r}); "
-                'try activation_checkpointing = "sqrt", a smaller bptt or a smaller batch')
+                'try activation_checkpointing = "auto" or "sqrt", a smaller bptt or a smaller batch')
         return result
 
     def _resident_tensors(self):

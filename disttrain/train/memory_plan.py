@@ -76,7 +76,7 @@ def _activation_bytes(spec, vocab_size, streams):
     per_step = m.embed + 2 * vocab_size + sum((m.embed if k == 0 else m.hidden) + 9 * m.hidden
                                               for k in range(m.layers))
     segments = spec.memory.activation_checkpointing
-    if segments == "none":
+    if segments in ("none", "auto"):           # "auto" keeps at most what "none" keeps
         kept_steps, carried = steps, 0
     else:
         bounds = segment_bounds(steps, segments)

@@ -23,9 +23,10 @@ def random_chain(n, seed, uniform=False):
         items.append(ItemCost(keep=keep, forward_peak=keep + (10 if uniform else rng.randint(0, 50)),
                               backward_peak=out + grads + (20 if uniform else rng.randint(0, 60)),
                               backward_change=-keep + grads, out=out,
-                              seconds=1.0 if uniform else rng.choice([0.5, 1.0, 1.5, 2.0, 3.0])))
+                              seconds=1.0 if uniform else rng.choice([0.5, 1.0, 1.5, 2.0, 3.0]), grads=grads))
     return StepCosts(tuple(items), before_peak=rng.randint(0, 40), before_keep=rng.randint(0, 30),
-                     after_peak=rng.randint(10, 80), after_change=rng.randint(0, 20), tail_peak=rng.randint(0, 50))
+                     after_peak=rng.randint(10, 80), after_change=rng.randint(0, 20), tail_peak=rng.randint(0, 50),
+                     shared_grads=0 if uniform else rng.randint(0, 30))
 
 
 def every_one_level_plan(n):
@@ -119,8 +120,9 @@ def test_plans_map_to_the_chains_own_items():
     costs = StepCosts(random_chain(3, 1).items, bounds=(0, 16, 32, 40), unit="time steps")
     plan = Plan((Segment(0, 2, True), Segment(2, 3)), 3)
     native = native_plan(costs, plan, "auto")
-    assert native == Plan((Segment(0, 32, True, (Segment(0, 16), Segment(16, 32))), Segment(32, 40)), 40)
+    assert native == Plan((Segment(0, 32, True), Segment(32, 40)), 40)       # one call each, as "sqrt" runs
     assert native.describe("time steps").startswith("auto: recompute time steps 0-31 (1 segment;")
     assert Plan.from_dict(native.to_dict()) == native
-    assert native.for_length(20) == Plan((Segment(0, 16, True, (Segment(0, 8), Segment(8, 16))),
-                                          Segment(16, 20)), 20)
+    assert native.for_length(20) == Plan((Segment(0, 16, True), Segment(16, 20)), 20)
+    nested = native_plan(costs, binomial_plan(3, 1, 2))
+    assert nested.depth() == 2 and Plan.from_dict(nested.to_dict()) == nested

@@ -1,0 +1,48 @@
+"""[memory] activation_checkpointing = "auto": the job needs budget_mb, the Trainer plans before training, the run
+stays under the budget and computes the losses of a "none" run; no plan fitting is an error before training."""
+import pytest
+
+from disttrain.train import Trainer
+from disttrain.train.jobspec import JobSpecError
+
+LONG_WINDOW = ("data.bptt=128", "data.batch_size=2", "train.max_steps=3", "train.log_every=1")
+
+
+def _losses_and_peaks(spec):
+    trainer = Trainer.from_job(spec, progress=False)
+    batches = iter(trainer.train_iter)
+    losses, peaks = [], []
+    for _ in range(3):
+        loss, _ = trainer._metered_step(*next(batches))
+        losses.append(loss)
+        peaks.append(trainer._acc["peak_mem_bytes"])
+    return trainer, losses, peaks
+
+
+def test_auto_needs_a_budget(tiny_job):
+    with pytest.raises(JobSpecError, match=r'tiny.toml: .*\[memory\] activation_checkpointing = "auto" needs \[memory\] '
+                                           r"budget_mb") as raised:
+        tiny_job("memory.activation_checkpointing=auto")
+    assert "\n" not in str(raised.value)
+
+
+def test_auto_keeps_the_run_under_the_budget_with_the_losses_of_none(tiny_job):
+    _, plain_losses, plain_peaks = _losses_and_peaks(tiny_job(*LONG_WINDOW, hidden=32))
+    budget_mb = 0.7 * plain_peaks[0] / 2**20
+    trainer, losses, peaks = _losses_and_peaks(
+        tiny_job(*LONG_WINDOW, "memory.activation_checkpointing=auto", f"memory.budget_mb={budget_mb}", hidden=32))
+    choice = trainer.checkpoint_choice
+    assert any(s.recompute for s in choice.plan.segments) and choice.unit == "time steps"
+    assert max(peaks) <= budget_mb * 2**20, (peaks, budget_mb * 2**20, choice.describe())
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+
+
+def test_no_plan_fitting_is_an_error_before_training_naming_the_smallest_budget(tiny_job, tmp_path):
+    spec = tiny_job(*LONG_WINDOW, "memory.activation_checkpointing=auto", "memory.budget_mb=0.001")
+    with pytest.raises(JobSpecError, match=r"tiny.toml: \[memory\] budget_mb = 0.001: no activation checkpointing "
+                                           r"plan .* the smallest feasible budget is budget_mb = ") as raised:
+        Trainer.from_job(spec, out_dir=tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    smallest = float(str(raised.value).rsplit("= ", 1)[1])
+    fits = tiny_job(*LONG_WINDOW, "memory.activation_checkpointing=auto", f"memory.budget_mb={smallest}")
+    Trainer.from_job(fits, progress=False).fit()      # trains within it (the step meter checks every log step)
