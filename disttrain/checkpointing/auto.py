@@ -13,14 +13,14 @@ from dataclasses import dataclass
 
 from disttrain.checkpointing.apply import apply_activation_checkpointing, checkpointed_modules
 from disttrain.checkpointing.plan import Plan, segment_bounds
-from disttrain.checkpointing.planner import NoPlanFits, native_plan, plan_for_budget, simulate
+from disttrain.checkpointing.planner import Choice, NoPlanFits, native_plan, plan_for_budget, simulate, smallest_budget
 from disttrain.checkpointing.probe import ChainProbe
 from disttrain.tensor.memory import MemoryMeter
 
 __all__ = ["KeptItems", "BudgetChoice", "fit_to_budget", "MOST_ITEMS"]
 
 MOST_ITEMS = 128        # measured items of one chain: the planner's search grows with their square
-CORRECTIONS = 3         # plans again at most this often when a measured step needs more than simulated
+CORRECTIONS = 6         # plans measured before the one of the least simulated peak
 
 
 class KeptItems:
@@ -78,21 +78,27 @@ def fit_to_budget(model, step, budget, device="cpu", resident=None, most_items=M
 
 def _checked_choice(model, step, costs, budget, device, resident):
     """(plan set on the model, planner Choice, measured peak): the planner's choice, measured in one step; where
-    the step needs more than the simulation said, planned again for a budget less by the difference. The
-    smallest feasible budget of a NoPlanFits is what the least plan measured, when that is more."""
+    the step needs more than the simulation said, planned again for a budget less by the difference (at least 2%
+    of the budget, doubled at each try), and at last the plan of the least simulated peak. NoPlanFits names the least budget this meets:
+    the larger of that plan's simulated and measured peaks."""
     target = budget
-    for _ in range(CORRECTIONS + 1):
+    for attempt in range(CORRECTIONS):
         try:
             choice = plan_for_budget(costs, target)
-        except NoPlanFits as exc:
-            least = _measured(model, step, native_plan(costs, exc.plan, "auto"), device, resident)
-            raise NoPlanFits(budget, max(exc.smallest, least), exc.plan) from None
+        except NoPlanFits:
+            break
         plan = native_plan(costs, choice.plan, "auto")
         measured = _measured(model, step, plan, device, resident)
         if measured <= budget:
             return plan, choice, measured
-        target -= measured - budget
-    raise NoPlanFits(budget, measured, choice.plan)      # a plan known to need `measured`
+        target -= max(measured - budget, budget // 50) * 2 ** attempt
+    smallest, least = smallest_budget(costs)
+    plan = native_plan(costs, least, "auto")
+    measured = _measured(model, step, plan, device, resident)
+    if max(smallest, measured) <= budget:
+        peak, extra = simulate(costs, least)
+        return plan, Choice(least, peak, extra, "least"), measured
+    raise NoPlanFits(budget, max(smallest, measured), least)
 
 
 def _measured(model, step, plan, device, resident):

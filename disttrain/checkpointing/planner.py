@@ -22,8 +22,9 @@ only its output carry (transient: each item's forward_peak), and its backward dr
 segment's pieces (nested plans recurse) and runs their backwards as measured, while the checkpoint holds the
 gradients of the segment's parameters (`StepCosts.grads`) apart from .grad until it returns them: adding them
 to .grad at the end, and (nested plans) summing its pieces' into them, may each take one more copy for a
-moment. A one-level recomputed segment, and a kept one, runs as one call over its items (what the chain's
-own checkpointing does for "sqrt"); the measured items are its pieces only in the cost model.
+moment. A segment runs as one call over its items, as "sqrt" runs them: a recomputed one then holds fewer
+parameter gradients than a rerun item by item, and a long kept run pays no per-call time; a call's transients
+may exceed its items' (one loss over all its steps), which fit_to_budget checks by measuring the plan.
 
 `plan_for_budget` searches two families and returns the cheapest plan that fits:
 - one level of segments, each kept or recomputed (Chen et al. 2016's segments; the linear-chain case of
@@ -350,8 +351,8 @@ def smallest_budget(costs):
 
 
 def native_plan(costs, plan, label=None):
-    """`plan` over the measured items as a Plan over the chain's own items (costs.bounds), every kept piece one
-    measured item (as measured) and every recomputed segment rerun item by item unless nested."""
+    """`plan` over the measured items as a Plan over the chain's own items (costs.bounds): each segment one call,
+    nested ones as nested."""
     bounds = costs.bounds or tuple(range(costs.n + 1))
     return Plan(_native(plan.segments, bounds), bounds[-1], label or plan.label)
 

@@ -120,9 +120,11 @@ def test_plans_map_to_the_chains_own_items():
     costs = StepCosts(random_chain(3, 1).items, bounds=(0, 16, 32, 40), unit="time steps")
     plan = Plan((Segment(0, 2, True), Segment(2, 3)), 3)
     native = native_plan(costs, plan, "auto")
-    assert native == Plan((Segment(0, 32, True), Segment(32, 40)), 40)       # one call each, as "sqrt" runs
+    assert native == Plan((Segment(0, 32, True), Segment(32, 40)), 40)       # one rerun call, as "sqrt" runs
     assert native.describe("time steps").startswith("auto: recompute time steps 0-31 (1 segment;")
     assert Plan.from_dict(native.to_dict()) == native
     assert native.for_length(20) == Plan((Segment(0, 16, True), Segment(16, 20)), 20)
+    kept = native_plan(costs, Plan((Segment(0, 1, True), Segment(1, 3)), 3))
+    assert kept == Plan((Segment(0, 16, True), Segment(16, 40)), 40)
     nested = native_plan(costs, binomial_plan(3, 1, 2))
     assert nested.depth() == 2 and Plan.from_dict(nested.to_dict()) == nested
