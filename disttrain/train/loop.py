@@ -252,8 +252,8 @@ class Trainer:
         budget = self.spec.memory.budget_mb                                           # and state already held
         if self.checkpoint_choice is not None and not self._reported_measured_peak:
             self._reported_measured_peak = True
-            self._say(f"activation checkpointing: step {self.step} measured peak {needed / 2**20:.1f} MiB, "
-                      f"predicted {self.checkpoint_choice.peak / 2**20:.1f} MiB")
+            self._say(f"activation checkpointing: step {self.step} measured peak {needed / 2**20:.2f} MiB, "
+                      f"predicted {self.checkpoint_choice.peak / 2**20:.2f} MiB")
         if budget is not None and needed > budget * 2**20:
             raise MemoryBudgetExceeded(
                 f"step {self.step} needed {needed / 2**20:.1f} MiB of array memory, over [memory] budget_mb = "
