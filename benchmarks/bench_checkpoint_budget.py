@@ -4,8 +4,9 @@ and the step time, side by side in one run.
 
 For each model, at each budget from the smallest that "auto" can meet (the planner's NoPlanFits figure) to
 "none"'s peak and beyond, disttrain.checkpointing.auto.fit_to_budget (what the Trainer runs for
-activation_checkpointing = "auto") sets its plan, and the step is measured with it, with "none" and with "sqrt". A step is forward_loss + backward on one batch (no optimizer update: it
-allocates nothing the meter counts on the CPU). Peaks are the MemoryMeter's array bytes above what the step
+activation_checkpointing = "auto") sets its plan, and the step is measured with it, with "none" and with
+"sqrt". A step is forward_loss + backward on one batch (no optimizer update: it allocates nothing the meter
+counts on the CPU). Peaks are the MemoryMeter's array bytes above what the step
 starts with (what [memory] budget_mb limits; deterministic, so measured once); times are the fastest of
 --repeats steps (the box is shared: the fastest is the least disturbed).
 

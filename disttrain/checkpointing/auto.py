@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from disttrain.checkpointing.apply import apply_activation_checkpointing, checkpointed_modules
 from disttrain.checkpointing.plan import Plan, segment_bounds
-from disttrain.checkpointing.planner import Choice, NoPlanFits, native_plan, plan_for_budget, simulate, smallest_budget
+from disttrain.checkpointing.planner import (Choice, NoPlanFits, native_plan, plan_for_budget, simulate,
+                                             smallest_budget)
 from disttrain.checkpointing.probe import ChainProbe
 from disttrain.tensor.memory import MemoryMeter
 
@@ -55,12 +56,14 @@ def fit_to_budget(model, step, budget, device="cpu", resident=None, most_items=M
     plan with the least recomputation whose simulated peak is <= budget (bytes above what the step starts
     with) -> BudgetChoice. The plan is checked in one more step (see _checked_choice).
 
-    step(): one forward and backward of the model (the caller restores whatever it changes: gradients, RNG).
+    step(): one forward and backward of the model; each runs with no gradients held (as a training step after
+    zero_grad), and the model's gradients are None after (the caller restores what else it changes: the RNG).
     resident: the tensors alive at the start that the step uses (MemoryMeter's). Raises planner.NoPlanFits
     (its `smallest`: the least feasible budget), ValueError for a model with no chain.
     """
     owners = checkpointed_modules(model)
     before = [m.checkpoint_segments for m in owners]
+    step = _from_no_gradients(model, step)
     apply_activation_checkpointing(model, KeptItems(most_items))
     try:
         with ChainProbe(device, resident=resident) as probe:
@@ -78,9 +81,9 @@ def fit_to_budget(model, step, budget, device="cpu", resident=None, most_items=M
 
 def _checked_choice(model, step, costs, budget, device, resident):
     """(plan set on the model, planner Choice, measured peak): the planner's choice, measured in one step; where
-    the step needs more than the simulation said, planned again for a budget less by the difference (at least 2%
-    of the budget, doubled at each try), and at last the plan of the least simulated peak. NoPlanFits names the least budget this meets:
-    the larger of that plan's simulated and measured peaks."""
+    the step needs more than the simulation said, planned again for a budget less by the difference (at least
+    2% of the budget, doubled at each try), and at last the plan of the least simulated peak. NoPlanFits names
+    the least budget this meets: the larger of that plan's simulated and measured peaks."""
     target = budget
     for attempt in range(CORRECTIONS):
         try:
@@ -99,6 +102,20 @@ def _checked_choice(model, step, costs, budget, device, resident):
         peak, extra = simulate(costs, least)
         return plan, Choice(least, peak, extra, "least"), measured
     raise NoPlanFits(budget, max(smallest, measured), least)
+
+
+def _from_no_gradients(model, step):
+    """step, with every parameter's gradient dropped before and after it."""
+    def run():
+        _drop_gradients(model)
+        step()
+        _drop_gradients(model)
+    return run
+
+
+def _drop_gradients(model):
+    for p in model.parameters():
+        p.grad = None
 
 
 def _measured(model, step, plan, device, resident):

@@ -25,8 +25,8 @@ from disttrain.autograd import grad_mode
 from disttrain.autograd.hooks import RemovableHandle
 from disttrain.checkpointing.checkpoint import _checkpoint, parameters_of
 
-__all__ = ["Segment", "Plan", "plan_for", "segment_bounds", "check_setting", "SegmentsSetting", "run_chain", "checkpoint_sequential", "add_chain_watcher",
-           "binomial_plan", "binomial_reach"]
+__all__ = ["Segment", "Plan", "plan_for", "segment_bounds", "check_setting", "SegmentsSetting", "run_chain",
+           "checkpoint_sequential", "add_chain_watcher", "binomial_plan", "binomial_reach"]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@
 The model follows disttrain.models.protocol (any Module; a recurrent one carries a state), the data
 disttrain.data.source (batches, shares, evaluation splits), and the mode disttrain.train.mode (how the run is
 spread over processes). Settings come from a JobSpec (`spec`: [train], [optim] clip_norm and loss, [memory]
-budget_mb); `dt.train.fit` builds one from keyword arguments.
+budget_mb, and activation_checkpointing = "auto", which the constructor plans for the budget on the first batch:
+train/auto_checkpointing.py, `checkpoint_choice`); `dt.train.fit` builds one from keyword arguments.
 
 One step (`train_step`):
     mode.forward_backward (forward from the carried state, loss, backward; every .grad then holds the whole

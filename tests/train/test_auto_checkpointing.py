@@ -20,8 +20,8 @@ def _losses_and_peaks(spec):
 
 
 def test_auto_needs_a_budget(tiny_job):
-    with pytest.raises(JobSpecError, match=r'tiny.toml: .*\[memory\] activation_checkpointing = "auto" needs \[memory\] '
-                                           r"budget_mb") as raised:
+    with pytest.raises(JobSpecError, match=r'tiny.toml: .*\[memory\] activation_checkpointing = "auto" needs '
+                                           r"\[memory\] budget_mb") as raised:
         tiny_job("memory.activation_checkpointing=auto")
     assert "\n" not in str(raised.value)
 
