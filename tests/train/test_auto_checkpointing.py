@@ -37,6 +37,18 @@ def test_auto_keeps_the_run_under_the_budget_with_the_losses_of_none(tiny_job):
     assert losses == pytest.approx(plain_losses, rel=1e-5)
 
 
+def test_the_plan_and_then_the_measured_peak_are_logged(tiny_job, capsys):
+    spec = tiny_job(*LONG_WINDOW, "memory.activation_checkpointing=auto", "memory.budget_mb=0.5", hidden=32)
+    trainer = Trainer.from_job(spec, progress=False)
+    trainer.fit()
+    lines = capsys.readouterr().out.splitlines()
+    plan = [line for line in lines if line.startswith("activation checkpointing for [memory] budget_mb = 0.5: auto: ")]
+    assert len(plan) == 1 and "predicted peak" in plan[0] and "predicted extra time" in plan[0], lines
+    assert trainer.checkpoint_choice.plan.describe("time steps") in plan[0]
+    measured = [line for line in lines if line.startswith("activation checkpointing: step 1 measured peak ")]
+    assert len(measured) == 1 and measured[0].endswith(f"predicted {trainer.checkpoint_choice.peak / 2**20:.2f} MiB")
+
+
 def test_no_plan_fitting_is_an_error_before_training_naming_the_smallest_budget(tiny_job, tmp_path):
     spec = tiny_job(*LONG_WINDOW, "memory.activation_checkpointing=auto", "memory.budget_mb=0.001")
     with pytest.raises(JobSpecError, match=r"tiny.toml: \[memory\] budget_mb = 0.001: no activation checkpointing "
