@@ -26,6 +26,12 @@ def test_auto_needs_a_budget(tiny_job):
     assert "\n" not in str(raised.value)
 
 
+def test_auto_is_refused_for_a_pipeline_stage(tiny_job):
+    with pytest.raises(JobSpecError, match=r'activation_checkpointing = "auto" plans a whole model\'s step, not a '
+                                           r"pipeline stage's; .* use \[parallel\] stage_checkpointing"):
+        tiny_job("memory.activation_checkpointing=auto", "memory.budget_mb=10", "parallel.mode=pipeline")
+
+
 def test_auto_keeps_the_run_under_the_budget_with_the_losses_of_none(tiny_job):
     _, plain_losses, plain_peaks = _losses_and_peaks(tiny_job(*LONG_WINDOW, hidden=32))
     budget_mb = 0.7 * plain_peaks[0] / 2**20
