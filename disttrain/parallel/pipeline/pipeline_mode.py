@@ -164,14 +164,10 @@ class PipelineMode(MPIMode):
         with trace.span("stage allreduce", lane="comm"):
             for dtype in sorted({g.dtype for g in grads}, key=str):
                 same = [g for g in grads if g.dtype == dtype]
-                xp = same[0].backend.xp
-                flat = xp.concatenate([g.data.reshape(-1) for g in same])
+                arrays, kernels, xp = [g.data for g in same], same[0].backend.kernels, same[0].backend.xp
+                flat = kernels.bucket_pack(xp, arrays)
                 self.stage_group.Allreduce(flat, what=f"allreduce of stage {self.stage}'s gradients")
-                flat /= self.replicas
-                offset = 0
-                for g in same:
-                    g.data[...] = flat[offset:offset + g.data.size].reshape(g.shape)
-                    offset += g.data.size
+                kernels.bucket_unpack(xp, flat, arrays, scale=1.0 / self.replicas)
 
     def clip_grad_norm(self, params, max_norm):
         """Clip by the norm of all stages' gradients together; returns that norm before clipping."""
