@@ -4,10 +4,11 @@
                            [--trace FILE [--trace-steps A:B]]
     disttrain launch -n N [--max-restarts R] [--restart-n M] JOB.toml [run options ...]
     disttrain eval JOB.toml --checkpoint DIR [--set section.key=value ...] [--device cpu|cuda]
+    disttrain plan JOB.toml [--ranks N] [--budget-mb X] [--set section.key=value ...]
     disttrain demo
 
-Exit status: 0 done, 1 failure, 2 unusable job file, options or checkpoint, or an output directory that holds an
-earlier run (the message says what and where), 3 stopped by a NaN or infinite loss, gradient norm or weight
+Exit status: 0 done, 1 failure, 2 unusable job file, options or checkpoint, a plan over its memory budget, or an
+output directory that holds an earlier run (the message says what and where), 3 stopped by a NaN or infinite loss, gradient norm or weight
 ([train] on_nonfinite), 124 a rank did not arrive within [parallel] timeout_s, 130 / 143 stopped by SIGINT /
 SIGTERM after writing a checkpoint.
 """
@@ -15,7 +16,7 @@ import argparse
 import sys
 
 from disttrain import trace
-from disttrain.cli import launch
+from disttrain.cli import launch, plan
 from disttrain.paramserver import cli as ps_cli
 
 
@@ -60,6 +61,7 @@ def build_parser():
                           help="a run directory (its newest checkpoint that verifies), one checkpoint directory "
                                "(DIR/checkpoints/step-NNNNNN), or parameter-server snapshots (DIR/ps-snapshots, or a "
                                "directory of *.snap files)")
+    plan.register(sub)
     ps_cli.register(sub)           # ps-cluster, ps-server, ps-worker, ps-keys (disttrain/paramserver/cli.py)
     return parser
 
@@ -80,6 +82,8 @@ def main(argv=None):
         return evaluate.evaluate(args)
     if args.command == "launch":
         return launch.main(args)
+    if args.command == "plan":
+        return plan.main(args)
     if hasattr(args, "ps_main"):
         return ps_cli.run(args)
     return 2
