@@ -32,10 +32,11 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="train an MLP and a small CNN on generated data (no downloads)")
 
-    run = sub.add_parser("run", help="train a job: writes metrics.jsonl, config.toml, curves.png, checkpoints/",
+    run = sub.add_parser("run", help="train a job: writes metrics.jsonl, config.toml, curves.png, memory.json, "
+                                     "checkpoints/",
                          description="Train the job JOB.toml in local mode. Outputs go to DIR (default "
-                                     "runs/<job name>): metrics.jsonl, config.toml (the resolved job), curves.png "
-                                     "and checkpoints/. Ctrl-C or SIGTERM writes a checkpoint before exiting; "
+                                     "runs/<job name>): metrics.jsonl, config.toml (the resolved job), curves.png, "
+                                     "memory.json (the memory estimate and measured peak) and checkpoints/. Ctrl-C or SIGTERM writes a checkpoint before exiting; "
                                      "--resume continues from it. A DIR that holds an earlier run's checkpoints "
                                      "needs --resume or --overwrite.")
     _add_job_arguments(run)
