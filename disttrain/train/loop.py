@@ -266,12 +266,13 @@ class Trainer:
     def _record_measured_peak(self, peak):
         """measured_peak_bytes: the meter's absolute peak plus the optimizer's state arrays (which it does not
         see), the largest over the data shares' processes and the metered steps so far; the main process
-        rewrites memory.json with it. Every process calls this at the same steps (a reduction)."""
+        rewrites memory.json when it grows. Every process calls this at the same steps (a reduction)."""
         slots = [0.0] * self.mode.world_size            # one slot per share: the sum is every process's figure
         slots[self.mode.train_share().index] = float(peak)
         peak = int(max(self.mode.reduce(slots, "sum")))
-        self.measured_peak_bytes = max(peak, self.measured_peak_bytes or 0)
-        self._write_memory_json()
+        if self.measured_peak_bytes is None or peak > self.measured_peak_bytes:
+            self.measured_peak_bytes = peak
+            self._write_memory_json()
 
     def _write_memory_json(self):
         if self.out_dir is not None and self.mode.is_main and self.memory_estimate is not None:
