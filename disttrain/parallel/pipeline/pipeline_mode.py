@@ -40,8 +40,10 @@ from disttrain.parallel.pipeline.layout import PipelineLayoutError, check_layout
 from disttrain.parallel.pipeline.p2p import StageLink
 from disttrain.parallel.pipeline.partition import Partition, partition
 from disttrain.parallel.pipeline.runtime import PipelineRuntime, split_micro_batches
+from disttrain.parallel.pipeline.schedule import max_in_flight, stage_actions
 from disttrain.tensor.creation import tensor
 from disttrain.train import saving
+from disttrain.train.memory_plan import holding_for
 from disttrain.train.mode import RunState, describe_threads, make_optimizer
 
 __all__ = ["PipelineMode"]
@@ -281,6 +283,13 @@ class PipelineMode(MPIMode):
     def parameter_count(self):
         """The whole model's parameters (every stage's), not this rank's stage's."""
         return self._model_parameters
+
+    def memory_holding(self):
+        """This stage's blocks' activations of a micro-batch (from the balancing profile; unknown under
+        split_points) times the micro-batches its schedule keeps in flight."""
+        in_flight = max_in_flight(stage_actions(self.schedule, self.stages, self.micro_batches, self.stage))
+        return holding_for("pipeline", stage_activation_bytes=self.partition.stage_activation_bytes(self.stage),
+                           in_flight=in_flight, stage=self.stage)
 
     def describe(self, batch_size, unit="streams"):
         share = batch_size // self.replicas
