@@ -3,12 +3,15 @@ PyTorch model, side by side, and how close each comes to the GEMM-bound limit.
 
     .venv/bin/python benchmarks/bench_lm_speed.py [--job jobs/ptb_small.toml] [--steps 20] [--rounds 9]
     .venv/bin/python benchmarks/bench_lm_speed.py --job jobs/charlm.toml --steps 5
+    .venv/bin/python benchmarks/bench_lm_speed.py --job jobs/charlm_transformer.toml --steps 5
 
 Candidates, run in interleaved rounds in one process (median per candidate; machine load hits all alike):
 - "disttrain Trainer": `Trainer.train_step`, the loop every mode uses;
 - "disttrain nn API": the same model written with dt.nn.Embedding / LSTM / Linear, F.cross_entropy,
-  clip_grad_norm_ and the job's optimizer, in a plain loop;
-- "pytorch": that plain loop with torch.nn (its CPU LSTM runs all steps in one oneDNN primitive);
+  clip_grad_norm_ and the job's optimizer, in a plain loop (the Transformer: our model class, which is
+  written with the public nn API);
+- "pytorch": that plain loop with torch.nn (its CPU LSTM runs all steps in one oneDNN primitive; the
+  Transformer's blocks are nn.TransformerEncoderLayer with norm_first, tanh GELU and a causal mask);
 - "numpy GEMM": the step's largest GEMM shape in NumPy float32, for the GEMM rate of this run.
 All train on the job's first TBPTT segments with the hidden state carried and detached, the job's
 optimizer, lr, clip norm and loss convention.
@@ -97,7 +100,67 @@ def lstm_lm_gemms(spec, vocab):
     return gemms
 
 
-MODELS = {"lstm_lm": (lstm_lm_ours, lstm_lm_torch, lstm_lm_gemms)}
+# ---- the Transformer language model (token + position embeddings -> pre-LN blocks -> LayerNorm -> decoder) --
+
+def transformer_lm_ours(spec, vocab):
+    """Our model class itself: it is written with the public nn API (Embedding, Linear, LayerNorm, the ops)."""
+    m = spec.model
+    return dt.models.TransformerLanguageModel(vocab, d_model=m.d_model, heads=m.heads, layers=m.layers,
+                                              d_ff=m.d_ff, max_len=m.max_len, dropout=m.dropout,
+                                              tie_weights=m.tie_weights)
+
+
+def transformer_lm_torch(torch, spec, vocab):
+    """The same layout in torch.nn: TransformerEncoderLayer with norm_first, tanh GELU and a causal mask."""
+    m, F = spec.model, torch.nn.functional
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = torch.nn.Embedding(vocab, m.d_model)
+            self.position = torch.nn.Embedding(m.max_len, m.d_model)
+            self.blocks = torch.nn.ModuleList([torch.nn.TransformerEncoderLayer(
+                m.d_model, m.heads, dim_feedforward=m.d_ff, dropout=m.dropout,
+                activation=lambda x: F.gelu(x, approximate="tanh"), norm_first=True) for _ in range(m.layers)])
+            self.norm = torch.nn.LayerNorm(m.d_model)
+            self.decoder = torch.nn.Linear(m.d_model, vocab)
+            if m.tie_weights:
+                self.decoder.weight = self.embedding.weight
+
+        def forward(self, x, state):
+            steps = x.shape[0]
+            mask = torch.nn.Transformer.generate_square_subsequent_mask(steps)
+            h = self.embedding(x) + self.position.weight[:steps, None, :]
+            for block in self.blocks:
+                h = block(h, src_mask=mask, is_causal=True)
+            return self.decoder(self.norm(h).reshape(-1, m.d_model)), None
+
+    return LM()
+
+
+def transformer_lm_gemms(spec, vocab):
+    """Per block: the q/k/v and output projections, the attention scores and their weighted sum (one
+    (T, d, T) and one (T, T, d) product per stream and head), the MLP's two; then the decoder."""
+    m, batch, steps = spec.model, spec.data.batch_size, spec.data.bptt
+    tokens, size = batch * steps, m.d_model // m.heads
+    block = [(tokens, m.d_model, 3 * m.d_model, 1), (tokens, m.d_model, m.d_model, 1),
+             (steps, size, steps, batch * m.heads), (steps, steps, size, batch * m.heads),
+             (tokens, m.d_model, m.d_ff, 1), (tokens, m.d_ff, m.d_model, 1)]
+    return block * m.layers + [(tokens, m.d_model, vocab, 1)]
+
+
+def transformer_lm_describe(m):
+    return f"{m.layers}-block Transformer (d_model {m.d_model}, {m.heads} heads, d_ff {m.d_ff})"
+
+
+def lstm_lm_describe(m):
+    return f"{m.layers}x{m.hidden} LSTM (embed {m.embed})"
+
+
+# kind -> (our nn-API model, the PyTorch twin, the forward GEMMs of a step, a description)
+MODELS = {"lstm_lm": (lstm_lm_ours, lstm_lm_torch, lstm_lm_gemms, lstm_lm_describe),
+          "transformer_lm": (transformer_lm_ours, transformer_lm_torch, transformer_lm_gemms,
+                             transformer_lm_describe)}
 
 
 # ---- the runners ------------------------------------------------------------------------------------
@@ -119,14 +182,14 @@ def plain_loop(lib, model, optimizer, clip, segments, loss_times_steps):
 
     def run():
         for x, y in segments:
-            logits, (h, c) = model(x, state[0])
+            logits, carried = model(x, state[0])
             loss = F.cross_entropy(logits, y)
             optimizer.zero_grad()
             (loss * x.shape[0] if loss_times_steps else loss).backward()
             if clip is not None:
                 lib.nn.utils.clip_grad_norm_(params, clip)
             optimizer.step()
-            state[0] = (h.detach(), c.detach())
+            state[0] = None if carried is None else tuple(t.detach() for t in carried)
         return sum(y.shape[0] for _, y in segments)
 
     return run
@@ -242,7 +305,7 @@ def main():
     load_after = os.getloadavg()[0]
 
     m, d = spec.model, spec.data
-    print(f"LM training step, {args.job}: {m.layers}x{m.hidden} LSTM (embed {m.embed}), vocab {vocab:,}, batch "
+    print(f"LM training step, {args.job}: {MODELS[m.kind][3](m)}, vocab {vocab:,}, batch "
           f"{d.batch_size}, bptt {d.bptt}, {spec.optim.kind}; {machine()}")
     threads = (f"threads: NumPy's OpenBLAS {numpy_blas_threads() or '?'}, disttrain's intra-op {dt.get_num_threads()}"
                f" (the LSTM's batch blocks and the big passes); CPU kernels {backend.CPU.kernels.__name__}")

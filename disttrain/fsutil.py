@@ -1,4 +1,4 @@
-"""File-system durability helpers shared by job checkpoints and parameter-server snapshots."""
+"""File-system durability helpers shared by job checkpoints, parameter-server snapshots and run files."""
 import os
 
 
@@ -9,3 +9,15 @@ def fsync_path(path):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomically(path, data):
+    """Replace the file `path` with the bytes `data` durably: a reader sees the old file or the new, never part."""
+    path = os.fspath(path)
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(temporary, path)
+    fsync_path(os.path.dirname(os.path.abspath(path)))

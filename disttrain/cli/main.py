@@ -4,10 +4,11 @@
                            [--trace FILE [--trace-steps A:B]]
     disttrain launch -n N [--max-restarts R] [--restart-n M] JOB.toml [run options ...]
     disttrain eval JOB.toml --checkpoint DIR [--set section.key=value ...] [--device cpu|cuda]
+    disttrain plan JOB.toml [--ranks N] [--budget-mb X] [--set section.key=value ...]
     disttrain demo
 
-Exit status: 0 done, 1 failure, 2 unusable job file, options or checkpoint, or an output directory that holds an
-earlier run (the message says what and where), 3 stopped by a NaN or infinite loss, gradient norm or weight
+Exit status: 0 done, 1 failure, 2 unusable job file, options or checkpoint, a plan over its memory budget, or an
+output directory that holds an earlier run (the message says what and where), 3 stopped by a NaN or infinite loss, gradient norm or weight
 ([train] on_nonfinite), 124 a rank did not arrive within [parallel] timeout_s, 130 / 143 stopped by SIGINT /
 SIGTERM after writing a checkpoint.
 """
@@ -15,7 +16,7 @@ import argparse
 import sys
 
 from disttrain import trace
-from disttrain.cli import launch
+from disttrain.cli import launch, plan
 from disttrain.paramserver import cli as ps_cli
 
 
@@ -31,10 +32,11 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="train an MLP and a small CNN on generated data (no downloads)")
 
-    run = sub.add_parser("run", help="train a job: writes metrics.jsonl, config.toml, curves.png, checkpoints/",
+    run = sub.add_parser("run", help="train a job: writes metrics.jsonl, config.toml, curves.png, memory.json, "
+                                     "checkpoints/",
                          description="Train the job JOB.toml in local mode. Outputs go to DIR (default "
-                                     "runs/<job name>): metrics.jsonl, config.toml (the resolved job), curves.png "
-                                     "and checkpoints/. Ctrl-C or SIGTERM writes a checkpoint before exiting; "
+                                     "runs/<job name>): metrics.jsonl, config.toml (the resolved job), curves.png, "
+                                     "memory.json (the memory estimate and measured peak) and checkpoints/. Ctrl-C or SIGTERM writes a checkpoint before exiting; "
                                      "--resume continues from it. A DIR that holds an earlier run's checkpoints "
                                      "needs --resume or --overwrite.")
     _add_job_arguments(run)
@@ -60,6 +62,7 @@ def build_parser():
                           help="a run directory (its newest checkpoint that verifies), one checkpoint directory "
                                "(DIR/checkpoints/step-NNNNNN), or parameter-server snapshots (DIR/ps-snapshots, or a "
                                "directory of *.snap files)")
+    plan.register(sub)
     ps_cli.register(sub)           # ps-cluster, ps-server, ps-worker, ps-keys (disttrain/paramserver/cli.py)
     return parser
 
@@ -80,6 +83,8 @@ def main(argv=None):
         return evaluate.evaluate(args)
     if args.command == "launch":
         return launch.main(args)
+    if args.command == "plan":
+        return plan.main(args)
     if hasattr(args, "ps_main"):
         return ps_cli.run(args)
     return 2

@@ -88,7 +88,7 @@ def main(args):
     if trainer.mode.is_main:                     # under mpirun: one report, from the process that logs
         _report(evals, trainer.data)
         print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}/ (metrics.jsonl, config.toml, "
-              f"curves.png, checkpoints/)")
+              f"curves.png, memory.json, checkpoints/)")
     return 0
 
 

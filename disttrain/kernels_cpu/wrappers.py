@@ -9,6 +9,7 @@ no compiled kernel applies (another array module or dtype, empty arrays, the lib
 wrapper runs the NumPy reference; a missing library is reported once, in one line, on stderr.
 """
 import sys
+import types
 
 import numpy as np
 
@@ -26,13 +27,6 @@ MIN_MACS_PER_BLOCK = 1 << 22
 SMALL_GEMM_ROWS = 4
 
 _noted = False
-
-
-def __getattr__(name):
-    """The table's other entries: kernels_numpy's own (a kernel added there is here too)."""
-    if name.startswith("_"):
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(_ref, name)
 
 
 def _compiled(xp, *arrays):
@@ -185,3 +179,17 @@ def cross_entropy_backward(xp, logits, target, saved, row_scale):
 
     threads.parallel_rows(rows, n, classes)
     return grad
+
+
+def _bind_reference_kernels():
+    """The table's other entries are kernels_numpy's own (a kernel or constant added there is here too), bound
+    as this module's names at import: a module __getattr__ would add a microsecond or two to every call of
+    them, which an autograd op on small tensors feels."""
+    own = globals()
+    for name, value in vars(_ref).items():
+        imported = isinstance(value, types.ModuleType) or getattr(value, "__module__", _ref.__name__) != _ref.__name__
+        if not name.startswith("_") and name not in own and not imported:
+            own[name] = value
+
+
+_bind_reference_kernels()

@@ -34,6 +34,9 @@ class Adam(Optimizer):
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"{name}: invalid betas[{i}]={beta!r}, must be in [0, 1)")
 
+    def state_buffers(self, group):
+        return 3 if group["amsgrad"] else 2
+
     def _update(self, param, grad, state, group):
         if not state:
             _init_state(state, param, group["amsgrad"])

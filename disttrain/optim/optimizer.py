@@ -5,7 +5,8 @@ Shaped like torch.optim.Optimizer so that training code and checkpoints read the
                 hyper-parameters; keys a group leaves out come from the optimizer's `defaults`
   state         per-parameter dict keyed by the parameter Tensor, filled at its first update:
                 buffers are backend arrays (NumPy or CuPy, like the parameter), counters plain ints
-A subclass implements `_validate(group)` and `_update(param, grad, state, group)`; the base walks
+A subclass implements `_validate(group)` and `_update(param, grad, state, group)` (and, for memory estimates,
+`state_buffers(group)`: its parameter-shaped state arrays per parameter); the base walks
 the groups, skips parameters whose grad is None and runs every update under no_grad. A subclass that
 steps otherwise (a wrapper distributing another optimizer's work) overrides `_step(closure)` and
 `_zero_grad(set_to_none)`, what step() and zero_grad() run after their hooks.
@@ -57,6 +58,11 @@ class Optimizer:
     def _update(self, param, grad, state, group):
         """Update `param` in place from `grad` (its gradient's backend array, never to be modified)."""
         raise NotImplementedError
+
+    def state_buffers(self, group):
+        """How many parameter-shaped arrays of state each parameter of `group` gets at its first update (what a
+        memory estimate counts before any step); None when this optimizer does not say."""
+        return None
 
     # ---- groups ----------------------------------------------------------------------------
     def add_param_group(self, group):
@@ -154,6 +160,10 @@ class Optimizer:
                     if p.grad is not None:
                         self._update(p, _grad_array(p), self.state[p], group)
         return loss
+
+    def state_nbytes(self):
+        """Bytes of the arrays in this optimizer's state now."""
+        return sum(v.nbytes for entry in self.state.values() for v in entry.values() if hasattr(v, "nbytes"))
 
     # ---- save / resume ---------------------------------------------------------------------
     def state_dict(self):

@@ -27,6 +27,9 @@ class SGD(Optimizer):
             raise ValueError(f"SGD: nesterov=True needs momentum > 0 and dampening == 0, "
                              f"got momentum={group['momentum']!r}, dampening={group['dampening']!r}")
 
+    def state_buffers(self, group):
+        return 1 if group["momentum"] else 0
+
     def _update(self, param, grad, state, group):
         # one fused update (backend.kernels.sgd_step: the NumPy reference on the CPU, one CUDA kernel on the GPU)
         param.begin_inplace("SGD.step")  # bumps the version: graphs recorded before the step fail at backward

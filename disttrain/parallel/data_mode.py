@@ -17,6 +17,7 @@ carried state of every rank's streams is gathered for its checkpoints.
 from disttrain.parallel.comm import world
 from disttrain.parallel.data_parallel import DataParallel
 from disttrain.parallel.mpi_mode import MPIMode, ranks
+from disttrain.train.memory_plan import holding_for
 from disttrain.train.mode import RunState, describe_threads
 
 __all__ = ["DataParallelMode"]
@@ -66,6 +67,11 @@ class DataParallelMode(MPIMode):
             return []
         self._reported_choice = True
         return [choice.describe()]
+
+    def memory_holding(self):
+        """Every gradient in the buckets through the step; 1/N of the optimizer state with ZeRO (and of the
+        gradients with stage 2)."""
+        return holding_for("data", self.comm.size, self.shard_optimizer)
 
     def describe(self, batch_size, unit="streams"):
         shares = self.data_group.size

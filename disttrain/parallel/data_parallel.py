@@ -217,13 +217,13 @@ def broadcast_tensors(comm, tensors, root=0):
         groups.setdefault((t.dtype, t.device), []).append(t)
     with no_grad():
         for group in groups.values():
-            xp = group[0].backend.xp
-            flat = xp.concatenate([t.data.reshape(-1) for t in group]) if comm.rank == root else \
-                xp.empty(sum(t.numel() for t in group), dtype=group[0].dtype)
+            backend = group[0].backend
+            if comm.rank == root:
+                flat = backend.kernels.bucket_pack(backend.xp, [t.data for t in group])
+            else:
+                flat = backend.xp.empty(sum(t.numel() for t in group), dtype=group[0].dtype)
             comm.Bcast(flat, root=root, what=f"broadcast of rank {root}'s parameters")
             if comm.rank != root:
-                offset = 0
                 for t in group:
-                    n = t.numel()
-                    t.copy_(flat[offset:offset + n].reshape(t.shape))
-                    offset += n
+                    t.begin_inplace("broadcast_tensors")
+                backend.kernels.bucket_unpack(backend.xp, flat, [t.data for t in group])

@@ -178,6 +178,9 @@ class ShardedOptimizer(Optimizer):
         for shard in self._shards:
             shard.load_state(state_dict["state"])
 
+    def state_buffers(self, group):
+        return self.optimizer.state_buffers(group)
+
     def state_nbytes(self):
         """Bytes of the arrays in this rank's optimizer state."""
         return sum(v.nbytes for shard in self._shards if shard.optimizer is not None

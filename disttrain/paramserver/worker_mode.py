@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from disttrain.data.source import Share, WHOLE
+from disttrain.train.memory_plan import holding_for
 from disttrain.train.mode import Mode
 
 __all__ = ["ParameterServerMode", "worker_run_dir"]
@@ -51,6 +52,10 @@ class ParameterServerMode(Mode):
             else:
                 self._host.append(np.empty(p.numel(), dtype=p.dtype))
         return model, optimizer
+
+    def memory_holding(self):
+        """No optimizer state: the servers update the parameters."""
+        return holding_for("ps")
 
     def train_share(self):
         """Worker k trains on share k mod W of every batch."""

@@ -44,7 +44,7 @@ from disttrain import trace
 from disttrain.data.source import EVAL_STREAMS
 from disttrain.models import protocol
 from disttrain.tensor.memory import MemoryMeter
-from disttrain.train import saving
+from disttrain.train import memory_plan, saving
 from disttrain.train.auto_checkpointing import plan_checkpointing
 from disttrain.train.build import Schedules, build_data, build_model, build_optimizer, build_schedules
 from disttrain.train.jobspec import loads_job
@@ -125,10 +125,14 @@ class Trainer:
         self._progress_mode = progress
         self.overwrite = overwrite
 
-        # before prepare: a mode's hooks (data parallelism's reductions) must not see the measuring step
+        # before prepare: a mode's gradient hooks must not see these steps; the estimate profiles the plan
         self.checkpoint_choice = plan_checkpointing(self.spec, model, data, self.mode.train_share())
+        profile = self._profile_memory(model, data)
         self.model, self.optimizer = self.mode.prepare(model, optimizer, data)
         self.params = list(self.model.parameters())
+        self.memory_estimate = (memory_plan.predict(self.model, self.optimizer, profile, self.mode.memory_holding())
+                                if profile is not None else None)
+        self.measured_peak_bytes = None   # the largest metered step's, as memory_plan defines it (see _metered_step)
         self.schedules = schedules(self.optimizer) if schedules is not None else Schedules()
         self.train_iter = data.train_batches(self.mode.train_share())
 
@@ -153,6 +157,14 @@ class Trainer:
         self._started = self._tick = None   # perf_counter at fit() start / at the last train log
         self.metrics = None
         self.progress = None
+
+    def _profile_memory(self, model, data):
+        """One profiled forward/backward of this process's share of the first training batch (None: no batch)."""
+        try:
+            inputs, targets = next(iter(data.train_batches(self.mode.train_share())))
+        except StopIteration:
+            return None
+        return memory_plan.profile_step(model, inputs, targets)
 
     @classmethod
     def from_job(cls, spec, out_dir=None, mode=None, data=None, progress=None, overwrite=False):
@@ -249,6 +261,7 @@ class Trainer:
             return self.train_step(inputs, targets)
         with MemoryMeter(self.mode.device, resident=self._resident_tensors()) as meter:
             result = self.train_step(inputs, targets)
+        self._record_measured_peak(meter.peak_bytes + self.optimizer.state_nbytes())
         needed = self._acc["peak_mem_bytes"] = meter.peak_bytes - meter.start_bytes  # beyond the parameters
         budget = self.spec.memory.budget_mb                                           # and state already held
         if self.checkpoint_choice is not None and not self._reported_measured_peak:
@@ -261,6 +274,21 @@ class Trainer:
                 f"{budget:g} (activation_checkpointing = {self.spec.memory.activation_checkpointing!r}); "
                 'try activation_checkpointing = "auto" or "sqrt", a smaller bptt or a smaller batch')
         return result
+
+    def _record_measured_peak(self, peak):
+        """measured_peak_bytes: the meter's absolute peak plus the optimizer's state arrays (which it does not
+        see), the largest over the data shares' processes and the metered steps so far; the main process
+        rewrites memory.json when it grows. Every process calls this at the same steps (a reduction)."""
+        slots = [0.0] * self.mode.world_size            # one slot per share: the sum is every process's figure
+        slots[self.mode.train_share().index] = float(peak)
+        peak = int(max(self.mode.reduce(slots, "sum")))
+        if self.measured_peak_bytes is None or peak > self.measured_peak_bytes:
+            self.measured_peak_bytes = peak
+            self._write_memory_json()
+
+    def _write_memory_json(self):
+        if self.out_dir is not None and self.mode.is_main and self.memory_estimate is not None:
+            memory_plan.write_memory_json(self.out_dir, self.memory_estimate, self.measured_peak_bytes)
 
     def _resident_tensors(self):
         """The tensors a step starts with: parameters and buffers, their gradients, the carried state."""
@@ -460,6 +488,9 @@ class Trainer:
         self._started = time.perf_counter()
         if self.progress is None and self.mode.is_main:     # one process reports
             self.progress = Progress(self.total_steps, initial=self.step, bar=self._progress_mode)
+        if self.memory_estimate is not None:
+            for line in self.memory_estimate.lines(f"memory per process ({self.mode.memory_holding().description}):"):
+                self._say(line)
         if self.out_dir is None or not self.mode.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -467,6 +498,7 @@ class Trainer:
             self._start_new_run()
         (self.out_dir / CONFIG_FILE).write_text(self.spec.to_toml(), encoding="utf-8")
         self.metrics = MetricsWriter(self.out_dir / METRICS_FILE, resume_at=self._metrics_position)
+        self._write_memory_json()
 
     def _start_new_run(self):
         """Refuse to write a new run over an earlier one (check_new_run), unless overwrite: then delete that run's

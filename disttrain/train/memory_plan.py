@@ -1,10 +1,39 @@
-"""How much memory a training run needs, estimated from the job alone, before anything is allocated.
+"""How much memory a training process needs: one place for the estimate, from the job alone or from a profile.
+
+From the job alone, before anything is allocated (what `disttrain run` checks first, cli/preflight.py):
 
     need = estimate(spec, vocab_size, streams=spec.data.batch_size)
     need.parameters, need.gradients, need.optimizer, need.activations, need.total      # bytes, one process
     check_fits(spec, vocab_size, streams=10, processes=2)    # JobSpecError when the machine cannot hold it
 
-What is counted, for the LSTM language model in float32 (4 bytes a number):
+From one profiled forward/backward of the process's micro-batch (what the Trainer logs at start and writes to
+memory.json, and what `disttrain plan` prints):
+
+    profile = profile_step(model, inputs, targets)           # a MemoryMeter around one forward and backward
+    need = predict(trained_module, optimizer, profile, mode.memory_holding())
+    need.peak                                                 # the predicted peak of a step, bytes
+    need.to_json(measured_peak_bytes)                         # memory.json's fields
+
+What a prediction counts, per process (all of it array bytes as disttrain.tensor.memory.MemoryMeter counts
+them, plus the optimizer's state arrays, which it does not see):
+- params_bytes: the parameters and buffers of what this process trains (a pipeline stage's only);
+- grads_bytes: one gradient per trained parameter; ZeRO stage 2 ([parallel] shard_optimizer = 2) keeps 1/N;
+- optimizer_state_bytes: the optimizer's parameter-shaped buffers (Optimizer.state_buffers: Adam 2, SGD with
+  momentum 1); 1/N of them with shard_optimizer >= 1; none on a parameter-server worker (the servers update);
+- activation_bytes: what the profiled forward leaves alive for backward (with the model's activation
+  checkpointing as configured), the loss included; a pipeline stage: its blocks' share of a micro-batch times
+  the micro-batches its schedule keeps in flight;
+- peak: the parameters and optimizer state plus the profiled forward/backward's peak above the parameters
+  (`working`: activations, gradients as backward makes them, temporaries held between ops); gradients that
+  stay in buffers through the step (data parallelism's buckets) add to it, otherwise the larger of the two
+  counts, since a step starts with its gradients cleared. A pipeline stage: parameters, optimizer state,
+  gradients and its activations added up. ZeRO stage 2 drops each gradient once packed, so its peak is below
+  the prediction.
+The measured peak (Trainer, `measured_peak_bytes`) is the same sum as it happened: a metered step's
+MemoryMeter peak (absolute: parameters, buffers, gradients, carried state, activations) plus the optimizer's
+state bytes (Optimizer.state_nbytes) after the step.
+
+What the job-alone estimate counts, for the LSTM language model in float32 (4 bytes a number):
 - parameters: exactly, from [model] (embedding V x E; per layer 4H x (in + H) weights and two 4H biases;
   decoder H x V + V, its weight shared with the embedding when tied);
 - gradients: one array per parameter; optimizer state: none for plain SGD, one buffer with momentum, two
@@ -16,20 +45,29 @@ What is counted, for the LSTM language model in float32 (4 bytes a number):
   recomputed in backward, plus the S carried states.
 - a pipeline stage (one of `stages`): the whole model's parameters (every rank builds the whole model before
   keeping its stage) and a stage's share of the rest.
-
-It is an estimate, meant to refuse a job that cannot fit (a hidden size of 100,000 needs terabytes) before
-NumPy fails mid-allocation, not to budget tightly: tests/train/test_memory_plan.py checks it against the
-parameters a model has and the bytes the memory meter sees a step allocate. A finer planner (per-op
-activations, pipeline stages, device memory) can grow from `estimate`.
+It is meant to refuse a job that cannot fit (a hidden size of 100,000 needs terabytes) before NumPy fails
+mid-allocation, not to budget tightly: tests/train/test_memory_plan.py checks it against the parameters a model
+has and the bytes the memory meter sees a step allocate; the profiled prediction is the tight one
+(tests/train/test_memory_estimate.py).
 """
+import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import disttrain as dt
 from disttrain.checkpointing.plan import segment_bounds
+from disttrain.fsutil import write_atomically
+from disttrain.models import protocol
+from disttrain.tensor.memory import MemoryMeter
+from disttrain.tensor.random import fork_rng, get_rng_state
 from disttrain.train.jobspec import JobSpecError
 
-__all__ = ["MemoryEstimate", "estimate", "parameter_count", "available_bytes", "check_fits", "format_bytes"]
+__all__ = ["MemoryEstimate", "estimate", "parameter_count", "available_bytes", "check_fits", "format_bytes",
+           "Holding", "holding_for", "StepProfile", "profile_step", "predict", "write_memory_json", "MEMORY_FILE"]
+
+MEMORY_FILE = "memory.json"
 
 FLOAT_BYTES = 4
 OPTIMIZER_BUFFERS = {"sgd": 0, "adam": 2, "adamw": 2}
@@ -41,14 +79,34 @@ class MemoryEstimate:
     gradients: int
     optimizer: int
     activations: int
+    peak: int = None      # the predicted peak of a step (a profiled prediction); None: the sum of the four
 
     @property
     def total(self):
         return self.parameters + self.gradients + self.optimizer + self.activations
 
+    @property
+    def predicted_peak(self):
+        return self.total if self.peak is None else self.peak
+
     def describe(self):
         return (f"parameters {format_bytes(self.parameters)}, gradients {format_bytes(self.gradients)}, optimizer "
                 f"state {format_bytes(self.optimizer)}, activations {format_bytes(self.activations)}")
+
+    def lines(self, title):
+        """The block of log lines printed at start: `title`, then one figure a line."""
+        rows = [("parameters", self.parameters), ("gradients", self.gradients), ("optimizer state", self.optimizer),
+                ("activations", self.activations), ("predicted peak", self.predicted_peak)]
+        return [title] + [f"  {name:<16}{format_bytes(n):>12}" for name, n in rows]
+
+    def to_json(self, measured_peak_bytes=None):
+        """memory.json's fields (measured_peak_bytes only once a step was metered)."""
+        fields = {"params_bytes": self.parameters, "grads_bytes": self.gradients,
+                  "optimizer_state_bytes": self.optimizer, "activation_bytes": self.activations,
+                  "predicted_peak_bytes": self.predicted_peak}
+        if measured_peak_bytes is not None:
+            fields["measured_peak_bytes"] = int(measured_peak_bytes)
+        return fields
 
 
 def parameter_count(spec, vocab_size):
@@ -83,6 +141,106 @@ def _activation_bytes(spec, vocab_size, streams):
         kept_steps = 2 * max(b - a for a, b in zip(bounds, bounds[1:]))     # the last segment + one recomputed
         carried = (len(bounds) - 1) * m.layers * 2 * m.hidden
     return (kept_steps * per_step + carried) * streams * FLOAT_BYTES
+
+
+# ---- the profiled prediction ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Holding:
+    """How one process of a mode holds the memory of what it trains (Mode.memory_holding; see holding_for)."""
+    gradients: float = 1.0           # its share of the trained parameters' gradients
+    optimizer_state: float = 1.0     # its share of the optimizer's state
+    gradient_buffers: bool = False   # gradients live in buffers kept through the whole step
+    activation_bytes: int = None     # the mode's own activation figure (a pipeline stage); None: the profile's
+    description: str = "local"
+
+
+def holding_for(mode, ranks=1, shard_optimizer=0, stage_activation_bytes=None, in_flight=1, stage=0):
+    """The Holding of one process of `mode` ("local", "data", "pipeline", "ps"): the rules of docs/MEMORY.md.
+    data: `ranks` ranks, ZeRO stage `shard_optimizer`; pipeline: stage `stage`, whose blocks keep
+    `stage_activation_bytes` per micro-batch (None: not profiled) for `in_flight` micro-batches at once."""
+    if mode == "data":
+        share = 1.0 / ranks
+        sharded = f", ZeRO stage {shard_optimizer}" if shard_optimizer else ""
+        return Holding(gradients=share if shard_optimizer == 2 else 1.0,
+                       optimizer_state=share if shard_optimizer else 1.0, gradient_buffers=True,
+                       description=f"data parallel, {ranks} ranks{sharded}")
+    if mode == "ps":
+        return Holding(optimizer_state=0.0, description="parameter-server worker (the servers hold the optimizer)")
+    if mode == "pipeline":
+        activations = None if stage_activation_bytes is None else stage_activation_bytes * in_flight
+        return Holding(activation_bytes=activations,
+                       description=f"pipeline stage {stage}, {in_flight} micro-batch(es) in flight")
+    return Holding()
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """One forward and backward of a micro-batch under a MemoryMeter (bytes)."""
+    resident: int      # parameters and buffers alive when it started
+    activations: int   # alive after forward and not before: what backward keeps, the loss
+    working: int       # its peak above `resident`: activations, gradients as backward makes them, temporaries
+
+
+def profile_step(model, inputs, targets, state=None):
+    """Measure one forward/backward of `model` (as configured: its activation checkpointing applies) on the
+    NumPy arrays `inputs`, `targets` from the carried `state` (None: zeros). It leaves no trace: the
+    gradients, buffers and random generators are as before."""
+    params = list(model.parameters())
+    device = params[0].device if params else "cpu"
+    saved_grads = [p.grad for p in params]
+    saved_buffers = {name: b.numpy().copy() for name, b in model.named_buffers()}
+    try:
+        for p in params:
+            p.grad = None
+        with fork_rng(get_rng_state()), MemoryMeter(device, resident=_state_tensors(model)) as meter:
+            x, y = (dt.tensor(a, device=device) for a in (inputs, targets))
+            loss, _ = protocol.forward_loss(model, x, y, state)
+            activations = meter.live_bytes - meter.start_bytes
+            loss.backward()
+        return StepProfile(meter.start_bytes, activations, meter.peak_bytes - meter.start_bytes)
+    finally:
+        for p, grad in zip(params, saved_grads):
+            p.grad = grad
+        if saved_buffers:
+            model.load_state_dict(saved_buffers, strict=False)
+
+
+def predict(module, optimizer, profile, holding=Holding()):
+    """The MemoryEstimate of a process training `module` (what it holds: a pipeline stage, or the model) with
+    `optimizer`, from the `profile` of a micro-batch and the mode's `holding`."""
+    resident = _distinct_bytes(_state_tensors(module))
+    trained = _distinct_bytes(p for p in module.parameters() if p.requires_grad)
+    gradients = round(trained * holding.gradients)
+    state = sum((optimizer.state_buffers(group) or 0) * _distinct_bytes(group["params"])
+                for group in optimizer.param_groups)
+    state = round(state * holding.optimizer_state)
+    if holding.activation_bytes is not None:
+        activations = holding.activation_bytes
+        peak = resident + state + gradients + activations
+    else:
+        activations = profile.activations
+        held = gradients + profile.working if holding.gradient_buffers else max(gradients, profile.working)
+        peak = resident + state + held
+    return MemoryEstimate(resident, gradients, state, activations, peak)
+
+
+def write_memory_json(run_dir, estimate, measured_peak_bytes=None):
+    """Write run_dir/memory.json atomically (a temporary file renamed over it): the estimate's fields."""
+    path = Path(run_dir) / MEMORY_FILE
+    write_atomically(path, (json.dumps(estimate.to_json(measured_peak_bytes), indent=1) + "\n").encode())
+    return path
+
+
+def _state_tensors(module):
+    return list(module.state_dict(keep_vars=True).values())
+
+
+def _distinct_bytes(tensors):
+    """Bytes of the tensors' arrays, each array once (tied weights are one array)."""
+    seen = {}
+    for t in tensors:
+        seen[id(t.data)] = t.data.nbytes
+    return sum(seen.values())
 
 
 def available_bytes():

@@ -26,6 +26,8 @@ Trainer. Every mode implements these, grouped by what they cover:
                     local = mode.scatter(whole) this process's part of a whole-model RunState
                     mode.checkpoint_dir(out)    where this process writes its job checkpoint (or None)
     reporting       mode.is_main, mode.describe(), mode.messages(), mode.parameter_count()
+                    mode.memory_holding()       how this process holds its memory: its share of the
+                                                gradients and optimizer state (train/memory_plan.Holding)
 
 LocalMode is the one-process mode: every reduction is the identity. Data-parallel, pipeline and
 parameter-server modes live beside their machinery (disttrain/parallel/data_mode.py,
@@ -41,6 +43,7 @@ from disttrain.data.source import WHOLE
 from disttrain.models import protocol
 from disttrain.nn.utils import clip_grad_norm_
 from disttrain.tensor.threads import get_num_threads
+from disttrain.train.memory_plan import Holding
 
 __all__ = ["Mode", "LocalMode", "RunState", "make_optimizer"]
 
@@ -156,6 +159,10 @@ class Mode:
     def parameter_count(self):
         """The whole model's number of parameters."""
         return sum(p.numel() for p in self.model.parameters())
+
+    def memory_holding(self):
+        """What this process holds of the memory of what it trains, for the memory estimate (after prepare)."""
+        return Holding()
 
     def describe(self, batch_size, unit="streams"):
         """Lines for the job log at start: processes, their share of a batch of `batch_size` `unit`, threads."""

@@ -82,7 +82,7 @@ def test_stop_before_any_checkpoint_says_so(tiny_job, tmp_path):
     with pytest.raises(TrainingDiverged, match="^step 2: loss nan, gradient norm nan: not finite; .*; no checkpoint "
                                                "was written before it$"):
         trainer.fit()
-    assert files_under(tmp_path / "run") == ["config.toml", "curves.png", "metrics.jsonl"]
+    assert files_under(tmp_path / "run") == ["config.toml", "curves.png", "memory.json", "metrics.jsonl"]
 
 
 def test_skip_drops_the_update_logs_it_and_goes_on(tiny_job, tmp_path, capsys):

@@ -40,8 +40,10 @@ from disttrain.parallel.pipeline.layout import PipelineLayoutError, check_layout
 from disttrain.parallel.pipeline.p2p import StageLink
 from disttrain.parallel.pipeline.partition import Partition, partition
 from disttrain.parallel.pipeline.runtime import PipelineRuntime, split_micro_batches
+from disttrain.parallel.pipeline.schedule import max_in_flight, stage_actions
 from disttrain.tensor.creation import tensor
 from disttrain.train import saving
+from disttrain.train.memory_plan import holding_for
 from disttrain.train.mode import RunState, describe_threads, make_optimizer
 
 __all__ = ["PipelineMode"]
@@ -164,14 +166,10 @@ class PipelineMode(MPIMode):
         with trace.span("stage allreduce", lane="comm"):
             for dtype in sorted({g.dtype for g in grads}, key=str):
                 same = [g for g in grads if g.dtype == dtype]
-                xp = same[0].backend.xp
-                flat = xp.concatenate([g.data.reshape(-1) for g in same])
+                arrays, kernels, xp = [g.data for g in same], same[0].backend.kernels, same[0].backend.xp
+                flat = kernels.bucket_pack(xp, arrays)
                 self.stage_group.Allreduce(flat, what=f"allreduce of stage {self.stage}'s gradients")
-                flat /= self.replicas
-                offset = 0
-                for g in same:
-                    g.data[...] = flat[offset:offset + g.data.size].reshape(g.shape)
-                    offset += g.data.size
+                kernels.bucket_unpack(xp, flat, arrays, scale=1.0 / self.replicas)
 
     def clip_grad_norm(self, params, max_norm):
         """Clip by the norm of all stages' gradients together; returns that norm before clipping."""
@@ -285,6 +283,13 @@ class PipelineMode(MPIMode):
     def parameter_count(self):
         """The whole model's parameters (every stage's), not this rank's stage's."""
         return self._model_parameters
+
+    def memory_holding(self):
+        """This stage's blocks' activations of a micro-batch (from the balancing profile; unknown under
+        split_points) times the micro-batches its schedule keeps in flight."""
+        in_flight = max_in_flight(stage_actions(self.schedule, self.stages, self.micro_batches, self.stage))
+        return holding_for("pipeline", stage_activation_bytes=self.partition.stage_activation_bytes(self.stage),
+                           in_flight=in_flight, stage=self.stage)
 
     def describe(self, batch_size, unit="streams"):
         share = batch_size // self.replicas

@@ -1,0 +1,150 @@
+"""`disttrain plan JOB [--ranks N] [--budget-mb X] [--set k=v ...]`: the memory estimate of every rank, without
+training.
+
+It builds the job's model, data and optimizer in this one process, profiles one forward/backward of a rank's
+micro-batch (disttrain.train.memory_plan.profile_step) and prints, per rank of the job's mode, what a rank
+holds: parameters, gradients, optimizer state, activations and the predicted peak, the figures `disttrain
+run` logs at start and writes to memory.json. Where the model is a chain of blocks (an nn.Sequential, a model
+family's pipeline_blocks()), its blocks' activations on that micro-batch follow (each block run on its own, as
+a pipeline stage runs it: the pipeline's profile). A pipeline is cut as `run` cuts it (split_points, or the
+balancer on a profile), and each stage is estimated with the micro-batches its schedule keeps in flight.
+
+Exit status 0 when the largest rank's predicted peak fits --budget-mb (default: [memory] budget_mb; none: no
+check), 2 with a one-line error naming the MiB needed when it does not, or for an unusable job or option.
+"""
+import sys
+
+import disttrain as dt
+from disttrain.data.source import Share
+from disttrain.models import protocol
+from disttrain.parallel.pipeline.blocks import blocks_of
+from disttrain.parallel.pipeline.layout import check_layout
+from disttrain.parallel.pipeline.partition import partition
+from disttrain.parallel.pipeline.profile import profile
+from disttrain.parallel.pipeline.runtime import split_micro_batches
+from disttrain.parallel.pipeline.schedule import max_in_flight, stage_actions
+from disttrain.train import memory_plan
+from disttrain.train.build import build_data, build_model, build_optimizer, describe_model
+from disttrain.train.jobspec import JobSpecError, load_job
+
+EXIT_USAGE = 2
+
+
+def register(sub):
+    plan = sub.add_parser("plan", help="print each rank's memory estimate of a job without training",
+                          description="Estimate the memory each rank of the job needs (parameters, gradients, "
+                                      "optimizer state, activations per block, the predicted peak) from one "
+                                      "profiled forward/backward of a micro-batch, without training. Exit status 2 "
+                                      "when the largest rank's predicted peak exceeds the budget.")
+    plan.add_argument("job", metavar="JOB.toml", help="the job spec (TOML)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                      help="override one key of the job, e.g. --set parallel.shard_optimizer=1 (repeatable)")
+    plan.add_argument("--ranks", type=int, metavar="N",
+                      help="processes the job runs on (default: [parallel] stages for a pipeline, [ps] workers "
+                           "for a parameter-server job, else 1)")
+    plan.add_argument("--budget-mb", type=float, metavar="X",
+                      help="MiB a rank may use (default: [memory] budget_mb; neither: no check)")
+
+
+def main(args):
+    try:
+        spec = load_job(args.job, args.overrides)
+        ranks = _ranks(spec, args.ranks)
+        rows, blocks = estimate_ranks(spec, ranks)
+    except JobSpecError as exc:
+        print(f"disttrain plan: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"job {spec.source}: model {describe_model(spec)}; {spec.parallel.mode} mode on {ranks} "
+          f"rank{'s' if ranks > 1 else ''}")
+    for who, detail, need in rows:
+        print("\n".join(need.lines(f"memory of {who}{detail}:")))
+    if blocks:
+        print("activations per block (one micro-batch, each block on its own): "
+              + ", ".join(f"{name} {memory_plan.format_bytes(n)}" for name, n in blocks))
+    budget = args.budget_mb if args.budget_mb is not None else spec.memory.budget_mb
+    who, _, worst = max(rows, key=lambda row: row[2].predicted_peak)
+    if budget is not None and worst.predicted_peak > budget * 2**20:
+        where = "--budget-mb" if args.budget_mb is not None else f"{spec.source}: [memory] budget_mb"
+        print(f"disttrain plan: error: {who} needs {worst.predicted_peak / 2**20:.1f} MiB at its predicted peak, over "
+              f"{where} = {budget:g}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def _ranks(spec, ranks):
+    mode = spec.parallel.mode
+    if ranks is None:
+        return spec.parallel.stages if mode == "pipeline" else spec.ps.workers if mode == "ps" else 1
+    if ranks < 1:
+        raise JobSpecError(f"--ranks {ranks}: expected a number of processes >= 1")
+    if mode == "local" and ranks != 1:
+        raise JobSpecError(f'--ranks {ranks}: {spec.source}: [parallel] mode = "local" runs on one process; '
+                           'set parallel.mode="data" (or "pipeline") to plan for more')
+    return ranks
+
+
+def estimate_ranks(spec, ranks):
+    """([(who, detail, MemoryEstimate)] one per kind of rank, [(block name, activation bytes)] or []) of the job."""
+    data = build_data(spec)
+    dt.manual_seed(spec.train.seed)
+    model = build_model(spec, data).to(spec.train.device)
+    mode = spec.parallel.mode
+    if mode == "pipeline":
+        return _pipeline_ranks(spec, data, model, ranks)
+    shares = ranks if mode in ("data", "ps") else 1
+    inputs, targets = _first_batch(data, Share(0, shares))
+    need = memory_plan.predict(model, build_optimizer(spec, model.parameters()),
+                               memory_plan.profile_step(model, inputs, targets),
+                               memory_plan.holding_for(mode, ranks, spec.parallel.shard_optimizer))
+    sharded = f", ZeRO stage {spec.parallel.shard_optimizer}" if spec.parallel.shard_optimizer else ""
+    who, detail = {"local": ("the process", " (local)"),
+                   "data": ("each data-parallel rank", f" ({ranks} ranks{sharded})"),
+                   "ps": ("each parameter-server worker", f" ({ranks} workers; the servers hold the optimizer)")}[mode]
+    return [(who, detail, need)], _block_activations(model, data, inputs, targets)
+
+
+def _pipeline_ranks(spec, data, model, ranks):
+    p = spec.parallel
+    check_layout(ranks, p.stages, p.micro_batches, spec.data.batch_size, source=spec.source)
+    inputs, targets = (split_micro_batches(a, p.micro_batches, data.batch_axis)[0]
+                       for a in _first_batch(data, Share(0, ranks // p.stages)))
+    x, loss = _sample(model, data, inputs, targets)
+    by_block = [b.activation_bytes for b in profile(model, x, repeats=1, loss_fn=loss).blocks]
+    cut = (partition(model, None, p.stages, split_points=p.split_points) if p.split_points is not None else
+           partition(model, x, p.stages, repeats=1, statistic="min", loss_fn=loss))
+    rows = []
+    for k in range(p.stages):
+        stage = cut.build_stage(model, k)
+        in_flight = max_in_flight(stage_actions(p.schedule, p.stages, p.micro_batches, k))
+        holding = memory_plan.holding_for("pipeline", stage_activation_bytes=sum(by_block[i] for i in cut.stage_range(k)),
+                                          in_flight=in_flight, stage=k)
+        need = memory_plan.predict(stage, build_optimizer(spec, stage.parameters()), None, holding)
+        rows.append((f"pipeline stage {k}", f" ({', '.join(cut.stage_blocks(k))}; {in_flight} micro-batch"
+                     f"{'es' if in_flight > 1 else ''} in flight)", need))
+    return rows, list(zip(cut.block_names, by_block))
+
+
+def _first_batch(data, share):
+    try:
+        return next(iter(data.train_batches(share)))
+    except StopIteration:
+        raise JobSpecError(f"the training data has no batch for a share of 1/{share.count}: lower --ranks or "
+                           "[data] batch_size") from None
+
+
+def _block_activations(model, data, inputs, targets):
+    """[(block name, bytes its forward keeps)] of a model that is a chain of blocks; [] for any other."""
+    try:
+        blocks_of(model)
+    except TypeError:
+        return []
+    x, loss = _sample(model, data, inputs, targets)
+    return [(b.name, b.activation_bytes) for b in profile(model, x, repeats=1, loss_fn=loss).blocks]
+
+
+def _sample(model, data, inputs, targets):
+    """The micro-batch as the model's input tensor and the loss function of its output (the pipeline's profile's
+    arguments)."""
+    device = next(iter(model.parameters())).device
+    y = dt.tensor(targets, device=device)
+    return dt.tensor(inputs, device=device), lambda output: protocol.output_loss(model, output, y)

@@ -1,0 +1,74 @@
+"""`disttrain plan JOB [--ranks N] [--budget-mb X] [--set ...]`: each rank's memory estimate without training,
+the same figures `disttrain run` writes to memory.json; exit status 2 and one line when it does not fit."""
+import json
+
+import pytest
+
+from cli_testing import run_disttrain
+from disttrain.cli.main import main
+from disttrain.train.memory_plan import format_bytes
+
+FIGURES = ("parameters", "gradients", "optimizer state", "activations", "predicted peak")
+
+
+def one_error_line(capsys):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("disttrain plan: error: "), err
+    return lines[0]
+
+
+def figures(out, heading):
+    """{figure: text} of the block under the line starting with `heading`."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    return {line[2:18].strip(): line[18:].strip() for line in lines[start + 1:start + 1 + len(FIGURES)]}
+
+
+def test_plan_prints_what_run_writes_to_memory_json(job_file, tmp_path):
+    """Local mode: `plan` prints the figures of the memory.json that `run` of the same job writes."""
+    planned = run_disttrain("plan", job_file)
+    assert planned.returncode == 0, planned.stderr
+    assert "activations per block (one micro-batch, each block on its own): embedding " in planned.stdout
+    ran = run_disttrain("run", job_file, "--set", "train.max_steps=2", "--out", tmp_path / "run")
+    assert ran.returncode == 0, ran.stderr
+    memory = json.loads((tmp_path / "run" / "memory.json").read_text())
+    assert set(memory) == {"params_bytes", "grads_bytes", "optimizer_state_bytes", "activation_bytes",
+                           "predicted_peak_bytes", "measured_peak_bytes"}
+    keys = ("params_bytes", "grads_bytes", "optimizer_state_bytes", "activation_bytes", "predicted_peak_bytes")
+    expected = {name: format_bytes(memory[key]) for name, key in zip(FIGURES, keys)}
+    assert figures(planned.stdout, "memory of the process (local)") == expected
+    assert figures(ran.stdout, "memory per process (local)") == expected
+
+
+def test_data_ranks_with_zero_stage_one_hold_a_share_of_the_optimizer_state(job_file, capsys):
+    assert main(["plan", str(job_file), "--set", "parallel.mode=data", "--ranks", "2"]) == 0
+    plain = figures(capsys.readouterr().out, "memory of each data-parallel rank (2 ranks)")
+    assert main(["plan", str(job_file), "--set", "parallel.mode=data", "--set", "parallel.shard_optimizer=1",
+                 "--ranks", "2"]) == 0
+    sharded = figures(capsys.readouterr().out, "memory of each data-parallel rank (2 ranks, ZeRO stage 1)")
+    assert sharded["parameters"] == plain["parameters"] and sharded["gradients"] == plain["gradients"]
+    assert sharded["optimizer state"] == plain["gradients"]       # Adam's two moments, halved
+    assert plain["optimizer state"] != sharded["optimizer state"]
+
+
+def test_pipeline_stages(job_file, capsys):
+    assert main(["plan", str(job_file), "--set", "parallel.mode=pipeline", "--set", "parallel.micro_batches=2"]) == 0
+    out = capsys.readouterr().out
+    assert "memory of pipeline stage 0 (" in out and "memory of pipeline stage 1 (" in out
+    assert "2 micro-batches in flight" in out                      # 1F1B: stage 0 of 2 keeps two
+
+
+@pytest.mark.parametrize("where", ["--budget-mb", "[memory] budget_mb"])
+def test_over_the_budget_is_one_line_naming_the_mib_needed(job_file, capsys, where):
+    budget = ["--budget-mb", "0.05"] if where == "--budget-mb" else ["--set", "memory.budget_mb=0.05"]
+    assert main(["plan", str(job_file), *budget]) == 2
+    line = one_error_line(capsys)
+    assert " MiB at its predicted peak, over " in line and f"{where} = 0.05" in line
+    assert line.startswith("disttrain plan: error: the process needs ")
+
+
+def test_ranks_a_local_job_cannot_use(job_file, capsys):
+    assert main(["plan", str(job_file), "--ranks", "3"]) == 2
+    assert '--ranks 3: ' in one_error_line(capsys)
