@@ -43,22 +43,25 @@ class BudgetChoice:
     unplanned_peak: int         # predicted peak with nothing recomputed
     unit: str                   # what the chain's items are ("blocks", "time steps", "modules")
     checked_peak: int           # the peak of the step that checked the plan, measured
+    held: int = 0               # bytes the budget also covers besides the step (parameters, optimizer state)
 
     def describe(self):
         """One line: what is recomputed, the predicted peak, the predicted extra time."""
-        return (f"{self.plan.describe(self.unit)}; predicted peak {self.peak / 2**20:.2f} MiB (with nothing "
-                f"recomputed {self.unplanned_peak / 2**20:.2f} MiB; checked in one step: "
+        beside = f" beside {self.held / 2**20:.2f} MiB of parameters and optimizer state" if self.held else ""
+        return (f"{self.plan.describe(self.unit)}; predicted step peak {self.peak / 2**20:.2f} MiB{beside} (with "
+                f"nothing recomputed {self.unplanned_peak / 2**20:.2f} MiB; checked in one step: "
                 f"{self.checked_peak / 2**20:.2f} MiB), predicted extra time {self.extra_seconds * 1e3:.1f} ms a step")
 
 
-def fit_to_budget(model, step, budget, device="cpu", resident=None, most_items=MOST_ITEMS):
+def fit_to_budget(model, step, budget, device="cpu", resident=None, most_items=MOST_ITEMS, held=0):
     """Run step() once with every item of the model's chain kept, under a ChainProbe, and set on the model the
     plan with the least recomputation whose simulated peak is <= budget (bytes above what the step starts
     with) -> BudgetChoice. The plan is checked in one more step (see _checked_choice).
 
     step(): one forward and backward of the model; each runs with no gradients held (as a training step after
     zero_grad), and the model's gradients are None after (the caller restores what else it changes: the RNG).
-    resident: the tensors alive at the start that the step uses (MemoryMeter's). Raises planner.NoPlanFits
+    resident: the tensors alive at the start that the step uses (MemoryMeter's); held: for the description,
+    what the caller's budget also covers besides the step. Raises planner.NoPlanFits
     (its `smallest`: the least feasible budget), ValueError for a model with no chain.
     """
     owners = checkpointed_modules(model)
@@ -76,7 +79,7 @@ def fit_to_budget(model, step, budget, device="cpu", resident=None, most_items=M
             module.checkpoint_segments = setting
         raise
     unplanned = simulate(costs, Plan.kept([0, costs.n]))[0]
-    return BudgetChoice(plan, choice.peak, choice.extra_seconds, unplanned, unit, measured)
+    return BudgetChoice(plan, choice.peak, choice.extra_seconds, unplanned, unit, measured, held)
 
 
 def _checked_choice(model, step, costs, budget, device, resident):

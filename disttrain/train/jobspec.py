@@ -297,8 +297,9 @@ SCHEMA = {
               'recompute activations in segments: "none", "sqrt", a segment count, or "auto": the plan with the '
               "least recomputation that keeps a step under budget_mb (docs/MEMORY.md)"),
         Field("budget_mb", Float(gt=0), None,
-              "array memory a training step may use beyond the parameters, optimizer state and carried state (MiB): "
-              'stop with an error when a step needs more; "auto" checkpointing plans for it (unset = no limit)'),
+              "array memory of a process (MiB): a training step needing more beyond the parameters and state it "
+              'holds stops the run; "auto" checkpointing fits the step into what the parameters and optimizer '
+              "state leave (unset = no limit)"),
     ),
     "parallel": (
         Field("mode", Choice("local", "data", "pipeline", "ps"), "local", "how training is distributed"),
