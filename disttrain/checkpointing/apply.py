@@ -1,56 +1,32 @@
 """apply_activation_checkpointing: switch a model's activation checkpointing by one setting.
 
-The setting is what a job's `[memory] activation_checkpointing` names: "none", "sqrt" or an
-int (the number of segments).
+The setting is what a job's `[memory] activation_checkpointing` names ("none", "sqrt", a segment count) or
+a Plan (disttrain.checkpointing.plan). Model families read it from their public `checkpoint_segments`
+attribute: nn.Sequential (its chain of modules), nn.LSTM (time steps of each layer), the LSTM LM (time
+segments of its loss) and the Transformer LM (its blocks).
 """
-from disttrain.checkpointing.checkpoint import checkpoint_sequential, segment_bounds
-from disttrain.nn.containers import Sequential
+from disttrain.checkpointing.plan import check_setting
 
 
 def apply_activation_checkpointing(model, setting):
-    """Make `model` checkpoint its activations ("sqrt" or int segments) or stop doing so ("none" / None).
+    """Set `checkpoint_segments` on the outermost modules of `model` that have one (the model itself, or e.g.
+    an nn.Sequential or nn.LSTM inside it; a module with the setting is responsible for what it holds).
 
-    - every module inside with a `checkpoint_segments` setting gets it (None for "none"): an
-      nn.LSTM checkpoints its time steps recurrently; an LSTMLanguageModel checkpoints whole-model
-      time segments in forward_loss (embedding -> LSTM -> decoder -> loss per segment);
-    - a Sequential model (or, when the model is not one, its outermost Sequential submodules)
-      runs its chain through checkpoint_sequential while training with grad enabled.
-    Returns the model. Raises ValueError when the model has neither.
+    setting: "none" / None (off), "sqrt", a positive int or a Plan. Returns the model. Raises ValueError for
+    a bad setting or a model with no such module.
     """
-    segments = None if setting in (None, "none") else setting
-    if segments is not None:
-        segment_bounds(1, segments)  # validates: "sqrt" or a positive int
-    sequences = [m for m in model.modules() if hasattr(m, "checkpoint_segments")]
-    for module in sequences:
-        module.checkpoint_segments = segments
-    chains = _outermost_sequentials(model)
-    for chain in chains:
-        if segments is None:
-            chain.__dict__.pop("forward", None)
-        else:
-            object.__setattr__(chain, "forward", _CheckpointedForward(chain, segments))
-    if not sequences and not chains:
+    segments = None if setting in (None, "none") else check_setting(setting)
+    owners = checkpointed_modules(model)
+    if not owners:
         raise ValueError(f"apply_activation_checkpointing: {type(model).__name__} has no nn.LSTM, no "
                          "checkpoint_segments setting and no nn.Sequential to checkpoint")
+    for module in owners:
+        module.checkpoint_segments = segments
     return model
 
 
-class _CheckpointedForward:
-    """Sequential.forward through checkpoint_sequential (plain forward in eval mode)."""
-
-    def __init__(self, chain, segments):
-        self.chain, self.segments = chain, segments
-
-    def __call__(self, x):
-        if not self.chain.training:
-            return Sequential.forward(self.chain, x)
-        return checkpoint_sequential(self.chain, self.segments, x)
-
-
-def _outermost_sequentials(model):
-    if isinstance(model, Sequential):
-        return [model]
-    found = []
-    for child in model.children():
-        found += _outermost_sequentials(child)
-    return found
+def checkpointed_modules(module):
+    """The outermost modules in `module` (itself included) with a `checkpoint_segments` setting."""
+    if hasattr(type(module), "checkpoint_segments") or "checkpoint_segments" in vars(module):
+        return [module]
+    return [found for child in module.children() for found in checkpointed_modules(child)]

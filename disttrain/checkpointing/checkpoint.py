@@ -21,7 +21,6 @@ NOTE: the RNG state (dt.get_rng_state()) is taken before the first run and repla
 recomputation, so dropout draws the same masks, on the CPU and on the GPU alike (the GPU's generator
 is counter-based: its state is a seed and an offset); the generators then continue where they were.
 """
-import math
 from contextlib import nullcontext
 
 from disttrain.autograd import grad_mode
@@ -51,14 +50,12 @@ class Checkpoint(Function):
         """fn on the tensors themselves (the arrays are their data) under no_grad; `whole` receives fn's
         result, of which the floating-point tensors become this node's outputs."""
         self.fn, self.args, self.rng_state = fn, template, rng_state
-        self.n_args = sum(a is _ARG for a in template)  # not list.count: == on an array argument is elementwise
+        self.n_args = _count_args(template)
         self.saved = tuple([(t, t.version) for t in tensors])  # checked for in-place changes in backward
-        args = iter(tensors)
         with grad_mode.no_grad():
-            result = fn(*[next(args) if a is _ARG else a for a in template])
-        outputs = _as_tuple(result)
-        self.out_positions = [i for i, o in enumerate(outputs)
-                              if isinstance(o, Tensor) and dtypes.is_floating(o.dtype)]
+            result = fn(*_fill(template, iter(tensors)))
+        outputs, _ = _split(result)
+        self.out_positions = [i for i, o in enumerate(outputs) if dtypes.is_floating(o.dtype)]
         self.n_outputs = len(self.out_positions)
         whole.append(result)
         arrays = tuple(outputs[i].data for i in self.out_positions)
@@ -69,25 +66,22 @@ class Checkpoint(Function):
             raise RuntimeError("checkpoint: backward with create_graph=True through a checkpointed call is not "
                                "supported; compute higher-order gradients without activation checkpointing")
         saved = self.saved_inputs  # raises on a second backward or an input changed in place
-        args, slots, targets = [], [], []
-        tensors = iter(saved[:self.n_args])
-        for a in self.args:
-            if a is _ARG:
-                t = next(tensors)
-                a = t.detach()
-                a.requires_grad = t.requires_grad
-                slots.append(len(targets) if a.requires_grad else None)
-                if a.requires_grad:
-                    targets.append(a)
-            args.append(a)
+        slots, targets, copies = [], [], []
+        for t in saved[:self.n_args]:
+            a = t.detach()
+            a.requires_grad = t.requires_grad
+            slots.append(len(targets) if a.requires_grad else None)
+            if a.requires_grad:
+                targets.append(a)
+            copies.append(a)
         known = list(saved[self.n_args:])
         first_seq = next(_function._sequence)  # nodes numbered below this were not made by the recomputation
         with grad_mode.enable_grad(), fork_rng(self.rng_state) if self.rng_state is not None else nullcontext():
-            outputs = _as_tuple(self.fn(*args))
+            outputs, _ = _split(self.fn(*_fill(self.args, iter(copies))))
         roots, seeds = [], []
         for pos, g in zip(self.out_positions, grads):
             out = outputs[pos]
-            if isinstance(out, Tensor) and out.requires_grad and g is not None:
+            if out.requires_grad and g is not None:
                 roots.append(out)
                 seeds.append(g)
         hidden = _other_leaves(roots, targets + known, first_seq, self.fn)
@@ -110,86 +104,20 @@ class Checkpoint(Function):
 def checkpoint(fn, *args, preserve_rng_state=True):
     """fn(*args), keeping none of fn's activations: backward runs fn again to get them.
 
-    args may mix tensors and other values; fn may return a tensor or a tuple (list) of values.
-    Under no_grad this is just fn(*args). With preserve_rng_state the recomputation draws the
-    same random numbers (dropout masks) as the first run. Backward through it with
-    create_graph=True is not supported.
+    args may mix tensors, tuples and lists of tensors (a carried state) and other values; fn may return a
+    tensor or a tuple (list) of values, tensors nested in them included. Under no_grad this is just
+    fn(*args). With preserve_rng_state the recomputation draws the same random numbers (dropout masks) as
+    the first run. Backward through it with create_graph=True is not supported.
     """
-    leaves, opaque = _parameters_of(fn)
+    leaves, opaque = parameters_of(fn)
     return _checkpoint(fn, args, leaves, opaque, preserve_rng_state)
-
-
-def checkpoint_sequential(modules, segments, input, preserve_rng_state=True):
-    """Run `modules` (a Sequential or a list of callables) on `input` as `segments` checkpointed pieces.
-
-    segments: an int, or "sqrt" for round(sqrt(len(modules))). The modules are split into
-    segments of (nearly) equal length; every segment but the last is checkpointed (the last
-    one's activations are needed at once by backward, as in torch.utils.checkpoint).
-    """
-    modules = list(modules)
-    bounds = segment_bounds(len(modules), segments)
-    x = input
-    for i, (start, stop) in enumerate(zip(bounds, bounds[1:])):
-        run = _Segment(modules[start:stop])
-        if i == len(bounds) - 2:
-            x = run(x)
-        else:
-            leaves, opaque = run.parameters()
-            x = _checkpoint(run, (x,), leaves, opaque, preserve_rng_state)
-    return x
-
-
-def segment_bounds(n, segments):
-    """Boundaries [0, ..., n] cutting n items into `segments` ("sqrt" or an int) nearly equal runs."""
-    if segments == "sqrt":
-        segments = max(1, round(math.sqrt(n)))
-    elif isinstance(segments, bool) or not isinstance(segments, int) or segments < 1:
-        raise ValueError(f"segments must be a positive int or 'sqrt', got {segments!r}")
-    segments = min(segments, max(n, 1))
-    return [i * n // segments for i in range(segments + 1)]
-
-
-class SegmentsSetting:
-    """A model's `checkpoint_segments` attribute: None, "sqrt" or a positive int, checked when assigned."""
-
-    def __set_name__(self, owner, name):
-        self.slot = "_" + name
-
-    def __get__(self, obj, owner=None):
-        return self if obj is None else obj.__dict__.get(self.slot)
-
-    def __set__(self, obj, segments):
-        if segments is not None:
-            segment_bounds(1, segments)  # raises ValueError unless "sqrt" or a positive int
-        obj.__dict__[self.slot] = segments
-
-
-class _Segment:
-    """modules[i:j] as one callable."""
-
-    def __init__(self, modules):
-        self.modules = modules
-        self.__name__ = f"segment of {len(modules)} modules"
-
-    def __call__(self, x):
-        for m in self.modules:
-            x = m(x)
-        return x
-
-    def parameters(self):
-        leaves, opaque = [], False
-        for m in self.modules:
-            found, unknown = _parameters_of(m)
-            leaves += found
-            opaque = opaque or unknown
-        return leaves, opaque
 
 
 def _checkpoint(fn, args, leaves, opaque, preserve_rng_state):
     """checkpoint() with the parameters fn uses given (`leaves`); `opaque`: fn may use others."""
     if not grad_mode.state.enabled:
         return fn(*args)
-    tensors = [a for a in args if isinstance(a, Tensor)]
+    tensors, template = _split(tuple(args))
     known, seen = [], {id(t) for t in tensors}
     for p in leaves:
         if p.requires_grad and id(p) not in seen:
@@ -202,20 +130,16 @@ def _checkpoint(fn, args, leaves, opaque, preserve_rng_state):
     if not any(t.requires_grad for t in edge_tensors):  # fn may still use leaves of its own (opaque)
         edge_tensors.append(_anchor(edge_tensors))
     whole = []
-    outs = Checkpoint.apply(*edge_tensors, fn=fn, template=[_ARG if isinstance(a, Tensor) else a for a in args],
-                            tensors=edge_tensors, rng_state=rng_state, whole=whole)
+    outs = Checkpoint.apply(*edge_tensors, fn=fn, template=template, tensors=edge_tensors, rng_state=rng_state,
+                            whole=whole)
     result = whole[0]
     node = outs[0].grad_fn if isinstance(outs, tuple) and outs else getattr(outs, "grad_fn", None)
     if node is None:  # no floating-point output: nothing to differentiate
         return result
-    wrapped = list(_as_tuple(result))
+    wrapped, result_template = _split(result)
     for k, i in enumerate(node.out_positions):
         wrapped[i] = outs[k] if isinstance(outs, tuple) else outs
-    if isinstance(result, Tensor):
-        return wrapped[0]
-    if hasattr(result, "_fields"):  # a namedtuple
-        return type(result)(*wrapped)
-    return type(result)(wrapped)
+    return _fill(result_template, iter(wrapped))
 
 
 def _anchor(tensors):
@@ -224,8 +148,9 @@ def _anchor(tensors):
     return Tensor(zeros((), device=device).data, requires_grad=True)
 
 
-def _parameters_of(fn):
-    """(parameters, opaque): a Module's (or a Module's bound method's) parameters; else ([], True)."""
+def parameters_of(fn):
+    """(parameters, opaque): a Module's (or a Module's bound method's) parameters; else ([], True): fn may
+    use leaves the caller does not know of."""
     owner = fn if hasattr(fn, "parameters") and hasattr(fn, "_modules") else getattr(fn, "__self__", None)
     if owner is not None and hasattr(owner, "parameters") and hasattr(owner, "_modules"):
         return list(owner.parameters()), False
@@ -257,5 +182,43 @@ def _other_leaves(roots, known, first_seq, fn):
     return found
 
 
-def _as_tuple(result):
-    return tuple(result) if isinstance(result, (tuple, list)) else (result,)
+class _Nest:
+    """A tuple or list (namedtuples included) in a template, its tensors replaced by _ARG."""
+
+    def __init__(self, kind, parts):
+        self.kind, self.parts = kind, parts
+
+    def build(self, parts):
+        return self.kind(*parts) if hasattr(self.kind, "_fields") else self.kind(parts)
+
+
+def _split(value):
+    """(the tensors in value, depth first; value's template: each of them replaced by _ARG)."""
+    tensors = []
+    return tensors, _template(value, tensors)
+
+
+def _template(value, tensors):
+    # a module-level function, not a closure over `tensors`: a recursive closure is a reference cycle that
+    # would keep the tensors alive until the cycle collector runs
+    if isinstance(value, Tensor):
+        tensors.append(value)
+        return _ARG
+    if isinstance(value, (tuple, list)):
+        return _Nest(type(value), [_template(v, tensors) for v in value])
+    return value
+
+
+def _fill(template, values):
+    """_split's inverse: the template with each _ARG replaced by the next of `values`."""
+    if template is _ARG:
+        return next(values)
+    if isinstance(template, _Nest):
+        return template.build([_fill(p, values) for p in template.parts])
+    return template
+
+
+def _count_args(template):
+    if template is _ARG:
+        return 1
+    return sum(_count_args(p) for p in template.parts) if isinstance(template, _Nest) else 0

@@ -4,7 +4,7 @@ from contextlib import contextmanager
 from disttrain import nn
 from disttrain.autograd.grad_mode import is_grad_enabled
 from disttrain.autograd.ops import dropout, stack, unbind
-from disttrain.checkpointing.checkpoint import checkpoint, segment_bounds
+from disttrain.checkpointing.plan import check_setting, plan_for, run_chain
 from disttrain.models.blocks import ModelPart, ParameterSubset
 from disttrain.nn import functional as F
 from disttrain.nn import init
@@ -21,13 +21,14 @@ class LSTMLanguageModel(nn.Module):
     to the embedding output, between LSTM layers and before the decoder. Every weight starts
     uniform in [-init_scale, init_scale] as in the paper.
 
-    checkpoint_segments (None, "sqrt" or an int; may be changed at any time): sequence
-    activation checkpointing of a training step.
-    - forward_loss cuts the T steps into that many time segments (round(sqrt(T)) for "sqrt"),
-      each run as embedding -> all LSTM layers -> decoder -> summed cross-entropy inside
-      disttrain.checkpointing.checkpoint, all but the last: between segments only the carried
-      (h, c) of every layer is kept, so a step holds O(sqrt(T)) activations, not O(T)
-      (Chen et al. 2016 with the unrolled RNN and its per-step loss as the chain).
+    checkpoint_segments (None, "sqrt", an int or a Plan over the T steps; may be changed at any time):
+    sequence activation checkpointing of a training step.
+    - forward_loss runs the T steps as the segments of disttrain.checkpointing.plan.plan_for (for
+      "sqrt": round(sqrt(T)) segments, all but the last recomputed), each kept call running
+      embedding -> all LSTM layers -> decoder -> summed cross-entropy over its steps: between
+      recomputed segments only the carried (h, c) of every layer is kept, so a "sqrt" step holds
+      O(sqrt(T)) activations, not O(T) (Chen et al. 2016 with the unrolled RNN and its per-step loss as
+      the chain), and a nested (binomial) Plan O(log T).
     - forward returns all T*B logits, O(T) anyway, so there only the LSTM's per-step internals
       are checkpointed (nn.LSTM's recurrent checkpointing, which this setting switches too).
     """
@@ -51,15 +52,15 @@ class LSTMLanguageModel(nn.Module):
             self.decoder.weight = self.embedding.weight
         self.checkpoint_segments = checkpoint_segments
 
+    checkpoint_unit = "time steps"      # what the chain's items are, for plan descriptions
+
     @property
     def checkpoint_segments(self):
         return self._checkpoint_segments
 
     @checkpoint_segments.setter
     def checkpoint_segments(self, segments):
-        if segments is not None:
-            segment_bounds(1, segments)  # raises ValueError unless "sqrt" or a positive int
-        self._checkpoint_segments = segments
+        self._checkpoint_segments = check_setting(segments)
         self.lstm.checkpoint_segments = segments
 
     def forward(self, tokens, state=None):
@@ -88,20 +89,20 @@ class LSTMLanguageModel(nn.Module):
         return self._segmented_loss(tokens, targets, state, self.checkpoint_segments)
 
     def _segmented_loss(self, tokens, targets, state, segments, checkpointed=True):
-        """forward_loss over time segments; checkpointed=False runs the same schedule keeping everything
+        """forward_loss over the plan's time segments; checkpointed=False runs the same calls keeping everything
         (the reference the tests compare checkpointing against when dropout is on)."""
         steps, batch = tokens.shape
-        bounds = segment_bounds(steps, segments)
-        h, c = state if state is not None else (None, None)
+        plan = plan_for(steps, segments)
+        if not checkpointed:
+            plan = type(plan).kept([leaf.start for leaf in plan.leaves()] + [steps])
         draws_masks = self.training and (self.dropout > 0 or self.lstm.dropout > 0)  # the only RNG use
-        sums = []
-        for start, stop in zip(bounds, bounds[1:]):
-            args = (tokens[start:stop], targets[start:stop], h, c)
-            if checkpointed and stop < steps:
-                total, h, c = checkpoint(self._segment_loss, *args, preserve_rng_state=draws_masks)
-            else:  # the last segment's activations are needed at once by backward: keep them
-                total, h, c = self._segment_loss(*args)
-            sums.append(total)
+
+        def run(start, stop, carry, items):
+            total, h, c = self._segment_loss(tokens[start:stop], targets[start:stop], *carry)
+            return total, (h, c)
+
+        sums, (h, c) = run_chain(plan, run, state if state is not None else (None, None),
+                                 parameters=list(self.parameters()), preserve_rng_state=draws_masks)
         return stack(sums).sum() / (steps * batch), (h, c)
 
     def _segment_loss(self, tokens, targets, h, c):

@@ -8,7 +8,7 @@ import math
 from disttrain import nn
 from disttrain.autograd.grad_mode import is_grad_enabled
 from disttrain.autograd.ops import dropout, masked_softmax, unbind
-from disttrain.checkpointing.checkpoint import SegmentsSetting, checkpoint_sequential
+from disttrain.checkpointing.plan import SegmentsSetting, checkpoint_sequential
 from disttrain.nn import functional as F
 from disttrain.nn import init
 from disttrain.models.blocks import ModelPart
@@ -82,13 +82,15 @@ class TransformerLanguageModel(nn.Module):
     (out_proj, fc2) scaled by 1/sqrt(2 * layers), biases zero (GPT-2); tie_weights makes the
     decoder use the token embedding matrix.
 
-    checkpoint_segments (None, "sqrt" or an int; may be changed at any time): activation
-    checkpointing over the blocks while grad is enabled: the `layers` blocks are cut into that many
-    segments (`layers` = every block its own), each but the last recomputed in backward, so a
-    step keeps the segments' inputs plus one segment's activations.
+    checkpoint_segments (None, "sqrt", an int or a Plan over the blocks; may be changed at any time):
+    activation checkpointing over the blocks while grad is enabled: an int cuts the `layers` blocks
+    into that many segments (`layers` = every block its own), each but the last recomputed in
+    backward, so a step keeps the segments' inputs plus one segment's activations; a Plan (the budget
+    planner's) says which blocks to recompute.
     """
 
     checkpoint_segments = SegmentsSetting()
+    checkpoint_unit = "blocks"           # what the chain's items are, for plan descriptions
 
     def __init__(self, vocab_size, d_model=128, heads=4, layers=2, d_ff=None, max_len=256, dropout=0.0,
                  tie_weights=False, checkpoint_segments=None, init_std=0.02):

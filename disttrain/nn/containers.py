@@ -6,6 +6,8 @@ Children are registered under their position ("0", "1", ...), so parameter names
 import operator
 from collections import OrderedDict
 
+from disttrain.autograd.grad_mode import is_grad_enabled
+from disttrain.checkpointing.plan import SegmentsSetting, checkpoint_sequential
 from disttrain.nn.module import Module
 
 
@@ -59,7 +61,15 @@ class _IndexedModules(Module):
 
 
 class Sequential(_IndexedModules):
-    """Sequential(m0, m1, ...) or Sequential(OrderedDict(name=module)): forward(x) = ...m1(m0(x))."""
+    """Sequential(m0, m1, ...) or Sequential(OrderedDict(name=module)): forward(x) = ...m1(m0(x)).
+
+    checkpoint_segments (None, "sqrt", an int or a Plan over the modules; may be changed at any time):
+    activation checkpointing of the chain while training with grad enabled (checkpoint_sequential);
+    evaluation and no_grad run it plainly.
+    """
+
+    checkpoint_segments = SegmentsSetting()
+    checkpoint_unit = "modules"           # what the chain's items are, for plan descriptions
 
     def __init__(self, *modules):
         if len(modules) == 1 and isinstance(modules[0], OrderedDict):
@@ -75,9 +85,14 @@ class Sequential(_IndexedModules):
         return self._modules[self._key(index)]
 
     def forward(self, x):
+        if self.checkpoint_segments is not None and self.training and is_grad_enabled():
+            return checkpoint_sequential(list(self._modules.values()), self.checkpoint_segments, x)
         for m in self._modules.values():
             x = m(x)
         return x
+
+    def extra_repr(self):
+        return f"checkpoint_segments={self.checkpoint_segments!r}" if self.checkpoint_segments else ""
 
 
 class ModuleList(_IndexedModules):

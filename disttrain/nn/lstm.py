@@ -3,6 +3,7 @@ import math
 
 from disttrain.autograd.grad_mode import is_grad_enabled
 from disttrain.autograd.ops import concat, dropout, lstm_layer, stack, unbind
+from disttrain.checkpointing.plan import SegmentsSetting, plan_for, run_chain
 from disttrain.nn.module import Module
 from disttrain.nn.parameter import Parameter
 from disttrain.tensor.creation import uniform, zeros
@@ -21,24 +22,25 @@ class LSTM(Module):
     all T steps is one GEMM, the T steps run in the backend's kernels. `dropout` applies to the
     outputs of every layer but the last (Zaremba et al.'s non-recurrent dropout).
 
-    checkpoint_segments (None, "sqrt" or an int; an attribute that may be changed at any time):
-    recurrent activation checkpointing. Each layer's T steps are cut into that many segments
-    (round(sqrt(T)) for "sqrt"); all but the last run inside disttrain.checkpointing.checkpoint,
-    so only the carried (h, c) at segment boundaries is kept and backward recomputes each
-    segment's gates and cell states, holding O(sqrt(T)) instead of O(T) per-step activations.
+    checkpoint_segments (None, "sqrt", an int or a Plan over the T steps; an attribute that may be
+    changed at any time): recurrent activation checkpointing. Each layer's T steps run as the segments
+    of disttrain.checkpointing.plan.plan_for (for "sqrt": round(sqrt(T)) segments, all but the last
+    recomputed), so only the carried (h, c) at the boundaries of recomputed segments is kept and backward
+    recomputes their gates and cell states, holding O(sqrt(T)) instead of O(T) per-step activations.
     The layer inputs and outputs (T, B, *) are kept either way.
     """
+
+    checkpoint_segments = SegmentsSetting()
+    checkpoint_unit = "time steps"           # what the chain's items are, for plan descriptions
 
     def __init__(self, input_size, hidden_size, num_layers=1, dropout=0.0, checkpoint_segments=None):
         super().__init__()
         if not 0 <= dropout < 1:
             raise ValueError(f"LSTM dropout must be in [0, 1), got {dropout}")
-        if not (checkpoint_segments in (None, "sqrt")
-                or (isinstance(checkpoint_segments, int) and not isinstance(checkpoint_segments, bool)
-                    and checkpoint_segments >= 1)):
-            raise ValueError(f"LSTM checkpoint_segments must be None, 'sqrt' or a positive int, "
-                             f"got {checkpoint_segments!r}")
-        self.checkpoint_segments = checkpoint_segments
+        try:
+            self.checkpoint_segments = checkpoint_segments
+        except ValueError as exc:
+            raise ValueError(f"LSTM checkpoint_segments: {exc}") from None
         self.input_size, self.hidden_size, self.num_layers, self.dropout = input_size, hidden_size, num_layers, dropout
         bound = 1 / math.sqrt(hidden_size)  # PyTorch's default init
         for k in range(num_layers):
@@ -73,19 +75,14 @@ class LSTM(Module):
         if (self.checkpoint_segments is None or not is_grad_enabled()
                 or not any(t.requires_grad for t in (x, h, c) + weights)):
             return lstm_layer(x, h, c, *weights)
-        # imported here, not at the top: disttrain.checkpointing imports nn
-        from disttrain.checkpointing.checkpoint import checkpoint, segment_bounds
-
-        bounds = segment_bounds(x.shape[0], self.checkpoint_segments)
         xs = unbind(x.reshape((x.shape[0], 1) + x.shape[1:]), 0)  # T steps of (1, B, in): one node, views
-        outputs = []
-        for start, stop in zip(bounds, bounds[1:]):
-            args = (h, c) + weights + xs[start:stop]
-            if stop < len(xs):
-                out, h, c = checkpoint(_segment, *args)
-            else:  # the last segment's activations are needed at once by backward: keep them
-                out, h, c = _segment(*args)
-            outputs.append(out)
+
+        def run(start, stop, carry, steps):
+            out, h, c = lstm_layer(concat(steps, 0), *carry, *weights)
+            return out, (h, c)
+
+        outputs, (h, c) = run_chain(plan_for(x.shape[0], self.checkpoint_segments), run, (h, c), item_inputs=xs,
+                                    parameters=weights)
         return concat(outputs, 0), h, c
 
     def _check_state(self, state, batch, name):
@@ -98,8 +95,3 @@ class LSTM(Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}"
                 + (f", dropout={self.dropout}" if self.dropout else "")
                 + (f", checkpoint_segments={self.checkpoint_segments!r}" if self.checkpoint_segments else ""))
-
-
-def _segment(h, c, w_ih, w_hh, b_ih, b_hh, *xs):
-    """The layer over the time steps xs (each (1, B, in)): what recurrent checkpointing recomputes."""
-    return lstm_layer(concat(xs, 0), h, c, w_ih, w_hh, b_ih, b_hh)

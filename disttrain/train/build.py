@@ -96,6 +96,7 @@ def build_model(spec, data):
     [memory] activation_checkpointing ("none", "sqrt" or a segment count) becomes the model's
     checkpoint_segments: the training step's forward_loss cuts each BPTT window into that many time segments
     (round(sqrt(bptt)) for "sqrt") and recomputes them in backward instead of storing their activations.
+    "auto" is left to the Trainer (disttrain.train.auto_checkpointing), which measures a step first.
     """
     m = spec.model
     if m.factory is not None:
@@ -110,8 +111,8 @@ def build_model(spec, data):
         else:
             model = LSTMLanguageModel(vocab_size, hidden=m.hidden, layers=m.layers, embed=m.embed,
                                       dropout=m.dropout, init_scale=m.init_scale, tie_weights=m.tie_weights)
-    setting = spec.memory.activation_checkpointing          # "none", "sqrt" or a segment count
-    if setting != "none":
+    setting = spec.memory.activation_checkpointing          # "none", "sqrt", a segment count or "auto"
+    if setting not in ("none", "auto"):                      # "auto": the Trainer plans it on a real batch
         try:
             apply_activation_checkpointing(model, setting)
         except ValueError as exc:

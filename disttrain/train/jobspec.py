@@ -293,10 +293,13 @@ SCHEMA = {
         Field("device", Choice("cpu", "cuda"), "cpu", "where tensors live"),
     ),
     "memory": (
-        Field("activation_checkpointing", AnyOf(Choice("none", "sqrt"), _POS), "none",
-              'recompute activations in segments: "none", "sqrt" or a segment count'),
+        Field("activation_checkpointing", AnyOf(Choice("none", "sqrt", "auto"), _POS), "none",
+              'recompute activations in segments: "none", "sqrt", a segment count, or "auto": the plan with the '
+              "least recomputation that keeps a step under budget_mb (docs/MEMORY.md)"),
         Field("budget_mb", Float(gt=0), None,
-              "stop with an error when a training step needs more array memory than this (MiB; unset = no limit)"),
+              "array memory of a process (MiB): a training step needing more beyond the parameters and state it "
+              'holds stops the run; "auto" checkpointing fits the step into what the parameters and optimizer '
+              "state leave (unset = no limit)"),
     ),
     "parallel": (
         Field("mode", Choice("local", "data", "pipeline", "ps"), "local", "how training is distributed"),
@@ -558,7 +561,8 @@ def _build(data, overrides, source):
             out[f.name] = default
 
     if not errors:
-        errors += _pipeline_problems(resolved, origins, source) + _data_problems(resolved, origins, source)
+        errors += (_pipeline_problems(resolved, origins, source) + _data_problems(resolved, origins, source)
+                   + _memory_problems(resolved, origins, source))
     if errors:
         raise JobSpecError("\n".join(errors), errors)
     return JobSpec(resolved, source)
@@ -588,6 +592,21 @@ def _data_problems(resolved, origins, source):
         return [f"{origins.get(('data', 'path'), source)}: [data] path = {_toml_value(data['path'])}: "
                 f'[data] kind = "default_corpus" reads no file (it is the corpus embedded in disttrain); remove '
                 f'the path, or set kind = "chars" (a text file) or "ptb" (a PTB directory)']
+    return []
+
+
+def _memory_problems(resolved, origins, source):
+    """"auto" checkpointing plans a whole model's step for a budget: it needs one, and a pipeline stage is not one."""
+    memory, mode = resolved["memory"], resolved["parallel"]["mode"]
+    if memory["activation_checkpointing"] != "auto":
+        return []
+    where = origins.get(("memory", "activation_checkpointing"), source)
+    if memory["budget_mb"] is None:
+        return [f'{where}: [memory] activation_checkpointing = "auto" needs [memory] budget_mb (the MiB a training '
+                f"step may use, which the plan must keep under)"]
+    if mode == "pipeline":
+        return [f'{where}: [memory] activation_checkpointing = "auto" plans a whole model\'s step, not a pipeline '
+                f'stage\'s; in [parallel] mode = "pipeline" use [parallel] stage_checkpointing']
     return []
 
 

@@ -8,7 +8,8 @@
 The model follows disttrain.models.protocol (any Module; a recurrent one carries a state), the data
 disttrain.data.source (batches, shares, evaluation splits), and the mode disttrain.train.mode (how the run is
 spread over processes). Settings come from a JobSpec (`spec`: [train], [optim] clip_norm and loss, [memory]
-budget_mb); `dt.train.fit` builds one from keyword arguments.
+budget_mb, and activation_checkpointing = "auto", which the constructor plans for the budget on the first batch:
+train/auto_checkpointing.py, `checkpoint_choice`); `dt.train.fit` builds one from keyword arguments.
 
 One step (`train_step`):
     mode.forward_backward (forward from the carried state, loss, backward; every .grad then holds the whole
@@ -44,6 +45,7 @@ from disttrain.data.source import EVAL_STREAMS
 from disttrain.models import protocol
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.train import memory_plan, saving
+from disttrain.train.auto_checkpointing import plan_checkpointing
 from disttrain.train.build import Schedules, build_data, build_model, build_optimizer, build_schedules
 from disttrain.train.jobspec import loads_job
 from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves
@@ -123,7 +125,9 @@ class Trainer:
         self._progress_mode = progress
         self.overwrite = overwrite
 
-        profile = self._profile_memory(model, data)     # before prepare: a mode's gradient hooks must not see it
+        # before prepare: a mode's gradient hooks must not see these steps; the estimate profiles the plan
+        self.checkpoint_choice = plan_checkpointing(self.spec, model, data, self.mode, optimizer)
+        profile = self._profile_memory(model, data)
         self.model, self.optimizer = self.mode.prepare(model, optimizer, data)
         self.params = list(self.model.parameters())
         self.memory_estimate = (memory_plan.predict(self.model, self.optimizer, profile, self.mode.memory_holding())
@@ -149,6 +153,7 @@ class Trainer:
         self._skip_report = None      # "loss nan, gradient norm 3.2" of the last dropped step
         self._best_valid = None       # the lowest valid loss so far (for [train] keep_best)
         self._stop_signal = None
+        self._reported_measured_peak = False   # "auto" checkpointing: the first metered step's peak was logged
         self._started = self._tick = None   # perf_counter at fit() start / at the last train log
         self.metrics = None
         self.progress = None
@@ -216,6 +221,9 @@ class Trainer:
         """
         self._open_outputs()
         try:
+            if self.checkpoint_choice is not None:
+                self._say(f"activation checkpointing for [memory] budget_mb = {self.spec.memory.budget_mb:g}: "
+                          f"{self.checkpoint_choice.describe()}")
             self.mode.start(self.epoch)
             self.model.train()
             self._tick = time.perf_counter()
@@ -256,11 +264,15 @@ class Trainer:
         self._record_measured_peak(meter.peak_bytes + self.optimizer.state_nbytes())
         needed = self._acc["peak_mem_bytes"] = meter.peak_bytes - meter.start_bytes  # beyond the parameters
         budget = self.spec.memory.budget_mb                                           # and state already held
+        if self.checkpoint_choice is not None and not self._reported_measured_peak:
+            self._reported_measured_peak = True
+            self._say(f"activation checkpointing: step {self.step} measured peak {needed / 2**20:.2f} MiB, "
+                      f"predicted {self.checkpoint_choice.peak / 2**20:.2f} MiB")
         if budget is not None and needed > budget * 2**20:
             raise MemoryBudgetExceeded(
                 f"step {self.step} needed {needed / 2**20:.1f} MiB of array memory, over [memory] budget_mb = "
                 f"{budget:g} (activation_checkpointing = {self.spec.memory.activation_checkpointing!r}); "
-                'try activation_checkpointing = "sqrt", a smaller bptt or a smaller batch')
+                'try activation_checkpointing = "auto" or "sqrt", a smaller bptt or a smaller batch')
         return result
 
     def _record_measured_peak(self, peak):

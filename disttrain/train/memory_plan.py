@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import disttrain as dt
-from disttrain.checkpointing.checkpoint import segment_bounds
+from disttrain.checkpointing.plan import segment_bounds
 from disttrain.fsutil import write_atomically
 from disttrain.models import protocol
 from disttrain.tensor.memory import MemoryMeter
@@ -134,7 +134,7 @@ def _activation_bytes(spec, vocab_size, streams):
     per_step = m.embed + 2 * vocab_size + sum((m.embed if k == 0 else m.hidden) + 9 * m.hidden
                                               for k in range(m.layers))
     segments = spec.memory.activation_checkpointing
-    if segments == "none":
+    if segments in ("none", "auto"):           # "auto" keeps at most what "none" keeps
         kept_steps, carried = steps, 0
     else:
         bounds = segment_bounds(steps, segments)

@@ -176,7 +176,7 @@ def test_bad_value_message_names_file_key_value_expected(tmp_path):
     ("train", "eval_every", "0", '"epoch" or an int > 0'),
     ("train", "device", '"gpu"', 'one of "cpu", "cuda"'),
     ("train", "max_steps", "[1, 2]", "an int > 0"),
-    ("memory", "activation_checkpointing", '"all"', '"none", "sqrt" or an int > 0'),
+    ("memory", "activation_checkpointing", '"all"', '"none", "sqrt", "auto" or an int > 0'),
     ("parallel", "mode", '"mpi"', 'one of "local", "data", "pipeline", "ps"'),
     ("parallel", "bucket_mb", "0", "a float > 0"),
 ])

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 
 import disttrain as dt
-from disttrain import nn
 from disttrain import trace
 from disttrain.checkpointing import checkpoint
 from disttrain.models.protocol import detach_tensors
@@ -63,7 +62,6 @@ class PipelineRuntime:
         self.micro_batches, self.batch_axis = micro_batches, batch_axis
         self.checkpointing, self.device = checkpointing, device
         self.first, self.last = link.prev is None, link.next is None
-        self._flat = _FlatStage(stage)
 
     # ------------------------------------------------------------------------------------------ one step
     def step(self, inputs, targets, loss_fn, states=None, backward_scale=1.0):
@@ -133,9 +131,7 @@ class PipelineRuntime:
     def _call_stage(self, x, state):
         if not self.checkpointing or not dt.is_grad_enabled():
             return self.stage(x, state)
-        flat, layout = _flatten(state)
-        y, *new_flat = checkpoint(self._flat, x, layout, *flat)
-        return y, _unflatten(new_flat, self._flat.out_layout)
+        return checkpoint(self.stage, x, state)      # the per-block states (tuples of tensors) pass through
 
 
 class _StepState:
@@ -144,43 +140,3 @@ class _StepState:
     def __init__(self, micro_batches, backward_scale):
         self.micro_batches, self.backward_scale = micro_batches, backward_scale
         self.inputs, self.outputs, self.losses = {}, {}, []
-
-
-class _FlatStage(nn.Module):
-    """The stage as a function of tensors only (what checkpoint() needs): (x, layout, *flat state) -> (y, *flat)."""
-
-    def __init__(self, stage):
-        super().__init__()
-        self.stage = stage
-
-    def forward(self, x, layout, *flat):
-        y, state = self.stage(x, _unflatten(flat, layout))
-        new_flat, out_layout = _flatten(state)
-        object.__setattr__(self, "out_layout", out_layout)   # the same on the recomputation
-        return (y, *new_flat)
-
-
-def _flatten(state):
-    """Per-block states (None or tuples of tensors) -> (flat list of tensors, per-block lengths; None = no state)."""
-    if state is None:
-        return [], None
-    flat, lengths = [], []
-    for block_state in state:
-        if block_state is None:
-            lengths.append(None)
-        else:
-            parts = tuple(block_state) if isinstance(block_state, (tuple, list)) else (block_state,)
-            flat.extend(parts)
-            lengths.append(len(parts))
-    return flat, tuple(lengths)
-
-
-def _unflatten(flat, layout):
-    if layout is None:
-        return None
-    out, i = [], 0
-    for n in layout:
-        out.append(None if n is None else tuple(flat[i:i + n]))
-        i += n or 0
-    return out
-
