@@ -5,10 +5,10 @@ Runs jobs/charlm_bptt2048.toml twice through the Trainer, the same job but for [
 activation_checkpointing:
 - "none": the first training step is metered, needs more array memory than [memory] budget_mb, and the
   Trainer stops with MemoryBudgetExceeded (its message names the step's peak);
-- "sqrt": trains to max_steps; the peak_mem_bytes rows of its metrics.jsonl (every step is metered with
-  log_every = 1) stay under the budget.
-Peaks are the MemoryMeter's peak array bytes of a step above what was live when it started (activations,
-gradients, temporaries; the parameters and optimizer state held between steps not counted).
+- "sqrt": trains to max_steps; the measured_peak_bytes of its memory.json (every step is metered with
+  log_every = 1) stays under the budget.
+Peaks are what [memory] budget_mb limits: a process's array bytes at a step's peak, parameters, gradients
+and optimizer state included (docs/MEMORY.md).
 
     python benchmarks/bench_budget_bptt2048.py [--job jobs/charlm_bptt2048.toml] [--out runs/bptt2048]
 """
@@ -22,7 +22,8 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the other benchmarks on the shared 2-core machine
 
 from disttrain.train import Trainer, load_job  # noqa: E402
-from disttrain.train.loop import METRICS_FILE, MemoryBudgetExceeded  # noqa: E402
+from disttrain.train.loop import MemoryBudgetExceeded  # noqa: E402
+from disttrain.train.memory_plan import MEMORY_FILE  # noqa: E402
 
 MIB = 2 ** 20
 
@@ -36,10 +37,9 @@ def run(job, mode, out_dir):
     try:
         trainer.fit()
     except MemoryBudgetExceeded as exc:
-        return trainer._acc["peak_mem_bytes"], str(exc), time.perf_counter() - start, trainer.step
-    rows = [json.loads(line) for line in (Path(out_dir) / METRICS_FILE).read_text().splitlines()]
-    peaks = [r["peak_mem_bytes"] for r in rows if "peak_mem_bytes" in r]
-    return max(peaks), None, time.perf_counter() - start, trainer.step
+        return trainer.measured_peak_bytes, str(exc), time.perf_counter() - start, trainer.step
+    memory = json.loads((Path(out_dir) / MEMORY_FILE).read_text())
+    return memory["measured_peak_bytes"], None, time.perf_counter() - start, trainer.step
 
 
 def main():
@@ -56,7 +56,7 @@ def main():
         results = {mode: run(args.job, mode, base / mode) for mode in ("none", "sqrt")}
     for mode, (peak, error, seconds, steps) in results.items():
         verdict = f"FAILED after {steps} steps: {error}" if error else f"trained {steps} steps"
-        print(f'  activation_checkpointing = "{mode}": peak {peak / MIB:.1f} MiB per step; {verdict} '
+        print(f'  activation_checkpointing = "{mode}": peak {peak / MIB:.1f} MiB; {verdict} '
               f"({seconds:.1f} s)")
     (none_peak, none_error, _, _), (sqrt_peak, sqrt_error, _, _) = results["none"], results["sqrt"]
     print(f"peaks: none {none_peak / MIB:.1f} MiB > budget {budget:g} MiB > sqrt {sqrt_peak / MIB:.1f} MiB "

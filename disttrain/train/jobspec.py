@@ -297,9 +297,9 @@ SCHEMA = {
               'recompute activations in segments: "none", "sqrt", a segment count, or "auto": the plan with the '
               "least recomputation that keeps a step under budget_mb (docs/MEMORY.md)"),
         Field("budget_mb", Float(gt=0), None,
-              "array memory of a process (MiB): a training step needing more beyond the parameters and state it "
-              'holds stops the run; "auto" checkpointing fits the step into what the parameters and optimizer '
-              "state leave (unset = no limit)"),
+              "array memory of a process (MiB) at a step's peak, parameters, gradients and optimizer state "
+              'included (memory.json\'s measured_peak_bytes): a step over it stops the run; "auto" checkpointing '
+              "fits the step into what the parameters and optimizer state leave (unset = no limit)"),
     ),
     "parallel": (
         Field("mode", Choice("local", "data", "pipeline", "ps"), "local", "how training is distributed"),

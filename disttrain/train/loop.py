@@ -261,30 +261,33 @@ class Trainer:
             return self.train_step(inputs, targets)
         with MemoryMeter(self.mode.device, resident=self._resident_tensors()) as meter:
             result = self.train_step(inputs, targets)
-        self._record_measured_peak(meter.peak_bytes + self.optimizer.state_nbytes())
+        whole = self._record_measured_peak(meter.peak_bytes + self.optimizer.state_nbytes())
         needed = self._acc["peak_mem_bytes"] = meter.peak_bytes - meter.start_bytes  # beyond the parameters
         budget = self.spec.memory.budget_mb                                           # and state already held
         if self.checkpoint_choice is not None and not self._reported_measured_peak:
             self._reported_measured_peak = True
             self._say(f"activation checkpointing: step {self.step} measured peak {needed / 2**20:.2f} MiB, "
                       f"predicted {self.checkpoint_choice.peak / 2**20:.2f} MiB")
-        if budget is not None and needed > budget * 2**20:
+        if budget is not None and whole > budget * 2**20:    # every process sees the same `whole`: all stop
             raise MemoryBudgetExceeded(
-                f"step {self.step} needed {needed / 2**20:.1f} MiB of array memory, over [memory] budget_mb = "
-                f"{budget:g} (activation_checkpointing = {self.spec.memory.activation_checkpointing!r}); "
+                f"step {self.step} peaked at {whole / 2**20:.1f} MiB of array memory in a process (parameters, "
+                f"gradients and optimizer state included), over [memory] budget_mb = {budget:g} "
+                f"(activation_checkpointing = {self.spec.memory.activation_checkpointing!r}); "
                 'try activation_checkpointing = "auto" or "sqrt", a smaller bptt or a smaller batch')
         return result
 
     def _record_measured_peak(self, peak):
         """measured_peak_bytes: the meter's absolute peak plus the optimizer's state arrays (which it does not
         see), the largest over the data shares' processes and the metered steps so far; the main process
-        rewrites memory.json when it grows. Every process calls this at the same steps (a reduction)."""
+        rewrites memory.json when it grows. Every process calls this at the same steps (a reduction). Returns
+        this step's figure, the largest process's."""
         slots = [0.0] * self.mode.world_size            # one slot per share: the sum is every process's figure
         slots[self.mode.train_share().index] = float(peak)
         peak = int(max(self.mode.reduce(slots, "sum")))
         if self.measured_peak_bytes is None or peak > self.measured_peak_bytes:
             self.measured_peak_bytes = peak
             self._write_memory_json()
+        return peak
 
     def _write_memory_json(self):
         if self.out_dir is not None and self.mode.is_main and self.memory_estimate is not None:
