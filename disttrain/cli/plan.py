@@ -2,7 +2,9 @@
 training.
 
 It builds the job's model, data and optimizer in this one process, profiles one forward/backward of a rank's
-micro-batch (disttrain.train.memory_plan.profile_step) and prints, per rank of the job's mode, what a rank
+micro-batch (disttrain.train.memory_plan.profile_step), with the model's activation checkpointing as `run`
+sets it ("auto": planned for [memory] budget_mb first, the plan printed), and prints, per rank of the job's
+mode, what a rank
 holds: parameters, gradients, optimizer state, activations and the predicted peak, the figures `disttrain
 run` logs at start and writes to memory.json. Where the model is a chain of blocks (an nn.Sequential, a model
 family's pipeline_blocks()), its blocks' activations on that micro-batch follow (each block run on its own, as
@@ -24,6 +26,7 @@ from disttrain.parallel.pipeline.profile import profile
 from disttrain.parallel.pipeline.runtime import split_micro_batches
 from disttrain.parallel.pipeline.schedule import max_in_flight, stage_actions
 from disttrain.train import memory_plan
+from disttrain.train.auto_checkpointing import plan_checkpointing
 from disttrain.train.build import build_data, build_model, build_optimizer, describe_model
 from disttrain.train.jobspec import JobSpecError, load_job
 
@@ -50,12 +53,14 @@ def main(args):
     try:
         spec = load_job(args.job, args.overrides)
         ranks = _ranks(spec, args.ranks)
-        rows, blocks = estimate_ranks(spec, ranks)
+        rows, blocks, choice = estimate_ranks(spec, ranks)
     except JobSpecError as exc:
         print(f"disttrain plan: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"job {spec.source}: model {describe_model(spec)}; {spec.parallel.mode} mode on {ranks} "
           f"rank{'s' if ranks > 1 else ''}")
+    if choice is not None:
+        print(f"activation checkpointing for [memory] budget_mb = {spec.memory.budget_mb:g}: {choice.describe()}")
     for who, detail, need in rows:
         print("\n".join(need.lines(f"memory of {who}{detail}:")))
     if blocks:
@@ -84,7 +89,8 @@ def _ranks(spec, ranks):
 
 
 def estimate_ranks(spec, ranks):
-    """([(who, detail, MemoryEstimate)] one per kind of rank, [(block name, activation bytes)] or []) of the job."""
+    """([(who, detail, MemoryEstimate)] one per kind of rank, [(block name, activation bytes)] or [], the "auto"
+    checkpointing plan's BudgetChoice or None) of the job."""
     data = build_data(spec)
     dt.manual_seed(spec.train.seed)
     model = build_model(spec, data).to(spec.train.device)
@@ -93,14 +99,15 @@ def estimate_ranks(spec, ranks):
         return _pipeline_ranks(spec, data, model, ranks)
     shares = ranks if mode in ("data", "ps") else 1
     inputs, targets = _first_batch(data, Share(0, shares))
-    need = memory_plan.predict(model, build_optimizer(spec, model.parameters()),
-                               memory_plan.profile_step(model, inputs, targets),
-                               memory_plan.holding_for(mode, ranks, spec.parallel.shard_optimizer))
+    optimizer = build_optimizer(spec, model.parameters())
+    holding = memory_plan.holding_for(mode, ranks, spec.parallel.shard_optimizer)
+    choice = plan_checkpointing(spec, model, data, Share(0, shares), holding, optimizer)  # "auto": as `run` plans it
+    need = memory_plan.predict(model, optimizer, memory_plan.profile_step(model, inputs, targets), holding)
     sharded = f", ZeRO stage {spec.parallel.shard_optimizer}" if spec.parallel.shard_optimizer else ""
     who, detail = {"local": ("the process", " (local)"),
                    "data": ("each data-parallel rank", f" ({ranks} ranks{sharded})"),
                    "ps": ("each parameter-server worker", f" ({ranks} workers; the servers hold the optimizer)")}[mode]
-    return [(who, detail, need)], _block_activations(model, data, inputs, targets)
+    return [(who, detail, need)], _block_activations(model, data, inputs, targets), choice
 
 
 def _pipeline_ranks(spec, data, model, ranks):
@@ -121,7 +128,7 @@ def _pipeline_ranks(spec, data, model, ranks):
         need = memory_plan.predict(stage, build_optimizer(spec, stage.parameters()), None, holding)
         rows.append((f"pipeline stage {k}", f" ({', '.join(cut.stage_blocks(k))}; {in_flight} micro-batch"
                      f"{'es' if in_flight > 1 else ''} in flight)", need))
-    return rows, list(zip(cut.block_names, by_block))
+    return rows, list(zip(cut.block_names, by_block)), None
 
 
 def _first_batch(data, share):

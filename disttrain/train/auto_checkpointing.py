@@ -1,6 +1,6 @@
 """[memory] activation_checkpointing = "auto": fit a job's training step to [memory] budget_mb before training.
 
-    choice = plan_checkpointing(spec, model, data, share)     # the plan is set on the model; None unless "auto"
+    choice = plan_checkpointing(spec, model, data, share, holding, optimizer)   # set on the model; None unless "auto"
 
 One step on this process's first training batch runs with every item of the model's chain kept, measured item
 by item (disttrain.checkpointing.auto.fit_to_budget); the planner's cheapest plan under the budget is set as
@@ -23,18 +23,19 @@ from disttrain.train.mode import make_optimizer
 __all__ = ["plan_checkpointing", "held_bytes", "smallest_budget_mb"]
 
 
-def plan_checkpointing(spec, model, data, mode, optimizer):
+def plan_checkpointing(spec, model, data, share, holding, optimizer):
     """The BudgetChoice set on `model` for the job's budget, or None unless activation_checkpointing = "auto".
-    mode: the (not yet prepared) mode: this process's share of each batch, and what it holds
-    (memory_holding); optimizer: an Optimizer or a factory, for the state its updates will keep. The step gets
+    share: this process's share of each batch (a mode's train_share()); holding: what the process holds
+    besides the step (a mode's memory_holding(), memory_plan.holding_for); optimizer: an Optimizer or a
+    factory, for the state its updates will keep. The step gets
     the budget less the parameters, buffers and optimizer state (and, where the mode keeps them through the
     step, the gradients): what the memory estimate adds to the step's peak. Raises JobSpecError when no plan
     fits, naming the smallest feasible budget_mb."""
     if spec.memory.activation_checkpointing != "auto":
         return None
     budget_mb = spec.memory.budget_mb
-    held = held_bytes(model, optimizer, mode.memory_holding())
-    inputs, targets = next(iter(data.train_batches(mode.train_share())))
+    held = held_bytes(model, optimizer, holding)
+    inputs, targets = next(iter(data.train_batches(share)))
     params = list(model.parameters())
     device = params[0].device if params else "cpu"
 

@@ -72,3 +72,17 @@ def test_over_the_budget_is_one_line_naming_the_mib_needed(job_file, capsys, whe
 def test_ranks_a_local_job_cannot_use(job_file, capsys):
     assert main(["plan", str(job_file), "--ranks", "3"]) == 2
     assert '--ranks 3: ' in one_error_line(capsys)
+
+
+def test_an_auto_job_is_planned_as_run_plans_it(job_file, capsys):
+    """[memory] activation_checkpointing = "auto": `plan` first chooses the checkpointing plan for the budget, as
+    `run` does, so a budget the plain step exceeds but the plan meets passes, and the plan is printed."""
+    long_window = ["--set", "data.bptt=128", "--set", "data.batch_size=2", "--set", "model.hidden=32",
+                   "--set", "memory.budget_mb=0.7"]
+    assert main(["plan", str(job_file), *long_window]) == 2                       # "none": over the budget
+    one_error_line(capsys)
+    assert main(["plan", str(job_file), *long_window, "--set", "memory.activation_checkpointing=auto"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("activation checkpointing for [memory] budget_mb = 0.7: auto: recompute ") == 1, out
+    peak = figures(out, "memory of the process (local)")["predicted peak"]
+    assert peak.endswith("KiB") or float(peak.split()[0]) <= 0.7, peak
