@@ -126,8 +126,10 @@ class Trainer:
         self.overwrite = overwrite
 
         # before prepare: a mode's gradient hooks must not see these steps; the estimate profiles the plan
-        self.checkpoint_choice = plan_checkpointing(self.spec, model, data, self.mode.train_share(),
-                                                    self.mode.memory_holding(), optimizer)
+        self.checkpoint_choice = None
+        if self.spec.memory.activation_checkpointing == "auto":      # (a pipeline stage's holding needs prepare)
+            self.checkpoint_choice = plan_checkpointing(self.spec, model, data, self.mode.train_share(),
+                                                        self.mode.memory_holding(), optimizer)
         profile = self._profile_memory(model, data)
         self.model, self.optimizer = self.mode.prepare(model, optimizer, data)
         self.params = list(self.model.parameters())
