@@ -45,6 +45,12 @@ def mpi(ranks, *args):
     return ("mpi", ranks, args)
 
 
+# every test that runs the Trainer: one process, each MPI mode, a parameter-server worker
+TRAINING_LOOP_STEPS = [pytest("tests/train", "tests/cli"),
+                       mpi(2, "tests/mpi/test_mpi_trainer.py", "tests/mpi/test_fit_modes.py",
+                           "tests/mpi/test_pipeline_trainer.py", "tests/mpi/test_transformer_modes.py"),
+                       pytest("tests/paramserver/test_sync_equals_local.py", "tests/paramserver/test_transformer_worker.py")]
+
 # module -> (source globs, test steps): the tests that exercise the module, the quickest killers first; a
 # mutant stops at the first failing step, so only the survivors of the early steps pay for the slow last ones
 MODULES = {
@@ -60,6 +66,7 @@ MODULES = {
                                            [mpi(2, "tests/mpi/test_pipeline_replica_mean.py",
                                                 "tests/mpi/test_pipeline_clip.py", "tests/mpi/test_pipeline_trainer.py",
                                                 "tests/mpi/test_transformer_modes.py", "tests/mpi/test_fit_modes.py"),
+                                            pytest("tests/parallel/test_pipeline_jobs.py"),
                                             mpi(4, "tests/mpi/test_pipeline_replica_mean.py",
                                                 "tests/mpi/test_pipeline_trainer.py")]),
     "parallel/pipeline/schedule.py": (["disttrain/parallel/pipeline/schedule.py"],
@@ -69,12 +76,12 @@ MODULES = {
                                        mpi(4, "tests/mpi/test_pipeline.py")]),
     "paramserver/server.py": (["disttrain/paramserver/server.py"], [pytest("tests/paramserver")]),
     "paramserver/worker.py": (["disttrain/paramserver/worker.py"], [pytest("tests/paramserver")]),
-    "train/loop.py": (["disttrain/train/loop.py", "disttrain/train/mode.py"],
-                      [pytest("tests/train", "tests/cli"), mpi(2, "tests/mpi/test_mpi_trainer.py",
-                                                               "tests/mpi/test_fit_modes.py")]),
+    "train/loop.py": (["disttrain/train/loop.py"], TRAINING_LOOP_STEPS),
+    "train/mode.py": (["disttrain/train/mode.py"], TRAINING_LOOP_STEPS),
     "train/saving.py": (["disttrain/train/saving.py"],
-                            [pytest("tests/train/test_checkpoint.py", "tests/train/test_resume.py", "tests/cli"),
-                             mpi(2, "tests/mpi/test_mpi_trainer.py", "tests/mpi/test_pipeline_trainer.py")]),
+                        [pytest("tests/train/test_checkpoint.py", "tests/train/test_resume.py",
+                                "tests/train/test_nonfinite.py", "tests/cli", "tests/paramserver/test_snapshot.py"),
+                         mpi(2, "tests/mpi/test_mpi_trainer.py", "tests/mpi/test_pipeline_trainer.py")]),
 }
 
 
