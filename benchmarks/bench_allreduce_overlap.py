@@ -5,7 +5,7 @@
 Model: an MLP of `--layers` Linear(width, width) + tanh, float32, `--batch` examples per rank, so that
 backward and the allreduce of all gradients take comparable time; one Linear layer per bucket. Four kinds of
 step, interleaved step by step (so that load from other processes on the machine hits all of them alike),
-each after a barrier:
+each after a barrier, every DataParallel with sync="deferred" so that backward and the wait are measured apart:
   overlap/thread  backward with bucket allreduces started from the grad-ready callbacks, progress driven by
                   the callbacks and the polling thread (the default), then synchronize()
   overlap/hooks   the same with progress driven by the callbacks only
@@ -117,10 +117,11 @@ def main():
     comm = world()
     x = dt.tensor(np.random.default_rng(comm.rank).standard_normal((args.batch, args.width)).astype(np.float32))
     wrappers = {"thread": DataParallel(build(args.layers, args.width), comm, bucket_mb=args.bucket_mb,
-                                       progress="thread", poll_interval=args.poll_us * 1e-6),
+                                       progress="thread", poll_interval=args.poll_us * 1e-6, sync="deferred"),
                 "hooks": DataParallel(build(args.layers, args.width), comm, bucket_mb=args.bucket_mb,
-                                      progress="hooks"),
-                "after": DataParallel(build(args.layers, args.width), comm, bucket_mb=args.bucket_mb, overlap=False)}
+                                      progress="hooks", sync="deferred"),
+                "after": DataParallel(build(args.layers, args.width), comm, bucket_mb=args.bucket_mb, overlap=False,
+                                      sync="deferred")}
     dp_for = {"overlap/thread": wrappers["thread"], "overlap/hooks": wrappers["hooks"],
               "after backward": wrappers["after"], "raw": wrappers["thread"]}
     nbytes = sum(p.data.nbytes for p in wrappers["thread"].parameters())

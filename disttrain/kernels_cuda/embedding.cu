@@ -4,7 +4,7 @@
 // One thread per (r, column); rows on blockIdx.y (launch.rows_config). atomicAdd on double needs
 // sm_60 or newer (we build for sm_80 and sm_90). The summation order of repeated indices is that of
 // the hardware atomics, so float32 results may differ from NumPy's np.add.at in the last bits.
-// Reference: kernels_numpy.index_add_rows / embedding_backward.
+// Reference: kernels_numpy.index_add_rows.
 #include "common.cuh"
 
 template <typename T>

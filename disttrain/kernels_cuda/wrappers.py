@@ -199,13 +199,6 @@ def index_add_rows(xp, target, index, values):
         grid, block, (target, idx, vals, _i64(n_index), _i64(n_cols), _i64(target.shape[0])))
 
 
-def embedding_backward(xp, grad, indices, num_embeddings):
-    d = grad.shape[-1]
-    out = xp.zeros((num_embeddings, d), dtype=grad.dtype)
-    index_add_rows(xp, out, indices.reshape(-1), grad.reshape(-1, d))
-    return out
-
-
 # ---- optimizers ------------------------------------------------------------------------------------------
 
 def _updatable(*arrays):

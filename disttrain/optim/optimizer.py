@@ -6,7 +6,14 @@ Shaped like torch.optim.Optimizer so that training code and checkpoints read the
   state         per-parameter dict keyed by the parameter Tensor, filled at its first update:
                 buffers are backend arrays (NumPy or CuPy, like the parameter), counters plain ints
 A subclass implements `_validate(group)` and `_update(param, grad, state, group)`; the base walks
-the groups, skips parameters whose grad is None and runs every update under no_grad.
+the groups, skips parameters whose grad is None and runs every update under no_grad. A subclass that
+steps otherwise (a wrapper distributing another optimizer's work) overrides `_step(closure)` and
+`_zero_grad(set_to_none)`, what step() and zero_grad() run after their hooks.
+
+Hooks (for the layers that wrap an optimizer, e.g. data parallelism refusing to step or clear gradients
+that are still being averaged): `register_step_pre_hook(hook)`, hook(optimizer, args, kwargs) as in torch,
+and `register_zero_grad_pre_hook(hook)`, hook(optimizer); each runs before the call and may raise to
+refuse it; each returns a handle whose remove() unregisters the hook.
 
 NOTE: updates change `param.data` in place through Tensor's in-place methods (add_, mul_), which
 bump `param._version`; a backward through a graph recorded before the step then fails loudly
@@ -18,25 +25,20 @@ import copy
 from collections import defaultdict
 
 from disttrain.autograd.grad_mode import enable_grad, no_grad
+from disttrain.autograd.hooks import RemovableHandle
 from disttrain.tensor.backend import backend_of_array
 from disttrain.tensor.tensor import Tensor
 
 
 class Optimizer:
-    """Base class. `params`: an iterable of Tensors, or of dicts {'params': [...], hyper: value}.
-
-    Data-parallel hook (Horovod's rule): `_grad_sync` is None, or an object whose `pending()`
-    returns True while gradient reductions (allreduces of `.grad`) are still in flight. While
-    that is so, `zero_grad` raises instead of clearing gradients the communicator is still
-    reading or about to write into; call the data-parallel wrapper's synchronize (or `step`)
-    first. The data-parallel wrapper sets the attribute; nothing else touches it.
-    """
+    """Base class. `params`: an iterable of Tensors, or of dicts {'params': [...], hyper: value}."""
 
     def __init__(self, params, defaults):
         self.defaults = dict(defaults)
         self.state = defaultdict(dict)
         self.param_groups = []
-        self._grad_sync = None
+        self._step_pre_hooks = []
+        self._zero_grad_pre_hooks = []
         if isinstance(params, Tensor):
             raise TypeError("params must be an iterable of Tensors or of dicts, got a single Tensor; "
                             "pass [tensor] instead")
@@ -94,18 +96,31 @@ class Optimizer:
     def _params(self):
         return [p for group in self.param_groups for p in group["params"]]
 
+    # ---- hooks -----------------------------------------------------------------------------
+    def register_step_pre_hook(self, hook):
+        """hook(optimizer, args, kwargs) before every step(): it may raise to refuse the step, or return
+        (args, kwargs) to replace step's arguments (torch's signature). Returns a handle with remove()."""
+        self._step_pre_hooks.append(hook)
+        return RemovableHandle(self._step_pre_hooks, hook)
+
+    def register_zero_grad_pre_hook(self, hook):
+        """hook(optimizer) before every zero_grad(); it may raise to refuse clearing the gradients (e.g. while
+        a communicator is still reading them). Returns a handle with remove()."""
+        self._zero_grad_pre_hooks.append(hook)
+        return RemovableHandle(self._zero_grad_pre_hooks, hook)
+
     # ---- the training-loop calls -----------------------------------------------------------
     def zero_grad(self, set_to_none=True):
         """Clear every parameter's gradient: drop it (default) or fill it with zeros.
 
         set_to_none=False keeps the gradient arrays (useful when a communicator holds views of them).
-        Raises RuntimeError while `_grad_sync.pending()` (see the class docstring).
+        The zero_grad pre-hooks run first (see register_zero_grad_pre_hook).
         """
-        if self._grad_sync is not None and self._grad_sync.pending():
-            raise RuntimeError(
-                "zero_grad() called while gradient reductions are still pending: the gradients are being "
-                "averaged across ranks. Synchronize first (data-parallel wrapper's synchronize() or "
-                "optimizer.step()), then zero the gradients.")
+        for hook in list(self._zero_grad_pre_hooks):
+            hook(self)
+        self._zero_grad(set_to_none)
+
+    def _zero_grad(self, set_to_none):
         for p in self._params():
             if p.grad is None:
                 continue
@@ -119,7 +134,16 @@ class Optimizer:
                 p.grad.zero_()
 
     def step(self, closure=None):
-        """One update of every parameter that has a gradient. `closure` re-evaluates the loss."""
+        """One update of every parameter that has a gradient. `closure` re-evaluates the loss.
+        The step pre-hooks run first (see register_step_pre_hook)."""
+        args, kwargs = (closure,), {}
+        for hook in list(self._step_pre_hooks):
+            changed = hook(self, args, kwargs)
+            if changed is not None:
+                args, kwargs = changed
+        return self._step(*args, **kwargs)
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with enable_grad():

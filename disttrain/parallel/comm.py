@@ -3,6 +3,7 @@
     comm = world()                       # MPI_COMM_WORLD (MPI starts on the first call, not at import)
     comm.Allreduce(grads)                # in place, buffer-based
     handle = comm.Iallreduce(bucket)     # non-blocking; handle.test() / handle.wait()
+    handle = comm.Ireduce_scatter_block(grads, my_block)   # and Iallgather(my_block, everyone): sharded state
     rows = comm.Split(color=comm.rank // 4)   # sub-communicators (pipeline x data)
     comm.Isend(activations, dest=1, tag=3)    # point-to-point between pipeline stages (Handle as above)
 
@@ -283,12 +284,29 @@ class Communicator:
         if recvbuf is None:
             xp = np if not is_device_array(sendbuf) else _array_module(sendbuf)
             recvbuf = xp.empty((self.size,) + tuple(sendbuf.shape), dtype=sendbuf.dtype)
+        self.Iallgather(sendbuf, recvbuf, what).wait()
+        return recvbuf
+
+    def Iallgather(self, sendbuf, recvbuf, what="allgather"):
+        """Start gathering every rank's `sendbuf` into `recvbuf` (size x sendbuf.size elements, in rank order);
+        returns a Handle. Neither buffer may be touched until it completes."""
+        _check_blocks("Iallgather", recvbuf, sendbuf, self.size)
         send, sent = self._prepare(sendbuf, copy_out=False)
         target, finish = self._prepare(recvbuf, copy_in=False)
         with _LOCK:
             request = self._comm.Iallgather(send, target)
-        self._wait(request, lambda: (sent(), finish()), self._collective(what))
-        return recvbuf
+        return self._handle(request, lambda: (sent(), finish()), self._collective(what))
+
+    def Ireduce_scatter_block(self, sendbuf, recvbuf, op="sum", what="reduce-scatter"):
+        """Start reducing `sendbuf` (size blocks of recvbuf.size elements) over all ranks, block r of the result
+        landing in rank r's `recvbuf`; returns a Handle. Neither buffer may be touched until it completes."""
+        mpi_op = _op(op)
+        _check_blocks("Ireduce_scatter_block", sendbuf, recvbuf, self.size)
+        send, sent = self._prepare(sendbuf, copy_out=False)
+        target, finish = self._prepare(recvbuf, copy_in=False)
+        with _LOCK:
+            request = self._comm.Ireduce_scatter_block(send, target, op=mpi_op)
+        return self._handle(request, lambda: (sent(), finish()), self._collective(what))
 
     # ---- point-to-point (pipeline stages) -------------------------------------------------------
     def Send(self, buf, dest, tag=0, what="send"):
@@ -412,6 +430,13 @@ def staged(staging, array, copy_in=True, copy_out=True):
 
 def _nothing():
     pass
+
+
+def _check_blocks(call, whole, block, size):
+    """`whole` must hold `size` blocks of `block`'s size and dtype (MPI would read or write past a buffer)."""
+    if whole.size != size * block.size or whole.dtype != block.dtype:
+        raise ValueError(f"{call}: needs {size} x {block.size} elements of {block.dtype} (one block per rank), "
+                         f"got {whole.size} of {whole.dtype}")
 
 
 def _world_ranks(mpi_comm):

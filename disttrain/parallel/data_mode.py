@@ -6,8 +6,12 @@
 Every rank runs the same Trainer on its share of every batch (`train_share`: rank r of N), so the N shares
 side by side are the one-process batch. `prepare` wraps the model's parameters in DataParallel: it checks
 that every rank holds the same model, broadcasts rank 0's weights and registers the gradient buckets, whose
-allreduces run while backward does; when `forward_backward` returns every .grad is the mean over the ranks,
-i.e. the gradient of the loss over the whole batch. Rank 0 is the main process (logs, checkpoints); the
+allreduces run while backward does; when backward returns every .grad is the mean over the ranks, i.e. the
+gradient of the loss over the whole batch. With shard_optimizer = 1 or 2 (ZeRO, docs/MEMORY.md) the optimizer
+is a ShardedOptimizer: each rank keeps and updates its 1/N of the optimizer state and the parameters are
+allgathered after the step; with 2 the gradients are reduce-scattered, so a rank holds only its slice of them
+and the global norm comes from the slices. Its state_dict is a collective that gathers the whole state, so
+checkpoints load at any world size, sharded or not. Rank 0 is the main process (logs, checkpoints); the
 carried state of every rank's streams is gathered for its checkpoints.
 """
 from disttrain.parallel.comm import world
@@ -21,26 +25,30 @@ __all__ = ["DataParallelMode"]
 class DataParallelMode(MPIMode):
     name = "data"
 
-    def __init__(self, comm=None, bucket_mb=25.0, progress="thread", overlap=True):
+    def __init__(self, comm=None, bucket_mb=25.0, progress="thread", overlap=True, shard_optimizer=0):
         self.comm = self.data_group = comm if comm is not None else world()
         self.bucket_mb, self.progress, self.overlap = bucket_mb, progress, overlap
+        self.shard_optimizer = shard_optimizer
         self.data_parallel = None
         self._reported_choice = False
 
     @classmethod
     def from_spec(cls, spec, comm=None):
-        return cls(comm, bucket_mb=spec.parallel.bucket_mb, overlap=spec.parallel.overlap)
+        p = spec.parallel
+        return cls(comm, bucket_mb=p.bucket_mb, overlap=p.overlap, shard_optimizer=p.shard_optimizer)
 
     def prepare(self, model, optimizer, data=None):
         model, optimizer = super().prepare(model, optimizer, data)
         self.data_parallel = DataParallel(model, self.comm, self.bucket_mb, optimizer=optimizer,
-                                          progress=self.progress, overlap=self.overlap)
-        return model, optimizer
+                                          progress=self.progress, overlap=self.overlap,
+                                          shard_optimizer=self.shard_optimizer)
+        return model, self.data_parallel.optimizer
 
-    def forward_backward(self, inputs, targets, state=None, backward_scale=1.0):
-        loss, state = super().forward_backward(inputs, targets, state, backward_scale)
-        self.data_parallel.synchronize()
-        return loss, state
+    def clip_grad_norm(self, params, max_norm):
+        """The global norm, clipped; sharded state: from this rank's slices (stage 2 holds no whole gradient)."""
+        if self.shard_optimizer:
+            return self.data_parallel.optimizer.clip_grad_norm_(max_norm)
+        return super().clip_grad_norm(params, max_norm)
 
     # ---- checkpoints: the model and optimizer are the same on every rank; the carried state is per rank --
     def gather(self, local):
@@ -61,9 +69,11 @@ class DataParallelMode(MPIMode):
 
     def describe(self, batch_size, unit="streams"):
         shares = self.data_group.size
+        sharded = (f", optimizer state sharded (ZeRO stage {self.shard_optimizer})" if self.shard_optimizer
+                   else "")
         return [f"data parallel: {ranks(self.comm.size)} ({self.ranks_on_this_node()} on this node), "
-                f"{batch_size // shares} of the batch's {batch_size} {unit} per rank, {describe_threads(self.device)} "
-                f"per rank; {self.waits()}"]
+                f"{batch_size // shares} of the batch's {batch_size} {unit} per rank{sharded}, "
+                f"{describe_threads(self.device)} per rank; {self.waits()}"]
 
     def close(self):
         if self.data_parallel is not None:

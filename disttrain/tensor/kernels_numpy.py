@@ -286,17 +286,13 @@ def index_add_rows(xp, target, index, values):
     target[rows[starts]] += xp.add.reduceat(values[order], starts, axis=0)  # out of range: IndexError
 
 
-def embedding_backward(xp, grad, indices, num_embeddings):
-    """The weight gradient (V, D) of an embedding lookup: grad indices.shape + (D,) summed into rows."""
-    d = grad.shape[-1]
-    out = xp.zeros((num_embeddings, d), dtype=grad.dtype)
-    index_add_rows(xp, out, indices.reshape(-1), grad.reshape(-1, d))
-    return out
-
-
 # ---- fused elementwise chains ------------------------------------------------------------------------
 
 ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid")  # codes 0..3, as common.cuh DT_ACT_*
+
+# Public functions that are not kernels: shared by the other kernel tables (kernels_cpu, kernels_cuda), which
+# need not offer them; every other public function here is a kernel every table offers.
+HELPERS = ("check_activation", "recurrent_weight_grad")
 
 
 def check_activation(act):

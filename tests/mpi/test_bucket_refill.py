@@ -26,13 +26,14 @@ class TwoHeads(nn.Module):
         return self.head(h) + self.side(h) if use_side else self.head(h)
 
 
-def test_slots_of_parameters_without_gradient_are_refilled_every_step():
+@pytest.mark.parametrize("sync", ["backward", "deferred"])
+def test_slots_of_parameters_without_gradient_are_refilled_every_step(sync):
     comm = world()
     rng = np.random.default_rng(1)
     dt.manual_seed(0)
     model = TwoHeads().double()
     opt = dt.optim.SGD(model.parameters(), lr=0.1)
-    dp = DataParallel(model, comm, bucket_mb=1.0, optimizer=opt)      # one bucket for all six
+    dp = DataParallel(model, comm, bucket_mb=1.0, optimizer=opt, sync=sync)      # one bucket for all six
     assert len(dp.reducer.buckets) == 1
     grads = []
     try:
@@ -40,7 +41,7 @@ def test_slots_of_parameters_without_gradient_are_refilled_every_step():
             x, y = rng.standard_normal((2, 4)), rng.integers(0, 3, 2)
             opt.zero_grad()
             F.cross_entropy(dp(dt.tensor(x), use_side), dt.tensor(y)).backward()
-            dp.synchronize()
+            dp.synchronize()                    # sync="backward": a no-op, the gradients are averaged already
             grads.append({n: p.grad is not None for n, p in model.named_parameters()})
     finally:
         dp.close()

@@ -77,7 +77,8 @@ def rank_share(array, comm, axis):
 
 def train_data_parallel(name, segments, checkpoint_nodes):
     """(parameters after STEPS SGD steps, per step {parameter name: hook calls}, checkpoint nodes per step) for
-    one DataParallel run."""
+    one DataParallel run, in the natural loop (backward returns with averaged gradients), and per step
+    (synchronisations so far, pending after backward)."""
     make, loss_fn, make_batches, batch_axis = MODELS[name]
     comm = world()
     model = make()
@@ -88,7 +89,7 @@ def train_data_parallel(name, segments, checkpoint_nodes):
     fired = {}
     for pname, p in model.named_parameters():
         p.register_post_accumulate_grad_hook(lambda _, pname=pname: fired.__setitem__(pname, fired[pname] + 1))
-    counts, nodes = [], []
+    counts, nodes, syncs = [], [], []
     try:
         for x, y in make_batches(np.random.default_rng(9)):
             fired.update({pname: 0 for pname, _ in model.named_parameters()})
@@ -97,9 +98,9 @@ def train_data_parallel(name, segments, checkpoint_nodes):
             nodes.append(checkpoint_nodes(loss))
             loss.backward()
             counts.append(dict(fired))
-            dp.synchronize()
+            syncs.append((dp.reducer.syncs, dp.pending()))
             opt.step()
-        return {pname: p.numpy().copy() for pname, p in model.named_parameters()}, counts, nodes
+        return {pname: p.numpy().copy() for pname, p in model.named_parameters()}, counts, nodes, syncs
     finally:
         dp.close()
 
@@ -107,9 +108,10 @@ def train_data_parallel(name, segments, checkpoint_nodes):
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("segments", ["sqrt", 2])
 def test_checkpointed_data_parallel_fires_each_hook_once_and_equals_plain(name, segments, checkpoint_nodes):
-    plain, plain_counts, plain_nodes = train_data_parallel(name, None, checkpoint_nodes)
-    got, counts, nodes = train_data_parallel(name, segments, checkpoint_nodes)
+    plain, plain_counts, plain_nodes, plain_syncs = train_data_parallel(name, None, checkpoint_nodes)
+    got, counts, nodes, syncs = train_data_parallel(name, segments, checkpoint_nodes)
     assert len(counts) == STEPS
+    assert plain_syncs == syncs == [(step, False) for step in range(1, STEPS + 1)]    # once per backward
     assert plain_nodes == [0] * STEPS and min(nodes) >= 1, nodes          # segments were checkpointed
     for step, fired in enumerate(plain_counts + counts):
         assert set(fired.values()) == {1}, f"step {step % STEPS}: hook calls per parameter {fired}"

@@ -55,13 +55,18 @@ def train(model, opt, data, sync=None):
     return [p.data.copy() for p in model.parameters()]
 
 
-def train_data_parallel(dtype, data, progress="thread", bucket_mb=0.001, optim="adam", overlap=True):
+def train_data_parallel(dtype, data, progress="thread", bucket_mb=0.001, optim="adam", overlap=True,
+                        sync="backward"):
+    """The natural loop (sync="backward": backward returns with averaged gradients), or with synchronize()
+    between backward and step (sync="deferred")."""
     comm = world()
     model = lstm_lm(dtype)
     opt = make_optimizer(optim, model)
-    dp = DataParallel(model, comm, bucket_mb=bucket_mb, optimizer=opt, progress=progress, overlap=overlap)
+    dp = DataParallel(model, comm, bucket_mb=bucket_mb, optimizer=opt, progress=progress, overlap=overlap,
+                      sync=sync)
     try:
-        params = train(dp, opt, [(shard(x, comm), shard(y, comm)) for x, y in data], dp.synchronize)
+        shards = [(shard(x, comm), shard(y, comm)) for x, y in data]
+        params = train(dp, opt, shards, dp.synchronize if sync == "deferred" else None)
         return params, dp.in_sync(), len(dp.reducer.buckets)
     finally:
         dp.close()
@@ -73,12 +78,13 @@ def make_optimizer(kind, model):
     return dt.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
 
 
-@pytest.mark.parametrize("dtype,progress,optim,overlap", [
-    (dt.float64, "thread", "adam", True), (dt.float64, "hooks", "sgd", True), (dt.float32, "thread", "adam", True),
-    (dt.float32, "thread", "sgd", False)])
-def test_k_steps_equal_one_process_with_the_global_batch(dtype, progress, optim, overlap):
+@pytest.mark.parametrize("dtype,progress,optim,overlap,sync", [
+    (dt.float64, "thread", "adam", True, "backward"), (dt.float64, "hooks", "sgd", True, "backward"),
+    (dt.float32, "thread", "adam", True, "backward"), (dt.float32, "thread", "sgd", False, "backward"),
+    (dt.float64, "thread", "adam", True, "deferred"), (dt.float32, "hooks", "sgd", False, "deferred")])
+def test_k_steps_equal_one_process_with_the_global_batch(dtype, progress, optim, overlap, sync):
     data = batches()
-    params, in_sync, n_buckets = train_data_parallel(dtype, data, progress, optim=optim, overlap=overlap)
+    params, in_sync, n_buckets = train_data_parallel(dtype, data, progress, optim=optim, overlap=overlap, sync=sync)
     model = lstm_lm(dtype)
     expected = train(model, make_optimizer(optim, model), data)
     assert in_sync and n_buckets > 3
@@ -110,7 +116,6 @@ def test_overlap_auto_decides_alike_everywhere_and_keeps_the_numbers():
             loss = step_loss(dp, shard(x, comm), shard(y, comm))
             opt.zero_grad()
             loss.backward()
-            dp.synchronize()
             opt.step()
         choice = dp.reducer.choice
         assert modes[:8] == [True, True, True, False, True, False, True, False]
@@ -150,7 +155,6 @@ def test_parameters_without_gradient():
     dp = DataParallel(model, comm, bucket_mb=1e-4)
     loss = F.cross_entropy(dp(dt.tensor(xs[comm.rank]), comm.rank == 0), dt.tensor(ys[comm.rank]))
     loss.backward()
-    dp.synchronize()
     got = {n: None if p.grad is None else p.grad.data.copy() for n, p in model.named_parameters()}
     dp.close()
 
@@ -166,21 +170,55 @@ def test_parameters_without_gradient():
     assert got["unused.weight"] is None and got["side.weight"] is not None
 
 
+def accumulation_reference(data):
+    """The gradients of one process on the two micro-batches side by side (a batch of 2B)."""
+    ref = lstm_lm(dt.float64)
+    x = np.concatenate([data[0][0], data[1][0]], axis=1)
+    y = np.concatenate([data[0][1], data[1][1]], axis=1)
+    step_loss(ref, x, y).backward()
+    return ref
+
+
 def test_no_sync_accumulation_equals_a_larger_batch():
+    """The natural loop: the backward after no_sync() returns with the accumulated sum averaged."""
     comm = world()
     data = batches(seed=3, count=2)                  # two micro-batches of B = the global batch 2B
     model = lstm_lm(dt.float64)
     opt = dt.optim.SGD(model.parameters(), lr=0.1)
     dp = DataParallel(model, comm, bucket_mb=0.001, optimizer=opt)
+    with dp.no_sync():
+        (step_loss(dp, shard(data[0][0], comm), shard(data[0][1], comm)) * 0.5).backward()
+    after_no_sync = dp.reducer.syncs
+    (step_loss(dp, shard(data[1][0], comm), shard(data[1][1], comm)) * 0.5).backward()
+    got = [p.grad.data.copy() for p in model.parameters()]
+    syncs, pending = dp.reducer.syncs, dp.pending()
+    dp.close()
+
+    ref = accumulation_reference(data)
+    for (name, p), g in zip(ref.named_parameters(), got):
+        np.testing.assert_allclose(g, p.grad.data, rtol=1e-12, atol=1e-15, err_msg=name)
+    assert after_no_sync == 0 and syncs == 1 and not pending
+
+
+def test_deferred_sync_accumulates_and_refuses_until_synchronize():
+    """sync="deferred": backward returns with the reductions in flight; zero_grad, step and forward are refused
+    until synchronize(), and a second backward before it is an error."""
+    comm = world()
+    data = batches(seed=3, count=2)
+    model = lstm_lm(dt.float64)
+    opt = dt.optim.SGD(model.parameters(), lr=0.1)
+    dp = DataParallel(model, comm, bucket_mb=0.001, optimizer=opt, sync="deferred")
     errors = []
     with dp.no_sync():
         (step_loss(dp, shard(data[0][0], comm), shard(data[0][1], comm)) * 0.5).backward()
     loss = step_loss(dp, shard(data[1][0], comm), shard(data[1][1], comm)) * 0.5
     loss.backward()
-    try:
-        opt.zero_grad()                              # refused: the allreduces are in flight
-    except RuntimeError as exc:
-        errors.append(str(exc))
+    pending = dp.pending()
+    for misuse in (opt.zero_grad, opt.step, lambda: dp(dt.tensor(shard(data[0][0], comm)))):
+        try:
+            misuse()                                 # refused: the allreduces are in flight
+        except RuntimeError as exc:
+            errors.append(str(exc))
     dp.synchronize()
     got = [p.grad.data.copy() for p in model.parameters()]
     again = step_loss(dp, shard(data[0][0], comm), shard(data[0][1], comm))
@@ -192,13 +230,14 @@ def test_no_sync_accumulation_equals_a_larger_batch():
     dp.synchronize()
     dp.close()
 
-    ref = lstm_lm(dt.float64)
-    x = np.concatenate([data[0][0], data[1][0]], axis=1)
-    y = np.concatenate([data[0][1], data[1][1]], axis=1)
-    step_loss(ref, x, y).backward()
+    ref = accumulation_reference(data)
     for (name, p), g in zip(ref.named_parameters(), got):
         np.testing.assert_allclose(g, p.grad.data, rtol=1e-12, atol=1e-15, err_msg=name)
-    assert "still pending" in errors[0] and "became ready twice" in errors[1]
+    assert pending and len(errors) == 4, errors
+    assert "zero_grad() called while gradient reductions are still pending" in errors[0]
+    assert "step() called while gradient reductions are still pending" in errors[1]
+    assert "forward() while the gradients of the last backward are not synchronised" in errors[2]
+    assert "became ready twice" in errors[3]
 
 
 def test_bucket_allreduce_starts_before_backward_ends(mpi_tmp_path):
@@ -218,7 +257,6 @@ def test_bucket_allreduce_starts_before_backward_ends(mpi_tmp_path):
             backward_end = trace.now()
             first_start = dp.reducer.buckets[0].handle.started_at
             starts = [b.handle.started_at for b in dp.reducer.buckets]
-            dp.synchronize()
     path = tracer.write(mpi_tmp_path / "trace.json", comm)
     comm.Barrier()
     dp.close()

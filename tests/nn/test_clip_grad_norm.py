@@ -37,6 +37,23 @@ def test_clip_grad_norm_matches_torch(norm_type, scale):
         np.testing.assert_allclose(p.grad.numpy(), t.grad.numpy(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_clipping_parts_by_the_norm_of_the_whole(norm_type):
+    """Gradients split in two parts (two processes' slices), each clipped with total_norm= the norm of both:
+    the same numbers as clipping them all together; a part without gradients returns the total too."""
+    grads = grads_like(1, 3.0)
+    whole = make_params(grads)
+    first, second = make_params(grads[:1]), make_params(grads[1:])
+    total = clip_grad_norm_(whole, 1.0, norm_type)
+    assert clip_grad_norm_(first, 1.0, norm_type, total_norm=total) == total
+    assert clip_grad_norm_(second, 1.0, norm_type, total_norm=total) == total
+    assert clip_grad_norm_([nn.Parameter(dt.zeros(2))], 1.0, norm_type, total_norm=total) == total
+    for a, b in zip(whole, first + second):
+        np.testing.assert_array_equal(a.grad.numpy(), b.grad.numpy())
+    with pytest.raises(RuntimeError, match="the total norm of order 2.0 of the gradients is nan"):
+        clip_grad_norm_(first, 1.0, error_if_nonfinite=True, total_norm=math.nan)
+
+
 def test_clip_grad_norm_scales_in_place_and_skips_missing_grads():
     params = make_params(grads_like(1, 5.0))
     arrays = [p.grad.data for p in params]

@@ -84,24 +84,57 @@ def test_zero_grad_can_keep_the_arrays():
 
 
 class _Reductions:
+    """A stand-in for a communicator: refuses while `is_pending`, as data parallelism's hooks do."""
+
     def __init__(self, pending):
         self.is_pending = pending
+        self.calls = []
 
-    def pending(self):
-        return self.is_pending
+    def refuse_zero_grad(self, opt):
+        self.calls.append(("zero_grad", opt))
+        if self.is_pending:
+            raise RuntimeError("zero_grad() called while gradient reductions are still pending")
+
+    def refuse_step(self, opt, args, kwargs):
+        self.calls.append(("step", opt, args, kwargs))
+        if self.is_pending:
+            raise RuntimeError("step() called while gradient reductions are still pending")
 
 
-def test_zero_grad_refuses_while_reductions_are_pending():
+def test_zero_grad_pre_hooks_can_refuse_and_be_removed():
     a = _param()
     opt = dt.optim.SGD([a], lr=0.1)
     _give_grad(a)
-    opt._grad_sync = _Reductions(pending=True)
+    reductions = _Reductions(pending=True)
+    handle = opt.register_zero_grad_pre_hook(reductions.refuse_zero_grad)
     with pytest.raises(RuntimeError, match="reductions are still pending"):
         opt.zero_grad()
-    assert a.grad is not None  # nothing was cleared
-    opt._grad_sync.is_pending = False
+    assert a.grad is not None and reductions.calls == [("zero_grad", opt)]  # nothing was cleared
+    reductions.is_pending = False
     opt.zero_grad()
     assert a.grad is None
+    handle.remove()
+    reductions.is_pending = True
+    opt.zero_grad()                      # removed: not called again
+    assert len(reductions.calls) == 2
+
+
+def test_step_pre_hooks_can_refuse_or_replace_the_arguments():
+    a = _param()
+    before = a.numpy().copy()
+    opt = dt.optim.SGD([a], lr=0.1)
+    _give_grad(a)
+    reductions = _Reductions(pending=True)
+    handle = opt.register_step_pre_hook(reductions.refuse_step)
+    with pytest.raises(RuntimeError, match="reductions are still pending"):
+        opt.step()
+    np.testing.assert_array_equal(a.numpy(), before)     # no update
+    assert reductions.calls == [("step", opt, (None,), {})]
+    handle.remove()
+    closures = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: ((lambda: closures.append("replaced") or 2.0,), {}))
+    assert opt.step() == 2.0 and closures == ["replaced"]
+    np.testing.assert_allclose(a.numpy(), before - 0.1)
 
 
 # ---- step --------------------------------------------------------------------------------------

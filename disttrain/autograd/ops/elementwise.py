@@ -153,9 +153,8 @@ class Tanh(Function):
 
     def backward(self, g):
         y = self.output()
-        if not grad_mode.state.enabled:  # no create_graph: on the arrays, no nodes
-            y = y.data
-            return _wrap_array(g.data * (1 - y * y))
+        if not grad_mode.state.enabled:  # no create_graph: one kernel on the arrays, no nodes
+            return _wrap_array(self.backend.kernels.bias_act_backward(self.xp, g.data, y.data, "tanh")[0])
         return g * (1 - y * y)
 
 
@@ -167,6 +166,8 @@ class Sigmoid(Function):
 
     def backward(self, g):
         y = self.output()
+        if not grad_mode.state.enabled:  # no create_graph: one kernel on the arrays, no nodes
+            return _wrap_array(self.backend.kernels.bias_act_backward(self.xp, g.data, y.data, "sigmoid")[0])
         return g * (y * (1 - y))
 
 
