@@ -163,6 +163,25 @@ def test_a_state_that_does_not_fit_changes_nothing():
     dp.close()
 
 
+def test_a_loaded_state_sets_the_hyperparameters_of_both_objects_groups():
+    _, _, saved = run("adam", 0, batches(1))
+    saved["param_groups"][0]["lr"] = 0.5
+    model = net()
+    opt = OPTIMIZERS["adam"](model.parameters())
+    dp = DataParallel(model, world(), optimizer=opt, shard_optimizer=1)
+    dp.optimizer.load_state_dict(saved)
+    assert dp.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.5
+    assert_states_equal(dp.optimizer.state_dict(), saved)
+    dp.close()
+
+
+def test_the_default_stage_is_1_over_an_allreduce_reducer():
+    model = net()
+    allreduce = Reducer(list(model.named_parameters()), world())
+    assert ShardedOptimizer(dt.optim.SGD(model.parameters(), lr=0.1), allreduce).stage == 1
+    allreduce.close()
+
+
 class Plain(dt.optim.SGD):
     """An optimizer whose constructor does not take its defaults back as keywords."""
 
