@@ -182,6 +182,15 @@ def test_the_default_stage_is_1_over_an_allreduce_reducer():
     allreduce.close()
 
 
+def test_its_repr_names_the_stage_the_slices_and_the_wrapped_optimizer():
+    model = net()
+    dp = DataParallel(model, world(), optimizer=OPTIMIZERS["sgd"](model.parameters()), shard_optimizer=2)
+    text = repr(dp.optimizer)
+    assert text.startswith("ShardedOptimizer(stage=2, rank 0 of 1, 6 pieces in 1 buckets) of SGD (")
+    assert "lr=0.1, momentum=0.9" in text
+    dp.close()
+
+
 class Plain(dt.optim.SGD):
     """An optimizer whose constructor does not take its defaults back as keywords."""
 
