@@ -213,6 +213,16 @@ def test_receive_keeps_two_frames_of_an_oversized_message():
         ctx.term()
 
 
+def test_a_push_or_pull_of_a_key_the_server_does_not_hold_is_refused_by_name(server):
+    srv, endpoint = server
+    with raw_peer(endpoint) as peer:
+        peer.join(LAYOUT, ME)
+        for reply in (peer.request("push", grads(), worker=ME, clock=0, keys=[0, 2]),
+                      peer.request("pull", worker=ME, clock=0, keys=[2])):
+            assert reply["code"] == "bad_key" and reply["message"] == "key 2 is not held by server 0", reply
+    assert srv.updates == 0 and srv.internal_errors == 0
+
+
 def test_an_update_that_turns_a_parameter_non_finite_is_undone(server):
     """Two pushes of FLT_MAX: the first leaves finite values, the second would make them -inf. It is refused,
     the parameters and the momentum are put back bit for bit, and the refusal is counted."""

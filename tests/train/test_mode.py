@@ -1,6 +1,9 @@
 """The one-process Mode: its place among the data shares and how it builds an optimizer."""
+import numpy as np
 import pytest
 
+import disttrain as dt
+import disttrain.nn.functional as F
 from disttrain import nn
 from disttrain.optim import SGD
 from disttrain.train.mode import LocalMode, make_optimizer
@@ -24,3 +27,49 @@ def test_make_optimizer_calls_a_factory_and_rebuilds_an_optimizer_over_other_par
 def test_something_neither_an_optimizer_nor_a_factory_is_named():
     with pytest.raises(TypeError, match=r"optimizer must be an Optimizer or a factory params -> Optimizer, not 0\.1"):
         make_optimizer(0.1, nn.Linear(2, 3).parameters())
+
+
+def _grads_after(mode, opt, *args, **kwargs):
+    opt.zero_grad()
+    mode.forward_backward(*args, **kwargs)
+    return [p.grad.numpy().copy() for p in mode.model.parameters()]
+
+
+def test_backward_scales_the_gradients_only_when_asked():
+    dt.manual_seed(0)
+    mode = LocalMode()
+    model, opt = mode.prepare(nn.Linear(3, 2).double(), lambda params: SGD(params, lr=0.1))
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 3)), rng.integers(0, 2, 4)
+    opt.zero_grad()
+    F.cross_entropy(model(dt.tensor(x)), dt.tensor(y)).backward()
+    want = [p.grad.numpy().copy() for p in model.parameters()]
+    for kwargs, factor in [({}, 1.0), ({"backward_scale": 2.0}, 2.0), ({"backward_scale": 0.5}, 0.5)]:
+        for got, g in zip(_grads_after(mode, opt, x, y, **kwargs), want):
+            np.testing.assert_allclose(got, factor * g, rtol=1e-14, err_msg=str(kwargs))
+
+
+class _Param:
+    def __init__(self, device):
+        self.device = device
+
+
+class _Placed:
+    """A model as far as Mode.device looks at it: its parameters' device."""
+
+    def parameters(self):
+        return [_Param("cuda:1")]
+
+
+def test_the_device_is_the_models_and_cpu_before_a_model():
+    mode = LocalMode()
+    assert mode.device == "cpu"
+    mode.prepare(_Placed(), lambda params: None)
+    assert mode.device == "cuda:1"
+
+
+def test_only_the_main_process_gets_a_checkpoint_dir_and_only_with_an_out_dir(tmp_path):
+    mode = LocalMode()
+    assert mode.checkpoint_dir(tmp_path) == tmp_path and mode.checkpoint_dir(None) is None
+    mode.is_main = False
+    assert mode.checkpoint_dir(tmp_path) is None
