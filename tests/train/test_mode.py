@@ -1,4 +1,7 @@
-"""The one-process Mode: its place among the data shares and how it builds an optimizer."""
+"""The one-process Mode: its place among the data shares, how it builds an optimizer, scales the backward,
+finds its device and checkpoint directory, and describes itself."""
+import re
+
 import numpy as np
 import pytest
 
@@ -73,3 +76,8 @@ def test_only_the_main_process_gets_a_checkpoint_dir_and_only_with_an_out_dir(tm
     assert mode.checkpoint_dir(tmp_path) == tmp_path and mode.checkpoint_dir(None) is None
     mode.is_main = False
     assert mode.checkpoint_dir(tmp_path) is None
+
+
+def test_the_start_line_names_the_blas_threads_of_a_cpu_process():
+    line, = LocalMode().describe(20)
+    assert re.fullmatch(r"local: 1 process, 20 streams a batch, (1 BLAS thread|\d+ BLAS threads)", line), line
