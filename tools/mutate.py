@@ -56,7 +56,7 @@ TRAINING_LOOP_STEPS = [pytest("tests/train", "tests/cli"),
 PARAMSERVER_QUICK = ["tests/paramserver/test_protocol.py", "tests/paramserver/test_resend_exactly_once.py",
                      "tests/paramserver/test_large_parts.py", "tests/paramserver/test_snapshot.py",
                      "tests/paramserver/test_consistency_modes.py", "tests/paramserver/test_sync_equals_local.py",
-                     "tests/paramserver/test_worker_targets.py"]
+                     "tests/paramserver/test_worker_checks.py"]
 PARAMSERVER_STEPS = [pytest(*PARAMSERVER_QUICK),
                      pytest("tests/paramserver", *(f"--ignore={path}" for path in PARAMSERVER_QUICK))]
 

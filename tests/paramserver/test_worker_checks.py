@@ -1,4 +1,5 @@
-"""The arrays a worker pulls into: each must be one the pull can fill in place, else it is refused by name."""
+"""A worker's own checks and bookkeeping: the arrays it pulls into must be ones the pull can fill in place (else
+they are refused by name); leaving a server it is no longer a member of does not join it again."""
 import re
 
 import numpy as np
@@ -6,6 +7,8 @@ import pytest
 
 from disttrain.paramserver.sharding import Layout, ParamSpec
 from disttrain.paramserver.worker import PSClient
+
+from ps_testing import running_servers, sgd_factory
 
 LAYOUT = Layout([ParamSpec("w", (40,), "<f4"), ParamSpec("b", (6,), "<f4")], 1)
 
@@ -30,4 +33,15 @@ def test_a_target_the_pull_cannot_fill_in_place_is_refused(bad):
             client.set_targets([np.zeros(40, "<f4")])
         client.set_targets([np.zeros(40, "<f4"), np.zeros(6, "<f4")])
     finally:
+        client.close()
+
+
+def test_leaving_again_is_no_reason_to_join_again():
+    """The server answers the second leave `not_joined`; the worker takes that as done, not as a lost server."""
+    with running_servers(LAYOUT, [np.zeros(40, "<f4"), np.zeros(6, "<f4")], sgd_factory()) as ((server,), endpoints):
+        client = PSClient(endpoints, LAYOUT, 0, heartbeat_interval=0)
+        client.connect([np.zeros(40, "<f4"), np.zeros(6, "<f4")])
+        client.leave()
+        client.leave()
+        assert client.reconnects == 0 and not server.membership.workers
         client.close()
