@@ -131,6 +131,31 @@ def test_a_held_back_read_is_counted_once_and_only_ssp_reads_are_recorded():
         client.close()
 
 
+def test_a_read_held_back_longer_than_the_server_timeout_is_waited_for_while_heartbeats_answer():
+    """ssp, staleness 0: worker 0's read waits three server time-outs for worker 1's push. The server answers
+    worker 0's heartbeats meanwhile, so worker 0 knows it is alive and does not reconnect."""
+    layout = Layout([ParamSpec("w", (5,), "<f4")], 1)
+    ones = [np.ones(5, "<f4")]
+    with running_servers(layout, [np.zeros(5, "<f4")], sgd_factory(lr=0.1, momentum=0.0),
+                         {"consistency": "ssp", "staleness": 0, "expect_workers": 2}) as ((server,), endpoints):
+        waiting, late = (PSClient(endpoints, layout, k, heartbeat_interval=0.1, server_timeout=2.0) for k in (0, 1))
+        waiting.connect([np.zeros(5, "<f4")])
+        late.connect([np.zeros(5, "<f4")])
+
+        def push_late():
+            wait_for(lambda: server.deferred > 0, "the read to be held back")
+            time.sleep(6.0)
+            late.push(ones, pull=False)
+
+        pusher = threading.Thread(target=push_late, daemon=True)
+        pusher.start()
+        waiting.push(ones, pull=True)
+        pusher.join(timeout=60)
+        assert waiting.reconnects == 0 and server.updates == 2
+        for client in (waiting, late):
+            client.close()
+
+
 def test_async_four_workers_converge():
     """Least squares y = X w*: four workers, each with its own data, push with overlap and never wait."""
     rng = np.random.default_rng(0)
