@@ -97,7 +97,7 @@ def test_a_read_ahead_counts_as_a_read_one_clock_later():
     layout = Layout([ParamSpec("w", (5,), "<f4")], 1)
     with running_servers(layout, [np.zeros(5, "<f4")], sgd_factory(lr=0.1, momentum=0.0),
                          {"consistency": "ssp", "staleness": 1, "expect_workers": 1}) as ((server,), endpoints):
-        client = PSClient(endpoints, layout, 0, heartbeat_interval=0, server_timeout=5.0, reconnect_timeout=5.0)
+        client = PSClient(endpoints, layout, 0, heartbeat_interval=0, reconnect_timeout=10.0)
         client.connect([np.zeros(5, "<f4")])
         client.push([np.ones(5, "<f4")], pull=True, ahead=True)
         assert server.reads[-1] == [0, 2, 1] and server.deferred == 0
