@@ -45,6 +45,21 @@ def mpi(ranks, *args):
     return ("mpi", ranks, args)
 
 
+# every test that runs the Trainer: one process, each MPI mode, a parameter-server worker
+TRAINING_LOOP_STEPS = [pytest("tests/train", "tests/cli"),
+                       mpi(2, "tests/mpi/test_mpi_trainer.py", "tests/mpi/test_fit_modes.py",
+                           "tests/mpi/test_pipeline_trainer.py", "tests/mpi/test_transformer_modes.py"),
+                       pytest("tests/paramserver/test_sync_equals_local.py", "tests/paramserver/test_transformer_worker.py")]
+
+# the parameter server's in-process tests first (seconds); then the rest: clusters of processes, the
+# ten-second partition, the CLI
+PARAMSERVER_QUICK = ["tests/paramserver/test_protocol.py", "tests/paramserver/test_resend_exactly_once.py",
+                     "tests/paramserver/test_large_parts.py", "tests/paramserver/test_snapshot.py",
+                     "tests/paramserver/test_consistency_modes.py", "tests/paramserver/test_sync_equals_local.py",
+                     "tests/paramserver/test_worker_checks.py"]
+PARAMSERVER_STEPS = [pytest(*PARAMSERVER_QUICK),
+                     pytest("tests/paramserver", *(f"--ignore={path}" for path in PARAMSERVER_QUICK))]
+
 # module -> (source globs, test steps): the tests that exercise the module, the quickest killers first; a
 # mutant stops at the first failing step, so only the survivors of the early steps pay for the slow last ones
 MODULES = {
@@ -57,9 +72,11 @@ MODULES = {
                                  "tests/mpi/test_reducer_modes.py", "tests/mpi/test_bucket_refill.py"),
                              mpi(4, "tests/mpi/test_data_parallel.py")]),
     "parallel/pipeline/pipeline_mode.py": (["disttrain/parallel/pipeline/pipeline_mode.py"],
-                                           [mpi(2, "tests/mpi/test_pipeline_replica_mean.py",
+                                           [pytest("tests/parallel/test_pipeline_mode_layout.py"),
+                                            mpi(2, "tests/mpi/test_pipeline_replica_mean.py",
                                                 "tests/mpi/test_pipeline_clip.py", "tests/mpi/test_pipeline_trainer.py",
                                                 "tests/mpi/test_transformer_modes.py", "tests/mpi/test_fit_modes.py"),
+                                            pytest("tests/parallel/test_pipeline_jobs.py"),
                                             mpi(4, "tests/mpi/test_pipeline_replica_mean.py",
                                                 "tests/mpi/test_pipeline_trainer.py")]),
     "parallel/pipeline/schedule.py": (["disttrain/parallel/pipeline/schedule.py"],
@@ -67,14 +84,18 @@ MODULES = {
                                               "tests/parallel/test_pipeline_schedule_edges.py"),
                                        mpi(2, "tests/mpi/test_pipeline.py", "tests/mpi/test_pipeline_trainer.py"),
                                        mpi(4, "tests/mpi/test_pipeline.py")]),
-    "paramserver/server.py": (["disttrain/paramserver/server.py"], [pytest("tests/paramserver")]),
-    "paramserver/worker.py": (["disttrain/paramserver/worker.py"], [pytest("tests/paramserver")]),
-    "train/loop.py": (["disttrain/train/loop.py", "disttrain/train/mode.py"],
-                      [pytest("tests/train", "tests/cli"), mpi(2, "tests/mpi/test_mpi_trainer.py",
-                                                               "tests/mpi/test_fit_modes.py")]),
+    "parallel/sharded_optimizer.py": (["disttrain/parallel/sharded_optimizer.py"],
+                                      [pytest("tests/parallel/test_sharded_optimizer_units.py"),
+                                       mpi(2, "tests/mpi/test_shard_collectives.py", "tests/mpi/test_sharded_optimizer.py",
+                                           "tests/mpi/test_sharded_trainer.py")]),
+    "paramserver/server.py": (["disttrain/paramserver/server.py"], PARAMSERVER_STEPS),
+    "paramserver/worker.py": (["disttrain/paramserver/worker.py"], PARAMSERVER_STEPS),
+    "train/loop.py": (["disttrain/train/loop.py"], TRAINING_LOOP_STEPS),
+    "train/mode.py": (["disttrain/train/mode.py"], TRAINING_LOOP_STEPS),
     "train/saving.py": (["disttrain/train/saving.py"],
-                            [pytest("tests/train/test_checkpoint.py", "tests/train/test_resume.py", "tests/cli"),
-                             mpi(2, "tests/mpi/test_mpi_trainer.py", "tests/mpi/test_pipeline_trainer.py")]),
+                        [pytest("tests/train/test_checkpoint.py", "tests/train/test_resume.py",
+                                "tests/train/test_nonfinite.py", "tests/cli", "tests/paramserver/test_snapshot.py"),
+                         mpi(2, "tests/mpi/test_mpi_trainer.py", "tests/mpi/test_pipeline_trainer.py")]),
 }
 
 
@@ -377,6 +398,7 @@ def main(argv=None):
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     workspace = env = None
+    times = {}                                              # step -> seconds on the real code
     for module in modules:
         globs, steps = MODULES[module]
         paths = sorted({str(Path(p).relative_to(ROOT)) for g in globs for p in glob.glob(str(ROOT / g))})
@@ -399,8 +421,9 @@ def main(argv=None):
             workspace, env = make_workspace(out)
         print(f"{module}: {len(mutants)} mutants to test ({total} in all); baseline ...", flush=True)
         all_steps = list(dict.fromkeys([FOCUS[p] for p in paths if p in FOCUS] + steps))
-        times = dict(zip(all_steps, baseline(all_steps, workspace, env)))
-        print(f"{module}: baseline {' + '.join(f'{t:.0f}' for t in times.values())} s", flush=True)
+        new_steps = [s for s in all_steps if s not in times]     # modules sharing steps measure them once
+        times.update(zip(new_steps, baseline(new_steps, workspace, env)))
+        print(f"{module}: baseline {' + '.join(f'{times[s]:.0f}' for s in all_steps)} s", flush=True)
         for i, m in enumerate(mutants, 1):
             mine = list(dict.fromkeys(([FOCUS[m.path]] if m.path in FOCUS else []) + steps))
             status, step, seconds = test_mutant(m, mine, [times[s] for s in mine], workspace, env)

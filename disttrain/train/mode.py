@@ -60,7 +60,9 @@ class RunState:
 def make_optimizer(optimizer, params):
     """`optimizer` over `params`: a factory is called; an Optimizer over other parameters is rebuilt as the
     same class with its defaults (one param group)."""
-    if callable(optimizer) and not hasattr(optimizer, "param_groups"):
+    if not hasattr(optimizer, "param_groups"):
+        if not callable(optimizer):
+            raise TypeError(f"optimizer must be an Optimizer or a factory params -> Optimizer, not {optimizer!r}")
         return optimizer(list(params))
     if len(optimizer.param_groups) != 1:
         raise ValueError(f"cannot rebuild a {type(optimizer).__name__} with {len(optimizer.param_groups)} param "

@@ -6,7 +6,7 @@ import pytest
 
 import disttrain as dt
 import disttrain.nn.functional as F
-from disttrain import nn
+from disttrain import nn, trace
 from disttrain.nn.utils import clip_grad_norm_
 from disttrain.parallel import DataParallel, world
 from disttrain.parallel.buckets import Bucket, Reducer
@@ -153,14 +153,55 @@ def test_a_state_that_does_not_fit_changes_nothing():
     with pytest.raises(ValueError, match=r"loaded state 'exp_avg' of parameter 0 has shape \(4, 3\), the parameter "
                                          r"has shape \(5, 3\)"):
         opt.load_state_dict(bad)
-    unknown = {"state": {17: saved["state"][0]}, "param_groups": saved["param_groups"]}
-    with pytest.raises(ValueError, match="state for parameter index 17, which none of its param groups lists"):
-        opt.load_state_dict(unknown)
+    for index in (17, 6):                                       # 6: one past the last parameter
+        unknown = {"state": {index: saved["state"][0]}, "param_groups": saved["param_groups"]}
+        with pytest.raises(ValueError, match=f"parameter index {index}, which none of its param groups lists"):
+            opt.load_state_dict(unknown)
     fewer = {"state": {}, "param_groups": [{**saved["param_groups"][0], "params": [0, 1]}]}
     with pytest.raises(ValueError, match="loaded state dict has 2 parameters, this optimizer's group has 6"):
         opt.load_state_dict(fewer)
     assert opt.param_groups[0]["lr"] == 0.05 and opt.state_dict()["state"] == {}
     dp.close()
+
+
+def test_a_loaded_state_sets_the_hyperparameters_of_both_objects_groups():
+    _, _, saved = run("adam", 0, batches(1))
+    saved["param_groups"][0]["lr"] = 0.5
+    model = net()
+    opt = OPTIMIZERS["adam"](model.parameters())
+    dp = DataParallel(model, world(), optimizer=opt, shard_optimizer=1)
+    dp.optimizer.load_state_dict(saved)
+    assert dp.optimizer.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == 0.5
+    assert_states_equal(dp.optimizer.state_dict(), saved)
+    dp.close()
+
+
+def test_the_default_stage_is_1_over_an_allreduce_reducer():
+    model = net()
+    allreduce = Reducer(list(model.named_parameters()), world())
+    assert ShardedOptimizer(dt.optim.SGD(model.parameters(), lr=0.1), allreduce).stage == 1
+    allreduce.close()
+
+
+def test_its_repr_names_the_stage_the_slices_and_the_wrapped_optimizer():
+    model = net()
+    dp = DataParallel(model, world(), optimizer=OPTIMIZERS["sgd"](model.parameters()), shard_optimizer=2)
+    text = repr(dp.optimizer)
+    assert text.startswith("ShardedOptimizer(stage=2, rank 0 of 1, 6 pieces in 1 buckets) of SGD (")
+    assert "lr=0.1, momentum=0.9" in text
+    dp.close()
+
+
+def test_a_traced_step_records_each_buckets_allgather_on_the_comm_lane():
+    model = net()
+    dp = DataParallel(model, world(), bucket_mb=1e-4, optimizer=OPTIMIZERS["sgd"](model.parameters()),
+                      shard_optimizer=1)
+    with trace.tracing(trace.Tracer()) as tracer:
+        take_steps(model, dp.optimizer, 1, batches(1), dp)
+    dp.close()
+    gathers = [(name, args["params"]) for name, lane, _, _, args in tracer.spans if name.startswith("allgather")]
+    assert gathers == [(f"allgather bucket {b.index}", len(b.params)) for b in dp.reducer.buckets]
+    assert all(lane == "comm" for name, lane, *_ in tracer.spans if name.startswith("allgather"))
 
 
 class Plain(dt.optim.SGD):

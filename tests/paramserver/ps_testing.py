@@ -4,6 +4,7 @@ Every server here binds tcp://127.0.0.1:0 (a free loopback port) and every wait 
 by itself even when something is broken.
 """
 import threading
+import time
 from contextlib import contextmanager
 
 import msgpack
@@ -162,3 +163,11 @@ def nested(depth, leaf=0):
     for _ in range(depth):
         value = [value]
     return value
+
+
+def wait_for(condition, what, timeout=60):
+    """Poll `condition` until it holds; fails the test after `timeout` seconds, naming `what` it waited for."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)

@@ -6,10 +6,11 @@ import time
 import numpy as np
 import pytest
 
+from disttrain.paramserver.protocol import encode, request
 from disttrain.paramserver.sharding import Layout, ParamSpec
 from disttrain.paramserver.worker import PSClient, PSError
 
-from ps_testing import running_servers, sgd_factory
+from ps_testing import observer, raw_peer, running_servers, sgd_factory, wait_for
 
 
 def _worker_threads(n, target):
@@ -88,6 +89,71 @@ def test_read_ahead_is_refused_where_it_would_wait_on_itself(config):
         assert info.value.code == "bad_mode"
         assert servers[0].updates == 0
         client.close()
+
+
+def test_a_read_ahead_counts_as_a_read_one_clock_later():
+    """ssp, staleness 1, one worker: its push moves it to clock 1 and the read ahead counts at clock 2, one
+    ahead of the slowest worker (itself): answered at once. Counted at 3, it would wait on itself."""
+    layout = Layout([ParamSpec("w", (5,), "<f4")], 1)
+    with running_servers(layout, [np.zeros(5, "<f4")], sgd_factory(lr=0.1, momentum=0.0),
+                         {"consistency": "ssp", "staleness": 1, "expect_workers": 1}) as ((server,), endpoints):
+        client = PSClient(endpoints, layout, 0, heartbeat_interval=0, reconnect_timeout=10.0)
+        client.connect([np.zeros(5, "<f4")])
+        client.push([np.ones(5, "<f4")], pull=True, ahead=True)
+        assert server.reads[-1] == [0, 2, 1] and server.deferred == 0
+        client.close()
+
+
+def test_a_held_back_read_is_counted_once_and_only_ssp_reads_are_recorded():
+    """ssp, staleness 0: worker 0's read after its push waits for worker 1's push (one deferred read, one
+    recorded read); an observer's reads, and every read in async mode, leave no record."""
+    layout = Layout([ParamSpec("w", (5,), "<f4")], 1)
+    ones = [np.ones(5, "<f4")]
+    with running_servers(layout, [np.zeros(5, "<f4")], sgd_factory(lr=0.1, momentum=0.0),
+                         {"consistency": "ssp", "staleness": 0, "expect_workers": 2}) as ((server,), endpoints):
+        with raw_peer(endpoints[0]) as first, raw_peer(endpoints[0]) as second:
+            first.join(layout, 0)
+            second.join(layout, 1)
+            first.send(encode(request("push", first.next_seq(), worker=0, clock=0, keys=[0], pull=True), ones))
+            wait_for(lambda: server.deferred > 0, "the read to be held back")
+            assert second.request("push", ones, worker=1, clock=0, keys=[0])["op"] == "ok"
+            assert first.reply()["op"] == "params"
+        watcher = observer(endpoints, layout)
+        watcher.pull()
+        watcher.close()
+        assert server.deferred == 1 and server.reads == [[0, 1, 1]]
+    with running_servers(layout, [np.zeros(5, "<f4")], sgd_factory(lr=0.1, momentum=0.0),
+                         {"consistency": "async"}) as ((server,), endpoints):
+        client = PSClient(endpoints, layout, 0, heartbeat_interval=0)
+        client.connect([np.zeros(5, "<f4")])
+        client.push(ones, pull=True)
+        assert server.reads == [] and server.max_lead == 0
+        client.close()
+
+
+def test_a_read_held_back_longer_than_the_server_timeout_is_waited_for_while_heartbeats_answer():
+    """ssp, staleness 0: worker 0's read waits three server time-outs for worker 1's push. The server answers
+    worker 0's heartbeats meanwhile, so worker 0 knows it is alive and does not reconnect."""
+    layout = Layout([ParamSpec("w", (5,), "<f4")], 1)
+    ones = [np.ones(5, "<f4")]
+    with running_servers(layout, [np.zeros(5, "<f4")], sgd_factory(lr=0.1, momentum=0.0),
+                         {"consistency": "ssp", "staleness": 0, "expect_workers": 2}) as ((server,), endpoints):
+        waiting, late = (PSClient(endpoints, layout, k, heartbeat_interval=0.1, server_timeout=2.0) for k in (0, 1))
+        waiting.connect([np.zeros(5, "<f4")])
+        late.connect([np.zeros(5, "<f4")])
+
+        def push_late():
+            wait_for(lambda: server.deferred > 0, "the read to be held back")
+            time.sleep(6.0)
+            late.push(ones, pull=False)
+
+        pusher = threading.Thread(target=push_late, daemon=True)
+        pusher.start()
+        waiting.push(ones, pull=True)
+        pusher.join(timeout=60)
+        assert waiting.reconnects == 0 and server.updates == 2
+        for client in (waiting, late):
+            client.close()
 
 
 def test_async_four_workers_converge():

@@ -17,7 +17,7 @@ from disttrain.paramserver.protocol import ProtocolError, decode_reply, decode_r
 from disttrain.paramserver.server import ParameterServer, ServerConfig
 from disttrain.paramserver.sharding import Layout, ParamSpec
 from disttrain.paramserver.snapshot import SnapshotError, load_snapshot, save_snapshot
-from disttrain.paramserver.worker import PSClient, PSError
+from disttrain.paramserver.worker import PSClient, PSError, ServerUnavailable
 
 from ps_testing import observer, raw_peer, running_servers, sgd_factory
 
@@ -67,17 +67,13 @@ def test_a_deep_header_is_refused_and_the_server_goes_on(server, field):
     assert srv.updates == 1 and srv.internal_errors == 0
 
 
-def joined_reply(seq):
-    return protocol.reply("joined", seq, 1, worker=ME, clock=0, server=0, mode="async", staleness=0)
+def joined_reply(seq, worker=ME, server=0):
+    return protocol.reply("joined", seq, 1, worker=worker, clock=0, server=server, mode="async", staleness=0)
 
 
-@pytest.mark.parametrize("answer, expected", [
-    (lambda seq: [with_deep_value(joined_reply(seq), "mode", 1000)], "nest"),
-    (lambda seq: [msgpack.packb(joined_reply(seq))] + [b""] * 10_000, "frames"),
-], ids=["deep", "many-frames"])
-def test_a_worker_refuses_a_hostile_reply_with_an_error(answer, expected):
-    """A hostile (or broken) server answers join with a deep header or too many frames: the client raises
-    PSError, nothing else."""
+def connect_to_a_fake_server(answer, timeout):
+    """Connect a client to a ROUTER that answers its first join with the frames answer(seq); returns the
+    PSError connect() raised (the test fails when it raised none)."""
     ctx = zmq.Context()
     fake = ctx.socket(zmq.ROUTER)
     fake.linger = 0
@@ -93,13 +89,32 @@ def test_a_worker_refuses_a_hostile_reply_with_an_error(answer, expected):
     client = PSClient([f"tcp://127.0.0.1:{port}"], LAYOUT, ME, heartbeat_interval=0, reconnect_timeout=10)
     try:
         with pytest.raises(PSError) as info:
-            client.connect(timeout=10)
-        assert info.value.code == "bad_reply" and expected in str(info.value)
+            client.connect(timeout=timeout)
+        return info.value
     finally:
         thread.join(timeout=15)
         client.close()
         fake.close()
         ctx.term()
+
+
+@pytest.mark.parametrize("answer, expected", [
+    (lambda seq: [with_deep_value(joined_reply(seq), "mode", 1000)], "nest"),
+    (lambda seq: [msgpack.packb(joined_reply(seq))] + [b""] * 10_000, "frames"),
+    (lambda seq: [msgpack.packb(joined_reply(seq, worker=ME + 1))], "unexpected answer to join"),
+    (lambda seq: [msgpack.packb(joined_reply(seq, server=1))], "unexpected answer to join"),
+], ids=["deep", "many-frames", "another-worker", "another-server"])
+def test_a_worker_refuses_a_hostile_reply_with_an_error(answer, expected):
+    """A hostile (or broken) server answers join with a deep header, too many frames, or for another worker or
+    server: the client raises PSError, nothing else."""
+    error = connect_to_a_fake_server(answer, timeout=10)
+    assert error.code == "bad_reply" and expected in str(error)
+
+
+def test_a_frame_larger_than_any_message_of_the_layout_is_never_read():
+    """ZMQ drops it as it arrives (the socket's MAXMSGSIZE), before buffering it: the join goes unanswered."""
+    error = connect_to_a_fake_server(lambda seq: [msgpack.packb(joined_reply(seq)), bytes(4 << 20)], timeout=3)
+    assert isinstance(error, ServerUnavailable) and error.code == "unreachable"
 
 
 def test_error_messages_never_recurse():
@@ -211,6 +226,16 @@ def test_receive_keeps_two_frames_of_an_oversized_message():
         a.close()
         b.close()
         ctx.term()
+
+
+def test_a_push_or_pull_of_a_key_the_server_does_not_hold_is_refused_by_name(server):
+    srv, endpoint = server
+    with raw_peer(endpoint) as peer:
+        peer.join(LAYOUT, ME)
+        for reply in (peer.request("push", grads(), worker=ME, clock=0, keys=[0, 2]),
+                      peer.request("pull", worker=ME, clock=0, keys=[2])):
+            assert reply["code"] == "bad_key" and reply["message"] == "key 2 is not held by server 0", reply
+    assert srv.updates == 0 and srv.internal_errors == 0
 
 
 def test_an_update_that_turns_a_parameter_non_finite_is_undone(server):

@@ -7,7 +7,6 @@ with one message of receive queue and a tiny kernel receive buffer it stops read
 the server's sends, and the replies wait in ZMQ's hands while a worker's push is applied.
 """
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from disttrain.paramserver.sharding import Layout, ParamSpec
 from disttrain.paramserver.snapshot import SnapshotError
 from disttrain.paramserver.worker import PSClient
 
-from ps_testing import observer, running_servers, sgd_factory
+from ps_testing import observer, running_servers, sgd_factory, wait_for
 
 BIG = 1 << 20                                    # elements: a 4 MiB float32 part
 LAYOUT = Layout([ParamSpec("w", (BIG,), "<f4"), ParamSpec("b", (10,), "<f4")], 1)
@@ -34,13 +33,6 @@ def stalled_reads():
     tcp_wmem = Path("/proc/sys/net/ipv4/tcp_wmem")
     send_buffer = int(tcp_wmem.read_text().split()[2]) if tcp_wmem.exists() else 4 << 20
     return 3 + math.ceil(2 * send_buffer / (BIG * 4))
-
-
-def wait_for(condition, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def describe(values, old, new):

@@ -83,6 +83,18 @@ def test_keeps_the_newest_k_and_with_keep_best_the_lowest_valid_loss(tmp_path):
     assert _steps(tmp_path / "best") == ["step-000070"]
 
 
+def test_keep_zero_with_keep_best_keeps_only_the_best(tmp_path):
+    for step, loss in {10: 2.0, 20: 1.0, 30: 3.0}.items():
+        _save(tmp_path, step, valid_loss=loss, keep=0, keep_best=True)
+    assert _steps(tmp_path) == ["step-000020"]
+
+
+def test_a_meta_without_a_step_is_saved_as_step_0_throughout(tmp_path):
+    path = save_checkpoint(tmp_path, {"w": np.zeros(2, np.float32)}, {}, {})
+    assert path.name == "step-000000"
+    assert json.loads((path / "manifest.json").read_text())["step"] == 0
+
+
 def test_saving_a_step_again_replaces_it(tmp_path):
     _save(tmp_path, 5, 1.0)
     _save(tmp_path, 5, 2.0)

@@ -1,4 +1,6 @@
 """dt.train.fit: your own model and data from Python, with the job keys as keyword settings."""
+import json
+
 import numpy as np
 import pytest
 
@@ -6,6 +8,7 @@ import disttrain as dt
 from disttrain import nn
 from disttrain.data.source import ArrayData
 from disttrain.train import JobSpecError, fit
+from disttrain.train.mode import LocalMode
 
 
 def blobs(n=240, seed=0):
@@ -27,6 +30,26 @@ def test_fit_trains_evaluates_and_writes_a_run(tmp_path):
     assert trainer.step == 4 * 12 and trainer.model is net
     assert trainer.evals["valid"].loss < 0.3 and trainer.evals["valid"].tokens == 60
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoints").is_dir()
+
+
+class NormsSeen(LocalMode):
+    """The local mode, keeping the gradient norm of every step."""
+
+    def __init__(self):
+        self.norms = []
+
+    def clip_grad_norm(self, params, max_norm):
+        self.norms.append(super().clip_grad_norm(params, max_norm))
+        return self.norms[-1]
+
+
+def test_each_train_row_reports_the_mean_gradient_norm_of_its_steps(tmp_path):
+    net, mode = model(), NormsSeen()
+    fit(net, ArrayData(*blobs(), batch_size=20), dt.optim.SGD(net.parameters(), lr=0.1), mode=mode, epochs=1,
+        log_every=4, out_dir=tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    got = [row["grad_norm"] for row in rows if row["split"] == "train"]
+    assert len(mode.norms) == 12 and got == pytest.approx(np.mean(np.reshape(mode.norms, (3, 4)), axis=1), rel=1e-12)
 
 
 def test_fit_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path):
