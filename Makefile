@@ -59,9 +59,14 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/bench_checkpointing.py
 	$(PY) benchmarks/bench_lm_speed.py --steps 20 --rounds 9
 	$(PY) benchmarks/bench_lm_speed.py --job jobs/charlm.toml --steps 5 --rounds 9
+	$(PY) benchmarks/bench_lm_speed.py --job jobs/charlm_transformer.toml --steps 5 --rounds 9
+	$(PY) benchmarks/bench_checkpoint_budget.py
+	$(PY) benchmarks/bench_largest_transformer.py
 	$(PY) benchmarks/bench_host_allocator.py
 	$(PY) benchmarks/bench_intraop.py
 	$(VENV)/bin/mpiexec -n 2 $(PY) benchmarks/bench_allreduce_overlap.py
+	$(VENV)/bin/mpiexec -n 4 $(PY) benchmarks/bench_sharded_optimizer.py memory
+	$(VENV)/bin/mpiexec -n 2 $(PY) benchmarks/bench_sharded_optimizer.py step
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
