@@ -30,8 +30,8 @@ from disttrain.models import LSTMLanguageModel, TransformerLanguageModel
 from disttrain.nn.module import Module
 from disttrain.train.jobspec import JobSpecError, check_paths
 
-__all__ = ["Schedules", "build_data", "build_corpus", "build_model", "build_optimizer", "build_schedules",
-           "is_char_level", "load_factory", "describe_model", "describe_data"]
+__all__ = ["Schedules", "build_data", "build_corpus", "build_model", "apply_checkpointing_setting", "build_optimizer",
+           "build_schedules", "is_char_level", "load_factory", "describe_model", "describe_data"]
 
 
 def is_char_level(spec):
@@ -111,8 +111,15 @@ def build_model(spec, data):
         else:
             model = LSTMLanguageModel(vocab_size, hidden=m.hidden, layers=m.layers, embed=m.embed,
                                       dropout=m.dropout, init_scale=m.init_scale, tie_weights=m.tie_weights)
-    setting = spec.memory.activation_checkpointing          # "none", "sqrt", a segment count or "auto"
-    if setting not in ("none", "auto"):                      # "auto": the Trainer plans it on a real batch
+    return apply_checkpointing_setting(spec, model)
+
+
+def apply_checkpointing_setting(spec, model):
+    """Set [memory] activation_checkpointing "sqrt" or a segment count on `model` (returned). "none" leaves the
+    model as it is (a model of one's own may set its own checkpoint_segments); "auto" is the Trainer's
+    (disttrain.train.auto_checkpointing), which measures a step first. JobSpecError for a model that cannot."""
+    setting = spec.memory.activation_checkpointing
+    if setting not in ("none", "auto"):
         try:
             apply_activation_checkpointing(model, setting)
         except ValueError as exc:

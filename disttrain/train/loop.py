@@ -46,7 +46,8 @@ from disttrain.models import protocol
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.train import memory_plan, saving
 from disttrain.train.auto_checkpointing import plan_checkpointing
-from disttrain.train.build import Schedules, build_data, build_model, build_optimizer, build_schedules
+from disttrain.train.build import (Schedules, apply_checkpointing_setting, build_data, build_model, build_optimizer,
+                                   build_schedules)
 from disttrain.train.jobspec import loads_job
 from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves
 from disttrain.train.mode import LocalMode, RunState
@@ -126,6 +127,7 @@ class Trainer:
         self.overwrite = overwrite
 
         # before prepare: a mode's gradient hooks must not see these steps; the estimate profiles the plan
+        apply_checkpointing_setting(self.spec, model)          # a model given as an object, as one built from a job
         self.checkpoint_choice = None
         if self.spec.memory.activation_checkpointing == "auto":      # (a pipeline stage's holding needs prepare)
             self.checkpoint_choice = plan_checkpointing(self.spec, model, data, self.mode.train_share(),

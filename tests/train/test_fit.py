@@ -6,6 +6,7 @@ import pytest
 
 import disttrain as dt
 from disttrain import nn
+from disttrain.autograd.observe import observe_ops
 from disttrain.data.source import ArrayData
 from disttrain.train import JobSpecError, fit
 from disttrain.train.mode import LocalMode
@@ -74,3 +75,24 @@ def test_fit_settings_are_checked_like_a_job_file():
         fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), epoch=2)
     with pytest.raises(JobSpecError, match=r"\[train\] epochs = 0"):
         fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), epochs=0)
+
+
+@pytest.mark.parametrize("setting", ["sqrt", 2])
+def test_fit_applies_activation_checkpointing_to_the_model_it_is_given(setting):
+    """The job key reaches a model passed as an object, as one built from a job file: the step records
+    checkpoint nodes and trains as without them."""
+    data = ArrayData(*blobs(), batch_size=20)
+
+    def deep():
+        dt.manual_seed(0)
+        return nn.Sequential(*[layer for _ in range(4) for layer in (nn.Linear(2, 2), nn.Tanh())])
+
+    plain, checkpointed = deep(), deep()
+    fit(plain, data, dt.optim.SGD(plain.parameters(), lr=0.1), max_steps=3, progress=False)
+    recorded = []
+    with observe_ops(lambda call: recorded.append(call.op.__name__)):
+        fit(checkpointed, data, dt.optim.SGD(checkpointed.parameters(), lr=0.1), max_steps=3, progress=False,
+            activation_checkpointing=setting)
+    assert checkpointed.checkpoint_segments == setting and "Checkpoint" in recorded
+    for a, b in zip(plain.parameters(), checkpointed.parameters()):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7)
