@@ -7,17 +7,27 @@ per rank, a 10,000-word vocabulary, float32) runs under disttrain.checkpointing.
 block kept, which gives one block's costs (bytes kept, forward and backward peaks, its parameter gradients)
 and the costs before and after the block stack. A model of L blocks is that block L times; its step peak is
 planner.simulate's under the setting ("none": nothing recomputed; "sqrt": round(sqrt(L)) segments; "auto":
-the least peak any plan reaches, planner.smallest_budget, i.e. the smallest budget "auto" meets). Per rank:
+the least peak any plan reaches, planner.smallest_budget, i.e. the smallest budget "auto" meets). Per rank,
+the Trainer's own prediction (disttrain.train.memory_plan.predict, as memory.json's predicted_peak_bytes) with
+that step peak:
 
-    parameters 4P + Adam state 8P (/ 2 with shard_optimizer 1 or 2) + the step's peak above that, where with
-    shard_optimizer 2 the step holds 1/2 of the gradients plus one bucket (25 MiB) instead of all of them
+    parameters + Adam state (1/2 with shard_optimizer 1 or 2) + the gradient buckets kept through the step
+    (1/2 with shard_optimizer 2) + the step's peak above the parameters
 
 must be <= 1 GiB. The simulated peaks are checked against the MemoryMeter at PROBE_BLOCKS blocks (printed).
 The step's peak is array memory (the MemoryMeter's); the process's Python, NumPy and MPI overheads are not in
 it.
 
     python benchmarks/bench_largest_transformer.py
+
+`--train LAYERS` checks one cell by training: under `mpiexec -n 2`, the Trainer in data mode runs that model
+for two steps on random tokens with [memory] budget_mb = 1024, the given activation_checkpointing and
+shard_optimizer, and prints the largest rank's measured peak (memory.json's measured_peak_bytes: array bytes
+at the step's peak, parameters, gradients and optimizer state included), or the Trainer's error:
+
+    mpiexec -n 2 python benchmarks/bench_largest_transformer.py --train 24 --checkpointing sqrt --shard 2
 """
+import argparse
 import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the other benchmarks on the shared 2-core machine
@@ -32,9 +42,10 @@ from disttrain.checkpointing.planner import StepCosts, simulate, smallest_budget
 from disttrain.checkpointing.probe import ChainProbe  # noqa: E402
 from disttrain.models import protocol  # noqa: E402
 from disttrain.models.transformer_lm import TransformerLanguageModel  # noqa: E402
+from disttrain.train import memory_plan  # noqa: E402
 
 GIB, MIB = 2 ** 30, 2 ** 20
-WIDTH, HEADS, T, BATCH, VOCAB, RANKS, BUCKET = 512, 8, 128, 8, 10_000, 2, 25 * MIB
+WIDTH, HEADS, T, BATCH, VOCAB, RANKS = 512, 8, 128, 8, 10_000, 2
 PROBE_BLOCKS = 4
 
 
@@ -82,13 +93,23 @@ def step_peak(costs, layers, setting):
     return simulate(chain, plan_for(layers, None if setting == "none" else setting))[0]
 
 
+class _SameBytes(dt.nn.Module):
+    """A stand-in with the parameter bytes of the real model (one unwritten zero array: no pages touched)."""
+
+    def __init__(self, nbytes):
+        super().__init__()
+        self.weight = dt.nn.Parameter(dt.zeros(int(nbytes) // 4))
+
+
 def per_rank(costs, layers, setting, stage, block, other):
-    params = layers * block + other
-    optimizer = 2 * params / (RANKS if stage else 1)
-    peak = step_peak(costs, layers, setting)
-    if stage == 2:
-        peak -= params - (params / RANKS + BUCKET)
-    return params + optimizer + peak
+    """The Trainer's own prediction (memory_plan.predict, what it logs and writes to memory.json) for a rank of
+    the L-block model, with the simulated step peak as the profile's: parameters, Adam's state and the
+    gradient buckets as the data mode holds them (ZeRO stage `stage`), plus the step."""
+    stand_in = _SameBytes(layers * block + other)
+    profile = memory_plan.StepProfile(resident=0, activations=0, working=step_peak(costs, layers, setting))
+    need = memory_plan.predict(stand_in, dt.optim.Adam(stand_in.parameters()), profile,
+                               memory_plan.holding_for("data", RANKS, stage))
+    return need.predicted_peak
 
 
 def deepest(costs, setting, stage, block, other, most=512):
@@ -124,5 +145,55 @@ def main():
         print(f"| {setting} | " + " | ".join(cells) + " |")
 
 
+def random_tokens(steps):
+    """LanguageModelData on uniform random ids: `steps` training windows of the probe's shape per rank (and
+    one window each of valid and test, so the final evaluation is quick)."""
+    from disttrain.data.corpus import Corpus
+    from disttrain.data.source import LanguageModelData
+    from disttrain.data.vocab import Vocabulary
+
+    rng = np.random.default_rng(0)
+    streams = BATCH * RANKS
+    ids = lambda n: rng.integers(0, VOCAB, size=n, dtype=np.int64)
+    corpus = Corpus(ids(streams * (steps * T + 1)), ids(2 * T + 2), ids(2 * T + 2),
+                    Vocabulary([f"w{i}" for i in range(VOCAB)]))
+    return LanguageModelData(corpus, streams, T)
+
+
+def train(layers, checkpointing, shard):
+    """Two data-parallel steps of the `layers`-block model under 1 GiB -> prints each rank's measured peak."""
+    from disttrain.parallel import world
+    from disttrain.train.jobspec import JobSpecError
+    from disttrain.train.loop import MemoryBudgetExceeded
+
+    dt.manual_seed(0)
+    model = TransformerLanguageModel(VOCAB, d_model=WIDTH, heads=HEADS, layers=layers, max_len=T)
+    rank = world().rank
+    try:
+        trainer = dt.train.fit(model, random_tokens(2), lambda params: dt.optim.Adam(params, lr=1e-4),
+                               mode="data", max_steps=2, log_every=1, eval_every=2, progress=False,
+                               activation_checkpointing=checkpointing, budget_mb=GIB / MIB, shard_optimizer=shard)
+    except (JobSpecError, MemoryBudgetExceeded) as exc:     # every rank stops alike: rank 0 says why
+        if rank == 0:
+            print(f"{layers} blocks, {checkpointing}, shard_optimizer {shard}: {exc}", flush=True)
+        raise SystemExit(1)
+    peak = trainer.measured_peak_bytes                      # the largest rank's
+    if rank == 0:
+        print(f"{layers} blocks, {checkpointing}, shard_optimizer {shard}: trained 2 steps; measured peak "
+              f"{peak / MIB:.1f} MiB of the 1024 MiB budget ({peak / GIB:.3f}), the largest rank's", flush=True)
+
+
+def parse():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=int, metavar="LAYERS", help="train this depth under mpiexec -n 2 instead")
+    parser.add_argument("--checkpointing", default="auto", choices=("none", "sqrt", "auto"))
+    parser.add_argument("--shard", type=int, default=2, choices=(0, 1, 2), help="shard_optimizer")
+    return parser.parse_args()
+
+
 if __name__ == "__main__":
-    main()
+    args = parse()
+    if args.train is None:
+        main()
+    else:
+        train(args.train, args.checkpointing, args.shard)
