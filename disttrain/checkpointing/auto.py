@@ -43,11 +43,12 @@ class BudgetChoice:
     unplanned_peak: int         # predicted peak with nothing recomputed
     unit: str                   # what the chain's items are ("blocks", "time steps", "modules")
     checked_peak: int           # the peak of the step that checked the plan, measured
-    held: int = 0               # bytes the budget also covers besides the step (parameters, optimizer state)
+    held: int = 0               # bytes the budget also covers besides the step (parameters, optimizer state, carried state)
 
     def describe(self):
         """One line: what is recomputed, the predicted peak, the predicted extra time."""
-        beside = f" beside {self.held / 2**20:.2f} MiB of parameters and optimizer state" if self.held else ""
+        beside = (f" beside {self.held / 2**20:.2f} MiB of parameters, optimizer state and carried state"
+                  if self.held else "")
         return (f"{self.plan.describe(self.unit)}; predicted step peak {self.peak / 2**20:.2f} MiB{beside} (with "
                 f"nothing recomputed {self.unplanned_peak / 2**20:.2f} MiB; checked in one step: "
                 f"{self.checked_peak / 2**20:.2f} MiB), predicted extra time {self.extra_seconds * 1e3:.1f} ms a step")

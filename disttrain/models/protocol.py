@@ -69,6 +69,15 @@ def detach_state(model, state):
     return detach_tensors(state)
 
 
+def state_tensors(state):
+    """The Tensors in a carried state, a nest of tuples and lists ((h, c), or one per pipeline micro-batch)."""
+    if isinstance(state, Tensor):
+        return [state]
+    if isinstance(state, (tuple, list)):
+        return [t for part in state for t in state_tensors(part)]
+    return []
+
+
 def detach_tensors(state):
     """Every Tensor of a nest of tuples and lists detached (None stays None)."""
     return _map_tensors(state, lambda t: t.detach())

@@ -39,25 +39,39 @@ def plan_checkpointing(spec, model, data, share, holding, optimizer):
     params = list(model.parameters())
     device = params[0].device if params else "cpu"
 
-    def step():
-        x, y = dt.tensor(inputs, device=device), dt.tensor(targets, device=device)
-        loss, _ = protocol.forward_loss(model, x, y, None)
-        loss.backward()
-
+    x, y = dt.tensor(inputs, device=device), dt.tensor(targets, device=device)
     where = f'{spec.source or "<job>"}: [memory] budget_mb = {budget_mb:g}'
-    if held >= budget_mb * 2**20:
-        raise JobSpecError(f"{where}: the parameters and optimizer state alone take {held / 2**20:.1f} MiB; the "
-                           f"smallest feasible budget is more than budget_mb = {smallest_budget_mb(held):g}")
     with _unchanged(model):
+        carried = _carried_state(model, x, y)    # every step after the first starts with one, alive throughout
+        held += sum(t.data.nbytes for t in protocol.state_tensors(carried))
+        if held >= budget_mb * 2**20:
+            raise JobSpecError(f"{where}: the parameters and optimizer state alone take {held / 2**20:.1f} MiB; "
+                               f"the smallest feasible budget is more than budget_mb = {smallest_budget_mb(held):g}")
+
+        def step():
+            loss, _ = protocol.forward_loss(model, x, y, carried)
+            loss.backward()
+
         try:
             return fit_to_budget(model, step, int(budget_mb * 2**20) - held, device,
-                                 resident=list(model.state_dict(keep_vars=True).values()), held=held)
+                                 resident=list(model.state_dict(keep_vars=True).values())
+                                 + protocol.state_tensors(carried),
+                                 held=held)
         except NoPlanFits as exc:
             raise JobSpecError(
                 f"{where}: no activation checkpointing plan keeps a training step of this model (batch "
-                f"{tuple(inputs.shape)}) under it, with {held / 2**20:.1f} MiB of parameters and optimizer state "
-                f"held; the smallest feasible budget is budget_mb = {smallest_budget_mb(held + exc.smallest):g}"
+                f"{tuple(inputs.shape)}) under it, with {held / 2**20:.1f} MiB of parameters, optimizer state and "
+                f"carried state held; the smallest feasible budget is budget_mb = {smallest_budget_mb(held + exc.smallest):g}"
             ) from None
+
+
+def _carried_state(model, x, y):
+    """The state a step carries to the next (None for a stateless model), from one forward without a graph."""
+    if not protocol.carries_state(model):
+        return None
+    with dt.no_grad():
+        _, state = protocol.forward_loss(model, x, y, None)
+    return state
 
 
 def held_bytes(model, optimizer, holding):

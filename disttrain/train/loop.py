@@ -302,7 +302,7 @@ class Trainer:
         """The tensors a step starts with: parameters and buffers, their gradients, the carried state."""
         resident = list(self.model.state_dict(keep_vars=True).values())
         resident += [p.grad for p in self.params if p.grad is not None]
-        return resident + _tensors_in(self.state)
+        return resident + protocol.state_tensors(self.state)
 
     def _check_skipped_step(self):
         """[train] on_nonfinite after a step whose update train_step dropped: "skip" logs it and goes on, until
@@ -675,10 +675,3 @@ def _fresh_accumulators():
     return {"loss_sum": 0.0, "tokens": 0, "grad_norm_sum": 0.0, "steps": 0, "skipped": 0, "seconds": 0.0}
 
 
-def _tensors_in(value):
-    """The Tensors in a nest of tuples and lists (a carried state: (h, c), or one per pipeline micro-batch)."""
-    if isinstance(value, dt.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors_in(v)]
-    return []
