@@ -113,7 +113,7 @@ class Tracer:
     def write(self, path, comm=None):
         """Write every rank's events into one JSON file on rank 0 (a collective when `comm` is given).
 
-        Returns the path on the rank that wrote it, None on the others. Gathering pickles the events:
+        Returns the path on the rank that wrote it, None on the others. Gathering encodes the events (msgpack):
         this runs once at the end of a run, never on a hot path.
         """
         self.finish()

@@ -34,12 +34,12 @@ Sub-communicators are named after their parent ("world/1:0": split 1 of world, c
 """
 import contextlib
 import os
-import pickle
 import sys
 import threading
 import time
 import traceback
 
+import msgpack
 import numpy as np
 
 from disttrain import trace
@@ -333,9 +333,11 @@ class Communicator:
             request = self._comm.Irecv(target, source=int(source), tag=int(tag))
         return self._handle(request, finish, self._message(what, source, tag))
 
-    # ---- pickled objects (setup, error reports, end of run: never on hot paths) --------------
+    # ---- small objects (setup, error reports, end of run: never on hot paths) ----------------
+    # msgpack, not pickle: decoding bytes from the network must never run code. Plain data only (None, bool,
+    # numbers, str, bytes, lists, tuples, dicts), each coming back as the type it went as.
     def allgather_object(self, obj, what="allgather of metadata"):
-        """Every rank's picklable `obj`, in rank order (as mpi4py's allgather, over bounded buffer calls)."""
+        """Every rank's plain-data `obj`, in rank order (as mpi4py's allgather, over bounded buffer calls)."""
         if self.size == 1:
             return [obj]
         data, counts = self._sizes(obj, what)
@@ -344,10 +346,10 @@ class Communicator:
         with _LOCK:
             request = self._comm.Iallgatherv([data, _mpi().BYTE], spec)
         self._wait(request, _nothing, self._collective(what))
-        return _unpickle_parts(everything, counts)
+        return _decode_parts(everything, counts)
 
     def gather_object(self, obj, root=0, what="gather of metadata"):
-        """Every rank's picklable `obj` in rank order on `root`, None elsewhere."""
+        """Every rank's plain-data `obj` in rank order on `root`, None elsewhere."""
         if self.size == 1:
             return [obj]
         data, counts = self._sizes(obj, what)
@@ -356,22 +358,22 @@ class Communicator:
         with _LOCK:
             request = self._comm.Igatherv([data, _mpi().BYTE], spec, root=root)
         self._wait(request, _nothing, self._collective(what))
-        return _unpickle_parts(everything, counts) if self.rank == root else None
+        return _decode_parts(everything, counts) if self.rank == root else None
 
     def bcast_object(self, obj, root=0, what="broadcast of metadata"):
-        """Root's picklable `obj` on every rank."""
+        """Root's plain-data `obj` on every rank."""
         if self.size == 1:
             return obj
-        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if self.rank == root else None
+        data = np.frombuffer(_encode(obj), dtype=np.uint8) if self.rank == root else None
         size = np.array([data.size if data is not None else 0], dtype=np.int64)
         self.Bcast(size, root, what)
         buffer = data.copy() if data is not None else np.empty(int(size[0]), dtype=np.uint8)
         self.Bcast(buffer, root, what)
-        return obj if self.rank == root else pickle.loads(buffer.tobytes())
+        return obj if self.rank == root else _decode(buffer.tobytes())
 
     def _sizes(self, obj, what):
-        """(this rank's pickled bytes, every rank's byte count)."""
-        data = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        """(this rank's encoded bytes, every rank's byte count)."""
+        data = np.frombuffer(_encode(obj), dtype=np.uint8)
         counts = self.Allgather(np.array([data.size], dtype=np.int64), what=what).reshape(-1)
         return data, counts
 
@@ -456,9 +458,37 @@ def _displacements(counts):
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
-def _unpickle_parts(data, counts):
+def _decode_parts(data, counts):
     bounds = np.concatenate([[0], np.cumsum(counts)])
-    return [pickle.loads(data[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [_decode(data[a:b].tobytes()) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+_TUPLE = 1    # the one msgpack extension type: a tuple, so that tuples and lists come back as they went
+
+
+def _encode(obj):
+    return msgpack.packb(obj, default=_plain, use_bin_type=True, strict_types=True)
+
+
+def _plain(value):
+    """Tuples as the tuple extension, NumPy scalars as Python numbers; anything else that is not plain data
+    is refused by name."""
+    if isinstance(value, tuple):
+        return msgpack.ExtType(_TUPLE, _encode(list(value)))
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"comm: {type(value).__name__} is not plain data (None, bool, numbers, str, bytes, lists, "
+                    "tuples, dicts); only plain data travels between ranks")
+
+
+def _tuple_only(code, data):
+    if code != _TUPLE:
+        raise ValueError(f"comm: a message holds msgpack extension type {code}; only {_TUPLE} (a tuple) is known")
+    return tuple(_decode(data))
+
+
+def _decode(data):
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_tuple_only)
 
 
 def _synchronize_device(array):

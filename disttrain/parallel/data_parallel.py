@@ -153,7 +153,7 @@ def verify_same_model(comm, named_params, named_buffers=(), bucket_mb=None, sett
     bucket_mb and `settings`).
 
     Fast path: one Allgather of a 32-byte digest. Only when digests differ are the full descriptions
-    gathered (pickled) to name the differences; every rank takes the same branch, so none waits alone.
+    gathered to name the differences; every rank takes the same branch, so none waits alone.
     """
     rows = describe(named_params, named_buffers, bucket_mb, settings)
     digest = hashlib.sha256(repr(rows).encode()).digest()
