@@ -23,6 +23,7 @@ its own report, and the others' reports follow the first one within a poll inter
 for the same silent ranks).
 """
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -113,8 +114,9 @@ class Watchdog:
         line = describe_expiry(mine, op.peers, positions, self.size, self.timeout_s, self.grace_s, notice)
         if not self.abort:
             raise WatchdogTimeout(line)
-        print(line, file=sys.stderr, flush=True)
         sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), (line + "\n").encode())   # one write: other ranks' reports share the pipe
         time.sleep(_ABORT_DELAY)     # NOTE (abort delay), and time for the launcher to forward the output
         from mpi4py import MPI
 
