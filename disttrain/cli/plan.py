@@ -19,6 +19,7 @@ import sys
 import disttrain as dt
 from disttrain.data.source import Share
 from disttrain.models import protocol
+from disttrain.parallel.buckets import MAX_ROWS_IN_FLIGHT
 from disttrain.parallel.pipeline.blocks import blocks_of
 from disttrain.parallel.pipeline.layout import check_layout
 from disttrain.parallel.pipeline.partition import partition
@@ -100,9 +101,11 @@ def estimate_ranks(spec, ranks):
     shares = ranks if mode in ("data", "ps") else 1
     inputs, targets = _first_batch(data, Share(0, shares))
     optimizer = build_optimizer(spec, model.parameters())
-    holding = memory_plan.holding_for(mode, ranks, spec.parallel.shard_optimizer)
+    holding = memory_plan.holding_for(mode, ranks, spec.parallel.shard_optimizer, rows_buckets=MAX_ROWS_IN_FLIGHT + 1,
+                                      bucket_mb=spec.parallel.bucket_mb)
     choice = plan_checkpointing(spec, model, data, Share(0, shares), holding, optimizer)  # "auto": as `run` plans it
-    need = memory_plan.predict(model, optimizer, memory_plan.profile_step(model, inputs, targets), holding)
+    profiled = memory_plan.profile_step(model, inputs, targets, holding=holding)
+    need = memory_plan.predict(model, optimizer, profiled, holding)
     sharded = f", ZeRO stage {spec.parallel.shard_optimizer}" if spec.parallel.shard_optimizer else ""
     who, detail = {"local": ("the process", " (local)"),
                    "data": ("each data-parallel rank", f" ({ranks} ranks{sharded})"),

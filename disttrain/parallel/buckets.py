@@ -20,6 +20,11 @@ fire in. Two collectives:
 - "reduce_scatter" (sharded optimizer state, stage 2): the bucket is one row per rank, [slice r of the
   gradients | all counts]; each rank receives its row summed over the ranks, i.e. the averaged gradient of
   its slice only (`Bucket.shard_grad`), and a parameter's full .grad is dropped as soon as it is packed.
+  The rows are dropped as soon as their collective completes, and at most MAX_ROWS_IN_FLIGHT buckets'
+  collectives are in flight (starting one more first waits for the oldest; with overlap=False each is waited
+  for when it starts), so a rank holds the full-size rows of a few buckets at a time, not the whole gradient:
+  those in flight and the one filling (more only where gradients arrive out of bucket order). The memory
+  meter counts the rows and the received slices (disttrain.tensor.memory.count).
 
 When the gradients are averaged (`sync`):
 - "backward" (the default, as torch DDP): the first gradient of a backward pass queues an end-of-backward
@@ -55,15 +60,17 @@ from disttrain.autograd.engine import queue_callback
 from disttrain.autograd.grad_mode import no_grad
 from disttrain import trace
 from disttrain.parallel.overlap_choice import OverlapChoice
+from disttrain.tensor import memory
 from disttrain.tensor.tensor import Tensor
 
-__all__ = ["Reducer", "Bucket", "bucket_layout", "OVERLAP_MODES", "SYNC_MODES", "COLLECTIVES"]
+__all__ = ["Reducer", "Bucket", "bucket_layout", "OVERLAP_MODES", "SYNC_MODES", "COLLECTIVES", "MAX_ROWS_IN_FLIGHT"]
 
 OVERLAP_MODES = (True, False, "auto")
 SYNC_MODES = ("backward", "deferred")
 COLLECTIVES = ("allreduce", "reduce_scatter")
 
 MiB = 1 << 20
+MAX_ROWS_IN_FLIGHT = 2    # reduce-scatter buckets whose collectives run at once (their rows stay alive until done)
 
 
 def bucket_layout(named_params, bucket_mb):
@@ -96,6 +103,7 @@ class Bucket:
     """
 
     collective = None
+    completes_early = False     # taken as soon as its collective completes (frees its send buffer), not at the sync
 
     def __init__(self, index, named, ranks):
         self.index = index
@@ -116,6 +124,7 @@ class Bucket:
         self.arrived = set()
         self.handle = None
         self.launched = False
+        self.completed = False      # its collective's result was taken in this synchronisation
 
     def spans_of(self, rank):
         """[(i, lo, hi, pos)]: the parts of parameters in `rank`'s slice, in order."""
@@ -182,6 +191,7 @@ class _ReduceScatterBucket(Bucket):
     the first gradient of a pass until the collective completes."""
 
     collective = "reduce_scatter"
+    completes_early = True
 
     def __init__(self, index, named, ranks):
         super().__init__(index, named, ranks)
@@ -196,6 +206,7 @@ class _ReduceScatterBucket(Bucket):
         rows[:, S:] = 0
         for r in range(self.ranks):               # padding past the last parameter: never read, sent as zeros
             rows[r, max(0, min(S, self.numel - r * S)):S] = 0
+        memory.count(rows)
         self.rows = rows
 
     def pack(self, i, param):
@@ -218,6 +229,7 @@ class _ReduceScatterBucket(Bucket):
 
     def start(self, comm):
         self.received = self.xp.empty(self.shard_numel + len(self.params), dtype=self.dtype)
+        memory.count(self.received)
         return comm.Ireduce_scatter_block(self.rows, self.received,
                                           what=f"reduce-scatter of gradient bucket {self.index}")
 
@@ -322,6 +334,11 @@ class Reducer:
             if len(bucket.arrived) == len(bucket.params):
                 self._start_ready()
             self._test()
+        elif bucket.completes_early and len(bucket.arrived) == len(bucket.params):
+            self._start_ready()     # and wait: only the filling bucket's rows stay alive
+            for started in self.buckets[:self._next]:
+                if not started.completed:
+                    self._complete(started)
 
     def _start_ready(self):
         """Start every full bucket whose predecessors have all started."""
@@ -330,10 +347,23 @@ class Reducer:
             self._start(buckets[self._next])
 
     def _start(self, bucket):
+        if bucket.completes_early:
+            in_flight = [b for b in self.buckets[:self._next] if not b.completed]
+            for earlier in in_flight[:max(0, len(in_flight) - MAX_ROWS_IN_FLIGHT + 1)]:
+                self._complete(earlier)
         bucket.handle = bucket.start(self.comm)
         bucket.launched = True
         self._next += 1
         self.drive(bucket.handle)
+
+    def _complete(self, bucket):
+        """Wait for `bucket`'s collective and take its result (once per synchronisation)."""
+        bucket.handle.wait()
+        trace.record(f"{bucket.collective} bucket {bucket.index}", bucket.handle.started_at,
+                     bucket.handle.completed_at, lane="comm", bytes=bucket.nbytes, params=len(bucket.params))
+        with no_grad():
+            bucket.finish()
+        bucket.completed = True
 
     def drive(self, handle):
         """Let the progress thread, if there is one, test `handle` until it completes (MPI moves a
@@ -346,6 +376,8 @@ class Reducer:
         for bucket in self.buckets[:self._next]:
             if not bucket.handle.test():
                 break        # later buckets were started later; one test per callback is enough
+            if bucket.completes_early and not bucket.completed:
+                self._complete(bucket)
 
     # ---- after backward ------------------------------------------------------------------------
     def pending(self):
@@ -378,15 +410,11 @@ class Reducer:
                 if self._next:
                     self.buckets[self._next - 1].handle.wait()
                 self._start(bucket)
-            with no_grad():
-                for bucket in self.buckets:
-                    bucket.handle.wait()
-                    trace.record(f"{bucket.collective} bucket {bucket.index}", bucket.handle.started_at,
-                                 bucket.handle.completed_at, lane="comm", bytes=bucket.nbytes,
-                                 params=len(bucket.params))
-                    bucket.finish()
-                    bucket.arrived.clear()
-                    bucket.launched = False
+            for bucket in self.buckets:
+                if not bucket.completed:
+                    self._complete(bucket)
+                bucket.arrived.clear()
+                bucket.launched = bucket.completed = False
         self._next = 0
         self._active = self._queued = False
         self._synced = True

@@ -14,6 +14,7 @@ and the global norm comes from the slices. Its state_dict is a collective that g
 checkpoints load at any world size, sharded or not. Rank 0 is the main process (logs, checkpoints); the
 carried state of every rank's streams is gathered for its checkpoints.
 """
+from disttrain.parallel.buckets import MAX_ROWS_IN_FLIGHT
 from disttrain.parallel.comm import world
 from disttrain.parallel.data_parallel import DataParallel
 from disttrain.parallel.mpi_mode import MPIMode, ranks
@@ -69,9 +70,10 @@ class DataParallelMode(MPIMode):
         return [choice.describe()]
 
     def memory_holding(self):
-        """Every gradient in the buckets through the step; 1/N of the optimizer state with ZeRO (and of the
-        gradients with stage 2)."""
-        return holding_for("data", self.comm.size, self.shard_optimizer)
+        """Every gradient in the buckets through the step; 1/N of the optimizer state with ZeRO; stage 2: 1/N of
+        the gradients, and the send rows of the buckets in flight and the one filling."""
+        return holding_for("data", self.comm.size, self.shard_optimizer, rows_buckets=MAX_ROWS_IN_FLIGHT + 1,
+                           bucket_mb=self.bucket_mb)
 
     def describe(self, batch_size, unit="streams"):
         shares = self.data_group.size

@@ -83,6 +83,13 @@ def track(array):
             m._peak_host = _live
 
 
+def count(array):
+    """Count `array`, which no tensor holds (a communication buffer), while a meter runs: it counts until it is
+    freed. A no-op when no meter runs."""
+    if hook.active:
+        track(array)
+
+
 def track_node(node):
     """Count the arrays a recorded node keeps on itself for backward (masks, activations)."""
     for value in vars(node).values():

@@ -50,7 +50,8 @@ def plan_checkpointing(spec, model, data, share, holding, optimizer):
 
         def step():
             loss, _ = protocol.forward_loss(model, x, y, carried)
-            loss.backward()
+            with memory_plan.held_gradients(params, holding):
+                loss.backward()
 
         try:
             return fit_to_budget(model, step, int(budget_mb * 2**20) - held, device,
@@ -75,10 +76,13 @@ def _carried_state(model, x, y):
 
 
 def held_bytes(model, optimizer, holding):
-    """What the process holds besides the step, as the memory estimate counts it (memory_plan.predict)."""
+    """What the process holds besides the step, as the memory estimate counts it (memory_plan.predict): the
+    gradient buffers kept through the step, or ZeRO stage 2's send rows; the step itself holds the gradients
+    as the mode does (memory_plan.held_gradients)."""
     optimizer = make_optimizer(optimizer, model.parameters()) if not hasattr(optimizer, "param_groups") else optimizer
     held = memory_plan.predict(model, optimizer, memory_plan.StepProfile(0, 0, 0), holding)
-    return held.parameters + held.optimizer + (held.gradients if holding.gradient_buffers else 0)
+    buffers = held.gradients if holding.gradient_buffers else memory_plan.gradient_rows_bytes(model, holding)
+    return held.parameters + held.optimizer + buffers
 
 
 def smallest_budget_mb(smallest_bytes):

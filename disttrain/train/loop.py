@@ -169,7 +169,7 @@ class Trainer:
             inputs, targets = next(iter(data.train_batches(self.mode.train_share())))
         except StopIteration:
             return None
-        return memory_plan.profile_step(model, inputs, targets)
+        return memory_plan.profile_step(model, inputs, targets, holding=self.mode.memory_holding())
 
     @classmethod
     def from_job(cls, spec, out_dir=None, mode=None, data=None, progress=None, overwrite=False):

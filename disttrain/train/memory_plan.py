@@ -60,12 +60,14 @@ import disttrain as dt
 from disttrain.checkpointing.plan import segment_bounds
 from disttrain.fsutil import write_atomically
 from disttrain.models import protocol
+from disttrain.tensor import memory
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.tensor.random import fork_rng, get_rng_state
 from disttrain.train.jobspec import JobSpecError
 
 __all__ = ["MemoryEstimate", "estimate", "parameter_count", "available_bytes", "check_fits", "format_bytes",
-           "Holding", "holding_for", "StepProfile", "profile_step", "predict", "write_memory_json", "MEMORY_FILE"]
+           "Holding", "holding_for", "StepProfile", "profile_step", "held_gradients", "gradient_rows_bytes", "predict",
+           "write_memory_json", "MEMORY_FILE"]
 
 MEMORY_FILE = "memory.json"
 
@@ -152,18 +154,29 @@ class Holding:
     gradient_buffers: bool = False   # gradients live in buffers kept through the whole step
     activation_bytes: int = None     # the mode's own activation figure (a pipeline stage); None: the profile's
     description: str = "local"
+    gradients_kept: bool = True      # False (ZeRO stage 2): a gradient, once final, is packed into send rows and
+                                     # dropped; only its `gradients` share is kept (the received slice)
+    rows_buckets: int = None         # with gradients_kept False: the most buckets whose full-size send rows are
+                                     # alive at once (None: every bucket's)
+    bucket_bytes: float = 0.0        # their size cap ([parallel] bucket_mb in bytes)
 
 
-def holding_for(mode, ranks=1, shard_optimizer=0, stage_activation_bytes=None, in_flight=1, stage=0):
+def holding_for(mode, ranks=1, shard_optimizer=0, stage_activation_bytes=None, in_flight=1, stage=0,
+                rows_buckets=None, bucket_mb=25.0):
     """The Holding of one process of `mode` ("local", "data", "pipeline", "ps"): the rules of docs/MEMORY.md.
-    data: `ranks` ranks, ZeRO stage `shard_optimizer`; pipeline: stage `stage`, whose blocks keep
-    `stage_activation_bytes` per micro-batch (None: not profiled) for `in_flight` micro-batches at once."""
+    data: `ranks` ranks, ZeRO stage `shard_optimizer`; stage 2 holds the send rows of at most `rows_buckets`
+    gradient buckets of `bucket_mb` MiB at once (None: all; the Reducer's bound, parallel.buckets);
+    pipeline: stage `stage`, whose blocks keep `stage_activation_bytes` per micro-batch (None: not profiled) for
+    `in_flight` micro-batches at once."""
     if mode == "data":
         share = 1.0 / ranks
         sharded = f", ZeRO stage {shard_optimizer}" if shard_optimizer else ""
-        return Holding(gradients=share if shard_optimizer == 2 else 1.0,
-                       optimizer_state=share if shard_optimizer else 1.0, gradient_buffers=True,
-                       description=f"data parallel, {ranks} ranks{sharded}")
+        description = f"data parallel, {ranks} ranks{sharded}"
+        if shard_optimizer == 2:
+            return Holding(gradients=share, optimizer_state=share, gradients_kept=False, rows_buckets=rows_buckets,
+                           bucket_bytes=bucket_mb * 2**20, description=description)
+        return Holding(optimizer_state=share if shard_optimizer else 1.0, gradient_buffers=True,
+                       description=description)
     if mode == "ps":
         return Holding(optimizer_state=0.0, description="parameter-server worker (the servers hold the optimizer)")
     if mode == "pipeline":
@@ -181,10 +194,11 @@ class StepProfile:
     working: int       # its peak above `resident`: activations, gradients as backward makes them, temporaries
 
 
-def profile_step(model, inputs, targets, state=None):
+def profile_step(model, inputs, targets, state=None, holding=Holding()):
     """Measure one forward/backward of `model` (as configured: its activation checkpointing applies) on the
-    NumPy arrays `inputs`, `targets` from the carried `state` (None: zeros). It leaves no trace: the
-    gradients, buffers and random generators are as before."""
+    NumPy arrays `inputs`, `targets` from the carried `state` (None: zeros), holding the gradients as the mode's
+    `holding` does (held_gradients). It leaves no trace: the gradients, buffers and random generators are as
+    before."""
     params = list(model.parameters())
     device = params[0].device if params else "cpu"
     saved_grads = [p.grad for p in params]
@@ -196,13 +210,57 @@ def profile_step(model, inputs, targets, state=None):
             x, y = (dt.tensor(a, device=device) for a in (inputs, targets))
             loss, _ = protocol.forward_loss(model, x, y, state)
             activations = meter.live_bytes - meter.start_bytes
-            loss.backward()
+            with held_gradients(params, holding):
+                loss.backward()
         return StepProfile(meter.start_bytes, activations, meter.peak_bytes - meter.start_bytes)
     finally:
         for p, grad in zip(params, saved_grads):
             p.grad = grad
         if saved_buffers:
             model.load_state_dict(saved_buffers, strict=False)
+
+
+class held_gradients:
+    """Context manager: while backward runs inside, the parameters' gradients are held as `holding` says. Kept
+    (the default): nothing changes. Not kept (ZeRO stage 2): each gradient, once final, leaves a copy of its
+    `holding.gradients` share (the slice a rank receives; counted by a running MemoryMeter) and is dropped, as
+    the Reducer packs and drops it. The copies live until exit. The send rows are not imitated: see
+    gradient_rows_bytes."""
+
+    def __init__(self, params, holding):
+        self.params, self.holding = list(params), holding
+        self.kept, self.handles = [], []
+
+    def __enter__(self):
+        if not self.holding.gradients_kept:
+            self.handles = [p.register_post_accumulate_grad_hook(self._drop) for p in self.params]
+        return self
+
+    def _drop(self, param):
+        flat = param.grad.data.reshape(-1)
+        share = flat[:math.ceil(flat.size * self.holding.gradients)].copy()
+        memory.count(share)
+        self.kept.append(share)
+        param.grad = None
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.kept = [], []
+        return False
+
+
+def gradient_rows_bytes(module, holding):
+    """Bytes of the full-size gradient send rows a process of `holding` keeps alive at once (ZeRO stage 2: the
+    rows of `rows_buckets` buckets, each at most bucket_bytes or one parameter; 0 where gradients are kept)."""
+    if holding.gradients_kept:
+        return 0
+    trained = [p for p in module.parameters() if p.requires_grad]
+    everything = _distinct_bytes(trained)
+    if holding.rows_buckets is None:
+        return everything
+    largest = max([holding.bucket_bytes] + [p.data.nbytes for p in trained])
+    return min(everything, round(holding.rows_buckets * largest))
 
 
 def predict(module, optimizer, profile, holding=Holding()):
@@ -219,7 +277,12 @@ def predict(module, optimizer, profile, holding=Holding()):
         peak = resident + state + gradients + activations
     else:
         activations = profile.activations
-        held = gradients + profile.working if holding.gradient_buffers else max(gradients, profile.working)
+        if holding.gradient_buffers:
+            held = gradients + profile.working
+        elif not holding.gradients_kept:           # the profile held the kept shares; the rows come on top
+            held = profile.working + gradient_rows_bytes(module, holding)
+        else:
+            held = max(gradients, profile.working)
         peak = resident + state + held
     return MemoryEstimate(resident, gradients, state, activations, peak)
 

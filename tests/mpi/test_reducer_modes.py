@@ -8,6 +8,7 @@ import disttrain as dt
 from disttrain import nn
 from disttrain.parallel import world
 from disttrain.parallel.buckets import Reducer
+from disttrain.tensor.memory import MemoryMeter
 
 pytestmark = pytest.mark.mpi(min_size=2)
 
@@ -29,3 +30,33 @@ def test_progress_thread_only_where_it_can_help(named, progress, overlap):
         assert (reducer.choice is not None) == (overlap == "auto" and comm.size > 1)
     finally:
         reducer.close()
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_reduce_scatter_keeps_the_rows_of_a_few_buckets_alive(overlap):
+    """Stage 2 drops each bucket's send rows once its reduce-scatter completes, with at most MAX_ROWS_IN_FLIGHT
+    in flight: over a backward of 16 layers, one bucket each, the meter (which counts the rows and the received
+    slices) sees less than a one-process backward that keeps every gradient; holding every bucket's rows until
+    the end of backward, it saw more (the rows alone are the whole gradient, the slices 1/N more)."""
+    dt.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(16)])
+    x = dt.randn(2, 64)
+    resident = list(model.parameters())
+
+    def backward_peak():
+        with MemoryMeter(resident=resident) as meter:
+            model(x).sum().backward()
+        for p in model.parameters():
+            p.grad = None
+        return meter.peak_bytes - meter.start_bytes
+
+    keeping_every_gradient = backward_peak()
+    reducer = Reducer(model.named_parameters(), world(), bucket_mb=64 * 64 * 4 / 2**20, overlap=overlap,
+                      collective="reduce_scatter")
+    try:
+        assert len(reducer.buckets) == 16
+        stage_two = backward_peak()
+    finally:
+        reducer.close()
+    layer = 64 * 64 * 4
+    assert stage_two < keeping_every_gradient - 4 * layer, (stage_two, keeping_every_gradient)
