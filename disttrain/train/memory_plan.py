@@ -159,15 +159,18 @@ class Holding:
     rows_buckets: int = None         # with gradients_kept False: the most buckets whose full-size send rows are
                                      # alive at once (None: every bucket's)
     bucket_bytes: float = 0.0        # their size cap ([parallel] bucket_mb in bytes)
+    step_bytes: int = None           # a pipeline stage's measured step peak above its parameters (gradients,
+                                     # activations in flight, messages); None: from the activation figure
 
 
 def holding_for(mode, ranks=1, shard_optimizer=0, stage_activation_bytes=None, in_flight=1, stage=0,
-                rows_buckets=None, bucket_mb=25.0):
+                rows_buckets=None, bucket_mb=25.0, step_bytes=None):
     """The Holding of one process of `mode` ("local", "data", "pipeline", "ps"): the rules of docs/MEMORY.md.
     data: `ranks` ranks, ZeRO stage `shard_optimizer`; stage 2 holds the send rows of at most `rows_buckets`
     gradient buckets of `bucket_mb` MiB at once (None: all; the Reducer's bound, parallel.buckets);
     pipeline: stage `stage`, whose blocks keep `stage_activation_bytes` per micro-batch (None: not profiled) for
-    `in_flight` micro-batches at once."""
+    `in_flight` micro-batches at once, and whose step peaks `step_bytes` above its parameters where measured
+    (disttrain.parallel.pipeline.stage_memory)."""
     if mode == "data":
         share = 1.0 / ranks
         sharded = f", ZeRO stage {shard_optimizer}" if shard_optimizer else ""
@@ -181,7 +184,7 @@ def holding_for(mode, ranks=1, shard_optimizer=0, stage_activation_bytes=None, i
         return Holding(optimizer_state=0.0, description="parameter-server worker (the servers hold the optimizer)")
     if mode == "pipeline":
         activations = None if stage_activation_bytes is None else stage_activation_bytes * in_flight
-        return Holding(activation_bytes=activations,
+        return Holding(activation_bytes=activations, step_bytes=step_bytes,
                        description=f"pipeline stage {stage}, {in_flight} micro-batch(es) in flight")
     return Holding()
 
@@ -272,7 +275,10 @@ def predict(module, optimizer, profile, holding=Holding()):
     state = sum((optimizer.state_buffers(group) or 0) * _distinct_bytes(group["params"])
                 for group in optimizer.param_groups)
     state = round(state * holding.optimizer_state)
-    if holding.activation_bytes is not None:
+    if holding.step_bytes is not None:
+        activations = holding.activation_bytes
+        peak = resident + state + holding.step_bytes
+    elif holding.activation_bytes is not None:
         activations = holding.activation_bytes
         peak = resident + state + gradients + activations
     else:

@@ -27,6 +27,7 @@ import numpy as np
 
 from disttrain import trace
 from disttrain.parallel.buckets import _Poller
+from disttrain.tensor import memory
 
 __all__ = ["StageLink", "HEADER_TAG", "encode_header", "decode_header"]
 
@@ -151,6 +152,7 @@ class StageLink:
 
     def _post_receive(self, shape, dtype, source, tag, kind):
         buffer = self.xp.empty(shape, dtype=dtype)
+        memory.count(buffer)
         what = f"stage {self.stage} receive of micro-batch {tag}'s {kind} from stage {source}"
         return self._watched(self.comm.Irecv(buffer, source=source, tag=tag, what=what)), buffer
 

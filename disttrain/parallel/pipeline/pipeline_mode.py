@@ -41,6 +41,8 @@ from disttrain.parallel.pipeline.p2p import StageLink
 from disttrain.parallel.pipeline.partition import Partition, partition
 from disttrain.parallel.pipeline.runtime import PipelineRuntime, split_micro_batches
 from disttrain.parallel.pipeline.schedule import max_in_flight, stage_actions
+from disttrain.parallel.pipeline.stage_memory import stage_step_bytes
+from disttrain.tensor import memory
 from disttrain.tensor.creation import tensor
 from disttrain.train import saving
 from disttrain.train.memory_plan import holding_for
@@ -66,6 +68,7 @@ class PipelineMode(MPIMode):
         self.pipe = self.comm.Split(color=self.replica, key=self.stage)
         self.stage_group = self.data_group = self.comm.Split(color=self.stage, key=self.replica)
         self.partition = self.full_model = self.runtime = self.link = None
+        self.step_memory = None               # this stage's measured step memory (stage_memory.py), from prepare
         self.batch_axis = 1
         self._blocks = []                     # [(name, None)] of the whole model, for its state protocol
         self._model_parameters = None
@@ -96,6 +99,7 @@ class PipelineMode(MPIMode):
                                       f"holds no parameters (blocks {', '.join(self.model.block_names)}); choose "
                                       "fewer stages, or split points that give every stage a block with parameters")
         xp = _array_module(model)
+        self.step_memory = self._measure_step_memory(model, data)
         _release_other_stages(model, self.model)
         self.link = StageLink(self.pipe, self.stage, self.stages, xp=xp)
         self.runtime = self._runtime(self.micro_batches, self.schedule)
@@ -120,6 +124,16 @@ class PipelineMode(MPIMode):
         with_loss = lambda output: protocol.output_loss(model, output, tensor(targets, device=device))  # noqa: E731
         return partition(model, tensor(inputs, device=device), self.stages, repeats=3, statistic="min",
                          loss_fn=with_loss)
+
+    def _measure_step_memory(self, model, data):
+        """This stage's StageStepMemory for the first training batch (None without data)."""
+        if data is None:
+            return None
+        inputs, targets = next(iter(data.train_batches(self.train_share())))
+        loss_fn = lambda output, y: protocol.output_loss(model, output, tensor(y, device=self.device_of(model)))  # noqa: E731
+        return stage_step_bytes(model, self.partition, self.stage, inputs, targets, loss_fn, self.schedule,
+                                self.micro_batches, self.batch_axis, self.replicas, self.checkpointing,
+                                self.device_of(model))
 
     @staticmethod
     def device_of(model):
@@ -168,6 +182,7 @@ class PipelineMode(MPIMode):
                 same = [g for g in grads if g.dtype == dtype]
                 arrays, kernels, xp = [g.data for g in same], same[0].backend.kernels, same[0].backend.xp
                 flat = kernels.bucket_pack(xp, arrays)
+                memory.count(flat)
                 self.stage_group.Allreduce(flat, what=f"allreduce of stage {self.stage}'s gradients")
                 kernels.bucket_unpack(xp, flat, arrays, scale=1.0 / self.replicas)
 
@@ -285,11 +300,17 @@ class PipelineMode(MPIMode):
         return self._model_parameters
 
     def memory_holding(self):
-        """This stage's blocks' activations of a micro-batch (from the balancing profile; unknown under
-        split_points) times the micro-batches its schedule keeps in flight."""
+        """This stage's step as measured on two micro-batches at prepare and replayed over its schedule
+        (stage_memory.py: activations of the micro-batches in flight, gradients, receive buffers, what is sent);
+        before prepare, or without data, its blocks' activations of a micro-batch (from the balancing profile;
+        unknown under split_points) times the micro-batches its schedule keeps in flight."""
         in_flight = max_in_flight(stage_actions(self.schedule, self.stages, self.micro_batches, self.stage))
-        return holding_for("pipeline", stage_activation_bytes=self.partition.stage_activation_bytes(self.stage),
-                           in_flight=in_flight, stage=self.stage)
+        measured = self.step_memory
+        if measured is not None:
+            return holding_for("pipeline", stage_activation_bytes=measured.per_micro_batch, in_flight=in_flight,
+                               stage=self.stage, step_bytes=measured.peak)
+        profiled = None if self.partition is None else self.partition.stage_activation_bytes(self.stage)
+        return holding_for("pipeline", stage_activation_bytes=profiled, in_flight=in_flight, stage=self.stage)
 
     def describe(self, batch_size, unit="streams"):
         share = batch_size // self.replicas
