@@ -12,7 +12,8 @@ the Trainer's own prediction (disttrain.train.memory_plan.predict, as memory.jso
 that step peak:
 
     parameters + Adam state (1/2 with shard_optimizer 1 or 2) + the gradient buckets kept through the step
-    (1/2 with shard_optimizer 2) + the step's peak above the parameters
+    (shard_optimizer 2 instead: the send rows of 3 buckets) + the step's peak above the parameters (with
+    shard_optimizer 2 probed keeping half of each gradient once final, as a rank keeps its slice)
 
 must be <= 1 GiB. The simulated peaks are checked against the MemoryMeter at PROBE_BLOCKS blocks (printed).
 The step's peak is array memory (the MemoryMeter's); the process's Python, NumPy and MPI overheads are not in
@@ -44,14 +45,22 @@ from disttrain.models import protocol  # noqa: E402
 from disttrain.models.transformer_lm import TransformerLanguageModel  # noqa: E402
 from disttrain.train import memory_plan  # noqa: E402
 
+from disttrain.parallel.buckets import MAX_ROWS_IN_FLIGHT  # noqa: E402
+
 GIB, MIB = 2 ** 30, 2 ** 20
+BUCKET_MB = 25.0          # [parallel] bucket_mb's default
 WIDTH, HEADS, T, BATCH, VOCAB, RANKS = 512, 8, 128, 8, 10_000, 2
 PROBE_BLOCKS = 4
 
 
-def probe():
-    """(StepCosts of the probe model, its step's measured peaks under "none" and "sqrt", block bytes, other
-    parameter bytes)."""
+def holding(stage):
+    """How a data-parallel rank of ZeRO stage `stage` holds its memory (DataParallelMode.memory_holding's)."""
+    return memory_plan.holding_for("data", RANKS, stage, rows_buckets=MAX_ROWS_IN_FLIGHT + 1, bucket_mb=BUCKET_MB)
+
+
+def probe(held=memory_plan.Holding()):
+    """(StepCosts of the probe model with its gradients held as `held` says, its step's measured peaks under
+    "none" and "sqrt", block bytes, other parameter bytes)."""
     dt.manual_seed(0)
     model = TransformerLanguageModel(VOCAB, d_model=WIDTH, heads=HEADS, layers=PROBE_BLOCKS, max_len=T)
     model.train()
@@ -61,7 +70,8 @@ def probe():
 
     def step():
         loss, _ = protocol.forward_loss(model, x, y, None)
-        loss.backward()
+        with memory_plan.held_gradients(model.parameters(), held):
+            loss.backward()
         for p in model.parameters():
             p.grad = None
 
@@ -94,11 +104,18 @@ def step_peak(costs, layers, setting):
 
 
 class _SameBytes(dt.nn.Module):
-    """A stand-in with the parameter bytes of the real model (one unwritten zero array: no pages touched)."""
+    """A stand-in with the parameter bytes of the real model in parameters no larger than its largest, the
+    embedding (which bounds a gradient bucket's size); unwritten zero arrays: no pages touched."""
 
     def __init__(self, nbytes):
         super().__init__()
-        self.weight = dt.nn.Parameter(dt.zeros(int(nbytes) // 4))
+        largest, rest = VOCAB * WIDTH, int(nbytes) // 4
+        self.pieces = dt.nn.ModuleList()
+        while rest > 0:
+            piece = dt.nn.Module()
+            piece.weight = dt.nn.Parameter(dt.zeros(min(largest, rest)))
+            self.pieces.append(piece)
+            rest -= largest
 
 
 def per_rank(costs, layers, setting, stage, block, other):
@@ -107,8 +124,7 @@ def per_rank(costs, layers, setting, stage, block, other):
     gradient buckets as the data mode holds them (ZeRO stage `stage`), plus the step."""
     stand_in = _SameBytes(layers * block + other)
     profile = memory_plan.StepProfile(resident=0, activations=0, working=step_peak(costs, layers, setting))
-    need = memory_plan.predict(stand_in, dt.optim.Adam(stand_in.parameters()), profile,
-                               memory_plan.holding_for("data", RANKS, stage))
+    need = memory_plan.predict(stand_in, dt.optim.Adam(stand_in.parameters()), profile, holding(stage))
     return need.predicted_peak
 
 
@@ -126,6 +142,7 @@ def deepest(costs, setting, stage, block, other, most=512):
 
 def main():
     costs, measured, block, other = probe()
+    stage_two_costs = probe(holding(2))[0]     # each gradient's 1/N share kept, the rest dropped once final
     print(f"Transformer LM d_model {WIDTH}, {HEADS} heads, d_ff {4 * WIDTH}, T {T}, {BATCH} sequences per rank, "
           f"vocabulary {VOCAB:,}; a block: {block / MIB:.1f} MiB of parameters, embeddings and decoder "
           f"{other / MIB:.1f} MiB")
@@ -139,7 +156,7 @@ def main():
     for setting in ("none", "sqrt", "auto"):
         cells = []
         for stage in (0, 1, 2):
-            layers = deepest(costs, setting, stage, block, other)
+            layers = deepest(stage_two_costs if stage == 2 else costs, setting, stage, block, other)
             params = (layers * block + other) / 4
             cells.append(f"{layers} blocks ({params / 1e6:.0f} M parameters)")
         print(f"| {setting} | " + " | ".join(cells) + " |")

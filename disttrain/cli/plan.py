@@ -9,7 +9,8 @@ holds: parameters, gradients, optimizer state, activations and the predicted pea
 run` logs at start and writes to memory.json. Where the model is a chain of blocks (an nn.Sequential, a model
 family's pipeline_blocks()), its blocks' activations on that micro-batch follow (each block run on its own, as
 a pipeline stage runs it: the pipeline's profile). A pipeline is cut as `run` cuts it (split_points, or the
-balancer on a profile), and each stage is estimated with the micro-batches its schedule keeps in flight.
+balancer on a profile), and each stage's step is measured on two of its micro-batches and replayed over its
+schedule, as PipelineMode does at prepare (disttrain.parallel.pipeline.stage_memory).
 
 Exit status 0 when the largest rank's predicted peak fits --budget-mb (default: [memory] budget_mb; none: no
 check), 2 with a one-line error naming the MiB needed when it does not, or for an unusable job or option.
@@ -26,6 +27,7 @@ from disttrain.parallel.pipeline.partition import partition
 from disttrain.parallel.pipeline.profile import profile
 from disttrain.parallel.pipeline.runtime import split_micro_batches
 from disttrain.parallel.pipeline.schedule import max_in_flight, stage_actions
+from disttrain.parallel.pipeline.stage_memory import stage_step_bytes
 from disttrain.train import memory_plan
 from disttrain.train.auto_checkpointing import plan_checkpointing
 from disttrain.train.build import build_data, build_model, build_optimizer, describe_model
@@ -116,18 +118,23 @@ def estimate_ranks(spec, ranks):
 def _pipeline_ranks(spec, data, model, ranks):
     p = spec.parallel
     check_layout(ranks, p.stages, p.micro_batches, spec.data.batch_size, source=spec.source)
+    replica_inputs, replica_targets = _first_batch(data, Share(0, ranks // p.stages))
     inputs, targets = (split_micro_batches(a, p.micro_batches, data.batch_axis)[0]
-                       for a in _first_batch(data, Share(0, ranks // p.stages)))
+                       for a in (replica_inputs, replica_targets))
     x, loss = _sample(model, data, inputs, targets)
     by_block = [b.activation_bytes for b in profile(model, x, repeats=1, loss_fn=loss).blocks]
     cut = (partition(model, None, p.stages, split_points=p.split_points) if p.split_points is not None else
            partition(model, x, p.stages, repeats=1, statistic="min", loss_fn=loss))
+    device = next(iter(model.parameters())).device
+    loss_fn = lambda output, y: protocol.output_loss(model, output, dt.tensor(y, device=device))  # noqa: E731
     rows = []
     for k in range(p.stages):
         stage = cut.build_stage(model, k)
         in_flight = max_in_flight(stage_actions(p.schedule, p.stages, p.micro_batches, k))
-        holding = memory_plan.holding_for("pipeline", stage_activation_bytes=sum(by_block[i] for i in cut.stage_range(k)),
-                                          in_flight=in_flight, stage=k)
+        step = stage_step_bytes(model, cut, k, replica_inputs, replica_targets, loss_fn, p.schedule,
+                                p.micro_batches, data.batch_axis, ranks // p.stages, p.stage_checkpointing, device)
+        holding = memory_plan.holding_for("pipeline", stage_activation_bytes=step.per_micro_batch,
+                                          in_flight=in_flight, stage=k, step_bytes=step.peak)
         need = memory_plan.predict(stage, build_optimizer(spec, stage.parameters()), None, holding)
         rows.append((f"pipeline stage {k}", f" ({', '.join(cut.stage_blocks(k))}; {in_flight} micro-batch"
                      f"{'es' if in_flight > 1 else ''} in flight)", need))

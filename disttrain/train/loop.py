@@ -271,8 +271,10 @@ class Trainer:
         budget = self.spec.memory.budget_mb                                           # and state already held
         if self.checkpoint_choice is not None and not self._reported_measured_peak:
             self._reported_measured_peak = True
-            self._say(f"activation checkpointing: step {self.step} measured peak {needed / 2**20:.2f} MiB, "
-                      f"predicted {self.checkpoint_choice.peak / 2**20:.2f} MiB")
+            choice = self.checkpoint_choice        # (the whole figures also hold what the plan counted as held)
+            self._say(f"activation checkpointing: step {self.step} measured peak {needed / 2**20:.2f} MiB "
+                      f"({whole / 2**20:.2f} MiB in all), predicted {choice.peak / 2**20:.2f} MiB "
+                      f"({(choice.held + choice.peak) / 2**20:.2f} MiB in all)")
         if budget is not None and whole > budget * 2**20:    # every process sees the same `whole`: all stop
             raise MemoryBudgetExceeded(
                 f"step {self.step} peaked at {whole / 2**20:.1f} MiB of array memory in a process (parameters, "

@@ -21,17 +21,20 @@ them, plus the optimizer's state arrays, which it does not see):
 - optimizer_state_bytes: the optimizer's parameter-shaped buffers (Optimizer.state_buffers: Adam 2, SGD with
   momentum 1); 1/N of them with shard_optimizer >= 1; none on a parameter-server worker (the servers update);
 - activation_bytes: what the profiled forward leaves alive for backward (with the model's activation
-  checkpointing as configured), the loss included; a pipeline stage: its blocks' share of a micro-batch times
-  the micro-batches its schedule keeps in flight;
+  checkpointing as configured), the loss included; a pipeline stage: what one micro-batch keeps until its
+  backward (receive buffers included) times the micro-batches its schedule keeps in flight;
 - peak: the parameters and optimizer state plus the profiled forward/backward's peak above the parameters
   (`working`: activations, gradients as backward makes them, temporaries held between ops); gradients that
   stay in buffers through the step (data parallelism's buckets) add to it, otherwise the larger of the two
-  counts, since a step starts with its gradients cleared. A pipeline stage: parameters, optimizer state,
-  gradients and its activations added up. ZeRO stage 2 drops each gradient once packed, so its peak is below
-  the prediction.
+  counts, since a step starts with its gradients cleared. ZeRO stage 2 (Holding.gradients_kept False): the
+  profile's backward keeps each final gradient's 1/N share and drops it (held_gradients), as the Reducer does,
+  and the send rows of the buckets in flight add to it (gradient_rows_bytes). A pipeline stage: parameters,
+  optimizer state and its step's peak as PipelineMode measured it on two micro-batches and replayed it over
+  the schedule (Holding.step_bytes; disttrain.parallel.pipeline.stage_memory).
 The measured peak (Trainer, `measured_peak_bytes`) is the same sum as it happened: a metered step's
-MemoryMeter peak (absolute: parameters, buffers, gradients, carried state, activations) plus the optimizer's
-state bytes (Optimizer.state_nbytes) after the step.
+MemoryMeter peak (absolute: parameters, buffers, gradients, carried state, activations, and the communication
+buffers the meter is told of: stage 2's send rows and received slices, a pipeline's posted receives and
+replica-mean buffer) plus the optimizer's state bytes (Optimizer.state_nbytes) after the step.
 
 What the job-alone estimate counts, for the LSTM language model in float32 (4 bytes a number):
 - parameters: exactly, from [model] (embedding V x E; per layer 4H x (in + H) weights and two 4H biases;

@@ -1,5 +1,7 @@
 """[memory] activation_checkpointing = "auto": the job needs budget_mb, the Trainer plans before training, the run
 stays under the budget and computes the losses of a "none" run; no plan fitting is an error before training."""
+import re
+
 import pytest
 
 from disttrain.models import protocol
@@ -69,7 +71,10 @@ def test_the_plan_and_then_the_measured_peak_are_logged(tiny_job, capsys):
     assert len(plan) == 1 and "predicted step peak" in plan[0] and "predicted extra time" in plan[0], lines
     assert trainer.checkpoint_choice.plan.describe("time steps") in plan[0]
     measured = [line for line in lines if line.startswith("activation checkpointing: step 1 measured peak ")]
-    assert len(measured) == 1 and measured[0].endswith(f"predicted {trainer.checkpoint_choice.peak / 2**20:.2f} MiB")
+    choice = trainer.checkpoint_choice
+    assert len(measured) == 1 and measured[0].endswith(
+        f"predicted {choice.peak / 2**20:.2f} MiB ({(choice.held + choice.peak) / 2**20:.2f} MiB in all)")
+    assert re.search(r" measured peak [0-9.]+ MiB \([0-9.]+ MiB in all\), predicted ", measured[0]), measured[0]
 
 
 def test_no_plan_fitting_is_an_error_before_training_naming_the_smallest_budget(tiny_job, tmp_path):
