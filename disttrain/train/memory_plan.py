@@ -234,7 +234,7 @@ class held_gradients:
     gradient_rows_bytes."""
 
     def __init__(self, params, holding):
-        self.params, self.holding = list(params), holding
+        self.params, self.holding = [p for p in params if p.requires_grad], holding
         self.kept, self.handles = [], []
 
     def __enter__(self):

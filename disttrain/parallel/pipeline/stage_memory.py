@@ -101,7 +101,7 @@ def _micro_batch(meter, stage, x, targets, loss_fn, first, checkpointing, device
     if first:
         inputs = x
     else:
-        inputs = dt.Tensor(dt.tensor(x, device=device).data.copy(), requires_grad=True)    # the receive buffer
+        inputs = dt.Tensor(dt.tensor(x, device=device).data, requires_grad=True)    # the receive buffer
         received = inputs.data.nbytes
     meter.reset()
     start = meter.live_bytes

@@ -1,0 +1,31 @@
+"""stage_memory.replay: a pipeline stage's step peak from one micro-batch's measured figures, walked over its
+schedule's actions (the measurement itself is held to the measured peak in tests/mpi/test_memory_estimate_pipeline.py)."""
+from dataclasses import replace
+
+from disttrain.parallel.pipeline.schedule import stage_actions
+from disttrain.parallel.pipeline.stage_memory import MicroBatchMemory, replay
+
+# a middle stage: receive buffer 10, gradient receive 5, forward keeps 100 (peak 120); the first backward frees
+# the 100, the input buffer and the gradient receive, adds 40 of gradients and 10 + 5 sent (peak 60 above the
+# live bytes); later backwards add nothing to the gradients (peak 30)
+COSTS = MicroBatchMemory(received=10, gradient_received=5, forward_peak=120, keep=100, first_backward_peak=60,
+                         first_backward_change=-100 - 10 - 5 + 40 + 15, backward_peak=30,
+                         backward_change=-100 - 10 - 5 + 15, gradients=40)
+
+
+def test_gpipe_holds_every_micro_batch_before_the_first_backward():
+    need = replay(stage_actions("gpipe", 3, 4, 1), COSTS, 4)
+    # 4 receives posted (40); after 4 forwards 40 + 4 x 105 = 460, the first backward peaks 60 above that
+    assert (need.peak, need.in_flight, need.per_micro_batch) == (520, 4, 115)
+
+
+def test_1f1b_holds_fewer_and_the_replicas_mean_adds_the_gradients_at_the_end():
+    actions = stage_actions("1f1b", 3, 4, 1)     # stage 1 of 3: F0 F1 B0 F2 B1 F3 B2 B3, 2 in flight at most
+    need = replay(actions, COSTS, 4)
+    assert need.in_flight == 2
+    # 40 posted; F0 F1: 250; B0 (peak 310): 190; F2: 295; B1 (325): 195; F3: 300; B2 peaks 300 + 30
+    assert need.peak == 330
+    live_at_end = 40 + 4 * 105 - 60 - 3 * 100
+    large = replace(COSTS, gradients=400)        # the flat buffer of the replicas' mean, after the last backward
+    assert replay(actions, large, 4, replicas=2).peak == live_at_end + 400
+    assert replay(actions, large, 4, replicas=1).peak == 330
