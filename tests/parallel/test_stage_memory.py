@@ -1,9 +1,16 @@
 """stage_memory.replay: a pipeline stage's step peak from one micro-batch's measured figures, walked over its
-schedule's actions (the measurement itself is held to the measured peak in tests/mpi/test_memory_estimate_pipeline.py)."""
+schedule's actions (the measurement itself is held to the measured peak in tests/mpi/test_memory_estimate_pipeline.py),
+and measuring a stage leaves no trace."""
 from dataclasses import replace
 
+import numpy as np
+
+import disttrain as dt
+from disttrain.models import protocol
+from disttrain.models.transformer_lm import TransformerLanguageModel
+from disttrain.parallel.pipeline.partition import partition
 from disttrain.parallel.pipeline.schedule import stage_actions
-from disttrain.parallel.pipeline.stage_memory import MicroBatchMemory, replay
+from disttrain.parallel.pipeline.stage_memory import MicroBatchMemory, replay, stage_step_bytes
 
 # a middle stage: receive buffer 10, gradient receive 5, forward keeps 100 (peak 120); the first backward frees
 # the 100, the input buffer and the gradient receive, adds 40 of gradients and 10 + 5 sent (peak 60 above the
@@ -29,3 +36,22 @@ def test_1f1b_holds_fewer_and_the_replicas_mean_adds_the_gradients_at_the_end():
     large = replace(COSTS, gradients=400)        # the flat buffer of the replicas' mean, after the last backward
     assert replay(actions, large, 4, replicas=2).peak == live_at_end + 400
     assert replay(actions, large, 4, replicas=1).peak == 330
+
+
+def test_measuring_a_stage_leaves_no_trace():
+    """The random generators (dropout), the gradients and the buffers are as before: training draws what it would
+    draw without the measurement."""
+    dt.manual_seed(0)
+    model = TransformerLanguageModel(20, d_model=16, heads=2, layers=2, max_len=8, dropout=0.5)
+    model.train()
+    cut = partition(model, None, 2, split_points=["blocks.1"])
+    tokens = np.random.default_rng(0).integers(0, 20, size=(9, 4))
+    before, buffers = dt.get_rng_state(), {n: b.numpy().copy() for n, b in model.named_buffers()}
+    loss_fn = lambda output, y: protocol.output_loss(model, output, dt.tensor(y))  # noqa: E731
+    for k in (0, 1):
+        need = stage_step_bytes(model, cut, k, tokens[:-1], tokens[1:], loss_fn, "1f1b", 2)
+        assert need.peak > 0 and need.in_flight == 2 - k
+    assert repr(dt.get_rng_state()) == repr(before)
+    assert all(p.grad is None for p in model.parameters())
+    for name, b in model.named_buffers():
+        np.testing.assert_array_equal(b.numpy(), buffers[name])

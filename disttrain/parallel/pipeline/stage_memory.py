@@ -26,6 +26,7 @@ from disttrain.checkpointing import checkpoint
 from disttrain.parallel.pipeline.runtime import split_micro_batches
 from disttrain.parallel.pipeline.schedule import stage_actions
 from disttrain.tensor.memory import MemoryMeter
+from disttrain.tensor.random import fork_rng, get_rng_state
 
 __all__ = ["MicroBatchMemory", "StageStepMemory", "measure_micro_batches", "replay", "stage_step_bytes"]
 
@@ -130,16 +131,21 @@ def stage_step_bytes(model, partition, k, inputs, targets, loss_fn, schedule, mi
                      replicas=1, checkpointing=False, device="cpu"):
     """StageStepMemory of stage k of `model` cut by `partition` (the whole model still holds every stage's
     parameters) for a step of this replica's `inputs`, `targets` (NumPy arrays) in `micro_batches`
-    micro-batches under `schedule`; loss_fn(output, targets array) is the model's loss."""
+    micro-batches under `schedule`; loss_fn(output, targets array) is the model's loss. It leaves no trace: the
+    random generators and the model's buffers are as before (and its gradients: measure_micro_batches)."""
     stages = partition.stages
     x = split_micro_batches(np.asarray(inputs), micro_batches, batch_axis)[0]
     y = split_micro_batches(np.asarray(targets), micro_batches, batch_axis)[0]
     last = k == stages - 1
-    with dt.no_grad():
-        for j in range(k):
-            x, _ = partition.build_stage(model, j)(dt.tensor(x, device=device) if j == 0 else x, None)
-    x = x.numpy() if k else x
-    stage = partition.build_stage(model, k)
-    costs = measure_micro_batches(stage, x, y if last else None, loss_fn if last else None, first=k == 0, checkpointing=checkpointing,
-                                  device=device)
+    buffers = {name: b.numpy().copy() for name, b in model.named_buffers()}
+    with fork_rng(get_rng_state()):        # training then draws the numbers it would draw without this
+        with dt.no_grad():
+            for j in range(k):
+                x, _ = partition.build_stage(model, j)(dt.tensor(x, device=device) if j == 0 else x, None)
+        x = x.numpy() if k else x
+        costs = measure_micro_batches(partition.build_stage(model, k), x, y if last else None,
+                                      loss_fn if last else None, first=k == 0, checkpointing=checkpointing,
+                                      device=device)
+    if buffers:
+        model.load_state_dict(buffers, strict=False)
     return replay(stage_actions(schedule, stages, micro_batches, k), costs, micro_batches, replicas)
