@@ -95,6 +95,17 @@ def test_gradient_shared_by_two_slots_is_not_changed_in_place():
     np.testing.assert_array_equal(b.grad.numpy(), [12.0] * 3)
 
 
+def test_sum_handed_on_by_a_backward_is_not_changed_in_place():
+    # s's two uses give it a sum this pass allocated; add's backward hands that very sum to u and v.
+    # u's later gradient (from w) must go into a new sum, not into the one v's buffer still holds.
+    x = leaf(np.ones(3))
+    u, v = x * 2.0, x * 3.0
+    w = u * 5.0
+    s = u + v
+    (s * 1.0 + s * 1.0 + w).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [2 * (2 + 5) + 3 * 2] * 3)
+
+
 def test_weight_reused_at_every_step_accumulates():
     w = leaf([[0.5, -0.2], [0.1, 0.3]])
     check(lambda w: dt.concat(_unroll(w, 5), axis=0), w)
