@@ -15,7 +15,8 @@ import weakref
 
 import numpy as np
 
-from disttrain.autograd import grad_mode, observe
+from disttrain.autograd import observe
+from disttrain.autograd.grad_mode import state as _grad_mode
 from disttrain.autograd.observe import state as _observing
 from disttrain.tensor.backend import _BY_ARRAY_TYPE as _BACKENDS
 from disttrain.tensor.tensor import Tensor
@@ -88,7 +89,7 @@ class Function:
         if _observing.active and not observe.take_bypass():  # an op observer listens (autograd.observe)
             return observe.observed_apply(cls, inputs, params)
         node = cls.__new__(cls)
-        enabled = grad_mode.state.enabled
+        enabled = _grad_mode.enabled
         arrays = []
         # where the gradient w.r.t. each input goes: its producer node, a leaf's accumulator, or nowhere
         # (one plain loop over the inputs: this runs for every op, and a comprehension costs a call)
