@@ -178,7 +178,8 @@ class Sigmoid(Function):
 class Relu(Function):
     def forward(self, a):
         self.mask = a > 0
-        return a * self.mask
+        # maximum, not a * mask: a float-by-bool product runs NumPy's slower mixed-type loop (NaN stays NaN either way)
+        return self.xp.maximum(a, 0)
 
     def backward(self, g):
         return g * Tensor._wrap(self.xp.asarray(self.mask, dtype=g.dtype))  # asarray: 0-d masks are scalars
