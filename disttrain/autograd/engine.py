@@ -149,8 +149,9 @@ def _execute(roots, retain_graph, create_graph, capture, results):
                     node.accumulate(grads[0], create_graph, given)
                 node = pop(ready)[2] if ready else None
                 continue
-            in_grads = _apply_node(node, grads)
-            _mark_shared(grads, in_grads, given)
+            in_grads = _apply_node(node, grads, given)
+            if len(in_grads) > 1:
+                _mark_shared(in_grads, given)
             if not retain_graph:
                 node.release()
             newly_ready = None
@@ -182,7 +183,7 @@ def _execute(roots, retain_graph, create_graph, capture, results):
                     else:
                         push(ready, (-nxt.seq, id(nxt), nxt))
             if newly_ready is not None:  # the common chain: it runs next unless a later-created node waits
-                node = pushpop(ready, (-newly_ready.seq, id(newly_ready), newly_ready))[2]
+                node = pushpop(ready, (-newly_ready.seq, id(newly_ready), newly_ready))[2] if ready else newly_ready
             else:
                 node = pop(ready)[2] if ready else None
 
@@ -191,23 +192,21 @@ def _owner(array):
     return id(array if array.base is None else array.base)
 
 
-def _mark_shared(grads, in_grads, given):
+def _mark_shared(in_grads, given):
     """Add to `given` the memory of every input gradient that reaches more than one place.
 
-    That is (a view of) a gradient the node received, which may still sit in other buffers
-    (add, reshape and hooks pass g on), or one array sent to two inputs. A leaf's .grad then
-    gets a copy: a post-accumulate hook that changes it in place (a data-parallel average)
+    That is one array (or views of it) sent to two inputs: add passes g to both. A leaf's .grad
+    then gets a copy: a post-accumulate hook that changes it in place (a data-parallel average)
     must not change a gradient that backward has yet to use.
+    NOTE: a gradient passed on from the ones the node received (add, reshape) reaches one place
+    more only where a split before it was marked here already, or where a hook saw it (marked in
+    _apply_node): a buffer slot holds a gradient once, and a sum the pass allocated sits in one slot.
     """
     seen = []  # a handful of ids: a list is cheaper to build and search than a set
-    for g in grads:
-        if g is not None:
-            array = g.data
-            seen.append(id(array) if array.base is None else id(array.base))  # _owner, inlined (hot)
     for g in in_grads:
         if g is not None:
             array = g.data
-            owner = id(array) if array.base is None else id(array.base)
+            owner = id(array) if array.base is None else id(array.base)  # _owner, inlined (hot)
             if owner in seen:
                 given.add(owner)
             else:
@@ -246,14 +245,18 @@ def _add_to_slot(buf, node, index, g, owned):
         owned.add((node, index))
 
 
-def _apply_node(node, grads):
+def _apply_node(node, grads, given):
     """Run one node's backward on its (hooked) output gradients; returns one grad per input."""
     if node.out_hooks:
         for index, hooks in node.out_hooks.items():
             for hook in hooks:
-                new = hook(grads[index]) if grads[index] is not None else None
-                if new is not None:
-                    grads[index] = new
+                if grads[index] is not None:
+                    given.add(_owner(grads[index].data))  # a hook may keep what it sees (retain_grad does)
+                    new = hook(grads[index])
+                    if new is not None:
+                        grads[index] = new
+            if grads[index] is not None:
+                given.add(_owner(grads[index].data))
     if node.n_outputs > 1:
         xp = node.xp
         grads = [g if g is not None else Tensor._wrap(xp.zeros(shape, dtype=dt))

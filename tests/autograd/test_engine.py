@@ -138,6 +138,18 @@ def test_leaf_grad_owns_its_memory():
     assert not np.shares_memory(x.grad.numpy(), y.grad.numpy())
 
 
+def test_a_gradient_a_hook_kept_is_not_shared_with_a_leaf_grad():
+    # retain_grad keeps the gradient reshape receives; reshape hands a view of it on to the leaf
+    x = leaf(np.ones(4))
+    t = x.reshape((2, 2))
+    t.retain_grad()
+    (t * 3.0).sum().backward()
+    with dt.no_grad():
+        x.grad.mul_(10.0)
+    np.testing.assert_array_equal(t.grad.numpy(), np.full((2, 2), 3.0))
+    np.testing.assert_array_equal(x.grad.numpy(), [30.0] * 4)
+
+
 def test_backward_with_explicit_gradient_and_from_a_leaf():
     x = leaf([1.0, 2.0, 3.0])
     (x * 2.0).backward(dt.tensor(np.array([1.0, 0.0, -1.0])))
