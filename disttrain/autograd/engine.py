@@ -198,9 +198,10 @@ def _mark_shared(in_grads, given):
     That is one array (or views of it) sent to two inputs: add passes g to both. A leaf's .grad
     then gets a copy: a post-accumulate hook that changes it in place (a data-parallel average)
     must not change a gradient that backward has yet to use.
-    NOTE: a gradient passed on from the ones the node received (add, reshape) reaches one place
-    more only where a split before it was marked here already, or where a hook saw it (marked in
-    _apply_node): a buffer slot holds a gradient once, and a sum the pass allocated sits in one slot.
+    NOTE: the gradients a node received are not compared: one it passes on (add, reshape) left its
+    buffer slot when the node took it, so it sits somewhere else only where a split before marked it
+    here already, where a hook saw it (marked in _apply_node) or where it is the caller's seed (marked
+    from the start); a sum the pass allocated sits in one slot only.
     """
     seen = []  # a handful of ids: a list is cheaper to build and search than a set
     for g in in_grads:
