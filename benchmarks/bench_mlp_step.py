@@ -1,11 +1,16 @@
 """MLP training step, disttrain vs PyTorch CPU, side by side.
 
 Batch 256, 784 -> 3 x 1024 (ReLU) -> 10, float32, cross-entropy, SGD(lr=0.01).
-Prints steps/s for both and the ratio ours / PyTorch (target >= 1.0).
+Prints steps/s for both and the ratio ours / PyTorch (target >= 1.0). On a busy machine
+`--one-core` times both sides on one thread by this process's CPU time. The step's GEMMs alone
+(the forward products, the backward's two products and bias column sums, on the step's shapes;
+NumPy's BLAS for us, torch's for PyTorch) run in the same rounds, to show what is left outside them.
 
-    python benchmarks/bench_mlp_step.py [--steps 20] [--rounds 7]
+    python benchmarks/bench_mlp_step.py [--steps 20] [--rounds 7] [--one-core]
 """
 import argparse
+import os
+import time
 
 import disttrain as dt  # first, as in `disttrain run`: it sets OpenBLAS's idle-thread wait before NumPy loads it
 import numpy as np
@@ -54,6 +59,29 @@ def make_torch(torch, x, y):
     return step
 
 
+def step_gemms(mm, transpose, column_sums, x, weights):
+    """A step's GEMMs alone: forward x @ w.T per layer, backward g @ w (not for the input) and g.T @ x per layer,
+    and the bias gradients' column sums; g is taken as the layer's output, a tensor of the right shape."""
+    def run():
+        h = x
+        outs = []
+        for w in weights:
+            outs.append((h, mm(h, transpose(w))))
+            h = outs[-1][1]
+        for i, (h, g) in enumerate(outs):
+            if i:
+                mm(g, weights[i])
+            mm(transpose(g), h)
+            column_sums(g)
+
+    return run
+
+
+def gemm_weights(lib_randn):
+    sizes = [IN] + [HIDDEN] * LAYERS + [CLASSES]
+    return [lib_randn(b, a) for a, b in zip(sizes, sizes[1:])]
+
+
 def repeat(step, n):
     def run():
         for _ in range(n):
@@ -67,23 +95,44 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--one-core", action="store_true",
+                        help="both sides on one thread, timed by this process's CPU time (busy machines)")
     args = parser.parse_args()
+    torch = torch_or_none()
+    if args.one_core:
+        dt.set_num_threads(1)
+        if torch is not None:
+            torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, IN)).astype(np.float32)
     y = rng.integers(0, CLASSES, BATCH).astype(np.int64)
     candidates = {"disttrain": repeat(make_ours(x, y), args.steps)}
-    torch = torch_or_none()
     if torch is not None:
         candidates["pytorch"] = repeat(make_torch(torch, x, y), args.steps)
+    rng_weights = gemm_weights(lambda r, c: rng.standard_normal((r, c)).astype(np.float32))
+    ones = np.ones(BATCH, dtype=np.float32)
+    candidates["numpy GEMMs"] = repeat(step_gemms(np.matmul, np.transpose, lambda g: ones @ g, x, rng_weights),
+                                       args.steps)
+    if torch is not None:
+        candidates["torch GEMMs"] = repeat(step_gemms(torch.mm, torch.t, lambda g: g.sum(0), torch.from_numpy(x),
+                                                      [torch.from_numpy(w) for w in rng_weights]), args.steps)
     flops = 6 * BATCH * (IN * HIDDEN + (LAYERS - 1) * HIDDEN * HIDDEN + HIDDEN * CLASSES)  # fwd + 2x bwd GEMMs
-    rates = interleaved(candidates, rounds=args.rounds)
+    load_before = os.getloadavg()[0]
+    rates = interleaved(candidates, rounds=args.rounds, clock=time.process_time if args.one_core else time.perf_counter)
+    load_after = os.getloadavg()[0]
     print(f"MLP step, batch {BATCH}, {IN}-{'-'.join([str(HIDDEN)] * LAYERS)}-{CLASSES}, float32, SGD; {machine()}")
+    gemm_rates = {name: rates.pop(name) for name in ("numpy GEMMs", "torch GEMMs") if name in rates}
     for name, rate in rates.items():
         print(f"  {name:10s} {rate:8.2f} steps/s   {rate * BATCH:9.0f} samples/s   {rate * flops / 1e9:6.1f} GFLOP/s")
+    for (name, rate), gemms in zip(rates.items(), gemm_rates.items()):
+        print(f"  {gemms[0]:12s} alone {1e3 / gemms[1]:6.2f} ms a step ({gemms[1] * flops / 1e9:6.1f} GFLOP/s): "
+              f"{rate / gemms[1]:.0%} of {name}'s step")
     if "pytorch" in rates:
         print(f"  ratio disttrain / pytorch = {rates['disttrain'] / rates['pytorch']:.2f}x  (target >= 1.0)")
     else:
         print("  (torch not installed: no comparator; pip install torch==2.13.0)")
+    print(f"  load average (1 min) {load_before:.2f} before, {load_after:.2f} after, on {os.cpu_count()} cores"
+          + ("; one thread per side, CPU time" if args.one_core else "; wall time"))
 
 
 if __name__ == "__main__":

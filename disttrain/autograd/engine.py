@@ -92,21 +92,22 @@ def _roots(tensors, grads, caller):
     return roots
 
 
-def _count_dependencies(nodes):
-    """Number of edges pointing at each node reachable from `nodes` (iterative DFS)."""
+def _count_dependencies(roots):
+    """Number of edges pointing at each node reachable from the set `roots` (iterative DFS)."""
     deps = {}
-    stack = list(nodes)
-    seen = set(stack)
+    stack = list(roots)
     while stack:
-        node = stack.pop()
-        for edge in node.next_edges:
+        for edge in stack.pop().next_edges:
             if edge is None:
                 continue
             nxt = edge[0]
-            deps[nxt] = deps.get(nxt, 0) + 1
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
+            count = deps.get(nxt)
+            if count is None:  # first visit: walk on from it (a root is walked from the start)
+                deps[nxt] = 1
+                if nxt not in roots:
+                    stack.append(nxt)
+            else:
+                deps[nxt] = count + 1
     return deps
 
 
@@ -126,130 +127,137 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
 
 
 def _execute(roots, retain_graph, create_graph, capture, results):
-    deps = _count_dependencies({node for node, _, _ in roots})
+    root_nodes = {node for node, _, _ in roots}
+    deps = _count_dependencies(root_nodes)
     buffers = {}
-    owned = None if create_graph else set()  # ids of buffer tensors this pass allocated
+    owned = None if create_graph else set()  # the (node, slot)s whose sum this pass allocated
     given = {_owner(g.data) for _, _, g in roots}  # memory a leaf's .grad must copy: see _private
     for node, index, g in roots:
         _accumulate(buffers, node, index, g)
-    ready = []
-    for node in {node for node, _, _ in roots}:
-        if deps.get(node, 0) == 0:
-            heapq.heappush(ready, (-node.seq, id(node), node))
+    ready = [(-node.seq, id(node), node) for node in root_nodes if node not in deps]
+    heapq.heapify(ready)
+    # the loop runs once per node: its common steps are inlined, its names bound locally
+    pop, push, pushpop, accumulate_grad = heapq.heappop, heapq.heappush, heapq.heappushpop, AccumulateGrad
     with grad_mode.set_grad_enabled(create_graph):
-        while ready:
-            node = heapq.heappop(ready)[2]
-            grads = buffers.pop(node)  # _take, inlined: this loop runs once per node
-            if owned:
-                for g in grads:
-                    owned.discard(id(g))
+        node = pop(ready)[2] if ready else None
+        while node is not None:
+            grads = buffers.pop(node)  # a taken slot gets no more gradient this pass (see _add_to_slot)
             if capture is not None:
                 _capture(capture, node, grads, results)
-            if type(node) is AccumulateGrad:
+            if type(node) is accumulate_grad:
                 if capture is None and grads[0] is not None:
                     node.accumulate(grads[0], create_graph, given)
+                node = pop(ready)[2] if ready else None
                 continue
-            in_grads = _apply_node(node, grads)
-            _mark_shared(grads, in_grads, given)
+            in_grads = _apply_node(node, grads, given)
+            if len(in_grads) > 1:
+                _mark_shared(in_grads, given)
             if not retain_graph:
                 node.release()
+            newly_ready = None
             for edge, g in zip(node.next_edges, in_grads):
                 if edge is None:
                     continue
                 nxt = edge[0]
-                buf = buffers.get(nxt)
-                if buf is None:
-                    buf = buffers[nxt] = [None] * nxt.n_outputs
                 if g is not None:
-                    _add_to_slot(buf, edge[1], g, owned)
+                    buf = buffers.get(nxt)
+                    if buf is None:
+                        if nxt.n_outputs == 1:
+                            buffers[nxt] = [g]
+                        else:
+                            buf = buffers[nxt] = [None] * nxt.n_outputs
+                            buf[edge[1]] = g
+                    else:
+                        _add_to_slot(buf, nxt, edge[1], g, owned)
+                elif nxt not in buffers:
+                    buffers[nxt] = [None] * nxt.n_outputs
                 remaining = deps[nxt] - 1
                 deps[nxt] = remaining
                 if remaining == 0:
-                    if type(nxt) is AccumulateGrad and capture is None:
-                        g_leaf = _take(buffers, nxt, owned)[0]  # final: run now so grad-ready hooks fire early
+                    if type(nxt) is accumulate_grad and capture is None:
+                        g_leaf = buffers.pop(nxt)[0]  # final: run now so grad-ready hooks fire early
                         if g_leaf is not None:
                             nxt.accumulate(g_leaf, create_graph, given)
+                    elif newly_ready is None:
+                        newly_ready = nxt
                     else:
-                        heapq.heappush(ready, (-nxt.seq, id(nxt), nxt))
+                        push(ready, (-nxt.seq, id(nxt), nxt))
+            if newly_ready is not None:  # the common chain: it runs next unless a later-created node waits
+                node = pushpop(ready, (-newly_ready.seq, id(newly_ready), newly_ready))[2] if ready else newly_ready
+            else:
+                node = pop(ready)[2] if ready else None
 
 
 def _owner(array):
     return id(array if array.base is None else array.base)
 
 
-def _mark_shared(grads, in_grads, given):
+def _mark_shared(in_grads, given):
     """Add to `given` the memory of every input gradient that reaches more than one place.
 
-    That is (a view of) a gradient the node received, which may still sit in other buffers
-    (add, reshape and hooks pass g on), or one array sent to two inputs. A leaf's .grad then
-    gets a copy: a post-accumulate hook that changes it in place (a data-parallel average)
+    That is one array (or views of it) sent to two inputs: add passes g to both. A leaf's .grad
+    then gets a copy: a post-accumulate hook that changes it in place (a data-parallel average)
     must not change a gradient that backward has yet to use.
+    NOTE: the gradients a node received are not compared: one it passes on (add, reshape) left its
+    buffer slot when the node took it, so it sits somewhere else only where a split before marked it
+    here already, where a hook saw it (marked in _apply_node) or where it is the caller's seed (marked
+    from the start); a sum the pass allocated sits in one slot only.
     """
     seen = []  # a handful of ids: a list is cheaper to build and search than a set
-    for g in grads:
-        if g is not None:
-            array = g.data
-            seen.append(id(array) if array.base is None else id(array.base))  # _owner, inlined (hot)
     for g in in_grads:
         if g is not None:
             array = g.data
-            owner = id(array) if array.base is None else id(array.base)
+            owner = id(array) if array.base is None else id(array.base)  # _owner, inlined (hot)
             if owner in seen:
                 given.add(owner)
             else:
                 seen.append(owner)
 
 
-def _take(buffers, node, owned):
-    """Pop node's gradient buffer for its backward, giving up ownership of the sums in it.
-
-    NOTE: once handed to backward a sum may come back unchanged as an input's gradient (add,
-    sum_to and hooks pass g through), possibly into several slots; adding into it in place
-    then would change every slot that holds it. (And a freed tensor's id may be reused.)
-    """
-    grads = buffers.pop(node)
-    if owned:
-        for g in grads:
-            owned.discard(id(g))
-    return grads
-
-
-def _accumulate(buffers, node, index, g, owned=None):
-    """Add g into node's gradient buffer slot (see _add_to_slot)."""
+def _accumulate(buffers, node, index, g):
+    """Add g into node's gradient buffer slot (see _add_to_slot), out of place."""
     buf = buffers.get(node)
     if buf is None:
         buf = buffers[node] = [None] * node.n_outputs
-    _add_to_slot(buf, index, g, owned)
+    _add_to_slot(buf, node, index, g, None)
 
 
-def _add_to_slot(buf, index, g, owned):
-    """buf[index] += g.
+def _add_to_slot(buf, node, index, g, owned):
+    """buf[index] += g, for slot `index` of node's gradient buffer `buf`.
 
     The first gradient is stored as is (it may be shared with another slot: add's backward passes
     g to both inputs). Without create_graph (`owned` given), the second allocates a fresh sum that
     this pass owns, and later ones add into it in place: a weight used at every time step of an
     RNN costs one allocation, not one per step.
+    NOTE: ownership belongs to the slot, not to the sum: once its node's backward took the sum, it
+    may come back unchanged as an input's gradient (add, sum_to and hooks pass g through), possibly
+    into several slots, and adding into it in place would change every slot that holds it. A slot
+    is taken once per pass, so an owned slot never sees its sum handed out before the last add.
     """
     current = buf[index]
     if current is None:
         buf[index] = g
     elif owned is None:
         buf[index] = current + g
-    elif id(current) in owned:
+    elif (node, index) in owned:
         current.data += g.data
     else:
-        total = buf[index] = current + g
-        owned.add(id(total))
+        buf[index] = current + g
+        owned.add((node, index))
 
 
-def _apply_node(node, grads):
+def _apply_node(node, grads, given):
     """Run one node's backward on its (hooked) output gradients; returns one grad per input."""
     if node.out_hooks:
         for index, hooks in node.out_hooks.items():
             for hook in hooks:
-                new = hook(grads[index]) if grads[index] is not None else None
-                if new is not None:
-                    grads[index] = new
+                if grads[index] is not None:
+                    given.add(_owner(grads[index].data))  # a hook may keep what it sees (retain_grad does)
+                    new = hook(grads[index])
+                    if new is not None:
+                        grads[index] = new
+            if grads[index] is not None:
+                given.add(_owner(grads[index].data))
     if node.n_outputs > 1:
         xp = node.xp
         grads = [g if g is not None else Tensor._wrap(xp.zeros(shape, dtype=dt))

@@ -15,7 +15,8 @@ import weakref
 
 import numpy as np
 
-from disttrain.autograd import grad_mode, observe
+from disttrain.autograd import observe
+from disttrain.autograd.grad_mode import state as _grad_mode
 from disttrain.autograd.observe import state as _observing
 from disttrain.tensor.backend import _BY_ARRAY_TYPE as _BACKENDS
 from disttrain.tensor.tensor import Tensor
@@ -53,29 +54,33 @@ class Function:
     @property
     def saved_inputs(self):
         """The saved input tensors (constants as given), verified unchanged since forward."""
-        if self.saved is None:
+        saved = self.saved
+        if saved is None:
             raise RuntimeError(
                 f"Trying to backward through {type(self).__name__} a second time: its saved tensors were freed "
                 "after the first backward. Pass retain_graph=True to the first backward() if you need to "
                 "backward through the graph again.")
-        for i, (t, version) in enumerate(self.saved):
-            if isinstance(t, Tensor) and t._version != version:
-                raise RuntimeError(
-                    f"{type(self).__name__}: input {i} (shape {t.shape}) was modified in place after it was saved "
-                    f"for backward (version {version} at forward, {t._version} now); gradients would be wrong. "
-                    "Use an out-of-place op, or clone the tensor before changing it.")
-        return tuple(t for t, _ in self.saved)
+        inputs = []  # a plain loop: every backward that reads its inputs runs this
+        for t, version in saved:
+            if isinstance(t, Tensor) and t._version_box[0] != version:
+                _raise_modified(self, t, version)
+            inputs.append(t)
+        return tuple(inputs)
 
     def output(self, i=0):
         """This op's own output i as a tensor connected to this node (for create_graph)."""
+        return Tensor._wrap(self.output_data(i), self, i)
+
+    def output_data(self, i=0):
+        """The array of this op's own output i, verified unchanged since forward (backward without create_graph)."""
         if self.saved_out is None:
             self.saved_inputs  # raises the "second backward" error
         ref, version, data = self.saved_out[i]
         live = ref()
-        if live is not None and live._version != version:
+        if live is not None and live._version_box[0] != version:
             raise RuntimeError(f"{type(self).__name__}: its output was modified in place after forward; "
                                "gradients would be wrong. Use an out-of-place op.")
-        return Tensor._wrap(data, self, i)
+        return data
 
     # ---- machinery -------------------------------------------------------------------------
     @classmethod
@@ -84,7 +89,11 @@ class Function:
         if _observing.active and not observe.take_bypass():  # an op observer listens (autograd.observe)
             return observe.observed_apply(cls, inputs, params)
         node = cls.__new__(cls)
+        enabled = _grad_mode.enabled
         arrays = []
+        # where the gradient w.r.t. each input goes: its producer node, a leaf's accumulator, or nowhere
+        # (one plain loop over the inputs: this runs for every op, and a comprehension costs a call)
+        edges = []
         first = None
         requires = False
         constants = None
@@ -94,25 +103,33 @@ class Function:
                 arrays.append(data)
                 if x.requires_grad:
                     requires = True
+                    if enabled:
+                        edges.append((x._node, x._out_index) if x._node is not None else (accumulator_of(x), 0))
+                    else:
+                        edges.append(None)
+                else:
+                    edges.append(None)
                 if first is None:
                     first = data
                 elif type(data) is not type(first) or (data.dtype != first.dtype and cls.same_dtype):
                     _raise_mismatch(cls, inputs)
-            elif type(x) in _PLAIN:      # the common constants (0.5, an axis, None) need no check
-                arrays.append(x)
-            elif isinstance(x, np.generic):  # a NumPy scalar (np.sqrt(d)) acts as a Python scalar: it adopts
-                arrays.append(x.item())      # the tensors' dtype instead of promoting float32 to float64
             else:
-                arrays.append(x)
-                if cls.same_dtype and type(x) in _BACKENDS:
-                    constants = (constants or []) + [x]
+                edges.append(None)
+                if type(x) in _PLAIN:        # the common constants (0.5, an axis, None) need no check
+                    arrays.append(x)
+                elif isinstance(x, np.generic):  # a NumPy scalar (np.sqrt(d)) acts as a Python scalar: it adopts
+                    arrays.append(x.item())      # the tensors' dtype instead of promoting float32 to float64
+                else:
+                    arrays.append(x)
+                    if cls.same_dtype and type(x) in _BACKENDS:
+                        constants = (constants or []) + [x]
         if first is None:
             raise OpError(f"{cls.__name__}: needs at least one Tensor input, got {[type(x).__name__ for x in inputs]}")
         if constants:
             _check_constants(cls, first, constants)
         backend = node.backend = _BACKENDS[type(first)]
         xp = node.xp = backend.xp
-        record = node.recording = requires and grad_mode.state.enabled
+        record = node.recording = requires and enabled
         try:
             out = node.forward(*arrays, **params)
         except (ValueError, IndexError, TypeError) as exc:
@@ -127,21 +144,16 @@ class Function:
             if not record:
                 return Tensor._wrap(out, version_box=box)
             result = Tensor._wrap(out, node, 0, box)
-            outs = (result,)
+            if cls.saves_output:
+                node.saved_out = ((weakref.ref(result), result._version_box[0], out),)
         else:
             out = tuple(o if type(o) is backend.array_type else xp.asarray(o) for o in out)
             if not record:
                 return tuple(Tensor._wrap(o) for o in out)
-            result = outs = tuple(Tensor._wrap(o, node, i) for i, o in enumerate(out))
+            result = tuple(Tensor._wrap(o, node, i) for i, o in enumerate(out))
             node.out_meta = tuple((o.shape, o.dtype) for o in out)
-        # where the gradient w.r.t. each input goes: its producer node, a leaf's accumulator, or nowhere
-        # (plain loops: a comprehension costs a function call per op on Python 3.11)
-        edges = []
-        for x in inputs:
-            if isinstance(x, Tensor) and x.requires_grad:
-                edges.append((x._node, x._out_index) if x._node is not None else (accumulator_of(x), 0))
-            else:
-                edges.append(None)
+            if cls.saves_output:
+                node.saved_out = tuple((weakref.ref(t), t._version_box[0], t.data) for t in result)
         node.next_edges = tuple(edges)
         node.seq = next(_sequence)
         if cls.saves_inputs:
@@ -150,8 +162,6 @@ class Function:
                 x = inputs[i]
                 saved.append((x, x._version_box[0]) if isinstance(x, Tensor) else (x, 0))
             node.saved = tuple(saved)
-        if cls.saves_output:
-            node.saved_out = tuple([(weakref.ref(t), t._version_box[0], t.data) for t in outs])
         return result
 
     def release(self):
@@ -161,6 +171,14 @@ class Function:
 
     def __repr__(self):
         return f"<{type(self).__name__} node>"
+
+
+def _raise_modified(node, t, version):
+    i = next(i for i, (saved, _) in enumerate(node.saved) if saved is t)
+    raise RuntimeError(
+        f"{type(node).__name__}: input {i} (shape {t.shape}) was modified in place after it was saved "
+        f"for backward (version {version} at forward, {t._version} now); gradients would be wrong. "
+        "Use an out-of-place op, or clone the tensor before changing it.")
 
 
 def _raise_mismatch(cls, inputs):

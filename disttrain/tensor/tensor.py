@@ -12,6 +12,8 @@ from disttrain.tensor import dtypes
 from disttrain.tensor.backend import backend_of_array, get_backend
 from disttrain.tensor.memory import hook as _memory, track as _track_memory
 
+_new_object = object.__new__
+
 
 class Tensor:
     __slots__ = ("data", "requires_grad", "grad", "_node", "_out_index", "_version_box",
@@ -34,13 +36,13 @@ class Tensor:
         if _memory.active:  # a MemoryMeter is running (disttrain.tensor.memory)
             _track_memory(data)
 
-    @classmethod
-    def _wrap(cls, data, node=None, index=0, version_box=None):
+    @staticmethod
+    def _wrap(data, node=None, index=0, version_box=None):
         """Fast constructor for op outputs: no checks, the op guarantees a backend array.
 
         A view of another tensor's memory passes that tensor's `version_box` to share its counter.
         """
-        t = object.__new__(Tensor)
+        t = _new_object(Tensor)  # every op output and backward result comes here: names bound once
         t.data = data
         t.requires_grad = node is not None
         t.grad = None

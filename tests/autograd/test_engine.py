@@ -95,6 +95,17 @@ def test_gradient_shared_by_two_slots_is_not_changed_in_place():
     np.testing.assert_array_equal(b.grad.numpy(), [12.0] * 3)
 
 
+def test_sum_handed_on_by_a_backward_is_not_changed_in_place():
+    # s's two uses give it a sum this pass allocated; add's backward hands that very sum to u and v.
+    # u's later gradient (from w) must go into a new sum, not into the one v's buffer still holds.
+    x = leaf(np.ones(3))
+    u, v = x * 2.0, x * 3.0
+    w = u * 5.0
+    s = u + v
+    (s * 1.0 + s * 1.0 + w).sum().backward()
+    np.testing.assert_array_equal(x.grad.numpy(), [2 * (2 + 5) + 3 * 2] * 3)
+
+
 def test_weight_reused_at_every_step_accumulates():
     w = leaf([[0.5, -0.2], [0.1, 0.3]])
     check(lambda w: dt.concat(_unroll(w, 5), axis=0), w)
@@ -125,6 +136,18 @@ def test_leaf_grad_owns_its_memory():
         x.grad.mul_(10.0)
     np.testing.assert_array_equal(y.grad.numpy(), [1.0, 1.0])
     assert not np.shares_memory(x.grad.numpy(), y.grad.numpy())
+
+
+def test_a_gradient_a_hook_kept_is_not_shared_with_a_leaf_grad():
+    # retain_grad keeps the gradient reshape receives; reshape hands a view of it on to the leaf
+    x = leaf(np.ones(4))
+    t = x.reshape((2, 2))
+    t.retain_grad()
+    (t * 3.0).sum().backward()
+    with dt.no_grad():
+        x.grad.mul_(10.0)
+    np.testing.assert_array_equal(t.grad.numpy(), np.full((2, 2), 3.0))
+    np.testing.assert_array_equal(x.grad.numpy(), [30.0] * 4)
 
 
 def test_backward_with_explicit_gradient_and_from_a_leaf():

@@ -30,10 +30,9 @@ def _array(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
-def _sum_to_any(g, shape):
-    """sum_to for a Tensor (differentiable) or a raw array (wrapped into a Tensor)."""
-    if isinstance(g, Tensor):
-        return sum_to(g, shape)
+def _array_grad(g, x):
+    """A raw gradient array as input x's gradient: summed back to x's shape, wrapped into a Tensor."""
+    shape = x.data.shape
     if g.shape != shape:
         lead = g.ndim - len(shape)
         axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
@@ -53,8 +52,9 @@ class Add(Function):
 
     def backward(self, g):
         sa, sb = self.shapes
-        return (sum_to(g, sa) if self.needs_grad(0) else None,
-                sum_to(g, sb) if self.needs_grad(1) else None)
+        edge_a, edge_b = self.next_edges  # an input needs a gradient where its edge is not None
+        return (sum_to(g, sa) if edge_a is not None else None,
+                sum_to(g, sb) if edge_b is not None else None)
 
 
 class Sub(Function):
@@ -64,8 +64,9 @@ class Sub(Function):
 
     def backward(self, g):
         sa, sb = self.shapes
-        return (sum_to(g, sa) if self.needs_grad(0) else None,
-                sum_to(-g, sb) if self.needs_grad(1) else None)
+        edge_a, edge_b = self.next_edges
+        return (sum_to(g, sa) if edge_a is not None else None,
+                sum_to(-g, sb) if edge_b is not None else None)
 
 
 class Mul(Function):
@@ -76,11 +77,13 @@ class Mul(Function):
 
     def backward(self, g):
         a, b = self.saved_inputs
-        shape_a, shape_b = _shape(a), _shape(b)
-        if not grad_mode.state.enabled:  # no create_graph: on the arrays, no nodes (the hottest backward)
-            a, b, g = _array(a), _array(b), g.data
-        return (_sum_to_any(g * b, shape_a) if self.needs_grad(0) else None,
-                _sum_to_any(g * a, shape_b) if self.needs_grad(1) else None)
+        edge_a, edge_b = self.next_edges
+        if grad_mode.state.enabled:  # create_graph: differentiable ops
+            return (sum_to(g * b, _shape(a)) if edge_a is not None else None,
+                    sum_to(g * a, _shape(b)) if edge_b is not None else None)
+        g = g.data  # on the arrays, no nodes (the hottest backward); an input with an edge is a Tensor
+        return (_array_grad(g * _array(b), a) if edge_a is not None else None,
+                _array_grad(g * _array(a), b) if edge_b is not None else None)
 
 
 class Div(Function):
@@ -152,9 +155,9 @@ class Tanh(Function):
         return self.xp.tanh(a)
 
     def backward(self, g):
-        y = self.output()
         if not grad_mode.state.enabled:  # no create_graph: one kernel on the arrays, no nodes
-            return _wrap_array(self.backend.kernels.bias_act_backward(self.xp, g.data, y.data, "tanh")[0])
+            return _wrap_array(self.backend.kernels.bias_act_backward(self.xp, g.data, self.output_data(), "tanh")[0])
+        y = self.output()
         return g * (1 - y * y)
 
 
@@ -165,16 +168,18 @@ class Sigmoid(Function):
         return self.backend.kernels.sigmoid(self.xp, a)
 
     def backward(self, g):
-        y = self.output()
         if not grad_mode.state.enabled:  # no create_graph: one kernel on the arrays, no nodes
-            return _wrap_array(self.backend.kernels.bias_act_backward(self.xp, g.data, y.data, "sigmoid")[0])
+            return _wrap_array(self.backend.kernels.bias_act_backward(self.xp, g.data, self.output_data(),
+                                                                      "sigmoid")[0])
+        y = self.output()
         return g * (y * (1 - y))
 
 
 class Relu(Function):
     def forward(self, a):
         self.mask = a > 0
-        return a * self.mask
+        # maximum, not a * mask: a float-by-bool product runs NumPy's slower mixed-type loop (NaN stays NaN either way)
+        return self.xp.maximum(a, 0)
 
     def backward(self, g):
         return g * Tensor._wrap(self.xp.asarray(self.mask, dtype=g.dtype))  # asarray: 0-d masks are scalars
