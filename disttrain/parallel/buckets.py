@@ -304,6 +304,11 @@ class Reducer:
             return _ReduceScatterBucket(index, named, self.comm.size)
         return _AllreduceBucket(index, named, self.comm.size)
 
+    def resident_buffers(self):
+        """The allreduce buckets' flat buffers: alive from step to step, held by no tensor between a pass's
+        first packed gradient and the unpacking (a reduce-scatter's rows come and go within a pass)."""
+        return [b.flat for b in self.buckets if isinstance(b, _AllreduceBucket)]
+
     # ---- during backward -----------------------------------------------------------------------
     def _callback(self, bucket, i):
         def grad_ready(param):

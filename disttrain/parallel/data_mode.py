@@ -75,6 +75,9 @@ class DataParallelMode(MPIMode):
         return holding_for("data", self.comm.size, self.shard_optimizer, rows_buckets=MAX_ROWS_IN_FLIGHT + 1,
                            bucket_mb=self.bucket_mb)
 
+    def resident_buffers(self):
+        return self.data_parallel.reducer.resident_buffers() if self.data_parallel is not None else []
+
     def describe(self, batch_size, unit="streams"):
         shares = self.data_group.size
         sharded = (f", optimizer state sharded (ZeRO stage {self.shard_optimizer})" if self.shard_optimizer

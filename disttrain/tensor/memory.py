@@ -151,15 +151,17 @@ class MemoryMeter:
 
     resident: the tensors alive at start that the metered code may use (a training step: parameters,
     gradients, the carried state), counted instead of scanning every Python object for tensors; a
-    tensor alive but left out would count as new if the code made a view of it.
+    tensor alive but left out would count as new if the code made a view of it. buffers: arrays alive at start
+    that no tensor holds (a mode's communication buffers), counted as resident too.
     """
 
-    def __init__(self, device="cpu", resident=None):
+    def __init__(self, device="cpu", resident=None, buffers=()):
         name = device.split(":")[0] if isinstance(device, str) else device
         if name not in ("cpu", "cuda"):
             raise ValueError(f"MemoryMeter: unknown device {device!r}; expected 'cpu' or 'cuda'")
         self.device = name
         self._resident = resident
+        self._buffers = buffers
         self.running = False
         self._peak_host = self._peak_device = 0
         self._start = self._final = 0
@@ -169,6 +171,7 @@ class MemoryMeter:
         if self.running:
             raise RuntimeError("MemoryMeter.start(): this meter is already running")
         resident, self._resident = self._resident, None  # holding them would keep freed gradients alive
+        buffers, self._buffers = self._buffers, ()
         if not _meters:
             from disttrain.autograd.observe import add_op_observer
 
@@ -177,6 +180,8 @@ class MemoryMeter:
             else:
                 for tensor in resident:
                     track(tensor.data)
+            for array in buffers:
+                track(array)
             hook.active = True
             _node_observer = add_op_observer(_count_recorded_node)
         _meters.append(self)

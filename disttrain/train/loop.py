@@ -264,7 +264,8 @@ class Trainer:
         """
         if (self.step + 1) % self.spec.train.log_every and self.step != 0:   # the first step checks the budget
             return self.train_step(inputs, targets)
-        with MemoryMeter(self.mode.device, resident=self._resident_tensors()) as meter:
+        with MemoryMeter(self.mode.device, resident=self._resident_tensors(),
+                         buffers=self.mode.resident_buffers()) as meter:
             result = self.train_step(inputs, targets)
         whole = self._record_measured_peak(meter.peak_bytes + self.optimizer.state_nbytes())
         needed = self._acc["peak_mem_bytes"] = meter.peak_bytes - meter.start_bytes  # beyond the parameters

@@ -166,6 +166,11 @@ class Mode:
         """What this process holds of the memory of what it trains, for the memory estimate (after prepare)."""
         return Holding()
 
+    def resident_buffers(self):
+        """Arrays this mode keeps from step to step that no tensor holds (communication buffers), for the
+        memory meter (after prepare)."""
+        return []
+
     def describe(self, batch_size, unit="streams"):
         """Lines for the job log at start: processes, their share of a batch of `batch_size` `unit`, threads."""
         return [f"local: 1 process, {batch_size} {unit} a batch, {describe_threads(self.device)}"]
