@@ -181,6 +181,70 @@ def cross_entropy_backward(xp, logits, target, saved, row_scale):
     return grad
 
 
+# ---- Transformer: tanh GELU, softmax over the last axis -------------------------------------------------
+
+# The compiled GELU is float32's only. Its form x / (1 + exp(-2u)) keeps the digits that the reference's
+# 1 + tanh(u) loses where tanh(u) is near -1: a few float32 ulps of difference, but in float64 the
+# reference's own rounding of that sum (up to ~1e-12 relative at x = -4) would be the difference, and the
+# float64 gradient checks test the reference's formula to 1e-14.
+
+def gelu_forward(xp, x):
+    """kernels_numpy.gelu_forward, compiled for float32: one pass, element blocks on the intra-op threads."""
+    lib = _compiled(xp, x)
+    if lib is None or x.dtype != np.float32:
+        return _ref.gelu_forward(xp, x)
+    y = np.empty(x.shape, dtype=x.dtype)  # x's shape: ascontiguousarray makes a 0-d array 1-d
+    _by_elements(_kernel(lib, "gelu_forward", x.dtype), x.size, _c(x), y)
+    return y
+
+
+def gelu_backward(xp, grad_y, x):
+    """kernels_numpy.gelu_backward, compiled for float32: one pass recomputing the activation from x."""
+    lib = _compiled(xp, grad_y, x)
+    if lib is None or x.dtype != np.float32 or grad_y.shape != x.shape:
+        return _ref.gelu_backward(xp, grad_y, x)
+    grad_x = np.empty(x.shape, dtype=x.dtype)
+    _by_elements(_kernel(lib, "gelu_backward", x.dtype), x.size, _c(grad_y), _c(x), grad_x)
+    return grad_x
+
+
+def softmax_forward(xp, x, causal=False):
+    """kernels_numpy.softmax_forward, compiled: one visit of each row (max, exp and sum, scale), rows on
+    the intra-op threads; a causal row reads only its kept entries."""
+    lib = _compiled(xp, x)
+    if lib is None or x.ndim < (2 if causal else 1):
+        return _ref.softmax_forward(xp, x, causal)
+    x = _c(x)
+    y = np.empty_like(x)
+    n = x.shape[-1]
+    queries = x.shape[-2] if causal else 1
+    args = _pointers(x, y)
+    kernel = _kernel(lib, "softmax_forward", x.dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, n, queries, int(causal), lo, hi), x.size // n, n)
+    return y
+
+
+def softmax_backward(xp, grad_y, y):
+    """kernels_numpy.softmax_backward, compiled: each row's dot product and gradient in one visit."""
+    lib = _compiled(xp, grad_y, y)
+    if lib is None or y.ndim == 0 or grad_y.shape != y.shape:
+        return _ref.softmax_backward(xp, grad_y, y)
+    y = _c(y)
+    grad_x = np.empty_like(y)
+    n = y.shape[-1]
+    args = _pointers(_c(grad_y), y, grad_x)
+    kernel = _kernel(lib, "softmax_backward", y.dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, n, lo, hi), y.size // n, n)
+    return grad_x
+
+
+def _by_elements(kernel, size, *arrays):
+    """kernel(*pointers, lo, hi) over element blocks of C-contiguous arrays, side by side on the intra-op
+    threads."""
+    args = _pointers(*arrays)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), size, 1)
+
+
 def _bind_reference_kernels():
     """The table's other entries are kernels_numpy's own (a kernel or constant added there is here too), bound
     as this module's names at import: a module __getattr__ would add a microsecond or two to every call of

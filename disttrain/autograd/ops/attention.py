@@ -11,12 +11,15 @@ class MaskedSoftmax(Softmax):
     floating-point, added to x (-inf removes an entry). causal: key j is kept for query i only
     where j <= i (the top-left aligned triangle of torch's is_causal). A row with
     every entry removed comes out all zeros (and passes no gradient) instead of NaN. Stable: the
-    row maximum over the kept entries is subtracted before exp. Backward is softmax's.
+    row maximum over the kept entries is subtracted before exp. Backward is softmax's. Without a
+    mask, forward is one kernel (kernels_numpy.softmax_forward, causal or not).
     """
 
     def forward(self, x, mask, causal):
         xp = self.xp
         self.axis = -1
+        if mask is None:
+            return self.backend.kernels.softmax_forward(xp, x, causal)
         keep = xp.tri(x.shape[-2], x.shape[-1], dtype=bool) if causal else None
         if mask is not None:
             if mask.dtype == bool:

@@ -28,15 +28,25 @@ class LogSoftmax(Function):
 
 
 class Softmax(Function):
+    """softmax along `axis`; over the last axis forward and backward are one kernel each
+    (kernels_numpy.softmax_forward / softmax_backward)."""
+
     saves_output = True
 
     def forward(self, x, axis):
         self.axis = axis
+        if self._last_axis(x.ndim):
+            return self.backend.kernels.softmax_forward(self.xp, x)
         return _softmax(self.xp, x, axis)
 
     def backward(self, g):
         y = self.output()
+        if not grad_mode.state.enabled and self._last_axis(y.ndim):  # no create_graph: one kernel
+            return Tensor._wrap(self.backend.kernels.softmax_backward(self.xp, g.data, y.data))
         return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
+
+    def _last_axis(self, ndim):
+        return ndim > 0 and self.axis in (-1, ndim - 1)
 
 
 class CrossEntropy(Function):
