@@ -10,6 +10,9 @@
     optim.cu        SGD (momentum, Nesterov, weight decay) and Adam/AdamW (AMSGrad) over flat buffers
     norms.cu        gradient norms (2, inf, p), host-coefficient scaling, on-device clipping
     bucket.cu       bucket pack/unpack with a fused scale, for allreduce
+    gelu.cu         tanh GELU forward and backward (backward recomputes from the input)
+    softmax.cu      softmax over the last axis, optionally causal (an online log-sum-exp pass, a warp or a
+                    block per row), and its backward with the row dot product fused in
     loader.py       compiles each source once per process with cupy.RawModule, caches named kernels
     launch.py       launch configurations (pure Python, tested on the CPU)
     wrappers.py     kernels_numpy's names and signatures, launching the kernels above

@@ -345,3 +345,55 @@ def counter_uniform(xp, shape, dtype, seed, offset):
     _launch_1d("random", "counter_uniform", out.dtype, out.size,
                (out, _i64(out.size), _u64(int(seed) & _ref.UINT64_MASK), _u64(int(offset) & _ref.UINT64_MASK)))
     return out
+
+
+# ---- Transformer: tanh GELU, softmax over the last axis --------------------------------------------------
+
+def gelu_forward(xp, x):
+    """0.5 x (1 + tanh(u)) in one elementwise kernel (gelu.cu: written as x / (1 + exp(-2u)))."""
+    if not _fused(x):
+        return _ref.gelu_forward(xp, x)
+    x = _contiguous(xp, x)
+    y = xp.empty_like(x)
+    _launch_1d("gelu", "gelu_forward", x.dtype, x.size, (x, y, _i64(x.size)))
+    return y
+
+
+def gelu_backward(xp, grad_y, x):
+    """GELU's input gradient in one elementwise kernel, recomputing the activation from x."""
+    if not _fused(grad_y, x) or grad_y.shape != x.shape or grad_y.dtype != x.dtype:
+        return _ref.gelu_backward(xp, grad_y, x)
+    x = _contiguous(xp, x)
+    grad_x = xp.empty_like(x)
+    _launch_1d("gelu", "gelu_backward", x.dtype, x.size, (_contiguous(xp, grad_y), x, grad_x, _i64(x.size)))
+    return grad_x
+
+
+def _softmax_launch(name, rows, n, dtype, args):
+    cfg = launch_config.softmax_config(rows, n, dtype.itemsize)
+    kernel("softmax", f"{name}_{cfg.kind}", dtype)(cfg.grid, cfg.block, args, shared_mem=cfg.shared_mem)
+
+
+def softmax_forward(xp, x, causal=False):
+    """softmax over the last axis (causal: keys j <= query i) in one kernel: a warp or a block per row."""
+    if not _fused(x) or (causal and x.ndim < 2):
+        return _ref.softmax_forward(xp, x, causal)
+    x = _contiguous(xp, x)
+    y = xp.empty_like(x)
+    n = x.shape[-1]
+    queries = x.shape[-2] if causal else 1
+    _softmax_launch("softmax_forward", x.size // n, n, x.dtype,
+                    (x, y, _i64(x.size // n), _i64(n), _i64(queries), _i32(bool(causal))))
+    return y
+
+
+def softmax_backward(xp, grad_y, y):
+    """y (grad_y - sum(grad_y y)) over the last axis in one kernel: each row's dot product, then its gradient."""
+    if not _fused(grad_y, y) or grad_y.shape != y.shape or grad_y.dtype != y.dtype:
+        return _ref.softmax_backward(xp, grad_y, y)
+    y = _contiguous(xp, y)
+    grad_x = xp.empty_like(y)
+    n = y.shape[-1]
+    _softmax_launch("softmax_backward", y.size // n, n, y.dtype,
+                    (_contiguous(xp, grad_y), y, grad_x, _i64(y.size // n), _i64(n)))
+    return grad_x
