@@ -30,9 +30,7 @@ __device__ __forceinline__ void softmax_forward_warp_impl(const T* __restrict__ 
                                                           dt_index n_rows, dt_index n, dt_index queries,
                                                           int causal) {
     const int lane = threadIdx.x % DT_WARP;
-    const dt_index rows_per_block = blockDim.x / DT_WARP;
-    for (dt_index row = (dt_index)blockIdx.x * rows_per_block + threadIdx.x / DT_WARP; row < n_rows;
-         row += (dt_index)gridDim.x * rows_per_block) {
+    DT_FOR_EACH_WARP_ROW(row, n_rows) {
         const T* xr = x + row * n;
         const dt_index kept = softmax_kept(row, n, queries, causal);
         T m = dt_neg_inf<T>(), s = T(0);
@@ -68,9 +66,7 @@ template <typename T>
 __device__ __forceinline__ void softmax_backward_warp_impl(const T* __restrict__ grad_y, const T* __restrict__ y,
                                                            T* __restrict__ grad_x, dt_index n_rows, dt_index n) {
     const int lane = threadIdx.x % DT_WARP;
-    const dt_index rows_per_block = blockDim.x / DT_WARP;
-    for (dt_index row = (dt_index)blockIdx.x * rows_per_block + threadIdx.x / DT_WARP; row < n_rows;
-         row += (dt_index)gridDim.x * rows_per_block) {
+    DT_FOR_EACH_WARP_ROW(row, n_rows) {
         const dt_index base = row * n;
         T dot = T(0);
         for (dt_index col = lane; col < n; col += DT_WARP) dot += grad_y[base + col] * y[base + col];

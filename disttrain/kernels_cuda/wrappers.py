@@ -361,12 +361,20 @@ def gelu_forward(xp, x):
 
 def gelu_backward(xp, grad_y, x):
     """GELU's input gradient in one elementwise kernel, recomputing the activation from x."""
-    if not _fused(grad_y, x) or grad_y.shape != x.shape or grad_y.dtype != x.dtype:
+    operands = _backward_operands(xp, grad_y, x)
+    if operands is None:
         return _ref.gelu_backward(xp, grad_y, x)
-    x = _contiguous(xp, x)
-    grad_x = xp.empty_like(x)
-    _launch_1d("gelu", "gelu_backward", x.dtype, x.size, (_contiguous(xp, grad_y), x, grad_x, _i64(x.size)))
-    return grad_x
+    _launch_1d("gelu", "gelu_backward", x.dtype, x.size, operands + (_i64(x.size),))
+    return operands[2]
+
+
+def _backward_operands(xp, grad_y, saved):
+    """(grad_y, saved, a new grad_x), C-contiguous, for a backward kernel over same-shape arrays; None where
+    no kernel applies (a dtype without one, mixed dtypes or shapes, empty or 0-d arrays)."""
+    if not _fused(grad_y, saved) or grad_y.shape != saved.shape or grad_y.dtype != saved.dtype:
+        return None
+    saved = _contiguous(xp, saved)
+    return _contiguous(xp, grad_y), saved, xp.empty_like(saved)
 
 
 def _softmax_launch(name, rows, n, dtype, args):
@@ -389,11 +397,9 @@ def softmax_forward(xp, x, causal=False):
 
 def softmax_backward(xp, grad_y, y):
     """y (grad_y - sum(grad_y y)) over the last axis in one kernel: each row's dot product, then its gradient."""
-    if not _fused(grad_y, y) or grad_y.shape != y.shape or grad_y.dtype != y.dtype:
+    operands = _backward_operands(xp, grad_y, y)
+    if operands is None:
         return _ref.softmax_backward(xp, grad_y, y)
-    y = _contiguous(xp, y)
-    grad_x = xp.empty_like(y)
     n = y.shape[-1]
-    _softmax_launch("softmax_backward", y.size // n, n, y.dtype,
-                    (_contiguous(xp, grad_y), y, grad_x, _i64(y.size // n), _i64(n)))
-    return grad_x
+    _softmax_launch("softmax_backward", y.size // n, n, y.dtype, operands + (_i64(y.size // n), _i64(n)))
+    return operands[2]
