@@ -315,12 +315,6 @@ DT_CLONES void gelu_backward(const T* grad_y, const T* x, T* grad_x, i64 lo, i64
     }
 }
 
-template <typename T>
-DT_CLONES void divide_row(T* x, T d, i64 n) {
-#pragma omp simd
-    for (i64 j = 0; j < n; ++j) x[j] /= d;
-}
-
 // Rows [lo, hi) of x (rows, n): softmax of each row's first `kept` entries (all n, or with `causal` the
 // entries j <= i of query i = row % queries), zeros after them
 template <typename T>
@@ -332,7 +326,7 @@ void softmax_forward(const T* x, T* y, i64 n, i64 queries, int causal, i64 lo, i
         const i64 kept = query + 1 < n ? query + 1 : n;
         const T top = row_max<T>(xr, kept);
         const T s = row_sumexp<T>(xr, std::isfinite(top) ? top : T(0), yr, kept);  // a row of -inf: exp = 0
-        divide_row<T>(yr, s > T(0) ? s : T(1), kept);
+        scale_row<T>(yr, s > T(0) ? T(1) / s : T(1), kept);
         std::memset(yr + kept, 0, sizeof(T) * (n - kept));
     }
 }
