@@ -276,8 +276,9 @@ DT_EXPORT_ALL(f64, double)
 
 }  // extern "C"
 
-// ---- Transformer: tanh GELU, softmax over the last axis (optionally causal) ----------------------------
-// kernels_numpy.gelu_forward / gelu_backward / softmax_forward / softmax_backward, one pass each.
+// ---- Transformer: tanh GELU, softmax over the last axis (optionally causal), LayerNorm --------------------
+// kernels_numpy.gelu_forward / gelu_backward / softmax_forward / softmax_backward / layer_norm_forward /
+// layer_norm_backward, one visit of each element or row each.
 
 namespace {
 
@@ -356,6 +357,72 @@ void softmax_backward(const T* grad_y, const T* y, T* grad_x, i64 n, i64 lo, i64
     }
 }
 
+// Rows [lo, hi) of x (rows, n): y = (x - mean) rstd weight + bias (weight, bias: null for none), with
+// each row's mean and rstd = 1 / sqrt(var + eps) written out for backward
+template <typename T>
+DT_CLONES void layer_norm_forward(const T* x, const T* weight, const T* bias, double eps, T* y, T* mean,
+                                  T* rstd, i64 n, i64 lo, i64 hi) {
+    for (i64 r = lo; r < hi; ++r) {
+        const T* xr = x + r * n;
+        T* yr = y + r * n;
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (i64 j = 0; j < n; ++j) sum += xr[j];
+        const T mu = sum / T(n);
+        T squares = 0;
+#pragma omp simd reduction(+ : squares)
+        for (i64 j = 0; j < n; ++j) squares += (xr[j] - mu) * (xr[j] - mu);
+        const T inv = T(1) / std::sqrt(squares / T(n) + T(eps));
+        mean[r] = mu;
+        rstd[r] = inv;
+#pragma omp simd
+        for (i64 j = 0; j < n; ++j) {
+            T v = (xr[j] - mu) * inv;
+            v = weight ? v * weight[j] : v;
+            yr[j] = bias ? v + bias[j] : v;
+        }
+    }
+}
+
+// Rows of chunks [lo, hi) of `chunk` rows each: grad_x (rows, n) = rstd (g - mean(g) - xhat mean(g xhat)),
+// g = grad_y weight, xhat = (x - mean) rstd; and per chunk c the column sums of grad_y xhat and grad_y
+// over its rows in weight_sums[c], bias_sums[c] (n each; null: not wanted), which the caller adds up:
+// the same sums whichever thread runs a chunk
+template <typename T>
+DT_CLONES void layer_norm_backward(const T* grad_y, const T* x, const T* weight, const T* mean, const T* rstd,
+                                   T* grad_x, T* weight_sums, T* bias_sums, i64 rows, i64 n, i64 chunk, i64 lo,
+                                   i64 hi) {
+    for (i64 c = lo; c < hi; ++c) {
+        T* ws = weight_sums ? weight_sums + c * n : nullptr;
+        T* bs = bias_sums ? bias_sums + c * n : nullptr;
+        if (ws) std::memset(ws, 0, sizeof(T) * n);
+        if (bs) std::memset(bs, 0, sizeof(T) * n);
+        const i64 end = (c + 1) * chunk < rows ? (c + 1) * chunk : rows;
+        for (i64 r = c * chunk; r < end; ++r) {
+            const T* g = grad_y + r * n;
+            const T* xr = x + r * n;
+            T* gx = grad_x + r * n;
+            const T mu = mean[r], inv = rstd[r];
+            T g_sum = 0, gx_sum = 0;
+#pragma omp simd reduction(+ : g_sum, gx_sum)
+            for (i64 j = 0; j < n; ++j) {
+                const T gw = weight ? g[j] * weight[j] : g[j];
+                g_sum += gw;
+                gx_sum += gw * ((xr[j] - mu) * inv);
+            }
+            const T g_mean = g_sum / T(n), gx_mean = gx_sum / T(n);
+#pragma omp simd
+            for (i64 j = 0; j < n; ++j) {
+                const T xhat = (xr[j] - mu) * inv;
+                const T gw = weight ? g[j] * weight[j] : g[j];
+                gx[j] = (gw - g_mean - xhat * gx_mean) * inv;
+                if (ws) ws[j] += g[j] * xhat;
+                if (bs) bs[j] += g[j];
+            }
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -365,15 +432,25 @@ void dt_gelu_backward_f32(const float* grad_y, const float* x, float* grad_x, i6
     gelu_backward<float>(grad_y, x, grad_x, lo, hi);
 }
 
-#define DT_EXPORT_SOFTMAX(S, T)                                                                               \
+#define DT_EXPORT_ROWS(S, T)                                                                               \
     void dt_softmax_forward_##S(const T* x, T* y, i64 n, i64 queries, int causal, i64 lo, i64 hi) {           \
         softmax_forward<T>(x, y, n, queries, causal, lo, hi);                                                 \
     }                                                                                                         \
     void dt_softmax_backward_##S(const T* grad_y, const T* y, T* grad_x, i64 n, i64 lo, i64 hi) {             \
         softmax_backward<T>(grad_y, y, grad_x, n, lo, hi);                                                    \
+    }                                                                                                         \
+    void dt_layer_norm_forward_##S(const T* x, const T* weight, const T* bias, double eps, T* y, T* mean,      \
+                                   T* rstd, i64 n, i64 lo, i64 hi) {                                          \
+        layer_norm_forward<T>(x, weight, bias, eps, y, mean, rstd, n, lo, hi);                                \
+    }                                                                                                         \
+    void dt_layer_norm_backward_##S(const T* grad_y, const T* x, const T* weight, const T* mean,              \
+                                    const T* rstd, T* grad_x, T* weight_sums, T* bias_sums, i64 rows, i64 n,  \
+                                    i64 chunk, i64 lo, i64 hi) {                                              \
+        layer_norm_backward<T>(grad_y, x, weight, mean, rstd, grad_x, weight_sums, bias_sums, rows, n, chunk,  \
+                               lo, hi);                                                                       \
     }
 
-DT_EXPORT_SOFTMAX(f32, float)
-DT_EXPORT_SOFTMAX(f64, double)
+DT_EXPORT_ROWS(f32, float)
+DT_EXPORT_ROWS(f64, double)
 
 }  // extern "C"

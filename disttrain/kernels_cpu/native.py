@@ -44,6 +44,8 @@ _SIGNATURES = {
     "dt_gelu_backward_{s}": [_P, _P, _P, _I64, _I64],
     "dt_softmax_forward_{s}": [_P, _P, _I64, _I64, ctypes.c_int, _I64, _I64],
     "dt_softmax_backward_{s}": [_P, _P, _P, _I64, _I64, _I64],
+    "dt_layer_norm_forward_{s}": [_P, _P, _P, ctypes.c_double, _P, _P, _P, _I64, _I64, _I64],
+    "dt_layer_norm_backward_{s}": [_P] * 8 + [_I64] * 5,
 }
 # built for float32 only: float64 (the gradient checks' dtype) keeps the reference's arithmetic, see wrappers.py
 FLOAT32_ONLY = ("dt_gelu_forward_{s}", "dt_gelu_backward_{s}")

@@ -232,10 +232,53 @@ def softmax_backward(xp, grad_y, y):
     y = _c(y)
     grad_x = np.empty_like(y)
     n = y.shape[-1]
-    args = _pointers(_c(grad_y), y, grad_x)
+    arrays = (_c(grad_y), y, grad_x)  # kept alive through the call: _c may copy
+    args = _pointers(*arrays)
     kernel = _kernel(lib, "softmax_backward", y.dtype)
     threads.parallel_rows(lambda lo, hi: kernel(*args, n, lo, hi), y.size // n, n)
     return grad_x
+
+
+def layer_norm_forward(xp, x, weight, bias, eps):
+    """kernels_numpy.layer_norm_forward, compiled: one visit of each row (mean, variance, output), rows on
+    the intra-op threads."""
+    lib = _compiled(xp, *(a for a in (x, weight, bias) if a is not None))
+    if lib is None or x.ndim != 2:
+        return _ref.layer_norm_forward(xp, x, weight, bias, eps)
+    rows, n = x.shape
+    x, weight, bias = (None if a is None else _c(a) for a in (x, weight, bias))
+    y = np.empty_like(x)
+    mean, rstd = np.empty(rows, dtype=x.dtype), np.empty(rows, dtype=x.dtype)
+    inputs, outputs = _pointers(x, weight, bias), _pointers(y, mean, rstd)
+    kernel = _kernel(lib, "layer_norm_forward", x.dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*inputs, float(eps), *outputs, n, lo, hi), rows, n)
+    return y, mean, rstd
+
+
+# Rows per partial column sum of the LayerNorm weight and bias gradients: the sums are made per chunk and the
+# chunks' sums added in NumPy, so the result does not depend on how the rows were split over the threads
+LAYER_NORM_CHUNK = 64
+
+
+def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
+    """kernels_numpy.layer_norm_backward, compiled: grad_x with each row's two sums in one visit of the row,
+    the weight and bias gradients as partial column sums over chunks of rows."""
+    lib = _compiled(xp, *(a for a in (grad_y, x, weight, mean, rstd) if a is not None))
+    if lib is None or x.ndim != 2 or grad_y.shape != x.shape:
+        return _ref.layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias)
+    rows, n = x.shape
+    chunks = -(-rows // LAYER_NORM_CHUNK)
+    grad_x = np.empty(x.shape, dtype=x.dtype)
+    weight_sums = np.empty((chunks, n), dtype=x.dtype) if weight is not None else None
+    bias_sums = np.empty((chunks, n), dtype=x.dtype) if with_bias else None
+    arrays = (_c(grad_y), _c(x), None if weight is None else _c(weight), _c(mean), _c(rstd), grad_x, weight_sums,
+              bias_sums)  # kept alive through the call: _c may copy
+    args = _pointers(*arrays)
+    kernel = _kernel(lib, "layer_norm_backward", x.dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, rows, n, LAYER_NORM_CHUNK, lo, hi), chunks,
+                          LAYER_NORM_CHUNK * n)
+    return (grad_x, None if weight_sums is None else weight_sums.sum(axis=0),
+            None if bias_sums is None else bias_sums.sum(axis=0))
 
 
 def _by_elements(kernel, size, *arrays):

@@ -13,6 +13,7 @@
     gelu.cu         tanh GELU forward and backward (backward recomputes from the input)
     softmax.cu      softmax over the last axis, optionally causal (an online log-sum-exp pass, a warp or a
                     block per row), and its backward with the row dot product fused in
+    layer_norm.cu   LayerNorm forward and backward, a warp per row; the weight and bias gradients by column
     loader.py       compiles each source once per process with cupy.RawModule, caches named kernels
     launch.py       launch configurations (pure Python, tested on the CPU)
     wrappers.py     kernels_numpy's names and signatures, launching the kernels above

@@ -403,3 +403,43 @@ def softmax_backward(xp, grad_y, y):
     n = y.shape[-1]
     _softmax_launch("softmax_backward", y.size // n, n, y.dtype, operands + (_i64(y.size // n), _i64(n)))
     return operands[2]
+
+
+def layer_norm_forward(xp, x, weight, bias, eps):
+    """(y, mean, rstd): LayerNorm over the rows of x (N, D) in one kernel, a warp per row."""
+    affine = [a for a in (weight, bias) if a is not None]
+    if not _fused(x, *affine) or x.ndim != 2 or any(a.dtype != x.dtype for a in affine):
+        return _ref.layer_norm_forward(xp, x, weight, bias, eps)
+    rows, n = x.shape
+    x = _contiguous(xp, x)
+    y = xp.empty_like(x)
+    mean, rstd = xp.empty(rows, dtype=x.dtype), xp.empty(rows, dtype=x.dtype)
+    grid, block = launch_config.warp_rows_config(rows)
+    kernel("layer_norm", "layer_norm_forward", x.dtype)(
+        grid, block, (x, x if weight is None else _contiguous(xp, weight), x if bias is None else _contiguous(xp, bias),
+                      _f64(eps), y, mean, rstd, _i64(rows), _i64(n), _i32(weight is not None), _i32(bias is not None)))
+    return y, mean, rstd
+
+
+def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
+    """(grad_x, grad_weight, grad_bias): grad_x in one kernel (a warp per row), the weight and bias gradients
+    as column sums in another (a thread per column)."""
+    operands = _backward_operands(xp, grad_y, x)
+    if (operands is None or x.ndim != 2 or not _fused(mean, rstd) or mean.dtype != x.dtype or rstd.dtype != x.dtype
+            or (weight is not None and (not _fused(weight) or weight.dtype != x.dtype))):
+        return _ref.layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias)
+    grad_y, x, grad_x = operands
+    rows, n = x.shape
+    mean, rstd = _contiguous(xp, mean), _contiguous(xp, rstd)
+    grid, block = launch_config.warp_rows_config(rows)
+    kernel("layer_norm", "layer_norm_backward", x.dtype)(
+        grid, block, (grad_y, x, x if weight is None else _contiguous(xp, weight), mean, rstd, grad_x, _i64(rows),
+                      _i64(n), _i32(weight is not None)))
+    grad_weight = xp.empty(n, dtype=x.dtype) if weight is not None else None
+    grad_bias = xp.empty(n, dtype=x.dtype) if with_bias else None
+    if grad_weight is not None or grad_bias is not None:
+        _launch_1d("layer_norm", "layer_norm_param_grads", x.dtype, n,
+                   (grad_y, x, mean, rstd, x if grad_weight is None else grad_weight,
+                    x if grad_bias is None else grad_bias, _i64(rows), _i64(n), _i32(grad_weight is not None),
+                    _i32(grad_bias is not None)))
+    return grad_x, grad_weight, grad_bias

@@ -582,3 +582,33 @@ def softmax_backward(xp, grad_y, y):
     grad_x = grad_y - dot
     grad_x *= y
     return grad_x
+
+
+def layer_norm_forward(xp, x, weight, bias, eps):
+    """LayerNorm over the rows of x (N, D): y = (x - mean) rstd weight + bias, rstd = 1 / sqrt(var + eps)
+    (the biased variance); weight, bias (D,) or None. Returns (y (N, D) new, mean (N,), rstd (N,)):
+    what layer_norm_backward reads."""
+    mean = x.mean(axis=1)
+    centred = x - mean[:, None]
+    var = xp.einsum("ij,ij->i", centred, centred) / x.shape[1]
+    rstd = 1 / xp.sqrt(var + eps)
+    centred *= rstd[:, None]
+    if weight is not None:
+        centred *= weight
+    if bias is not None:
+        centred += bias
+    return centred, mean, rstd
+
+
+def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
+    """Gradients of layer_norm_forward from its input x and its (mean, rstd): (grad_x (N, D),
+    grad_weight (D,) or None without a weight, grad_bias (D,) when with_bias else None).
+    grad_x = rstd (g - mean(g) - xhat mean(g xhat)) with g = grad_y weight, xhat = (x - mean) rstd."""
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    g = grad_y * weight if weight is not None else grad_y
+    d = x.shape[1]
+    grad_x = g - (g.sum(axis=1) / d)[:, None]
+    grad_x -= xhat * (xp.einsum("ij,ij->i", g, xhat) / d)[:, None]
+    grad_x *= rstd[:, None]
+    grad_weight = xp.einsum("ij,ij->j", grad_y, xhat) if weight is not None else None
+    return grad_x, grad_weight, (grad_y.sum(axis=0) if with_bias else None)

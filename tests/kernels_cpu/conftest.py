@@ -25,9 +25,9 @@ def kernel_calls(monkeypatch):
         for name in names:
             original = getattr(wrappers, name)
 
-            def spy(*args, _original=original, _name=name):
+            def spy(*args, _original=original, _name=name, **kwargs):
                 called.append(_name)
-                return _original(*args)
+                return _original(*args, **kwargs)
 
             monkeypatch.setattr(wrappers, name, spy)
         monkeypatch.setattr(backend.CPU, "kernels", wrappers)

@@ -1,9 +1,11 @@
-"""The compiled Transformer kernels (tanh GELU, softmax over the last axis, causal or not) against the
-NumPy reference kernels.
+"""The compiled Transformer kernels (tanh GELU, softmax over the last axis, causal or not, LayerNorm)
+against the NumPy reference kernels.
 
-Tolerances. Softmax, float64: the same formulas except the order of the row sums (vector lanes instead of
+Tolerances. Softmax and LayerNorm, float64: the same formulas except the order of the row sums (vector lanes instead of
 NumPy's pairwise sum and einsum) and libm's exp for NumPy's: a few ulp (rtol 1e-12). float32: also our
 vectorised exp (<= 1 ulp, tests/kernels_cpu/test_compiled_kernels.py): rtol 2e-5 / atol 2e-6, as there.
+LayerNorm's weight and bias gradients are column sums over all rows, added in chunks of rows here and
+pairwise (einsum, sum) there: their atol grows with the row count.
 GELU (float32 only; float64 runs the reference, see kernels_cpu/wrappers.py): the compiled form
 x / (1 + exp(-2u)) against the reference's 0.5 x (1 + tanh(u)). Their difference is mostly the
 reference's own error: its backward's 1 - t^2 keeps only the ulps of 1 where t is near +-1, up to ~5e-6
@@ -95,6 +97,9 @@ def test_softmax_equals_the_numpy_kernels(num_threads, dtype, shape, causal):
         assert not y[..., np.triu_indices(shape[-2], 1, shape[-1])[0], np.triu_indices(shape[-2], 1, shape[-1])[1]].any()
     np.testing.assert_allclose(wrappers.softmax_backward(np, grad_y, y),
                                kernels_numpy.softmax_backward(np, grad_y, expected), **TOL[dtype])
+    strided = np.asfortranarray(grad_y)                     # copied to C order for the kernel
+    np.testing.assert_allclose(wrappers.softmax_backward(np, strided, y),
+                               kernels_numpy.softmax_backward(np, grad_y, expected), **TOL[dtype])
 
 
 def test_softmax_rows_of_minus_inf_huge_scores_and_any_layout():
@@ -137,3 +142,53 @@ def test_a_transformer_step_uses_the_compiled_kernels(kernel_calls):
     loss.backward()
     assert sorted(set(called)) == ["gelu_backward", "gelu_forward", "softmax_backward", "softmax_forward"]
     assert len(called) == 8                                # once a block each
+
+
+# ---- LayerNorm -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows, size", [(2048, 128), (3, 7), (1, 1), (130, 33)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_equals_the_numpy_kernels(num_threads, dtype, rows, size, affine):
+    x, grad_y = _r((rows, size), dtype, scale=2.0) + 1, _r((rows, size), dtype, 1)
+    weight, bias = (_r(size, dtype, 2), _r(size, dtype, 3)) if affine else (None, None)
+    got = wrappers.layer_norm_forward(np, x, weight, bias, 1e-5)
+    expected = kernels_numpy.layer_norm_forward(np, x, weight, bias, 1e-5)
+    for g, e in zip(got, expected):
+        assert g.dtype == dtype and g.shape == e.shape
+        np.testing.assert_allclose(g, e, **TOL[dtype])
+    for with_bias in (False, True):
+        got = wrappers.layer_norm_backward(np, grad_y, x, weight, *expected[1:], with_bias=with_bias)
+        want = kernels_numpy.layer_norm_backward(np, grad_y, x, weight, *expected[1:], with_bias=with_bias)
+        np.testing.assert_allclose(got[0], want[0], **TOL[dtype])
+        for g, e in zip(got[1:], want[1:]):                  # column sums over the rows, in another order
+            assert (g is None) == (e is None)
+            if g is not None:
+                np.testing.assert_allclose(g, e, rtol=TOL[dtype]["rtol"], atol=TOL[dtype]["atol"] * 10 * rows)
+
+
+def test_layer_norm_any_layout_and_the_same_bits_on_two_threads():
+    x, grad_y = _r((2048, 128), np.float32, scale=2.0), _r((128, 2048), np.float32, 1).T   # grad_y strided
+    weight = _r((2, 128), np.float32, 2)[1]
+    results = []
+    for n in (1, 2):
+        before = threads.get_num_threads()
+        threads.set_num_threads(n)
+        try:
+            y, mean, rstd = wrappers.layer_norm_forward(np, x, weight, None, 1e-5)
+            results.append([y, mean, rstd, *wrappers.layer_norm_backward(np, grad_y, x, weight, mean, rstd, True)])
+        finally:
+            threads.set_num_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    want = kernels_numpy.layer_norm_backward(np, np.ascontiguousarray(grad_y), x, weight, *results[0][1:3], True)
+    np.testing.assert_allclose(results[0][3], want[0], **TOL[np.float32])
+
+
+def test_layer_norm_op_uses_the_kernels_and_keeps_its_gradients(kernel_calls):
+    called = kernel_calls("layer_norm_forward", "layer_norm_backward")
+    x = dt.tensor(_r((4, 3, 6), np.float64), requires_grad=True)
+    w, b = (dt.tensor(_r((3, 6), np.float64, k), requires_grad=True) for k in (1, 2))
+    dt.nn.functional.layer_norm(x, (3, 6), w, b).sum().backward()
+    assert called == ["layer_norm_forward", "layer_norm_backward"]
+    assert x.grad.shape == x.shape and w.grad.shape == b.grad.shape == (3, 6)

@@ -247,3 +247,24 @@ def test_softmax_rows_without_a_finite_score(cp):
     wide[1, 7] = 0.0
     got = _host(W.softmax_forward(cp, cp.array(wide)))
     assert not got[0].any() and got[1, 7] == 1.0 and got[1].sum() == 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, size", [(1, 1), (3, 7), (2048, 128), (5, 1500), (70_000, 3)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_forward_and_backward(cp, dtype, rows, size, affine):
+    x, grad_y = _r((rows, size), dtype, scale=2.0) + 1, _r((rows, size), dtype, 1)
+    weight, bias = (_r(size, dtype, 2), _r(size, dtype, 3)) if affine else (None, None)
+    on_gpu = [None if a is None else cp.array(a) for a in (weight, bias)]
+    expected = K.layer_norm_forward(np, x, weight, bias, 1e-5)
+    got = W.layer_norm_forward(cp, cp.array(x), *on_gpu, 1e-5)
+    for g, e in zip(got, expected):
+        _close(g, e, dtype)
+    want = K.layer_norm_backward(np, grad_y, x, weight, *expected[1:], with_bias=True)
+    grads = W.layer_norm_backward(cp, cp.array(grad_y), cp.array(x), on_gpu[0], *(cp.array(a) for a in expected[1:]),
+                                  with_bias=True)
+    _close(grads[0], want[0], dtype)
+    for g, e in zip(grads[1:], want[1:]):                    # column sums over `rows` rows, in row order
+        assert (g is None) == (e is None)
+        if g is not None:
+            _close(g, e, dtype, atol=(1e-6 if dtype == np.float32 else 1e-12) * rows)

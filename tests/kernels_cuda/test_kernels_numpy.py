@@ -432,3 +432,27 @@ def test_softmax_backward_matches_finite_differences():
         y = K.softmax_forward(np, x, causal)
         numeric = _numeric_grad(lambda: float((K.softmax_forward(np, x, causal) * w).sum()), x)
         np.testing.assert_allclose(K.softmax_backward(np, w, y), numeric, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_matches_the_formula_and_finite_differences(affine):
+    x, w = _r(3, 5, scale=2.0) + 1, _r(3, 5)
+    weight, bias = (_r(5), _r(5)) if affine else (None, None)
+    y, mean, rstd = K.layer_norm_forward(np, x, weight, bias, 1e-5)
+    for r in range(3):
+        mu = sum(x[r]) / 5
+        std = math.sqrt(sum((v - mu) ** 2 for v in x[r]) / 5 + 1e-5)
+        expected = [(v - mu) / std * (weight[j] if affine else 1) + (bias[j] if affine else 0) for j, v in enumerate(x[r])]
+        np.testing.assert_allclose(y[r], expected, rtol=1e-13, atol=1e-14)
+        assert mean[r] == pytest.approx(mu, rel=1e-14) and rstd[r] == pytest.approx(1 / std, rel=1e-14)
+
+    def objective():
+        return float((K.layer_norm_forward(np, x, weight, bias, 1e-5)[0] * w).sum())
+
+    grad_x, grad_weight, grad_bias = K.layer_norm_backward(np, w, x, weight, mean, rstd, with_bias=affine)
+    np.testing.assert_allclose(grad_x, _numeric_grad(objective, x), rtol=1e-6, atol=1e-8)
+    if affine:
+        np.testing.assert_allclose(grad_weight, _numeric_grad(objective, weight), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(grad_bias, _numeric_grad(objective, bias), rtol=1e-6, atol=1e-8)
+    else:
+        assert grad_weight is None and grad_bias is None

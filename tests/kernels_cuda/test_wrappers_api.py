@@ -252,6 +252,19 @@ def test_softmax_launches(dtype, n_cols, kind, launches):
     assert launches == [f"softmax_forward_{kind}"] * 2 + [f"softmax_backward_{kind}"]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_launches(dtype, launches):
+    x, w = _r((6, 10), dtype), _r(10, dtype, 1)
+    y, mean, rstd = wrappers.layer_norm_forward(np, x, w, w, 1e-5)
+    assert y.shape == x.shape and mean.shape == rstd.shape == (6,)
+    wrappers.layer_norm_forward(np, x, None, None, 1e-5)
+    grads = wrappers.layer_norm_backward(np, x, x, w, mean, rstd, with_bias=True)
+    assert [g.shape for g in grads] == [(6, 10), (10,), (10,)]
+    assert wrappers.layer_norm_backward(np, x, x, None, mean, rstd)[1:] == (None, None)  # no column sums
+    assert launches == ["layer_norm_forward"] * 2 + ["layer_norm_backward", "layer_norm_param_grads",
+                                                     "layer_norm_backward"]
+
+
 def test_fallbacks_launch_nothing_and_match_the_reference(launches):
     x = _r((4, 6), np.float16)
     np.testing.assert_array_equal(wrappers.sigmoid(np, x), kernels_numpy.sigmoid(np, x))
