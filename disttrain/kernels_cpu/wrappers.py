@@ -1,10 +1,12 @@
 """The CPU backend's kernel table with the compiled hot paths: kernels_numpy's names and signatures, the
-LSTM layer and the cross-entropy running native.cpp, everything else kernels_numpy's own function.
+LSTM layer, the cross-entropy and the Transformer's GELU, softmax and LayerNorm running native.cpp,
+everything else kernels_numpy's own function.
 
 Each wrapper makes its inputs C-contiguous, allocates the outputs and runs the compiled kernel over row
 blocks on the intra-op threads (disttrain.tensor.threads): the LSTM over blocks of the batch, with the
 BLAS held to one thread while the blocks run (each block calls it for its own rows; two levels of
-threads on two cores would only queue for them), the cross-entropy over blocks of logit rows. Where
+threads on two cores would only queue for them), the cross-entropy, softmax and LayerNorm over blocks of
+rows, the GELU over blocks of elements. Where
 no compiled kernel applies (another array module or dtype, empty arrays, the library not built) the
 wrapper runs the NumPy reference; a missing library is reported once, in one line, on stderr.
 """
