@@ -245,7 +245,7 @@ def layer_norm_forward(xp, x, weight, bias, eps):
     """kernels_numpy.layer_norm_forward, compiled: one visit of each row (mean, variance, output), rows on
     the intra-op threads."""
     lib = _compiled(xp, *(a for a in (x, weight, bias) if a is not None))
-    if lib is None or x.ndim != 2:
+    if lib is None or x.ndim != 2 or any(a is not None and a.shape != x.shape[1:] for a in (weight, bias)):
         return _ref.layer_norm_forward(xp, x, weight, bias, eps)
     rows, n = x.shape
     x, weight, bias = (None if a is None else _c(a) for a in (x, weight, bias))
@@ -266,7 +266,8 @@ def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
     """kernels_numpy.layer_norm_backward, compiled: grad_x with each row's two sums in one visit of the row,
     the weight and bias gradients as partial column sums over chunks of rows."""
     lib = _compiled(xp, *(a for a in (grad_y, x, weight, mean, rstd) if a is not None))
-    if lib is None or x.ndim != 2 or grad_y.shape != x.shape:
+    if (lib is None or x.ndim != 2 or grad_y.shape != x.shape or x.shape[:1] != mean.shape or x.shape[:1] != rstd.shape
+            or (weight is not None and weight.shape != x.shape[1:])):
         return _ref.layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias)
     rows, n = x.shape
     chunks = -(-rows // LAYER_NORM_CHUNK)

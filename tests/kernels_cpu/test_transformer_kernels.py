@@ -94,7 +94,7 @@ def test_softmax_equals_the_numpy_kernels(num_threads, dtype, shape, causal):
     assert y.dtype == dtype and y.shape == x.shape
     np.testing.assert_allclose(y, expected, **TOL[dtype])
     if causal:                                              # left-out keys: exactly 0
-        assert not y[..., np.triu_indices(shape[-2], 1, shape[-1])[0], np.triu_indices(shape[-2], 1, shape[-1])[1]].any()
+        assert not y[..., ~np.tri(shape[-2], shape[-1], dtype=bool)].any()
     np.testing.assert_allclose(wrappers.softmax_backward(np, grad_y, y),
                                kernels_numpy.softmax_backward(np, grad_y, expected), **TOL[dtype])
     strided = np.asfortranarray(grad_y)                     # copied to C order for the kernel
@@ -105,8 +105,8 @@ def test_softmax_equals_the_numpy_kernels(num_threads, dtype, shape, causal):
 def test_softmax_rows_of_minus_inf_huge_scores_and_any_layout():
     x = np.array([[-np.inf, -np.inf, -np.inf], [1000, 1001, -1000], [0, -np.inf, 2]], np.float32)
     for causal in (False, True):
-        np.testing.assert_allclose(wrappers.softmax_forward(np, x, causal), kernels_numpy.softmax_forward(np, x, causal),
-                                   **TOL[np.float32])
+        np.testing.assert_allclose(wrappers.softmax_forward(np, x, causal),
+                                   kernels_numpy.softmax_forward(np, x, causal), **TOL[np.float32])
     assert not wrappers.softmax_forward(np, x)[0].any()     # nothing to attend to: zeros, no NaN
     scores = _r((3, 6, 6), np.float64).transpose(0, 2, 1)
     np.testing.assert_allclose(wrappers.softmax_forward(np, scores, True),

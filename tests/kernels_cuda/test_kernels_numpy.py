@@ -442,7 +442,8 @@ def test_layer_norm_matches_the_formula_and_finite_differences(affine):
     for r in range(3):
         mu = sum(x[r]) / 5
         std = math.sqrt(sum((v - mu) ** 2 for v in x[r]) / 5 + 1e-5)
-        expected = [(v - mu) / std * (weight[j] if affine else 1) + (bias[j] if affine else 0) for j, v in enumerate(x[r])]
+        expected = [(v - mu) / std * (weight[j] if affine else 1) + (bias[j] if affine else 0)
+                    for j, v in enumerate(x[r])]
         np.testing.assert_allclose(y[r], expected, rtol=1e-13, atol=1e-14)
         assert mean[r] == pytest.approx(mu, rel=1e-14) and rstd[r] == pytest.approx(1 / std, rel=1e-14)
 
