@@ -1,4 +1,6 @@
 """Neural-network ops: softmax family, losses, dropout, layer norm, embedding."""
+import math
+
 from disttrain.autograd import grad_mode
 from disttrain.autograd.function import Function
 from disttrain.autograd.ops import reduce, shape
@@ -166,7 +168,7 @@ class LayerNorm(Function):
 
     def forward(self, x, weight, bias, norm_ndim, eps):
         self.norm_shape, self.eps = x.shape[x.ndim - norm_ndim:], eps
-        size = _product(self.norm_shape)
+        size = math.prod(self.norm_shape)
         y, self.mean, self.rstd = self.backend.kernels.layer_norm_forward(
             self.xp, x.reshape((-1, size)), None if weight is None else weight.reshape(size),
             None if bias is None else bias.reshape(size), eps)
@@ -176,7 +178,7 @@ class LayerNorm(Function):
         x, weight = self.saved_inputs
         if grad_mode.state.enabled:  # create_graph: differentiable ops
             return self._differentiable_grads(g, x, weight)
-        size = _product(self.norm_shape)
+        size = math.prod(self.norm_shape)
         grad_x, grad_w, grad_b = self.backend.kernels.layer_norm_backward(
             self.xp, g.data.reshape((-1, size)), x.data.reshape((-1, size)),
             None if weight is None else weight.data.reshape(size), self.mean, self.rstd, with_bias=self.needs_grad(2))
@@ -195,13 +197,6 @@ class LayerNorm(Function):
         return (grad_x,
                 reduce.sum(g * xhat, outer) if self.needs_grad(1) else None,
                 reduce.sum(g, outer) if self.needs_grad(2) else None)
-
-
-def _product(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
