@@ -275,3 +275,182 @@ DT_EXPORT_ALL(f32, float)
 DT_EXPORT_ALL(f64, double)
 
 }  // extern "C"
+
+// ---- Transformer: tanh GELU, softmax over the last axis (optionally causal), LayerNorm --------------------
+// kernels_numpy.gelu_forward / gelu_backward / softmax_forward / softmax_backward / layer_norm_forward /
+// layer_norm_backward, one visit of each element or row each.
+
+namespace {
+
+constexpr double GELU_SCALE = 0.7978845608028654;  // sqrt(2 / pi), kernels_numpy.GELU_SCALE
+constexpr double GELU_CUBIC = 0.044715;
+
+// float32 only (wrappers.py says why).
+// 0.5 x (1 + tanh(u)) = x sigmoid(2u) = x / (1 + exp(-2u)), u = s (x + k x^3): one exp and no 1 + tanh(u),
+// which loses the digits of a small result where tanh(u) is near -1 (the reference's form does)
+template <typename T>
+DT_CLONES void gelu_forward(const T* x, T* y, i64 lo, i64 hi) {
+    const T minus_2s = T(-2 * GELU_SCALE), k = T(GELU_CUBIC), one = T(1);
+#pragma omp simd
+    for (i64 j = lo; j < hi; ++j) {
+        const T v = x[j];
+        y[j] = v / (one + dt::exp_(minus_2s * (v * (v * v * k + one))));
+    }
+}
+
+// d/dx x sigmoid(2u) = sigmoid(2u) + 2 x u' sigmoid(2u) (1 - sigmoid(2u)), u' = s (1 + 3 k x^2): the
+// reference's 0.5 (1 + t) + 0.5 x (1 - t^2) u' with t = tanh(u) = 2 sigmoid(2u) - 1. 1 - sigmoid(2u) is
+// taken as e sigmoid(2u), e = exp(-2u): the subtraction would leave only the ulps of 1 where x >> 0.
+template <typename T>
+DT_CLONES void gelu_backward(const T* grad_y, const T* x, T* grad_x, i64 lo, i64 hi) {
+    const T minus_2s = T(-2 * GELU_SCALE), two_s = T(2 * GELU_SCALE), k = T(GELU_CUBIC), k3 = T(3 * GELU_CUBIC);
+    const T one = T(1), zero = T(0);
+#pragma omp simd
+    for (i64 j = lo; j < hi; ++j) {
+        const T v = x[j], v2 = v * v;
+        const T e = dt::exp_(minus_2s * (v * (v2 * k + one)));
+        const T sig = one / (one + e);
+        T rest = e * sig;
+        rest = rest == rest ? rest : zero;  // e = inf (x << 0): sig = 0, and so is the product; a NaN x stays NaN in sig
+        grad_x[j] = grad_y[j] * (sig + two_s * (v2 * k3 + one) * v * sig * rest);
+    }
+}
+
+// Rows [lo, hi) of x (rows, n): softmax of each row's first `kept` entries (all n, or with `causal` the
+// entries j <= i of query i = row % queries), zeros after them
+template <typename T>
+void softmax_forward(const T* x, T* y, i64 n, i64 queries, int causal, i64 lo, i64 hi) {
+    for (i64 r = lo; r < hi; ++r) {
+        const T* xr = x + r * n;
+        T* yr = y + r * n;
+        const i64 query = causal ? r % queries : n - 1;
+        const i64 kept = query + 1 < n ? query + 1 : n;
+        const T top = row_max<T>(xr, kept);
+        const T s = row_sumexp<T>(xr, std::isfinite(top) ? top : T(0), yr, kept);  // a row of -inf: exp = 0
+        scale_row<T>(yr, s > T(0) ? T(1) / s : T(1), kept);
+        std::memset(yr + kept, 0, sizeof(T) * (n - kept));
+    }
+}
+
+template <typename T>
+DT_CLONES T row_dot(const T* a, const T* b, i64 n) {
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (i64 j = 0; j < n; ++j) s += a[j] * b[j];
+    return s;
+}
+
+template <typename T>
+DT_CLONES void softmax_backward_row(const T* g, const T* y, T* grad_x, T dot, i64 n) {
+#pragma omp simd
+    for (i64 j = 0; j < n; ++j) grad_x[j] = (g[j] - dot) * y[j];
+}
+
+// Rows [lo, hi) of (rows, n): grad_x = y (grad_y - sum(grad_y y)), each row's dot product and its
+// gradient in one visit of the row
+template <typename T>
+void softmax_backward(const T* grad_y, const T* y, T* grad_x, i64 n, i64 lo, i64 hi) {
+    for (i64 r = lo; r < hi; ++r) {
+        const T* g = grad_y + r * n;
+        const T* yr = y + r * n;
+        softmax_backward_row<T>(g, yr, grad_x + r * n, row_dot<T>(g, yr, n), n);
+    }
+}
+
+// Rows [lo, hi) of x (rows, n): y = (x - mean) rstd weight + bias (weight, bias: null for none), with
+// each row's mean and rstd = 1 / sqrt(var + eps) written out for backward
+template <typename T>
+DT_CLONES void layer_norm_forward(const T* x, const T* weight, const T* bias, double eps, T* y, T* mean,
+                                  T* rstd, i64 n, i64 lo, i64 hi) {
+    for (i64 r = lo; r < hi; ++r) {
+        const T* xr = x + r * n;
+        T* yr = y + r * n;
+        T sum = 0;
+#pragma omp simd reduction(+ : sum)
+        for (i64 j = 0; j < n; ++j) sum += xr[j];
+        const T mu = sum / T(n);
+        T squares = 0;
+#pragma omp simd reduction(+ : squares)
+        for (i64 j = 0; j < n; ++j) squares += (xr[j] - mu) * (xr[j] - mu);
+        const T inv = T(1) / std::sqrt(squares / T(n) + T(eps));
+        mean[r] = mu;
+        rstd[r] = inv;
+#pragma omp simd
+        for (i64 j = 0; j < n; ++j) {
+            T v = (xr[j] - mu) * inv;
+            v = weight ? v * weight[j] : v;
+            yr[j] = bias ? v + bias[j] : v;
+        }
+    }
+}
+
+// Rows of chunks [lo, hi) of `chunk` rows each: grad_x (rows, n) = rstd (g - mean(g) - xhat mean(g xhat)),
+// g = grad_y weight, xhat = (x - mean) rstd; and per chunk c the column sums of grad_y xhat and grad_y
+// over its rows in weight_sums[c], bias_sums[c] (n each; null: not wanted), which the caller adds up:
+// the same sums whichever thread runs a chunk
+template <typename T>
+DT_CLONES void layer_norm_backward(const T* grad_y, const T* x, const T* weight, const T* mean, const T* rstd,
+                                   T* grad_x, T* weight_sums, T* bias_sums, i64 rows, i64 n, i64 chunk, i64 lo,
+                                   i64 hi) {
+    for (i64 c = lo; c < hi; ++c) {
+        T* ws = weight_sums ? weight_sums + c * n : nullptr;
+        T* bs = bias_sums ? bias_sums + c * n : nullptr;
+        if (ws) std::memset(ws, 0, sizeof(T) * n);
+        if (bs) std::memset(bs, 0, sizeof(T) * n);
+        const i64 end = (c + 1) * chunk < rows ? (c + 1) * chunk : rows;
+        for (i64 r = c * chunk; r < end; ++r) {
+            const T* g = grad_y + r * n;
+            const T* xr = x + r * n;
+            T* gx = grad_x + r * n;
+            const T mu = mean[r], inv = rstd[r];
+            T g_sum = 0, gx_sum = 0;
+#pragma omp simd reduction(+ : g_sum, gx_sum)
+            for (i64 j = 0; j < n; ++j) {
+                const T gw = weight ? g[j] * weight[j] : g[j];
+                g_sum += gw;
+                gx_sum += gw * ((xr[j] - mu) * inv);
+            }
+            const T g_mean = g_sum / T(n), gx_mean = gx_sum / T(n);
+#pragma omp simd
+            for (i64 j = 0; j < n; ++j) {
+                const T xhat = (xr[j] - mu) * inv;
+                const T gw = weight ? g[j] * weight[j] : g[j];
+                gx[j] = (gw - g_mean - xhat * gx_mean) * inv;
+                if (ws) ws[j] += g[j] * xhat;
+                if (bs) bs[j] += g[j];
+            }
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+void dt_gelu_forward_f32(const float* x, float* y, i64 lo, i64 hi) { gelu_forward<float>(x, y, lo, hi); }
+void dt_gelu_backward_f32(const float* grad_y, const float* x, float* grad_x, i64 lo, i64 hi) {
+    gelu_backward<float>(grad_y, x, grad_x, lo, hi);
+}
+
+#define DT_EXPORT_ROWS(S, T)                                                                               \
+    void dt_softmax_forward_##S(const T* x, T* y, i64 n, i64 queries, int causal, i64 lo, i64 hi) {           \
+        softmax_forward<T>(x, y, n, queries, causal, lo, hi);                                                 \
+    }                                                                                                         \
+    void dt_softmax_backward_##S(const T* grad_y, const T* y, T* grad_x, i64 n, i64 lo, i64 hi) {             \
+        softmax_backward<T>(grad_y, y, grad_x, n, lo, hi);                                                    \
+    }                                                                                                         \
+    void dt_layer_norm_forward_##S(const T* x, const T* weight, const T* bias, double eps, T* y, T* mean,      \
+                                   T* rstd, i64 n, i64 lo, i64 hi) {                                          \
+        layer_norm_forward<T>(x, weight, bias, eps, y, mean, rstd, n, lo, hi);                                \
+    }                                                                                                         \
+    void dt_layer_norm_backward_##S(const T* grad_y, const T* x, const T* weight, const T* mean,              \
+                                    const T* rstd, T* grad_x, T* weight_sums, T* bias_sums, i64 rows, i64 n,  \
+                                    i64 chunk, i64 lo, i64 hi) {                                              \
+        layer_norm_backward<T>(grad_y, x, weight, mean, rstd, grad_x, weight_sums, bias_sums, rows, n, chunk,  \
+                               lo, hi);                                                                       \
+    }
+
+DT_EXPORT_ROWS(f32, float)
+DT_EXPORT_ROWS(f64, double)
+
+}  // extern "C"

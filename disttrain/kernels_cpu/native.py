@@ -40,7 +40,15 @@ _SIGNATURES = {
     "dt_lstm_backward_{s}": [_P] * 12 + [_I64] * 6,
     "dt_cross_entropy_forward_{s}": [_P, _P, _I64, _P, _P, _P, _I64, _I64, _I64],
     "dt_cross_entropy_backward_{s}": [_P] * 4 + [_I64] * 3,
+    "dt_gelu_forward_{s}": [_P, _P, _I64, _I64],
+    "dt_gelu_backward_{s}": [_P, _P, _P, _I64, _I64],
+    "dt_softmax_forward_{s}": [_P, _P, _I64, _I64, ctypes.c_int, _I64, _I64],
+    "dt_softmax_backward_{s}": [_P, _P, _P, _I64, _I64, _I64],
+    "dt_layer_norm_forward_{s}": [_P, _P, _P, ctypes.c_double, _P, _P, _P, _I64, _I64, _I64],
+    "dt_layer_norm_backward_{s}": [_P] * 8 + [_I64] * 5,
 }
+# built for float32 only: float64 (the gradient checks' dtype) keeps the reference's arithmetic, see wrappers.py
+FLOAT32_ONLY = ("dt_gelu_forward_{s}", "dt_gelu_backward_{s}")
 # (symbol prefix, suffix) of OpenBLAS builds: plain, 64-bit-integer (Debian's libopenblas64), NumPy/SciPy wheels
 _OPENBLAS_RENAMINGS = (("", ""), ("", "64_"), ("scipy_", "64_"), ("scipy_", ""))
 SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
@@ -83,7 +91,9 @@ def _load():
         raise RuntimeError("disttrain.kernels_cpu._native was not built (no C++ compiler at install?)")
     lib = ctypes.CDLL(spec.origin)
     for name, argtypes in _SIGNATURES.items():
-        for suffix in SUFFIX.values():
+        for dtype, suffix in SUFFIX.items():
+            if name in FLOAT32_ONLY and dtype != np.float32:
+                continue
             fn = getattr(lib, name.format(s=suffix))
             fn.argtypes, fn.restype = argtypes, None
     sgemm, dgemm, int64, core = _numpy_blas_gemm()

@@ -1,10 +1,12 @@
 """The CPU backend's kernel table with the compiled hot paths: kernels_numpy's names and signatures, the
-LSTM layer and the cross-entropy running native.cpp, everything else kernels_numpy's own function.
+LSTM layer, the cross-entropy and the Transformer's GELU, softmax and LayerNorm running native.cpp,
+everything else kernels_numpy's own function.
 
 Each wrapper makes its inputs C-contiguous, allocates the outputs and runs the compiled kernel over row
 blocks on the intra-op threads (disttrain.tensor.threads): the LSTM over blocks of the batch, with the
 BLAS held to one thread while the blocks run (each block calls it for its own rows; two levels of
-threads on two cores would only queue for them), the cross-entropy over blocks of logit rows. Where
+threads on two cores would only queue for them), the cross-entropy, softmax and LayerNorm over blocks of
+rows, the GELU over blocks of elements. Where
 no compiled kernel applies (another array module or dtype, empty arrays, the library not built) the
 wrapper runs the NumPy reference; a missing library is reported once, in one line, on stderr.
 """
@@ -179,6 +181,114 @@ def cross_entropy_backward(xp, logits, target, saved, row_scale):
 
     threads.parallel_rows(rows, n, classes)
     return grad
+
+
+# ---- Transformer: tanh GELU, softmax over the last axis -------------------------------------------------
+
+# The compiled GELU is float32's only. Its form x / (1 + exp(-2u)) keeps the digits that the reference's
+# 1 + tanh(u) loses where tanh(u) is near -1: a few float32 ulps of difference, but in float64 the
+# reference's own rounding of that sum (up to ~1e-12 relative at x = -4) would be the difference, and the
+# float64 gradient checks test the reference's formula to 1e-14.
+
+def gelu_forward(xp, x):
+    """kernels_numpy.gelu_forward, compiled for float32: one pass, element blocks on the intra-op threads."""
+    lib = _compiled(xp, x)
+    if lib is None or x.dtype != np.float32:
+        return _ref.gelu_forward(xp, x)
+    y = np.empty(x.shape, dtype=x.dtype)  # x's shape: ascontiguousarray makes a 0-d array 1-d
+    _by_elements(_kernel(lib, "gelu_forward", x.dtype), x.size, _c(x), y)
+    return y
+
+
+def gelu_backward(xp, grad_y, x):
+    """kernels_numpy.gelu_backward, compiled for float32: one pass recomputing the activation from x."""
+    lib = _compiled(xp, grad_y, x)
+    if lib is None or x.dtype != np.float32 or grad_y.shape != x.shape:
+        return _ref.gelu_backward(xp, grad_y, x)
+    grad_x = np.empty(x.shape, dtype=x.dtype)
+    _by_elements(_kernel(lib, "gelu_backward", x.dtype), x.size, _c(grad_y), _c(x), grad_x)
+    return grad_x
+
+
+def softmax_forward(xp, x, causal=False):
+    """kernels_numpy.softmax_forward, compiled: one visit of each row (max, exp and sum, scale), rows on
+    the intra-op threads; a causal row reads only its kept entries."""
+    lib = _compiled(xp, x)
+    if lib is None or x.ndim < (2 if causal else 1):
+        return _ref.softmax_forward(xp, x, causal)
+    x = _c(x)
+    y = np.empty_like(x)
+    n = x.shape[-1]
+    queries = x.shape[-2] if causal else 1
+    args = _pointers(x, y)
+    kernel = _kernel(lib, "softmax_forward", x.dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, n, queries, int(causal), lo, hi), x.size // n, n)
+    return y
+
+
+def softmax_backward(xp, grad_y, y):
+    """kernels_numpy.softmax_backward, compiled: each row's dot product and gradient in one visit."""
+    lib = _compiled(xp, grad_y, y)
+    if lib is None or y.ndim == 0 or grad_y.shape != y.shape:
+        return _ref.softmax_backward(xp, grad_y, y)
+    y = _c(y)
+    grad_x = np.empty_like(y)
+    n = y.shape[-1]
+    arrays = (_c(grad_y), y, grad_x)  # kept alive through the call: _c may copy
+    args = _pointers(*arrays)
+    kernel = _kernel(lib, "softmax_backward", y.dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, n, lo, hi), y.size // n, n)
+    return grad_x
+
+
+def layer_norm_forward(xp, x, weight, bias, eps):
+    """kernels_numpy.layer_norm_forward, compiled: one visit of each row (mean, variance, output), rows on
+    the intra-op threads."""
+    lib = _compiled(xp, *(a for a in (x, weight, bias) if a is not None))
+    if lib is None or x.ndim != 2 or any(a is not None and a.shape != x.shape[1:] for a in (weight, bias)):
+        return _ref.layer_norm_forward(xp, x, weight, bias, eps)
+    rows, n = x.shape
+    x, weight, bias = (None if a is None else _c(a) for a in (x, weight, bias))
+    y = np.empty_like(x)
+    mean, rstd = np.empty(rows, dtype=x.dtype), np.empty(rows, dtype=x.dtype)
+    inputs, outputs = _pointers(x, weight, bias), _pointers(y, mean, rstd)
+    kernel = _kernel(lib, "layer_norm_forward", x.dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*inputs, float(eps), *outputs, n, lo, hi), rows, n)
+    return y, mean, rstd
+
+
+# Rows per partial column sum of the LayerNorm weight and bias gradients: the sums are made per chunk and the
+# chunks' sums added in NumPy, so the result does not depend on how the rows were split over the threads
+LAYER_NORM_CHUNK = 64
+
+
+def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
+    """kernels_numpy.layer_norm_backward, compiled: grad_x with each row's two sums in one visit of the row,
+    the weight and bias gradients as partial column sums over chunks of rows."""
+    lib = _compiled(xp, *(a for a in (grad_y, x, weight, mean, rstd) if a is not None))
+    if (lib is None or x.ndim != 2 or grad_y.shape != x.shape or x.shape[:1] != mean.shape or x.shape[:1] != rstd.shape
+            or (weight is not None and weight.shape != x.shape[1:])):
+        return _ref.layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias)
+    rows, n = x.shape
+    chunks = -(-rows // LAYER_NORM_CHUNK)
+    grad_x = np.empty(x.shape, dtype=x.dtype)
+    weight_sums = np.empty((chunks, n), dtype=x.dtype) if weight is not None else None
+    bias_sums = np.empty((chunks, n), dtype=x.dtype) if with_bias else None
+    arrays = (_c(grad_y), _c(x), None if weight is None else _c(weight), _c(mean), _c(rstd), grad_x, weight_sums,
+              bias_sums)  # kept alive through the call: _c may copy
+    args = _pointers(*arrays)
+    kernel = _kernel(lib, "layer_norm_backward", x.dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, rows, n, LAYER_NORM_CHUNK, lo, hi), chunks,
+                          LAYER_NORM_CHUNK * n)
+    return (grad_x, None if weight_sums is None else weight_sums.sum(axis=0),
+            None if bias_sums is None else bias_sums.sum(axis=0))
+
+
+def _by_elements(kernel, size, *arrays):
+    """kernel(*pointers, lo, hi) over element blocks of C-contiguous arrays, side by side on the intra-op
+    threads."""
+    args = _pointers(*arrays)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), size, 1)
 
 
 def _bind_reference_kernels():

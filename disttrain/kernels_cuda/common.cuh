@@ -78,6 +78,10 @@ template <typename T> __device__ __forceinline__ T dt_activation_grad(T y, int a
     for (dt_index i = (dt_index)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
          i += (dt_index)blockDim.x * gridDim.x)
 #define DT_FOR_EACH_ROW(row, n_rows) for (dt_index row = blockIdx.y; row < (n_rows); row += gridDim.y)
+// A warp per row: blockDim.x / 32 rows per block, grid-stride over row groups; all lanes of a warp share `row`.
+#define DT_FOR_EACH_WARP_ROW(row, n_rows) \
+    for (dt_index row = (dt_index)blockIdx.x * (blockDim.x / DT_WARP) + threadIdx.x / DT_WARP; row < (n_rows); \
+         row += (dt_index)gridDim.x * (blockDim.x / DT_WARP))
 #define DT_FOR_EACH_COL(col, n_cols) \
     for (dt_index col = (dt_index)blockIdx.x * blockDim.x + threadIdx.x; col < (n_cols); \
          col += (dt_index)blockDim.x * gridDim.x)

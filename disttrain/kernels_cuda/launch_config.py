@@ -10,6 +10,7 @@ kernels are compiled with (common.cuh: DT_BLOCK, DT_MAX_BLOCK; a CPU test checks
                                       a warp per row (narrow rows) or a block per row (wide rows),
                                       with the block size and dynamic shared memory of the choice
     reduction_config(n)               1-D with a capped grid: one atomic per block
+    warp_rows_config(n_rows)          a warp per row (any width), WARP_ROWS_BLOCK threads per block
 """
 from dataclasses import dataclass
 
@@ -124,3 +125,11 @@ def fits_registers(registers_per_thread, block, registers_per_block=65536):
     per_thread = ceil_div(max(registers_per_thread, 1), 8) * 8
     warps = ceil_div(block, WARP)
     return warps * WARP * per_thread <= registers_per_block
+
+
+def warp_rows_config(n_rows):
+    """(grid, block) for kernels that give each of n_rows >= 1 rows a warp (DT_FOR_EACH_WARP_ROW)."""
+    _check_count("n_rows", n_rows)
+    if n_rows == 0:
+        raise ValueError("warp_rows_config: nothing to launch for 0 rows")
+    return (min(ceil_div(n_rows, WARP_ROWS_BLOCK // WARP), GRID_CAP),), (WARP_ROWS_BLOCK,)

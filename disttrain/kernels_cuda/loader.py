@@ -35,6 +35,9 @@ KERNELS = {
     "norms": ("norm_accumulate", "scale", "clip_scale"),
     "bucket": ("copy_scaled",),
     "random": ("counter_uniform",),
+    "gelu": ("gelu_forward", "gelu_backward"),
+    "softmax": ("softmax_forward_warp", "softmax_forward_block", "softmax_backward_warp", "softmax_backward_block"),
+    "layer_norm": ("layer_norm_forward", "layer_norm_backward", "layer_norm_param_grads"),
 }
 UNTYPED_KERNELS = {"norms": ("norm_finalize",)}  # kernels without a dtype suffix
 SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}

@@ -345,3 +345,101 @@ def counter_uniform(xp, shape, dtype, seed, offset):
     _launch_1d("random", "counter_uniform", out.dtype, out.size,
                (out, _i64(out.size), _u64(int(seed) & _ref.UINT64_MASK), _u64(int(offset) & _ref.UINT64_MASK)))
     return out
+
+
+# ---- Transformer: tanh GELU, softmax over the last axis --------------------------------------------------
+
+def gelu_forward(xp, x):
+    """0.5 x (1 + tanh(u)) in one elementwise kernel (gelu.cu: written as x / (1 + exp(-2u)))."""
+    if not _fused(x):
+        return _ref.gelu_forward(xp, x)
+    x = _contiguous(xp, x)
+    y = xp.empty_like(x)
+    _launch_1d("gelu", "gelu_forward", x.dtype, x.size, (x, y, _i64(x.size)))
+    return y
+
+
+def gelu_backward(xp, grad_y, x):
+    """GELU's input gradient in one elementwise kernel, recomputing the activation from x."""
+    operands = _backward_operands(xp, grad_y, x)
+    if operands is None:
+        return _ref.gelu_backward(xp, grad_y, x)
+    _launch_1d("gelu", "gelu_backward", x.dtype, x.size, operands + (_i64(x.size),))
+    return operands[2]
+
+
+def _backward_operands(xp, grad_y, saved):
+    """(grad_y, saved, a new grad_x), C-contiguous, for a backward kernel over same-shape arrays; None where
+    no kernel applies (a dtype without one, mixed dtypes or shapes, empty or 0-d arrays)."""
+    if not _fused(grad_y, saved) or grad_y.shape != saved.shape or grad_y.dtype != saved.dtype:
+        return None
+    saved = _contiguous(xp, saved)
+    return _contiguous(xp, grad_y), saved, xp.empty_like(saved)
+
+
+def _softmax_launch(name, rows, n, dtype, args):
+    cfg = launch_config.softmax_config(rows, n, dtype.itemsize)
+    kernel("softmax", f"{name}_{cfg.kind}", dtype)(cfg.grid, cfg.block, args, shared_mem=cfg.shared_mem)
+
+
+def softmax_forward(xp, x, causal=False):
+    """softmax over the last axis (causal: keys j <= query i) in one kernel: a warp or a block per row."""
+    if not _fused(x) or (causal and x.ndim < 2):
+        return _ref.softmax_forward(xp, x, causal)
+    x = _contiguous(xp, x)
+    y = xp.empty_like(x)
+    n = x.shape[-1]
+    queries = x.shape[-2] if causal else 1
+    _softmax_launch("softmax_forward", x.size // n, n, x.dtype,
+                    (x, y, _i64(x.size // n), _i64(n), _i64(queries), _i32(bool(causal))))
+    return y
+
+
+def softmax_backward(xp, grad_y, y):
+    """y (grad_y - sum(grad_y y)) over the last axis in one kernel: each row's dot product, then its gradient."""
+    operands = _backward_operands(xp, grad_y, y)
+    if operands is None:
+        return _ref.softmax_backward(xp, grad_y, y)
+    n = y.shape[-1]
+    _softmax_launch("softmax_backward", y.size // n, n, y.dtype, operands + (_i64(y.size // n), _i64(n)))
+    return operands[2]
+
+
+def layer_norm_forward(xp, x, weight, bias, eps):
+    """(y, mean, rstd): LayerNorm over the rows of x (N, D) in one kernel, a warp per row."""
+    affine = [a for a in (weight, bias) if a is not None]
+    if not _fused(x, *affine) or x.ndim != 2 or any(a.dtype != x.dtype for a in affine):
+        return _ref.layer_norm_forward(xp, x, weight, bias, eps)
+    rows, n = x.shape
+    x = _contiguous(xp, x)
+    y = xp.empty_like(x)
+    mean, rstd = xp.empty(rows, dtype=x.dtype), xp.empty(rows, dtype=x.dtype)
+    grid, block = launch_config.warp_rows_config(rows)
+    kernel("layer_norm", "layer_norm_forward", x.dtype)(
+        grid, block, (x, x if weight is None else _contiguous(xp, weight), x if bias is None else _contiguous(xp, bias),
+                      _f64(eps), y, mean, rstd, _i64(rows), _i64(n), _i32(weight is not None), _i32(bias is not None)))
+    return y, mean, rstd
+
+
+def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
+    """(grad_x, grad_weight, grad_bias): grad_x in one kernel (a warp per row), the weight and bias gradients
+    as column sums in another (a thread per column)."""
+    operands = _backward_operands(xp, grad_y, x)
+    if (operands is None or x.ndim != 2 or not _fused(mean, rstd) or mean.dtype != x.dtype or rstd.dtype != x.dtype
+            or (weight is not None and (not _fused(weight) or weight.dtype != x.dtype))):
+        return _ref.layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias)
+    grad_y, x, grad_x = operands
+    rows, n = x.shape
+    mean, rstd = _contiguous(xp, mean), _contiguous(xp, rstd)
+    grid, block = launch_config.warp_rows_config(rows)
+    kernel("layer_norm", "layer_norm_backward", x.dtype)(
+        grid, block, (grad_y, x, x if weight is None else _contiguous(xp, weight), mean, rstd, grad_x, _i64(rows),
+                      _i64(n), _i32(weight is not None)))
+    grad_weight = xp.empty(n, dtype=x.dtype) if weight is not None else None
+    grad_bias = xp.empty(n, dtype=x.dtype) if with_bias else None
+    if grad_weight is not None or grad_bias is not None:
+        _launch_1d("layer_norm", "layer_norm_param_grads", x.dtype, n,
+                   (grad_y, x, mean, rstd, x if grad_weight is None else grad_weight,
+                    x if grad_bias is None else grad_bias, _i64(rows), _i64(n), _i32(grad_weight is not None),
+                    _i32(grad_bias is not None)))
+    return grad_x, grad_weight, grad_bias

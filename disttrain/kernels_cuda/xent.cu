@@ -20,16 +20,14 @@ __device__ __forceinline__ void xent_finish_row(const T* __restrict__ x, const d
     losses[row] = (t == ignore_index || t < 0 || t >= n_cols) ? T(0) : l - x[t];
 }
 
-// A warp per row: rows_per_block = blockDim.x / 32 rows per block, grid-stride over row groups.
+// A warp per row (DT_FOR_EACH_WARP_ROW).
 template <typename T>
 __device__ __forceinline__ void xent_forward_warp_impl(const T* __restrict__ logits,
                                                        const dt_index* __restrict__ target, T* __restrict__ losses,
                                                        T* __restrict__ lse, dt_index n_rows, dt_index n_cols,
                                                        dt_index ignore_index) {
     const int lane = threadIdx.x % DT_WARP;
-    const dt_index rows_per_block = blockDim.x / DT_WARP;
-    for (dt_index row = (dt_index)blockIdx.x * rows_per_block + threadIdx.x / DT_WARP; row < n_rows;
-         row += (dt_index)gridDim.x * rows_per_block) {
+    DT_FOR_EACH_WARP_ROW(row, n_rows) {
         const T* x = logits + row * n_cols;
         T m = dt_neg_inf<T>(), s = T(0);
         for (dt_index col = lane; col < n_cols; col += DT_WARP) dt_lse_add(m, s, x[col]);

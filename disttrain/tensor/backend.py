@@ -4,8 +4,9 @@ Ops never import numpy or cupy directly; they ask the tensor's backend (`node.xp
 `node.backend.index_add(...)`), so the CUDA backend plugs in without touching op code.
 
 `backend.kernels` is a module of fused kernels with one set of names and signatures, called as
-`backend.kernels.f(backend.xp, ...)`: on the CPU disttrain.kernels_cpu.wrappers (the LSTM layer and the
-cross-entropy compiled, the rest disttrain.tensor.kernels_numpy, the reference), or kernels_numpy itself
+`backend.kernels.f(backend.xp, ...)`: on the CPU disttrain.kernels_cpu.wrappers (the LSTM layer, the
+cross-entropy and the Transformer's GELU, softmax and LayerNorm compiled, the rest
+disttrain.tensor.kernels_numpy, the reference), or kernels_numpy itself
 when $DISTTRAIN_CPU_KERNELS=numpy; disttrain.kernels_cuda.wrappers (our CUDA C kernels) on the GPU.
 
 `backend.sync_checks`: ops may read device values on the host to validate indices (class targets,

@@ -518,3 +518,97 @@ def counter_uniform(xp, shape, dtype, seed, offset):
     z = _splitmix64_mix(xp, key + counters * xp.uint64(SPLITMIX_GOLDEN))
     top = (z >> xp.uint64(64 - bits)).astype(dtype)  # exact: at most `bits` significant bits
     return (top * dtype.type(2.0 ** -bits)).reshape(tuple(shape))
+
+
+# ---- Transformer: tanh GELU, softmax over the last axis (optionally causal) --------------------------
+
+GELU_SCALE = 0.7978845608028654   # sqrt(2 / pi)
+GELU_CUBIC = 0.044715
+
+
+def _gelu_tanh(xp, x):
+    """tanh(s (x + k x^3)) as a new array (s = GELU_SCALE, k = GELU_CUBIC)."""
+    inner = xp.asarray(x * x)  # asarray: NumPy makes 0-d products scalars, which out= refuses
+    inner *= GELU_CUBIC
+    inner += 1
+    inner *= x
+    inner *= GELU_SCALE
+    return xp.tanh(inner, out=inner)
+
+
+def gelu_forward(xp, x):
+    """y = 0.5 x (1 + tanh(s (x + k x^3))) (torch's gelu(approximate="tanh")), x any shape. A new array."""
+    y = _gelu_tanh(xp, x)
+    y += 1
+    y *= x
+    y *= 0.5
+    return y
+
+
+def gelu_backward(xp, grad_y, x):
+    """grad_x of gelu_forward from its input x (the tanh recomputed, no second activation kept):
+    grad_y * (0.5 (1 + t) + 0.5 x (1 - t^2) s (1 + 3 k x^2)), t = tanh(s (x + k x^3))."""
+    t = _gelu_tanh(xp, x)
+    slope = xp.asarray(x * x)    # 0.5 x (1 - t^2) s (1 + 3k x^2): the tanh argument's derivative part
+    slope *= 3 * GELU_CUBIC * GELU_SCALE
+    slope += GELU_SCALE
+    slope *= x
+    slope *= 0.5
+    slope *= 1 - t * t
+    t += 1                       # + 0.5 (1 + t)
+    t *= 0.5
+    t += slope
+    t *= grad_y
+    return t
+
+
+def softmax_forward(xp, x, causal=False):
+    """softmax over the last axis of x (..., Tq, Tk) as a new array; causal: key j counts for query i
+    (x's second-to-last axis) only where j <= i, the others get probability 0. The row maximum of the
+    counted entries is subtracted before exp; a row whose counted entries are all -inf comes out zeros."""
+    if causal:
+        x = xp.where(xp.tri(x.shape[-2], x.shape[-1], dtype=bool), x, -xp.inf)
+    top = x.max(axis=-1, keepdims=True)
+    e = xp.exp(x - xp.where(xp.isfinite(top), top, 0))  # a row of -inf only: exp(-inf) = 0
+    total = e.sum(axis=-1, keepdims=True)
+    e /= xp.where(total > 0, total, 1)
+    return e
+
+
+def softmax_backward(xp, grad_y, y):
+    """grad_x = y (grad_y - sum(grad_y y)) over the last axis, from softmax_forward's output y (any
+    softmax over that axis: entries a mask left out have y = 0 and get 0)."""
+    dot = xp.einsum("...j,...j->...", grad_y, y)[..., None]
+    grad_x = grad_y - dot
+    grad_x *= y
+    return grad_x
+
+
+def layer_norm_forward(xp, x, weight, bias, eps):
+    """LayerNorm over the rows of x (N, D): y = (x - mean) rstd weight + bias, rstd = 1 / sqrt(var + eps)
+    (the biased variance); weight, bias (D,) or None. Returns (y (N, D) new, mean (N,), rstd (N,)):
+    what layer_norm_backward reads."""
+    mean = x.mean(axis=1)
+    centred = x - mean[:, None]
+    var = xp.einsum("ij,ij->i", centred, centred) / x.shape[1]
+    rstd = 1 / xp.sqrt(var + eps)
+    centred *= rstd[:, None]
+    if weight is not None:
+        centred *= weight
+    if bias is not None:
+        centred += bias
+    return centred, mean, rstd
+
+
+def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
+    """Gradients of layer_norm_forward from its input x and its (mean, rstd): (grad_x (N, D),
+    grad_weight (D,) or None without a weight, grad_bias (D,) when with_bias else None).
+    grad_x = rstd (g - mean(g) - xhat mean(g xhat)) with g = grad_y weight, xhat = (x - mean) rstd."""
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    g = grad_y * weight if weight is not None else grad_y
+    d = x.shape[1]
+    grad_x = g - (g.sum(axis=1) / d)[:, None]
+    grad_x -= xhat * (xp.einsum("ij,ij->i", g, xhat) / d)[:, None]
+    grad_x *= rstd[:, None]
+    grad_weight = xp.einsum("ij,ij->j", grad_y, xhat) if weight is not None else None
+    return grad_x, grad_weight, (grad_y.sum(axis=0) if with_bias else None)

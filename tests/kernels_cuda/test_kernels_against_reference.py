@@ -213,3 +213,58 @@ def test_counter_uniform_equals_the_reference_bit_for_bit(cp, dtype, shape, seed
     got = W.counter_uniform(cp, shape, dtype, seed, offset)
     assert got.shape == shape and got.dtype == dtype
     np.testing.assert_array_equal(_host(got), K.counter_uniform(np, shape, dtype, seed, offset))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (2048, 512), (2, 70_000)])
+def test_gelu_forward_and_backward(cp, dtype, shape):
+    x, grad_y = _r(shape, dtype, scale=3.0), _r(shape, dtype, 1)
+    # float32: the kernel's x / (1 + exp(-2u)) against the reference's 0.5 x (1 + tanh(u)), whose 1 - t^2
+    # in backward keeps only the ulps of 1 where t is near +-1 (tests/kernels_cpu/test_transformer_kernels.py)
+    atol = dict(atol=1e-5) if dtype == np.float32 else {}
+    _close(W.gelu_forward(cp, cp.array(x)), K.gelu_forward(np, x), dtype, **atol)
+    _close(W.gelu_backward(cp, cp.array(grad_y), cp.array(x)), K.gelu_backward(np, grad_y, x), dtype, **atol)
+
+
+SOFTMAX_SHAPES = [(1, 1), (2, 3, 5, 7), (32, 4, 64, 64), (3, 1024), (3, 1025), (5, 5000), (70_000, 3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SOFTMAX_SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_softmax_forward_and_backward(cp, dtype, shape, causal):
+    x, grad_y = _r(shape, dtype, scale=3.0), _r(shape, dtype, 1)
+    y = K.softmax_forward(np, x, causal)
+    _close(W.softmax_forward(cp, cp.array(x), causal), y, dtype)
+    _close(W.softmax_backward(cp, cp.array(grad_y), cp.array(y)), K.softmax_backward(np, grad_y, y), dtype)
+
+
+def test_softmax_rows_without_a_finite_score(cp):
+    x = np.array([[-np.inf, -np.inf, -np.inf], [0.0, -np.inf, 2.0], [1000.0, 1001.0, -1000.0]], np.float32)
+    for causal in (False, True):
+        _close(W.softmax_forward(cp, cp.array(x), causal), K.softmax_forward(np, x, causal), np.float32)
+    wide = np.full((2, 3000), -np.inf, np.float64)             # the block-per-row kernel
+    wide[1, 7] = 0.0
+    got = _host(W.softmax_forward(cp, cp.array(wide)))
+    assert not got[0].any() and got[1, 7] == 1.0 and got[1].sum() == 1.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, size", [(1, 1), (3, 7), (2048, 128), (5, 1500), (70_000, 3)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_forward_and_backward(cp, dtype, rows, size, affine):
+    x, grad_y = _r((rows, size), dtype, scale=2.0) + 1, _r((rows, size), dtype, 1)
+    weight, bias = (_r(size, dtype, 2), _r(size, dtype, 3)) if affine else (None, None)
+    on_gpu = [None if a is None else cp.array(a) for a in (weight, bias)]
+    expected = K.layer_norm_forward(np, x, weight, bias, 1e-5)
+    got = W.layer_norm_forward(cp, cp.array(x), *on_gpu, 1e-5)
+    for g, e in zip(got, expected):
+        _close(g, e, dtype)
+    want = K.layer_norm_backward(np, grad_y, x, weight, *expected[1:], with_bias=True)
+    grads = W.layer_norm_backward(cp, cp.array(grad_y), cp.array(x), on_gpu[0], *(cp.array(a) for a in expected[1:]),
+                                  with_bias=True)
+    _close(grads[0], want[0], dtype)
+    for g, e in zip(grads[1:], want[1:]):                    # column sums over `rows` rows, in row order
+        assert (g is None) == (e is None)
+        if g is not None:
+            _close(g, e, dtype, atol=(1e-6 if dtype == np.float32 else 1e-12) * rows)

@@ -399,3 +399,61 @@ def test_counter_uniform_is_uniform_on_the_unit_interval(dtype):
     expected = n / 100
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < 180, chi2  # 99 degrees of freedom: P(chi2 > 180) ~ 1e-6
+
+
+# ---- tanh GELU, softmax over the last axis -------------------------------------------------------------
+
+def test_gelu_matches_the_formula_and_finite_differences():
+    x, w = _r(3, 4, scale=3.0), _r(3, 4)
+    expected = np.vectorize(lambda v: 0.5 * v * (1 + math.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3))))(x)
+    # atol: where tanh(u) is near -1, 1 + tanh(u) keeps few digits (math's and NumPy's tanh differ in an ulp)
+    np.testing.assert_allclose(K.gelu_forward(np, x), expected, rtol=1e-14, atol=1e-15)
+    numeric = _numeric_grad(lambda: float((K.gelu_forward(np, x) * w).sum()), x)
+    np.testing.assert_allclose(K.gelu_backward(np, w, x), numeric, rtol=1e-6, atol=1e-8)
+    assert K.gelu_forward(np, np.float64(1.5)).shape == ()   # 0-d in, 0-d out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("queries, keys", [(4, 4), (3, 5), (5, 3)])
+def test_softmax_forward_matches_the_formula(causal, queries, keys):
+    x = _r(2, queries, keys, scale=3.0)
+    y = K.softmax_forward(np, x, causal)
+    for b, i in np.ndindex(2, queries):
+        kept = min(i + 1, keys) if causal else keys
+        e = [math.exp(v) for v in x[b, i, :kept]]
+        np.testing.assert_allclose(y[b, i], [v / sum(e) for v in e] + [0.0] * (keys - kept), rtol=1e-14)
+    all_out = K.softmax_forward(np, np.full((2, 3), -np.inf), causal)
+    assert not all_out.any()                                   # nothing to attend to: zeros, not NaN
+
+
+def test_softmax_backward_matches_finite_differences():
+    x, w = _r(2, 3, 5), _r(2, 3, 5)
+    for causal in (False, True):
+        y = K.softmax_forward(np, x, causal)
+        numeric = _numeric_grad(lambda: float((K.softmax_forward(np, x, causal) * w).sum()), x)
+        np.testing.assert_allclose(K.softmax_backward(np, w, y), numeric, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_matches_the_formula_and_finite_differences(affine):
+    x, w = _r(3, 5, scale=2.0) + 1, _r(3, 5)
+    weight, bias = (_r(5), _r(5)) if affine else (None, None)
+    y, mean, rstd = K.layer_norm_forward(np, x, weight, bias, 1e-5)
+    for r in range(3):
+        mu = sum(x[r]) / 5
+        std = math.sqrt(sum((v - mu) ** 2 for v in x[r]) / 5 + 1e-5)
+        expected = [(v - mu) / std * (weight[j] if affine else 1) + (bias[j] if affine else 0)
+                    for j, v in enumerate(x[r])]
+        np.testing.assert_allclose(y[r], expected, rtol=1e-13, atol=1e-14)
+        assert mean[r] == pytest.approx(mu, rel=1e-14) and rstd[r] == pytest.approx(1 / std, rel=1e-14)
+
+    def objective():
+        return float((K.layer_norm_forward(np, x, weight, bias, 1e-5)[0] * w).sum())
+
+    grad_x, grad_weight, grad_bias = K.layer_norm_backward(np, w, x, weight, mean, rstd, with_bias=affine)
+    np.testing.assert_allclose(grad_x, _numeric_grad(objective, x), rtol=1e-6, atol=1e-8)
+    if affine:
+        np.testing.assert_allclose(grad_weight, _numeric_grad(objective, weight), rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(grad_bias, _numeric_grad(objective, bias), rtol=1e-6, atol=1e-8)
+    else:
+        assert grad_weight is None and grad_bias is None

@@ -80,12 +80,20 @@ def test_reduction_config_caps_the_atomics(n):
     assert 1 <= grid[0] <= launch.REDUCTION_GRID_CAP
 
 
+@pytest.mark.parametrize("n_rows", SIZES)
+def test_warp_rows_config_gives_each_row_a_warp(n_rows):
+    grid, block = launch.warp_rows_config(n_rows)
+    _legal(grid, block)
+    rows_per_block = block[0] // launch.WARP
+    assert grid[0] == min(launch.ceil_div(n_rows, rows_per_block), launch.GRID_CAP)
+
+
 @pytest.mark.parametrize("bad", [
     lambda: launch.elementwise_config(0), lambda: launch.elementwise_config(-1),
     lambda: launch.elementwise_config(2.5), lambda: launch.elementwise_config(10, block=100),
     lambda: launch.elementwise_config(10, block=2048), lambda: launch.rows_config(0, 5),
     lambda: launch.rows_config(5, 0), lambda: launch.softmax_config(4, 0, 4),
-    lambda: launch.softmax_config(4, 4, 2), lambda: launch.reduction_config(0)])
+    lambda: launch.softmax_config(4, 4, 2), lambda: launch.reduction_config(0), lambda: launch.warp_rows_config(0)])
 def test_bad_requests_raise(bad):
     with pytest.raises(ValueError):
         bad()

@@ -9,7 +9,7 @@ import pytest
 import disttrain as dt
 from disttrain import nn, optim
 from disttrain.kernels_cuda import wrappers
-from disttrain.models import LSTMLanguageModel
+from disttrain.models import LSTMLanguageModel, TransformerLanguageModel
 from disttrain.nn import functional as F
 from disttrain.nn.utils import clip_grad_norm_
 from disttrain.tensor import backend as backend_module
@@ -48,6 +48,17 @@ def test_a_language_model_step_uses_the_fused_kernels(calls, kind):
     assert calls.count("cross_entropy_forward") == 1 and calls.count("cross_entropy_backward") == 1
     assert calls.count("norms") == 1 and calls.count("scale_") == len(params)
     assert calls.count(f"{kind}_step") == len(params)
+
+
+def test_a_transformer_step_uses_the_fused_kernels(calls):
+    dt.manual_seed(0)
+    model = TransformerLanguageModel(11, d_model=8, heads=2, layers=2, d_ff=16, max_len=6)
+    tokens = dt.tensor(np.arange(12).reshape(6, 2) % 11)
+    model.forward_loss(tokens, tokens)[0].backward()
+    layers = 2  # per block: a GELU and a causal softmax; two LayerNorms, and the final one
+    for name in ("gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward"):
+        assert calls.count(name) == layers, name
+    assert calls.count("layer_norm_forward") == calls.count("layer_norm_backward") == 2 * layers + 1
 
 
 def test_sigmoid_op_uses_the_kernel(calls):

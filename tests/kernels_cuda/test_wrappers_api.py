@@ -110,12 +110,12 @@ class _Recorder:
                 else:
                     expected = elem.type if base == "T" else C_SCALARS[base]
                     assert type(arg) is expected, f"{where}: {type(arg).__name__}, expected {expected.__name__}"
-            bound = launch.MAX_BLOCK if name.startswith("xent_forward") else launch.BLOCK
+            bound = launch.MAX_BLOCK if name.startswith(("xent_forward", "softmax_")) else launch.BLOCK
             assert len(block) == 1 and block[0] % 32 == 0 and 0 < block[0] <= bound, (name, block)
             assert all(isinstance(g, int) and g >= 1 for g in grid) and len(grid) <= 2, (name, grid)
             if len(grid) == 2:
                 assert grid[1] <= launch.MAX_GRID_Y
-            if name == "xent_forward_block":
+            if name in ("xent_forward_block", "softmax_forward_block", "softmax_backward_block"):
                 assert shared_mem == 2 * (block[0] // 32) * elem.itemsize
             else:
                 assert shared_mem == 0, name
@@ -231,6 +231,38 @@ def test_random_launches(dtype, launches):
     assert out.shape == (3, 5) and out.dtype == dtype
     assert wrappers.counter_uniform(np, (0, 4), dtype, 1, 0).shape == (0, 4)  # empty: no launch
     assert launches == ["counter_uniform"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_launches(dtype, launches):
+    x = _r((3, 4, 5), dtype)
+    assert wrappers.gelu_forward(np, x[:, ::2]).shape == (3, 2, 5)  # strided input: made contiguous first
+    assert wrappers.gelu_backward(np, x, x).shape == x.shape
+    assert launches == ["gelu_forward", "gelu_backward"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_cols, kind", [(10, "warp"), (5000, "block")])
+def test_softmax_launches(dtype, n_cols, kind, launches):
+    x = _r((2, 3, n_cols), dtype)
+    for causal in (False, True):
+        y = wrappers.softmax_forward(np, x, causal)
+        assert y.shape == x.shape and y.dtype == dtype
+    assert wrappers.softmax_backward(np, x, y).shape == x.shape
+    assert launches == [f"softmax_forward_{kind}"] * 2 + [f"softmax_backward_{kind}"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_launches(dtype, launches):
+    x, w = _r((6, 10), dtype), _r(10, dtype, 1)
+    y, mean, rstd = wrappers.layer_norm_forward(np, x, w, w, 1e-5)
+    assert y.shape == x.shape and mean.shape == rstd.shape == (6,)
+    wrappers.layer_norm_forward(np, x, None, None, 1e-5)
+    grads = wrappers.layer_norm_backward(np, x, x, w, mean, rstd, with_bias=True)
+    assert [g.shape for g in grads] == [(6, 10), (10,), (10,)]
+    assert wrappers.layer_norm_backward(np, x, x, None, mean, rstd)[1:] == (None, None)  # no column sums
+    assert launches == ["layer_norm_forward"] * 2 + ["layer_norm_backward", "layer_norm_param_grads",
+                                                     "layer_norm_backward"]
 
 
 def test_fallbacks_launch_nothing_and_match_the_reference(launches):

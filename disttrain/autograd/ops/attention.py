@@ -11,24 +11,16 @@ class MaskedSoftmax(Softmax):
     floating-point, added to x (-inf removes an entry). causal: key j is kept for query i only
     where j <= i (the top-left aligned triangle of torch's is_causal). A row with
     every entry removed comes out all zeros (and passes no gradient) instead of NaN. Stable: the
-    row maximum over the kept entries is subtracted before exp. Backward is softmax's.
+    row maximum over the kept entries is subtracted before exp. Forward is one kernel
+    (kernels_numpy.softmax_forward, causal or not) after the mask has set the removed scores to -inf
+    or been added; backward is softmax's.
     """
 
     def forward(self, x, mask, causal):
-        xp = self.xp
         self.axis = -1
-        keep = xp.tri(x.shape[-2], x.shape[-1], dtype=bool) if causal else None
         if mask is not None:
-            if mask.dtype == bool:
-                keep = mask if keep is None else keep & mask
-            else:
-                x = x + mask
-        if keep is not None:
-            x = xp.where(keep, x, -xp.inf)
-        top = x.max(axis=-1, keepdims=True)
-        e = xp.exp(x - xp.where(xp.isfinite(top), top, 0))  # a row with nothing kept: exp(-inf) = 0
-        total = e.sum(axis=-1, keepdims=True)
-        return e / xp.where(total > 0, total, 1)
+            x = self.xp.where(mask, x, -self.xp.inf) if mask.dtype == bool else x + mask
+        return self.backend.kernels.softmax_forward(self.xp, x, causal)
 
 
 def masked_softmax(x, mask=None, causal=False):

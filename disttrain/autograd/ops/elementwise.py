@@ -5,6 +5,7 @@ import numpy as np
 
 from disttrain.autograd import grad_mode
 from disttrain.autograd.function import Function
+from disttrain.tensor import kernels_numpy
 from disttrain.tensor.tensor import Tensor
 
 
@@ -187,49 +188,23 @@ class Relu(Function):
 
 class Gelu(Function):
     """GELU in its tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): torch's
-    gelu(approximate="tanh"), the one GPT-2 uses. Backward recomputes the tanh from the saved
-    input instead of keeping a second activation; both passes work in place on their own
-    temporaries (an MLP's hidden layer is the largest activation of a Transformer block)."""
+    gelu(approximate="tanh"), the one GPT-2 uses. Forward and backward are one kernel each
+    (kernels_numpy.gelu_forward / gelu_backward); backward recomputes the tanh from the saved input
+    instead of keeping a second activation (an MLP's hidden layer is the largest activation of a
+    Transformer block)."""
 
     saves_inputs = (0,)
-    SCALE = math.sqrt(2 / math.pi)
-    CUBIC = 0.044715
 
     def forward(self, a):
-        y = self._tanh_part(a)
-        y += 1
-        y *= a
-        y *= 0.5
-        return y
+        return self.backend.kernels.gelu_forward(self.xp, a)
 
     def backward(self, g):
         (x,) = self.saved_inputs
-        s, k = self.SCALE, self.CUBIC
         if grad_mode.state.enabled:  # create_graph: differentiable ops
+            s, k = kernels_numpy.GELU_SCALE, kernels_numpy.GELU_CUBIC
             t = (s * (x + k * x * x * x)).tanh()
             return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * s * (1 + 3 * k * x * x))
-        x = x.data
-        t = self._tanh_part(x)
-        slope = x * x                # 0.5 x (1 - t^2) s (1 + 3k x^2): the tanh argument's derivative part
-        slope *= 3 * k * s
-        slope += s
-        slope *= x
-        slope *= 0.5
-        slope *= 1 - t * t
-        t += 1                       # + 0.5 (1 + t)
-        t *= 0.5
-        t += slope
-        t *= g.data
-        return _wrap_array(t)
-
-    def _tanh_part(self, x):
-        """tanh(s (x + k x^3)) as a new array."""
-        inner = self.xp.asarray(x * x)  # asarray: NumPy makes 0-d products scalars, which out= refuses
-        inner *= self.CUBIC
-        inner += 1
-        inner *= x
-        inner *= self.SCALE
-        return self.xp.tanh(inner, out=inner)
+        return _wrap_array(self.backend.kernels.gelu_backward(self.xp, g.data, x.data))
 
 
 class Abs(Function):

@@ -1,4 +1,6 @@
 """Neural-network ops: softmax family, losses, dropout, layer norm, embedding."""
+import math
+
 from disttrain.autograd import grad_mode
 from disttrain.autograd.function import Function
 from disttrain.autograd.ops import reduce, shape
@@ -28,15 +30,25 @@ class LogSoftmax(Function):
 
 
 class Softmax(Function):
+    """softmax along `axis`; over the last axis forward and backward are one kernel each
+    (kernels_numpy.softmax_forward / softmax_backward)."""
+
     saves_output = True
 
     def forward(self, x, axis):
         self.axis = axis
+        if self._last_axis(x.ndim):
+            return self.backend.kernels.softmax_forward(self.xp, x)
         return _softmax(self.xp, x, axis)
 
     def backward(self, g):
         y = self.output()
+        if not grad_mode.state.enabled and self._last_axis(y.ndim):  # no create_graph: one kernel
+            return Tensor._wrap(self.backend.kernels.softmax_backward(self.xp, g.data, y.data))
         return y * (g - (g * y).sum(axis=self.axis, keepdims=True))
+
+    def _last_axis(self, ndim):
+        return ndim > 0 and self.axis in (-1, ndim - 1)
 
 
 class CrossEntropy(Function):
@@ -146,11 +158,55 @@ def dropout(x, p=0.5, training=True):
     return x * mask
 
 
+class LayerNorm(Function):
+    """LayerNorm over the last `norm_ndim` axes of x, weight and bias (those axes' shape) or None: one
+    kernel each way (kernels_numpy.layer_norm_forward / layer_norm_backward) on the rows of x viewed as
+    (N, size of those axes). Forward keeps each row's mean and 1 / std; backward recomputes the
+    normalised x from them and the saved input."""
+
+    saves_inputs = (0, 1)
+
+    def forward(self, x, weight, bias, norm_ndim, eps):
+        self.norm_shape, self.eps = x.shape[x.ndim - norm_ndim:], eps
+        size = math.prod(self.norm_shape)
+        y, self.mean, self.rstd = self.backend.kernels.layer_norm_forward(
+            self.xp, x.reshape((-1, size)), None if weight is None else weight.reshape(size),
+            None if bias is None else bias.reshape(size), eps)
+        return y.reshape(x.shape)
+
+    def backward(self, g):
+        x, weight = self.saved_inputs
+        if grad_mode.state.enabled:  # create_graph: differentiable ops
+            return self._differentiable_grads(g, x, weight)
+        size = math.prod(self.norm_shape)
+        grad_x, grad_w, grad_b = self.backend.kernels.layer_norm_backward(
+            self.xp, g.data.reshape((-1, size)), x.data.reshape((-1, size)),
+            None if weight is None else weight.data.reshape(size), self.mean, self.rstd, with_bias=self.needs_grad(2))
+        return (Tensor._wrap(grad_x.reshape(x.shape)),
+                Tensor._wrap(grad_w.reshape(self.norm_shape)) if self.needs_grad(1) else None,
+                Tensor._wrap(grad_b.reshape(self.norm_shape)) if self.needs_grad(2) else None)
+
+    def _differentiable_grads(self, g, x, weight):
+        lead = x.ndim - len(self.norm_shape)
+        axes, outer = tuple(range(lead, x.ndim)), tuple(range(lead))
+        centred = x - reduce.mean(x, axes, keepdims=True)
+        rstd = (reduce.mean(centred * centred, axes, keepdims=True) + self.eps) ** -0.5
+        xhat = centred * rstd
+        gw = g * weight if weight is not None else g
+        grad_x = rstd * (gw - reduce.mean(gw, axes, keepdims=True) - xhat * reduce.mean(gw * xhat, axes, keepdims=True))
+        return (grad_x,
+                reduce.sum(g * xhat, outer) if self.needs_grad(1) else None,
+                reduce.sum(g, outer) if self.needs_grad(2) else None)
+
+
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
-    """Normalise over the trailing `normalized_shape` axes, then scale and shift."""
+    """Normalise over the trailing `normalized_shape` axes, then scale and shift (weight and bias of
+    normalized_shape, or None: the LayerNorm op; weights that broadcast to it: composed ops)."""
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if x.shape[x.ndim - len(normalized_shape):] != normalized_shape:
         raise ValueError(f"layer_norm: input shape {x.shape} does not end with normalized_shape {normalized_shape}")
+    if x.size and all(p is None or (isinstance(p, Tensor) and p.shape == normalized_shape) for p in (weight, bias)):
+        return LayerNorm.apply(x, weight, bias, len(normalized_shape), eps)
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
     mu = reduce.mean(x, axes, keepdims=True)
     centred = x - mu
