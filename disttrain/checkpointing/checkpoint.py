@@ -78,6 +78,7 @@ class Checkpoint(Function):
         first_seq = next(_function._sequence)  # nodes numbered below this were not made by the recomputation
         with grad_mode.enable_grad(), fork_rng(self.rng_state) if self.rng_state is not None else nullcontext():
             outputs, _ = _split(self.fn(*_fill(self.args, iter(copies))))
+        self._check_rerun(outputs)
         roots, seeds = [], []
         for pos, g in zip(self.out_positions, grads):
             out = outputs[pos]
@@ -92,6 +93,14 @@ class Checkpoint(Function):
                 accumulator_of(leaf).accumulate(Tensor._wrap(g.data.copy()), False, set())
         return (tuple(None if k is None else found[k] for k in slots)
                 + tuple(found[len(targets):len(targets) + len(known)]))
+
+    def _check_rerun(self, outputs):
+        """The rerun's floating-point outputs must sit where the first run's did: gradients are matched by position."""
+        positions = [i for i, o in enumerate(outputs) if dtypes.is_floating(o.dtype)]
+        if positions != self.out_positions:
+            raise RuntimeError(
+                f"checkpoint: {self!r} returned floating-point tensors at positions {positions} when rerun in backward "
+                f"but at {self.out_positions} in its first run; fn must return the same structure in both runs")
 
     def release(self):
         super().release()
