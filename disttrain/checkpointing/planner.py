@@ -21,8 +21,8 @@ A plan replays this timeline (`simulate`): a kept segment as measured; a recompu
 only its output carry (transient: each item's forward_peak), and its backward drops that output, reruns the
 segment's pieces (nested plans recurse) and runs their backwards as measured, while the checkpoint holds the
 gradients of the segment's parameters (`StepCosts.grads`) apart from .grad until it returns them: adding them
-to .grad at the end, and (nested plans) summing its pieces' into them, may each take one more copy for a
-moment. A segment runs as one call over its items, as "sqrt" runs them: a recomputed one then holds fewer
+to .grad at the end may take one more copy for a moment. Checkpoints nested in it add their parameters'
+gradients into those same sums in place: a nested plan holds them once, whatever its depth. A segment runs as one call over its items, as "sqrt" runs them: a recomputed one then holds fewer
 parameter gradients than a rerun item by item, and a long kept run pays no per-call time; a call's transients
 may exceed its items' (one loss over all its steps), which fit_to_budget checks by measuring the plan.
 
@@ -135,21 +135,24 @@ class _Timeline:
                     self.bump(self.live + self.items[i].forward_peak)
                     self.live += self.items[i].keep
 
-    def backward(self, segments, summing=0):
-        """summing: the bytes of the gradients a nested recomputation sums its pieces' parameter gradients into
-        (out of place: one more copy for a moment)."""
+    def backward(self, segments, nested=False):
+        """nested: the segments of a recomputation, whose parameter gradients go into the outermost recomputed
+        segment's sums (disttrain.checkpointing.checkpoint): held once, by the outermost, whatever the depth; a nested
+        one holds two carries instead."""
         for s in reversed(segments):
             if s.recompute:
                 self.live -= self.items[s.stop - 1].out
                 self.forward(s.pieces)
-                held = self.costs.grads(s.start, s.stop)
+                # nested: the rerun's output carry (a root of its pass) and the gradient it is given stay alive
+                # until the pass ends, at every level
+                held = 2 * self.items[s.stop - 1].out if nested else self.costs.grads(s.start, s.stop)
                 self.live += held
-                self.backward(s.pieces, held if s.inner else 0)     # one rerun call sums nothing itself
+                self.backward(s.pieces, nested=True)
                 self.bump(self.live + held)
                 self.live -= held
             else:
                 for i in reversed(range(s.start, s.stop)):
-                    self.bump(self.live + self.items[i].backward_peak + summing)
+                    self.bump(self.live + self.items[i].backward_peak)
                     self.live += self.items[i].backward_change
 
 

@@ -5,7 +5,10 @@ import pytest
 
 import disttrain as dt
 from disttrain.checkpointing import apply_activation_checkpointing, checkpoint, memory
-from disttrain.checkpointing.plan import Plan, Segment, binomial_plan
+from disttrain.checkpointing.auto import KeptItems, fit_to_budget
+from disttrain.checkpointing.plan import binomial_plan
+from disttrain.checkpointing.planner import NoPlanFits, best_one_level
+from disttrain.checkpointing.probe import ChainProbe
 from disttrain.models import protocol
 from disttrain.models.lstm_lm import LSTMLanguageModel
 
@@ -96,10 +99,10 @@ def test_a_leaf_used_inside_nested_checkpoints_without_being_passed_is_accumulat
     np.testing.assert_allclose(nested[1], x.grad.numpy(), rtol=0, atol=1e-14)
 
 
-def nested_step_peak(model, plan, tokens, targets):
+def nested_step_peak(model, plan, tokens, targets, resident=None):
     apply_activation_checkpointing(model, plan)
     model.zero_grad()
-    resident = list(model.state_dict(keep_vars=True).values())
+    resident = resident or list(model.state_dict(keep_vars=True).values()) + [tokens, targets]
     with memory.MemoryMeter(resident=resident) as meter:
         loss, _ = protocol.forward_loss(model, tokens, targets, None)
         loss.backward()
@@ -123,3 +126,41 @@ def test_parameter_gradients_cost_the_same_at_every_nesting_depth():
     assert sorted(peaks) == [2, 3, 4, 6]
     assert max(peaks.values()) - min(peaks.values()) <= grads / 5, (peaks, grads)
     assert max(peaks.values()) <= 3 * grads, (peaks, grads)
+
+
+def test_auto_goes_binomial_on_a_long_window_at_a_tight_budget_and_meets_it():
+    """bptt 512: at the smallest budget any plan meets, and a little above it, the planner's choice is nested
+    (binomial over time steps), below what any one-level plan needs; the measured peak stays under the budget and
+    the gradients are the plain step's."""
+    dt.manual_seed(0)
+    model = LSTMLanguageModel(20, hidden=16, layers=1)
+    tokens, targets = window(512, batch=8)
+    resident = list(model.state_dict(keep_vars=True).values()) + [tokens, targets]
+
+    def step():
+        loss, _ = protocol.forward_loss(model, tokens, targets, None)
+        loss.backward()
+
+    _, plain = lm_step(model, None, tokens, targets)
+    with pytest.raises(NoPlanFits) as raised:
+        fit_to_budget(model, step, 1, resident=resident)
+    smallest = raised.value.smallest
+    for budget in (smallest, int(smallest * 1.05)):
+        choice = fit_to_budget(model, step, budget, resident=resident)
+        assert choice.plan.depth() > 1, choice.describe()
+        assert best_one_level(probe_costs(model, step, resident), budget) is None   # no one-level plan fits
+        model.zero_grad()
+        assert nested_step_peak(model, choice.plan, tokens, targets) <= budget
+        _, nested = lm_step(model, choice.plan, tokens, targets)
+        for g, want in zip(nested, plain):
+            np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-6)
+
+
+def probe_costs(model, step, resident):
+    """The StepCosts fit_to_budget plans with: one step with every item of the chain kept, probed."""
+    apply_activation_checkpointing(model, KeptItems())
+    model.zero_grad()
+    with ChainProbe(resident=resident) as probe:
+        step()
+    model.zero_grad()
+    return probe.costs()
