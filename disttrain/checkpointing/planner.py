@@ -46,6 +46,7 @@ __all__ = ["ItemCost", "StepCosts", "Choice", "NoPlanFits", "simulate", "plan_fo
 
 _SLACK = 1e-12            # relative: two recomputation times this close count as equal
 MAX_REPETITIONS = 16      # binomial plans rerun an item at most this often: nesting (recursion) stays shallow
+SNAPSHOT_STEP = 1.25      # binomial candidates: snapshot counts between the fewest of two repetition counts
 
 
 @dataclass(frozen=True)
@@ -309,15 +310,18 @@ def _segments_of(fronts, stop, entry):
 def _binomial_candidates(costs):
     """Nested binomial plans, each with the fewest repetitions its snapshot count needs, from the fewest
     snapshots that need at most MAX_REPETITIONS to those that need 2 (one repetition is one level of segments,
-    which best_one_level searches exactly)."""
+    which best_one_level searches exactly). Past the fewest snapshots of a repetition count, the counts grow
+    geometrically (by SNAPSHOT_STEP): more snapshots with as many repetitions only save some reruns."""
     n = costs.n
-    plans = []
-    for snapshots in range(1, n):
+    plans, snapshots = [], 1
+    while snapshots < n:
         repetitions = next(r for r in range(1, n + 1) if binomial_reach(snapshots, r) >= n)
         if repetitions < 2:
             break
         if repetitions <= MAX_REPETITIONS:
             plans.append(binomial_plan(n, snapshots, repetitions))
+        fewest = min(s for s in range(snapshots + 1, n + 1) if binomial_reach(s, repetitions - 1) >= n)
+        snapshots = min(max(snapshots + 1, math.ceil(snapshots * SNAPSHOT_STEP)), fewest)
     return plans
 
 
