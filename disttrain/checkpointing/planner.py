@@ -143,6 +143,7 @@ class _Timeline:
         for s in reversed(segments):
             if s.recompute:
                 self.live -= self.items[s.stop - 1].out
+                before = self.live
                 self.forward(s.pieces)
                 # nested: the rerun's output carry (a root of its pass) and the gradient it is given stay alive
                 # until the pass ends, at every level
@@ -151,10 +152,18 @@ class _Timeline:
                 self.backward(s.pieces, nested=True)
                 self.bump(self.live + held)
                 self.live -= held
+                if s.inner or nested:
+                    self.live = min(self.live, before + self._left_by_rerun(s))
             else:
                 for i in reversed(range(s.start, s.stop)):
                     self.bump(self.live + self.items[i].backward_peak)
                     self.live += self.items[i].backward_change
+
+    def _left_by_rerun(self, s):
+        """What a nested plan's recomputed segment leaves alive after its backward: its input carry's gradient and
+        its own parameters' gradients. The rest its items' backward leaves (a kept item's output holds its loss
+        node to the step's end) goes with the rerun's graph."""
+        return self.items[s.start].out + sum(self.items[i].grads for i in range(s.start, s.stop))
 
 
 def extra_seconds(costs, segments):
