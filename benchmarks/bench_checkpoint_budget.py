@@ -14,8 +14,12 @@ At each budget the three settings' steps are timed in turn (none, sqrt, auto, re
 shared machine falls on all alike. Checks printed at the end: every "auto" peak <= its budget (the exit
 status); at every budget that "sqrt" also fits, whether the step time of "auto" <= that of "sqrt".
 
+Then, on the LSTM LM with a batch of 16 (activations outweigh the parameter gradients), the smallest budget
+"auto" meets as the window T grows, every time step its own measured item: binomial (nested) plans, whose peak
+grows like log T, against the least peak of any one-level plan, which grows like sqrt(T) (--lengths).
+
     python benchmarks/bench_checkpoint_budget.py [--repeats 5] [--budgets 7]
-        [--plot benchmarks/out/checkpoint_budget.png]
+        [--plot benchmarks/out/checkpoint_budget.png] [--lengths 128,256,512,1024,2048]
 
 Sizes are small so that the whole run takes a few minutes on 2 shared cores: the LSTM LM has hidden 64 and a
 vocabulary of 50 (batch 2, T = 2048), the Transformer LM d_model 64, 8 blocks, 4 heads, T = 128, batch 8.
@@ -31,8 +35,9 @@ import numpy as np  # noqa: E402
 
 import disttrain as dt  # noqa: E402
 from disttrain.checkpointing import MemoryMeter, apply_activation_checkpointing  # noqa: E402
-from disttrain.checkpointing.auto import fit_to_budget  # noqa: E402
-from disttrain.checkpointing.planner import NoPlanFits  # noqa: E402
+from disttrain.checkpointing.auto import MOST_ITEMS, KeptItems, fit_to_budget  # noqa: E402
+from disttrain.checkpointing.planner import NoPlanFits, best_one_level, native_plan  # noqa: E402
+from disttrain.checkpointing.probe import ChainProbe  # noqa: E402
 from disttrain.models import protocol  # noqa: E402
 from disttrain.models.lstm_lm import LSTMLanguageModel  # noqa: E402
 from disttrain.models.transformer_lm import TransformerLanguageModel  # noqa: E402
@@ -58,7 +63,7 @@ class Bench:
     def __init__(self, model, tokens, repeats):
         self.model, self.repeats = model, repeats
         self.x, self.y = dt.tensor(tokens[:-1]), dt.tensor(tokens[1:])
-        self.resident = list(model.state_dict(keep_vars=True).values())
+        self.resident = list(model.state_dict(keep_vars=True).values()) + [self.x, self.y]
         model.train()
 
     def step(self):
@@ -91,10 +96,10 @@ class Bench:
                 self.clear()
         return [min(t) for t in seconds]
 
-    def auto(self, budget):
+    def auto(self, budget, most_items=MOST_ITEMS):
         """The BudgetChoice of fit_to_budget, or the NoPlanFits it raised."""
         try:
-            return fit_to_budget(self.model, self.step, budget, resident=self.resident)
+            return fit_to_budget(self.model, self.step, budget, resident=self.resident, most_items=most_items)
         except NoPlanFits as exc:
             return exc
         finally:
@@ -128,6 +133,60 @@ def run_model(build, budgets, repeats):
               f"({choice.extra_seconds * 1e3:.0f}) | {(sqrt_s - none_s) * 1e3:.0f} | {auto_s / sqrt_s:.2f} | "
               f"{choice.plan.describe(choice.unit)[6:80]} |")
     return dict(name=name, none=none_peak, sqrt=sqrt_peak, smallest=smallest, rows=rows)
+
+
+def binomial_sweep(lengths, batch=16):
+    """The smallest budget "auto" meets on the LSTM LM as the window grows, every time step its own measured item
+    (fit_to_budget's most_items = T): the plan it chooses there, its measured peak, against the least peak of any
+    one-level plan (the planner's best_one_level at its least budget, measured) and of "sqrt"."""
+    print(f"\nLSTM LM (hidden 64, batch {batch}): the smallest budget against the window length T, every time step an "
+          "item")
+    print("| T | none MiB | sqrt MiB | least one-level plan MiB (measured) | auto at its smallest budget: peak MiB "
+          "(budget) | auto plan | extra forward passes | planner s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
+    for steps in lengths:
+        dt.manual_seed(0)
+        tokens = np.random.default_rng(0).integers(0, VOCAB, size=(steps + 1, batch))
+        bench = Bench(LSTMLanguageModel(VOCAB, hidden=64, layers=1), tokens, 1)
+        start = time.process_time()
+        smallest = bench.auto(1, most_items=steps).smallest
+        choice = bench.auto(smallest, most_items=steps)
+        planner_s = time.process_time() - start
+        one_level = least_one_level(bench, steps)
+        row = dict(steps=steps, none=bench.peak("none"), sqrt=bench.peak("sqrt"), one_level=one_level,
+                   auto=bench.peak(choice.plan), budget=smallest, depth=choice.plan.depth())
+        rows.append(row)
+        print(f"| {steps} | {row['none'] / MIB:.2f} | {row['sqrt'] / MIB:.3f} | {one_level / MIB:.3f} | "
+              f"{row['auto'] / MIB:.3f} ({smallest / MIB:.3f}) | {choice.plan.describe(choice.unit)[6:70]} | "
+              f"{choice.plan.recomputed_items() / steps:.1f} | {planner_s:.1f} |")
+    return rows
+
+
+def check_sweep(rows):
+    """Print whether "auto" met its budget and went nested at every T; returns whether it met the budget."""
+    under = sum(r["auto"] <= r["budget"] for r in rows)
+    nested = sum(r["depth"] > 1 for r in rows)
+    below = sum(r["auto"] < r["one_level"] for r in rows)
+    print(f"binomial sweep: auto peak <= budget at {under}/{len(rows)} lengths "
+          f"({'OK' if under == len(rows) else 'FAILED'}); nested plan chosen at {nested}/{len(rows)}; below the least "
+          f"one-level peak at {below}/{len(rows)}")
+    return under == len(rows)
+
+
+def least_one_level(bench, steps):
+    """The measured peak of the one-level plan with the least simulated peak over every time step."""
+    apply_activation_checkpointing(bench.model, KeptItems(steps))
+    bench.clear()
+    with ChainProbe(resident=bench.resident) as probe:
+        bench.step()
+    bench.clear()
+    costs = probe.costs("time steps")
+    low, high = 0, bench.peak("none")
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (middle + 1, high) if best_one_level(costs, middle, fastest=False) is None else (low, middle)
+    return bench.peak(native_plan(costs, best_one_level(costs, low, fastest=False).plan))
 
 
 def check(result):
@@ -176,10 +235,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per setting (the fastest counts)")
     parser.add_argument("--budgets", type=int, default=7, help="budgets per model")
     parser.add_argument("--plot", default=str(Path(__file__).resolve().parent / "out" / "checkpoint_budget.png"))
+    parser.add_argument("--lengths", default="128,256,512,1024,2048",
+                        help="window lengths T of the binomial sweep (empty: none)")
     args = parser.parse_args()
     results = [run_model(build, args.budgets, args.repeats) for build in (lstm_lm, transformer_lm)]
+    sweep = binomial_sweep([int(t) for t in args.lengths.split(",") if t])
     print()
-    ok = all([check(r) for r in results])
+    ok = all([check(r) for r in results]) & check_sweep(sweep)
     plot(results, Path(args.plot))
     raise SystemExit(0 if ok else 1)
 

@@ -23,8 +23,15 @@ def backward(tensors, grad_tensors=None, retain_graph=False, create_graph=False)
     _run(roots, retain_graph or create_graph, create_graph, capture=None)
 
 
-def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, allow_unused=False):
-    """Gradients of `outputs` w.r.t. `inputs`, returned instead of accumulated into .grad."""
+def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, allow_unused=False, *,
+         sum_into=None):
+    """Gradients of `outputs` w.r.t. `inputs`, returned instead of accumulated into .grad.
+
+    sum_into: {leaf: Tensor of the leaf's shape and dtype}. The gradients that reach each of these leaves are
+    added into its tensor in place, neither returned nor accumulated into .grad (no hooks fire), so that several
+    passes can sum into one buffer (nested checkpoints do). This pass writes into those tensors: pass ones that
+    nothing else reads or holds as a gradient. Not with create_graph.
+    """
     outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
     single = isinstance(inputs, Tensor)
     inputs = [inputs] if single else list(inputs)
@@ -35,8 +42,9 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
             raise RuntimeError(f"grad: input {i} (shape {t.shape}) does not require grad")
         node, index = (accumulator_of(t), 0) if t._node is None else (t._node, t._out_index)
         capture.setdefault(node, []).append((index, i))
+    sums = _sum_slots(sum_into, capture, create_graph) if sum_into else None
     results = [None] * len(inputs)
-    _run(roots, create_graph if retain_graph is None else retain_graph, create_graph, capture, results)
+    _run(roots, create_graph if retain_graph is None else retain_graph, create_graph, capture, results, sums)
     for i, r in enumerate(results):
         if r is None and not allow_unused:
             raise RuntimeError(f"grad: input {i} (shape {inputs[i].shape}) is not reachable from the outputs; "
@@ -111,7 +119,33 @@ def _count_dependencies(roots):
     return deps
 
 
-def _run(roots, retain_graph, create_graph, capture, results=None):
+def _sum_slots(sum_into, capture, create_graph):
+    """grad()'s sum_into, checked, as (the leaf's AccumulateGrad node, its sum) pairs."""
+    if create_graph:
+        raise RuntimeError("grad: sum_into cannot be used with create_graph=True (the sums are added in place)")
+    slots = []
+    for leaf, total in sum_into.items():
+        if not isinstance(leaf, Tensor) or leaf._node is not None or not leaf.requires_grad:
+            raise RuntimeError(f"grad: sum_into's keys must be leaves that require grad, got {leaf!r}")
+        if not isinstance(total, Tensor) or total.shape != leaf.shape or total.dtype != leaf.dtype:
+            raise RuntimeError(f"grad: sum_into's tensor for the leaf of shape {leaf.shape} ({leaf.dtype}) must be a "
+                               f"Tensor of that shape and dtype, got {getattr(total, 'shape', type(total).__name__)}")
+        node = accumulator_of(leaf)
+        if node in capture:
+            raise RuntimeError(f"grad: a leaf (shape {leaf.shape}) is both in inputs and in sum_into")
+        slots.append((node, total))
+    return slots
+
+
+def _seed_sums(buffers, owned, sums):
+    """Start each summed leaf's gradient buffer as its sum, owned by this pass: every gradient that reaches the leaf
+    is then added into it in place (_add_to_slot)."""
+    for node, total in sums:
+        buffers[node] = [total]
+        owned.add((node, 0))
+
+
+def _run(roots, retain_graph, create_graph, capture, results=None, sums=None):
     """One backward pass, then the callbacks its hooks queued (see queue_callback)."""
     passes = getattr(_running, "passes", None)
     if passes is None:
@@ -119,21 +153,23 @@ def _run(roots, retain_graph, create_graph, capture, results=None):
     callbacks = []
     passes.append(callbacks)
     try:
-        _execute(roots, retain_graph, create_graph, capture, results)
+        _execute(roots, retain_graph, create_graph, capture, results, sums)
         for callback in callbacks:  # a list grown while iterated: callbacks queued by callbacks run too
             callback()
     finally:
         passes.pop()
 
 
-def _execute(roots, retain_graph, create_graph, capture, results):
+def _execute(roots, retain_graph, create_graph, capture, results, sums=None):
     root_nodes = {node for node, _, _ in roots}
     deps = _count_dependencies(root_nodes)
     buffers = {}
-    owned = None if create_graph else set()  # the (node, slot)s whose sum this pass allocated
+    owned = None if create_graph else set()  # the (node, slot)s whose sum this pass allocated (or was given)
     given = {_owner(g.data) for _, _, g in roots}  # memory a leaf's .grad must copy: see _private
+    if sums:
+        _seed_sums(buffers, owned, sums)
     for node, index, g in roots:
-        _accumulate(buffers, node, index, g)
+        _accumulate(buffers, node, index, g, owned)
     ready = [(-node.seq, id(node), node) for node in root_nodes if node not in deps]
     heapq.heapify(ready)
     # the loop runs once per node: its common steps are inlined, its names bound locally
@@ -178,10 +214,14 @@ def _execute(roots, retain_graph, create_graph, capture, results):
                         g_leaf = buffers.pop(nxt)[0]  # final: run now so grad-ready hooks fire early
                         if g_leaf is not None:
                             nxt.accumulate(g_leaf, create_graph, given)
+                        g_leaf = None
                     elif newly_ready is None:
                         newly_ready = nxt
                     else:
                         push(ready, (-nxt.seq, id(nxt), nxt))
+            # hold no gradient while the next node runs: a checkpoint's backward runs a whole pass, and at each
+            # level of nesting such a leftover (an embedding's weight gradient) would stay alive throughout
+            in_grads = g = None
             if newly_ready is not None:  # the common chain: it runs next unless a later-created node waits
                 node = pushpop(ready, (-newly_ready.seq, id(newly_ready), newly_ready))[2] if ready else newly_ready
             else:
@@ -214,12 +254,12 @@ def _mark_shared(in_grads, given):
                 seen.append(owner)
 
 
-def _accumulate(buffers, node, index, g):
-    """Add g into node's gradient buffer slot (see _add_to_slot), out of place."""
+def _accumulate(buffers, node, index, g, owned):
+    """Add g into node's gradient buffer slot (see _add_to_slot)."""
     buf = buffers.get(node)
     if buf is None:
         buf = buffers[node] = [None] * node.n_outputs
-    _add_to_slot(buf, node, index, g, None)
+    _add_to_slot(buf, node, index, g, owned)
 
 
 def _add_to_slot(buf, node, index, g, owned):

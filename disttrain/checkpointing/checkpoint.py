@@ -14,13 +14,21 @@ NOTE: where the gradients of parameters used inside fn go.
   so each is accumulated once per pass, summed over all its uses, and its post-accumulate-grad
   hook fires once, when the gradient is final (what data parallelism needs).
 - Any other leaf that requires grad and is reached inside fn (a closure over a parameter) gets
-  its gradient accumulated directly by the node's backward, which fires its hooks right then;
-  such a leaf that is also used elsewhere has its hooks fire once per use, and dt.grad() through
-  the checkpoint still accumulates into its .grad. Pass such tensors as arguments to avoid both.
+  its gradient accumulated directly by the outermost checkpoint's backward, which fires its hooks
+  right then; such a leaf that is also used outside has its hooks fire once per use, and dt.grad()
+  through the checkpoint still accumulates into its .grad. Pass such tensors as arguments to avoid both.
+- Nested checkpoints (a checkpoint inside fn: nested segments, binomial plans) share one sum per
+  leaf: the outermost checkpoint's backward (the one not running inside another's) opens it, the
+  backward passes of every checkpoint inside add the gradients of the leaves they reach into it in
+  place (autograd.grad's sum_into) and return None for their parameters, and the outermost one
+  returns (or accumulates) the sums. The parameter gradients held then cost one copy whatever the
+  depth, where a sum per level would cost one copy per level. A leaf that a rerun reaches but whose
+  gradient turns out to be None comes back as zeros.
 NOTE: the RNG state (dt.get_rng_state()) is taken before the first run and replayed for the
 recomputation, so dropout draws the same masks, on the CPU and on the GPU alike (the GPU's generator
 is counter-based: its state is a seed and an offset); the generators then continue where they were.
 """
+import threading
 from contextlib import nullcontext
 
 from disttrain.autograd import grad_mode
@@ -78,20 +86,27 @@ class Checkpoint(Function):
         first_seq = next(_function._sequence)  # nodes numbered below this were not made by the recomputation
         with grad_mode.enable_grad(), fork_rng(self.rng_state) if self.rng_state is not None else nullcontext():
             outputs, _ = _split(self.fn(*_fill(self.args, iter(copies))))
+        self._check_rerun(outputs)
         roots, seeds = [], []
         for pos, g in zip(self.out_positions, grads):
             out = outputs[pos]
             if out.requires_grad and g is not None:
                 roots.append(out)
                 seeds.append(g)
-        hidden = _other_leaves(roots, targets + known, first_seq, self.fn)
-        wanted = targets + known + hidden
-        found = grad(roots, wanted, seeds, allow_unused=True) if roots and wanted else (None,) * len(wanted)
-        for leaf, g in zip(hidden, found[len(targets) + len(known):]):
-            if g is not None:  # a private copy: g may share memory with a gradient returned below
-                accumulator_of(leaf).accumulate(Tensor._wrap(g.data.copy()), False, set())
-        return (tuple(None if k is None else found[k] for k in slots)
-                + tuple(found[len(targets):len(targets) + len(known)]))
+        reached, nests = _leaves_reached(roots, first_seq, self.fn)
+        if nests or getattr(_open, "sums", None) is not None:
+            found = _summed(roots, seeds, targets, known, reached)
+        else:
+            found = _captured(roots, seeds, targets, known, reached)
+        return tuple(None if k is None else found[k] for k in slots) + tuple(found[len(targets):])
+
+    def _check_rerun(self, outputs):
+        """The rerun's floating-point outputs must sit where the first run's did: gradients are matched by position."""
+        positions = [i for i, o in enumerate(outputs) if dtypes.is_floating(o.dtype)]
+        if positions != self.out_positions:
+            raise RuntimeError(
+                f"checkpoint: {self!r} returned floating-point tensors at positions {positions} when rerun in backward "
+                f"but at {self.out_positions} in its first run; fn must return the same structure in both runs")
 
     def release(self):
         super().release()
@@ -99,6 +114,76 @@ class Checkpoint(Function):
 
     def __repr__(self):
         return f"<Checkpoint node of {getattr(self.fn, '__name__', type(self.fn).__name__)}>"
+
+
+_open = threading.local()  # .sums: the _GradientSums of the outermost checkpoint backward running in this thread
+
+
+class _GradientSums:
+    """The gradients of the leaves used in an outermost checkpoint's rerun and in every checkpoint nested in it, each
+    summed in place in one buffer (grad()'s sum_into), whatever the nesting depth."""
+
+    def __init__(self):
+        self.totals = {}    # id(leaf) -> (leaf, its sum)
+
+    def sinks(self, leaves):
+        """{leaf: its sum} for grad()'s sum_into; the sums of leaves met for the first time start at zero."""
+        out = {}
+        for leaf in leaves:
+            entry = self.totals.get(id(leaf))
+            if entry is None:
+                zeros = leaf.backend.xp.zeros(leaf.shape, dtype=leaf.dtype)
+                entry = self.totals[id(leaf)] = (leaf, Tensor._wrap(zeros))
+            out[leaf] = entry[1]
+        return out
+
+    def take(self, leaf):
+        """The leaf's sum, no longer summed into (None when no rerun reached the leaf)."""
+        entry = self.totals.pop(id(leaf), None)
+        return None if entry is None else entry[1]
+
+    def accumulate_rest(self):
+        """Accumulate every sum not taken into its leaf's .grad (leaves the outermost checkpoint does not know of)."""
+        for leaf, total in self.totals.values():
+            accumulator_of(leaf).accumulate(total, False, set())
+        self.totals = {}
+
+
+def _captured(roots, seeds, targets, known, reached):
+    """The gradients of the targets and the known tensors, from one pass through a rerun with no checkpoint nested in
+    it; those of the other leaves reached are accumulated into their .grad."""
+    skip = {id(t) for t in targets + known}
+    hidden = [leaf for leaf in reached if id(leaf) not in skip]
+    wanted = targets + known + hidden
+    found = grad(roots, wanted, seeds, allow_unused=True) if roots and wanted else (None,) * len(wanted)
+    for leaf, g in zip(hidden, found[len(targets) + len(known):]):
+        if g is not None:  # a private copy: g may share memory with a gradient returned
+            accumulator_of(leaf).accumulate(Tensor._wrap(g.data.copy()), False, set())
+    return found[:len(targets) + len(known)]
+
+
+def _summed(roots, seeds, targets, known, reached):
+    """_captured for a rerun with checkpoints nested in it, or nested itself: the gradients of the leaves reached are
+    added into the outermost checkpoint's _GradientSums, which that one returns (its known leaves) or accumulates
+    (the others) once its pass ends; a nested one returns None for its known leaves."""
+    sums = getattr(_open, "sums", None)
+    outermost = sums is None
+    if outermost:
+        sums = _open.sums = _GradientSums()
+    try:
+        copies = {id(t) for t in targets}
+        summed = [leaf for leaf in reached if id(leaf) not in copies]
+        wanted = targets + [t for t in known if t._node is not None]
+        found = iter(grad(roots, wanted, seeds, allow_unused=True, sum_into=sums.sinks(summed)) if roots
+                     else (None,) * len(wanted))
+        out = tuple(next(found) for _ in targets) + tuple(
+            next(found) if t._node is not None else sums.take(t) if outermost else None for t in known)
+        if outermost:
+            sums.accumulate_rest()
+        return out
+    finally:
+        if outermost:
+            _open.sums = None
 
 
 def checkpoint(fn, *args, preserve_rng_state=True):
@@ -157,29 +242,36 @@ def parameters_of(fn):
     return [], True
 
 
-def _other_leaves(roots, known, first_seq, fn):
-    """Leaves requiring grad reached from the recomputed `roots` that are not in `known` (iterative walk)."""
-    skip = {id(t) for t in known}
-    found, seen = [], set()
-    stack = [r._node if r._node is not None else accumulator_of(r) for r in roots]
+def _leaves_reached(roots, first_seq, fn):
+    """(the leaves requiring grad that the rerun's graph from `roots` reaches through an op or as a root, not those
+    only a nested checkpoint's parameters (whose gradients that checkpoint sums itself); whether a checkpoint is nested
+    in it). Iterative walk."""
+    found, seen, stack, nests = {}, set(), [], False
+    for r in roots:
+        if r._node is None:
+            found[id(r)] = r
+        else:
+            stack.append(r._node)
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
-        if type(node) is AccumulateGrad:
-            if id(node.leaf) not in skip:
-                found.append(node.leaf)
-            continue
         if node.seq < first_seq:
             raise RuntimeError(
                 f"checkpoint: {getattr(fn, '__name__', type(fn).__name__)} uses a tensor that requires grad and was "
                 f"computed outside it (by {type(node).__name__}) without taking it as an argument; pass that tensor "
                 "as an argument of checkpoint() so its gradient flows back through the checkpoint")
-        for edge in node.next_edges:
-            if edge is not None:
+        through = node.n_args if type(node) is Checkpoint else len(node.next_edges)
+        for k, edge in enumerate(node.next_edges):
+            if edge is None:
+                continue
+            if type(edge[0]) is not AccumulateGrad:
                 stack.append(edge[0])
-    return found
+            elif k < through:
+                found[id(edge[0].leaf)] = edge[0].leaf
+        nests = nests or type(node) is Checkpoint
+    return list(found.values()), nests
 
 
 class _Nest:

@@ -228,12 +228,18 @@ def add_chain_watcher(watcher):
 
 
 def _run_segment(segment, run, carry, items, parameters, preserve, outputs):
-    if not segment.recompute or not grad_mode.state.enabled:
-        output, carry = run(segment.start, segment.stop, carry, items[segment.start:segment.stop])
-        if output is not None:
-            outputs.append(output)
+    if segment.recompute and grad_mode.state.enabled:
+        return _run_recomputed(segment, run, carry, items, parameters, preserve, outputs)
+    if segment.inner:
+        # under no_grad (a checkpoint's first run) a nested segment still makes its rerun's calls: the checkpoint's
+        # outputs are matched with the rerun's by position, so both runs must return the same outputs
+        for inner in segment.inner:
+            carry = _run_segment(inner, run, carry, items, parameters, preserve, outputs)
         return carry
-    return _run_recomputed(segment, run, carry, items, parameters, preserve, outputs)
+    output, carry = run(segment.start, segment.stop, carry, items[segment.start:segment.stop])
+    if output is not None:
+        outputs.append(output)
+    return carry
 
 
 def _run_recomputed(segment, run, carry, items, parameters, preserve, outputs):

@@ -21,8 +21,8 @@ A plan replays this timeline (`simulate`): a kept segment as measured; a recompu
 only its output carry (transient: each item's forward_peak), and its backward drops that output, reruns the
 segment's pieces (nested plans recurse) and runs their backwards as measured, while the checkpoint holds the
 gradients of the segment's parameters (`StepCosts.grads`) apart from .grad until it returns them: adding them
-to .grad at the end, and (nested plans) summing its pieces' into them, may each take one more copy for a
-moment. A segment runs as one call over its items, as "sqrt" runs them: a recomputed one then holds fewer
+to .grad at the end may take one more copy for a moment. Checkpoints nested in it add their parameters'
+gradients into those same sums in place: a nested plan holds them once, whatever its depth. A segment runs as one call over its items, as "sqrt" runs them: a recomputed one then holds fewer
 parameter gradients than a rerun item by item, and a long kept run pays no per-call time; a call's transients
 may exceed its items' (one loss over all its steps), which fit_to_budget checks by measuring the plan.
 
@@ -46,6 +46,7 @@ __all__ = ["ItemCost", "StepCosts", "Choice", "NoPlanFits", "simulate", "plan_fo
 
 _SLACK = 1e-12            # relative: two recomputation times this close count as equal
 MAX_REPETITIONS = 16      # binomial plans rerun an item at most this often: nesting (recursion) stays shallow
+SNAPSHOT_STEP = 1.25      # binomial candidates: snapshot counts between the fewest of two repetition counts
 
 
 @dataclass(frozen=True)
@@ -135,22 +136,34 @@ class _Timeline:
                     self.bump(self.live + self.items[i].forward_peak)
                     self.live += self.items[i].keep
 
-    def backward(self, segments, summing=0):
-        """summing: the bytes of the gradients a nested recomputation sums its pieces' parameter gradients into
-        (out of place: one more copy for a moment)."""
+    def backward(self, segments, nested=False):
+        """nested: the segments of a recomputation, whose parameter gradients go into the outermost recomputed
+        segment's sums (disttrain.checkpointing.checkpoint): held once, by the outermost, whatever the depth; a nested
+        one holds two carries instead."""
         for s in reversed(segments):
             if s.recompute:
                 self.live -= self.items[s.stop - 1].out
+                before = self.live
                 self.forward(s.pieces)
-                held = self.costs.grads(s.start, s.stop)
+                # nested: the rerun's output carry (a root of its pass) and the gradient it is given stay alive
+                # until the pass ends, at every level
+                held = 2 * self.items[s.stop - 1].out if nested else self.costs.grads(s.start, s.stop)
                 self.live += held
-                self.backward(s.pieces, held if s.inner else 0)     # one rerun call sums nothing itself
+                self.backward(s.pieces, nested=True)
                 self.bump(self.live + held)
                 self.live -= held
+                if s.inner or nested:
+                    self.live = min(self.live, before + self._left_by_rerun(s))
             else:
                 for i in reversed(range(s.start, s.stop)):
-                    self.bump(self.live + self.items[i].backward_peak + summing)
+                    self.bump(self.live + self.items[i].backward_peak)
                     self.live += self.items[i].backward_change
+
+    def _left_by_rerun(self, s):
+        """What a nested plan's recomputed segment leaves alive after its backward: its input carry's gradient and
+        its own parameters' gradients. The rest its items' backward leaves (a kept item's output holds its loss
+        node to the step's end) goes with the rerun's graph."""
+        return self.items[s.start].out + sum(self.items[i].grads for i in range(s.start, s.stop))
 
 
 def extra_seconds(costs, segments):
@@ -306,15 +319,18 @@ def _segments_of(fronts, stop, entry):
 def _binomial_candidates(costs):
     """Nested binomial plans, each with the fewest repetitions its snapshot count needs, from the fewest
     snapshots that need at most MAX_REPETITIONS to those that need 2 (one repetition is one level of segments,
-    which best_one_level searches exactly)."""
+    which best_one_level searches exactly). Past the fewest snapshots of a repetition count, the counts grow
+    geometrically (by SNAPSHOT_STEP): more snapshots with as many repetitions only save some reruns."""
     n = costs.n
-    plans = []
-    for snapshots in range(1, n):
+    plans, snapshots = [], 1
+    while snapshots < n:
         repetitions = next(r for r in range(1, n + 1) if binomial_reach(snapshots, r) >= n)
         if repetitions < 2:
             break
         if repetitions <= MAX_REPETITIONS:
             plans.append(binomial_plan(n, snapshots, repetitions))
+        fewest = min(s for s in range(snapshots + 1, n + 1) if binomial_reach(s, repetitions - 1) >= n)
+        snapshots = min(max(snapshots + 1, math.ceil(snapshots * SNAPSHOT_STEP)), fewest)
     return plans
 
 

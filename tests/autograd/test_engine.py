@@ -362,3 +362,32 @@ def test_grad_mode_is_per_thread():
     fresh.start()
     fresh.join()
     assert seen["new"] is True                # a new thread starts with grad on
+
+
+def test_grad_sum_into_adds_a_leafs_gradients_in_place_across_passes():
+    w = dt.tensor(np.array([1.0, 2.0, 3.0]), requires_grad=True)
+    x = dt.tensor(np.array([0.5, -1.0, 2.0]), requires_grad=True)
+    fired = []
+    w.register_post_accumulate_grad_hook(lambda t: fired.append(1))
+    total = dt.zeros(3, dtype="float64")
+    array = total.data
+    for scale in (1.0, 2.0):   # two passes sum into one buffer; w is used twice in each (two gradients summed)
+        y = ((x * w) * scale + w * w).sum()
+        (gx,) = grad(y, [x], sum_into={w: total})
+        np.testing.assert_array_equal(gx.numpy(), w.numpy() * scale)
+    assert total.data is array and w.grad is None and fired == []
+    np.testing.assert_array_equal(total.numpy(), x.numpy() * 3.0 + 2 * 2 * w.numpy())
+
+
+def test_grad_sum_into_refuses_what_it_cannot_sum():
+    w = dt.tensor(np.array([1.0, 2.0]), requires_grad=True)
+    y = (w * w).sum()
+    h = w * 2.0
+    for sums, match in [({h: dt.zeros(2, dtype="float64")}, "must be leaves"),
+                        ({w: dt.zeros(3, dtype="float64")}, "must be a Tensor of that shape"),
+                        ({w: dt.zeros(2)}, r"\(float64\) must be a Tensor"),
+                        ({w: dt.zeros(2, dtype="float64")}, "both in inputs and in sum_into")]:
+        with pytest.raises(RuntimeError, match=match):
+            grad(y, [w], sum_into=sums, retain_graph=True)
+    with pytest.raises(RuntimeError, match="create_graph"):
+        grad(y, [h], sum_into={w: dt.zeros(2, dtype="float64")}, create_graph=True)
