@@ -109,7 +109,7 @@ class CrossEntropy(Function):
 
     def release(self):
         super().release()
-        self.softmax_state = None
+        self.softmax_state = self.target = self.valid = self.weight = None
 
 
 def log_softmax(x, axis=-1):
