@@ -518,3 +518,14 @@ def counter_uniform(xp, shape, dtype, seed, offset):
     z = _splitmix64_mix(xp, key + counters * xp.uint64(SPLITMIX_GOLDEN))
     top = (z >> xp.uint64(64 - bits)).astype(dtype)  # exact: at most `bits` significant bits
     return (top * dtype.type(2.0 ** -bits)).reshape(tuple(shape))
+
+
+# ---- Linear's forward --------------------------------------------------------------------------------
+
+def linear_forward(xp, x, w, bias):
+    """Linear's forward as one new array: x (N, in) @ w.T + bias, with w (out, in) and bias (out,) or None.
+    The compiled CPU kernel lets the GEMM add its product onto the bias (no pass of its own over the output)."""
+    out = x @ w.T
+    if bias is not None:
+        add_bias_(xp, out, bias)
+    return out
