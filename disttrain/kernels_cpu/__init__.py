@@ -1,6 +1,7 @@
 """Compiled CPU kernels for the hot paths of a training step: the LSTM layer over a whole segment (forward
 and backward, one call per layer per segment, its recurrent GEMMs on NumPy's BLAS) and the fused
-log-softmax + cross-entropy (forward and backward).
+log-softmax + cross-entropy (forward and backward); also Linear's forward with its bias added by the GEMM
+itself and the embedding backward's scatter-add.
 
     native.cpp    the kernels, C++ with a plain C ABI, built by setup.py when disttrain is installed
     simd_math.h   exp and tanh that the compiler vectorises

@@ -1,5 +1,6 @@
-// The CPU backend's compiled kernels: the LSTM layer over a whole segment (forward and backward) and
-// the fused log-softmax + cross-entropy (forward and backward). Layouts and arithmetic are those of
+// The CPU backend's compiled kernels: the LSTM layer over a whole segment (forward and backward), the
+// fused log-softmax + cross-entropy (forward and backward), Linear's forward with its bias and the row
+// scatter-add of the embedding backward. Layouts and arithmetic are those of
 // disttrain/tensor/kernels_numpy.py, the reference these are tested against.
 //
 // Every kernel works on a block of rows [lo, hi) (batch rows for the LSTM, logit rows for the
@@ -7,7 +8,9 @@
 // side by side on the intra-op threads: an LSTM batch row's recurrence never reads another row, so
 // the blocks need no synchronisation between time steps. The recurrent GEMMs call the BLAS that
 // NumPy loaded (its Fortran gemm, whose address dt_set_blas receives), on the calling thread: the
-// wrappers hold that BLAS to one thread while the blocks run.
+// wrappers hold that BLAS to one thread while the blocks run (the forward's, on AVX-512, our own GEMM on a
+// packed W_hh^T). Linear's GEMM is one BLAS call on the BLAS's threads; the scatter-add takes a block of
+// columns.
 //
 // Plain C ABI (loaded with ctypes, which releases the GIL for the call); no Python API is used.
 #include <cstdint>

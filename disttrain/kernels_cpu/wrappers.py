@@ -1,5 +1,6 @@
 """The CPU backend's kernel table with the compiled hot paths: kernels_numpy's names and signatures, the
-LSTM layer and the cross-entropy running native.cpp, everything else kernels_numpy's own function.
+LSTM layer, the cross-entropy, Linear's forward and the row scatter-add running native.cpp, everything else
+kernels_numpy's own function.
 
 Each wrapper makes its inputs C-contiguous, allocates the outputs and runs the compiled kernel over row
 blocks on the intra-op threads (disttrain.tensor.threads): the LSTM over blocks of the batch, with the
