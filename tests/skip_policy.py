@@ -31,6 +31,7 @@ REASONS = [
     ("not an MPI test (under mpiexec)", r"does not work under mpi", False),
     ("too few MPI ranks", r"Test requires \d+ MPI processes", False),
     ("not glibc", r"glibc", False),
+    ("no AVX-512 CPU", r"needs an AVX-512 CPU", False),
 ]
 
 

@@ -1,7 +1,9 @@
 """Compiled CPU kernels for the hot paths of a training step: the LSTM layer over a whole segment (forward
-and backward, one call per layer per segment, its recurrent GEMMs on NumPy's BLAS) and the fused
-log-softmax + cross-entropy (forward and backward); for the Transformer, the tanh GELU, the softmax over
-the last axis (causal or not) and LayerNorm, one pass or one visit of each row each way.
+and backward, one call per layer per segment, its recurrent GEMMs on NumPy's BLAS or, the forward's on
+AVX-512 CPUs, on a W_hh^T packed once per call) and the fused log-softmax + cross-entropy (forward and
+backward); also Linear's forward with its bias added by the GEMM itself and the embedding backward's
+scatter-add; for the Transformer, the tanh GELU, the softmax over the last axis (causal or not) and
+LayerNorm, one pass or one visit of each row each way.
 
     native.cpp    the kernels, C++ with a plain C ABI, built by setup.py when disttrain is installed
     simd_math.h   exp and tanh that the compiler vectorises

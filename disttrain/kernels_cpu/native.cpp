@@ -1,5 +1,6 @@
-// The CPU backend's compiled kernels: the LSTM layer over a whole segment (forward and backward) and
-// the fused log-softmax + cross-entropy (forward and backward). Layouts and arithmetic are those of
+// The CPU backend's compiled kernels: the LSTM layer over a whole segment (forward and backward), the
+// fused log-softmax + cross-entropy (forward and backward), Linear's forward with its bias and the row
+// scatter-add of the embedding backward. Layouts and arithmetic are those of
 // disttrain/tensor/kernels_numpy.py, the reference these are tested against.
 //
 // Every kernel works on a block of rows [lo, hi) (batch rows for the LSTM, logit rows for the
@@ -7,11 +8,14 @@
 // side by side on the intra-op threads: an LSTM batch row's recurrence never reads another row, so
 // the blocks need no synchronisation between time steps. The recurrent GEMMs call the BLAS that
 // NumPy loaded (its Fortran gemm, whose address dt_set_blas receives), on the calling thread: the
-// wrappers hold that BLAS to one thread while the blocks run.
+// wrappers hold that BLAS to one thread while the blocks run (the forward's, on AVX-512, our own GEMM on a
+// packed W_hh^T). Linear's GEMM is one BLAS call on the BLAS's threads; the scatter-add takes a block of
+// columns.
 //
 // Plain C ABI (loaded with ctypes, which releases the GIL for the call); no Python API is used.
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "simd_math.h"
 
@@ -69,6 +73,113 @@ void gemm_row_chunks(i64 chunk, i64 m, i64 n, i64 k, const T* a, i64 lda, const 
         gemm_rows<T>(m - r < chunk ? m - r : chunk, n, k, a + r * lda, lda, b, ldb, beta, c + r * ldc, ldc);
 }
 
+// ---- the forward recurrence's GEMM on a packed W_hh^T ------------------------------------------------
+// The recurrent GEMMs are small, (rows, K) x (K, N) with rows <= the batch, and a BLAS call copies ("packs")
+// the (K, N) operand each time or runs an unpacked kernel. Packed once per layer call, in panels of
+// PANEL columns ([N / PANEL][K][PANEL], zero-padded), the product of 5 rows and a panel keeps its 10
+// AVX-512 accumulators in registers and reads each panel row once for all 5 rows. Every output is the
+// same sequence of multiply-adds over k whatever the row blocking, so the results do not depend on how
+// the batch is split over threads. AVX-512 only (dt_packed_gemm_available); elsewhere, and for the
+// backward's d_pre W_hh (no faster this way in the layer: benchmarks/RESULTS.md), the BLAS runs.
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DT_PACKED_GEMM 1
+#define DT_AVX512 __attribute__((target("arch=x86-64-v4")))
+#else
+#define DT_PACKED_GEMM 0
+#define DT_AVX512
+#endif
+
+constexpr i64 PANEL = 32;
+constexpr int PACKED_ROWS = 5;
+
+i64 packed_size(i64 k, i64 n) { return (n + PANEL - 1) / PANEL * k * PANEL; }
+
+// panels of B (K x N) with B[kk][j] = src[kk * row_stride + j * col_stride], read along src's contiguous axis
+void pack_panels(const float* src, i64 k, i64 n, i64 row_stride, i64 col_stride, float* out) {
+    for (i64 j0 = 0; j0 < n; j0 += PANEL) {
+        float* panel = out + j0 * k;
+        const i64 cols = n - j0 < PANEL ? n - j0 : PANEL;
+        if (cols < PANEL) std::memset(panel, 0, sizeof(float) * k * PANEL);
+        if (col_stride == 1) {
+            for (i64 kk = 0; kk < k; ++kk)
+                std::memcpy(panel + kk * PANEL, src + kk * row_stride + j0, sizeof(float) * cols);
+        } else {
+            for (i64 j = 0; j < cols; ++j)
+                for (i64 kk = 0; kk < k; ++kk) panel[kk * PANEL + j] = src[kk * row_stride + (j0 + j) * col_stride];
+        }
+    }
+}
+
+// How packed_block writes its sums into C: C = sums, C = C + sums (a BLAS GEMM's beta = 1), or the sums
+// continuing from C (the next slice of K)
+enum class Into { store, add, resume };
+
+// R rows of A (lda) times kc rows of one panel into c (ldc, `cols` <= PANEL columns)
+template <int R>
+DT_AVX512 void packed_block(const float* a, i64 lda, const float* panel, i64 kc, float* c, i64 ldc, i64 cols,
+                            Into into) {
+    float acc[R][PANEL];
+    for (int r = 0; r < R; ++r)
+#pragma omp simd
+        for (i64 j = 0; j < PANEL; ++j) acc[r][j] = into == Into::resume && j < cols ? c[r * ldc + j] : 0.0f;
+    for (i64 kk = 0; kk < kc; ++kk) {
+        const float* row = panel + kk * PANEL;
+        for (int r = 0; r < R; ++r) {
+            const float v = a[r * lda + kk];
+#pragma omp simd
+            for (i64 j = 0; j < PANEL; ++j) acc[r][j] += v * row[j];
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (i64 j = 0; j < cols; ++j) c[r * ldc + j] = into == Into::add ? c[r * ldc + j] + acc[r][j] : acc[r][j];
+}
+
+// Rows of the panel's K a block of A's rows reads before the next block: PACKED_K * PANEL floats (32 KB)
+// stay in the L1 cache for every block of rows
+constexpr i64 PACKED_K = 256;
+
+// C (m x N, ldc) = A (m x K, lda) B, or C + A B (accumulate), B packed by pack_panels: per panel and slice of
+// K, blocks of PACKED_ROWS rows. Each output is one chain of multiply-adds over k (added to C after the first
+// slice of K when accumulating), the same whatever the blocks of rows.
+void packed_gemm(i64 m, i64 n, i64 k, const float* a, i64 lda, const float* packed, float* c, i64 ldc,
+                 bool accumulate) {
+    for (i64 j0 = 0; j0 < n; j0 += PANEL) {
+        const i64 cols = n - j0 < PANEL ? n - j0 : PANEL;
+        for (i64 k0 = 0; k0 < k; k0 += PACKED_K) {
+            const i64 kc = k - k0 < PACKED_K ? k - k0 : PACKED_K;
+            const float* panel = packed + j0 * k + k0 * PANEL;
+            const Into into = k0 > 0 ? Into::resume : accumulate ? Into::add : Into::store;
+            i64 r = 0;
+            for (; r + PACKED_ROWS <= m; r += PACKED_ROWS)
+                packed_block<PACKED_ROWS>(a + r * lda + k0, lda, panel, kc, c + r * ldc + j0, ldc, cols, into);
+            const float* a_rest = a + r * lda + k0;
+            float* c_rest = c + r * ldc + j0;
+            switch (m - r) {
+                case 4: packed_block<4>(a_rest, lda, panel, kc, c_rest, ldc, cols, into); break;
+                case 3: packed_block<3>(a_rest, lda, panel, kc, c_rest, ldc, cols, into); break;
+                case 2: packed_block<2>(a_rest, lda, panel, kc, c_rest, ldc, cols, into); break;
+                case 1: packed_block<1>(a_rest, lda, panel, kc, c_rest, ldc, cols, into); break;
+                default: break;
+            }
+        }
+    }
+}
+
+// The recurrence's GEMM, C = A B + beta C with beta 0 or 1: on the packed B where there is one (float32 on
+// AVX-512), else the BLAS in calls of `chunk` rows (gemm_row_chunks)
+template <typename T>
+void recurrent_gemm(const float* packed, i64 chunk, i64 m, i64 n, i64 k, const T* a, i64 lda, const T* b, i64 ldb,
+                    T beta, T* c, i64 ldc) {
+    if constexpr (std::is_same_v<T, float>) {
+        if (packed) {
+            packed_gemm(m, n, k, a, lda, packed, c, ldc, beta != 0.0f);
+            return;
+        }
+    }
+    gemm_row_chunks<T>(chunk, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+
 // ---- LSTM ------------------------------------------------------------------------------------------
 // Gate order i, f, g, o (PyTorch's); sigmoid(x) = tanh(x / 2) / 2 + 1/2, as the NumPy kernels compute it.
 
@@ -100,19 +211,19 @@ DT_CLONES void lstm_activate_row(T* pre, const T* c_prev, T* h, T* c, T* tanh_c,
 }
 
 // Batch rows [lo, hi) of a layer over `steps` steps. acts (T, B, 4H) holds gates_x on entry and the
-// activations on return; w_t (H, 4H) is W_hh^T, contiguous; out, cs, tanh_c (T, B, H). chunk: rows per
-// BLAS call (0: the block's rows in one call), so that the wrappers can keep each call under the BLAS's
-// small-matrix bound.
+// activations on return; w_t (H, 4H) is W_hh^T, contiguous, or (float32) packed is W_hh^T packed by
+// pack_panels and w_t is not read; out, cs, tanh_c (T, B, H). chunk: rows per BLAS call (0: the block's
+// rows in one call), so that the wrappers can keep each call under the BLAS's small-matrix bound.
 template <typename T>
-void lstm_forward(T* acts, const T* h0, const T* c0, const T* w_t, T* out, T* cs, T* tanh_c, i64 steps,
-                  i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {
+void lstm_forward(T* acts, const T* h0, const T* c0, const T* w_t, const float* packed, T* out, T* cs, T* tanh_c,
+                  i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {
     const i64 rows = hi - lo, four_h = 4 * hidden;
     for (i64 t = 0; t < steps; ++t) {
         T* pre = acts + (t * batch + lo) * four_h;
         const i64 here = (t * batch + lo) * hidden, before = ((t - 1) * batch + lo) * hidden;
         const T* h_prev = t ? out + before : h0 + lo * hidden;
         const T* c_prev = t ? cs + before : c0 + lo * hidden;
-        gemm_row_chunks<T>(chunk, rows, four_h, hidden, h_prev, hidden, w_t, four_h, T(1), pre, four_h);
+        recurrent_gemm<T>(packed, chunk, rows, four_h, hidden, h_prev, hidden, w_t, four_h, T(1), pre, four_h);
         for (i64 r = 0; r < rows; ++r)
             lstm_activate_row<T>(pre + r * four_h, c_prev + r * hidden, out + here + r * hidden,
                                  cs + here + r * hidden, tanh_c + here + r * hidden, hidden);
@@ -251,10 +362,27 @@ void dt_set_blas(void* sgemm, void* dgemm, int int64) {
     blas.int64 = int64 != 0;
 }
 
+// Nonzero where the recurrence can run on a packed W_hh (dt_pack_panels): an AVX-512 CPU, this compiler.
+int dt_packed_gemm_available() {
+#if DT_PACKED_GEMM
+    return __builtin_cpu_supports("x86-64-v4") != 0;
+#else
+    return 0;
+#endif
+}
+
+// The floats dt_pack_panels writes for a (K x N) operand
+i64 dt_packed_size(i64 k, i64 n) { return packed_size(k, n); }
+
+// Pack B (K x N), B[kk][j] = src[kk * row_stride + j * col_stride], into out (dt_packed_size(k, n) floats)
+void dt_pack_panels(const float* src, i64 k, i64 n, i64 row_stride, i64 col_stride, float* out) {
+    pack_panels(src, k, n, row_stride, col_stride, out);
+}
+
 #define DT_EXPORT_ALL(S, T)                                                                                   \
-    void dt_lstm_forward_##S(T* acts, const T* h0, const T* c0, const T* w_t, T* out, T* cs, T* tanh_c,       \
-                             i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {                   \
-        lstm_forward<T>(acts, h0, c0, w_t, out, cs, tanh_c, steps, batch, hidden, lo, hi, chunk);             \
+    void dt_lstm_forward_##S(T* acts, const T* h0, const T* c0, const T* w_t, const float* packed, T* out,     \
+                             T* cs, T* tanh_c, i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) { \
+        lstm_forward<T>(acts, h0, c0, w_t, packed, out, cs, tanh_c, steps, batch, hidden, lo, hi, chunk);     \
     }                                                                                                         \
     void dt_lstm_backward_##S(const T* d_out, const T* dh_n, const T* dc_n, const T* acts, const T* tanh_c,   \
                               const T* cs, const T* c0, const T* w, T* d_gates, T* dh0, T* dc0, T* dh_step,   \
@@ -452,5 +580,56 @@ void dt_gelu_backward_f32(const float* grad_y, const float* x, float* grad_x, i6
 
 DT_EXPORT_ROWS(f32, float)
 DT_EXPORT_ROWS(f64, double)
+
+}  // extern "C"
+
+// ---- Linear's forward with its bias; the embedding's scatter-add --------------------------------------
+
+namespace {
+
+// out (N x F) += x (N x K) w^T, w (F x K), all row-major, on the calling thread's BLAS (its own threads):
+// the column-major BLAS computes out^T = w x^T with w read transposed. The caller fills out with the bias
+// first; the BLAS adds the product to it (beta = 1) where with beta = 0 it would first write zeros, so the
+// bias costs no pass of its own over the output.
+template <typename T>
+void linear_bias_gemm(const T* x, const T* w, T* out, i64 n, i64 k, i64 f) {
+    if (blas.int64)
+        fortran_gemm<T, int64_t>('T', 'N', f, n, k, T(1), w, k, x, k, T(1), out, f);
+    else
+        fortran_gemm<T, int32_t>('T', 'N', f, n, k, T(1), w, k, x, k, T(1), out, f);
+}
+
+template <typename T>
+DT_CLONES void add_to_row(T* target, const T* values, i64 lo, i64 hi) {
+#pragma omp simd
+    for (i64 j = lo; j < hi; ++j) target[j] += values[j];
+}
+
+// Columns [lo, hi) of target[index[r]] += values[r] for r = 0..n_index-1 in order (np.add.at's order), target
+// (V x D), values (n_index x D); a negative index counts from the end. The caller checks the indices.
+template <typename T>
+void index_add_rows(T* target, const int64_t* index, const T* values, i64 n_index, i64 n_cols, i64 n_target_rows,
+                    i64 lo, i64 hi) {
+    for (i64 r = 0; r < n_index; ++r) {
+        const i64 dest = index[r] < 0 ? index[r] + n_target_rows : index[r];
+        add_to_row<T>(target + dest * n_cols, values + r * n_cols, lo, hi);
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+#define DT_EXPORT_LINEAR_EMBEDDING(S, T)                                                                      \
+    void dt_linear_bias_gemm_##S(const T* x, const T* w, T* out, i64 n, i64 k, i64 f) {                      \
+        linear_bias_gemm<T>(x, w, out, n, k, f);                                                              \
+    }                                                                                                         \
+    void dt_index_add_rows_##S(T* target, const int64_t* index, const T* values, i64 n_index, i64 n_cols,    \
+                               i64 n_target_rows, i64 lo, i64 hi) {                                           \
+        index_add_rows<T>(target, index, values, n_index, n_cols, n_target_rows, lo, hi);                     \
+    }
+
+DT_EXPORT_LINEAR_EMBEDDING(f32, float)
+DT_EXPORT_LINEAR_EMBEDDING(f64, double)
 
 }  // extern "C"

@@ -32,11 +32,12 @@ _library = None
 _reason = None
 _loaded = False
 _small_gemm_macs = 0
+_packed_gemm = False
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
 _SIGNATURES = {
-    "dt_lstm_forward_{s}": [_P] * 7 + [_I64] * 6,
+    "dt_lstm_forward_{s}": [_P] * 8 + [_I64] * 6,
     "dt_lstm_backward_{s}": [_P] * 12 + [_I64] * 6,
     "dt_cross_entropy_forward_{s}": [_P, _P, _I64, _P, _P, _P, _I64, _I64, _I64],
     "dt_cross_entropy_backward_{s}": [_P] * 4 + [_I64] * 3,
@@ -46,6 +47,8 @@ _SIGNATURES = {
     "dt_softmax_backward_{s}": [_P, _P, _P, _I64, _I64, _I64],
     "dt_layer_norm_forward_{s}": [_P, _P, _P, ctypes.c_double, _P, _P, _P, _I64, _I64, _I64],
     "dt_layer_norm_backward_{s}": [_P] * 8 + [_I64] * 5,
+    "dt_linear_bias_gemm_{s}": [_P] * 3 + [_I64] * 3,
+    "dt_index_add_rows_{s}": [_P] * 3 + [_I64] * 5,
 }
 # built for float32 only: float64 (the gradient checks' dtype) keeps the reference's arithmetic, see wrappers.py
 FLOAT32_ONLY = ("dt_gelu_forward_{s}", "dt_gelu_backward_{s}")
@@ -80,6 +83,12 @@ def small_gemm_macs():
     return _small_gemm_macs
 
 
+def packed_gemm_available():
+    """Whether the compiled LSTM can run its float32 recurrent GEMMs on a packed W_hh (native.cpp, an
+    AVX-512 CPU) instead of the BLAS (known once library() has loaded)."""
+    return _packed_gemm
+
+
 def unavailable_reason():
     """Why library() is None, in one line; None when it is available (or not tried yet)."""
     return _reason
@@ -99,8 +108,12 @@ def _load():
     sgemm, dgemm, int64, core = _numpy_blas_gemm()
     lib.dt_set_blas.argtypes, lib.dt_set_blas.restype = [_P, _P, ctypes.c_int], None
     lib.dt_set_blas(sgemm, dgemm, int64)
-    global _small_gemm_macs
+    global _small_gemm_macs, _packed_gemm
     _small_gemm_macs = SMALL_GEMM_MACS if core in SMALL_GEMM_CORES else 0
+    lib.dt_packed_gemm_available.argtypes, lib.dt_packed_gemm_available.restype = [], ctypes.c_int
+    lib.dt_packed_size.argtypes, lib.dt_packed_size.restype = [_I64, _I64], _I64
+    lib.dt_pack_panels.argtypes, lib.dt_pack_panels.restype = [_P] + [_I64] * 4 + [_P], None
+    _packed_gemm = bool(lib.dt_packed_gemm_available())
     return lib
 
 

@@ -1,6 +1,6 @@
 """The CPU backend's kernel table with the compiled hot paths: kernels_numpy's names and signatures, the
-LSTM layer, the cross-entropy and the Transformer's GELU, softmax and LayerNorm running native.cpp,
-everything else kernels_numpy's own function.
+LSTM layer, the cross-entropy, Linear's forward, the row scatter-add and the Transformer's GELU, softmax and
+LayerNorm running native.cpp, everything else kernels_numpy's own function.
 
 Each wrapper makes its inputs C-contiguous, allocates the outputs and runs the compiled kernel over row
 blocks on the intra-op threads (disttrain.tensor.threads): the LSTM over blocks of the batch, with the
@@ -65,10 +65,13 @@ def _c(a, dtype=None):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def _rows_per_gemm(batch, hidden, dtype):
-    """Rows per recurrent GEMM call of the compiled LSTM: 0 for one call per batch block, else a multiple of
-    SMALL_GEMM_ROWS small enough for the BLAS's unpacked small-matrix kernels (native.small_gemm_macs).
-    Both directions multiply by a (H, 4H) or (4H, H) matrix, so one count serves forward and backward."""
+def _rows_per_gemm(batch, hidden, dtype, packed=None):
+    """Rows per recurrent BLAS call of the compiled LSTM: 0 for one call per batch block (or no BLAS call:
+    a packed W_hh), else a multiple of SMALL_GEMM_ROWS small enough for the BLAS's unpacked small-matrix
+    kernels (native.small_gemm_macs). Both directions multiply by a (H, 4H) or (4H, H) matrix, so one count
+    serves forward and backward."""
+    if packed is not None:
+        return 0
     most = native.small_gemm_macs() // (4 * hidden * hidden) if dtype == np.float32 else 0
     rows = most - most % SMALL_GEMM_ROWS
     return rows if 0 < rows < batch else 0
@@ -90,6 +93,19 @@ def _recurrence(kernel, batch, macs_per_row, chunk):
         threads.parallel_rows(chunks, -(-batch // chunk), macs_per_row * chunk, min_per_block=MIN_MACS_PER_BLOCK)
 
 
+def _packed_recurrent_weight(lib, w_hh):
+    """W_hh^T (H, 4H) packed for the compiled forward recurrence's own GEMM h @ W_hh^T (native.cpp,
+    dt_pack_panels); None where the BLAS runs it (float64, a CPU without AVX-512). The backward's
+    d_pre @ W_hh stays on the BLAS: on the packed W_hh it was no faster in the layer (benchmarks/RESULTS.md)."""
+    if w_hh.dtype != np.float32 or not native.packed_gemm_available():
+        return None
+    w = _c(w_hh)
+    four_h, hidden = w.shape
+    packed = np.empty(lib.dt_packed_size(hidden, four_h), dtype=np.float32)
+    lib.dt_pack_panels(w.ctypes.data, hidden, four_h, 1, hidden, packed.ctypes.data)
+    return packed
+
+
 # ---- LSTM layer --------------------------------------------------------------------------------------
 
 def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
@@ -103,16 +119,18 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     if not acts.flags.writeable:  # the activations are written into its buffer: never into read-only memory
         acts = acts.copy()
     out, cs, tanh_c = (np.empty((steps, batch, hidden), dtype=acts.dtype) for _ in range(3))
-    # W_hh^T copied contiguous once per call: one-thread OpenBLAS GEMMs on the transposed view of W_hh
+    packed = _packed_recurrent_weight(lib, w_hh)
+    # else W_hh^T copied contiguous once per call: one-thread OpenBLAS GEMMs on the transposed view of W_hh
     # take ~1.8x as long for these shapes (benchmarks/RESULTS.md)
-    arrays = (acts, _c(h0), _c(c0), _c(w_hh.T), out, cs, tanh_c)
+    w_t = _c(w_hh.T) if packed is None else None
+    arrays = (acts, _c(h0), _c(c0), w_t, packed, out, cs, tanh_c)
     args = _pointers(*arrays)
     kernel = _kernel(lib, "lstm_forward", acts.dtype)
 
     def rows(lo, hi, chunk):
         kernel(*args, steps, batch, hidden, lo, hi, chunk)
 
-    _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype))
+    _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype, packed))
     return out, cs, acts, tanh_c
 
 
@@ -289,6 +307,47 @@ def _by_elements(kernel, size, *arrays):
     threads."""
     args = _pointers(*arrays)
     threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), size, 1)
+# ---- Linear's forward with its bias; the embedding's scatter-add --------------------------------------
+
+def linear_forward(xp, x, w, bias):
+    """kernels_numpy.linear_forward, compiled where there is a bias: the output rows filled with it (on the
+    intra-op threads), then one BLAS GEMM (on the BLAS's threads) adding x @ w.T onto them."""
+    lib = None if bias is None else _compiled(xp, x, w, bias)
+    if lib is None or x.ndim != 2 or w.ndim != 2 or bias.shape != w.shape[:1] or x.shape[1] != w.shape[1]:
+        return _ref.linear_forward(xp, x, w, bias)
+    (n, k), f = x.shape, w.shape[0]
+    x, w, bias = _c(x), _c(w), _c(bias)
+    out = np.empty((n, f), dtype=x.dtype)
+
+    def fill(lo, hi):
+        out[lo:hi] = bias
+
+    threads.parallel_rows(fill, n, f)
+    _kernel(lib, "linear_bias_gemm", x.dtype)(*_pointers(x, w, out), n, k, f)
+    return out
+
+
+def index_add_rows(xp, target, index, values):
+    """kernels_numpy.index_add_rows, compiled: each row of values added to its target row in turn (np.add.at's
+    order), over blocks of columns on the intra-op threads. An index out of range raises IndexError, as
+    NumPy's indexing does, before anything is added."""
+    lib = _compiled(xp, target, values)
+    if (lib is None or target.ndim != 2 or not target.flags.c_contiguous or index.dtype.kind != "i"
+            or values.shape != index.shape + target.shape[1:]):
+        return _ref.index_add_rows(xp, target, index, values)
+    n_target_rows, n_cols = target.shape
+    rows = _c(index.reshape(-1), np.int64)
+    bad = (rows < -n_target_rows) | (rows >= n_target_rows)
+    if bad.any():
+        raise IndexError(f"index {rows[bad][0]} is out of bounds for axis 0 with size {n_target_rows}")
+    values = _c(values.reshape(rows.size, n_cols))
+    args = _pointers(target, rows, values)
+    kernel = _kernel(lib, "index_add_rows", target.dtype)
+
+    def columns(lo, hi):
+        kernel(*args, rows.size, n_cols, n_target_rows, lo, hi)
+
+    threads.parallel_rows(columns, n_cols, rows.size)
 
 
 def _bind_reference_kernels():

@@ -443,3 +443,8 @@ def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
                     x if grad_bias is None else grad_bias, _i64(rows), _i64(n), _i32(grad_weight is not None),
                     _i32(grad_bias is not None)))
     return grad_x, grad_weight, grad_bias
+
+
+# ---- Linear's forward ------------------------------------------------------------------------------------
+
+linear_forward = _ref.linear_forward  # cuBLAS's GEMM through CuPy, then one broadcast add: no kernel of ours

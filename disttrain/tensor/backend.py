@@ -26,6 +26,13 @@ def cpu_kernels():
     return kernels_numpy if native.requested() == "numpy" else wrappers
 
 
+def is_row_scatter(xp, target, index, values):
+    """Whether target[index] += values adds whole rows of a 2-D target picked by one integer array of xp
+    (the embedding backward), the case the kernel tables' index_add_rows serves."""
+    return (type(index) is xp.ndarray and index.dtype.kind in "iu" and target.ndim == 2
+            and type(values) is xp.ndarray and values.shape == index.shape + target.shape[1:])
+
+
 class CpuBackend:
     """NumPy arrays in host memory."""
 
@@ -42,8 +49,12 @@ class CpuBackend:
         return array
 
     def index_add(self, target, index, values):
-        """target[index] += values, with repeated indices accumulating (scatter-add)."""
-        np.add.at(target, index, values)
+        """target[index] += values, with repeated indices accumulating (scatter-add): rows of a 2-D target
+        picked by one integer array (the embedding backward) go to the kernel table's index_add_rows."""
+        if is_row_scatter(np, target, index, values):
+            self.kernels.index_add_rows(np, target, index, values)
+        else:
+            np.add.at(target, index, values)
 
     def as_strided(self, array, shape, strides):
         return np.lib.stride_tricks.as_strided(array, shape=shape, strides=strides, writeable=False)
@@ -75,8 +86,7 @@ class CudaBackend:
         """target[index] += values (scatter-add): rows of a 2-D target picked by one integer array (the
         embedding backward) go to the atomic row kernel, any other indexing to cupyx.scatter_add."""
         xp = self.xp
-        if (type(index) is xp.ndarray and index.dtype.kind in "iu" and target.ndim == 2
-                and type(values) is xp.ndarray and values.shape == index.shape + target.shape[1:]):
+        if is_row_scatter(xp, target, index, values):
             self.kernels.index_add_rows(xp, target, index, values)
         else:
             self._cupyx.scatter_add(target, index, values)

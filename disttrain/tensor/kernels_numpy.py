@@ -612,3 +612,14 @@ def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
     grad_x *= rstd[:, None]
     grad_weight = xp.einsum("ij,ij->j", grad_y, xhat) if weight is not None else None
     return grad_x, grad_weight, (grad_y.sum(axis=0) if with_bias else None)
+
+
+# ---- Linear's forward --------------------------------------------------------------------------------
+
+def linear_forward(xp, x, w, bias):
+    """Linear's forward as one new array: x (N, in) @ w.T + bias, with w (out, in) and bias (out,) or None.
+    The compiled CPU kernel lets the GEMM add its product onto the bias (no pass of its own over the output)."""
+    out = x @ w.T
+    if bias is not None:
+        add_bias_(xp, out, bias)
+    return out

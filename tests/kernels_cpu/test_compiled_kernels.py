@@ -260,12 +260,71 @@ def test_the_environment_variable_picks_the_table():
 
 
 def test_a_training_step_uses_the_compiled_kernels(kernel_calls):
-    """The public API reaches them: an LSTM + cross-entropy step calls each compiled kernel."""
-    called = kernel_calls("lstm_layer_forward", "lstm_layer_backward", "cross_entropy_forward",
-                          "cross_entropy_backward")
+    """The public API reaches them: an embedding + LSTM + Linear + cross-entropy step calls each compiled kernel."""
+    compiled = {"lstm_layer_forward", "lstm_layer_backward", "cross_entropy_forward", "cross_entropy_backward",
+                "linear_forward", "index_add_rows"}
+    called = kernel_calls(*compiled)
     dt.manual_seed(0)
-    lstm, decoder = dt.nn.LSTM(3, 4), dt.nn.Linear(4, 5)
-    out, _ = lstm(dt.randn(6, 2, 3))
+    embedding, lstm, decoder = dt.nn.Embedding(7, 3), dt.nn.LSTM(3, 4), dt.nn.Linear(4, 5)
+    out, _ = lstm(embedding(dt.tensor(np.arange(12).reshape(6, 2) % 7)))
     dt.nn.functional.cross_entropy(decoder(out.reshape((12, 4))), dt.tensor(np.arange(12) % 5)).backward()
-    assert set(called) == {"lstm_layer_forward", "lstm_layer_backward", "cross_entropy_forward",
-                           "cross_entropy_backward"}
+    assert set(called) == compiled
+
+
+# ---- Linear's forward with its bias; the embedding's scatter-add ---------------------------------------
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n,k,f", [(400, 200, 10_000), (3, 5, 7), (1, 1, 1), (33, 700, 65)])
+def test_linear_forward_equals_the_numpy_kernel(num_threads, dtype, n, k, f):
+    """The GEMM adding onto the bias is the BLAS's own sum plus the bias, as NumPy's product then the add:
+    equal to rounding (bit for bit here while the BLAS takes K in one block)."""
+    rng = np.random.default_rng(6)
+    x, w, bias = (rng.standard_normal(s).astype(dtype) for s in ((n, k), (f, k), (f,)))
+    expected = kernels_numpy.linear_forward(np, x, w, bias)
+    got = wrappers.linear_forward(np, x, w, bias)
+    assert got.dtype == dtype and got.shape == (n, f) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, expected, **TOL[dtype])
+    np.testing.assert_allclose(wrappers.linear_forward(np, np.asfortranarray(x), w[:, :], bias), expected,
+                               **TOL[dtype])
+    np.testing.assert_array_equal(wrappers.linear_forward(np, x, w, None), x @ w.T)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_index_add_rows_equals_np_add_at(num_threads, dtype):
+    """Each value row added in turn, as np.add.at does: bit for bit, repeated and negative indices included,
+    on one block of columns or (2 threads: 600,000 values) two."""
+    rng = np.random.default_rng(7)
+    index = rng.integers(-50, 50, (40, 50))
+    index[0, :3] = [4, 4, -46]                                     # 4 and -46 are one row of 50
+    values = rng.standard_normal((40, 50, 301)).astype(dtype)
+    start = rng.standard_normal((50, 301)).astype(dtype)
+    got, expected = start.copy(), start.copy()
+    wrappers.index_add_rows(np, got, index, values)
+    np.add.at(expected, index, values)
+    np.testing.assert_array_equal(got, expected)
+    reference = start.copy()
+    kernels_numpy.index_add_rows(np, reference, index, values)
+    np.testing.assert_allclose(got, reference, **TOL[dtype])
+
+
+def test_index_add_rows_refuses_an_index_out_of_range_before_adding():
+    target = np.zeros((5, 3), np.float32)
+    for bad in (5, -6):
+        with pytest.raises(IndexError, match=f"index {bad} is out of bounds for axis 0 with size 5"):
+            wrappers.index_add_rows(np, target, np.array([0, bad]), np.ones((2, 3), np.float32))
+        assert not target.any()
+
+
+# ---- the forward recurrence on a packed W_hh ------------------------------------------------------------
+
+@pytest.mark.skipif(not native.packed_gemm_available(), reason="the packed recurrent GEMM needs an AVX-512 CPU")
+@pytest.mark.parametrize("steps,batch,hidden", [(20, 20, 200), (3, 7, 45), (2, 3, 300), (4, 1, 1)])
+def test_packed_forward_equals_the_blas_forward(num_threads, monkeypatch, steps, batch, hidden):
+    """Own GEMM on the packed W_hh against the BLAS's: batch rows in blocks of 5 and a rest, a last panel
+    narrower than 32 columns, K = H sliced when over 256 (hidden 300)."""
+    gates_x, h0, c0, w_hh, _ = _lstm_inputs(steps, batch, hidden, np.float32, seed=8)
+    packed = wrappers.lstm_layer_forward(np, gates_x.copy(), h0, c0, w_hh)
+    monkeypatch.setattr(native, "packed_gemm_available", lambda: False)
+    blas = wrappers.lstm_layer_forward(np, gates_x.copy(), h0, c0, w_hh)
+    _assert_all_close(packed, blas, np.float32)
+    _assert_all_close(packed, kernels_numpy.lstm_layer_forward(np, gates_x.copy(), h0, c0, w_hh), np.float32)

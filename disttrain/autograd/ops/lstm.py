@@ -70,8 +70,7 @@ class LSTMLayer(Function):
                              f"w_ih {w_ih.shape}, w_hh {w_hh.shape}, b_ih {b_ih.shape}, b_hh {b_hh.shape} (expected "
                              "(T >= 1, B, in), (B, H), (B, H), (4H, in), (4H, H), (4H,), (4H,))")
         steps, batch, features = x.shape
-        gates_x = x.reshape(steps * batch, features) @ w_ih.T  # as linear(x, w_ih, b_ih + b_hh)
-        gates_x += b_ih + b_hh
+        gates_x = self.backend.kernels.linear_forward(self.xp, x.reshape(steps * batch, features), w_ih, b_ih + b_hh)
         out, cs, acts, tanh_c = self.backend.kernels.lstm_layer_forward(
             self.xp, gates_x.reshape(steps, batch, 4 * hidden), h0, c0, w_hh)
         if self.recording:
