@@ -14,7 +14,9 @@ and the global norm comes from the slices. Its state_dict is a collective that g
 checkpoints load at any world size, sharded or not. Rank 0 is the main process (logs, checkpoints); the
 carried state of every rank's streams is gathered for its checkpoints.
 """
-from disttrain.parallel.buckets import MAX_ROWS_IN_FLIGHT
+from functools import partial
+
+from disttrain.parallel.buckets import MAX_ROWS_IN_FLIGHT, bucket_layout
 from disttrain.parallel.comm import world
 from disttrain.parallel.data_parallel import DataParallel
 from disttrain.parallel.mpi_mode import MPIMode, ranks
@@ -73,7 +75,7 @@ class DataParallelMode(MPIMode):
         """Every gradient in the buckets through the step; 1/N of the optimizer state with ZeRO; stage 2: 1/N of
         the gradients, and the send rows of the buckets in flight and the one filling."""
         return holding_for("data", self.comm.size, self.shard_optimizer, rows_buckets=MAX_ROWS_IN_FLIGHT + 1,
-                           bucket_mb=self.bucket_mb)
+                           bucket_mb=self.bucket_mb, bucket_layout=partial(bucket_layout, bucket_mb=self.bucket_mb))
 
     def resident_buffers(self):
         return self.data_parallel.reducer.resident_buffers() if self.data_parallel is not None else []

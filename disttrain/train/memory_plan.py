@@ -28,7 +28,8 @@ them, plus the optimizer's state arrays, which it does not see):
   stay in buffers through the step (data parallelism's buckets) add to it, otherwise the larger of the two
   counts, since a step starts with its gradients cleared. ZeRO stage 2 (Holding.gradients_kept False): the
   profile's backward keeps each final gradient's 1/N share and drops it (held_gradients), as the Reducer does,
-  and the send rows of the buckets in flight add to it (gradient_rows_bytes). A pipeline stage: parameters,
+  and the send rows of the buckets in flight are imitated in it where the mode gives its bucket layout (else
+  gradient_rows_bytes bounds them). A pipeline stage: parameters,
   optimizer state and its step's peak as PipelineMode measured it on two micro-batches and replayed it over
   the schedule (Holding.step_bytes; disttrain.parallel.pipeline.stage_memory).
 The measured peak (Trainer, `measured_peak_bytes`) is the same sum as it happened: a metered step's
@@ -162,15 +163,18 @@ class Holding:
     rows_buckets: int = None         # with gradients_kept False: the most buckets whose full-size send rows are
                                      # alive at once (None: every bucket's)
     bucket_bytes: float = 0.0        # their size cap ([parallel] bucket_mb in bytes)
+    bucket_layout: object = None     # with gradients_kept False: the Reducer's layout, named_params -> [[index]]
+                                     # (parallel.buckets.bucket_layout), so held_gradients imitates the send rows
     step_bytes: int = None           # a pipeline stage's measured step peak above its parameters (gradients,
                                      # activations in flight, messages); None: from the activation figure
 
 
 def holding_for(mode, ranks=1, shard_optimizer=0, stage_activation_bytes=None, in_flight=1, stage=0,
-                rows_buckets=None, bucket_mb=25.0, step_bytes=None):
+                rows_buckets=None, bucket_mb=25.0, step_bytes=None, bucket_layout=None):
     """The Holding of one process of `mode` ("local", "data", "pipeline", "ps"): the rules of docs/MEMORY.md.
     data: `ranks` ranks, ZeRO stage `shard_optimizer`; stage 2 holds the send rows of at most `rows_buckets`
-    gradient buckets of `bucket_mb` MiB at once (None: all; the Reducer's bound, parallel.buckets);
+    gradient buckets of `bucket_mb` MiB at once (None: all; the Reducer's bound, parallel.buckets), laid out by
+    `bucket_layout` (named_params -> [[index]]; given, the profile imitates the rows);
     pipeline: stage `stage`, whose blocks keep `stage_activation_bytes` per micro-batch (None: not profiled) for
     `in_flight` micro-batches at once, and whose step peaks `step_bytes` above its parameters where measured
     (disttrain.parallel.pipeline.stage_memory)."""
@@ -180,7 +184,7 @@ def holding_for(mode, ranks=1, shard_optimizer=0, stage_activation_bytes=None, i
         description = f"data parallel, {ranks} ranks{sharded}"
         if shard_optimizer == 2:
             return Holding(gradients=share, optimizer_state=share, gradients_kept=False, rows_buckets=rows_buckets,
-                           bucket_bytes=bucket_mb * 2**20, description=description)
+                           bucket_bytes=bucket_mb * 2**20, bucket_layout=bucket_layout, description=description)
         return Holding(optimizer_state=share if shard_optimizer else 1.0, gradient_buffers=True,
                        description=description)
     if mode == "ps":
@@ -230,19 +234,23 @@ class held_gradients:
     """Context manager: while backward runs inside, the parameters' gradients are held as `holding` says. Kept
     (the default): nothing changes. Not kept (ZeRO stage 2): each gradient, once final, leaves a copy of its
     `holding.gradients` share (the slice a rank receives; counted by a running MemoryMeter) and is dropped, as
-    the Reducer packs and drops it. The copies live until exit. The send rows are not imitated: see
-    gradient_rows_bytes."""
+    the Reducer packs and drops it; with `holding.bucket_layout` its bucket's send rows are imitated too
+    (_SendRows), else gradient_rows_bytes bounds them. The copies live until exit."""
 
     def __init__(self, params, holding):
         self.params, self.holding = [p for p in params if p.requires_grad], holding
-        self.kept, self.handles = [], []
+        self.kept, self.handles, self.rows = [], [], None
 
     def __enter__(self):
         if not self.holding.gradients_kept:
+            if self.holding.bucket_layout is not None:
+                self.rows = _SendRows(self.params, self.holding)
             self.handles = [p.register_post_accumulate_grad_hook(self._drop) for p in self.params]
         return self
 
     def _drop(self, param):
+        if self.rows is not None:
+            self.rows.pack(param)
         flat = param.grad.data.reshape(-1)
         share = flat[:math.ceil(flat.size * self.holding.gradients)].copy()
         memory.count(share)
@@ -252,14 +260,42 @@ class held_gradients:
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
-        self.handles, self.kept = [], []
+        self.handles, self.kept, self.rows = [], [], None
         return False
+
+
+class _SendRows:
+    """ZeRO stage 2's send rows as the Reducer keeps them, at their worst: a bucket's rows (its size) appear with
+    its first gradient; full buckets start in bucket order, and starting one while `rows_buckets - 1` run first
+    retires the oldest (the Reducer waits for it then); the rest live until backward ends."""
+
+    def __init__(self, params, holding):
+        self.buckets = holding.bucket_layout([(str(i), p) for i, p in enumerate(params)])
+        self.bucket_of = {id(params[i]): k for k, members in enumerate(self.buckets) for i in members}
+        self.sizes = [sum(params[i].numel() for i in members) for members in self.buckets]
+        self.missing = [len(members) for members in self.buckets]
+        self.rows = [None] * len(self.buckets)
+        self.running, self.next = [], 0
+        self.most_running = max(1, (holding.rows_buckets or len(self.buckets) + 1) - 1)
+
+    def pack(self, param):
+        k = self.bucket_of[id(param)]
+        if self.rows[k] is None:
+            self.rows[k] = param.backend.xp.empty(self.sizes[k], dtype=param.grad.data.dtype)
+            memory.count(self.rows[k])
+        self.missing[k] -= 1
+        while self.next < len(self.buckets) and self.missing[self.next] == 0:
+            while len(self.running) >= self.most_running:
+                self.rows[self.running.pop(0)] = None
+            self.running.append(self.next)
+            self.next += 1
 
 
 def gradient_rows_bytes(module, holding):
     """Bytes of the full-size gradient send rows a process of `holding` keeps alive at once (ZeRO stage 2: the
-    rows of `rows_buckets` buckets, each at most bucket_bytes or one parameter; 0 where gradients are kept)."""
-    if holding.gradients_kept:
+    rows of `rows_buckets` buckets, each at most bucket_bytes or one parameter; 0 where gradients are kept, or
+    where held_gradients imitates the rows in the profile itself: holding.bucket_layout)."""
+    if holding.gradients_kept or holding.bucket_layout is not None:
         return 0
     trained = [p for p in module.parameters() if p.requires_grad]
     everything = _distinct_bytes(trained)
@@ -288,7 +324,7 @@ def predict(module, optimizer, profile, holding=Holding()):
         activations = profile.activations
         if holding.gradient_buffers:
             held = gradients + profile.working
-        elif not holding.gradients_kept:           # the profile held the kept shares; the rows come on top
+        elif not holding.gradients_kept:           # the profile held the kept shares (and the rows, imitated)
             held = profile.working + gradient_rows_bytes(module, holding)
         else:
             held = max(gradients, profile.working)

@@ -3,13 +3,17 @@ forward/backward is within 10% of the peak the Trainer measures (`measured_peak_
 MemoryMeter's absolute peak plus the optimizer's state) for the LSTM LM, the Transformer LM and a user's MLP;
 memory.json holds exactly the named fields; profiling leaves no trace in the run."""
 import json
+from functools import partial
 
 import numpy as np
 import pytest
 
 import disttrain as dt
 from disttrain.train.loop import Trainer
-from disttrain.train.memory_plan import Holding, holding_for, predict, profile_step
+from disttrain import nn
+from disttrain.parallel.buckets import bucket_layout
+from disttrain.tensor.memory import MemoryMeter
+from disttrain.train.memory_plan import Holding, held_gradients, holding_for, predict, profile_step
 
 FIELDS = {"params_bytes", "grads_bytes", "optimizer_state_bytes", "activation_bytes", "predicted_peak_bytes"}
 
@@ -88,3 +92,31 @@ def test_sharded_and_worker_holdings():
     assert worker.optimizer == 0
     stage = predict(model, optimizer, profile, holding_for("pipeline", stage_activation_bytes=1000, in_flight=3))
     assert stage.activations == 3000 and stage.peak == whole + 2 * whole + whole + 3000
+
+
+def _stage_two_backward_peak(rows_buckets, imitate_rows):
+    """A 16-layer backward's peak (above the parameters) holding the gradients as ZeRO stage 2 at 2 ranks does,
+    one layer per bucket."""
+    dt.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64, bias=False) for _ in range(16)])
+    layout = partial(bucket_layout, bucket_mb=64 * 64 * 4 / 2**20) if imitate_rows else None
+    holding = Holding(gradients=0.5, optimizer_state=0.5, gradients_kept=False, rows_buckets=rows_buckets,
+                      bucket_layout=layout)
+    with MemoryMeter(resident=list(model.parameters())) as meter:
+        loss = model(dt.randn(2, 64)).sum()
+        with held_gradients(model.parameters(), holding):
+            loss.backward()
+    return meter.peak_bytes - meter.start_bytes
+
+
+def test_stage_two_profile_holds_the_send_rows_of_the_buckets_the_reducer_keeps_alive():
+    """With the Reducer's layout the profile imitates the send rows: a bucket's rows appear with its first
+    gradient and, with at most rows_buckets - 1 collectives running, the oldest is retired when another starts;
+    so 3 buckets' rows cost between one and three layers over the shares alone, and rows never retired
+    (rows_buckets None) most of the 16."""
+    layer = 64 * 64 * 4
+    shares_only = _stage_two_backward_peak(3, imitate_rows=False)
+    bounded = _stage_two_backward_peak(3, imitate_rows=True) - shares_only
+    unbounded = _stage_two_backward_peak(None, imitate_rows=True) - shares_only
+    assert layer <= bounded <= 3 * layer, bounded / layer
+    assert unbounded >= 15 * layer, unbounded / layer
