@@ -54,7 +54,9 @@ PROBE_BLOCKS = 4
 
 
 def holding(stage):
-    """How a data-parallel rank of ZeRO stage `stage` holds its memory (DataParallelMode.memory_holding's)."""
+    """How a data-parallel rank of ZeRO stage `stage` holds its memory (data_mode.data_parallel_holding's), less
+    the bucket layout: the step here is simulated from a 4-block probe, not profiled on the model, so stage 2's
+    send rows are the Reducer's bound (rows_buckets buckets of at most bucket_mb or one parameter) on top."""
     return memory_plan.holding_for("data", RANKS, stage, rows_buckets=MAX_ROWS_IN_FLIGHT + 1, bucket_mb=BUCKET_MB)
 
 

@@ -16,12 +16,11 @@ Exit status 0 when the largest rank's predicted peak fits --budget-mb (default: 
 check), 2 with a one-line error naming the MiB needed when it does not, or for an unusable job or option.
 """
 import sys
-from functools import partial
 
 import disttrain as dt
 from disttrain.data.source import Share
 from disttrain.models import protocol
-from disttrain.parallel.buckets import MAX_ROWS_IN_FLIGHT, bucket_layout
+from disttrain.parallel.data_mode import data_parallel_holding
 from disttrain.parallel.pipeline.blocks import blocks_of
 from disttrain.parallel.pipeline.layout import check_layout
 from disttrain.parallel.pipeline.partition import partition
@@ -104,9 +103,8 @@ def estimate_ranks(spec, ranks):
     shares = ranks if mode in ("data", "ps") else 1
     inputs, targets = _first_batch(data, Share(0, shares))
     optimizer = build_optimizer(spec, model.parameters())
-    holding = memory_plan.holding_for(mode, ranks, spec.parallel.shard_optimizer, rows_buckets=MAX_ROWS_IN_FLIGHT + 1,
-                                      bucket_mb=spec.parallel.bucket_mb,
-                                      bucket_layout=partial(bucket_layout, bucket_mb=spec.parallel.bucket_mb))
+    holding = (data_parallel_holding(ranks, spec.parallel.shard_optimizer, spec.parallel.bucket_mb) if mode == "data"
+               else memory_plan.holding_for(mode))
     choice = plan_checkpointing(spec, model, data, Share(0, shares), holding, optimizer)  # "auto": as `run` plans it
     profiled = memory_plan.profile_step(model, inputs, targets, holding=holding)
     need = memory_plan.predict(model, optimizer, profiled, holding)

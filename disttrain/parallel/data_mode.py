@@ -23,7 +23,15 @@ from disttrain.parallel.mpi_mode import MPIMode, ranks
 from disttrain.train.memory_plan import holding_for
 from disttrain.train.mode import RunState, describe_threads
 
-__all__ = ["DataParallelMode"]
+__all__ = ["DataParallelMode", "data_parallel_holding"]
+
+
+def data_parallel_holding(ranks, shard_optimizer, bucket_mb):
+    """How one of `ranks` data-parallel ranks holds its memory, for the memory estimate: every gradient in the
+    buckets through the step; 1/N of the optimizer state with ZeRO; stage 2: 1/N of the gradients, and the send
+    rows of the buckets in flight and the one filling, as the Reducer lays out and keeps them."""
+    return holding_for("data", ranks, shard_optimizer, rows_buckets=MAX_ROWS_IN_FLIGHT + 1, bucket_mb=bucket_mb,
+                       bucket_layout=partial(bucket_layout, bucket_mb=bucket_mb))
 
 
 class DataParallelMode(MPIMode):
@@ -72,10 +80,7 @@ class DataParallelMode(MPIMode):
         return [choice.describe()]
 
     def memory_holding(self):
-        """Every gradient in the buckets through the step; 1/N of the optimizer state with ZeRO; stage 2: 1/N of
-        the gradients, and the send rows of the buckets in flight and the one filling."""
-        return holding_for("data", self.comm.size, self.shard_optimizer, rows_buckets=MAX_ROWS_IN_FLIGHT + 1,
-                           bucket_mb=self.bucket_mb, bucket_layout=partial(bucket_layout, bucket_mb=self.bucket_mb))
+        return data_parallel_holding(self.comm.size, self.shard_optimizer, self.bucket_mb)
 
     def resident_buffers(self):
         return self.data_parallel.reducer.resident_buffers() if self.data_parallel is not None else []

@@ -28,6 +28,8 @@ Trainer. Every mode implements these, grouped by what they cover:
     reporting       mode.is_main, mode.describe(), mode.messages(), mode.parameter_count()
                     mode.memory_holding()       how this process holds its memory: its share of the
                                                 gradients and optimizer state (train/memory_plan.Holding)
+                    mode.resident_buffers()     arrays it keeps between steps that no tensor holds, which
+                                                the step's MemoryMeter counts
 
 LocalMode is the one-process mode: every reduction is the identity. Data-parallel, pipeline and
 parameter-server modes live beside their machinery (disttrain/parallel/data_mode.py,
