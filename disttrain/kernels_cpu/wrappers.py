@@ -307,6 +307,8 @@ def _by_elements(kernel, size, *arrays):
     threads."""
     args = _pointers(*arrays)
     threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), size, 1)
+
+
 # ---- Linear's forward with its bias; the embedding's scatter-add --------------------------------------
 
 def linear_forward(xp, x, w, bias):
