@@ -1,4 +1,4 @@
-// exp and tanh for float32 that GCC vectorises: arithmetic, bit casts and selects only, no libm call
+// exp, tanh and sigmoid for float32 that GCC vectorises: arithmetic, bit casts and selects only, no libm call
 // and no branch, so a `#pragma omp simd` loop over them becomes AVX-512 / AVX2 / SSE code. libm's
 // expf/tanhf are scalar calls, and glibc's vector variants (libmvec) are only used under -ffast-math,
 // which would also reorder sums and drop NaN handling everywhere. float64 (the gradient-check path,
@@ -63,6 +63,10 @@ static inline float tanh_f32(float x) {
     return z >= 0.625f ? large : small;
 }
 
+// sigmoid(x) = 1 / (1 + exp(-x)): one exp and one division, about 2 ulp; 0 below x = -88.7 (exp(-x) is
+// inf there) and 1 above 17 (exp(-x) under half an ulp of 1)
+static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
+
 template <typename T> static inline T exp_(T x);
 template <> inline float exp_<float>(float x) { return exp_f32(x); }
 template <> inline double exp_<double>(double x) { return std::exp(x); }
@@ -70,6 +74,11 @@ template <> inline double exp_<double>(double x) { return std::exp(x); }
 template <typename T> static inline T tanh_(T x);
 template <> inline float tanh_<float>(float x) { return tanh_f32(x); }
 template <> inline double tanh_<double>(double x) { return std::tanh(x); }
+
+// float64 keeps the NumPy kernels' form, tanh(x / 2) / 2 + 1/2, digit for digit (the gradient checks' dtype)
+template <typename T> static inline T sigmoid_(T x);
+template <> inline float sigmoid_<float>(float x) { return sigmoid_f32(x); }
+template <> inline double sigmoid_<double>(double x) { return std::tanh(x * 0.5) * 0.5 + 0.5; }
 
 }  // namespace dt
 
