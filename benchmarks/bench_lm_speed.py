@@ -40,6 +40,7 @@ import disttrain as dt  # first, as in `disttrain run`: it sets OpenBLAS's idle-
 import numpy as np
 from harness import interleaved, machine, torch_or_none
 
+from disttrain.kernels_cpu import native
 from disttrain.tensor import backend
 from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.train import Trainer, load_job
@@ -307,8 +308,10 @@ def main():
     m, d = spec.model, spec.data
     print(f"LM training step, {args.job}: {MODELS[m.kind][3](m)}, vocab {vocab:,}, batch "
           f"{d.batch_size}, bptt {d.bptt}, {spec.optim.kind}; {machine()}")
-    threads = (f"threads: NumPy's OpenBLAS {numpy_blas_threads() or '?'}, disttrain's intra-op {dt.get_num_threads()}"
-               f" (the LSTM's batch blocks and the big passes); CPU kernels {backend.CPU.kernels.__name__}")
+    blas_team = "disttrain's team" if native.blas_jobs_on_our_threads() else "OpenBLAS's own threads"
+    threads = (f"threads: NumPy's OpenBLAS {numpy_blas_threads() or '?'} (its jobs on {blas_team}), disttrain's "
+               f"intra-op {dt.get_num_threads()} (the LSTM's batch blocks and the big passes); CPU kernels "
+               f"{backend.CPU.kernels.__name__}")
     if torch is not None:
         threads += f"; torch intra-op {torch.get_num_threads()}"
     print("  " + threads)

@@ -21,6 +21,10 @@ import threadpoolctl
 
 ENV_VAR = "DISTTRAIN_CPU_KERNELS"          # "numpy" forces the NumPy kernels; unset or "compiled": these
 CHOICES = ("compiled", "numpy")
+# Whose threads run the BLAS's parallel jobs once the kernels are loaded: ours (blas_threads.cpp, whose idle
+# threads sleep after microseconds) or, with "openblas", OpenBLAS's own (idle ones poll for ~0.1 s)
+BLAS_THREADS_ENV_VAR = "DISTTRAIN_BLAS_THREADS"
+BLAS_THREADS_CHOICES = ("disttrain", "openblas")
 
 # OpenBLAS's cores with small-matrix GEMM kernels (no packing) for GEMMs of at most SMALL_GEMM_MACS
 # multiply-adds: its kernel/x86_64/KERNEL.SKYLAKEX permit, which Cooperlake and SapphireRapids include;
@@ -33,6 +37,7 @@ _reason = None
 _loaded = False
 _small_gemm_macs = 0
 _packed_gemm = False
+_blas_jobs_on_our_threads = False
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
@@ -89,6 +94,20 @@ def packed_gemm_available():
     return _packed_gemm
 
 
+def blas_jobs_on_our_threads():
+    """Whether OpenBLAS hands its parallel jobs to blas_threads.cpp's threads (known once library() has
+    loaded; False with $DISTTRAIN_BLAS_THREADS=openblas or an OpenBLAS older than 0.3.27)."""
+    return _blas_jobs_on_our_threads
+
+
+def blas_threads_requested():
+    """What $DISTTRAIN_BLAS_THREADS asks for: "disttrain" (the default) or "openblas"."""
+    value = os.environ.get(BLAS_THREADS_ENV_VAR, "").strip().lower() or "disttrain"
+    if value not in BLAS_THREADS_CHOICES:
+        raise ValueError(f"${BLAS_THREADS_ENV_VAR} must be one of {', '.join(BLAS_THREADS_CHOICES)}, got {value!r}")
+    return value
+
+
 def unavailable_reason():
     """Why library() is None, in one line; None when it is available (or not tried yet)."""
     return _reason
@@ -105,10 +124,15 @@ def _load():
                 continue
             fn = getattr(lib, name.format(s=suffix))
             fn.argtypes, fn.restype = argtypes, None
-    sgemm, dgemm, int64, core = _numpy_blas_gemm()
+    sgemm, dgemm, int64, core, set_threads_callback = _numpy_blas_gemm()
     lib.dt_set_blas.argtypes, lib.dt_set_blas.restype = [_P, _P, ctypes.c_int], None
     lib.dt_set_blas(sgemm, dgemm, int64)
-    global _small_gemm_macs, _packed_gemm
+    global _small_gemm_macs, _packed_gemm, _blas_jobs_on_our_threads
+    if set_threads_callback is not None and blas_threads_requested() == "disttrain":
+        set_threads_callback.argtypes, set_threads_callback.restype = [_P], None
+        set_threads_callback(ctypes.cast(lib.dt_blas_run_jobs, _P).value)
+        _blas_jobs_on_our_threads = True
+    lib.dt_blas_team_calls.argtypes, lib.dt_blas_team_calls.restype = [], ctypes.c_uint64
     _small_gemm_macs = SMALL_GEMM_MACS if core in SMALL_GEMM_CORES else 0
     lib.dt_packed_gemm_available.argtypes, lib.dt_packed_gemm_available.restype = [], ctypes.c_int
     lib.dt_packed_size.argtypes, lib.dt_packed_size.restype = [_I64, _I64], _I64
@@ -118,7 +142,8 @@ def _load():
 
 
 def _numpy_blas_gemm():
-    """(sgemm_ address, dgemm_ address, 64-bit integers?, core name) of the OpenBLAS NumPy loaded."""
+    """(sgemm_ address, dgemm_ address, 64-bit integers?, core name, its openblas_set_threads_callback_function
+    or None where it has none) of the OpenBLAS NumPy loaded."""
     np.dot(np.ones((2, 2)), np.ones((2, 2)))  # make sure NumPy's BLAS is loaded
     blas = [lib for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"]
     openblas = [lib for lib in blas if lib["internal_api"] == "openblas"]
@@ -141,4 +166,6 @@ def _numpy_blas_gemm():
             addresses.append(ctypes.cast(getattr(dynlib, symbol), _P).value)
         except AttributeError:
             raise RuntimeError(f"{path} has no {symbol}") from None
-    return addresses[0], addresses[1], b"USE64BITINT" in get_config(), openblas[0].get("architecture")
+    set_threads_callback = getattr(dynlib, f"{prefix}openblas_set_threads_callback_function{suffix}", None)
+    return (addresses[0], addresses[1], b"USE64BITINT" in get_config(), openblas[0].get("architecture"),
+            set_threads_callback)

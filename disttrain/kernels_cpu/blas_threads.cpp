@@ -1,0 +1,162 @@
+// OpenBLAS's parallel jobs on threads of ours whose idle waiting is short (openblas_set_threads_callback_function,
+// OpenBLAS >= 0.3.27; native.py registers dt_blas_run_jobs where NumPy's OpenBLAS has it).
+//
+// Why: after a multi-threaded GEMM, OpenBLAS's own workers keep polling for the next job for about 2^28
+// cycles (a tenth of a second) before they sleep. A training step runs its GEMMs a few milliseconds apart
+// with other work between them (the LSTM recurrence's batch blocks, the cross-entropy's row blocks, the
+// optimizer's passes) on disttrain's intra-op threads, and each of those threads then shares its core with a
+// polling BLAS worker. These workers poll for a few microseconds, then sleep until the next call.
+//
+// The contract (OpenBLAS's exec_blas, driver/others/blas_server.c): the callback runs job i as
+// dojob(i, jobdata + i * elsize, dojob_data) for i < numjobs and returns when all are done. The jobs of one
+// call must run at the same time: OpenBLAS's threaded level-3 jobs wait for each other's partial results, so
+// here job 0 runs on the caller and job i on worker i, never two jobs on one thread. Calls run one at a
+// time, because the jobs of every call use the same scratch buffers of OpenBLAS.
+#include <pthread.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using dojob_fn = void (*)(int thread_num, void* jobdata, int dojob_data);
+
+// How long an idle thread polls before it sleeps: long enough to catch the next job of a burst of
+// calls, short enough not to compete for the core with the work that follows a GEMM.
+constexpr auto POLL_FOR = std::chrono::microseconds(20);
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+// Poll `ready` for POLL_FOR; true when it became true meanwhile
+template <typename Ready>
+bool poll(Ready ready) {
+    const auto until = std::chrono::steady_clock::now() + POLL_FOR;
+    for (int round = 0;; ++round) {
+        if (ready()) return true;
+        cpu_relax();
+        if (round % 64 == 63 && std::chrono::steady_clock::now() > until) return false;
+    }
+}
+
+struct Call {
+    dojob_fn dojob = nullptr;
+    char* jobdata = nullptr;
+    std::size_t elsize = 0;
+    int dojob_data = 0;
+    int numjobs = 0;
+};
+
+class Team {
+public:
+    void run(const Call& call) {
+        std::lock_guard<std::mutex> one_call_at_a_time(call_mutex_);
+        grow(call.numjobs - 1);
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            call_ = call;
+            pending_.store(call.numjobs - 1, std::memory_order_relaxed);
+            generation_.fetch_add(1, std::memory_order_release);
+        }
+        wake_.notify_all();
+        call.dojob(0, call.jobdata, call.dojob_data);
+        if (!poll([this] { return pending_.load(std::memory_order_acquire) == 0; })) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+        }
+    }
+
+private:
+    // Called before the call is published: a new worker starts from the generation before it
+    void grow(int workers) {
+        while (threads_ < workers) {
+            const int index = ++threads_;
+            const std::uint64_t before = generation_.load(std::memory_order_acquire);
+            std::thread([this, index, before] { work(index, before); }).detach();
+        }
+    }
+
+    // Worker `index` runs job `index` of every call after generation `seen` that has one
+    void work(int index, std::uint64_t seen) {
+        pthread_setname_np(pthread_self(), "disttrain-blas");
+        for (;;) {
+            const auto called = [this, seen] { return generation_.load(std::memory_order_acquire) != seen; };
+            std::unique_lock<std::mutex> lock(mutex_);
+            if (!called()) {
+                lock.unlock();
+                if (!poll(called)) {
+                    lock.lock();
+                    wake_.wait(lock, called);
+                } else {
+                    lock.lock();
+                }
+            }
+            // the call and its generation read together: a later call cannot begin before this job is done
+            seen = generation_.load(std::memory_order_acquire);
+            const Call call = call_;
+            lock.unlock();
+            if (index >= call.numjobs) continue;
+            call.dojob(index, call.jobdata + index * call.elsize, call.dojob_data);
+            if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+                std::lock_guard<std::mutex> done_lock(mutex_);
+                done_.notify_one();
+            }
+        }
+    }
+
+    std::mutex call_mutex_;
+    std::mutex mutex_;
+    std::condition_variable wake_, done_;
+    Call call_;
+    std::atomic<std::uint64_t> generation_{0};
+    std::atomic<int> pending_{0};
+    int threads_ = 0;
+};
+
+// Never destroyed: its threads are detached and may be waiting at exit. A forked child has none of the
+// parent's threads, so it starts a team of its own (the parent's is left as it was).
+std::atomic<Team*> team{nullptr};
+std::once_flag at_fork_registered;
+std::atomic<std::uint64_t> team_calls{0};  // what tests and benchmarks read to see the jobs came here
+
+void forget_team_in_child() { team.store(nullptr); }
+
+Team& the_team() {
+    Team* current = team.load(std::memory_order_acquire);
+    if (current != nullptr) return *current;
+    Team* fresh = new Team();
+    if (team.compare_exchange_strong(current, fresh, std::memory_order_acq_rel)) return *fresh;
+    delete fresh;  // another thread made one first; this one has no threads yet
+    return *current;
+}
+
+}  // namespace
+
+extern "C" {
+
+// openblas_threads_callback
+void dt_blas_run_jobs(int /*sync: always 1*/, dojob_fn dojob, int numjobs, std::size_t elsize, void* jobdata,
+                      int dojob_data) {
+    const Call call{dojob, static_cast<char*>(jobdata), elsize, dojob_data, numjobs};
+    if (numjobs <= 1) {
+        if (numjobs == 1) dojob(0, jobdata, dojob_data);
+        return;
+    }
+    std::call_once(at_fork_registered, [] { pthread_atfork(nullptr, nullptr, forget_team_in_child); });
+    the_team().run(call);
+    team_calls.fetch_add(1, std::memory_order_relaxed);
+}
+
+// How many calls of more than one job have run on the team in this process
+std::uint64_t dt_blas_team_calls() { return team_calls.load(std::memory_order_relaxed); }
+
+}  // extern "C"
