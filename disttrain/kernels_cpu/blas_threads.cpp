@@ -5,7 +5,7 @@
 // cycles (a tenth of a second) before they sleep. A training step runs its GEMMs a few milliseconds apart
 // with other work between them (the LSTM recurrence's batch blocks, the cross-entropy's row blocks, the
 // optimizer's passes) on disttrain's intra-op threads, and each of those threads then shares its core with a
-// polling BLAS worker. These workers poll for a few microseconds, then sleep until the next call.
+// polling BLAS worker. The team's threads poll for POLL_FOR, then sleep until the next call.
 //
 // The contract (OpenBLAS's exec_blas, driver/others/blas_server.c): the callback runs job i as
 // dojob(i, jobdata + i * elsize, dojob_data) for i < numjobs and returns when all are done. The jobs of one
@@ -21,7 +21,6 @@
 #include <cstdint>
 #include <mutex>
 #include <thread>
-#include <vector>
 
 namespace {
 
