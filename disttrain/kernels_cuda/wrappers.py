@@ -223,6 +223,14 @@ def sgd_step(xp, param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, 
     return momentum_buffer
 
 
+def foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, maximize=False):
+    """sgd_step (one fused launch each) on every parameter of the list; returns their buffers."""
+    _ref.check_list_lengths("foreach_sgd_step", params=params, grads=grads, momentum_buffers=momentum_buffers)
+    return [sgd_step(xp, param, grad, buffer, lr, momentum, dampening, weight_decay, nesterov, maximize)
+            for param, grad, buffer in zip(params, grads, momentum_buffers)]
+
+
 def adam_step(xp, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
               weight_decay=0.0, decoupled=False, maximize=False):
     """One fused Adam/AdamW update in place (the bias corrections of `step` computed on the host)."""
