@@ -372,6 +372,12 @@ def _compiled_list(xp, arrays):
     return _compiled(xp, *nonempty)
 
 
+def _updatable(arrays):
+    """Whether a kernel may write the arrays in place through their addresses: C-contiguous and writeable (the
+    reference raises NumPy's error for a read-only one)."""
+    return all(a.flags.c_contiguous and a.flags.writeable for a in arrays)
+
+
 def _addresses(arrays):
     """The arrays' data addresses as a C array of pointers (null for None). The caller keeps the arrays alive."""
     return np.array([0 if a is None else a.ctypes.data for a in arrays], dtype=np.uintp)
@@ -408,7 +414,7 @@ def norms(xp, arrays, norm_type):
 def scale_(xp, arrays, coef):
     """kernels_numpy.scale_, compiled: every array multiplied by coef in one pass over their elements."""
     lib = _compiled_list(xp, arrays)
-    if lib is None or not all(a.flags.c_contiguous for a in arrays):
+    if lib is None or not _updatable(arrays):
         return _ref.scale_(xp, arrays, coef)
     offsets = _offsets([a.size for a in arrays])
     pointers = _addresses(arrays)
@@ -425,7 +431,7 @@ def foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum=0.0, damp
     _ref.check_list_lengths("foreach_sgd_step", params=params, grads=grads, momentum_buffers=momentum_buffers)
     buffers = [b for b in momentum_buffers if b is not None]
     lib = _compiled_list(xp, [*params, *grads, *buffers])
-    if (lib is None or not all(a.flags.c_contiguous for a in (*params, *buffers))
+    if (lib is None or not _updatable([*params, *buffers])
             or any(g.shape != p.shape for p, g in zip(params, grads))
             or any(b is not None and b.shape != p.shape for p, b in zip(params, momentum_buffers))):
         return _ref.foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,

@@ -153,3 +153,12 @@ def backend_of_array(array):
         return _BY_ARRAY_TYPE[type(array)]
     except KeyError:
         raise TypeError(f"expected a NumPy or CuPy array, got {type(array).__name__}") from None
+
+
+def by_backend(tensors):
+    """[(backend, positions of its tensors in `tensors`)], in order of first appearance: for the multi-tensor
+    kernels, which take one backend's arrays in one call."""
+    groups = {}
+    for k, t in enumerate(tensors):
+        groups.setdefault(t.backend.name, (t.backend, []))[1].append(k)
+    return list(groups.values())

@@ -101,6 +101,10 @@ def test_scale_of_views_and_of_no_arrays():
     kernels_numpy.scale_(np, [expected[:, ::2], expected[:3]], 0.5)
     np.testing.assert_array_equal(got, expected)
     wrappers.scale_(np, [], 0.5)
+    read_only = base.copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        wrappers.scale_(np, [base.copy(), read_only], 0.5)
 
 
 # ---- the SGD update -----------------------------------------------------------------------------------------
