@@ -1,6 +1,7 @@
 """The CPU backend's kernel table with the compiled hot paths: kernels_numpy's names and signatures, the
-LSTM layer, the cross-entropy, Linear's forward, the row scatter-add and the Transformer's GELU, softmax and
-LayerNorm running native.cpp, everything else kernels_numpy's own function.
+LSTM layer, the cross-entropy, Linear's forward, the row scatter-add, the Transformer's GELU, softmax and
+LayerNorm and the multi-tensor norms, scale_ and foreach_sgd_step running native.cpp, everything else
+kernels_numpy's own function.
 
 Each wrapper makes its inputs C-contiguous, allocates the outputs and runs the compiled kernel over row
 blocks on the intra-op threads (disttrain.tensor.threads): the LSTM over blocks of the batch, with the
