@@ -661,16 +661,29 @@ void for_each_span(const i64* offsets, i64 n_tensors, i64 lo, i64 hi, Span span)
     }
 }
 
+// Independent partial sums of sum_squares: enough vector accumulators (4 of AVX-512, 8 of AVX2) that the
+// adds do not wait on each other's latency, as one accumulator's chain would
+constexpr int SQUARE_SUMS = 32;
+
 // In float64 whatever T: a float32 square is exact in double, and the sum keeps digits the float32
-// accumulation of the reference (BLAS sdot) loses
+// accumulation of the reference (BLAS sdot) loses; element j goes to partial sum j % SQUARE_SUMS
 template <typename T>
 DT_CLONES double sum_squares(const T* x, i64 n) {
-    double s = 0;
-#pragma omp simd reduction(+ : s)
-    for (i64 j = 0; j < n; ++j) {
-        const double v = x[j];
-        s += v * v;
+    double sums[SQUARE_SUMS] = {};
+    i64 j = 0;
+    for (; j + SQUARE_SUMS <= n; j += SQUARE_SUMS) {
+#pragma omp simd
+        for (int k = 0; k < SQUARE_SUMS; ++k) {
+            const double v = x[j + k];
+            sums[k] += v * v;
+        }
     }
+    for (int k = 0; j < n; ++j, ++k) {
+        const double v = x[j];
+        sums[k] += v * v;
+    }
+    double s = 0;
+    for (int k = 0; k < SQUARE_SUMS; ++k) s += sums[k];
     return s;
 }
 
