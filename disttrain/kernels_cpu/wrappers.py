@@ -1,7 +1,7 @@
 """The CPU backend's kernel table with the compiled hot paths: kernels_numpy's names and signatures, the
 LSTM layer, the cross-entropy, Linear's forward, the row scatter-add, the Transformer's GELU, softmax and
-LayerNorm and the multi-tensor norms, scale_ and foreach_sgd_step running native.cpp, everything else
-kernels_numpy's own function.
+LayerNorm and the multi-tensor norms, scale_, foreach_sgd_step and foreach_adam_step running native.cpp,
+everything else kernels_numpy's own function.
 
 Each wrapper makes its inputs C-contiguous, allocates the outputs and runs the compiled kernel over row
 blocks on the intra-op threads (disttrain.tensor.threads): the LSTM over blocks of the batch, with the
@@ -353,7 +353,7 @@ def index_add_rows(xp, target, index, values):
     threads.parallel_rows(columns, n_cols, rows.size)
 
 
-# ---- multi-tensor passes: gradient norms, scaling, the SGD update -------------------------------------
+# ---- multi-tensor passes: gradient norms, scaling, the SGD and Adam updates ---------------------------
 # One call for a whole list of arrays (all the gradients of a clipping, all the parameters of an optimizer
 # step): the kernel works on a range of the arrays' concatenated elements, so one hand-off splits every
 # array's elements evenly over the intra-op threads instead of one hand-off (and one thread's pass over the
@@ -377,6 +377,11 @@ def _updatable(arrays):
     """Whether a kernel may write the arrays in place through their addresses: C-contiguous and writeable (the
     reference raises NumPy's error for a read-only one)."""
     return all(a.flags.c_contiguous and a.flags.writeable for a in arrays)
+
+
+def _shaped_like(params, *lists):
+    """Whether every array of the lists (None aside) has the shape of the parameter at its position."""
+    return all(a is None or a.shape == p.shape for arrays in lists for p, a in zip(params, arrays))
 
 
 def _addresses(arrays):
@@ -432,9 +437,7 @@ def foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum=0.0, damp
     _ref.check_list_lengths("foreach_sgd_step", params=params, grads=grads, momentum_buffers=momentum_buffers)
     buffers = [b for b in momentum_buffers if b is not None]
     lib = _compiled_list(xp, [*params, *grads, *buffers])
-    if (lib is None or not _updatable([*params, *buffers])
-            or any(g.shape != p.shape for p, g in zip(params, grads))
-            or any(b is not None and b.shape != p.shape for p, b in zip(params, momentum_buffers))):
+    if lib is None or not _updatable([*params, *buffers]) or not _shaped_like(params, grads, momentum_buffers):
         return _ref.foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
                                      nesterov, maximize)
     grads = [_c(g) for g in grads]
@@ -450,6 +453,32 @@ def foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum=0.0, damp
     kernel = _kernel(lib, "foreach_sgd", params[0].dtype)
     threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), int(offsets[-1]), 1)
     return list(momentum_buffers)  # without momentum: as given (sgd_step's result), None where there is none
+
+
+def foreach_adam_step(xp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                      weight_decay=0.0, decoupled=False, maximize=False):
+    """kernels_numpy.foreach_adam_step, compiled: every parameter's update in one pass over all their elements,
+    bitwise the reference's (the same operations in the same order), each parameter at its own step."""
+    _ref.check_list_lengths("foreach_adam_step", params=params, grads=grads, exp_avgs=exp_avgs,
+                            exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, steps=steps)
+    amsgrad = [m is not None for m in max_exp_avg_sqs]
+    state = [*exp_avgs, *exp_avg_sqs, *(m for m in max_exp_avg_sqs if m is not None)]
+    lib = _compiled_list(xp, [*params, *grads, *state])
+    if (lib is None or len(set(amsgrad)) > 1 or not _updatable([*params, *state])
+            or not _shaped_like(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)):
+        return _ref.foreach_adam_step(xp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
+                                      beta2, eps, weight_decay, decoupled, maximize)
+    grads = [_c(g) for g in grads]
+    scalars = np.array([_ref.adam_scalars(step, lr, beta1, beta2) for step in steps], dtype=np.float64).reshape(-1, 2)
+    step_sizes, corrections = np.ascontiguousarray(scalars[:, 0]), np.ascontiguousarray(scalars[:, 1])
+    offsets = _offsets([p.size for p in params])
+    pointers = [_addresses(a) for a in (params, grads, exp_avgs, exp_avg_sqs)]
+    pointers.append(_addresses(max_exp_avg_sqs) if amsgrad and amsgrad[0] else None)
+    args = (*(None if a is None else a.ctypes.data for a in pointers), step_sizes.ctypes.data, corrections.ctypes.data,
+            offsets.ctypes.data, len(params), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            int(bool(decoupled)), int(bool(maximize)))
+    kernel = _kernel(lib, "foreach_adam", params[0].dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), int(offsets[-1]), 1)
 
 
 def _bind_reference_kernels():

@@ -248,6 +248,15 @@ def adam_step(xp, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, be
                 _i32(bool(decoupled)), _i32(amsgrad), _i32(bool(maximize))))
 
 
+def foreach_adam_step(xp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                      weight_decay=0.0, decoupled=False, maximize=False):
+    """adam_step (one fused launch each) on every parameter of the list, each at its own step."""
+    _ref.check_list_lengths("foreach_adam_step", params=params, grads=grads, exp_avgs=exp_avgs,
+                            exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, steps=steps)
+    for args in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        adam_step(xp, *args, lr, beta1, beta2, eps, weight_decay, decoupled, maximize)
+
+
 # ---- gradient norms and clipping -------------------------------------------------------------------------
 
 def _norm_mode(norm_type):

@@ -6,8 +6,9 @@ Ops never import numpy or cupy directly; they ask the tensor's backend (`node.xp
 `backend.kernels` is a module of fused kernels with one set of names and signatures, called as
 `backend.kernels.f(backend.xp, ...)`: on the CPU disttrain.kernels_cpu.wrappers (the LSTM layer, the
 cross-entropy, Linear's forward, the row scatter-add, the Transformer's GELU, softmax and LayerNorm and
-the multi-tensor norms, scale_ and SGD update compiled, the rest disttrain.tensor.kernels_numpy, the reference), or kernels_numpy itself
-when $DISTTRAIN_CPU_KERNELS=numpy; disttrain.kernels_cuda.wrappers (our CUDA C kernels) on the GPU.
+the multi-tensor norms, scale_, SGD and Adam updates compiled, the rest disttrain.tensor.kernels_numpy, the
+reference), or kernels_numpy itself when $DISTTRAIN_CPU_KERNELS=numpy; disttrain.kernels_cuda.wrappers (our
+CUDA C kernels) on the GPU.
 
 `backend.sync_checks`: ops may read device values on the host to validate indices (class targets,
 embedding ids). True except while a CUDA graph is being captured (disttrain.kernels_cuda.graph),

@@ -416,6 +416,17 @@ def adam_step(xp, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, be
     _by_elements(xp, update, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
 
 
+def foreach_adam_step(xp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                      weight_decay=0.0, decoupled=False, maximize=False):
+    """adam_step on every params[k] from grads[k], its moments exp_avgs[k], exp_avg_sqs[k] and
+    max_exp_avg_sqs[k] (None without AMSGrad) at its own step steps[k]: one list of parameters updated by one
+    call (the compiled CPU kernels run them all in one pass)."""
+    check_list_lengths("foreach_adam_step", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                       max_exp_avg_sqs=max_exp_avg_sqs, steps=steps)
+    for args in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        adam_step(xp, *args, lr, beta1, beta2, eps, weight_decay, decoupled, maximize)
+
+
 def adam_scalars(step, lr, beta1, beta2):
     """(step_size, sqrt of the second bias correction) of Adam's step `step`, as host floats."""
     return lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5

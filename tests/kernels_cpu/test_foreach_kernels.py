@@ -53,6 +53,13 @@ def _assert_lists_equal(got, expected):
             np.testing.assert_array_equal(g, e, err_msg=f"array {k}")
 
 
+def _assert_compiled_is_the_reference(run, kernel, *args):
+    """run(the compiled `kernel`, *args) and run(the reference's, *args) return equal lists of arrays."""
+    got, expected = run(getattr(wrappers, kernel), *args), run(getattr(kernels_numpy, kernel), *args)
+    for got_list, expected_list in zip(got, expected):
+        _assert_lists_equal(got_list, expected_list)
+
+
 def _exact_norms(arrays):
     return np.array([math.sqrt(math.fsum((a.astype(np.float64).ravel() ** 2).tolist())) for a in arrays])
 
@@ -128,19 +135,13 @@ def _sgd_two_steps(step, dtype, options, lr, shapes=SHAPES):
 @pytest.mark.parametrize("lr", [0.1, 1.0])
 @pytest.mark.parametrize("options", SGD_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_sgd_is_bitwise_the_references(dtype, lr, options):
-    got = _sgd_two_steps(wrappers.foreach_sgd_step, dtype, options, lr)
-    expected = _sgd_two_steps(kernels_numpy.foreach_sgd_step, dtype, options, lr)
-    for got_list, expected_list in zip(got, expected):
-        _assert_lists_equal(got_list, expected_list)
+    _assert_compiled_is_the_reference(_sgd_two_steps, "foreach_sgd_step", dtype, options, lr)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sgd_on_many_arrays_is_bitwise_the_references(num_threads, dtype):
     options = dict(momentum=0.9, weight_decay=0.01, nesterov=True)
-    got = _sgd_two_steps(wrappers.foreach_sgd_step, dtype, options, 0.1, _many_shapes())
-    expected = _sgd_two_steps(kernels_numpy.foreach_sgd_step, dtype, options, 0.1, _many_shapes())
-    for got_list, expected_list in zip(got, expected):
-        _assert_lists_equal(got_list, expected_list)
+    _assert_compiled_is_the_reference(_sgd_two_steps, "foreach_sgd_step", dtype, options, 0.1, _many_shapes())
 
 
 def test_first_step_buffers_are_new_arrays_and_grads_stay():
@@ -185,6 +186,51 @@ def test_sgd_lists_of_different_lengths_are_refused():
         with pytest.raises(ValueError, match=r"foreach_sgd_step: .*'grads': 1"):
             step(np, params, params[:1], [None, None], 0.1)
     assert wrappers.foreach_sgd_step(np, [], [], [], 0.1) == []
+
+
+# ---- the Adam / AdamW update ----------------------------------------------------------------------------------
+
+ADAM_OPTIONS = [dict(weight_decay=wd, decoupled=dec, maximize=mx, amsgrad=ams)
+                for wd, dec, mx, ams in itertools.product((0.0, 0.01), (False, True), (False, True), (False, True))
+                if wd or not dec]
+
+
+def _adam_steps(step, dtype, options, beta1, shapes=SHAPES, steps=(1, 2, 3)):
+    """Three calls of `step` (a foreach_adam_step), parameter k at step steps[k % 3] + call - 1 (the step
+    counts of one list differ when some parameters had no gradient at some step): every array afterwards."""
+    options = dict(options)
+    amsgrad = options.pop("amsgrad")
+    params, grads = _arrays(dtype, shapes, seed=2), _arrays(dtype, shapes, seed=3)
+    moments = [[np.zeros_like(p) for p in params] for _ in range(3 if amsgrad else 2)]
+    maxima = moments[2] if amsgrad else [None] * len(params)
+    for call in range(3):
+        counts = [steps[k % len(steps)] + call for k in range(len(params))]
+        step(np, params, grads, moments[0], moments[1], maxima, counts, 1e-2, beta1, 0.999, 1e-8, **options)
+    return params, *moments
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta1", [0.9, 0.2])    # lerp weights 0.1 and 0.8: both sides of torch's formula
+@pytest.mark.parametrize("options", ADAM_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_adam_is_bitwise_the_references(dtype, beta1, options):
+    _assert_compiled_is_the_reference(_adam_steps, "foreach_adam_step", dtype, options, beta1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_on_many_arrays_on_any_thread_count_is_bitwise_the_references(num_threads, dtype):
+    options = dict(weight_decay=0.01, decoupled=True, maximize=False, amsgrad=True)
+    _assert_compiled_is_the_reference(_adam_steps, "foreach_adam_step", dtype, options, 0.9, _many_shapes())
+
+
+def test_adam_with_amsgrad_for_some_parameters_only_is_the_references():
+    def run(step):
+        params, grads = _arrays(np.float32, seed=2)[:3], _arrays(np.float32, seed=3)[:3]
+        moments = [[np.zeros_like(p) for p in params] for _ in range(3)]
+        maxima = [moments[2][0], None, moments[2][2]]
+        step(np, params, grads, moments[0], moments[1], maxima, [1, 1, 1], 1e-2, 0.9, 0.999, 1e-8)
+        return params, *moments
+
+    _assert_compiled_is_the_reference(run, "foreach_adam_step")
 
 
 # ---- thread counts -----------------------------------------------------------------------------------------
