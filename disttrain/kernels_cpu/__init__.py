@@ -3,7 +3,8 @@ and backward, one call per layer per segment, its recurrent GEMMs on NumPy's BLA
 AVX-512 CPUs, on a W_hh^T packed once per call) and the fused log-softmax + cross-entropy (forward and
 backward); also Linear's forward with its bias added by the GEMM itself and the embedding backward's
 scatter-add; for the Transformer, the tanh GELU, the softmax over the last axis (causal or not) and
-LayerNorm, one pass or one visit of each row each way.
+LayerNorm, one pass or one visit of each row each way; for gradient clipping and the optimizers, the L2 norms,
+the scaling and the SGD and Adam updates of a whole list of arrays in one pass over all their elements.
 
     native.cpp    the kernels, C++ with a plain C ABI, built by setup.py when disttrain is installed
     simd_math.h   exp and tanh that the compiler vectorises

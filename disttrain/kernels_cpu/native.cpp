@@ -633,3 +633,230 @@ DT_EXPORT_LINEAR_EMBEDDING(f32, float)
 DT_EXPORT_LINEAR_EMBEDDING(f64, double)
 
 }  // extern "C"
+
+// ---- multi-tensor passes: sums of squares (gradient norms), scaling, the SGD and Adam updates ------------
+// Each takes a list of tensors as their data addresses and their element offsets in the list's
+// concatenation (offsets[0] = 0, offsets[t + 1] - offsets[t] = tensor t's size) and works on the range
+// [lo, hi) of that concatenation, so that one hand-off to the intra-op threads covers every tensor of a
+// gradient clipping or an optimizer step, however many there are. The sums of squares take a range of
+// chunks instead (see there). The arithmetic is kernels_numpy's per-array functions', in the same order and
+// without fused multiply-adds, so scaling, SGD and Adam are bitwise the reference's: GCC contracts a * b + c into
+// an FMA in C++ even under -std=c++17 (only ISO C turns that off), hence fp-contract=off for this section.
+
+#include <algorithm>
+
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+namespace {
+
+// span(t, begin, end) for the part [begin, end) of each tensor t that the concatenated range [lo, hi) covers
+template <typename Span>
+void for_each_span(const i64* offsets, i64 n_tensors, i64 lo, i64 hi, Span span) {
+    i64 t = std::upper_bound(offsets + 1, offsets + n_tensors + 1, lo) - (offsets + 1);  // first ending after lo
+    for (; t < n_tensors && offsets[t] < hi; ++t) {
+        const i64 begin = lo > offsets[t] ? lo - offsets[t] : 0;
+        const i64 end = (hi < offsets[t + 1] ? hi : offsets[t + 1]) - offsets[t];
+        if (begin < end) span(t, begin, end);
+    }
+}
+
+// Independent partial sums of sum_squares: enough vector accumulators (4 of AVX-512, 8 of AVX2) that the
+// adds do not wait on each other's latency, as one accumulator's chain would
+constexpr int SQUARE_SUMS = 32;
+
+// In float64 whatever T: a float32 square is exact in double, and the sum keeps digits the float32
+// accumulation of the reference (BLAS sdot) loses; element j goes to partial sum j % SQUARE_SUMS
+template <typename T>
+DT_CLONES double sum_squares(const T* x, i64 n) {
+    double sums[SQUARE_SUMS] = {};
+    i64 j = 0;
+    for (; j + SQUARE_SUMS <= n; j += SQUARE_SUMS) {
+#pragma omp simd
+        for (int k = 0; k < SQUARE_SUMS; ++k) {
+            const double v = x[j + k];
+            sums[k] += v * v;
+        }
+    }
+    for (int k = 0; j < n; ++j, ++k) {
+        const double v = x[j];
+        sums[k] += v * v;
+    }
+    double s = 0;
+    for (int k = 0; k < SQUARE_SUMS; ++k) s += sums[k];
+    return s;
+}
+
+// Chunks [lo, hi) of the tensors' elements, tensor t's cut into chunks of `chunk` elements numbered from
+// chunk_offsets[t] (its last chunk may be shorter): partials[c] = the sum of squares of chunk c. The caller
+// adds each tensor's chunks up in order: the same sums whichever thread ran a chunk.
+template <typename T>
+void foreach_sum_squares(const T* const* xs, const i64* offsets, const i64* chunk_offsets, i64 n_tensors,
+                         i64 chunk, double* partials, i64 lo, i64 hi) {
+    i64 t = std::upper_bound(chunk_offsets + 1, chunk_offsets + n_tensors + 1, lo) - (chunk_offsets + 1);
+    for (i64 c = lo; c < hi; ++c) {
+        while (c >= chunk_offsets[t + 1]) ++t;
+        const i64 begin = (c - chunk_offsets[t]) * chunk, size = offsets[t + 1] - offsets[t];
+        partials[c] = sum_squares<T>(xs[t] + begin, size - begin < chunk ? size - begin : chunk);
+    }
+}
+
+template <typename T>
+void foreach_scale(T* const* xs, const i64* offsets, i64 n_tensors, double coef, i64 lo, i64 hi) {
+    const T k = T(coef);
+    for_each_span(offsets, n_tensors, lo, hi,
+                  [&](i64 t, i64 begin, i64 end) { scale_row<T>(xs[t] + begin, k, end - begin); });
+}
+
+template <typename T>
+struct SgdScalars {
+    T minus_lr, momentum, undamped, weight_decay;  // undamped: 1 - dampening
+};
+
+// kernels_numpy.sgd_step's update on n elements, its options fixed at compile time so that each variant is
+// one vectorised loop: g = -grad (MAXIMIZE); g = g + weight_decay p (DECAY); with MOMENTUM b = g (FIRST) or
+// b = b momentum + (1 - dampening) g, then g = g + momentum b (NESTEROV) or b; p = p + g (-lr), which is
+// the reference's p - g where lr = 1
+template <typename T, bool MAXIMIZE, bool DECAY, bool MOMENTUM, bool FIRST, bool NESTEROV>
+DT_CLONES void sgd_span(T* p, const T* grad, T* buf, i64 n, SgdScalars<T> s) {
+#pragma omp simd
+    for (i64 j = 0; j < n; ++j) {
+        T g = MAXIMIZE ? -grad[j] : grad[j];
+        if constexpr (DECAY) g = g + s.weight_decay * p[j];
+        if constexpr (MOMENTUM) {
+            const T b = FIRST ? g : buf[j] * s.momentum + s.undamped * g;
+            buf[j] = b;
+            g = NESTEROV ? g + s.momentum * b : b;
+        }
+        p[j] = p[j] + g * s.minus_lr;
+    }
+}
+
+template <typename T, bool... Options>
+struct SgdVariant {
+    static constexpr auto fn = &sgd_span<T, Options...>;
+};
+
+// Kernel<T, options...>::fn, the variant compiled for these runtime options
+template <template <typename, bool...> class Kernel, typename T, size_t N, bool... Chosen>
+auto variant(const bool (&options)[N]) {
+    if constexpr (sizeof...(Chosen) == N) {
+        return Kernel<T, Chosen...>::fn;
+    } else {
+        return options[sizeof...(Chosen)] ? variant<Kernel, T, N, Chosen..., true>(options)
+                                          : variant<Kernel, T, N, Chosen..., false>(options);
+    }
+}
+
+// kernels_numpy.sgd_step on the elements [lo, hi) of the concatenated parameters. buffers: null without
+// momentum; first[t] nonzero where tensor t's buffer is new (its first step: b = g).
+template <typename T>
+void foreach_sgd(T* const* params, const T* const* grads, T* const* buffers, const int8_t* first,
+                 const i64* offsets, i64 n_tensors, double lr, double momentum, double dampening,
+                 double weight_decay, int nesterov, int maximize, i64 lo, i64 hi) {
+    const SgdScalars<T> s{T(-lr), T(momentum), T(1.0 - dampening), T(weight_decay)};
+    const bool with_momentum = momentum != 0.0;
+    for_each_span(offsets, n_tensors, lo, hi, [&](i64 t, i64 begin, i64 end) {
+        const bool options[5] = {maximize != 0, weight_decay != 0.0, with_momentum, with_momentum && first[t] != 0,
+                                 with_momentum && nesterov != 0};
+        T* buffer = with_momentum ? buffers[t] + begin : nullptr;
+        variant<SgdVariant, T>(options)(params[t] + begin, grads[t] + begin, buffer, end - begin, s);
+    });
+}
+
+template <typename T>
+struct AdamScalars {
+    T decay, one_minus_decay_lr, lerp_weight, beta2, one_minus_beta2, minus_step_size, bias_correction2_sqrt, eps;
+};
+
+// kernels_numpy.adam_step's update on n elements, its options fixed at compile time: g = -grad (MAXIMIZE);
+// with DECAY, p = p (1 - lr weight_decay) (DECOUPLED, AdamW) or g = g + weight_decay p; m = lerp(m, g,
+// 1 - beta1) by torch's two-sided formula (SMALL_WEIGHT: m + (g - m) w, else g - (g - m)(1 - w));
+// v = v beta2 + ((1 - beta2) g) g; v_max = max(v_max, v) (AMSGRAD); p = p + (m (-step_size)) / (sqrt(v or
+// v_max) / sqrt(1 - beta2^t) + eps)
+template <typename T, bool MAXIMIZE, bool DECAY, bool DECOUPLED, bool AMSGRAD, bool SMALL_WEIGHT>
+DT_CLONES void adam_span(T* p, const T* grad, T* m, T* v, T* v_max, i64 n, AdamScalars<T> s) {
+#pragma omp simd
+    for (i64 j = 0; j < n; ++j) {
+        T g = MAXIMIZE ? -grad[j] : grad[j];
+        if constexpr (DECAY && DECOUPLED) p[j] = p[j] * s.one_minus_decay_lr;
+        if constexpr (DECAY && !DECOUPLED) g = g + s.decay * p[j];
+        const T diff = g - m[j];
+        m[j] = SMALL_WEIGHT ? m[j] + diff * s.lerp_weight : g - diff * s.lerp_weight;
+        const T v_new = v[j] * s.beta2 + s.one_minus_beta2 * g * g;
+        v[j] = v_new;
+        T second = v_new;
+        if constexpr (AMSGRAD) {
+            const T old = v_max[j];
+            second = old > v_new || old != old ? old : v_new;  // np.maximum: a NaN wins
+            v_max[j] = second;
+        }
+        const T denom = std::sqrt(second) / s.bias_correction2_sqrt + s.eps;
+        p[j] = p[j] + m[j] * s.minus_step_size / denom;
+    }
+}
+
+template <typename T, bool... Options>
+struct AdamVariant {
+    static constexpr auto fn = &adam_span<T, Options...>;
+};
+
+// kernels_numpy.adam_step on the elements [lo, hi) of the concatenated parameters, tensor t at its own
+// step (step_sizes[t] = lr / (1 - beta1^t), bias_corrections2_sqrt[t] = sqrt(1 - beta2^t): adam_scalars);
+// max_exp_avg_sqs: null without AMSGrad
+template <typename T>
+void foreach_adam(T* const* params, const T* const* grads, T* const* exp_avgs, T* const* exp_avg_sqs,
+                  T* const* max_exp_avg_sqs, const double* step_sizes, const double* bias_corrections2_sqrt,
+                  const i64* offsets, i64 n_tensors, double lr, double beta1, double beta2, double eps,
+                  double weight_decay, int decoupled, int maximize, i64 lo, i64 hi) {
+    const double weight = 1.0 - beta1;
+    const bool small_weight = (weight < 0 ? -weight : weight) < 0.5;
+    const bool options[5] = {maximize != 0, weight_decay != 0.0, decoupled != 0, max_exp_avg_sqs != nullptr,
+                             small_weight};
+    const auto update = variant<AdamVariant, T>(options);
+    for_each_span(offsets, n_tensors, lo, hi, [&](i64 t, i64 begin, i64 end) {
+        const AdamScalars<T> s{T(weight_decay), T(1.0 - lr * weight_decay), T(small_weight ? weight : 1.0 - weight),
+                               T(beta2), T(1.0 - beta2), T(-step_sizes[t]), T(bias_corrections2_sqrt[t]), T(eps)};
+        update(params[t] + begin, grads[t] + begin, exp_avgs[t] + begin, exp_avg_sqs[t] + begin,
+               max_exp_avg_sqs ? max_exp_avg_sqs[t] + begin : nullptr, end - begin, s);
+    });
+}
+
+}  // namespace
+
+#pragma GCC pop_options
+
+extern "C" {
+
+#define DT_EXPORT_FOREACH(S, T)                                                                               \
+    void dt_foreach_sum_squares_##S(const T* const* xs, const i64* offsets, const i64* chunk_offsets,         \
+                                    i64 n_tensors, i64 chunk, double* partials, i64 lo, i64 hi) {             \
+        foreach_sum_squares<T>(xs, offsets, chunk_offsets, n_tensors, chunk, partials, lo, hi);              \
+    }                                                                                                         \
+    void dt_foreach_scale_##S(T* const* xs, const i64* offsets, i64 n_tensors, double coef, i64 lo, i64 hi) { \
+        foreach_scale<T>(xs, offsets, n_tensors, coef, lo, hi);                                               \
+    }                                                                                                         \
+    void dt_foreach_sgd_##S(T* const* params, const T* const* grads, T* const* buffers, const int8_t* first,  \
+                            const i64* offsets, i64 n_tensors, double lr, double momentum, double dampening,  \
+                            double weight_decay, int nesterov, int maximize, i64 lo, i64 hi) {                \
+        foreach_sgd<T>(params, grads, buffers, first, offsets, n_tensors, lr, momentum, dampening,            \
+                       weight_decay, nesterov, maximize, lo, hi);                                             \
+    }
+
+#define DT_EXPORT_FOREACH_ADAM(S, T)                                                                          \
+    void dt_foreach_adam_##S(T* const* params, const T* const* grads, T* const* exp_avgs, T* const* exp_avg_sqs, \
+                             T* const* max_exp_avg_sqs, const double* step_sizes,                             \
+                             const double* bias_corrections2_sqrt, const i64* offsets, i64 n_tensors,         \
+                             double lr, double beta1, double beta2, double eps, double weight_decay,          \
+                             int decoupled, int maximize, i64 lo, i64 hi) {                                   \
+        foreach_adam<T>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,                     \
+                        bias_corrections2_sqrt, offsets, n_tensors, lr, beta1, beta2, eps, weight_decay,      \
+                        decoupled, maximize, lo, hi);                                                         \
+    }
+
+DT_EXPORT_FOREACH(f32, float)
+DT_EXPORT_FOREACH(f64, double)
+DT_EXPORT_FOREACH_ADAM(f32, float)
+DT_EXPORT_FOREACH_ADAM(f64, double)
+
+}  // extern "C"

@@ -54,6 +54,10 @@ _SIGNATURES = {
     "dt_layer_norm_backward_{s}": [_P] * 8 + [_I64] * 5,
     "dt_linear_bias_gemm_{s}": [_P] * 3 + [_I64] * 3,
     "dt_index_add_rows_{s}": [_P] * 3 + [_I64] * 5,
+    "dt_foreach_sum_squares_{s}": [_P] * 3 + [_I64] * 2 + [_P] + [_I64] * 2,
+    "dt_foreach_scale_{s}": [_P, _P, _I64, ctypes.c_double, _I64, _I64],
+    "dt_foreach_sgd_{s}": [_P] * 5 + [_I64] + [ctypes.c_double] * 4 + [ctypes.c_int] * 2 + [_I64] * 2,
+    "dt_foreach_adam_{s}": [_P] * 8 + [_I64] + [ctypes.c_double] * 5 + [ctypes.c_int] * 2 + [_I64] * 2,
 }
 # built for float32 only: float64 (the gradient checks' dtype) keeps the reference's arithmetic, see wrappers.py
 FLOAT32_ONLY = ("dt_gelu_forward_{s}", "dt_gelu_backward_{s}")

@@ -1,6 +1,7 @@
 """The CPU backend's kernel table with the compiled hot paths: kernels_numpy's names and signatures, the
-LSTM layer, the cross-entropy, Linear's forward, the row scatter-add and the Transformer's GELU, softmax and
-LayerNorm running native.cpp, everything else kernels_numpy's own function.
+LSTM layer, the cross-entropy, Linear's forward, the row scatter-add, the Transformer's GELU, softmax and
+LayerNorm and the multi-tensor norms, scale_, foreach_sgd_step and foreach_adam_step running native.cpp,
+everything else kernels_numpy's own function.
 
 Each wrapper makes its inputs C-contiguous, allocates the outputs and runs the compiled kernel over row
 blocks on the intra-op threads (disttrain.tensor.threads): the LSTM over blocks of the batch, with the
@@ -350,6 +351,134 @@ def index_add_rows(xp, target, index, values):
         kernel(*args, rows.size, n_cols, n_target_rows, lo, hi)
 
     threads.parallel_rows(columns, n_cols, rows.size)
+
+
+# ---- multi-tensor passes: gradient norms, scaling, the SGD and Adam updates ---------------------------
+# One call for a whole list of arrays (all the gradients of a clipping, all the parameters of an optimizer
+# step): the kernel works on a range of the arrays' concatenated elements, so one hand-off splits every
+# array's elements evenly over the intra-op threads instead of one hand-off (and one thread's pass over the
+# small ones) per array.
+
+# Elements per partial sum of squares: each array is summed in chunks of this many and each array's chunk
+# sums are added in order afterwards, so the norms do not depend on how the chunks fell to the threads
+SUM_SQUARES_CHUNK = 1 << 16
+
+
+def _compiled_list(xp, arrays):
+    """_compiled for a list of arrays, where empty arrays are fine (they cover no elements); None for a list
+    of none or only empty arrays, or of several dtypes."""
+    nonempty = [a for a in arrays if a.size]
+    if not nonempty or any(a.dtype != arrays[0].dtype for a in arrays):
+        return None
+    return _compiled(xp, *nonempty)
+
+
+def _updatable(arrays):
+    """Whether a kernel may write the arrays in place through their addresses: C-contiguous and writeable (the
+    reference raises NumPy's error for a read-only one)."""
+    return all(a.flags.c_contiguous and a.flags.writeable for a in arrays)
+
+
+def _shaped_like(params, *lists):
+    """Whether every array of the lists (None aside) has the shape of the parameter at its position."""
+    return all(a is None or a.shape == p.shape for arrays in lists for p, a in zip(params, arrays))
+
+
+def _addresses(arrays):
+    """The arrays' data addresses as a C array of pointers (null for None). The caller keeps the arrays alive."""
+    return np.array([0 if a is None else a.ctypes.data for a in arrays], dtype=np.uintp)
+
+
+def _offsets(counts):
+    """[0, counts[0], counts[0] + counts[1], ...]: where each array starts in the concatenation, and the total."""
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
+
+
+def norms(xp, arrays, norm_type):
+    """kernels_numpy.norms, compiled for the L2 norm: the squares of all the arrays summed in one pass over
+    chunks on the intra-op threads, in float64, so the norms (float64) are at least as accurate as the
+    reference's (which sums float32 arrays in float32)."""
+    lib = _compiled_list(xp, arrays)
+    if lib is None or float(norm_type) != 2.0:
+        return _ref.norms(xp, arrays, norm_type)
+    arrays = [_c(a) for a in arrays]
+    sizes = np.array([a.size for a in arrays], dtype=np.int64)
+    chunks = -(-sizes // SUM_SQUARES_CHUNK)
+    offsets, chunk_offsets = _offsets(sizes), _offsets(chunks)
+    partials = np.empty(int(chunk_offsets[-1]), dtype=np.float64)
+    pointers = _addresses(arrays)  # kept alive through the call, as every array whose address is passed
+    args = (pointers.ctypes.data, offsets.ctypes.data, chunk_offsets.ctypes.data, len(arrays),
+            SUM_SQUARES_CHUNK, partials.ctypes.data)
+    kernel = _kernel(lib, "foreach_sum_squares", arrays[0].dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), partials.size, SUM_SQUARES_CHUNK)
+    owner = np.repeat(np.arange(len(arrays)), chunks)
+    return np.sqrt(np.bincount(owner, weights=partials, minlength=len(arrays)))  # each array's chunks in order
+
+
+def scale_(xp, arrays, coef):
+    """kernels_numpy.scale_, compiled: every array multiplied by coef in one pass over their elements."""
+    lib = _compiled_list(xp, arrays)
+    if lib is None or not _updatable(arrays):
+        return _ref.scale_(xp, arrays, coef)
+    offsets = _offsets([a.size for a in arrays])
+    pointers = _addresses(arrays)
+    kernel = _kernel(lib, "foreach_scale", arrays[0].dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(pointers.ctypes.data, offsets.ctypes.data, len(arrays),
+                                                float(coef), lo, hi), int(offsets[-1]), 1)
+
+
+def foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, maximize=False):
+    """kernels_numpy.foreach_sgd_step, compiled: every parameter's update in one pass over all their elements,
+    bitwise the reference's (the same operations in the same order). The first step's buffers are new
+    arrays, as there."""
+    _ref.check_list_lengths("foreach_sgd_step", params=params, grads=grads, momentum_buffers=momentum_buffers)
+    buffers = [b for b in momentum_buffers if b is not None]
+    lib = _compiled_list(xp, [*params, *grads, *buffers])
+    if lib is None or not _updatable([*params, *buffers]) or not _shaped_like(params, grads, momentum_buffers):
+        return _ref.foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
+                                     nesterov, maximize)
+    grads = [_c(g) for g in grads]
+    with_momentum = momentum != 0
+    first = np.array([with_momentum and b is None for b in momentum_buffers], dtype=np.int8)
+    if with_momentum:
+        momentum_buffers = [np.empty(p.shape, p.dtype) if b is None else b for p, b in zip(params, momentum_buffers)]
+    offsets = _offsets([p.size for p in params])
+    pointers = [_addresses(params), _addresses(grads), _addresses(momentum_buffers) if with_momentum else None]
+    args = (*(None if a is None else a.ctypes.data for a in pointers), first.ctypes.data, offsets.ctypes.data,
+            len(params), float(lr), float(momentum), float(dampening), float(weight_decay), int(bool(nesterov)),
+            int(bool(maximize)))
+    kernel = _kernel(lib, "foreach_sgd", params[0].dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), int(offsets[-1]), 1)
+    return list(momentum_buffers)  # without momentum: as given (sgd_step's result), None where there is none
+
+
+def foreach_adam_step(xp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                      weight_decay=0.0, decoupled=False, maximize=False):
+    """kernels_numpy.foreach_adam_step, compiled: every parameter's update in one pass over all their elements,
+    bitwise the reference's (the same operations in the same order), each parameter at its own step."""
+    _ref.check_list_lengths("foreach_adam_step", params=params, grads=grads, exp_avgs=exp_avgs,
+                            exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, steps=steps)
+    amsgrad = [m is not None for m in max_exp_avg_sqs]
+    state = [*exp_avgs, *exp_avg_sqs, *(m for m in max_exp_avg_sqs if m is not None)]
+    lib = _compiled_list(xp, [*params, *grads, *state])
+    if (lib is None or len(set(amsgrad)) > 1 or not _updatable([*params, *state])
+            or not _shaped_like(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)):
+        return _ref.foreach_adam_step(xp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1,
+                                      beta2, eps, weight_decay, decoupled, maximize)
+    grads = [_c(g) for g in grads]
+    scalars = np.array([_ref.adam_scalars(step, lr, beta1, beta2) for step in steps], dtype=np.float64).reshape(-1, 2)
+    step_sizes, corrections = np.ascontiguousarray(scalars[:, 0]), np.ascontiguousarray(scalars[:, 1])
+    offsets = _offsets([p.size for p in params])
+    pointers = [_addresses(a) for a in (params, grads, exp_avgs, exp_avg_sqs)]
+    pointers.append(_addresses(max_exp_avg_sqs) if amsgrad and amsgrad[0] else None)
+    args = (*(None if a is None else a.ctypes.data for a in pointers), step_sizes.ctypes.data, corrections.ctypes.data,
+            offsets.ctypes.data, len(params), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+            int(bool(decoupled)), int(bool(maximize)))
+    kernel = _kernel(lib, "foreach_adam", params[0].dtype)
+    threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), int(offsets[-1]), 1)
 
 
 def _bind_reference_kernels():

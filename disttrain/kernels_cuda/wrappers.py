@@ -223,6 +223,14 @@ def sgd_step(xp, param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, 
     return momentum_buffer
 
 
+def foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, maximize=False):
+    """sgd_step (one fused launch each) on every parameter of the list; returns their buffers."""
+    _ref.check_list_lengths("foreach_sgd_step", params=params, grads=grads, momentum_buffers=momentum_buffers)
+    return [sgd_step(xp, param, grad, buffer, lr, momentum, dampening, weight_decay, nesterov, maximize)
+            for param, grad, buffer in zip(params, grads, momentum_buffers)]
+
+
 def adam_step(xp, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
               weight_decay=0.0, decoupled=False, maximize=False):
     """One fused Adam/AdamW update in place (the bias corrections of `step` computed on the host)."""
@@ -238,6 +246,15 @@ def adam_step(xp, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, be
                 max_exp_avg_sq if amsgrad else param, _i64(param.size), t(1 - beta1), t(beta2), t(1 - beta2),
                 t(weight_decay), t(1 - lr * weight_decay), t(-step_size), t(bias_correction2_sqrt), t(eps),
                 _i32(bool(decoupled)), _i32(amsgrad), _i32(bool(maximize))))
+
+
+def foreach_adam_step(xp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                      weight_decay=0.0, decoupled=False, maximize=False):
+    """adam_step (one fused launch each) on every parameter of the list, each at its own step."""
+    _ref.check_list_lengths("foreach_adam_step", params=params, grads=grads, exp_avgs=exp_avgs,
+                            exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=max_exp_avg_sqs, steps=steps)
+    for args in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        adam_step(xp, *args, lr, beta1, beta2, eps, weight_decay, decoupled, maximize)
 
 
 # ---- gradient norms and clipping -------------------------------------------------------------------------

@@ -3,6 +3,7 @@ import math
 
 from disttrain.autograd.grad_mode import no_grad
 from disttrain.autograd.ops import concat
+from disttrain.tensor.backend import by_backend
 from disttrain.tensor.tensor import Tensor
 
 
@@ -13,11 +14,9 @@ def _as_list(parameters):
 def grad_norm(grads, norm_type=2.0):
     """The norm of all gradients (Tensors) together, as a float, computed on their backend arrays."""
     norm_type = float(norm_type)
-    per_device = {}
-    for g in grads:
-        per_device.setdefault(g.backend.name, (g.backend, []))[1].append(g.data)
     parts = []
-    for backend, arrays in per_device.values():  # per-array norms by the fused kernel; one host sync per device
+    for backend, positions in by_backend(grads):  # the arrays' norms in one kernel call; one host sync per device
+        arrays = [grads[k].data for k in positions]
         parts.extend(float(v) for v in backend.kernels.norms(backend.xp, arrays, norm_type).tolist())
     if norm_type == math.inf:
         return max(parts)
@@ -46,7 +45,8 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         with no_grad():
             for g in grads:
                 g.begin_inplace("clip_grad_norm_")  # bumps the version, as g.mul_(coef) would
-                g.backend.kernels.scale_(g.backend.xp, [g.data], coef)
+            for backend, positions in by_backend(grads):  # one multi-tensor call per device
+                backend.kernels.scale_(backend.xp, [grads[k].data for k in positions], coef)
     return total
 
 

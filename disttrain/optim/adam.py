@@ -9,6 +9,7 @@ Per parameter, at step t (counted per parameter from 1), with g its gradient (ne
 The operations run in torch's order so that float64 results agree to the last few bits.
 """
 from disttrain.optim.optimizer import Optimizer
+from disttrain.tensor.backend import by_backend
 
 
 class Adam(Optimizer):
@@ -37,17 +38,23 @@ class Adam(Optimizer):
     def state_buffers(self, group):
         return 3 if group["amsgrad"] else 2
 
-    def _update(self, param, grad, state, group):
-        if not state:
-            _init_state(state, param, group["amsgrad"])
-        state["step"] += 1
+    def _update_group(self, params, grads, states, group):
+        # one multi-tensor update per backend (backend.kernels.foreach_adam_step: one pass over all the
+        # parameters with the compiled CPU kernels, one fused CUDA kernel per parameter on the GPU)
+        for param, state in zip(params, states):
+            if not state:
+                _init_state(state, param, group["amsgrad"])
+            state["step"] += 1
+            param.begin_inplace(f"{type(self).__name__}.step")  # bumps the version (see optimizer.py)
         beta1, beta2 = group["betas"]
-        # one fused update (backend.kernels.adam_step: the NumPy reference on the CPU, one CUDA kernel on the GPU)
-        param.begin_inplace(f"{type(self).__name__}.step")  # bumps the version (see optimizer.py)
-        param.backend.kernels.adam_step(
-            param.backend.xp, param.data, grad, state["exp_avg"], state["exp_avg_sq"],
-            state["max_exp_avg_sq"] if group["amsgrad"] else None, state["step"], group["lr"], beta1, beta2,
-            group["eps"], group["weight_decay"], self.decoupled_weight_decay, group["maximize"])
+        for backend, positions in by_backend(params):
+            picked = [states[k] for k in positions]
+            backend.kernels.foreach_adam_step(
+                backend.xp, [params[k].data for k in positions], [grads[k] for k in positions],
+                [s["exp_avg"] for s in picked], [s["exp_avg_sq"] for s in picked],
+                [s["max_exp_avg_sq"] if group["amsgrad"] else None for s in picked], [s["step"] for s in picked],
+                group["lr"], beta1, beta2, group["eps"], group["weight_decay"], self.decoupled_weight_decay,
+                group["maximize"])
 
 
 class AdamW(Adam):

@@ -7,7 +7,10 @@ Shaped like torch.optim.Optimizer so that training code and checkpoints read the
                 buffers are backend arrays (NumPy or CuPy, like the parameter), counters plain ints
 A subclass implements `_validate(group)` and `_update(param, grad, state, group)` (and, for memory estimates,
 `state_buffers(group)`: its parameter-shaped state arrays per parameter); the base walks
-the groups, skips parameters whose grad is None and runs every update under no_grad. A subclass that
+the groups, skips parameters whose grad is None and runs every update under no_grad. A subclass whose
+backends update many parameters in one call (multi-tensor kernels) overrides
+`_update_group(params, grads, states, group)` instead, which gets a group's parameters that have a gradient
+(the default runs `_update` on each). A subclass that
 steps otherwise (a wrapper distributing another optimizer's work) overrides `_step(closure)` and
 `_zero_grad(set_to_none)`, what step() and zero_grad() run after their hooks.
 
@@ -58,6 +61,13 @@ class Optimizer:
     def _update(self, param, grad, state, group):
         """Update `param` in place from `grad` (its gradient's backend array, never to be modified)."""
         raise NotImplementedError
+
+    def _update_group(self, params, grads, states, group):
+        """Update the `params` of `group` that have a gradient (in the group's order) in place, from `grads`
+        (their gradients' backend arrays, never to be modified) and `states` (their state dicts). The
+        default updates them one by one with `_update`."""
+        for param, grad, state in zip(params, grads, states):
+            self._update(param, grad, state, group)
 
     def state_buffers(self, group):
         """How many parameter-shaped arrays of state each parameter of `group` gets at its first update (what a
@@ -156,9 +166,10 @@ class Optimizer:
                 loss = closure()
         with no_grad():
             for group in self.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        self._update(p, _grad_array(p), self.state[p], group)
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    grads = [_grad_array(p) for p in params]  # every gradient checked before any update
+                    self._update_group(params, grads, [self.state[p] for p in params], group)
         return loss
 
     def state_nbytes(self):

@@ -8,6 +8,7 @@ Per parameter, with g its gradient (negated when maximize):
     p <- p - lr * g
 """
 from disttrain.optim.optimizer import Optimizer
+from disttrain.tensor.backend import by_backend
 
 
 class SGD(Optimizer):
@@ -30,11 +31,16 @@ class SGD(Optimizer):
     def state_buffers(self, group):
         return 1 if group["momentum"] else 0
 
-    def _update(self, param, grad, state, group):
-        # one fused update (backend.kernels.sgd_step: the NumPy reference on the CPU, one CUDA kernel on the GPU)
-        param.begin_inplace("SGD.step")  # bumps the version: graphs recorded before the step fail at backward
-        buf = param.backend.kernels.sgd_step(
-            param.backend.xp, param.data, grad, state.get("momentum_buffer"), group["lr"], group["momentum"],
-            group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"])
-        if buf is not None:
-            state["momentum_buffer"] = buf
+    def _update_group(self, params, grads, states, group):
+        # one multi-tensor update per backend (backend.kernels.foreach_sgd_step: one pass over all the
+        # parameters with the compiled CPU kernels, one fused CUDA kernel per parameter on the GPU)
+        for param in params:
+            param.begin_inplace("SGD.step")  # bumps the version: graphs recorded before the step fail at backward
+        for backend, positions in by_backend(params):
+            buffers = backend.kernels.foreach_sgd_step(
+                backend.xp, [params[k].data for k in positions], [grads[k] for k in positions],
+                [states[k].get("momentum_buffer") for k in positions], group["lr"], group["momentum"],
+                group["dampening"], group["weight_decay"], group["nesterov"], group["maximize"])
+            for k, buf in zip(positions, buffers):
+                if buf is not None:
+                    states[k]["momentum_buffer"] = buf

@@ -5,9 +5,10 @@ Ops never import numpy or cupy directly; they ask the tensor's backend (`node.xp
 
 `backend.kernels` is a module of fused kernels with one set of names and signatures, called as
 `backend.kernels.f(backend.xp, ...)`: on the CPU disttrain.kernels_cpu.wrappers (the LSTM layer, the
-cross-entropy, Linear's forward, the row scatter-add and the Transformer's GELU, softmax and LayerNorm
-compiled, the rest disttrain.tensor.kernels_numpy, the reference), or kernels_numpy itself
-when $DISTTRAIN_CPU_KERNELS=numpy; disttrain.kernels_cuda.wrappers (our CUDA C kernels) on the GPU.
+cross-entropy, Linear's forward, the row scatter-add, the Transformer's GELU, softmax and LayerNorm and
+the multi-tensor norms, scale_, SGD and Adam updates compiled, the rest disttrain.tensor.kernels_numpy, the
+reference), or kernels_numpy itself when $DISTTRAIN_CPU_KERNELS=numpy; disttrain.kernels_cuda.wrappers (our
+CUDA C kernels) on the GPU.
 
 `backend.sync_checks`: ops may read device values on the host to validate indices (class targets,
 embedding ids). True except while a CUDA graph is being captured (disttrain.kernels_cuda.graph),
@@ -153,3 +154,12 @@ def backend_of_array(array):
         return _BY_ARRAY_TYPE[type(array)]
     except KeyError:
         raise TypeError(f"expected a NumPy or CuPy array, got {type(array).__name__}") from None
+
+
+def by_backend(tensors):
+    """[(backend, positions of its tensors in `tensors`)], in order of first appearance: for the multi-tensor
+    kernels, which take one backend's arrays in one call."""
+    groups = {}
+    for k, t in enumerate(tensors):
+        groups.setdefault(t.backend.name, (t.backend, []))[1].append(k)
+    return list(groups.values())

@@ -292,7 +292,7 @@ ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid")  # codes 0..3, as common.c
 
 # Public functions that are not kernels: shared by the other kernel tables (kernels_cpu, kernels_cuda), which
 # need not offer them; every other public function here is a kernel every table offers.
-HELPERS = ("check_activation", "recurrent_weight_grad")
+HELPERS = ("check_activation", "check_list_lengths", "recurrent_weight_grad")
 
 
 def check_activation(act):
@@ -364,6 +364,23 @@ def sgd_step(xp, param, grad, momentum_buffer, lr, momentum=0.0, dampening=0.0, 
     return momentum_buffer
 
 
+def foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                     nesterov=False, maximize=False):
+    """sgd_step on every params[k] from grads[k] and momentum_buffers[k] (None at its first step), one list
+    of parameters updated by one call (the compiled CPU kernels run them all in one pass). Returns the list
+    of the buffers sgd_step returns."""
+    check_list_lengths("foreach_sgd_step", params=params, grads=grads, momentum_buffers=momentum_buffers)
+    return [sgd_step(xp, param, grad, buffer, lr, momentum, dampening, weight_decay, nesterov, maximize)
+            for param, grad, buffer in zip(params, grads, momentum_buffers)]
+
+
+def check_list_lengths(where, **lists):
+    """Raise ValueError naming the lists' lengths unless they are all equal (the multi-tensor kernels' lists)."""
+    lengths = {name: len(values) for name, values in lists.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"{where}: the lists must have one entry per parameter, got lengths {lengths}")
+
+
 def adam_step(xp, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, beta1, beta2, eps,
               weight_decay=0.0, decoupled=False, maximize=False):
     """One Adam (decoupled=False) or AdamW (decoupled=True) update of `param` in place, at step `step`
@@ -399,6 +416,17 @@ def adam_step(xp, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, lr, be
     _by_elements(xp, update, param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)
 
 
+def foreach_adam_step(xp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, beta1, beta2, eps,
+                      weight_decay=0.0, decoupled=False, maximize=False):
+    """adam_step on every params[k] from grads[k], its moments exp_avgs[k], exp_avg_sqs[k] and
+    max_exp_avg_sqs[k] (None without AMSGrad) at its own step steps[k]: one list of parameters updated by one
+    call (the compiled CPU kernels run them all in one pass)."""
+    check_list_lengths("foreach_adam_step", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                       max_exp_avg_sqs=max_exp_avg_sqs, steps=steps)
+    for args in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        adam_step(xp, *args, lr, beta1, beta2, eps, weight_decay, decoupled, maximize)
+
+
 def adam_scalars(step, lr, beta1, beta2):
     """(step_size, sqrt of the second bias correction) of Adam's step `step`, as host floats."""
     return lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
@@ -418,7 +446,10 @@ def _lerp_(target, end, weight):
 # ---- gradient norms and clipping ---------------------------------------------------------------------
 
 def norms(xp, arrays, norm_type):
-    """The norm of order `norm_type` (a float, inf for max |x|) of each array, as one 1-D array."""
+    """The norm of order `norm_type` (a float, inf for max |x|) of each array, as one 1-D array (empty for
+    no arrays)."""
+    if not arrays:
+        return xp.zeros(0)
     parts = []
     for a in arrays:
         flat = a.ravel()

@@ -148,7 +148,10 @@ def parallel_rows(fn, rows, elements_per_row, min_per_block=MIN_ELEMENTS_PER_THR
 
     fn must touch only rows lo:hi of its arrays. Small work (under min_per_block elements per block;
     callers whose rows cost more than an elementwise pass per element count their own unit) runs as one
-    call on this thread. The calling thread takes the last block itself.
+    call on this thread. The calling thread takes the last block itself, then every block whose pool thread
+    has not started it yet (that thread's core busy with another process): on a shared machine waiting for
+    the scheduler to run that thread can take longer than the block. The blocks are the same either way,
+    and so are the results. The first error is raised once every block has finished or been dropped.
     """
     if rows <= 0:
         return
@@ -158,8 +161,18 @@ def parallel_rows(fn, rows, elements_per_row, min_per_block=MIN_ELEMENTS_PER_THR
         return
     pool = _pool_for(len(blocks) - 1)
     futures = [pool.submit(fn, lo, hi) for lo, hi in blocks[:-1]]
+    error = None
     try:
         fn(*blocks[-1])
-    finally:                                # every block has finished before anyone reads the arrays
-        for future in futures:
-            future.result()
+    except BaseException as exc:
+        error = exc
+    for future, block in zip(futures, blocks):   # every block finished before anyone reads the arrays
+        try:
+            if not future.cancel():
+                future.result()
+            elif error is None:
+                fn(*block)
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error

@@ -211,6 +211,18 @@ def test_optimizer_launches(dtype, launches):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_foreach_updates_launch_one_fused_update_per_parameter(dtype, launches):
+    params, grads = [_r(100, dtype), _r((3, 4), dtype)], [_r(100, dtype, 1), _r((3, 4), dtype, 2)]
+    buffers = wrappers.foreach_sgd_step(np, params, grads, [None, None], 0.1, momentum=0.9)
+    assert [b.shape for b in buffers] == [(100,), (3, 4)]
+    again = wrappers.foreach_sgd_step(np, params, grads, buffers, 0.1, momentum=0.9)
+    assert all(b is a for a, b in zip(buffers, again))  # later steps update the buffers in place
+    moments = [[np.zeros_like(p) for p in params] for _ in range(2)]
+    wrappers.foreach_adam_step(np, params, grads, *moments, [None, None], [1, 3], 1e-3, 0.9, 0.999, 1e-8)
+    assert launches == ["sgd_step"] * 4 + ["adam_step"] * 2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_norm_and_bucket_launches(dtype, launches):
     arrays = [_r((3, 4), dtype), _r(7, dtype, 1)]
     for p in (2.0, float("inf"), 3.0):

@@ -91,3 +91,21 @@ def test_parameters_vector_round_trip():
     np.testing.assert_allclose(parameters_to_vector(model.parameters()).numpy(), vec.numpy() * 2.0)
     with pytest.raises(ValueError, match="11 elements"):
         vector_to_parameters(dt.zeros(4), model.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_clipping_takes_all_gradients_in_one_norms_and_one_scale_call(kernel_calls, dtype):
+    called = kernel_calls("norms", "scale_")
+    rng = np.random.default_rng(5)
+    grads = [rng.standard_normal(s).astype(dtype) for s in [(300, 301), (7,), (0,), (65537,), (3, 5)]]
+    params = [nn.Parameter(dt.zeros(*g.shape, dtype=dtype)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = dt.tensor(g.copy(), dtype=dtype)
+    total = clip_grad_norm_(params, 1.0)
+    assert called == ["norms", "scale_"]
+    exact = math.sqrt(math.fsum((np.concatenate([g.ravel() for g in grads]).astype(np.float64) ** 2).tolist()))
+    assert total == pytest.approx(exact, rel=1e-12)     # float64 sums of squares, whatever the dtype
+    coef = 1.0 / (total + 1e-6)
+    for p, g in zip(params, grads):
+        np.testing.assert_array_equal(p.grad.numpy(), g * g.dtype.type(coef))  # the reference's g *= coef
+        assert p.grad._version == 1

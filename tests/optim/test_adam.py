@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import disttrain as dt
+from disttrain.tensor import backend, kernels_numpy
 
 
 def _param(values):
@@ -83,3 +84,38 @@ def test_maximize_ascends():
 def test_bad_hyper_parameters_are_named(cls, kwargs, value):
     with pytest.raises(ValueError, match=value):
         getattr(dt.optim, cls)([_param([1.0])], **kwargs)
+
+
+# ---- the multi-tensor update ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("table", ["compiled", "numpy"])
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+def test_one_kernel_call_updates_every_parameter_at_its_own_step(monkeypatch, kernel_calls, dtype, table, kind):
+    called = kernel_calls("foreach_adam_step")
+    if table == "numpy":
+        monkeypatch.setattr(backend.CPU, "kernels", kernels_numpy)
+    rng = np.random.default_rng(0)
+    shapes = [(33, 17), (17,), (5,), (400, 300)]
+    params = [dt.tensor(rng.standard_normal(s), dtype=dtype, requires_grad=True) for s in shapes]
+    grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    has_grad = [[True, True, False, True], [True, True, True, True], [False, True, True, True]]  # per step
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01, amsgrad=True)
+    opt = getattr(dt.optim, kind)(params, **hyper)
+    expected = [p.numpy().copy() for p in params]
+    moments = [[np.zeros_like(e) for e in expected] for _ in range(3)]
+    counts = [0] * len(params)
+    for step_grads in has_grad:
+        for k, p in enumerate(params):
+            p.grad = dt.tensor(grads[k], dtype=dtype) if step_grads[k] else None
+            if step_grads[k]:
+                counts[k] += 1
+                kernels_numpy.adam_step(np, expected[k], grads[k], moments[0][k], moments[1][k], moments[2][k],
+                                        counts[k], 1e-2, 0.9, 0.99, 1e-8, 0.01, kind == "AdamW")
+        opt.step()
+    assert called == ([] if table == "numpy" else ["foreach_adam_step"] * 3)  # one call per step for all
+    for k, p in enumerate(params):
+        np.testing.assert_array_equal(p.numpy(), expected[k])
+        assert opt.state[p]["step"] == counts[k] == p._version
+        for name, moment in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), moments):
+            np.testing.assert_array_equal(opt.state[p][name], moment[k])

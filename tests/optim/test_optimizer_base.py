@@ -198,3 +198,25 @@ def test_float32_parameters_stay_float32():
         opt.step()
         assert a.dtype == np.float32
         assert all(v.dtype == np.float32 for v in opt.state[a].values() if hasattr(v, "dtype"))
+
+
+def test_an_optimizer_that_only_defines_update_steps_each_parameter_with_a_gradient():
+    class Halve(dt.optim.Optimizer):    # the per-parameter subclass API: _update only
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def _update(self, param, grad, state, group):
+            param.begin_inplace("Halve.step")
+            param.data -= 0.5 * grad
+            state["calls"] = state.get("calls", 0) + 1
+
+    a, b, c = _param(seed=1), _param(seed=2), _param(seed=3)
+    before = [t.numpy().copy() for t in (a, b, c)]
+    opt = Halve([a, b, c])
+    _give_grad(a)
+    _give_grad(c, 2.0)
+    opt.step()
+    np.testing.assert_array_equal(a.numpy(), before[0] - 0.5)
+    np.testing.assert_array_equal(b.numpy(), before[1])
+    np.testing.assert_array_equal(c.numpy(), before[2] - 1.0)
+    assert opt.state[a] == opt.state[c] == {"calls": 1} and b not in opt.state

@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -51,6 +52,25 @@ def test_an_error_in_a_block_is_raised_after_every_block_finished(num_threads):
     with pytest.raises(ValueError, match="block 0 failed"):
         threads.parallel_rows(fn, 100, 1 << 20)
     assert done == [50]
+
+
+def test_a_block_whose_thread_has_not_started_runs_on_the_calling_thread(num_threads):
+    num_threads(2)
+    release = threading.Event()
+    pool = threads._pool_for(1)
+    busy = [pool.submit(release.wait, 20) for _ in range(threads._pool_size)]  # every pool thread occupied
+    ran_on = {}
+
+    def fn(lo, hi):
+        ran_on[lo] = threading.get_ident()
+
+    try:
+        threads.parallel_rows(fn, 100, 1 << 20)
+    finally:
+        release.set()
+        for future in busy:
+            future.result()
+    assert sorted(ran_on) == [0, 50] and set(ran_on.values()) == {threading.get_ident()}
 
 
 def _cross_entropy_pass(seed=0):
