@@ -4,6 +4,7 @@ Every check runs in a subprocess with a time-out: a job left without a thread or
 hang the BLAS for the rest of the process, so a hang fails that test alone, with a message.
 """
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(native.library() is None,
 HANG = 120  # seconds: far beyond any of these products on a loaded 2-core box
 
 PRELUDE = """
-import os, threading
+import os, signal, threading
 import numpy as np
 import disttrain as dt
 from disttrain.kernels_cpu import native
@@ -41,14 +42,19 @@ dt.set_num_threads(4)
 
 
 def _run(code, env=None):
-    """stdout of PRELUDE + code in a fresh interpreter, which must exit 0 within HANG seconds."""
+    """stdout of PRELUDE + code in a fresh interpreter, which must exit 0 within HANG seconds. On a time-out
+    its whole process group is killed: a hung BLAS job busy-waits, in a forked child too."""
+    process = subprocess.Popen([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                               start_new_session=True)
     try:
-        result = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], capture_output=True,
-                                text=True, timeout=HANG, env={**os.environ, **(env or {})})
+        stdout, stderr = process.communicate(timeout=HANG)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         pytest.fail(f"still running after {HANG} s: a BLAS call hung")
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout.split()
+    assert process.returncode == 0, stdout + stderr
+    return stdout.split()
 
 
 def test_numpys_openblas_takes_the_callback():
@@ -111,6 +117,7 @@ def test_a_forked_child_gets_a_team_of_its_own():
         a @ b
         pid = os.fork()
         if pid == 0:
+            signal.alarm(60)  # a hung child dies on its own (SIGALRM's default action), not left orphaned
             os._exit(0 if (a @ b == 256).all() and team_calls() > 1 else 1)
         _, status = os.waitpid(pid, 0)
         print(os.waitstatus_to_exitcode(status))
