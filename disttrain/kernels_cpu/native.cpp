@@ -1,6 +1,7 @@
 // The CPU backend's compiled kernels: the LSTM layer over a whole segment (forward and backward), the
-// fused log-softmax + cross-entropy (forward and backward), Linear's forward with its bias and the row
-// scatter-add of the embedding backward. Layouts and arithmetic are those of
+// fused log-softmax + cross-entropy (forward and backward), Linear's forward with its bias, the row
+// scatter-add of the embedding backward, the Transformer's GELU, softmax and LayerNorm, and the multi-tensor
+// passes of gradient clipping and the optimizers (their own sections below). Layouts and arithmetic are those of
 // disttrain/tensor/kernels_numpy.py, the reference these are tested against.
 //
 // Every kernel works on a block of rows [lo, hi) (batch rows for the LSTM, logit rows for the
@@ -13,6 +14,7 @@
 // columns.
 //
 // Plain C ABI (loaded with ctypes, which releases the GIL for the call); no Python API is used.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -642,8 +644,6 @@ DT_EXPORT_LINEAR_EMBEDDING(f64, double)
 // chunks instead (see there). The arithmetic is kernels_numpy's per-array functions', in the same order and
 // without fused multiply-adds, so scaling, SGD and Adam are bitwise the reference's: GCC contracts a * b + c into
 // an FMA in C++ even under -std=c++17 (only ISO C turns that off), hence fp-contract=off for this section.
-
-#include <algorithm>
 
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
