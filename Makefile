@@ -64,6 +64,8 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/bench_largest_transformer.py
 	$(PY) benchmarks/bench_host_allocator.py
 	$(PY) benchmarks/bench_intraop.py
+	$(PY) benchmarks/bench_clip_step.py
+	$(PY) benchmarks/bench_blas_team.py
 	$(VENV)/bin/mpiexec -n 2 $(PY) benchmarks/bench_allreduce_overlap.py
 	$(VENV)/bin/mpiexec -n 4 $(PY) benchmarks/bench_sharded_optimizer.py memory
 	$(VENV)/bin/mpiexec -n 2 $(PY) benchmarks/bench_sharded_optimizer.py step
