@@ -19,7 +19,10 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 namespace {
@@ -75,12 +78,20 @@ public:
     }
 
 private:
-    // Called before the call is published: a new worker starts from the generation before it
+    // Called before the call is published: a new worker starts from the generation before it. Without
+    // the thread, OpenBLAS's other jobs would wait for this one forever: say so and stop instead.
     void grow(int workers) {
         while (threads_ < workers) {
-            const int index = ++threads_;
+            const int index = threads_ + 1;
             const std::uint64_t before = generation_.load(std::memory_order_acquire);
-            std::thread([this, index, before] { work(index, before); }).detach();
+            try {
+                std::thread([this, index, before] { work(index, before); }).detach();
+            } catch (const std::system_error& error) {
+                std::fprintf(stderr, "disttrain: cannot start BLAS team thread %d (%s); run with fewer threads "
+                             "(dt.set_num_threads) or DISTTRAIN_BLAS_THREADS=openblas\n", index, error.what());
+                std::abort();
+            }
+            threads_ = index;
         }
     }
 
