@@ -11,7 +11,6 @@ from pathlib import Path
 
 from disttrain.cli import preflight
 from disttrain.parallel.mpi_job import launched_rank, mode_for, run_context, share_cores
-from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.tensor.threads import blas_kernel_note
 from disttrain.train.build import describe_data, describe_model
 from disttrain.train.jobspec import JobSpecError, load_job
@@ -57,7 +56,6 @@ def main(args):
         if not args.resume and not args.overwrite:
             check_new_run(out)                   # never replace an earlier run's checkpoints silently
         share_cores()                            # N ranks on a node: cores / N threads each
-        retain_freed_memory()                    # reuse each step's big arrays instead of faulting them in again
         mode = mode_for(spec)                    # local, or data / pipeline under mpirun
         trainer = Trainer.from_job(spec, out_dir=out, mode=mode, data=data, overwrite=args.overwrite)
         if checkpoint is not None:

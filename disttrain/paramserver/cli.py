@@ -180,9 +180,6 @@ def worker_main(args):
             security = ClientSecurity.from_dir(args.keys, args.key_name or f"worker-{args.id}")
     except _usage_errors() as exc:
         return _fail("ps-worker", exc)
-    from disttrain.tensor.host_allocator import retain_freed_memory
-
-    retain_freed_memory()                        # reuse each step's big arrays (as `disttrain run` does)
     out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
     log = lambda text: print(text, file=sys.stderr, flush=True)     # noqa: E731
 

@@ -11,7 +11,8 @@ faults a ptb_small step (`benchmarks/bench_host_allocator.py`, figures in benchm
 to 1 GiB, so freed blocks stay in the heap and the next step reuses them, as PyTorch's CUDA caching
 allocator does for device memory (and jemalloc or tcmalloc, preloaded, do for PyTorch on CPUs). The
 process keeps its peak heap instead of returning it between steps. It is a process-wide setting, so
-`disttrain run` and the parameter-server worker make it, not the library on import; it is skipped
+Trainer.fit() makes it (the process trains from there on: `disttrain run`, the parameter-server worker,
+dt.train.fit), not the library on import, nor a Trainer's construction or train_step; it is skipped
 where the user chose a malloc already (MALLOC_*_ / GLIBC_TUNABLES, an LD_PRELOADed allocator) or set
 DISTTRAIN_HOST_ALLOCATOR=system, and outside glibc.
 """

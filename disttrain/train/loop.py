@@ -43,6 +43,7 @@ import disttrain as dt
 from disttrain import trace
 from disttrain.data.source import EVAL_STREAMS
 from disttrain.models import protocol
+from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.train import memory_plan, saving
 from disttrain.train.auto_checkpointing import plan_checkpointing
@@ -222,8 +223,10 @@ class Trainer:
     def fit(self):
         """Train until `epochs` or `max_steps`, evaluate, write the final checkpoint; returns self.evals.
 
-        Raises TrainingInterrupted after a requested stop (the checkpoint is written first).
+        Raises TrainingInterrupted after a requested stop (the checkpoint is written first). This process
+        trains from here on, so glibc keeps its freed memory for the next step (host_allocator, process-wide).
         """
+        retain_freed_memory()      # each step's big arrays reused instead of faulted in again
         self._open_outputs()
         try:
             if self.checkpoint_choice is not None:

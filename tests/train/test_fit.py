@@ -33,6 +33,17 @@ def test_fit_trains_evaluates_and_writes_a_run(tmp_path):
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoints").is_dir()
 
 
+def test_fit_has_glibc_keep_freed_memory_for_the_next_step(tmp_path, monkeypatch):
+    import disttrain.train.loop as loop
+
+    calls = []
+    monkeypatch.setattr(loop, "retain_freed_memory", lambda: calls.append("retain"))  # process-wide: not for real here
+    net = model()
+    fit(net, ArrayData(*blobs(), batch_size=20), dt.optim.SGD(net.parameters(), lr=0.1), epochs=1, out_dir=tmp_path,
+        progress=False)
+    assert calls == ["retain"]
+
+
 class NormsSeen(LocalMode):
     """The local mode, keeping the gradient norm of every step."""
 
