@@ -68,9 +68,14 @@ SUFFIX = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 
 def requested():
     """What $DISTTRAIN_CPU_KERNELS asks for: "compiled" (the default) or "numpy"."""
-    value = os.environ.get(ENV_VAR, "").strip().lower() or "compiled"
-    if value not in CHOICES:
-        raise ValueError(f"${ENV_VAR} must be one of {', '.join(CHOICES)}, got {value!r}")
+    return _env_choice(ENV_VAR, CHOICES)
+
+
+def _env_choice(var, choices):
+    """$var, one of `choices` (unset or empty: the first), else ValueError naming the variable and the choices."""
+    value = os.environ.get(var, "").strip().lower() or choices[0]
+    if value not in choices:
+        raise ValueError(f"${var} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
@@ -106,10 +111,7 @@ def blas_jobs_on_our_threads():
 
 def blas_threads_requested():
     """What $DISTTRAIN_BLAS_THREADS asks for: "disttrain" (the default) or "openblas"."""
-    value = os.environ.get(BLAS_THREADS_ENV_VAR, "").strip().lower() or "disttrain"
-    if value not in BLAS_THREADS_CHOICES:
-        raise ValueError(f"${BLAS_THREADS_ENV_VAR} must be one of {', '.join(BLAS_THREADS_CHOICES)}, got {value!r}")
-    return value
+    return _env_choice(BLAS_THREADS_ENV_VAR, BLAS_THREADS_CHOICES)
 
 
 def unavailable_reason():
