@@ -8,7 +8,7 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "disttrain.kernels_cpu._native",
-    sources=["disttrain/kernels_cpu/native.cpp", "disttrain/kernels_cpu/blas_threads.cpp"],
+    sources=["disttrain/kernels_cpu/native.cpp", "disttrain/kernels_cpu/team.cpp"],
     depends=["disttrain/kernels_cpu/simd_math.h"],
     language="c++",
     # -fopenmp-simd: `#pragma omp simd` only; no OpenMP runtime or thread pool (the intra-op threads run the
@@ -16,6 +16,6 @@ setup(ext_modules=[Extension(
     # (nothing here reads floating-point exception flags); results do not change. No -march=native:
     # native.cpp picks AVX-512 / AVX2 code at load time (target_clones).
     extra_compile_args=["-O3", "-std=c++17", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-pthread"],
-    extra_link_args=["-pthread"],  # blas_threads.cpp's std::thread
+    extra_link_args=["-pthread"],  # team.cpp's std::thread
     optional=True,
 )])

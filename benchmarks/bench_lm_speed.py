@@ -310,7 +310,7 @@ def main():
           f"{d.batch_size}, bptt {d.bptt}, {spec.optim.kind}; {machine()}")
     blas_team = "disttrain's team" if native.blas_jobs_on_our_threads() else "OpenBLAS's own threads"
     threads = (f"threads: NumPy's OpenBLAS {numpy_blas_threads() or '?'} (its jobs on {blas_team}), disttrain's "
-               f"intra-op {dt.get_num_threads()} (the LSTM's batch blocks and the big passes); CPU kernels "
+               f"intra-op {dt.get_num_threads()} (the compiled kernels' row blocks, on their team); CPU kernels "
                f"{backend.CPU.kernels.__name__}")
     if torch is not None:
         threads += f"; torch intra-op {torch.get_num_threads()}"

@@ -10,7 +10,7 @@ import sys as _sys
 # batch blocks, the optimizer), so those passes gain nothing from a second thread. 2^16 cycles still covers
 # back-to-back GEMMs (benchmarks/RESULTS.md, compiled CPU kernels). OpenBLAS reads the variable once, when
 # NumPy loads it, so it is set here, before NumPy's first import, and only if the user has not set it. Once
-# the compiled kernels load, OpenBLAS's jobs run on their own team instead (kernels_cpu/blas_threads.cpp).
+# the compiled kernels load, OpenBLAS's jobs run on their own team instead (kernels_cpu/team.cpp).
 if "numpy" not in _sys.modules:
     _os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
 from disttrain.tensor import (Tensor, arange, bool_, cuda_available, float32, float64, from_numpy, full,

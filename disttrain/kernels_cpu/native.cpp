@@ -5,9 +5,9 @@
 // disttrain/tensor/kernels_numpy.py, the reference these are tested against.
 //
 // Every kernel works on a block of rows [lo, hi) (batch rows for the LSTM, logit rows for the
-// cross-entropy) and touches nothing outside it, so disttrain.kernels_cpu.wrappers runs the blocks
-// side by side on the intra-op threads: an LSTM batch row's recurrence never reads another row, so
-// the blocks need no synchronisation between time steps. The recurrent GEMMs call the BLAS that
+// cross-entropy) and touches nothing outside it, so each exported kernel takes a list of blocks and runs
+// them side by side on the row-block team (team.h): an LSTM batch row's recurrence never reads another row,
+// so the blocks need no synchronisation between time steps. The recurrent GEMMs call the BLAS that
 // NumPy loaded (its Fortran gemm, whose address dt_set_blas receives), on the calling thread: the
 // wrappers hold that BLAS to one thread while the blocks run (the forward's, on AVX-512, our own GEMM on a
 // packed W_hh^T). Linear's GEMM is one BLAS call on the BLAS's threads; the scatter-add takes a block of
@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "simd_math.h"
+#include "team.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 // one build that runs on every x86-64 CPU and uses AVX-512 or AVX2 + FMA where the CPU has them
@@ -382,23 +383,32 @@ void dt_pack_panels(const float* src, i64 k, i64 n, i64 row_stride, i64 col_stri
 }
 
 #define DT_EXPORT_ALL(S, T)                                                                                   \
-    void dt_lstm_forward_##S(T* acts, const T* h0, const T* c0, const T* w_t, const float* packed, T* out,     \
-                             T* cs, T* tanh_c, i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) { \
-        lstm_forward<T>(acts, h0, c0, w_t, packed, out, cs, tanh_c, steps, batch, hidden, lo, hi, chunk);     \
+    void dt_lstm_forward_##S(T* acts, const T* h0, const T* c0, const T* w_t, const float* packed, T* out,    \
+                             T* cs, T* tanh_c, i64 steps, i64 batch, i64 hidden, const i64* bounds,           \
+                             i64 blocks, i64 chunk) {                                                         \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            lstm_forward<T>(acts, h0, c0, w_t, packed, out, cs, tanh_c, steps, batch, hidden, lo, hi, chunk); \
+        });                                                                                                   \
     }                                                                                                         \
     void dt_lstm_backward_##S(const T* d_out, const T* dh_n, const T* dc_n, const T* acts, const T* tanh_c,   \
                               const T* cs, const T* c0, const T* w, T* d_gates, T* dh0, T* dc0, T* dh_step,   \
-                              i64 steps, i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {                  \
-        lstm_backward<T>(d_out, dh_n, dc_n, acts, tanh_c, cs, c0, w, d_gates, dh0, dc0, dh_step, steps,       \
-                         batch, hidden, lo, hi, chunk);                                                       \
+                              i64 steps, i64 batch, i64 hidden, const i64* bounds, i64 blocks, i64 chunk) {   \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            lstm_backward<T>(d_out, dh_n, dc_n, acts, tanh_c, cs, c0, w, d_gates, dh0, dc0, dh_step, steps,   \
+                             batch, hidden, lo, hi, chunk);                                                   \
+        });                                                                                                   \
     }                                                                                                         \
-    void dt_cross_entropy_forward_##S(const T* logits, const int64_t* target, i64 ignore_index, T* exp,      \
-                                      T* sumexp, T* losses, i64 classes, i64 lo, i64 hi) {                    \
-        cross_entropy_forward<T>(logits, target, ignore_index, exp, sumexp, losses, classes, lo, hi);         \
+    void dt_cross_entropy_forward_##S(const T* logits, const int64_t* target, i64 ignore_index, T* exp,       \
+                                      T* sumexp, T* losses, i64 classes, const i64* bounds, i64 blocks) {     \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            cross_entropy_forward<T>(logits, target, ignore_index, exp, sumexp, losses, classes, lo, hi);     \
+        });                                                                                                   \
     }                                                                                                         \
-    void dt_cross_entropy_backward_##S(T* grad, const T* sumexp, const T* row_scale, const int64_t* target,  \
-                                       i64 classes, i64 lo, i64 hi) {                                         \
-        cross_entropy_backward<T>(grad, sumexp, row_scale, target, classes, lo, hi);                          \
+    void dt_cross_entropy_backward_##S(T* grad, const T* sumexp, const T* row_scale, const int64_t* target,   \
+                                       i64 classes, const i64* bounds, i64 blocks) {                          \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            cross_entropy_backward<T>(grad, sumexp, row_scale, target, classes, lo, hi);                      \
+        });                                                                                                   \
     }
 
 DT_EXPORT_ALL(f32, float)
@@ -557,27 +567,39 @@ DT_CLONES void layer_norm_backward(const T* grad_y, const T* x, const T* weight,
 
 extern "C" {
 
-void dt_gelu_forward_f32(const float* x, float* y, i64 lo, i64 hi) { gelu_forward<float>(x, y, lo, hi); }
-void dt_gelu_backward_f32(const float* grad_y, const float* x, float* grad_x, i64 lo, i64 hi) {
-    gelu_backward<float>(grad_y, x, grad_x, lo, hi);
+void dt_gelu_forward_f32(const float* x, float* y, const i64* bounds, i64 blocks) {
+    dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) { gelu_forward<float>(x, y, lo, hi); });
+}
+void dt_gelu_backward_f32(const float* grad_y, const float* x, float* grad_x, const i64* bounds, i64 blocks) {
+    dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) { gelu_backward<float>(grad_y, x, grad_x, lo, hi); });
 }
 
-#define DT_EXPORT_ROWS(S, T)                                                                               \
-    void dt_softmax_forward_##S(const T* x, T* y, i64 n, i64 queries, int causal, i64 lo, i64 hi) {           \
-        softmax_forward<T>(x, y, n, queries, causal, lo, hi);                                                 \
+#define DT_EXPORT_ROWS(S, T)                                                                                  \
+    void dt_softmax_forward_##S(const T* x, T* y, i64 n, i64 queries, int causal, const i64* bounds,          \
+                                i64 blocks) {                                                                 \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            softmax_forward<T>(x, y, n, queries, causal, lo, hi);                                             \
+        });                                                                                                   \
     }                                                                                                         \
-    void dt_softmax_backward_##S(const T* grad_y, const T* y, T* grad_x, i64 n, i64 lo, i64 hi) {             \
-        softmax_backward<T>(grad_y, y, grad_x, n, lo, hi);                                                    \
+    void dt_softmax_backward_##S(const T* grad_y, const T* y, T* grad_x, i64 n, const i64* bounds,            \
+                                 i64 blocks) {                                                                \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            softmax_backward<T>(grad_y, y, grad_x, n, lo, hi);                                                \
+        });                                                                                                   \
     }                                                                                                         \
-    void dt_layer_norm_forward_##S(const T* x, const T* weight, const T* bias, double eps, T* y, T* mean,      \
-                                   T* rstd, i64 n, i64 lo, i64 hi) {                                          \
-        layer_norm_forward<T>(x, weight, bias, eps, y, mean, rstd, n, lo, hi);                                \
+    void dt_layer_norm_forward_##S(const T* x, const T* weight, const T* bias, double eps, T* y, T* mean,     \
+                                   T* rstd, i64 n, const i64* bounds, i64 blocks) {                           \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            layer_norm_forward<T>(x, weight, bias, eps, y, mean, rstd, n, lo, hi);                            \
+        });                                                                                                   \
     }                                                                                                         \
     void dt_layer_norm_backward_##S(const T* grad_y, const T* x, const T* weight, const T* mean,              \
                                     const T* rstd, T* grad_x, T* weight_sums, T* bias_sums, i64 rows, i64 n,  \
-                                    i64 chunk, i64 lo, i64 hi) {                                              \
-        layer_norm_backward<T>(grad_y, x, weight, mean, rstd, grad_x, weight_sums, bias_sums, rows, n, chunk,  \
-                               lo, hi);                                                                       \
+                                    i64 chunk, const i64* bounds, i64 blocks) {                               \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            layer_norm_backward<T>(grad_y, x, weight, mean, rstd, grad_x, weight_sums, bias_sums, rows, n,    \
+                                   chunk, lo, hi);                                                            \
+        });                                                                                                   \
     }
 
 DT_EXPORT_ROWS(f32, float)
@@ -589,9 +611,15 @@ DT_EXPORT_ROWS(f64, double)
 
 namespace {
 
+// Rows [lo, hi) of out (N x F) set to row (F)
+template <typename T>
+void fill_rows(T* out, const T* row, i64 f, i64 lo, i64 hi) {
+    for (i64 r = lo; r < hi; ++r) std::memcpy(out + r * f, row, sizeof(T) * f);
+}
+
 // out (N x F) += x (N x K) w^T, w (F x K), all row-major, on the calling thread's BLAS (its own threads):
-// the column-major BLAS computes out^T = w x^T with w read transposed. The caller fills out with the bias
-// first; the BLAS adds the product to it (beta = 1) where with beta = 0 it would first write zeros, so the
+// the column-major BLAS computes out^T = w x^T with w read transposed. out holds the bias rows (fill_rows)
+// first; the BLAS adds the product to them (beta = 1) where with beta = 0 it would first write zeros, so the
 // bias costs no pass of its own over the output.
 template <typename T>
 void linear_bias_gemm(const T* x, const T* w, T* out, i64 n, i64 k, i64 f) {
@@ -623,12 +651,16 @@ void index_add_rows(T* target, const int64_t* index, const T* values, i64 n_inde
 extern "C" {
 
 #define DT_EXPORT_LINEAR_EMBEDDING(S, T)                                                                      \
-    void dt_linear_bias_gemm_##S(const T* x, const T* w, T* out, i64 n, i64 k, i64 f) {                      \
+    void dt_linear_bias_gemm_##S(const T* x, const T* w, const T* bias, T* out, i64 n, i64 k, i64 f,          \
+                                 const i64* bounds, i64 blocks) {                                             \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) { fill_rows<T>(out, bias, f, lo, hi); });          \
         linear_bias_gemm<T>(x, w, out, n, k, f);                                                              \
     }                                                                                                         \
-    void dt_index_add_rows_##S(T* target, const int64_t* index, const T* values, i64 n_index, i64 n_cols,    \
-                               i64 n_target_rows, i64 lo, i64 hi) {                                           \
-        index_add_rows<T>(target, index, values, n_index, n_cols, n_target_rows, lo, hi);                     \
+    void dt_index_add_rows_##S(T* target, const int64_t* index, const T* values, i64 n_index, i64 n_cols,     \
+                               i64 n_target_rows, const i64* bounds, i64 blocks) {                            \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            index_add_rows<T>(target, index, values, n_index, n_cols, n_target_rows, lo, hi);                 \
+        });                                                                                                   \
     }
 
 DT_EXPORT_LINEAR_EMBEDDING(f32, float)
@@ -830,28 +862,39 @@ extern "C" {
 
 #define DT_EXPORT_FOREACH(S, T)                                                                               \
     void dt_foreach_sum_squares_##S(const T* const* xs, const i64* offsets, const i64* chunk_offsets,         \
-                                    i64 n_tensors, i64 chunk, double* partials, i64 lo, i64 hi) {             \
-        foreach_sum_squares<T>(xs, offsets, chunk_offsets, n_tensors, chunk, partials, lo, hi);              \
+                                    i64 n_tensors, i64 chunk, double* partials, const i64* bounds,            \
+                                    i64 blocks) {                                                             \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            foreach_sum_squares<T>(xs, offsets, chunk_offsets, n_tensors, chunk, partials, lo, hi);           \
+        });                                                                                                   \
     }                                                                                                         \
-    void dt_foreach_scale_##S(T* const* xs, const i64* offsets, i64 n_tensors, double coef, i64 lo, i64 hi) { \
-        foreach_scale<T>(xs, offsets, n_tensors, coef, lo, hi);                                               \
+    void dt_foreach_scale_##S(T* const* xs, const i64* offsets, i64 n_tensors, double coef,                   \
+                              const i64* bounds, i64 blocks) {                                                \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            foreach_scale<T>(xs, offsets, n_tensors, coef, lo, hi);                                           \
+        });                                                                                                   \
     }                                                                                                         \
     void dt_foreach_sgd_##S(T* const* params, const T* const* grads, T* const* buffers, const int8_t* first,  \
                             const i64* offsets, i64 n_tensors, double lr, double momentum, double dampening,  \
-                            double weight_decay, int nesterov, int maximize, i64 lo, i64 hi) {                \
-        foreach_sgd<T>(params, grads, buffers, first, offsets, n_tensors, lr, momentum, dampening,            \
-                       weight_decay, nesterov, maximize, lo, hi);                                             \
+                            double weight_decay, int nesterov, int maximize, const i64* bounds,               \
+                            i64 blocks) {                                                                     \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            foreach_sgd<T>(params, grads, buffers, first, offsets, n_tensors, lr, momentum, dampening,        \
+                           weight_decay, nesterov, maximize, lo, hi);                                         \
+        });                                                                                                   \
     }
 
 #define DT_EXPORT_FOREACH_ADAM(S, T)                                                                          \
-    void dt_foreach_adam_##S(T* const* params, const T* const* grads, T* const* exp_avgs, T* const* exp_avg_sqs, \
-                             T* const* max_exp_avg_sqs, const double* step_sizes,                             \
+    void dt_foreach_adam_##S(T* const* params, const T* const* grads, T* const* exp_avgs,                     \
+                             T* const* exp_avg_sqs, T* const* max_exp_avg_sqs, const double* step_sizes,      \
                              const double* bias_corrections2_sqrt, const i64* offsets, i64 n_tensors,         \
                              double lr, double beta1, double beta2, double eps, double weight_decay,          \
-                             int decoupled, int maximize, i64 lo, i64 hi) {                                   \
-        foreach_adam<T>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,                     \
-                        bias_corrections2_sqrt, offsets, n_tensors, lr, beta1, beta2, eps, weight_decay,      \
-                        decoupled, maximize, lo, hi);                                                         \
+                             int decoupled, int maximize, const i64* bounds, i64 blocks) {                    \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
+            foreach_adam<T>(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, step_sizes,                \
+                            bias_corrections2_sqrt, offsets, n_tensors, lr, beta1, beta2, eps, weight_decay,  \
+                            decoupled, maximize, lo, hi);                                                     \
+        });                                                                                                   \
     }
 
 DT_EXPORT_FOREACH(f32, float)

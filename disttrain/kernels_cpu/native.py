@@ -21,7 +21,7 @@ import threadpoolctl
 
 ENV_VAR = "DISTTRAIN_CPU_KERNELS"          # "numpy" forces the NumPy kernels; unset or "compiled": these
 CHOICES = ("compiled", "numpy")
-# Whose threads run the BLAS's parallel jobs once the kernels are loaded: ours (blas_threads.cpp, whose idle
+# Whose threads run the BLAS's parallel jobs once the kernels are loaded: ours (team.cpp, whose idle
 # threads sleep after microseconds) or, with "openblas", OpenBLAS's own (idle ones poll for ~0.1 s)
 BLAS_THREADS_ENV_VAR = "DISTTRAIN_BLAS_THREADS"
 BLAS_THREADS_CHOICES = ("disttrain", "openblas")
@@ -41,23 +41,24 @@ _blas_jobs_on_our_threads = False
 
 _I64 = ctypes.c_int64
 _P = ctypes.c_void_p
+_BLOCKS = [_P, _I64]  # every kernel's last-but-chunk arguments: its row blocks' bounds and their count (team.h)
 _SIGNATURES = {
-    "dt_lstm_forward_{s}": [_P] * 8 + [_I64] * 6,
-    "dt_lstm_backward_{s}": [_P] * 12 + [_I64] * 6,
-    "dt_cross_entropy_forward_{s}": [_P, _P, _I64, _P, _P, _P, _I64, _I64, _I64],
-    "dt_cross_entropy_backward_{s}": [_P] * 4 + [_I64] * 3,
-    "dt_gelu_forward_{s}": [_P, _P, _I64, _I64],
-    "dt_gelu_backward_{s}": [_P, _P, _P, _I64, _I64],
-    "dt_softmax_forward_{s}": [_P, _P, _I64, _I64, ctypes.c_int, _I64, _I64],
-    "dt_softmax_backward_{s}": [_P, _P, _P, _I64, _I64, _I64],
-    "dt_layer_norm_forward_{s}": [_P, _P, _P, ctypes.c_double, _P, _P, _P, _I64, _I64, _I64],
-    "dt_layer_norm_backward_{s}": [_P] * 8 + [_I64] * 5,
-    "dt_linear_bias_gemm_{s}": [_P] * 3 + [_I64] * 3,
-    "dt_index_add_rows_{s}": [_P] * 3 + [_I64] * 5,
-    "dt_foreach_sum_squares_{s}": [_P] * 3 + [_I64] * 2 + [_P] + [_I64] * 2,
-    "dt_foreach_scale_{s}": [_P, _P, _I64, ctypes.c_double, _I64, _I64],
-    "dt_foreach_sgd_{s}": [_P] * 5 + [_I64] + [ctypes.c_double] * 4 + [ctypes.c_int] * 2 + [_I64] * 2,
-    "dt_foreach_adam_{s}": [_P] * 8 + [_I64] + [ctypes.c_double] * 5 + [ctypes.c_int] * 2 + [_I64] * 2,
+    "dt_lstm_forward_{s}": [_P] * 8 + [_I64] * 3 + _BLOCKS + [_I64],
+    "dt_lstm_backward_{s}": [_P] * 12 + [_I64] * 3 + _BLOCKS + [_I64],
+    "dt_cross_entropy_forward_{s}": [_P, _P, _I64, _P, _P, _P, _I64] + _BLOCKS,
+    "dt_cross_entropy_backward_{s}": [_P] * 4 + [_I64] + _BLOCKS,
+    "dt_gelu_forward_{s}": [_P, _P] + _BLOCKS,
+    "dt_gelu_backward_{s}": [_P, _P, _P] + _BLOCKS,
+    "dt_softmax_forward_{s}": [_P, _P, _I64, _I64, ctypes.c_int] + _BLOCKS,
+    "dt_softmax_backward_{s}": [_P, _P, _P, _I64] + _BLOCKS,
+    "dt_layer_norm_forward_{s}": [_P, _P, _P, ctypes.c_double, _P, _P, _P, _I64] + _BLOCKS,
+    "dt_layer_norm_backward_{s}": [_P] * 8 + [_I64] * 3 + _BLOCKS,
+    "dt_linear_bias_gemm_{s}": [_P] * 4 + [_I64] * 3 + _BLOCKS,
+    "dt_index_add_rows_{s}": [_P] * 3 + [_I64] * 3 + _BLOCKS,
+    "dt_foreach_sum_squares_{s}": [_P] * 3 + [_I64] * 2 + [_P] + _BLOCKS,
+    "dt_foreach_scale_{s}": [_P, _P, _I64, ctypes.c_double] + _BLOCKS,
+    "dt_foreach_sgd_{s}": [_P] * 5 + [_I64] + [ctypes.c_double] * 4 + [ctypes.c_int] * 2 + _BLOCKS,
+    "dt_foreach_adam_{s}": [_P] * 8 + [_I64] + [ctypes.c_double] * 5 + [ctypes.c_int] * 2 + _BLOCKS,
 }
 # built for float32 only: float64 (the gradient checks' dtype) keeps the reference's arithmetic, see wrappers.py
 FLOAT32_ONLY = ("dt_gelu_forward_{s}", "dt_gelu_backward_{s}")
@@ -104,7 +105,7 @@ def packed_gemm_available():
 
 
 def blas_jobs_on_our_threads():
-    """Whether OpenBLAS hands its parallel jobs to blas_threads.cpp's threads (known once library() has
+    """Whether OpenBLAS hands its parallel jobs to team.cpp's threads (known once library() has
     loaded; False with $DISTTRAIN_BLAS_THREADS=openblas or an OpenBLAS older than 0.3.27)."""
     return _blas_jobs_on_our_threads
 
@@ -139,6 +140,7 @@ def _load():
         set_threads_callback(ctypes.cast(lib.dt_blas_run_jobs, _P).value)
         _blas_jobs_on_our_threads = True
     lib.dt_blas_team_calls.argtypes, lib.dt_blas_team_calls.restype = [], ctypes.c_uint64
+    lib.dt_block_team_calls.argtypes, lib.dt_block_team_calls.restype = [], ctypes.c_uint64
     _small_gemm_macs = SMALL_GEMM_MACS if core in SMALL_GEMM_CORES else 0
     lib.dt_packed_gemm_available.argtypes, lib.dt_packed_gemm_available.restype = [], ctypes.c_int
     lib.dt_packed_size.argtypes, lib.dt_packed_size.restype = [_I64, _I64], _I64

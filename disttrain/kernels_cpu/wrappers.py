@@ -3,11 +3,13 @@ LSTM layer, the cross-entropy, Linear's forward, the row scatter-add, the Transf
 LayerNorm and the multi-tensor norms, scale_, foreach_sgd_step and foreach_adam_step running native.cpp,
 everything else kernels_numpy's own function.
 
-Each wrapper makes its inputs C-contiguous, allocates the outputs and runs the compiled kernel over row
-blocks on the intra-op threads (disttrain.tensor.threads): the LSTM over blocks of the batch, with the
-BLAS held to one thread while the blocks run (each block calls it for its own rows; two levels of
-threads on two cores would only queue for them), the cross-entropy, softmax and LayerNorm over blocks of
-rows, the GELU over blocks of elements. Where
+Each wrapper makes its inputs C-contiguous, allocates the outputs and calls the compiled kernel once with
+its row blocks (disttrain.tensor.threads.row_blocks: one per intra-op thread worth its hand-off), which the
+kernel runs side by side on the intra-op threads of C++ (the row-block team, team.cpp), not through
+Python's thread pool: the LSTM over blocks of the batch, with the BLAS held to one thread while the blocks
+run (each block calls it for its own rows; two levels of threads on two cores would only queue for them),
+the cross-entropy, softmax and LayerNorm over blocks of rows, the GELU and the multi-tensor passes over
+blocks of elements. Where
 no compiled kernel applies (another array module or dtype, empty arrays, the library not built) the
 wrapper runs the NumPy reference; a missing library is reported once, in one line, on stderr.
 """
@@ -66,6 +68,24 @@ def _c(a, dtype=None):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
+class _Blocks:
+    """A kernel's row blocks as its last arguments take them: `bounds` (the address of lo_0, lo_1, ..., rows, an
+    int64 array this object keeps alive) and `count`. The kernel runs block i on the row-block team's thread i
+    (team.cpp), block 0 on the calling thread."""
+
+    __slots__ = ("array", "bounds", "count")
+
+    def __init__(self, blocks, rows):
+        self.array = np.array([lo for lo, _ in blocks] + [rows], dtype=np.int64)
+        self.bounds = self.array.ctypes.data
+        self.count = len(blocks)
+
+
+def _blocks(rows, elements_per_row, min_per_block=threads.MIN_ELEMENTS_PER_THREAD):
+    """Blocks of range(rows) for the threads (threads.row_blocks' policy), as a kernel takes them."""
+    return _Blocks(threads.row_blocks(rows, elements_per_row, min_per_block), rows)
+
+
 def _rows_per_gemm(batch, hidden, dtype, packed=None):
     """Rows per recurrent BLAS call of the compiled LSTM: 0 for one call per batch block (or no BLAS call:
     a packed W_hh), else a multiple of SMALL_GEMM_ROWS small enough for the BLAS's unpacked small-matrix
@@ -79,19 +99,16 @@ def _rows_per_gemm(batch, hidden, dtype, packed=None):
 
 
 def _recurrence(kernel, batch, macs_per_row, chunk):
-    """kernel(lo, hi, chunk) over blocks of batch rows side by side, the BLAS on one thread. With chunk > 0
-    every block is made of whole chunks, so each chunk's GEMMs are the same calls whatever the thread
-    count, and so are the results."""
+    """kernel(blocks, chunk) once, over blocks of batch rows side by side, the BLAS on one thread. With
+    chunk > 0 every block is made of whole chunks, so each chunk's GEMMs are the same calls whatever the
+    thread count, and so are the results."""
+    if chunk:
+        units = threads.row_blocks(-(-batch // chunk), macs_per_row * chunk, MIN_MACS_PER_BLOCK)
+        blocks = _Blocks([(lo * chunk, min(hi * chunk, batch)) for lo, hi in units], batch)
+    else:
+        blocks = _blocks(batch, macs_per_row, MIN_MACS_PER_BLOCK)
     with threads.one_blas_thread():
-        if not chunk:
-            threads.parallel_rows(lambda lo, hi: kernel(lo, hi, 0), batch, macs_per_row,
-                                  min_per_block=MIN_MACS_PER_BLOCK)
-            return
-
-        def chunks(lo, hi):
-            kernel(lo * chunk, min(hi * chunk, batch), chunk)
-
-        threads.parallel_rows(chunks, -(-batch // chunk), macs_per_row * chunk, min_per_block=MIN_MACS_PER_BLOCK)
+        kernel(blocks, chunk)
 
 
 def _packed_recurrent_weight(lib, w_hh):
@@ -128,8 +145,8 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     args = _pointers(*arrays)
     kernel = _kernel(lib, "lstm_forward", acts.dtype)
 
-    def rows(lo, hi, chunk):
-        kernel(*args, steps, batch, hidden, lo, hi, chunk)
+    def rows(blocks, chunk):
+        kernel(*args, steps, batch, hidden, blocks.bounds, blocks.count, chunk)
 
     _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype, packed))
     return out, cs, acts, tanh_c
@@ -150,8 +167,8 @@ def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_
     args = _pointers(*arrays)
     kernel = _kernel(lib, "lstm_backward", acts.dtype)
 
-    def rows(lo, hi, chunk):
-        kernel(*args, steps, batch, hidden, lo, hi, chunk)
+    def rows(blocks, chunk):
+        kernel(*args, steps, batch, hidden, blocks.bounds, blocks.count, chunk)
 
     _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype))
     return d_gates, dh0, dc0, _ref.recurrent_weight_grad(xp, d_gates, h0, out)
@@ -171,10 +188,8 @@ def cross_entropy_forward(xp, logits, target, ignore_index, keep_softmax=False):
     pointers, outputs = _pointers(logits, target), _pointers(exp, sumexp, losses)
     kernel = _kernel(lib, "cross_entropy_forward", logits.dtype)
 
-    def rows(lo, hi):
-        kernel(*pointers, int(ignore_index), *outputs, classes, lo, hi)
-
-    threads.parallel_rows(rows, n, classes)
+    blocks = _blocks(n, classes)
+    kernel(*pointers, int(ignore_index), *outputs, classes, blocks.bounds, blocks.count)
     return losses, ((exp, sumexp) if keep_softmax else None)
 
 
@@ -195,10 +210,8 @@ def cross_entropy_backward(xp, logits, target, saved, row_scale):
     args = _pointers(*arrays)
     kernel = _kernel(lib, "cross_entropy_backward", logits.dtype)
 
-    def rows(lo, hi):
-        kernel(*args, classes, lo, hi)
-
-    threads.parallel_rows(rows, n, classes)
+    blocks = _blocks(n, classes)
+    kernel(*args, classes, blocks.bounds, blocks.count)
     return grad
 
 
@@ -241,7 +254,8 @@ def softmax_forward(xp, x, causal=False):
     queries = x.shape[-2] if causal else 1
     args = _pointers(x, y)
     kernel = _kernel(lib, "softmax_forward", x.dtype)
-    threads.parallel_rows(lambda lo, hi: kernel(*args, n, queries, int(causal), lo, hi), x.size // n, n)
+    blocks = _blocks(x.size // n, n)
+    kernel(*args, n, queries, int(causal), blocks.bounds, blocks.count)
     return y
 
 
@@ -256,7 +270,8 @@ def softmax_backward(xp, grad_y, y):
     arrays = (_c(grad_y), y, grad_x)  # kept alive through the call: _c may copy
     args = _pointers(*arrays)
     kernel = _kernel(lib, "softmax_backward", y.dtype)
-    threads.parallel_rows(lambda lo, hi: kernel(*args, n, lo, hi), y.size // n, n)
+    blocks = _blocks(y.size // n, n)
+    kernel(*args, n, blocks.bounds, blocks.count)
     return grad_x
 
 
@@ -272,7 +287,8 @@ def layer_norm_forward(xp, x, weight, bias, eps):
     mean, rstd = np.empty(rows, dtype=x.dtype), np.empty(rows, dtype=x.dtype)
     inputs, outputs = _pointers(x, weight, bias), _pointers(y, mean, rstd)
     kernel = _kernel(lib, "layer_norm_forward", x.dtype)
-    threads.parallel_rows(lambda lo, hi: kernel(*inputs, float(eps), *outputs, n, lo, hi), rows, n)
+    blocks = _blocks(rows, n)
+    kernel(*inputs, float(eps), *outputs, n, blocks.bounds, blocks.count)
     return y, mean, rstd
 
 
@@ -297,17 +313,16 @@ def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
               bias_sums)  # kept alive through the call: _c may copy
     args = _pointers(*arrays)
     kernel = _kernel(lib, "layer_norm_backward", x.dtype)
-    threads.parallel_rows(lambda lo, hi: kernel(*args, rows, n, LAYER_NORM_CHUNK, lo, hi), chunks,
-                          LAYER_NORM_CHUNK * n)
+    blocks = _blocks(chunks, LAYER_NORM_CHUNK * n)
+    kernel(*args, rows, n, LAYER_NORM_CHUNK, blocks.bounds, blocks.count)
     return (grad_x, None if weight_sums is None else weight_sums.sum(axis=0),
             None if bias_sums is None else bias_sums.sum(axis=0))
 
 
 def _by_elements(kernel, size, *arrays):
-    """kernel(*pointers, lo, hi) over element blocks of C-contiguous arrays, side by side on the intra-op
-    threads."""
-    args = _pointers(*arrays)
-    threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), size, 1)
+    """kernel(*pointers, blocks) over element blocks of C-contiguous arrays, side by side."""
+    blocks = _blocks(size, 1)
+    kernel(*_pointers(*arrays), blocks.bounds, blocks.count)
 
 
 # ---- Linear's forward with its bias; the embedding's scatter-add --------------------------------------
@@ -321,12 +336,8 @@ def linear_forward(xp, x, w, bias):
     (n, k), f = x.shape, w.shape[0]
     x, w, bias = _c(x), _c(w), _c(bias)
     out = np.empty((n, f), dtype=x.dtype)
-
-    def fill(lo, hi):
-        out[lo:hi] = bias
-
-    threads.parallel_rows(fill, n, f)
-    _kernel(lib, "linear_bias_gemm", x.dtype)(*_pointers(x, w, out), n, k, f)
+    blocks = _blocks(n, f)
+    _kernel(lib, "linear_bias_gemm", x.dtype)(*_pointers(x, w, bias, out), n, k, f, blocks.bounds, blocks.count)
     return out
 
 
@@ -347,17 +358,15 @@ def index_add_rows(xp, target, index, values):
     args = _pointers(target, rows, values)
     kernel = _kernel(lib, "index_add_rows", target.dtype)
 
-    def columns(lo, hi):
-        kernel(*args, rows.size, n_cols, n_target_rows, lo, hi)
-
-    threads.parallel_rows(columns, n_cols, rows.size)
+    blocks = _blocks(n_cols, rows.size)
+    kernel(*args, rows.size, n_cols, n_target_rows, blocks.bounds, blocks.count)
 
 
 # ---- multi-tensor passes: gradient norms, scaling, the SGD and Adam updates ---------------------------
 # One call for a whole list of arrays (all the gradients of a clipping, all the parameters of an optimizer
-# step): the kernel works on a range of the arrays' concatenated elements, so one hand-off splits every
-# array's elements evenly over the intra-op threads instead of one hand-off (and one thread's pass over the
-# small ones) per array.
+# step): the kernel works on ranges of the arrays' concatenated elements, so one call splits every array's
+# elements evenly over the intra-op threads instead of one call (and one thread's pass over the small ones)
+# per array.
 
 # Elements per partial sum of squares: each array is summed in chunks of this many and each array's chunk
 # sums are added in order afterwards, so the norms do not depend on how the chunks fell to the threads
@@ -412,7 +421,8 @@ def norms(xp, arrays, norm_type):
     args = (pointers.ctypes.data, offsets.ctypes.data, chunk_offsets.ctypes.data, len(arrays),
             SUM_SQUARES_CHUNK, partials.ctypes.data)
     kernel = _kernel(lib, "foreach_sum_squares", arrays[0].dtype)
-    threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), partials.size, SUM_SQUARES_CHUNK)
+    blocks = _blocks(partials.size, SUM_SQUARES_CHUNK)
+    kernel(*args, blocks.bounds, blocks.count)
     owner = np.repeat(np.arange(len(arrays)), chunks)
     return np.sqrt(np.bincount(owner, weights=partials, minlength=len(arrays)))  # each array's chunks in order
 
@@ -425,8 +435,8 @@ def scale_(xp, arrays, coef):
     offsets = _offsets([a.size for a in arrays])
     pointers = _addresses(arrays)
     kernel = _kernel(lib, "foreach_scale", arrays[0].dtype)
-    threads.parallel_rows(lambda lo, hi: kernel(pointers.ctypes.data, offsets.ctypes.data, len(arrays),
-                                                float(coef), lo, hi), int(offsets[-1]), 1)
+    blocks = _blocks(int(offsets[-1]), 1)
+    kernel(pointers.ctypes.data, offsets.ctypes.data, len(arrays), float(coef), blocks.bounds, blocks.count)
 
 
 def foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
@@ -451,7 +461,8 @@ def foreach_sgd_step(xp, params, grads, momentum_buffers, lr, momentum=0.0, damp
             len(params), float(lr), float(momentum), float(dampening), float(weight_decay), int(bool(nesterov)),
             int(bool(maximize)))
     kernel = _kernel(lib, "foreach_sgd", params[0].dtype)
-    threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), int(offsets[-1]), 1)
+    blocks = _blocks(int(offsets[-1]), 1)
+    kernel(*args, blocks.bounds, blocks.count)
     return list(momentum_buffers)  # without momentum: as given (sgd_step's result), None where there is none
 
 
@@ -478,7 +489,8 @@ def foreach_adam_step(xp, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
             offsets.ctypes.data, len(params), float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
             int(bool(decoupled)), int(bool(maximize)))
     kernel = _kernel(lib, "foreach_adam", params[0].dtype)
-    threads.parallel_rows(lambda lo, hi: kernel(*args, lo, hi), int(offsets[-1]), 1)
+    blocks = _blocks(int(offsets[-1]), 1)
+    kernel(*args, blocks.bounds, blocks.count)
 
 
 def _bind_reference_kernels():

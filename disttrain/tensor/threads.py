@@ -6,20 +6,21 @@ the gradient's scaling) each read and write 16 MB on a single core while the oth
 splits such loops over its intra-op pool. `parallel_rows` does the same for NumPy: it cuts the rows
 into one contiguous block per thread and runs the pass on each; ufuncs release the GIL on arrays this
 big, so the blocks run side by side. Results are bit for bit those of one thread, since every row is
-computed by the same code whichever block it falls in.
+computed by the same code whichever block it falls in. The compiled kernels (disttrain.kernels_cpu) take
+the same blocks (`row_blocks`) and run them on threads of their own, in C++, without a Python hand-off.
 
 The thread count defaults to what the BLAS is told (DISTTRAIN_NUM_THREADS, else OMP_NUM_THREADS, else
 OPENBLAS_NUM_THREADS, else the CPUs this process may run on), so `mpirun` launchers that give each rank
 one thread get single-threaded passes too; `set_num_threads` sets both (disttrain.parallel.mpi_job uses it
-to share the cores among the ranks of a node). The two pools take turns, which needs OpenBLAS's idle
-threads to sleep soon after a GEMM: disttrain/__init__.py shortens their busy-wait.
+to share the cores among the ranks of a node). The pools take turns, which needs the BLAS's idle
+threads to sleep soon after a GEMM (kernels_cpu/team.cpp, or disttrain/__init__.py's shorter busy-wait).
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 import threadpoolctl
 
-__all__ = ["get_num_threads", "set_num_threads", "parallel_rows", "one_blas_thread", "available_cores",
+__all__ = ["get_num_threads", "set_num_threads", "parallel_rows", "row_blocks", "one_blas_thread", "available_cores",
            "user_thread_count", "blas_kernel_note", "MIN_ELEMENTS_PER_THREAD", "THREAD_ENV_VARS"]
 
 MIN_ELEMENTS_PER_THREAD = 1 << 18   # below ~1 MB of float32 per block a hand-off costs more than it saves
@@ -76,7 +77,11 @@ def set_num_threads(n):
     _blas_libraries().limit(limits=n)     # kept: a limiter restores the old count only when used as a context
 
 
-def _blocks(rows, elements_per_row, min_per_block):
+def row_blocks(rows, elements_per_row, min_per_block=MIN_ELEMENTS_PER_THREAD):
+    """The contiguous (lo, hi) blocks that cover range(rows), one per thread that is worth its hand-off (see
+    parallel_rows); none for rows <= 0. The compiled kernels take these and run them on their own threads."""
+    if rows <= 0:
+        return []
     threads = min(get_num_threads(), rows, max(1, rows * elements_per_row // min_per_block))
     step = -(-rows // threads)
     return [(lo, min(lo + step, rows)) for lo in range(0, rows, step)]
@@ -155,7 +160,7 @@ def parallel_rows(fn, rows, elements_per_row, min_per_block=MIN_ELEMENTS_PER_THR
     """
     if rows <= 0:
         return
-    blocks = _blocks(rows, elements_per_row, min_per_block)
+    blocks = row_blocks(rows, elements_per_row, min_per_block)
     if len(blocks) == 1:
         fn(0, rows)
         return
