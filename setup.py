@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 setup(ext_modules=[Extension(
     "disttrain.kernels_cpu._native",
     sources=["disttrain/kernels_cpu/native.cpp", "disttrain/kernels_cpu/team.cpp"],
-    depends=["disttrain/kernels_cpu/simd_math.h"],
+    depends=["disttrain/kernels_cpu/simd_math.h", "disttrain/kernels_cpu/team.h"],
     language="c++",
     # -fopenmp-simd: `#pragma omp simd` only; no OpenMP runtime or thread pool (the intra-op threads run the
     # row blocks). -fno-trapping-math: lets GCC turn the clamps and selects of exp/tanh into vector blends

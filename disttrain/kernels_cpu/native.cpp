@@ -297,20 +297,22 @@ DT_CLONES T row_max(const T* x, i64 n) {
     return m;
 }
 
-// sum_j exp(x_j - shift), storing the terms in e when e is not null
-template <typename T>
+// sum_j exp(x_j - shift), storing the terms in e when e is not null. Every x_j - shift is <= 0 or NaN (shift: the
+// row's maximum), unless ANY_SIGN
+template <typename T, bool ANY_SIGN = false>
 DT_CLONES T row_sumexp(const T* x, T shift, T* e, i64 n) {
+    const auto exp = [](T v) { return ANY_SIGN ? dt::exp_(v) : dt::exp_nonpositive_(v); };
     T s = 0;
     if (e) {
 #pragma omp simd reduction(+ : s)
         for (i64 j = 0; j < n; ++j) {
-            T v = dt::exp_(x[j] - shift);
+            T v = exp(x[j] - shift);
             e[j] = v;
             s += v;
         }
     } else {
 #pragma omp simd reduction(+ : s)
-        for (i64 j = 0; j < n; ++j) s += dt::exp_(x[j] - shift);
+        for (i64 j = 0; j < n; ++j) s += exp(x[j] - shift);
     }
     return s;
 }
@@ -466,7 +468,8 @@ void softmax_forward(const T* x, T* y, i64 n, i64 queries, int causal, i64 lo, i
         const i64 query = causal ? r % queries : n - 1;
         const i64 kept = query + 1 < n ? query + 1 : n;
         const T top = row_max<T>(xr, kept);
-        const T s = row_sumexp<T>(xr, std::isfinite(top) ? top : T(0), yr, kept);  // a row of -inf: exp = 0
+        // a row of -inf: exp = 0; a +inf or a NaN first entry: no maximum to shift by
+        const T s = std::isfinite(top) ? row_sumexp<T>(xr, top, yr, kept) : row_sumexp<T, true>(xr, T(0), yr, kept);
         scale_row<T>(yr, s > T(0) ? T(1) / s : T(1), kept);
         std::memset(yr + kept, 0, sizeof(T) * (n - kept));
     }

@@ -25,13 +25,22 @@ static inline float bits_to_float(int32_t i) {
     return f;
 }
 
-static inline float exp_f32(float x) {
-    const float hi = 88.72283935546875f, lo = -87.33654022216797f;
-    float xc = x > hi ? hi : x;
-    xc = xc < lo ? lo : xc;
-    // n = round(x / ln2) by the 1.5 * 2^23 trick (exact for |n| < 2^22, no call to rintf)
+static inline uint32_t float_to_bits(float f) {
+    uint32_t i;
+    std::memcpy(&i, &f, sizeof i);
+    return i;
+}
+
+// exp for x <= 0, or NaN (the row sums of a softmax or cross-entropy, shifted by the row's maximum): exp_f32
+// without the overflow side, the same bits there. A positive x gives garbage.
+static inline float exp_nonpositive_f32(float x) {
+    const float lo = -87.33654022216797f;
+    const float xc = x < lo ? lo : x;
+    // n = round(x / ln2) by adding 1.5 * 2^23: n is then the low bits of the sum's mantissa, read with a bit cast,
+    // where a float-to-int conversion would need a guard for NaN (exact for |n| < 2^22)
     const float shifter = 12582912.0f;
-    float n = (xc * 1.44269504088896341f + shifter) - shifter;
+    const float shifted = xc * 1.44269504088896341f + shifter;
+    const float n = shifted - shifter;
     float r = xc - n * 0.693359375f;   // ln2 in two parts: the first has few bits, so n * it is exact
     r = r - n * -2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -41,10 +50,16 @@ static inline float exp_f32(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    n = n == n ? n : 0.0f;              // NaN: any n (p is NaN already); keeps the int conversion defined
-    float scale = bits_to_float(static_cast<int32_t>((static_cast<uint32_t>(static_cast<int32_t>(n)) + 127u) << 23));
-    float y = p * scale;
-    y = x < lo ? 0.0f : y;
+    // 2^n: n + 127 in the exponent bits (unsigned arithmetic: defined for any bits, NaN's too, where p is NaN)
+    const uint32_t n_bits = float_to_bits(shifted) - float_to_bits(shifter);
+    const float scale = bits_to_float(static_cast<int32_t>((n_bits + 127u) << 23));
+    const float y = p * scale;
+    return x < lo ? 0.0f : y;
+}
+
+static inline float exp_f32(float x) {
+    const float hi = 88.72283935546875f;
+    const float y = exp_nonpositive_f32(x > hi ? hi : x);
     return x > hi ? INFINITY : y;
 }
 
@@ -70,6 +85,10 @@ static inline float sigmoid_f32(float x) { return 1.0f / (1.0f + exp_f32(-x)); }
 template <typename T> static inline T exp_(T x);
 template <> inline float exp_<float>(float x) { return exp_f32(x); }
 template <> inline double exp_<double>(double x) { return std::exp(x); }
+
+template <typename T> static inline T exp_nonpositive_(T x);
+template <> inline float exp_nonpositive_<float>(float x) { return exp_nonpositive_f32(x); }
+template <> inline double exp_nonpositive_<double>(double x) { return std::exp(x); }
 
 template <typename T> static inline T tanh_(T x);
 template <> inline float tanh_<float>(float x) { return tanh_f32(x); }

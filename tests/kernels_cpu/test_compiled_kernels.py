@@ -156,9 +156,10 @@ def test_tanh_is_within_two_ulp():
 
 
 def test_exp_and_tanh_limits_and_nan():
-    logits = np.array([[0, -200, -np.inf, 1], [0, np.nan, 1, 2]], np.float32)
-    _, (exp, _) = wrappers.cross_entropy_forward(np, logits, np.array([0, 0]), -100, keep_softmax=True)
+    logits = np.array([[0, -200, -np.inf, 1], [0, np.nan, 1, 2], [0, np.inf, 1, 2]], np.float32)
+    losses, (exp, _) = wrappers.cross_entropy_forward(np, logits, np.array([0, 0, 0]), -100, keep_softmax=True)
     assert exp[0, 1] == 0 and exp[0, 2] == 0 and np.isnan(exp[1, 1])
+    assert np.isnan(exp[2, 1]) and not exp[2, [0, 2, 3]].any() and np.isnan(losses[2])  # inf - inf; -inf
     x = np.array([-np.inf, -50, 50, np.inf, np.nan, 0.0], np.float32)
     gates = np.zeros((1, len(x), 4), np.float32)
     gates[0, :, 2] = x
