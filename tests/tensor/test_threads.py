@@ -38,6 +38,11 @@ def test_blocks_cover_every_row_once(num_threads, n, rows, per_row):
     assert len(calls) <= n
     if rows * per_row < 2 * threads.MIN_ELEMENTS_PER_THREAD:
         assert calls == [(0, rows)]                       # small work stays on the calling thread
+    assert sorted(calls) == threads.row_blocks(rows, per_row)  # the blocks the compiled kernels take too
+
+
+def test_no_blocks_for_no_rows():
+    assert threads.row_blocks(0, 100) == [] and threads.row_blocks(-3, 100) == []
 
 
 def test_an_error_in_a_block_is_raised_after_every_block_finished(num_threads):
@@ -121,7 +126,7 @@ def test_threaded_optimizer_updates_equal_one_thread_bit_for_bit(num_threads, mo
     real = threads.parallel_rows
 
     def counting(fn, rows, per_row, **kwargs):
-        blocks.append(len(threads._blocks(rows, per_row, threads.MIN_ELEMENTS_PER_THREAD)))
+        blocks.append(len(threads.row_blocks(rows, per_row)))
         real(fn, rows, per_row, **kwargs)
 
     monkeypatch.setattr(kernels_numpy, "parallel_rows", counting)
