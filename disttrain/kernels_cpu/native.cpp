@@ -76,14 +76,14 @@ void gemm_row_chunks(i64 chunk, i64 m, i64 n, i64 k, const T* a, i64 lda, const 
         gemm_rows<T>(m - r < chunk ? m - r : chunk, n, k, a + r * lda, lda, b, ldb, beta, c + r * ldc, ldc);
 }
 
-// ---- the forward recurrence's GEMM on a packed W_hh^T ------------------------------------------------
+// ---- the recurrence's GEMMs on a packed W_hh^T (forward) or W_hh (backward) ----------------------------
 // The recurrent GEMMs are small, (rows, K) x (K, N) with rows <= the batch, and a BLAS call copies ("packs")
 // the (K, N) operand each time or runs an unpacked kernel. Packed once per layer call, in panels of
 // PANEL columns ([N / PANEL][K][PANEL], zero-padded), the product of 5 rows and a panel keeps its 10
 // AVX-512 accumulators in registers and reads each panel row once for all 5 rows. Every output is the
 // same sequence of multiply-adds over k whatever the row blocking, so the results do not depend on how
-// the batch is split over threads. AVX-512 only (dt_packed_gemm_available); elsewhere, and for the
-// backward's d_pre W_hh (no faster this way in the layer: benchmarks/RESULTS.md), the BLAS runs.
+// the batch is split over threads. AVX-512 only (dt_packed_gemm_available); elsewhere the BLAS runs, and for
+// the backward's d_pre W_hh too where its small-matrix kernels take the shape (wrappers.lstm_layer_backward).
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DT_PACKED_GEMM 1
@@ -263,12 +263,13 @@ DT_CLONES void add_rows(const T* a, const T* b, T* out, i64 n) {
 }
 
 // Batch rows [lo, hi) of lstm_layer_backward. d_out (T, B, H); dh_n, dc_n (B, H); acts (T, B, 4H);
-// tanh_c, cs (T, B, H); c0 (B, H); w (4H, H) = W_hh. Writes d_gates (T, B, 4H) and dh0, dc0 (B, H),
+// tanh_c, cs (T, B, H); c0 (B, H); w (4H, H) = W_hh, or (float32) packed is W_hh packed by pack_panels and w
+// is not read. Writes d_gates (T, B, 4H) and dh0, dc0 (B, H),
 // which also carry dh and dc between the steps. dh_step (B, H): scratch. chunk: as lstm_forward's.
 template <typename T>
 void lstm_backward(const T* d_out, const T* dh_n, const T* dc_n, const T* acts, const T* tanh_c, const T* cs,
-                   const T* c0, const T* w, T* d_gates, T* dh0, T* dc0, T* dh_step, i64 steps, i64 batch,
-                   i64 hidden, i64 lo, i64 hi, i64 chunk) {
+                   const T* c0, const T* w, const float* packed, T* d_gates, T* dh0, T* dc0, T* dh_step, i64 steps,
+                   i64 batch, i64 hidden, i64 lo, i64 hi, i64 chunk) {
     const i64 rows = hi - lo, four_h = 4 * hidden;
     T* dh = dh0 + lo * hidden;
     T* dc = dc0 + lo * hidden;
@@ -283,7 +284,7 @@ void lstm_backward(const T* d_out, const T* dh_n, const T* dc_n, const T* acts, 
         for (i64 r = 0; r < rows; ++r)
             lstm_backward_row<T>(dh_t + r * hidden, dc + r * hidden, acts + (t * batch + lo + r) * four_h,
                                  tanh_c + here + r * hidden, c_prev + r * hidden, d_pre + r * four_h, hidden);
-        gemm_row_chunks<T>(chunk, rows, hidden, four_h, d_pre, four_h, w, hidden, T(0), dh, hidden);
+        recurrent_gemm<T>(packed, chunk, rows, hidden, four_h, d_pre, four_h, w, hidden, T(0), dh, hidden);
     }
 }
 
@@ -393,11 +394,12 @@ void dt_pack_panels(const float* src, i64 k, i64 n, i64 row_stride, i64 col_stri
         });                                                                                                   \
     }                                                                                                         \
     void dt_lstm_backward_##S(const T* d_out, const T* dh_n, const T* dc_n, const T* acts, const T* tanh_c,   \
-                              const T* cs, const T* c0, const T* w, T* d_gates, T* dh0, T* dc0, T* dh_step,   \
-                              i64 steps, i64 batch, i64 hidden, const i64* bounds, i64 blocks, i64 chunk) {   \
+                              const T* cs, const T* c0, const T* w, const float* packed, T* d_gates, T* dh0,  \
+                              T* dc0, T* dh_step, i64 steps, i64 batch, i64 hidden, const i64* bounds,        \
+                              i64 blocks, i64 chunk) {                                                        \
         dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) {                                                  \
-            lstm_backward<T>(d_out, dh_n, dc_n, acts, tanh_c, cs, c0, w, d_gates, dh0, dc0, dh_step, steps,   \
-                             batch, hidden, lo, hi, chunk);                                                   \
+            lstm_backward<T>(d_out, dh_n, dc_n, acts, tanh_c, cs, c0, w, packed, d_gates, dh0, dc0, dh_step,  \
+                             steps, batch, hidden, lo, hi, chunk);                                            \
         });                                                                                                   \
     }                                                                                                         \
     void dt_cross_entropy_forward_##S(const T* logits, const int64_t* target, i64 ignore_index, T* exp,       \

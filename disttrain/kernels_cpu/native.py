@@ -44,7 +44,7 @@ _P = ctypes.c_void_p
 _BLOCKS = [_P, _I64]  # every kernel's last-but-chunk arguments: its row blocks' bounds and their count (team.h)
 _SIGNATURES = {
     "dt_lstm_forward_{s}": [_P] * 8 + [_I64] * 3 + _BLOCKS + [_I64],
-    "dt_lstm_backward_{s}": [_P] * 12 + [_I64] * 3 + _BLOCKS + [_I64],
+    "dt_lstm_backward_{s}": [_P] * 13 + [_I64] * 3 + _BLOCKS + [_I64],
     "dt_cross_entropy_forward_{s}": [_P, _P, _I64, _P, _P, _P, _I64] + _BLOCKS,
     "dt_cross_entropy_backward_{s}": [_P] * 4 + [_I64] + _BLOCKS,
     "dt_gelu_forward_{s}": [_P, _P] + _BLOCKS,

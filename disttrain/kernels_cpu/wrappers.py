@@ -98,6 +98,11 @@ def _rows_per_gemm(batch, hidden, dtype, packed=None):
     return rows if 0 < rows < batch else 0
 
 
+def _small_gemm(rows, hidden):
+    """Whether a recurrent GEMM of `rows` rows fits the BLAS's unpacked small-matrix kernels."""
+    return rows * 4 * hidden * hidden <= native.small_gemm_macs()
+
+
 def _recurrence(kernel, batch, macs_per_row, chunk):
     """kernel(blocks, chunk) once, over blocks of batch rows side by side, the BLAS on one thread. With
     chunk > 0 every block is made of whole chunks, so each chunk's GEMMs are the same calls whatever the
@@ -111,16 +116,17 @@ def _recurrence(kernel, batch, macs_per_row, chunk):
         kernel(blocks, chunk)
 
 
-def _packed_recurrent_weight(lib, w_hh):
-    """W_hh^T (H, 4H) packed for the compiled forward recurrence's own GEMM h @ W_hh^T (native.cpp,
-    dt_pack_panels); None where the BLAS runs it (float64, a CPU without AVX-512). The backward's
-    d_pre @ W_hh stays on the BLAS: on the packed W_hh it was no faster in the layer (benchmarks/RESULTS.md)."""
+def _packed_recurrent_weight(lib, w_hh, transposed):
+    """W_hh (4H, H) packed for the compiled recurrence's own GEMMs (native.cpp, dt_pack_panels): its
+    transpose for the forward's h @ W_hh^T, W_hh itself for the backward's d_pre @ W_hh. None where the
+    BLAS runs them (float64, a CPU without AVX-512)."""
     if w_hh.dtype != np.float32 or not native.packed_gemm_available():
         return None
     w = _c(w_hh)
     four_h, hidden = w.shape
-    packed = np.empty(lib.dt_packed_size(hidden, four_h), dtype=np.float32)
-    lib.dt_pack_panels(w.ctypes.data, hidden, four_h, 1, hidden, packed.ctypes.data)
+    k, n, row_stride, col_stride = (hidden, four_h, 1, hidden) if transposed else (four_h, hidden, hidden, 1)
+    packed = np.empty(lib.dt_packed_size(k, n), dtype=np.float32)
+    lib.dt_pack_panels(w.ctypes.data, k, n, row_stride, col_stride, packed.ctypes.data)
     return packed
 
 
@@ -137,7 +143,7 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     if not acts.flags.writeable:  # the activations are written into its buffer: never into read-only memory
         acts = acts.copy()
     out, cs, tanh_c = (np.empty((steps, batch, hidden), dtype=acts.dtype) for _ in range(3))
-    packed = _packed_recurrent_weight(lib, w_hh)
+    packed = _packed_recurrent_weight(lib, w_hh, transposed=True)
     # else W_hh^T copied contiguous once per call: one-thread OpenBLAS GEMMs on the transposed view of W_hh
     # take ~1.8x as long for these shapes (benchmarks/RESULTS.md)
     w_t = _c(w_hh.T) if packed is None else None
@@ -154,7 +160,9 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
 
 def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh):
     """kernels_numpy.lstm_layer_backward, compiled: the recurrence per batch block, then dW_hh as one GEMM
-    over all steps on every BLAS thread."""
+    over all steps on every BLAS thread. Each step's d_pre @ W_hh runs in the BLAS's small-matrix kernels,
+    by chunks of rows, where they take the shape; else on W_hh packed once here, where every BLAS call
+    would pack (copy) W_hh again (the char LM's H = 256: 1 MB a step)."""
     lib = _compiled(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh)
     if lib is None:
         return _ref.lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh)
@@ -162,15 +170,18 @@ def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_
     hidden = four_h // 4
     d_gates = np.empty((steps, batch, four_h), dtype=acts.dtype)
     dh0, dc0, dh_step = (np.empty((batch, hidden), dtype=acts.dtype) for _ in range(3))
-    arrays = (_c(d_out), _c(dh_n), _c(dc_n), _c(acts), _c(tanh_c), _c(cs), _c(c0), _c(w_hh),
-              d_gates, dh0, dc0, dh_step)
+    chunk = _rows_per_gemm(batch, hidden, acts.dtype)
+    small = chunk or _small_gemm(batch, hidden)
+    packed = None if small else _packed_recurrent_weight(lib, w_hh, transposed=False)
+    arrays = (_c(d_out), _c(dh_n), _c(dc_n), _c(acts), _c(tanh_c), _c(cs), _c(c0),
+              _c(w_hh) if packed is None else None, packed, d_gates, dh0, dc0, dh_step)
     args = _pointers(*arrays)
     kernel = _kernel(lib, "lstm_backward", acts.dtype)
 
     def rows(blocks, chunk):
         kernel(*args, steps, batch, hidden, blocks.bounds, blocks.count, chunk)
 
-    _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype))
+    _recurrence(rows, batch, steps * four_h * hidden, chunk)
     return d_gates, dh0, dc0, _ref.recurrent_weight_grad(xp, d_gates, h0, out)
 
 

@@ -329,3 +329,23 @@ def test_packed_forward_equals_the_blas_forward(num_threads, monkeypatch, steps,
     blas = wrappers.lstm_layer_forward(np, gates_x.copy(), h0, c0, w_hh)
     _assert_all_close(packed, blas, np.float32)
     _assert_all_close(packed, kernels_numpy.lstm_layer_forward(np, gates_x.copy(), h0, c0, w_hh), np.float32)
+
+
+@pytest.mark.skipif(not native.packed_gemm_available(), reason="the packed recurrent GEMM needs an AVX-512 CPU")
+@pytest.mark.parametrize("steps,batch,hidden", [(20, 20, 200), (3, 7, 45), (2, 3, 300), (4, 1, 1)])
+def test_packed_backward_equals_the_blas_backward(num_threads, monkeypatch, steps, batch, hidden):
+    """The backward's d_pre @ W_hh on W_hh packed (the BLAS's small-matrix kernels made too small for the
+    shape, as for the char LM's H = 256) against the BLAS's: a last panel narrower than 32 columns (H = 45,
+    300), K = 4H sliced in 256-row pieces."""
+    gates_x, h0, c0, w_hh, (d_out, dh_n, dc_n) = _lstm_inputs(steps, batch, hidden, np.float32, seed=9)
+    out, cs, acts, tanh_c = wrappers.lstm_layer_forward(np, gates_x, h0, c0, w_hh)
+    args = (d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh)
+    packs = []
+    real_pack = wrappers._packed_recurrent_weight
+    monkeypatch.setattr(wrappers, "_packed_recurrent_weight", lambda *a, **k: packs.append(k) or real_pack(*a, **k))
+    monkeypatch.setattr(native, "small_gemm_macs", lambda: 0)
+    packed = wrappers.lstm_layer_backward(np, *args)
+    assert packs == [{"transposed": False}]                         # it did run on the packed W_hh
+    monkeypatch.setattr(native, "packed_gemm_available", lambda: False)
+    _assert_all_close(packed, wrappers.lstm_layer_backward(np, *args), np.float32)
+    _assert_all_close(packed, kernels_numpy.lstm_layer_backward(np, *args), np.float32)

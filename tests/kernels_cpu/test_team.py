@@ -201,7 +201,7 @@ def test_a_block_may_run_threaded_gemms():
         (steps, batch, hidden), d_gates = out.shape, np.empty_like(acts)
         dh0, dc0, dh_step = (np.empty_like(h0) for _ in range(3))
         bounds = np.array([0, batch // 2, batch], dtype=np.int64)
-        args = wrappers._pointers(d_out, h0, c0, acts, tanh_c, cs, c0, w_hh, d_gates, dh0, dc0, dh_step)
+        args = wrappers._pointers(d_out, h0, c0, acts, tanh_c, cs, c0, w_hh, None, d_gates, dh0, dc0, dh_step)
         before = team_calls()
         native.library().dt_lstm_backward_f64(*args, steps, batch, hidden, bounds.ctypes.data, 2, 0)
         print(team_calls() > before, np.allclose(d_gates, expected[0], rtol=1e-13, atol=1e-13),
