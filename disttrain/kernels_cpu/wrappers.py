@@ -93,27 +93,27 @@ def _rows_per_gemm(batch, hidden, dtype, packed=None):
     serves forward and backward."""
     if packed is not None:
         return 0
-    most = native.small_gemm_macs() // (4 * hidden * hidden) if dtype == np.float32 else 0
+    most = _small_gemm_rows(hidden, dtype)
     rows = most - most % SMALL_GEMM_ROWS
     return rows if 0 < rows < batch else 0
 
 
-def _small_gemm(rows, hidden):
-    """Whether a recurrent GEMM of `rows` rows fits the BLAS's unpacked small-matrix kernels."""
-    return rows * 4 * hidden * hidden <= native.small_gemm_macs()
+def _small_gemm_rows(hidden, dtype):
+    """The most rows of a recurrent GEMM that the BLAS's unpacked small-matrix kernels take (float32 only)."""
+    return native.small_gemm_macs() // (4 * hidden * hidden) if dtype == np.float32 else 0
 
 
-def _recurrence(kernel, batch, macs_per_row, chunk):
-    """kernel(blocks, chunk) once, over blocks of batch rows side by side, the BLAS on one thread. With
-    chunk > 0 every block is made of whole chunks, so each chunk's GEMMs are the same calls whatever the
-    thread count, and so are the results."""
+def _recurrence(kernel, args, batch, macs_per_row, chunk):
+    """kernel(*args, bounds, count, chunk) once, over blocks of batch rows side by side, the BLAS on one
+    thread. With chunk > 0 every block is made of whole chunks, so each chunk's GEMMs are the same calls
+    whatever the thread count, and so are the results."""
     if chunk:
         units = threads.row_blocks(-(-batch // chunk), macs_per_row * chunk, MIN_MACS_PER_BLOCK)
         blocks = _Blocks([(lo * chunk, min(hi * chunk, batch)) for lo, hi in units], batch)
     else:
         blocks = _blocks(batch, macs_per_row, MIN_MACS_PER_BLOCK)
     with threads.one_blas_thread():
-        kernel(blocks, chunk)
+        kernel(*args, blocks.bounds, blocks.count, chunk)
 
 
 def _packed_recurrent_weight(lib, w_hh, transposed):
@@ -148,13 +148,9 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     # take ~1.8x as long for these shapes (benchmarks/RESULTS.md)
     w_t = _c(w_hh.T) if packed is None else None
     arrays = (acts, _c(h0), _c(c0), w_t, packed, out, cs, tanh_c)
-    args = _pointers(*arrays)
-    kernel = _kernel(lib, "lstm_forward", acts.dtype)
-
-    def rows(blocks, chunk):
-        kernel(*args, steps, batch, hidden, blocks.bounds, blocks.count, chunk)
-
-    _recurrence(rows, batch, steps * four_h * hidden, _rows_per_gemm(batch, hidden, acts.dtype, packed))
+    args = (*_pointers(*arrays), steps, batch, hidden)
+    _recurrence(_kernel(lib, "lstm_forward", acts.dtype), args, batch, steps * four_h * hidden,
+                _rows_per_gemm(batch, hidden, acts.dtype, packed))
     return out, cs, acts, tanh_c
 
 
@@ -171,17 +167,12 @@ def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_
     d_gates = np.empty((steps, batch, four_h), dtype=acts.dtype)
     dh0, dc0, dh_step = (np.empty((batch, hidden), dtype=acts.dtype) for _ in range(3))
     chunk = _rows_per_gemm(batch, hidden, acts.dtype)
-    small = chunk or _small_gemm(batch, hidden)
+    small = chunk or batch <= _small_gemm_rows(hidden, acts.dtype)
     packed = None if small else _packed_recurrent_weight(lib, w_hh, transposed=False)
     arrays = (_c(d_out), _c(dh_n), _c(dc_n), _c(acts), _c(tanh_c), _c(cs), _c(c0),
               _c(w_hh) if packed is None else None, packed, d_gates, dh0, dc0, dh_step)
-    args = _pointers(*arrays)
-    kernel = _kernel(lib, "lstm_backward", acts.dtype)
-
-    def rows(blocks, chunk):
-        kernel(*args, steps, batch, hidden, blocks.bounds, blocks.count, chunk)
-
-    _recurrence(rows, batch, steps * four_h * hidden, chunk)
+    args = (*_pointers(*arrays), steps, batch, hidden)
+    _recurrence(_kernel(lib, "lstm_backward", acts.dtype), args, batch, steps * four_h * hidden, chunk)
     return d_gates, dh0, dc0, _ref.recurrent_weight_grad(xp, d_gates, h0, out)
 
 
