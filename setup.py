@@ -1,4 +1,4 @@
-"""The compiled CPU kernels (disttrain/kernels_cpu/native.cpp), built when disttrain is installed.
+"""The compiled CPU kernels (disttrain/kernels_cpu/*.cpp), built when disttrain is installed.
 
 Metadata lives in pyproject.toml; this file only declares the extension, which setuptools does not yet
 take from pyproject.toml without an experimental flag. `optional=True`: without a C++ compiler the
@@ -8,8 +8,8 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "disttrain.kernels_cpu._native",
-    sources=["disttrain/kernels_cpu/native.cpp", "disttrain/kernels_cpu/team.cpp"],
-    depends=["disttrain/kernels_cpu/simd_math.h", "disttrain/kernels_cpu/team.h"],
+    sources=["disttrain/kernels_cpu/native.cpp", "disttrain/kernels_cpu/attention.cpp", "disttrain/kernels_cpu/team.cpp"],
+    depends=["disttrain/kernels_cpu/clones.h", "disttrain/kernels_cpu/simd_math.h", "disttrain/kernels_cpu/team.h"],
     language="c++",
     # -fopenmp-simd: `#pragma omp simd` only; no OpenMP runtime or thread pool (the intra-op threads run the
     # row blocks). -fno-trapping-math: lets GCC turn the clamps and selects of exp/tanh into vector blends

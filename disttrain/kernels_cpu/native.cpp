@@ -1,8 +1,8 @@
-// The CPU backend's compiled kernels: the LSTM layer over a whole segment (forward and backward), the
-// fused log-softmax + cross-entropy (forward and backward), Linear's forward with its bias, the row
-// scatter-add of the embedding backward, the Transformer's GELU, softmax and LayerNorm, and the multi-tensor
-// passes of gradient clipping and the optimizers (their own sections below). Layouts and arithmetic are those of
-// disttrain/tensor/kernels_numpy.py, the reference these are tested against.
+// The CPU backend's compiled kernels (attention's are in attention.cpp): the LSTM layer over a whole segment
+// (forward and backward), the fused log-softmax + cross-entropy (forward and backward), Linear's forward with its
+// bias, the row scatter-add of the embedding backward, the Transformer's GELU, softmax and LayerNorm, and the
+// multi-tensor passes of gradient clipping and the optimizers (their own sections below). Layouts and arithmetic
+// are those of disttrain/tensor/kernels_numpy.py, the reference these are tested against.
 //
 // Every kernel works on a block of rows [lo, hi) (batch rows for the LSTM, logit rows for the
 // cross-entropy) and touches nothing outside it, so each exported kernel takes a list of blocks and runs
@@ -19,15 +19,9 @@
 #include <cstring>
 #include <type_traits>
 
+#include "clones.h"
 #include "simd_math.h"
 #include "team.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// one build that runs on every x86-64 CPU and uses AVX-512 or AVX2 + FMA where the CPU has them
-#define DT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define DT_CLONES
-#endif
 
 namespace {
 

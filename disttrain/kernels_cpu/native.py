@@ -59,6 +59,8 @@ _SIGNATURES = {
     "dt_foreach_scale_{s}": [_P, _P, _I64, ctypes.c_double] + _BLOCKS,
     "dt_foreach_sgd_{s}": [_P] * 5 + [_I64] + [ctypes.c_double] * 4 + [ctypes.c_int] * 2 + _BLOCKS,
     "dt_foreach_adam_{s}": [_P] * 8 + [_I64] + [ctypes.c_double] * 5 + [ctypes.c_int] * 2 + _BLOCKS,
+    "dt_attention_forward_{s}": [_P] * 7 + [_I64, _P, ctypes.c_double, ctypes.c_int] + _BLOCKS,
+    "dt_attention_backward_{s}": [_P] * 11 + [_I64, _P, ctypes.c_double, ctypes.c_int] + _BLOCKS,
 }
 # built for float32 only: float64 (the gradient checks' dtype) keeps the reference's arithmetic, see wrappers.py
 FLOAT32_ONLY = ("dt_gelu_forward_{s}", "dt_gelu_backward_{s}")

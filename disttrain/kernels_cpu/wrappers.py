@@ -1,7 +1,7 @@
 """The CPU backend's kernel table with the compiled hot paths: kernels_numpy's names and signatures, the
 LSTM layer, the cross-entropy, Linear's forward, the row scatter-add, the Transformer's GELU, softmax and
 LayerNorm and the multi-tensor norms, scale_, foreach_sgd_step and foreach_adam_step running native.cpp,
-everything else kernels_numpy's own function.
+scaled dot-product attention running attention.cpp, everything else kernels_numpy's own function.
 
 Each wrapper makes its inputs C-contiguous, allocates the outputs and calls the compiled kernel once with
 its row blocks (disttrain.tensor.threads.row_blocks: one per intra-op thread worth its hand-off), which the
@@ -20,7 +20,7 @@ import numpy as np
 
 from disttrain.kernels_cpu import native
 from disttrain.tensor import kernels_numpy as _ref
-from disttrain.tensor import threads
+from disttrain.tensor import layout, threads
 
 # A batch block of the recurrence is worth a thread hand-off (tens of microseconds) from about this many
 # multiply-adds of its GEMMs (a few hundred microseconds of work).
@@ -325,6 +325,97 @@ def _by_elements(kernel, size, *arrays):
     """kernel(*pointers, blocks) over element blocks of C-contiguous arrays, side by side."""
     blocks = _blocks(size, 1)
     kernel(*_pointers(*arrays), blocks.bounds, blocks.count)
+
+
+# ---- scaled dot-product attention ----------------------------------------------------------------------
+
+def attention_forward(xp, q, k, v, scale, causal):
+    """kernels_numpy.attention_forward, compiled (attention.cpp): each problem (a leading index) whole on one
+    thread, its scores and probabilities in the cache; q, k and v may be strided views (rows contiguous), and
+    the output takes q's axis order, so a view of a projection's output goes in and out without a copy."""
+    lib = _compiled(xp, q, k, v)
+    if lib is None or not _attention_shapes_fit(q, k, v):
+        return _ref.attention_forward(xp, q, k, v, scale, causal)
+    out = _empty_in_layout_of(q, q.shape[:-1] + v.shape[-1:])
+    lse = np.empty(q.shape[:-1], dtype=q.dtype)
+    strided = _Matrices(q, k, v, out)
+    blocks = _attention_blocks(strided.problems, q, k, v)
+    _kernel(lib, "attention_forward", q.dtype)(
+        *strided.pointers, lse.ctypes.data, strided.offsets_pointer, strided.rows_pointer, strided.problems,
+        _attention_dims(q, k, v).ctypes.data, float(scale), int(causal), blocks.bounds, blocks.count)
+    return out, lse
+
+
+def attention_backward(xp, grad_out, q, k, v, out, saved, scale, causal):
+    """kernels_numpy.attention_backward, compiled: each problem's probabilities recomputed from the row
+    log-sum-exp (`saved`), its dK and dV summed in the thread's cache; the gradients take q's, k's and v's
+    axis orders."""
+    lse = saved
+    lib = _compiled(xp, grad_out, q, k, v, out, lse)
+    if lib is None or not _attention_shapes_fit(q, k, v) or grad_out.shape != out.shape or lse.shape != q.shape[:-1]:
+        return _ref.attention_backward(xp, grad_out, q, k, v, out, lse, scale, causal)
+    grads = tuple(_empty_in_layout_of(a, a.shape) for a in (q, k, v))
+    strided = _Matrices(q, k, v, out, grad_out, *grads)
+    lse = _c(lse)
+    blocks = _attention_blocks(strided.problems, q, k, v)
+    q_, k_, v_, out_, grad_out_, dq, dk, dv = strided.pointers
+    _kernel(lib, "attention_backward", q.dtype)(
+        q_, k_, v_, out_, lse.ctypes.data, grad_out_, dq, dk, dv, strided.offsets_pointer, strided.rows_pointer,
+        strided.problems, _attention_dims(q, k, v).ctypes.data, float(scale), int(causal), blocks.bounds,
+        blocks.count)
+    return grads
+
+
+def _attention_shapes_fit(q, k, v):
+    return (q.ndim >= 2 and q.ndim == k.ndim == v.ndim and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+            and q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2])
+
+
+def _attention_dims(q, k, v):
+    return np.array([q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]], dtype=np.int64)
+
+
+def _attention_blocks(problems, q, k, v):
+    """Blocks of problems, each problem worth its multiply-adds (L S (E + Ev) each way)."""
+    return _blocks(problems, q.shape[-2] * k.shape[-2] * (q.shape[-1] + v.shape[-1]), MIN_MACS_PER_BLOCK)
+
+
+def _empty_in_layout_of(a, shape):
+    """An uninitialised array of `shape` (a's number of axes) laid out in memory as a is: the output or gradient
+    of a transposed view then transposes back (to a projection's rows) without a copy."""
+    return layout.empty_in_order(np, shape, a.dtype, layout.axis_order(a))
+
+
+class _Matrices:
+    """Arrays (..., rows, cols) with the same leading axes as attention.cpp's Strided takes them: `pointers`
+    (each array's first element), `offsets_pointer` (per array, its matrices' element offsets, one per
+    leading index), `rows_pointer` (per array, its row stride in elements) and `problems` (the leading
+    indices). An array whose rows are not contiguous, or whose strides are negative, is copied first; the
+    object keeps every array it points at alive."""
+
+    def __init__(self, *arrays):
+        self.arrays = [self._rows_contiguous(a) for a in arrays]
+        self.problems = int(np.prod(arrays[0].shape[:-2], dtype=np.int64))
+        self.pointers = _pointers(*self.arrays)
+        self.offsets = np.concatenate([self._offsets(a) for a in self.arrays])
+        self.rows = np.array([a.strides[-2] // a.itemsize for a in self.arrays], dtype=np.int64)
+        self.offsets_pointer, self.rows_pointer = self.offsets.ctypes.data, self.rows.ctypes.data
+
+    @staticmethod
+    def _rows_contiguous(a):
+        item = a.itemsize
+        if any(s < 0 or s % item for s in a.strides) or (a.shape[-1] > 1 and a.strides[-1] != item):
+            return np.ascontiguousarray(a)
+        return a
+
+    @staticmethod
+    def _offsets(a):
+        offsets = np.zeros(a.shape[:-2], dtype=np.int64)
+        for axis, (size, stride) in enumerate(zip(a.shape[:-2], a.strides[:-2])):
+            index_shape = [1] * (a.ndim - 2)
+            index_shape[axis] = size
+            offsets += np.arange(size, dtype=np.int64).reshape(index_shape) * (stride // a.itemsize)
+        return offsets.reshape(-1)
 
 
 # ---- Linear's forward with its bias; the embedding's scatter-add --------------------------------------

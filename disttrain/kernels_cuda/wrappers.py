@@ -462,6 +462,26 @@ def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
     return grad_x, grad_weight, grad_bias
 
 
+# ---- scaled dot-product attention --------------------------------------------------------------------------
+
+def attention_forward(xp, q, k, v, scale, causal):
+    """(out, probabilities): cuBLAS's batched GEMMs around softmax.cu's kernel; backward reads the probabilities
+    (the CPU's kernels keep the row log-sum-exp instead and recompute them: no fused attention kernel here yet)."""
+    scores = xp.matmul(q, xp.swapaxes(k, -1, -2))
+    scores *= scale
+    p = softmax_forward(xp, scores, causal)
+    return xp.matmul(p, v), p
+
+
+def attention_backward(xp, grad_out, q, k, v, out, saved, scale, causal):
+    """(dq, dk, dv) from forward's probabilities, softmax.cu's backward between cuBLAS's GEMMs."""
+    if saved.ndim != q.ndim:  # a row log-sum-exp: the reference's own forward
+        return _ref.attention_backward(xp, grad_out, q, k, v, out, saved, scale, causal)
+    ds = softmax_backward(xp, xp.matmul(grad_out, xp.swapaxes(v, -1, -2)), saved)
+    ds *= scale
+    return xp.matmul(ds, k), xp.matmul(xp.swapaxes(ds, -1, -2), q), xp.matmul(xp.swapaxes(saved, -1, -2), grad_out)
+
+
 # ---- Linear's forward ------------------------------------------------------------------------------------
 
 linear_forward = _ref.linear_forward  # cuBLAS's GEMM through CuPy, then one broadcast add: no kernel of ours

@@ -7,7 +7,7 @@ import math
 
 from disttrain import nn
 from disttrain.autograd.grad_mode import is_grad_enabled
-from disttrain.autograd.ops import dropout, masked_softmax, unbind
+from disttrain.autograd.ops import dropout, unbind
 from disttrain.checkpointing.plan import SegmentsSetting, checkpoint_sequential
 from disttrain.nn import functional as F
 from disttrain.nn import init
@@ -33,11 +33,11 @@ class CausalSelfAttention(nn.Module):
         steps, batch, width = x.shape
         size = width // self.heads
         qkv = self.in_proj(x).reshape((steps, batch, 3, self.heads, size)).transpose(2, 1, 3, 0, 4)
-        q, k, v = unbind(qkv, 0)                                        # each (B, H, T, size)
-        scores = (q * (1 / math.sqrt(size))) @ k.transpose(0, 1, 3, 2)  # (B, H, T, T)
-        weights = dropout(masked_softmax(scores, causal=True), self.dropout, self.training)
-        out = (weights @ v).transpose(2, 0, 1, 3).reshape((steps, batch, width))
-        return self.out_proj(out)
+        q, k, v = unbind(qkv, 0)  # each (B, H, T, size), views of the projection's rows
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                             is_causal=True)
+        # the compiled CPU kernel lays out `out` as q is laid out, (T, B, H, size): this reshape is then a view
+        return self.out_proj(out.transpose(2, 0, 1, 3).reshape((steps, batch, width)))
 
     def extra_repr(self):
         return f"heads={self.heads}, dropout={self.dropout}"

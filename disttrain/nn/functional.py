@@ -7,7 +7,7 @@ from disttrain.autograd import ops
 from disttrain.autograd.ops import avg_pool2d, conv2d, max_pool2d, mse_loss
 
 __all__ = ["relu", "sigmoid", "tanh", "gelu", "softmax", "log_softmax", "cross_entropy", "mse_loss", "dropout",
-           "embedding", "layer_norm", "conv2d", "max_pool2d", "avg_pool2d", "linear"]
+           "embedding", "layer_norm", "conv2d", "max_pool2d", "avg_pool2d", "linear", "scaled_dot_product_attention"]
 
 
 def relu(input):
@@ -48,6 +48,12 @@ def log_softmax(input, dim=None, axis=None):
 def cross_entropy(input, target, ignore_index=-100, reduction="mean"):
     """Logits (N, C) or (N, C, d1, ...) against int64 class indices (N,) or (N, d1, ...)."""
     return ops.cross_entropy(input, target, ignore_index=ignore_index, reduction=reduction)
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    """softmax(query key^T scale + mask) value over the last two axes, with torch's arguments (see
+    disttrain.autograd.ops.scaled_dot_product_attention)."""
+    return ops.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale)
 
 
 def dropout(input, p=0.5, training=True):

@@ -645,6 +645,43 @@ def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
     return grad_x, grad_weight, (grad_y.sum(axis=0) if with_bias else None)
 
 
+# ---- scaled dot-product attention --------------------------------------------------------------------
+
+def _attention_scores(xp, q, k, scale, causal):
+    """q k^T * scale over the last two axes, -inf where `causal` leaves key j out for query i (j > i)."""
+    scores = xp.matmul(q, xp.swapaxes(k, -1, -2))
+    scores *= scale
+    if causal:
+        scores = xp.where(xp.tri(scores.shape[-2], scores.shape[-1], dtype=bool), scores, -xp.inf)
+    return scores
+
+
+def attention_forward(xp, q, k, v, scale, causal):
+    """softmax(q k^T * scale) v: q (..., L, E), k (..., S, E), v (..., S, Ev) with the same leading axes;
+    causal: query i sees keys j <= i only (every query sees key 0, so no row is empty). Returns (out (..., L,
+    Ev), saved), saved what attention_backward reads: here lse (..., L), each query's log-sum-exp of its
+    scaled scores, from which backward recomputes the probabilities (the (L, S) probabilities are not kept)."""
+    scores = _attention_scores(xp, q, k, scale, causal)
+    top = scores.max(axis=-1, keepdims=True)
+    p = xp.exp(scores - top)
+    total = p.sum(axis=-1, keepdims=True)
+    p /= total
+    return xp.matmul(p, v), (top + xp.log(total))[..., 0]
+
+
+def attention_backward(xp, grad_out, q, k, v, out, saved, scale, causal):
+    """(dq, dk, dv) of attention_forward from its output and `saved`, the row log-sum-exp: p = exp(scores -
+    lse), and the softmax's backward takes sum_j dp_ij p_ij as sum_e grad_out_ie out_ie (the same number:
+    out = p v). (The CUDA table's forward saves the probabilities instead, and its backward reads them.)"""
+    p = xp.exp(_attention_scores(xp, q, k, scale, causal) - saved[..., None])
+    dv = xp.matmul(xp.swapaxes(p, -1, -2), grad_out)
+    ds = xp.matmul(grad_out, xp.swapaxes(v, -1, -2))
+    ds -= xp.einsum("...e,...e->...", grad_out, out)[..., None]
+    ds *= p
+    ds *= scale
+    return xp.matmul(ds, k), xp.matmul(xp.swapaxes(ds, -1, -2), q), dv
+
+
 # ---- Linear's forward --------------------------------------------------------------------------------
 
 def linear_forward(xp, x, w, bias):

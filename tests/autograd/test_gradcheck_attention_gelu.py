@@ -117,3 +117,95 @@ def test_batched_matmul_four_d(a_shape, b_shape):
     a, b = uniform(rng, a_shape), uniform(rng, b_shape)
     np.testing.assert_allclose((a @ b).numpy(), np.matmul(a.numpy(), b.numpy()), rtol=1e-14)
     check(lambda a, b: a @ b, a, b)
+
+
+# ---- scaled dot-product attention ------------------------------------------------------------------
+def attention_reference(q, k, v, scale, causal):
+    scores = q @ np.swapaxes(k, -1, -2) * scale
+    if causal:
+        scores = np.where(np.tri(scores.shape[-2], scores.shape[-1], dtype=bool), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("q_shape, k_shape, v_shape", [((2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 4)),
+                                                       ((2, 4, 3), (2, 6, 3), (2, 6, 5)),   # L < S, E != Ev
+                                                       ((6, 2), (3, 2), (3, 4))],           # L > S, no batch
+                         ids=["BHTE", "L<S", "L>S"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_scaled_dot_product_attention_gradcheck_and_values(q_shape, k_shape, v_shape, causal):
+    rng = np.random.default_rng(len(q_shape) + causal)
+    q, k, v = uniform(rng, q_shape, -2, 2), uniform(rng, k_shape, -2, 2), uniform(rng, v_shape)
+    out = ops.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "ScaledDotProductAttention"  # the fused op
+    scale = 1 / math.sqrt(q_shape[-1])
+    np.testing.assert_allclose(out.numpy(), attention_reference(q.numpy(), k.numpy(), v.numpy(), scale, causal),
+                               rtol=1e-13, atol=1e-15)
+    check(lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.7), q, k, v)
+
+
+def test_scaled_dot_product_attention_of_strided_views():
+    """q, k and v cut from one projection's rows, as the Transformer's attention takes them."""
+    rng = np.random.default_rng(5)
+    qkv = uniform(rng, (5, 2, 3, 2, 4), -2, 2)                       # (T, B, 3, H, E)
+
+    def attention(qkv):
+        q, k, v = ops.unbind(qkv.transpose(2, 1, 3, 0, 4), 0)       # each (B, H, T, E), strided
+        out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(2, 0, 1, 3).reshape((5, 2, 8))
+    q, k, v = np.moveaxis(qkv.numpy().transpose(2, 1, 3, 0, 4), 0, 0)
+    expected = attention_reference(q, k, v, 0.5, True).transpose(2, 0, 1, 3).reshape(5, 2, 8)
+    np.testing.assert_allclose(attention(qkv).numpy(), expected, rtol=1e-13, atol=1e-15)
+    check(attention, qkv)
+
+
+def test_scaled_dot_product_attention_second_order():
+    rng = np.random.default_rng(6)
+    q, k, v = uniform(rng, (2, 3, 2)), uniform(rng, (2, 4, 2)), uniform(rng, (2, 4, 3))
+    for causal in (False, True):
+        check_second_order(lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v)
+
+
+def test_scaled_dot_product_attention_fused_equals_composed():
+    """With a mask that keeps everything (or the causal triangle as a mask), the composed path runs; it gives
+    the fused op's values and gradients."""
+    rng = np.random.default_rng(7)
+    arrays = [rng.uniform(-2, 2, (2, 3, 5, 4)) for _ in range(3)]
+    results = []
+    for mask in (None, np.tri(5, 5, dtype=bool)):
+        q, k, v = (leaf(a) for a in arrays)
+        out = ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        (out * leaf(np.arange(out.numpy().size).reshape(out.shape) % 7, requires_grad=False)).sum().backward()
+        results.append([out.numpy(), q.grad.numpy(), k.grad.numpy(), v.grad.numpy()])
+    for fused, composed in zip(*results):
+        np.testing.assert_allclose(fused, composed, rtol=1e-12, atol=1e-14)
+
+
+def test_scaled_dot_product_attention_with_masks_dropout_and_broadcast_batches():
+    rng = np.random.default_rng(8)
+    q, k, v = uniform(rng, (2, 3, 4)), uniform(rng, (1, 5, 4)), uniform(rng, (1, 5, 2))   # k, v broadcast
+    keep = rng.random((3, 5)) < 0.6
+    keep[:, 0] = True
+    additive = np.where(keep, rng.uniform(-1, 1, (3, 5)), -np.inf)
+    for mask in (keep, additive):
+        check(lambda q, k, v: ops.scaled_dot_product_attention(q, k, v, attn_mask=mask), q, k, v)
+    dt.manual_seed(3)
+    dropped = ops.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    assert dropped.grad_fn is not None and type(dropped.grad_fn).__name__ != "ScaledDotProductAttention"
+    assert not np.allclose(dropped.numpy(), ops.scaled_dot_product_attention(q, k, v).numpy())
+
+
+def test_scaled_dot_product_attention_refuses_bad_arguments():
+    q, k, v = dt.randn(2, 3, 4), dt.randn(2, 5, 4), dt.randn(2, 5, 6)
+    with pytest.raises(ValueError, match="pass attn_mask or is_causal=True, not both"):
+        ops.scaled_dot_product_attention(q, k, v, attn_mask=np.ones((3, 5), bool), is_causal=True)
+    with pytest.raises(dt.autograd.OpError, match=r"query \(2, 3, 4\), key \(2, 5, 3\) and value \(2, 5, 6\) do not fit"):
+        ops.scaled_dot_product_attention(q, dt.randn(2, 5, 3), v)
+    with pytest.raises(dt.autograd.OpError, match=r"key \(2, 5, 4\) and value \(2, 4, 6\)"):
+        ops.scaled_dot_product_attention(q, k, dt.randn(2, 4, 6))
+    with pytest.raises(dt.autograd.OpError, match=r"need \(\.\.\., rows, features\) shapes, got \(4,\)"):
+        ops.scaled_dot_product_attention(dt.randn(4), k, v)
+    with pytest.raises(dt.autograd.OpError, match="dtype mismatch"):
+        ops.scaled_dot_product_attention(q, k, v.double())
+    with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\), got 1.5"):
+        ops.scaled_dot_product_attention(q, k, v, dropout_p=1.5)

@@ -197,6 +197,35 @@ def test_causal_multi_head_attention_against_scaled_dot_product_attention():
     run_both(model, [_rand(2, 3, 5, 4), _rand(2, 3, 5, 4, seed=1), _rand(2, 3, 5, 4, seed=2)])
 
 
+@pytest.mark.parametrize("shapes", [((2, 3, 5, 4), (2, 3, 5, 4), (2, 3, 5, 4)), ((2, 4, 3), (2, 6, 3), (2, 6, 5)),
+                                    ((6, 2), (3, 2), (3, 4))], ids=["BHTE", "L<S", "L>S"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_scaled_dot_product_attention(shapes, causal, scale):
+    """The fused op (no mask, no dropout), torch's is_causal triangle included where L != S."""
+    def model(L, q, k, v):
+        sdpa = F.scaled_dot_product_attention if L is Torch else dt.nn.functional.scaled_dot_product_attention
+        return sdpa(q, k, v, is_causal=causal, scale=scale)
+
+    run_both(model, [_rand(*shape, seed=i, low=-2, high=2) for i, shape in enumerate(shapes)])
+
+
+def test_scaled_dot_product_attention_with_masks():
+    """The composed path: a boolean keep mask and an additive one, broadcast over the batch."""
+    rng = np.random.default_rng(4)
+    keep = rng.random((4, 5)) < 0.6
+    keep[:, 0] = True
+    additive = np.where(keep, rng.uniform(-1, 1, (4, 5)), -np.inf)
+
+    def model(L, q, k, v, keep, additive):
+        sdpa = F.scaled_dot_product_attention if L is Torch else dt.nn.functional.scaled_dot_product_attention
+        if L is Torch:
+            additive = additive.to(torch.float64)
+        return [sdpa(q, k, v, attn_mask=keep), sdpa(q, k, v, attn_mask=additive)]
+
+    run_both(model, [_rand(2, 4, 3), _rand(2, 5, 3, seed=1), _rand(2, 5, 2, seed=2)], [keep, additive])
+
+
 # ---- single ops with their options ----------------------------------------------------------------
 def test_gelu_tanh_form():
     run_both(lambda L, x: [L.gelu(x), L.gelu(x * 5.0)], [_rand(3, 4, 2)])

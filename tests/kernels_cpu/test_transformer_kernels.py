@@ -1,5 +1,5 @@
-"""The compiled Transformer kernels (tanh GELU, softmax over the last axis, causal or not, LayerNorm)
-against the NumPy reference kernels.
+"""The compiled Transformer kernels (tanh GELU, softmax over the last axis, causal or not, LayerNorm, scaled
+dot-product attention) against the NumPy reference kernels.
 
 Tolerances. Softmax and LayerNorm, float64: the same formulas except the order of the row sums (vector lanes instead of
 NumPy's pairwise sum and einsum) and libm's exp for NumPy's: a few ulp (rtol 1e-12). float32: also our
@@ -11,6 +11,8 @@ x / (1 + exp(-2u)) against the reference's 0.5 x (1 + tanh(u)). Their difference
 reference's own error: its backward's 1 - t^2 keeps only the ulps of 1 where t is near +-1, up to ~5e-6
 on inputs of scale 3 (the compiled kernel's error there is ~7e-7), hence GELU_TOL. Against float64 math
 the compiled kernel is no less accurate than the reference (checked below).
+Attention: its products add in another order than the BLAS's, and backward's p (dp - rowdot) cancels where p is
+small, so entries are compared to the largest one (ATTENTION_TOL of it, about 3x the largest error seen).
 """
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ pytestmark = pytest.mark.skipif(native.library() is None,
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-15)}
 GELU_TOL = dict(rtol=2e-5, atol=1e-5)
+ATTENTION_TOL = {np.float32: 2e-6, np.float64: 1e-14}
 
 
 def _r(shape, dtype, seed=0, scale=1.0):
@@ -136,14 +139,84 @@ def test_row_blocks_on_two_threads_give_the_same_bits():
 
 
 def test_a_transformer_step_uses_the_compiled_kernels(kernel_calls):
-    called = kernel_calls("gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward")
+    called = kernel_calls("gelu_forward", "gelu_backward", "attention_forward", "attention_backward")
     dt.manual_seed(0)
     model = TransformerLanguageModel(11, d_model=8, heads=2, layers=2, d_ff=16, max_len=6)
     tokens = dt.tensor(np.arange(12).reshape(6, 2) % 11)
     loss, _ = model.forward_loss(tokens, tokens)
     loss.backward()
-    assert sorted(set(called)) == ["gelu_backward", "gelu_forward", "softmax_backward", "softmax_forward"]
+    assert sorted(set(called)) == ["attention_backward", "attention_forward", "gelu_backward", "gelu_forward"]
     assert len(called) == 8                                # once a block each
+
+
+# ---- scaled dot-product attention -------------------------------------------------------------------------
+
+def _projection_views(steps, batch, heads, width, dtype, seed=0):
+    """q, k, v (B, H, T, E) cut from one (T, B, 3, H, E) projection, as the Transformer's attention cuts them."""
+    return tuple(_r((steps, batch, 3, heads, width), dtype, seed, scale=2.0).transpose(2, 1, 3, 0, 4))
+
+
+ATTENTION_CASES = {
+    "model": lambda dtype: _projection_views(64, 32, 4, 32, dtype),
+    "L<S, E!=Ev": lambda dtype: (_r((2, 3, 5, 7), dtype), _r((2, 3, 9, 7), dtype, 1), _r((2, 3, 9, 4), dtype, 2)),
+    "L>S, 2-D": lambda dtype: (_r((9, 3), dtype), _r((4, 3), dtype, 1), _r((4, 40), dtype, 2)),
+    "long rows": lambda dtype: (_r((1, 70, 16), dtype), _r((1, 70, 16), dtype, 1), _r((1, 70, 33), dtype, 2)),
+    "Fortran v": lambda dtype: (_r((2, 6, 5), dtype), _r((2, 6, 5), dtype, 1), np.asfortranarray(_r((2, 6, 5), dtype, 2))),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_equals_the_numpy_kernels(num_threads, dtype, case, causal):
+    q, k, v = ATTENTION_CASES[case](dtype)
+    scale = 1 / np.sqrt(q.shape[-1])
+    out, lse = wrappers.attention_forward(np, q, k, v, scale, causal)
+    want_out, want_lse = kernels_numpy.attention_forward(np, q, k, v, scale, causal)
+    assert out.dtype == lse.dtype == dtype and out.shape == want_out.shape and lse.shape == want_lse.shape
+    _assert_attention_close(out, want_out, dtype, "out")
+    _assert_attention_close(lse, want_lse, dtype, "lse")
+    grad_out = _r(out.shape, dtype, 3)
+    grads = wrappers.attention_backward(np, grad_out, q, k, v, out, lse, scale, causal)
+    wants = kernels_numpy.attention_backward(np, grad_out, q, k, v, want_out, want_lse, scale, causal)
+    for name, got, want, like in zip("qkv", grads, wants, (q, k, v)):
+        assert got.dtype == dtype and got.shape == like.shape, name
+        _assert_attention_close(got, want, dtype, f"d{name}")
+
+
+def _assert_attention_close(got, want, dtype, what):
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype]["rtol"], atol=ATTENTION_TOL[dtype] * np.abs(want).max(),
+                               err_msg=what)
+
+
+def test_attention_output_and_gradients_take_their_inputs_layout():
+    """A view of a projection's rows comes back laid out as that projection: transposing it back is free."""
+    q, k, v = _projection_views(6, 2, 3, 4, np.float32)
+    out, lse = wrappers.attention_forward(np, q, k, v, 0.5, True)
+    assert out.transpose(2, 0, 1, 3).flags.c_contiguous and lse.flags.c_contiguous
+    for grad in wrappers.attention_backward(np, out, q, k, v, out, lse, 0.5, True):
+        assert grad.transpose(2, 0, 1, 3).flags.c_contiguous
+
+
+def test_attention_on_two_threads_gives_the_same_bits_and_odd_inputs_go_to_the_reference():
+    q, k, v = _projection_views(64, 32, 4, 32, np.float32)
+    results = []
+    for n in (1, 2):
+        before = threads.get_num_threads()
+        threads.set_num_threads(n)
+        try:
+            out, lse = wrappers.attention_forward(np, q, k, v, 0.25, True)
+            results.append([out, lse, *wrappers.attention_backward(np, out, q, k, v, out, lse, 0.25, True)])
+        finally:
+            threads.set_num_threads(before)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    broadcast = (q, k[:1], v[:1])                           # leading axes differ: the reference broadcasts
+    np.testing.assert_array_equal(wrappers.attention_forward(np, *broadcast, 0.25, False)[0],
+                                  kernels_numpy.attention_forward(np, *broadcast, 0.25, False)[0])
+    half = tuple(a.astype(np.float16) for a in (q[0, :1], k[0, :1], v[0, :1]))
+    np.testing.assert_array_equal(wrappers.attention_forward(np, *half, 0.25, True)[0],
+                                  kernels_numpy.attention_forward(np, *half, 0.25, True)[0])
 
 
 # ---- LayerNorm -------------------------------------------------------------------------------------------

@@ -239,6 +239,23 @@ def test_softmax_forward_and_backward(cp, dtype, shape, causal):
     _close(W.softmax_backward(cp, cp.array(grad_y), cp.array(y)), K.softmax_backward(np, grad_y, y), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_forward_and_backward(cp, dtype, causal):
+    """The CUDA table's attention (cuBLAS's GEMMs around softmax.cu) against the reference: the same out and
+    gradients, though it saves the probabilities where the reference saves the row log-sum-exp."""
+    q, k, v = _r((2, 3, 5, 4), dtype, scale=2.0), _r((2, 3, 6, 4), dtype, 1, scale=2.0), _r((2, 3, 6, 3), dtype, 2)
+    grad_out = _r((2, 3, 5, 3), dtype, 3)
+    out, lse = K.attention_forward(np, q, k, v, 0.5, causal)
+    on_gpu = [cp.array(a) for a in (q, k, v)]
+    got, probabilities = W.attention_forward(cp, *on_gpu, 0.5, causal)
+    _close(got, out, dtype)
+    assert probabilities.shape == (2, 3, 5, 6)
+    expected = K.attention_backward(np, grad_out, q, k, v, out, lse, 0.5, causal)
+    for g, e in zip(W.attention_backward(cp, cp.array(grad_out), *on_gpu, got, probabilities, 0.5, causal), expected):
+        _close(g, e, dtype)
+
+
 def test_softmax_rows_without_a_finite_score(cp):
     x = np.array([[-np.inf, -np.inf, -np.inf], [0.0, -np.inf, 2.0], [1000.0, 1001.0, -1000.0]], np.float32)
     for causal in (False, True):

@@ -55,8 +55,8 @@ def test_a_transformer_step_uses_the_fused_kernels(calls):
     model = TransformerLanguageModel(11, d_model=8, heads=2, layers=2, d_ff=16, max_len=6)
     tokens = dt.tensor(np.arange(12).reshape(6, 2) % 11)
     model.forward_loss(tokens, tokens)[0].backward()
-    layers = 2  # per block: a GELU and a causal softmax; two LayerNorms, and the final one
-    for name in ("gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward"):
+    layers = 2  # per block: a GELU and an attention; two LayerNorms, and the final one
+    for name in ("gelu_forward", "gelu_backward", "attention_forward", "attention_backward"):
         assert calls.count(name) == layers, name
     assert calls.count("layer_norm_forward") == calls.count("layer_norm_backward") == 2 * layers + 1
 

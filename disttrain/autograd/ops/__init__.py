@@ -1,6 +1,7 @@
 """Differentiable ops. Each Function subclass keeps forward and backward side by side;
 the lowercase functions here are the public entry points (Tensor methods call them)."""
-from disttrain.autograd.ops.attention import MaskedSoftmax, masked_softmax
+from disttrain.autograd.ops.attention import (MaskedSoftmax, ScaledDotProductAttention, masked_softmax,
+                                             scaled_dot_product_attention)
 from disttrain.autograd.ops.conv import Fold, Unfold, avg_pool2d, conv2d, max_pool2d, unfold
 from disttrain.autograd.ops.elementwise import (Abs, Add, Clip, Div, Exp, Gelu, Log, Maximum, Mul, Neg, Pow,
                                                 Relu, Sigmoid, Sub, Tanh, Where, sum_to, where)

@@ -1,7 +1,9 @@
 """Shape and data-movement ops: reshape, transpose, broadcast_to, concat, stack, split,
 indexing (gather with scatter-add backward), dtype casts and device copies."""
+from disttrain.autograd import grad_mode
 from disttrain.autograd.function import Function
-from disttrain.tensor.tensor import _raw_index
+from disttrain.tensor import layout
+from disttrain.tensor.tensor import Tensor, _raw_index
 
 
 class Reshape(Function):
@@ -71,11 +73,19 @@ class Unbind(Function):
     def forward(self, a, axis):
         self.n_outputs = a.shape[axis]
         self.axis = axis
+        self.shape, self.dtype, self.order = a.shape, a.dtype, layout.axis_order(a)
         parts = tuple(self.xp.moveaxis(a, axis, 0))
         return parts if len(parts) != 1 else parts[0]
 
     def backward(self, *grads):
-        return stack(grads, axis=self.axis)
+        if grad_mode.is_grad_enabled():  # create_graph: differentiable ops
+            return stack(grads, axis=self.axis)
+        # laid out as the input was: where that was a transposed view (attention's q, k, v cut from one
+        # projection), transposing the gradient back to the projection's rows is a view, not a copy
+        grad = layout.empty_in_order(self.xp, self.shape, self.dtype, self.order)
+        for part, g in zip(self.xp.moveaxis(grad, self.axis, 0), grads):
+            part[...] = g.data
+        return Tensor._wrap(grad)
 
 
 def unbind(a, axis=0):
