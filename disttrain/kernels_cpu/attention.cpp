@@ -94,12 +94,13 @@ inline void copy_in(Strided<const T*> a, i64 m, i64 rows, i64 cols, Scratch<T>& 
     for (i64 r = 0; r < rows; ++r) std::memcpy(out.row(r), a.at(m, r), sizeof(T) * cols);
 }
 
+// Row by row: a's rows may lie pages apart (a projection's rows, T * B * 3D elements apart), and reading down
+// its columns would touch a page per element
 template <typename T>
 inline void transpose_in(Strided<const T*> a, i64 m, i64 rows, i64 cols, Scratch<T>& out) {
-    const T* x = a.at(m, 0);
-    for (i64 c = 0; c < cols; ++c) {
-        T* y = out.row(c);
-        for (i64 r = 0; r < rows; ++r) y[r] = x[r * a.row + c];
+    for (i64 r = 0; r < rows; ++r) {
+        const T* x = a.at(m, r);
+        for (i64 c = 0; c < cols; ++c) out.data[c * out.ld + r] = x[c];
     }
 }
 
@@ -151,9 +152,45 @@ inline void product(i64 rows, const A& a, Scratch<T>& b, Scratch<T>& c, const Te
     }
 }
 
+// The sum and the maximum of a vector's lanes as a tree, halves onto halves: log2(LANES) dependent steps, where
+// adding lane after lane would be LANES of them (the cost that matters on rows this short)
+template <typename T, typename Op>
+inline T reduce_lanes(Vec<T> v, Op op) {
+    T lanes[LANES<T>];
+    std::memcpy(lanes, &v, sizeof v);
+#pragma GCC unroll 8
+    for (i64 width = LANES<T> / 2; width > 0; width /= 2) {
+#pragma GCC unroll 16
+        for (i64 l = 0; l < width; ++l) lanes[l] = op(lanes[l], lanes[l + width]);
+    }
+    return lanes[0];
+}
+
+// Sum and maximum of s[0:whole), whole a multiple of BLOCK, in vector registers (an `omp simd` reduction keeps
+// its lanes in memory, which costs more than a short row's arithmetic)
+template <typename T>
+inline T sum_blocks(const T* s, i64 whole) {
+    Vec<T> acc0 = {}, acc1 = {};
+    for (i64 j = 0; j < whole; j += BLOCK<T>) {
+        acc0 += load(s + j);
+        acc1 += load(s + j + LANES<T>);
+    }
+    return reduce_lanes<T>(acc0 + acc1, [](T a, T b) { return a + b; });
+}
+
+template <typename T>
+inline T max_blocks(const T* s, i64 whole) {
+    Vec<T> acc = load(s);
+    for (i64 j = LANES<T>; j < whole; j += LANES<T>) {
+        const Vec<T> x = load(s + j);
+        acc = x > acc ? x : acc;
+    }
+    return reduce_lanes<T>(acc, [](T a, T b) { return b > a ? b : a; });
+}
+
 // Row i's probabilities in place from its scores s[0:n): exp(scale s - shift), shift the row maximum (forward,
 // returning the log-sum-exp) or the given log-sum-exp (backward); the entries after n, to the row's end, zero.
-// The exp runs over whole blocks, the entries after n set to -inf first: a scalar loop over the tail of a
+// The passes run over whole blocks, the entries after n set to -inf first: a scalar loop over the tail of a
 // causal row would cost more than the idle lanes.
 template <typename T>
 inline T softmax_row(T* s, i64 n, i64 ld, T scale, const T* given_lse) {
@@ -161,22 +198,12 @@ inline T softmax_row(T* s, i64 n, i64 ld, T scale, const T* given_lse) {
     for (i64 j = 0; j < n; ++j) s[j] *= scale;
     const i64 whole = padded<T>(n);
     std::fill(s + n, s + whole, -INFINITY);
-    T top = -INFINITY;
-    if (given_lse) {
-        top = *given_lse;
-    } else {
-#pragma omp simd reduction(max : top)
-        for (i64 j = 0; j < n; ++j) top = s[j] > top ? s[j] : top;
-    }
-    T sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (i64 j = 0; j < whole; ++j) {
-        const T e = dt::exp_(s[j] - top);
-        s[j] = e;
-        sum += e;
-    }
+    const T top = given_lse ? *given_lse : max_blocks<T>(s, whole);
+#pragma omp simd
+    for (i64 j = 0; j < whole; ++j) s[j] = dt::exp_(s[j] - top);
     std::fill(s + whole, s + ld, T(0));
     if (given_lse) return top;
+    const T sum = sum_blocks<T>(s, whole);
     const T inv = T(1) / sum;
 #pragma omp simd
     for (i64 j = 0; j < n; ++j) s[j] *= inv;
