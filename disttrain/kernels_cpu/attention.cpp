@@ -79,6 +79,14 @@ struct Problem {
     i64 first_query(i64 j) const { return causal ? j : 0; }
 };
 
+// A matrix as the products read and write it: row r at data + r * ld, whole blocks of columns accessible
+template <typename P>
+struct Rows {
+    P data;
+    i64 ld;
+    P row(i64 r) const { return data + r * ld; }
+};
+
 // A zero-filled (rows, padded(cols)) scratch matrix: its padding stays zero, so whole blocks can be read
 template <typename T>
 struct Scratch {
@@ -86,12 +94,35 @@ struct Scratch {
     i64 ld;
     Scratch(i64 rows, i64 cols) : data(rows * padded<T>(cols), T(0)), ld(padded<T>(cols)) {}
     T* row(i64 r) { return data.data() + r * ld; }
+    Rows<T*> view() { return {data.data(), ld}; }
 };
 
-// Matrix m of a (rows, cols), or its transpose, into scratch
 template <typename T>
-inline void copy_in(Strided<const T*> a, i64 m, i64 rows, i64 cols, Scratch<T>& out) {
-    for (i64 r = 0; r < rows; ++r) std::memcpy(out.row(r), a.at(m, r), sizeof(T) * cols);
+Rows<const T*> as_const(Rows<T*> a) { return {a.data, a.ld}; }
+
+template <typename T>
+bool whole_blocks(i64 cols, i64 row_stride) { return cols % BLOCK<T> == 0 && row_stride >= cols; }
+
+// Matrix m of a (rows, cols) for the products to read: in place where its rows are whole blocks already (the
+// Transformer's heads of 32), else a padded copy in scratch
+template <typename T>
+inline Rows<const T*> blocks_of(Strided<const T*> a, i64 m, i64 rows, i64 cols, Scratch<T>& scratch) {
+    if (whole_blocks<T>(cols, a.row)) return {a.at(m, 0), a.row};
+    for (i64 r = 0; r < rows; ++r) std::memcpy(scratch.row(r), a.at(m, r), sizeof(T) * cols);
+    return {scratch.data.data(), scratch.ld};
+}
+
+// Where a product writes matrix m of `to`: in place where its rows are whole blocks, else scratch, from which
+// write_out copies it
+template <typename T>
+inline Rows<T*> target_of(Strided<T*> to, i64 m, i64 cols, Scratch<T>& scratch) {
+    return whole_blocks<T>(cols, to.row) ? Rows<T*>{to.at(m, 0), to.row} : scratch.view();
+}
+
+template <typename T>
+inline void write_out(Strided<T*> to, i64 m, i64 rows, i64 cols, Rows<T*> from) {
+    if (from.data == to.at(m, 0)) return;
+    for (i64 r = 0; r < rows; ++r) std::memcpy(to.at(m, r), from.row(r), sizeof(T) * cols);
 }
 
 // Row by row: a's rows may lie pages apart (a projection's rows, T * B * 3D elements apart), and reading down
@@ -107,7 +138,7 @@ inline void transpose_in(Strided<const T*> a, i64 m, i64 rows, i64 cols, Scratch
 // Rows r0 .. r0 + R - 1 of product() below over one range of terms and columns: R rows x two vectors of
 // accumulators, so the FMAs of one row do not wait on each other and each loaded row of b serves R rows
 template <typename T, int R, typename A>
-inline void product_rows(i64 r0, i64 lo, i64 hi, i64 width, const A& a, Scratch<T>& b, Scratch<T>& c) {
+inline void product_rows(i64 r0, i64 lo, i64 hi, i64 width, const A& a, Rows<const T*> b, Rows<T*> c) {
     for (i64 c0 = 0; c0 < width; c0 += BLOCK<T>) {
         Vec<T> acc[R][2] = {};
         for (i64 t = lo; t < hi; ++t) {
@@ -128,11 +159,11 @@ inline void product_rows(i64 r0, i64 lo, i64 hi, i64 width, const A& a, Scratch<
 }
 
 // c[r][0:cols(r)) = sum over t in [terms(r).first, terms(r).second) of a(r, t) b[t][0:cols(r)), for r < rows.
-// b and c are padded scratch (whole blocks readable and writable). Rows go four at a time over the union of
+// b and c have whole blocks of columns (padded scratch, or rows of whole blocks). Rows go four at a time over the union of
 // their ranges, so a(r, t) must be zero wherever t is outside row r's own range but inside a neighbour's, and
 // c gets whole blocks up to the widest of the four.
 template <typename T, typename A, typename Terms, typename Cols>
-inline void product(i64 rows, const A& a, Scratch<T>& b, Scratch<T>& c, const Terms& terms, const Cols& cols) {
+inline void product(i64 rows, const A& a, Rows<const T*> b, Rows<T*> c, const Terms& terms, const Cols& cols) {
     constexpr int R = 4;
     i64 r0 = 0;
     for (; r0 + R <= rows; r0 += R) {
@@ -234,14 +265,15 @@ DT_CLONES void attention_forward_problem(Strided<const T*> q, Strided<const T*> 
     const i64 L = pb.queries, S = pb.keys, E = pb.width, Ev = pb.value_width;
     auto& [kt, vs, p, o] = scratch;
     transpose_in<T>(k, m, S, E, kt);
-    copy_in<T>(v, m, S, Ev, vs);
+    const Rows<const T*> vm = blocks_of<T>(v, m, S, Ev, vs);
+    const Rows<T*> om = target_of<T>(out, m, Ev, o);
     const auto all_width = [&](i64) { return std::pair<i64, i64>(0, E); };
     const auto seen = [&](i64 i) { return pb.seen(i); };
-    product<T>(L, [&](i64 i, i64 e) { return q.at(m, i)[e]; }, kt, p, all_width, seen);
+    product<T>(L, [&](i64 i, i64 e) { return q.at(m, i)[e]; }, as_const(kt.view()), p.view(), all_width, seen);
     for (i64 i = 0; i < L; ++i) lse[m * L + i] = softmax_row<T>(p.row(i), pb.seen(i), p.ld, pb.scale, nullptr);
-    product<T>(L, [&](i64 i, i64 j) { return p.row(i)[j]; }, vs, o,
+    product<T>(L, [&](i64 i, i64 j) { return p.row(i)[j]; }, vm, om,
                [&](i64 i) { return std::pair<i64, i64>(0, pb.seen(i)); }, [&](i64) { return Ev; });
-    for (i64 i = 0; i < L; ++i) std::memcpy(out.at(m, i), o.row(i), sizeof(T) * Ev);
+    write_out<T>(out, m, L, Ev, om);
 }
 
 // P recomputed from lse; dP = dO V^T; dS = P (dP - rowdot) scale with rowdot_i = dO_i . O_i (= sum_j dP_ij P_ij);
@@ -253,24 +285,23 @@ DT_CLONES void attention_backward_problem(Strided<const T*> q, Strided<const T*>
                                           i64 m, BackwardScratch<T>& scratch) {
     const i64 L = pb.queries, S = pb.keys, E = pb.width, Ev = pb.value_width;
     auto& [qs, ks, kt, vt, gs, p, ds, grad] = scratch;
-    copy_in<T>(q, m, L, E, qs);
-    copy_in<T>(k, m, S, E, ks);
+    const Rows<const T*> qm = blocks_of<T>(q, m, L, E, qs), km = blocks_of<T>(k, m, S, E, ks);
+    const Rows<const T*> gm = blocks_of<T>(d_out, m, L, Ev, gs);
     transpose_in<T>(k, m, S, E, kt);
     transpose_in<T>(v, m, S, Ev, vt);
-    copy_in<T>(d_out, m, L, Ev, gs);
     const auto seen = [&](i64 i) { return pb.seen(i); };
     const auto keys_seen = [&](i64 i) { return std::pair<i64, i64>(0, pb.seen(i)); };
     const auto queries_seeing = [&](i64 j) { return std::pair<i64, i64>(pb.first_query(j), L); };
-    product<T>(L, [&](i64 i, i64 e) { return qs.row(i)[e]; }, kt, p, [&](i64) { return std::pair<i64, i64>(0, E); },
-               seen);
-    product<T>(L, [&](i64 i, i64 c) { return gs.row(i)[c]; }, vt, ds,
+    product<T>(L, [&](i64 i, i64 e) { return qm.row(i)[e]; }, as_const(kt.view()), p.view(),
+               [&](i64) { return std::pair<i64, i64>(0, E); }, seen);
+    product<T>(L, [&](i64 i, i64 c) { return gm.row(i)[c]; }, as_const(vt.view()), ds.view(),
                [&](i64) { return std::pair<i64, i64>(0, Ev); }, seen);
     for (i64 i = 0; i < L; ++i) {
         const i64 n = pb.seen(i);
         T* pi = p.row(i);
         softmax_row<T>(pi, n, p.ld, pb.scale, lse + m * L + i);
         const T* oi = out.at(m, i);
-        const T* gi = gs.row(i);
+        const T* gi = gm.row(i);
         T rowdot = 0;
 #pragma omp simd reduction(+ : rowdot)
         for (i64 c = 0; c < Ev; ++c) rowdot += gi[c] * oi[c];
@@ -278,15 +309,14 @@ DT_CLONES void attention_backward_problem(Strided<const T*> q, Strided<const T*>
 #pragma omp simd
         for (i64 j = 0; j < ds.ld; ++j) dsi[j] = j < n ? pi[j] * (dsi[j] - rowdot) * pb.scale : T(0);
     }
-    const auto write = [&](Strided<T*> to, i64 rows, i64 cols) {
-        for (i64 r = 0; r < rows; ++r) std::memcpy(to.at(m, r), grad.row(r), sizeof(T) * cols);
+    const auto into = [&](Strided<T*> to, i64 rows, i64 cols, auto a, Rows<const T*> b, auto terms) {
+        const Rows<T*> target = target_of<T>(to, m, cols, grad);
+        product<T>(rows, a, b, target, terms, [&](i64) { return cols; });
+        write_out<T>(to, m, rows, cols, target);
     };
-    product<T>(L, [&](i64 i, i64 j) { return ds.row(i)[j]; }, ks, grad, keys_seen, [&](i64) { return E; });
-    write(dq, L, E);
-    product<T>(S, [&](i64 j, i64 i) { return ds.row(i)[j]; }, qs, grad, queries_seeing, [&](i64) { return E; });
-    write(dk, S, E);
-    product<T>(S, [&](i64 j, i64 i) { return p.row(i)[j]; }, gs, grad, queries_seeing, [&](i64) { return Ev; });
-    write(dv, S, Ev);
+    into(dq, L, E, [&](i64 i, i64 j) { return ds.row(i)[j]; }, km, keys_seen);
+    into(dk, S, E, [&](i64 j, i64 i) { return ds.row(i)[j]; }, qm, queries_seeing);
+    into(dv, S, Ev, [&](i64 j, i64 i) { return p.row(i)[j]; }, gm, queries_seeing);
 }
 
 // offsets: one list of `problems` element offsets per array, in argument order; row: each array's row stride
