@@ -10,7 +10,8 @@
 // (B, H, T, E) cut from (T, B, 3, H, E), without a copy. With `causal`, query i sees keys j <= i only.
 //
 // The products are too small for a BLAS call to pay (64 x 64 x 32 in the Transformer LM: the call costs about
-// what the arithmetic does), so they run here, on copies padded to whole register blocks.
+// what the arithmetic does), so they run here on rows of whole register blocks: the arrays' own rows where
+// their width is a whole number of blocks (heads of 32), else copies padded to it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -159,9 +160,9 @@ inline void product_rows(i64 r0, i64 lo, i64 hi, i64 width, const A& a, Rows<con
 }
 
 // c[r][0:cols(r)) = sum over t in [terms(r).first, terms(r).second) of a(r, t) b[t][0:cols(r)), for r < rows.
-// b and c have whole blocks of columns (padded scratch, or rows of whole blocks). Rows go four at a time over the union of
-// their ranges, so a(r, t) must be zero wherever t is outside row r's own range but inside a neighbour's, and
-// c gets whole blocks up to the widest of the four.
+// b and c have whole blocks of columns (padded scratch, or rows of whole blocks). Rows go four at a time over
+// the union of their ranges, so a(r, t) must be zero wherever t is outside row r's own range but inside a
+// neighbour's, and c gets whole blocks up to the widest of the four.
 template <typename T, typename A, typename Terms, typename Cols>
 inline void product(i64 rows, const A& a, Rows<const T*> b, Rows<T*> c, const Terms& terms, const Cols& cols) {
     constexpr int R = 4;

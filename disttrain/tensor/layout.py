@@ -13,4 +13,4 @@ def axis_order(a):
 
 def empty_in_order(xp, shape, dtype, order):
     """An uninitialised array of `shape` whose axes lie in memory in `order` (as axis_order gives it)."""
-    return xp.empty([shape[axis] for axis in order], dtype=dtype).transpose(np.argsort(order))
+    return xp.empty([shape[axis] for axis in order], dtype=dtype).transpose(tuple(np.argsort(order).tolist()))

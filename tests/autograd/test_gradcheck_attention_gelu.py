@@ -199,7 +199,8 @@ def test_scaled_dot_product_attention_refuses_bad_arguments():
     q, k, v = dt.randn(2, 3, 4), dt.randn(2, 5, 4), dt.randn(2, 5, 6)
     with pytest.raises(ValueError, match="pass attn_mask or is_causal=True, not both"):
         ops.scaled_dot_product_attention(q, k, v, attn_mask=np.ones((3, 5), bool), is_causal=True)
-    with pytest.raises(dt.autograd.OpError, match=r"query \(2, 3, 4\), key \(2, 5, 3\) and value \(2, 5, 6\) do not fit"):
+    with pytest.raises(dt.autograd.OpError,
+                       match=r"query \(2, 3, 4\), key \(2, 5, 3\) and value \(2, 5, 6\) do not fit"):
         ops.scaled_dot_product_attention(q, dt.randn(2, 5, 3), v)
     with pytest.raises(dt.autograd.OpError, match=r"key \(2, 5, 4\) and value \(2, 4, 6\)"):
         ops.scaled_dot_product_attention(q, k, dt.randn(2, 4, 6))

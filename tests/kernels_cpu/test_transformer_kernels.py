@@ -161,7 +161,8 @@ ATTENTION_CASES = {
     "L<S, E!=Ev": lambda dtype: (_r((2, 3, 5, 7), dtype), _r((2, 3, 9, 7), dtype, 1), _r((2, 3, 9, 4), dtype, 2)),
     "L>S, 2-D": lambda dtype: (_r((9, 3), dtype), _r((4, 3), dtype, 1), _r((4, 40), dtype, 2)),
     "long rows": lambda dtype: (_r((1, 70, 16), dtype), _r((1, 70, 16), dtype, 1), _r((1, 70, 33), dtype, 2)),
-    "Fortran v": lambda dtype: (_r((2, 6, 5), dtype), _r((2, 6, 5), dtype, 1), np.asfortranarray(_r((2, 6, 5), dtype, 2))),
+    "Fortran v": lambda dtype: (_r((2, 6, 5), dtype), _r((2, 6, 5), dtype, 1),
+                                np.asfortranarray(_r((2, 6, 5), dtype, 2))),
 }
 
 
