@@ -210,3 +210,24 @@ def test_scaled_dot_product_attention_refuses_bad_arguments():
         ops.scaled_dot_product_attention(q, k, v.double())
     with pytest.raises(ValueError, match=r"dropout probability must be in \[0, 1\), got 1.5"):
         ops.scaled_dot_product_attention(q, k, v, dropout_p=1.5)
+
+
+def test_scaled_dot_product_attention_keeps_no_probabilities_for_backward():
+    """What the fused op holds between forward and backward is O(L) per problem (a log-sum-exp per query), where
+    the composed ops hold the (L, S) probabilities: with L = S = 256 and E = 4, 64x the inputs' rows."""
+    from disttrain.checkpointing import MemoryMeter
+
+    rng = np.random.default_rng(9)
+    q, k, v = (uniform(rng, (2, 256, 4)) for _ in range(3))
+    held = {}
+    for fused in (True, False):
+        with MemoryMeter() as meter:
+            if fused:
+                out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                out = ops.masked_softmax((q @ k.swapaxes(-1, -2)) * 0.5, causal=True) @ v
+            held[fused] = meter.live_bytes - meter.start_bytes
+            out.sum().backward()
+    probabilities = 2 * 256 * 256 * 8
+    assert held[False] >= probabilities, held
+    assert held[True] < probabilities / 8, held
