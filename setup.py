@@ -8,7 +8,8 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension(
     "disttrain.kernels_cpu._native",
-    sources=["disttrain/kernels_cpu/native.cpp", "disttrain/kernels_cpu/attention.cpp", "disttrain/kernels_cpu/team.cpp"],
+    sources=["disttrain/kernels_cpu/native.cpp", "disttrain/kernels_cpu/attention.cpp",
+             "disttrain/kernels_cpu/team.cpp"],
     depends=["disttrain/kernels_cpu/clones.h", "disttrain/kernels_cpu/simd_math.h", "disttrain/kernels_cpu/team.h"],
     language="c++",
     # -fopenmp-simd: `#pragma omp simd` only; no OpenMP runtime or thread pool (the intra-op threads run the

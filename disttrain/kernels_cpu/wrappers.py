@@ -3,16 +3,15 @@ LSTM layer, the cross-entropy, Linear's forward, the row scatter-add, the Transf
 LayerNorm and the multi-tensor norms, scale_, foreach_sgd_step and foreach_adam_step running native.cpp,
 scaled dot-product attention running attention.cpp, everything else kernels_numpy's own function.
 
-Each wrapper makes its inputs C-contiguous, allocates the outputs and calls the compiled kernel once with
-its row blocks (disttrain.tensor.threads.row_blocks: one per intra-op thread worth its hand-off), which the
-kernel runs side by side on the intra-op threads of C++ (the row-block team, team.cpp), not through
-Python's thread pool: the LSTM over blocks of the batch, with the BLAS held to one thread while the blocks
-run (each block calls it for its own rows; two levels of threads on two cores would only queue for them),
-the cross-entropy, softmax and LayerNorm over blocks of rows, the GELU and the multi-tensor passes over
-blocks of elements. Where
-no compiled kernel applies (another array module or dtype, empty arrays, the library not built) the
-wrapper runs the NumPy reference; a missing library is reported once, in one line, on stderr.
-"""
+Each wrapper makes its inputs C-contiguous (attention's: their rows), allocates the outputs and calls the
+compiled kernel once with its row blocks (disttrain.tensor.threads.row_blocks: one per intra-op thread worth
+its hand-off), which the kernel runs side by side on the intra-op threads of C++ (the row-block team,
+team.cpp), not through Python's thread pool: the LSTM over blocks of the batch, with the BLAS held to one
+thread while the blocks run (each block calls it for its own rows; two levels of threads on two cores would
+only queue for them), the cross-entropy, softmax and LayerNorm over blocks of rows, attention over blocks of
+(batch, head) problems, the GELU and the multi-tensor passes over blocks of elements. Where no compiled kernel
+applies (another array module or dtype, empty arrays, the library not built) the wrapper runs the NumPy
+reference; a missing library is reported once, in one line, on stderr."""
 import sys
 import types
 
@@ -390,8 +389,8 @@ class _Matrices:
     """Arrays (..., rows, cols) with the same leading axes as attention.cpp's Strided takes them: `pointers`
     (each array's first element), `offsets_pointer` (per array, its matrices' element offsets, one per
     leading index), `rows_pointer` (per array, its row stride in elements) and `problems` (the leading
-    indices). An array whose rows are not contiguous, or whose strides are negative, is copied first; the
-    object keeps every array it points at alive."""
+    indices). An input whose rows are not contiguous, or whose strides are negative, is copied first (the
+    outputs the wrappers allocate never are); the object keeps every array it points at alive."""
 
     def __init__(self, *arrays):
         self.arrays = [self._rows_contiguous(a) for a in arrays]
