@@ -467,6 +467,8 @@ def layer_norm_backward(xp, grad_y, x, weight, mean, rstd, with_bias=False):
 def attention_forward(xp, q, k, v, scale, causal):
     """(out, probabilities): cuBLAS's batched GEMMs around softmax.cu's kernel; backward reads the probabilities
     (the CPU's kernels keep the row log-sum-exp instead and recompute them: no fused attention kernel here yet)."""
+    if k.shape[-2] == 0:  # no keys: the reference's zeros
+        return _ref.attention_forward(xp, q, k, v, scale, causal)
     scores = xp.matmul(q, xp.swapaxes(k, -1, -2))
     scores *= scale
     p = softmax_forward(xp, scores, causal)

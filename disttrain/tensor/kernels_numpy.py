@@ -660,7 +660,10 @@ def attention_forward(xp, q, k, v, scale, causal):
     """softmax(q k^T * scale) v: q (..., L, E), k (..., S, E), v (..., S, Ev) with the same leading axes;
     causal: query i sees keys j <= i only (every query sees key 0, so no row is empty). Returns (out (..., L,
     Ev), saved), saved what attention_backward reads: here lse (..., L), each query's log-sum-exp of its
-    scaled scores, from which backward recomputes the probabilities (the (L, S) probabilities are not kept)."""
+    scaled scores, from which backward recomputes the probabilities (the (L, S) probabilities are not kept).
+    With no keys (S = 0) there is nothing to attend to: out is zeros (torch's answer too), lse -inf."""
+    if k.shape[-2] == 0:
+        return xp.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype), xp.full(q.shape[:-1], -xp.inf, dtype=q.dtype)
     scores = _attention_scores(xp, q, k, scale, causal)
     top = scores.max(axis=-1, keepdims=True)
     p = xp.exp(scores - top)

@@ -231,3 +231,17 @@ def test_scaled_dot_product_attention_keeps_no_probabilities_for_backward():
     probabilities = 2 * 256 * 256 * 8
     assert held[False] >= probabilities, held
     assert held[True] < probabilities / 8, held
+
+
+def test_scaled_dot_product_attention_with_no_queries_or_no_keys():
+    """No queries: an empty output. No keys: nothing to attend to, zeros (torch's answer), and zero gradients."""
+    for queries, keys in ((0, 3), (3, 0)):
+        q, k, v = dt.randn(2, queries, 4, requires_grad=True), dt.randn(2, keys, 4, requires_grad=True), \
+            dt.randn(2, keys, 5, requires_grad=True)
+        for causal in (False, True):
+            out = ops.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            assert out.shape == (2, queries, 5) and not out.numpy().any()
+            out.sum().backward()
+            assert q.grad.shape == q.shape and not q.grad.numpy().any()
+            assert k.grad.shape == k.shape and v.grad.shape == v.shape
+            q.grad = k.grad = v.grad = None
