@@ -136,6 +136,17 @@ DT_AVX512 void packed_block(const float* a, i64 lda, const float* panel, i64 kc,
 // stay in the L1 cache for every block of rows
 constexpr i64 PACKED_K = 256;
 
+// Rows of the block of A that starts at row r of m. Blocks of PACKED_ROWS (5) and 4 where they make up m
+// (16 rows: 4 + 4 + 4 + 4): a block of 1 to 3 rows has too few accumulators to keep both FMA units busy, so 16
+// rows as 5 + 5 + 5 + 1 took about as long as 20. Else blocks of 5 and the rest in one smaller block.
+i64 block_rows(i64 m, i64 r) {
+    static_assert(PACKED_ROWS == 5, "block_rows splits into blocks of 5 and 4");
+    const i64 blocks = (m + PACKED_ROWS - 1) / PACKED_ROWS;
+    const i64 fours = blocks * PACKED_ROWS - m;
+    if (fours <= blocks) return r < (blocks - fours) * PACKED_ROWS ? PACKED_ROWS : PACKED_ROWS - 1;
+    return m - r < PACKED_ROWS ? m - r : PACKED_ROWS;
+}
+
 // C (m x N, ldc) = A (m x K, lda) B, or C + A B (accumulate), B packed by pack_panels: per panel and slice of
 // K, blocks of PACKED_ROWS rows. Each output is one chain of multiply-adds over k (added to C after the first
 // slice of K when accumulating), the same whatever the blocks of rows.
@@ -147,17 +158,18 @@ void packed_gemm(i64 m, i64 n, i64 k, const float* a, i64 lda, const float* pack
             const i64 kc = k - k0 < PACKED_K ? k - k0 : PACKED_K;
             const float* panel = packed + j0 * k + k0 * PANEL;
             const Into into = k0 > 0 ? Into::resume : accumulate ? Into::add : Into::store;
-            i64 r = 0;
-            for (; r + PACKED_ROWS <= m; r += PACKED_ROWS)
-                packed_block<PACKED_ROWS>(a + r * lda + k0, lda, panel, kc, c + r * ldc + j0, ldc, cols, into);
-            const float* a_rest = a + r * lda + k0;
-            float* c_rest = c + r * ldc + j0;
-            switch (m - r) {
-                case 4: packed_block<4>(a_rest, lda, panel, kc, c_rest, ldc, cols, into); break;
-                case 3: packed_block<3>(a_rest, lda, panel, kc, c_rest, ldc, cols, into); break;
-                case 2: packed_block<2>(a_rest, lda, panel, kc, c_rest, ldc, cols, into); break;
-                case 1: packed_block<1>(a_rest, lda, panel, kc, c_rest, ldc, cols, into); break;
-                default: break;
+            for (i64 r = 0; r < m;) {
+                const i64 rows = block_rows(m, r);
+                const float* a_block = a + r * lda + k0;
+                float* c_block = c + r * ldc + j0;
+                switch (rows) {
+                    case 5: packed_block<5>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
+                    case 4: packed_block<4>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
+                    case 3: packed_block<3>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
+                    case 2: packed_block<2>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
+                    default: packed_block<1>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
+                }
+                r += rows;
             }
         }
     }
