@@ -16,7 +16,7 @@ import numpy as np
 
 import disttrain as dt
 from disttrain.autograd import ops
-from harness import interleaved, machine, torch_or_none
+from harness import interleaved, machine, one_thread_each, repeat, torch_or_none
 
 CALLS_PER_ROUND = 20
 
@@ -38,7 +38,7 @@ def ours(qkv, grad, fused):
             out = ops.masked_softmax((q @ k.swapaxes(-1, -2)) * scale, causal=True) @ v
         out.backward(grad)
 
-    return _repeat(step)
+    return repeat(step, CALLS_PER_ROUND)
 
 
 def theirs(torch, qkv, grad):
@@ -50,15 +50,7 @@ def theirs(torch, qkv, grad):
         q, k, v = x.permute(2, 1, 3, 0, 4).unbind(0)
         torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
 
-    return _repeat(step)
-
-
-def _repeat(step):
-    def run():
-        for _ in range(CALLS_PER_ROUND):
-            step()
-        return CALLS_PER_ROUND
-    return run
+    return repeat(step, CALLS_PER_ROUND)
 
 
 def main():
@@ -73,9 +65,7 @@ def main():
     args = parser.parse_args()
     torch = torch_or_none()
     if args.one_core:
-        dt.set_num_threads(1)
-        if torch is not None:
-            torch.set_num_threads(1)
+        one_thread_each(dt, torch)
     rng = np.random.default_rng(0)
     qkv = projection(rng, args.steps, args.batch, args.heads, args.width)
     grad = rng.standard_normal((args.batch, args.heads, args.steps, args.width)).astype(np.float32)

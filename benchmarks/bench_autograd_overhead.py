@@ -14,7 +14,7 @@ import statistics
 import time
 
 import disttrain as dt
-from harness import machine, torch_or_none
+from harness import machine, one_thread_each, torch_or_none
 
 TARGET_RATIO = 1.3
 
@@ -50,9 +50,7 @@ def main():
     if torch is not None:
         libs["pytorch"] = torch
     if args.one_core:
-        dt.set_num_threads(1)
-        if torch is not None:
-            torch.set_num_threads(1)
+        one_thread_each(dt, torch)
     clock = time.process_time if args.one_core else time.perf_counter
     load_before = os.getloadavg()[0]
     samples = {name: [] for name in libs}

@@ -38,7 +38,7 @@ import time
 
 import disttrain as dt  # first, as in `disttrain run`: it sets OpenBLAS's idle-thread wait before NumPy loads it
 import numpy as np
-from harness import interleaved, machine, torch_or_none
+from harness import interleaved, machine, one_thread_each, torch_or_none
 
 from disttrain.kernels_cpu import native
 from disttrain.tensor import backend
@@ -282,9 +282,7 @@ def main():
     spec = load_job(args.job, args.overrides)
     torch = torch_or_none()
     if args.one_core:
-        dt.set_num_threads(1)
-        if torch is not None:
-            torch.set_num_threads(1)
+        one_thread_each(dt, torch)
     if spec.model.kind not in MODELS:
         raise SystemExit(f"bench_lm_speed knows the model kinds {sorted(MODELS)}, not {spec.model.kind!r}")
     load_before = os.getloadavg()[0]

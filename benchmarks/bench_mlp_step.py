@@ -14,7 +14,7 @@ import time
 
 import disttrain as dt  # first, as in `disttrain run`: it sets OpenBLAS's idle-thread wait before NumPy loads it
 import numpy as np
-from harness import interleaved, machine, torch_or_none
+from harness import interleaved, machine, one_thread_each, repeat, torch_or_none
 
 BATCH, IN, HIDDEN, LAYERS, CLASSES = 256, 784, 1024, 3, 10
 
@@ -82,15 +82,6 @@ def gemm_weights(lib_randn):
     return [lib_randn(b, a) for a, b in zip(sizes, sizes[1:])]
 
 
-def repeat(step, n):
-    def run():
-        for _ in range(n):
-            step()
-        return n
-
-    return run
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
@@ -100,9 +91,7 @@ def main():
     args = parser.parse_args()
     torch = torch_or_none()
     if args.one_core:
-        dt.set_num_threads(1)
-        if torch is not None:
-            torch.set_num_threads(1)
+        one_thread_each(dt, torch)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, IN)).astype(np.float32)
     y = rng.integers(0, CLASSES, BATCH).astype(np.int64)

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 
 import disttrain as dt
-from harness import interleaved
+from harness import interleaved, repeat
 
 
 def make_disttrain_eager(args, segments):
@@ -109,15 +109,6 @@ def make_torch_cudnn(args, segments):
         return loss.item()
 
     return step, f"torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}"
-
-
-def repeat(step, n):
-    def run():
-        for _ in range(n):
-            step()
-        return n
-
-    return run
 
 
 def main():

@@ -22,6 +22,23 @@ def interleaved(candidates, rounds=7, warmup=1, clock=time.perf_counter):
     return {name: statistics.median(v) for name, v in rates.items()}
 
 
+def repeat(step, n):
+    """A candidate for interleaved(): step() n times, reporting n units of work."""
+    def run():
+        for _ in range(n):
+            step()
+        return n
+
+    return run
+
+
+def one_thread_each(dt, torch):
+    """Every side on one thread (--one-core): disttrain's intra-op and BLAS threads, and torch's when present."""
+    dt.set_num_threads(1)
+    if torch is not None:
+        torch.set_num_threads(1)
+
+
 def machine():
     """One line naming the machine, the BLAS settings that change GEMM speed and the GEMM kernels NumPy runs."""
     blas = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS") if k in os.environ}
