@@ -339,9 +339,10 @@ def attention_forward(xp, q, k, v, scale, causal):
     lse = np.empty(q.shape[:-1], dtype=q.dtype)
     strided = _Matrices(q, k, v, out)
     blocks = _attention_blocks(strided.problems, q, k, v)
+    dims = _attention_dims(q, k, v)  # kept alive through the call, as every array the kernel reads
     _kernel(lib, "attention_forward", q.dtype)(
         *strided.pointers, lse.ctypes.data, strided.offsets_pointer, strided.rows_pointer, strided.problems,
-        _attention_dims(q, k, v).ctypes.data, float(scale), int(causal), blocks.bounds, blocks.count)
+        dims.ctypes.data, float(scale), int(causal), blocks.bounds, blocks.count)
     return out, lse
 
 
@@ -357,11 +358,11 @@ def attention_backward(xp, grad_out, q, k, v, out, saved, scale, causal):
     strided = _Matrices(q, k, v, out, grad_out, *grads)
     lse = _c(lse)
     blocks = _attention_blocks(strided.problems, q, k, v)
+    dims = _attention_dims(q, k, v)
     q_, k_, v_, out_, grad_out_, dq, dk, dv = strided.pointers
     _kernel(lib, "attention_backward", q.dtype)(
         q_, k_, v_, out_, lse.ctypes.data, grad_out_, dq, dk, dv, strided.offsets_pointer, strided.rows_pointer,
-        strided.problems, _attention_dims(q, k, v).ctypes.data, float(scale), int(causal), blocks.bounds,
-        blocks.count)
+        strided.problems, dims.ctypes.data, float(scale), int(causal), blocks.bounds, blocks.count)
     return grads
 
 
