@@ -73,8 +73,8 @@ void gemm_row_chunks(i64 chunk, i64 m, i64 n, i64 k, const T* a, i64 lda, const 
 // ---- the recurrence's GEMMs on a packed W_hh^T (forward) or W_hh (backward) ----------------------------
 // The recurrent GEMMs are small, (rows, K) x (K, N) with rows <= the batch, and a BLAS call copies ("packs")
 // the (K, N) operand each time or runs an unpacked kernel. Packed once per layer call, in panels of
-// PANEL columns ([N / PANEL][K][PANEL], zero-padded), the product of 5 rows and a panel keeps its 10
-// AVX-512 accumulators in registers and reads each panel row once for all 5 rows. Every output is the
+// PANEL columns ([N / PANEL][K][PANEL], zero-padded), the product of up to 8 rows and a panel keeps its
+// 16 AVX-512 accumulators in registers and reads each panel row once for all 8 rows. Every output is the
 // same sequence of multiply-adds over k whatever the row blocking, so the results do not depend on how
 // the batch is split over threads. AVX-512 only (dt_packed_gemm_available); elsewhere the BLAS runs, and for
 // the backward's d_pre W_hh too where its small-matrix kernels take the shape (wrappers.lstm_layer_backward).
@@ -88,7 +88,7 @@ void gemm_row_chunks(i64 chunk, i64 m, i64 n, i64 k, const T* a, i64 lda, const 
 #endif
 
 constexpr i64 PANEL = 32;
-constexpr int PACKED_ROWS = 5;
+constexpr int PACKED_ROWS = 8;
 
 i64 packed_size(i64 k, i64 n) { return (n + PANEL - 1) / PANEL * k * PANEL; }
 
@@ -128,6 +128,19 @@ DT_AVX512 void packed_block(const float* a, i64 lda, const float* panel, i64 kc,
             for (i64 j = 0; j < PANEL; ++j) acc[r][j] += v * row[j];
         }
     }
+    if (cols == PANEL) {   // whole panels as vector stores
+        for (int r = 0; r < R; ++r) {
+            float* out = c + r * ldc;
+            if (into == Into::add) {
+#pragma omp simd
+                for (i64 j = 0; j < PANEL; ++j) out[j] += acc[r][j];
+            } else {
+#pragma omp simd
+                for (i64 j = 0; j < PANEL; ++j) out[j] = acc[r][j];
+            }
+        }
+        return;
+    }
     for (int r = 0; r < R; ++r)
         for (i64 j = 0; j < cols; ++j) c[r * ldc + j] = into == Into::add ? c[r * ldc + j] + acc[r][j] : acc[r][j];
 }
@@ -136,33 +149,38 @@ DT_AVX512 void packed_block(const float* a, i64 lda, const float* panel, i64 kc,
 // stay in the L1 cache for every block of rows
 constexpr i64 PACKED_K = 256;
 
-// Rows of the block of A that starts at row r of m. Blocks of PACKED_ROWS (5) and 4 where they make up m
-// (16 rows: 4 + 4 + 4 + 4): a block of 1 to 3 rows has too few accumulators to keep both FMA units busy, so 16
-// rows as 5 + 5 + 5 + 1 took about as long as 20. Else blocks of 5 and the rest in one smaller block.
-i64 block_rows(i64 m, i64 r) {
-    static_assert(PACKED_ROWS == 5, "block_rows splits into blocks of 5 and 4");
-    const i64 blocks = (m + PACKED_ROWS - 1) / PACKED_ROWS;
-    const i64 fours = blocks * PACKED_ROWS - m;
-    if (fours <= blocks) return r < (blocks - fours) * PACKED_ROWS ? PACKED_ROWS : PACKED_ROWS - 1;
-    return m - r < PACKED_ROWS ? m - r : PACKED_ROWS;
-}
+// m rows of A as the fewest blocks of at most PACKED_ROWS (8), as even as they go (16: 8 + 8, 10: 5 + 5,
+// 20: 7 + 7 + 6). Eight rows keep 16 accumulators busy for the two panel loads of each k; a block of 1 to 3
+// rows has too few to keep both FMA units busy. Worked out once per GEMM: the divisions cost as much as a
+// small block's arithmetic.
+struct RowBlocks {
+    i64 count, rows, larger;   // `count` blocks of `rows` rows, the first `larger` of them one row more
+    explicit RowBlocks(i64 m)
+        : count((m + PACKED_ROWS - 1) / PACKED_ROWS), rows(m / count), larger(m % count) {}
+    i64 rows_of(i64 block) const { return block < larger ? rows + 1 : rows; }
+};
 
 // C (m x N, ldc) = A (m x K, lda) B, or C + A B (accumulate), B packed by pack_panels: per panel and slice of
-// K, blocks of PACKED_ROWS rows. Each output is one chain of multiply-adds over k (added to C after the first
-// slice of K when accumulating), the same whatever the blocks of rows.
+// K, the RowBlocks of A. Each output is one chain of multiply-adds over k (added to C after the first slice of
+// K when accumulating), the same whatever the blocks of rows.
 void packed_gemm(i64 m, i64 n, i64 k, const float* a, i64 lda, const float* packed, float* c, i64 ldc,
                  bool accumulate) {
+    if (m <= 0) return;
+    const RowBlocks blocks(m);
     for (i64 j0 = 0; j0 < n; j0 += PANEL) {
         const i64 cols = n - j0 < PANEL ? n - j0 : PANEL;
         for (i64 k0 = 0; k0 < k; k0 += PACKED_K) {
             const i64 kc = k - k0 < PACKED_K ? k - k0 : PACKED_K;
             const float* panel = packed + j0 * k + k0 * PANEL;
             const Into into = k0 > 0 ? Into::resume : accumulate ? Into::add : Into::store;
-            for (i64 r = 0; r < m;) {
-                const i64 rows = block_rows(m, r);
+            for (i64 block = 0, r = 0; block < blocks.count; ++block) {
+                const i64 rows = blocks.rows_of(block);
                 const float* a_block = a + r * lda + k0;
                 float* c_block = c + r * ldc + j0;
                 switch (rows) {
+                    case 8: packed_block<8>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
+                    case 7: packed_block<7>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
+                    case 6: packed_block<6>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
                     case 5: packed_block<5>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
                     case 4: packed_block<4>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
                     case 3: packed_block<3>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
