@@ -155,9 +155,10 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
 
 def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh):
     """kernels_numpy.lstm_layer_backward, compiled: the recurrence per batch block, then dW_hh as one GEMM
-    over all steps on every BLAS thread. Each step's d_pre @ W_hh runs in the BLAS's small-matrix kernels,
-    by chunks of rows, where they take the shape; else on W_hh packed once here, where every BLAS call
-    would pack (copy) W_hh again (the char LM's H = 256: 1 MB a step)."""
+    over all steps on every BLAS thread. Each step's d_pre @ W_hh runs in one call of the BLAS's
+    small-matrix kernels where the whole batch fits them; else on W_hh packed once here, where every BLAS
+    call would pack (copy) W_hh again (the char LM's H = 256: 1 MB a step) or the batch would be cut into
+    small-matrix calls of a few rows (ptb_small's)."""
     lib = _compiled(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh)
     if lib is None:
         return _ref.lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_hh)
@@ -165,9 +166,9 @@ def lstm_layer_backward(xp, d_out, dh_n, dc_n, acts, tanh_c, out, cs, h0, c0, w_
     hidden = four_h // 4
     d_gates = np.empty((steps, batch, four_h), dtype=acts.dtype)
     dh0, dc0, dh_step = (np.empty((batch, hidden), dtype=acts.dtype) for _ in range(3))
-    chunk = _rows_per_gemm(batch, hidden, acts.dtype)
-    small = chunk or batch <= _small_gemm_rows(hidden, acts.dtype)
+    small = batch <= _small_gemm_rows(hidden, acts.dtype)
     packed = None if small else _packed_recurrent_weight(lib, w_hh, transposed=False)
+    chunk = _rows_per_gemm(batch, hidden, acts.dtype, packed)
     arrays = (_c(d_out), _c(dh_n), _c(dc_n), _c(acts), _c(tanh_c), _c(cs), _c(c0),
               _c(w_hh) if packed is None else None, packed, d_gates, dh0, dc0, dh_step)
     args = (*_pointers(*arrays), steps, batch, hidden)

@@ -95,10 +95,13 @@ def test_gemm_chunks_follow_the_small_matrix_bound(monkeypatch):
 
 
 @pytest.mark.parametrize("batch", [20, 23])
-def test_chunked_gemms_give_the_same_bits_on_any_thread_count(monkeypatch, batch):
-    # chunks of 8 rows, and thread blocks made of whole chunks: every chunk is the same BLAS call on
-    # one thread or two
+@pytest.mark.parametrize("packed", [True, False])
+def test_chunked_gemms_give_the_same_bits_on_any_thread_count(monkeypatch, batch, packed):
+    # the BLAS: chunks of 8 rows, and thread blocks made of whole chunks, so every chunk is the same BLAS
+    # call on one thread or two; where W_hh is packed (AVX-512), the packed GEMM instead
     monkeypatch.setattr(native, "small_gemm_macs", lambda: 4 * 200 * 200 * 9)
+    if not packed:
+        monkeypatch.setattr(native, "packed_gemm_available", lambda: False)
     gates_x, h0, c0, w_hh, (d_out, dh_n, dc_n) = _lstm_inputs(3, batch, 200, np.float32, seed=4)
     results = []
     for n in (1, 2):
