@@ -73,8 +73,8 @@ void gemm_row_chunks(i64 chunk, i64 m, i64 n, i64 k, const T* a, i64 lda, const 
 // ---- the recurrence's GEMMs on a packed W_hh^T (forward) or W_hh (backward) ----------------------------
 // The recurrent GEMMs are small, (rows, K) x (K, N) with rows <= the batch, and a BLAS call copies ("packs")
 // the (K, N) operand each time or runs an unpacked kernel. Packed once per layer call, in panels of
-// PANEL columns ([N / PANEL][K][PANEL], zero-padded), the product of up to 8 rows and a panel keeps its
-// 16 AVX-512 accumulators in registers and reads each panel row once for all 8 rows. Every output is the
+// PANEL columns ([N / PANEL][K][PANEL], zero-padded), the product of up to 12 rows and a panel keeps its
+// 24 AVX-512 accumulators in registers and reads each panel row once for all 12 rows. Every output is the
 // same sequence of multiply-adds over k whatever the row blocking, so the results do not depend on how
 // the batch is split over threads. AVX-512 only (dt_packed_gemm_available); elsewhere the BLAS runs, and for
 // the backward's d_pre W_hh too where its small-matrix kernels take the shape (wrappers.lstm_layer_backward).
@@ -88,7 +88,7 @@ void gemm_row_chunks(i64 chunk, i64 m, i64 n, i64 k, const T* a, i64 lda, const 
 #endif
 
 constexpr i64 PANEL = 32;
-constexpr int PACKED_ROWS = 8;
+constexpr int PACKED_ROWS = 12;
 
 i64 packed_size(i64 k, i64 n) { return (n + PANEL - 1) / PANEL * k * PANEL; }
 
@@ -145,14 +145,21 @@ DT_AVX512 void packed_block(const float* a, i64 lda, const float* panel, i64 kc,
         for (i64 j = 0; j < cols; ++j) c[r * ldc + j] = into == Into::add ? c[r * ldc + j] + acc[r][j] : acc[r][j];
 }
 
+using PackedBlock = void (*)(const float*, i64, const float*, i64, float*, i64, i64, Into);
+// packed_block<R> by its row count R
+constexpr PackedBlock PACKED_BLOCKS[PACKED_ROWS + 1] = {
+    nullptr,           packed_block<1>,  packed_block<2>, packed_block<3>, packed_block<4>,
+    packed_block<5>,   packed_block<6>,  packed_block<7>, packed_block<8>, packed_block<9>,
+    packed_block<10>,  packed_block<11>, packed_block<12>};
+
 // Rows of the panel's K a block of A's rows reads before the next block: PACKED_K * PANEL floats (32 KB)
 // stay in the L1 cache for every block of rows
 constexpr i64 PACKED_K = 256;
 
-// m rows of A as the fewest blocks of at most PACKED_ROWS (8), as even as they go (16: 8 + 8, 10: 5 + 5,
-// 20: 7 + 7 + 6). Eight rows keep 16 accumulators busy for the two panel loads of each k; a block of 1 to 3
-// rows has too few to keep both FMA units busy. Worked out once per GEMM: the divisions cost as much as a
-// small block's arithmetic.
+// m rows of A as the fewest blocks of at most PACKED_ROWS (12), as even as they go (10: one block, 16: 8 + 8,
+// 20: 10 + 10, 32: 11 + 11 + 10). Up to 12 rows keep up to 24 accumulators busy for the two panel loads of
+// each k, and read each panel from the L2 cache once for all of them; a block of 1 to 3 rows has too few to
+// keep both FMA units busy. Worked out once per GEMM: the divisions cost as much as a small block's arithmetic.
 struct RowBlocks {
     i64 count, rows, larger;   // `count` blocks of `rows` rows, the first `larger` of them one row more
     explicit RowBlocks(i64 m)
@@ -177,16 +184,7 @@ void packed_gemm(i64 m, i64 n, i64 k, const float* a, i64 lda, const float* pack
                 const i64 rows = blocks.rows_of(block);
                 const float* a_block = a + r * lda + k0;
                 float* c_block = c + r * ldc + j0;
-                switch (rows) {
-                    case 8: packed_block<8>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
-                    case 7: packed_block<7>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
-                    case 6: packed_block<6>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
-                    case 5: packed_block<5>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
-                    case 4: packed_block<4>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
-                    case 3: packed_block<3>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
-                    case 2: packed_block<2>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
-                    default: packed_block<1>(a_block, lda, panel, kc, c_block, ldc, cols, into); break;
-                }
+                PACKED_BLOCKS[rows](a_block, lda, panel, kc, c_block, ldc, cols, into);
                 r += rows;
             }
         }

@@ -325,9 +325,9 @@ def test_index_add_rows_refuses_an_index_out_of_range_before_adding():
 @pytest.mark.parametrize("steps,batch,hidden", [(20, 20, 200), (3, 7, 45), (2, 3, 300), (4, 1, 1), (3, 13, 40),
                                                (2, 32, 64), (2, 27, 40)])
 def test_packed_forward_equals_the_blas_forward(num_threads, monkeypatch, steps, batch, hidden):
-    """Own GEMM on the packed W_hh against the BLAS's: batch rows in even blocks of at most 8 (20: 7 + 7 + 6,
-    27: 7 + 7 + 7 + 6, 32: four 8s; on two threads 10: 5 + 5, 16: 8 + 8, 14: 7 + 7), a last panel narrower
-    than 32 columns, K = H sliced when over 256 (hidden 300)."""
+    """Own GEMM on the packed W_hh against the BLAS's: batch rows in even blocks of at most 12 (20: 10 + 10,
+    27: 9 + 9 + 9, 32: 11 + 11 + 10; on two threads 10: one block, 16: 8 + 8, 14: 7 + 7), a last panel
+    narrower than 32 columns, K = H sliced when over 256 (hidden 300)."""
     gates_x, h0, c0, w_hh, _ = _lstm_inputs(steps, batch, hidden, np.float32, seed=8)
     packed = wrappers.lstm_layer_forward(np, gates_x.copy(), h0, c0, w_hh)
     monkeypatch.setattr(native, "packed_gemm_available", lambda: False)
@@ -339,7 +339,7 @@ def test_packed_forward_equals_the_blas_forward(num_threads, monkeypatch, steps,
 @pytest.mark.skipif(not native.packed_gemm_available(), reason="the packed recurrent GEMM needs an AVX-512 CPU")
 @pytest.mark.parametrize("batch", [27, 32])
 def test_packed_forward_has_the_same_bits_whatever_the_row_blocks(batch):
-    """Each output is one chain of multiply-adds over k, whichever block of rows (1 thread: 27 as 7 + 7 + 7 + 6;
+    """Each output is one chain of multiply-adds over k, whichever block of rows (1 thread: 27 as 9 + 9 + 9;
     2 threads: 7 + 7 and 7 + 6) computed it."""
     gates_x, h0, c0, w_hh, _ = _lstm_inputs(3, batch, 40, np.float32, seed=10)
     results = []
