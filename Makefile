@@ -60,6 +60,8 @@ bench: $(VENV)/.test
 	$(PY) benchmarks/bench_lm_speed.py --steps 20 --rounds 9
 	$(PY) benchmarks/bench_lm_speed.py --job jobs/charlm.toml --steps 5 --rounds 9
 	$(PY) benchmarks/bench_lm_speed.py --job jobs/charlm_transformer.toml --steps 5 --rounds 9
+	$(PY) benchmarks/bench_lstm_layer.py
+	$(PY) benchmarks/bench_attention.py
 	$(PY) benchmarks/bench_checkpoint_budget.py
 	$(PY) benchmarks/bench_largest_transformer.py
 	$(PY) benchmarks/bench_host_allocator.py
