@@ -77,7 +77,7 @@ void gemm_row_chunks(i64 chunk, i64 m, i64 n, i64 k, const T* a, i64 lda, const 
 // 24 AVX-512 accumulators in registers and reads each panel row once for all 12 rows. Every output is the
 // same sequence of multiply-adds over k whatever the row blocking, so the results do not depend on how
 // the batch is split over threads. AVX-512 only (dt_packed_gemm_available); elsewhere the BLAS runs, and for
-// the backward's d_pre W_hh too where its small-matrix kernels take the shape (wrappers.lstm_layer_backward).
+// the backward's d_pre W_hh too where the whole batch fits its small-matrix kernels (wrappers.lstm_layer_backward).
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DT_PACKED_GEMM 1
@@ -159,7 +159,7 @@ constexpr i64 PACKED_K = 256;
 // m rows of A as the fewest blocks of at most PACKED_ROWS (12), as even as they go (10: one block, 16: 8 + 8,
 // 20: 10 + 10, 32: 11 + 11 + 10). Up to 12 rows keep up to 24 accumulators busy for the two panel loads of
 // each k, and read each panel from the L2 cache once for all of them; a block of 1 to 3 rows has too few to
-// keep both FMA units busy. Worked out once per GEMM: the divisions cost as much as a small block's arithmetic.
+// keep both FMA units busy. Worked out once per GEMM, not for every panel and slice of K (integer divisions).
 struct RowBlocks {
     i64 count, rows, larger;   // `count` blocks of `rows` rows, the first `larger` of them one row more
     explicit RowBlocks(i64 m)
