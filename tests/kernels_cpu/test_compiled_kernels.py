@@ -338,15 +338,17 @@ def test_packed_forward_equals_the_blas_forward(num_threads, monkeypatch, steps,
 
 @pytest.mark.skipif(not native.packed_gemm_available(), reason="the packed recurrent GEMM needs an AVX-512 CPU")
 @pytest.mark.parametrize("batch", [27, 32])
-def test_packed_forward_has_the_same_bits_whatever_the_row_blocks(batch):
+def test_packed_forward_has_the_same_bits_whatever_the_row_blocks(monkeypatch, batch):
     """Each output is one chain of multiply-adds over k, whichever block of rows (1 thread: 27 as 9 + 9 + 9;
     2 threads: 7 + 7 and 7 + 6) computed it."""
+    monkeypatch.setattr(wrappers, "MIN_MACS_PER_BLOCK", 1)           # split even this small layer
     gates_x, h0, c0, w_hh, _ = _lstm_inputs(3, batch, 40, np.float32, seed=10)
     results = []
     for n in (1, 2):
         before = threads.get_num_threads()
         threads.set_num_threads(n)
         try:
+            assert len(threads.row_blocks(batch, 1, 1)) == n           # the batch is split n ways
             results.append(wrappers.lstm_layer_forward(np, gates_x.copy(), h0, c0, w_hh))
         finally:
             threads.set_num_threads(before)
