@@ -10,13 +10,12 @@ interleaved rounds) and the ratios; `--one-core` runs every side on one thread, 
 import argparse
 import math
 import os
-import time
 
 import numpy as np
 
 import disttrain as dt
 from disttrain.autograd import ops
-from harness import interleaved, machine, one_thread_each, repeat, torch_or_none
+from harness import add_one_core_flag, interleaved, machine, one_core_clock, repeat, torch_or_none
 
 CALLS_PER_ROUND = 20
 
@@ -60,12 +59,10 @@ def main():
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--width", type=int, default=32, help="features per head (E)")
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--one-core", action="store_true",
-                        help="every side on one thread, timed by this process's CPU time (busy machines)")
+    add_one_core_flag(parser)
     args = parser.parse_args()
     torch = torch_or_none()
-    if args.one_core:
-        one_thread_each(dt, torch)
+    clock = one_core_clock(args, dt, torch)
     rng = np.random.default_rng(0)
     qkv = projection(rng, args.steps, args.batch, args.heads, args.width)
     grad = rng.standard_normal((args.batch, args.heads, args.steps, args.width)).astype(np.float32)
@@ -73,7 +70,6 @@ def main():
     if torch is not None:
         candidates["pytorch"] = theirs(torch, qkv, grad)
     load_before = os.getloadavg()[0]
-    clock = time.process_time if args.one_core else time.perf_counter
     rates = interleaved(candidates, rounds=args.rounds, clock=clock)
     load_after = os.getloadavg()[0]
     print(f"causal attention, q k v ({args.batch}, {args.heads}, {args.steps}, {args.width}) float32 views of one "

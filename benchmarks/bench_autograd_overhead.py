@@ -11,10 +11,9 @@ this process's CPU time, which other processes disturb far less than wall time.
 import argparse
 import os
 import statistics
-import time
 
 import disttrain as dt
-from harness import machine, one_thread_each, torch_or_none
+from harness import add_one_core_flag, machine, one_core_clock, torch_or_none
 
 TARGET_RATIO = 1.3
 
@@ -42,16 +41,13 @@ def main():
     parser.add_argument("--ops", type=int, default=100, help="ops per graph (multiple of 4)")
     parser.add_argument("--graphs", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--one-core", action="store_true",
-                        help="both sides on one thread, timed by this process's CPU time (busy machines)")
+    add_one_core_flag(parser)
     args = parser.parse_args()
     libs = {"disttrain": dt}
     torch = torch_or_none()
     if torch is not None:
         libs["pytorch"] = torch
-    if args.one_core:
-        one_thread_each(dt, torch)
-    clock = time.process_time if args.one_core else time.perf_counter
+    clock = one_core_clock(args, dt, torch)
     load_before = os.getloadavg()[0]
     samples = {name: [] for name in libs}
     for r in range(args.rounds + 1):

@@ -38,7 +38,7 @@ import time
 
 import disttrain as dt  # first, as in `disttrain run`: it sets OpenBLAS's idle-thread wait before NumPy loads it
 import numpy as np
-from harness import interleaved, machine, one_thread_each, torch_or_none
+from harness import add_one_core_flag, interleaved, machine, one_core_clock, torch_or_none
 
 from disttrain.kernels_cpu import native
 from disttrain.tensor import backend
@@ -271,8 +271,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="TBPTT segments per timed round")
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--paths", default="trainer,nn", help="which disttrain loops: trainer, nn or both")
-    parser.add_argument("--one-core", action="store_true",
-                        help="every side on one thread, timed by this process's CPU time (busy machines)")
+    add_one_core_flag(parser)
     parser.add_argument("--retain-freed-memory", action="store_true",
                         help="glibc keeps freed memory, as `disttrain run` sets it (process-wide: PyTorch too)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -281,8 +280,7 @@ def main():
         raise SystemExit("--retain-freed-memory: not set (not glibc, or MALLOC_* / LD_PRELOAD chose the allocator)")
     spec = load_job(args.job, args.overrides)
     torch = torch_or_none()
-    if args.one_core:
-        one_thread_each(dt, torch)
+    clock = one_core_clock(args, dt, torch)
     if spec.model.kind not in MODELS:
         raise SystemExit(f"bench_lm_speed knows the model kinds {sorted(MODELS)}, not {spec.model.kind!r}")
     load_before = os.getloadavg()[0]
@@ -298,7 +296,7 @@ def main():
     if torch is not None:
         candidates["pytorch"] = torch_runner(torch, spec, vocab, segments)
     candidates["numpy GEMM"] = gemm_runner(largest)
-    rates = interleaved(candidates, rounds=args.rounds, clock=time.process_time if args.one_core else time.perf_counter)
+    rates = interleaved(candidates, rounds=args.rounds, clock=clock)
     gemm_rate = rates.pop("numpy GEMM")
     limit = gemm_rate / flops_per_token
     load_after = os.getloadavg()[0]

@@ -12,12 +12,11 @@ kernels": the packed W_hh).
 """
 import argparse
 import os
-import time
 
 import numpy as np
 
 import disttrain as dt
-from harness import interleaved, machine, one_thread_each, repeat, torch_or_none
+from harness import add_one_core_flag, interleaved, machine, one_core_clock, repeat, torch_or_none
 
 CALLS_PER_ROUND = 10
 SHAPES = {"ptb_small": (20, 20, 200, 200), "char LM": (64, 32, 64, 256)}
@@ -59,12 +58,10 @@ def theirs(torch, shape, x, grad):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--one-core", action="store_true",
-                        help="every side on one thread, timed by this process's CPU time (busy machines)")
+    add_one_core_flag(parser)
     args = parser.parse_args()
     torch = torch_or_none()
-    if args.one_core:
-        one_thread_each(dt, torch)
+    clock = one_core_clock(args, dt, torch)
     rng = np.random.default_rng(0)
     candidates = {}
     for name, shape in SHAPES.items():
@@ -73,7 +70,6 @@ def main():
         if torch is not None:
             candidates[f"pytorch {name}"] = theirs(torch, shape, x, grad)
     load_before = os.getloadavg()[0]
-    clock = time.process_time if args.one_core else time.perf_counter
     rates = interleaved(candidates, rounds=args.rounds, clock=clock)
     load_after = os.getloadavg()[0]
     print(f"one LSTM layer, forward + backward, float32; {machine()}")

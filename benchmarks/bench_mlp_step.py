@@ -10,11 +10,10 @@ NumPy's BLAS for us, torch's for PyTorch) run in the same rounds, to show what i
 """
 import argparse
 import os
-import time
 
 import disttrain as dt  # first, as in `disttrain run`: it sets OpenBLAS's idle-thread wait before NumPy loads it
 import numpy as np
-from harness import interleaved, machine, one_thread_each, repeat, torch_or_none
+from harness import add_one_core_flag, interleaved, machine, one_core_clock, repeat, torch_or_none
 
 BATCH, IN, HIDDEN, LAYERS, CLASSES = 256, 784, 1024, 3, 10
 
@@ -86,12 +85,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--one-core", action="store_true",
-                        help="both sides on one thread, timed by this process's CPU time (busy machines)")
+    add_one_core_flag(parser)
     args = parser.parse_args()
     torch = torch_or_none()
-    if args.one_core:
-        one_thread_each(dt, torch)
+    clock = one_core_clock(args, dt, torch)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((BATCH, IN)).astype(np.float32)
     y = rng.integers(0, CLASSES, BATCH).astype(np.int64)
@@ -107,7 +104,7 @@ def main():
                                                       [torch.from_numpy(w) for w in rng_weights]), args.steps)
     flops = 6 * BATCH * (IN * HIDDEN + (LAYERS - 1) * HIDDEN * HIDDEN + HIDDEN * CLASSES)  # fwd + 2x bwd GEMMs
     load_before = os.getloadavg()[0]
-    rates = interleaved(candidates, rounds=args.rounds, clock=time.process_time if args.one_core else time.perf_counter)
+    rates = interleaved(candidates, rounds=args.rounds, clock=clock)
     load_after = os.getloadavg()[0]
     print(f"MLP step, batch {BATCH}, {IN}-{'-'.join([str(HIDDEN)] * LAYERS)}-{CLASSES}, float32, SGD; {machine()}")
     gemm_rates = {name: rates.pop(name) for name in ("numpy GEMMs", "torch GEMMs") if name in rates}

@@ -39,6 +39,21 @@ def one_thread_each(dt, torch):
         torch.set_num_threads(1)
 
 
+def add_one_core_flag(parser):
+    """--one-core, for a busy machine: see one_core_clock."""
+    parser.add_argument("--one-core", action="store_true",
+                        help="every side on one thread, timed by this process's CPU time (busy machines)")
+
+
+def one_core_clock(args, dt, torch):
+    """The clock for interleaved(): with --one-core every side on one thread (one_thread_each) and this process's
+    CPU time, blind to waits for a busy machine's cores; else wall time."""
+    if args.one_core:
+        one_thread_each(dt, torch)
+        return time.process_time
+    return time.perf_counter
+
+
 def machine():
     """One line naming the machine, the BLAS settings that change GEMM speed and the GEMM kernels NumPy runs."""
     blas = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OMP_NUM_THREADS") if k in os.environ}
