@@ -13,7 +13,8 @@ import numpy as np
 
 import disttrain as dt
 from disttrain.cli import preflight
-from disttrain.cli.run import _fail, _load_spec, _report
+from disttrain.cli.common import fail, load_job_for, report_final
+from disttrain.cli.exit_codes import EXIT_DONE
 from disttrain.paramserver.sharding import Layout
 from disttrain.paramserver.snapshot import SnapshotError, load_snapshot
 from disttrain.train.saving import CheckpointError, holds_checkpoint, load_checkpoint
@@ -28,16 +29,16 @@ SNAPSHOT_DIR = "ps-snapshots"        # where ps-cluster's servers write theirs
 def evaluate(args):
     """disttrain eval JOB.toml --checkpoint PATH [--set k=v ...] [--device cpu|cuda]."""
     try:
-        spec = _load_spec(args, "eval")
+        spec = load_job_for(args, "eval")
         preflight.check_job_file(args.job)
         trainer = Trainer.from_job(spec, progress=False)
         loaded = _load_weights(trainer, args.checkpoint)
     except (JobSpecError, CheckpointError, SnapshotError) as exc:
-        return _fail("eval", exc)
+        return fail("eval", exc)
     print(loaded, flush=True)
     evals = {split: trainer.evaluate(split) for split in trainer.data.eval_splits}
-    _report(evals, trainer.data)
-    return 0
+    report_final(evals, trainer.data)
+    return EXIT_DONE
 
 
 def _load_weights(trainer, path):

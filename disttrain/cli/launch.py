@@ -9,7 +9,8 @@ given); after a failure the next attempt resumes from the newest checkpoint in D
 starts again), up to --max-restarts times, and says so in one line.
 
 Restarted: every failure but exit status 2 (a mistake in the job or the options: the same run would fail
-the same way) and 130 / 143 (stopped on purpose by SIGINT / SIGTERM, after a checkpoint). A hung rank ends
+the same way), 3 (the run diverged: resumed from its last checkpoint it would diverge again) and 130 / 143
+(stopped on purpose by SIGINT / SIGTERM, after a checkpoint); cli/exit_codes.py lists them. A hung rank ends
 its attempt through the watchdog ([parallel] timeout_s), so it is restarted too.
 
 World size: --restart-n M runs the restarts on M ranks instead of N (a checkpoint resumes on any number of
@@ -28,11 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+from disttrain.cli.exit_codes import EXIT_USAGE, NOT_RESTARTED
+
 __all__ = ["register", "main", "mpiexec_path", "NOT_RESTARTED"]
 
-EXIT_USAGE = 2
-NOT_RESTARTED = {0: "done", EXIT_USAGE: "a mistake in the job or options", 130: "stopped by SIGINT",
-                 143: "stopped by SIGTERM"}
 _FIRST_ATTEMPT_ONLY = ("--overwrite",)       # run options that must not reach a restart (it resumes instead)
 
 
@@ -41,7 +41,8 @@ def register(subparsers):
         "launch", help="run a job under mpiexec, restarting it from its last checkpoint after a failure",
         description="Run `disttrain run JOB` under mpiexec -n N; after a failure, run it again from its newest "
                     "checkpoint (--resume), up to --max-restarts times, on --restart-n ranks if given. Exit status "
-                    "2 (a mistake in the job or options) and 130/143 (stopped by a signal) are not restarted.",
+                    "2 (a mistake in the job or options), 3 (diverged) and 130/143 (stopped by a signal) are not "
+                    "restarted.",
         usage="disttrain launch -n N [--max-restarts R] [--restart-n M] JOB.toml [run options ...]")
     p.add_argument("-n", dest="ranks", type=_positive, required=True, metavar="N", help="ranks (mpiexec -n N)")
     p.add_argument("--max-restarts", type=_non_negative, default=3, metavar="R",

@@ -7,24 +7,20 @@
     disttrain plan JOB.toml [--ranks N] [--budget-mb X] [--set section.key=value ...]
     disttrain demo
 
-Exit status: 0 done, 1 failure, 2 unusable job file, options or checkpoint, a plan over its memory budget, or an
-output directory that holds an earlier run (the message says what and where), 3 stopped by a NaN or infinite loss, gradient norm or weight
-([train] on_nonfinite), 124 a rank did not arrive within [parallel] timeout_s, 130 / 143 stopped by SIGINT /
-SIGTERM after writing a checkpoint.
+Exit status (cli/exit_codes.py): 0 done, 1 failure, 2 unusable job file, options or checkpoint, a memory budget
+the job cannot keep (a plan over it, or a step that went over it), or an output directory that holds an earlier
+run (the message says what and where), 3 stopped by a NaN or infinite loss, gradient norm or weight ([train]
+on_nonfinite), 124 a rank did not arrive within [parallel] timeout_s, 130 / 143 stopped by SIGINT / SIGTERM after
+writing a checkpoint.
 """
 import argparse
 import sys
 
 from disttrain import trace
 from disttrain.cli import launch, plan
+from disttrain.cli.common import add_job_arguments
+from disttrain.cli.exit_codes import EXIT_USAGE
 from disttrain.paramserver import cli as ps_cli
-
-
-def _add_job_arguments(parser):
-    parser.add_argument("job", metavar="JOB.toml", help="the job spec (TOML)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one key of the job, e.g. --set optim.lr=0.5 (repeatable)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), help="where to train (overrides [train] device)")
 
 
 def build_parser():
@@ -34,12 +30,13 @@ def build_parser():
 
     run = sub.add_parser("run", help="train a job: writes metrics.jsonl, config.toml, curves.png, memory.json, "
                                      "checkpoints/",
-                         description="Train the job JOB.toml in local mode. Outputs go to DIR (default "
+                         description="Train the job JOB.toml in the mode its [parallel] mode names (local; data or pipeline under "
+                                     "mpiexec). Outputs go to DIR (default "
                                      "runs/<job name>): metrics.jsonl, config.toml (the resolved job), curves.png, "
                                      "memory.json (the memory estimate and measured peak) and checkpoints/. Ctrl-C or SIGTERM writes a checkpoint before exiting; "
                                      "--resume continues from it. A DIR that holds an earlier run's checkpoints "
                                      "needs --resume or --overwrite.")
-    _add_job_arguments(run)
+    add_job_arguments(run, device=True)
     run.add_argument("--out", metavar="DIR", help="output directory (default: runs/<job name>)")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -57,7 +54,7 @@ def build_parser():
     evaluate = sub.add_parser("eval", help="report valid/test perplexity of a checkpoint",
                               description="Evaluate the weights in a job checkpoint, or a parameter-server job's "
                                           "server snapshots, on the valid and test splits.")
-    _add_job_arguments(evaluate)
+    add_job_arguments(evaluate, device=True)
     evaluate.add_argument("--checkpoint", required=True, metavar="DIR",
                           help="a run directory (its newest checkpoint that verifies), one checkpoint directory "
                                "(DIR/checkpoints/step-NNNNNN), or parameter-server snapshots (DIR/ps-snapshots, or a "
@@ -87,7 +84,7 @@ def main(argv=None):
         return plan.main(args)
     if hasattr(args, "ps_main"):
         return ps_cli.run(args)
-    return 2
+    return EXIT_USAGE
 
 
 def _step_window(text):

@@ -32,8 +32,8 @@ from disttrain.train import memory_plan
 from disttrain.train.auto_checkpointing import plan_checkpointing
 from disttrain.train.build import build_data, build_model, build_optimizer, describe_model
 from disttrain.train.jobspec import JobSpecError, load_job
-
-EXIT_USAGE = 2
+from disttrain.cli.common import add_job_arguments, fail
+from disttrain.cli.exit_codes import EXIT_DONE, EXIT_USAGE
 
 
 def register(sub):
@@ -42,9 +42,7 @@ def register(sub):
                                       "optimizer state, activations per block, the predicted peak) from one "
                                       "profiled forward/backward of a micro-batch, without training. Exit status 2 "
                                       "when the largest rank's predicted peak exceeds the budget.")
-    plan.add_argument("job", metavar="JOB.toml", help="the job spec (TOML)")
-    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                      help="override one key of the job, e.g. --set parallel.shard_optimizer=1 (repeatable)")
+    add_job_arguments(plan, set_example="parallel.shard_optimizer=1")
     plan.add_argument("--ranks", type=int, metavar="N",
                       help="processes the job runs on (default: [parallel] stages for a pipeline, [ps] workers "
                            "for a parameter-server job, else 1)")
@@ -58,8 +56,7 @@ def main(args):
         ranks = _ranks(spec, args.ranks)
         rows, blocks, choice = estimate_ranks(spec, ranks)
     except JobSpecError as exc:
-        print(f"disttrain plan: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail("plan", exc)
     print(f"job {spec.source}: model {describe_model(spec)}; {spec.parallel.mode} mode on {ranks} "
           f"rank{'s' if ranks > 1 else ''}")
     if choice is not None:
@@ -76,7 +73,7 @@ def main(args):
         print(f"disttrain plan: error: {who} needs {worst.predicted_peak / 2**20:.1f} MiB at its predicted peak, over "
               f"{where} = {budget:g}", file=sys.stderr)
         return EXIT_USAGE
-    return 0
+    return EXIT_DONE
 
 
 def _ranks(spec, ranks):

@@ -10,46 +10,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from disttrain.cli import preflight
-from disttrain.parallel.mpi_job import launched_rank, mode_for, run_context, share_cores
+from disttrain.cli.common import fail, load_job_for, report_final
+from disttrain.cli.exit_codes import EXIT_DIVERGED, EXIT_DONE, EXIT_FAILURE, EXIT_SIGNAL, EXIT_USAGE
+from disttrain.parallel.mpi_job import mode_for, run_context, share_cores
 from disttrain.tensor.threads import blas_kernel_note
 from disttrain.train.build import describe_data, describe_model
-from disttrain.train.jobspec import JobSpecError, load_job
+from disttrain.train.jobspec import JobSpecError
 from disttrain.train.saving import CheckpointError, list_checkpoints, load_checkpoint
 from disttrain.train.loop import (MemoryBudgetExceeded, Trainer, TrainingDiverged, TrainingInterrupted,
                                   check_new_run)
 
-EXIT_USAGE = 2
-EXIT_DIVERGED = 3           # a NaN or infinity stopped the run: restarting it unchanged would diverge again
-EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
-
-
-def _load_spec(args, command):
-    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
-    spec = load_job(args.job, overrides)
-    if spec.parallel.mode == "ps" and command == "run":
-        raise JobSpecError(f'{spec.source}: [parallel] mode = "ps" is a parameter-server job: start it with '
-                           f'`disttrain ps-cluster {args.job}` (servers and workers on this machine), or ps-server and '
-                           f'ps-worker on several (docs/PARAMSERVER.md)')
-    if spec.train.device == "cuda":
-        from disttrain.tensor.backend import get_backend
-
-        try:
-            get_backend("cuda")
-        except RuntimeError as exc:
-            raise JobSpecError(f'{spec.source}: [train] device = "cuda": {exc}') from None
-    return spec
-
-
-def _fail(command, exc):
-    if launched_rank() == 0:                     # under mpiexec every rank meets the same error: say it once
-        print(f"disttrain {command}: error: {exc}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def main(args):
     """disttrain run JOB.toml [--set k=v ...] [--out DIR] [--resume | --overwrite] [--device cpu|cuda]."""
     try:
-        spec = _load_spec(args, "run")
+        spec = load_job_for(args, "run")
         out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
         data = preflight.check_run(args, spec, out)       # before anything large is allocated or MPI waits
         checkpoint = _checkpoint_to_resume(out) if args.resume else None
@@ -61,7 +37,7 @@ def main(args):
         if checkpoint is not None:
             trainer.restore(checkpoint)
     except (JobSpecError, CheckpointError) as exc:
-        return _fail("run", exc)
+        return fail("run", exc)
 
     _describe(trainer, out, checkpoint)
     start = time.perf_counter()
@@ -72,22 +48,23 @@ def main(args):
     except TrainingInterrupted as exc:
         if trainer.mode.is_main:
             print(f"{exc} in {trainer.last_checkpoint}; continue with --resume", file=sys.stderr)
-        return EXIT_SIGNAL.get(exc.signal_name, 1)
+        return EXIT_SIGNAL.get(exc.signal_name, EXIT_FAILURE)
     except TrainingDiverged as exc:
         if trainer.mode.is_main:
             print(f"disttrain run: {exc}", file=sys.stderr)
             print(_after_divergence(exc), file=sys.stderr)
         return EXIT_DIVERGED
-    except MemoryBudgetExceeded as exc:
-        print(f"disttrain run: {exc}", file=sys.stderr)
-        return 1
+    except MemoryBudgetExceeded as exc:         # every rank measures the same peak: one says it
+        if trainer.mode.is_main:
+            print(f"disttrain run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         trainer.mode.close()
     if trainer.mode.is_main:                     # under mpirun: one report, from the process that logs
-        _report(evals, trainer.data)
+        report_final(evals, trainer.data)
         print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}/ (metrics.jsonl, config.toml, "
               f"curves.png, memory.json, checkpoints/)")
-    return 0
+    return EXIT_DONE
 
 
 def _checkpoint_to_resume(out):
@@ -123,18 +100,6 @@ def _describe(trainer, out, checkpoint):
     note = blas_kernel_note() if mode.device == "cpu" else None
     if note:
         print(note, file=sys.stderr, flush=True)
-
-
-def _report(evals, data):
-    """The final line: perplexity (and bits per character) of language data, the loss of any other."""
-    splits = [split for split in data.eval_splits if split in evals]
-    if data.language:
-        parts = [f"{split} ppl {evals[split].ppl:.3f}" for split in splits]
-    else:
-        parts = [f"{split} loss {evals[split].loss:.4f}" for split in splits]
-    if getattr(data, "char_level", False):
-        parts += [f"{split} bpc {evals[split].bpc:.4f}" for split in splits]
-    print("final: " + (" | ".join(parts) or "no evaluation splits"), flush=True)
 
 
 @contextmanager

@@ -18,13 +18,8 @@ import signal
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
-
-
-def _job_arguments(parser):
-    parser.add_argument("job", metavar="JOB.toml", help="the job spec (TOML)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one key of the job, e.g. --set ps.consistency=ssp (repeatable)")
+from disttrain.cli.common import add_job_arguments, fail
+from disttrain.cli.exit_codes import EXIT_DONE, EXIT_FAILURE
 
 
 def _security_arguments(parser, client):
@@ -43,7 +38,7 @@ def register(subparsers):
                                           "machine, restart a server that dies (from its snapshot), and wait for "
                                           "the workers. Outputs in DIR (default runs/<job name>): worker 0's "
                                           "metrics.jsonl, curves.png, checkpoints/; keys/, ps-snapshots/, logs/.")
-    _job_arguments(p)
+    add_job_arguments(p, set_example="ps.consistency=ssp")
     p.add_argument("--servers", type=int, metavar="S", help="number of servers (default [ps] servers)")
     p.add_argument("--workers", type=int, metavar="W", help="number of workers (default [ps] workers)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/<job name>)")
@@ -59,7 +54,7 @@ def register(subparsers):
     p = subparsers.add_parser("ps-server", help="run one parameter server",
                               description="Serve part `--index` of the job's parameters until SIGTERM/SIGINT, "
                                           "which writes a final snapshot. Resumes from --snapshot when it exists.")
-    _job_arguments(p)
+    add_job_arguments(p, set_example="ps.consistency=ssp")
     p.add_argument("--index", type=int, required=True, metavar="I", help="this server's index, 0 <= I < S")
     p.add_argument("--servers", type=int, metavar="S", help="number of servers (default [ps] servers)")
     p.add_argument("--bind", default="tcp://127.0.0.1:0", metavar="ENDPOINT",
@@ -71,7 +66,7 @@ def register(subparsers):
 
     p = subparsers.add_parser("ps-worker", help="run one parameter-server worker",
                               description="Train as worker --id against the servers (in server-index order).")
-    _job_arguments(p)
+    add_job_arguments(p, set_example="ps.consistency=ssp")
     p.add_argument("--id", type=int, required=True, metavar="K", help="this worker's id (0 = the main worker)")
     p.add_argument("--connect", required=True, metavar="ENDPOINTS",
                    help="comma-separated server endpoints, server 0 first")
@@ -107,11 +102,6 @@ def _spec(args, **ps_overrides):
     return load_job(args.job, list(args.overrides) + extra + ["parallel.mode=ps"])
 
 
-def _fail(command, exc):
-    print(f"disttrain {command}: error: {exc}", file=sys.stderr)
-    return EXIT_USAGE
-
-
 def _usage_errors():
     from disttrain.paramserver.auth import AuthError
     from disttrain.paramserver.snapshot import SnapshotError
@@ -132,7 +122,7 @@ def server_main(args):
                                   snapshot_path=args.snapshot)
         endpoint = server.start()
     except _usage_errors() as exc:
-        return _fail("ps-server", exc)
+        return fail("ps-server", exc)
     print(f"server {args.index}/{spec.ps.servers}: listening on {endpoint} ({spec.ps.consistency}, "
           f"{len(server.keys)} parts, {sum(p.length for p in server.parts.values()):,} parameters"
           f"{', insecure' if security is None else ', CURVE'})", file=sys.stderr, flush=True)
@@ -146,7 +136,7 @@ def server_main(args):
     server.serve()
     print(f"server {args.index}: stopped after {server.updates} updates"
           + (f"; snapshot {args.snapshot}" if args.snapshot else ""), file=sys.stderr, flush=True)
-    return 0
+    return EXIT_DONE
 
 
 def _server_security(args, ServerSecurity, check_insecure_endpoint):
@@ -179,7 +169,7 @@ def worker_main(args):
         else:
             security = ClientSecurity.from_dir(args.keys, args.key_name or f"worker-{args.id}")
     except _usage_errors() as exc:
-        return _fail("ps-worker", exc)
+        return fail("ps-worker", exc)
     out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
     log = lambda text: print(text, file=sys.stderr, flush=True)     # noqa: E731
 
@@ -194,16 +184,16 @@ def worker_main(args):
                            resume=args.resume)
     except TrainingInterrupted as exc:
         print(f"worker {args.id}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except PSError as exc:
         print(f"worker {args.id}: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except CheckpointError as exc:               # --resume: no checkpoint, or one of another job
-        return _fail("ps-worker", exc)
+        return fail("ps-worker", exc)
     if args.id == 0:
         parts = [f"{split} ppl {r.ppl:.3f}" for split, r in evals.items()]
         print("final: " + " | ".join(parts), flush=True)
-    return 0
+    return EXIT_DONE
 
 
 def cluster_main(args):
@@ -216,7 +206,7 @@ def cluster_main(args):
                           overwrite=args.overwrite)
         cluster.check_run_dir()
     except _usage_errors() as exc:
-        return _fail("ps-cluster", exc)
+        return fail("ps-cluster", exc)
     return cluster.run()
 
 
@@ -226,7 +216,7 @@ def keys_main(args):
     names = [f"worker-{k}" for k in range(args.workers)] + list(args.client)
     directory = generate_keys(args.dir, names)
     print(f"keys in {directory}: server.key, server.key_secret, clients/ ({len(names)} public keys), private/")
-    return 0
+    return EXIT_DONE
 
 
 def main(argv=None):

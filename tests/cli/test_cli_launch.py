@@ -15,12 +15,12 @@ pytestmark = [pytest.mark.skipif(not mpiexec.exists(), reason="no mpiexec beside
 
 
 
-def launch(job, tmp_path, *args, fail=None):
+def launch(job, tmp_path, *args, fail=None, settings=()):
     env = {"PYTHONPATH": os.pathsep.join([str(HERE / "fault_injection"), os.environ.get("PYTHONPATH", "")]),
            "DISTTRAIN_TEST_FAIL": fail or "", "DISTTRAIN_TEST_FAIL_MARKER": str(tmp_path / "failed"),
            "OMP_NUM_THREADS": "1"}
     job_options = ["--set", "parallel.mode=data", "--set", "train.max_steps=6", "--set", "train.checkpoint_every=2",
-                   "--set", "train.log_every=1"]
+                   "--set", "train.log_every=1", *settings]
     return run_disttrain("launch", *args, job, *job_options, "--out", tmp_path / "out", timeout=240, env=env)
 
 
@@ -56,3 +56,12 @@ def test_a_mistake_in_the_job_is_not_restarted(job_file, tmp_path):
     assert done.stderr.count("[data] batch_size = 4 does not divide among the 3 ranks launched") == 1
     assert restarts(done) == ["disttrain launch: attempt 1 ended with exit status 2 (a mistake in the job or "
                               "options): not restarted"]
+
+
+def test_a_diverging_job_is_not_restarted(job_file, tmp_path):
+    done = launch(job_file, tmp_path, "-n", "2", "--max-restarts", "2",
+                  settings=("--set", "optim.lr=1e37", "--set", "train.checkpoint_every=1"))
+    assert done.returncode == 3, done.stderr
+    assert "not finite; stopped" in done.stderr
+    assert restarts(done) == ["disttrain launch: attempt 1 ended with exit status 3 (the run diverged: a restart "
+                              "would diverge again): not restarted"]

@@ -128,3 +128,11 @@ def test_a_diverging_run_stops_with_exit_3_naming_step_value_and_last_checkpoint
     text = (out / "metrics.jsonl").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text.splitlines()[-1])["step"] == step
+
+
+def test_a_step_over_the_memory_budget_stops_with_exit_2_and_is_said_once(job_file, text_file, tmp_path, capsys):
+    status = main(run_args(job_file, text_file, tmp_path / "run", "train.max_steps=3", "memory.budget_mb=0.001"))
+    err = capsys.readouterr().err
+    assert status == 2, err        # the same job would exceed it again: `disttrain launch` does not restart it
+    assert err.count("disttrain run: step 1 peaked at ") == 1, err
+    assert "over [memory] budget_mb = 0.001" in err
