@@ -18,11 +18,16 @@ import numpy as np
 from disttrain.autograd import observe
 from disttrain.autograd.grad_mode import state as _grad_mode
 from disttrain.autograd.observe import state as _observing
-from disttrain.tensor.backend import _BY_ARRAY_TYPE as _BACKENDS
+from disttrain.tensor.backend import BACKEND_OF_ARRAY_TYPE as _BACKENDS
 from disttrain.tensor.tensor import Tensor
 
-_sequence = itertools.count()
+_sequence = itertools.count()      # every recorded node's number: later nodes have larger ones
 _PLAIN = frozenset({float, int, bool, type(None), tuple, str})  # op parameters passed through as they are
+
+
+def next_sequence():
+    """A number above every recorded node's so far, below every later one's (nodes are numbered as recorded)."""
+    return next(_sequence)
 
 
 class OpError(ValueError):

@@ -107,7 +107,7 @@ def observed_apply(cls, inputs, params):
         _local.depth = depth
     stop = time.perf_counter()
     outputs = result if type(result) is tuple else (result,)
-    node = outputs[0]._node if outputs else None
+    node = outputs[0].grad_fn if outputs else None
     call = OpCall(cls, node, inputs, outputs, start, stop, depth)
     for observer in tuple(_observers):
         observer(call)

@@ -7,7 +7,7 @@ Plans (plan.py): which segments of a chain (blocks, time steps) a step keeps and
     checkpoint_sequential is run_chain over a list of modules.
 apply_activation_checkpointing (apply.py): a model's setting, by one call.
 The planner (planner.py): the plan with the least recomputation under a memory budget, from the costs that
-    a probe (probe.py) measures in one step.
+    a probe (probe.py) measures in one step; fit_to_budget (auto.py) runs both and sets the plan on a model.
 `memory` (MemoryMeter, enable, peak_bytes, reset_peak) counts live and peak array bytes.
 """
 from disttrain.checkpointing.apply import apply_activation_checkpointing

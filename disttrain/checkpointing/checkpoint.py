@@ -32,9 +32,8 @@ import threading
 from contextlib import nullcontext
 
 from disttrain.autograd import grad_mode
-from disttrain.autograd import function as _function
 from disttrain.autograd.engine import grad
-from disttrain.autograd.function import AccumulateGrad, Function, accumulator_of
+from disttrain.autograd.function import AccumulateGrad, Function, accumulator_of, next_sequence
 from disttrain.tensor import dtypes
 from disttrain.tensor.creation import zeros
 from disttrain.tensor.random import fork_rng, get_rng_state
@@ -83,7 +82,7 @@ class Checkpoint(Function):
                 targets.append(a)
             copies.append(a)
         known = list(saved[self.n_args:])
-        first_seq = next(_function._sequence)  # nodes numbered below this were not made by the recomputation
+        first_seq = next_sequence()  # nodes numbered below this were not made by the recomputation
         with grad_mode.enable_grad(), fork_rng(self.rng_state) if self.rng_state is not None else nullcontext():
             outputs, _ = _split(self.fn(*_fill(self.args, iter(copies))))
         self._check_rerun(outputs)
@@ -173,11 +172,11 @@ def _summed(roots, seeds, targets, known, reached):
     try:
         copies = {id(t) for t in targets}
         summed = [leaf for leaf in reached if id(leaf) not in copies]
-        wanted = targets + [t for t in known if t._node is not None]
+        wanted = targets + [t for t in known if not t.is_leaf]
         found = iter(grad(roots, wanted, seeds, allow_unused=True, sum_into=sums.sinks(summed)) if roots
                      else (None,) * len(wanted))
         out = tuple(next(found) for _ in targets) + tuple(
-            next(found) if t._node is not None else sums.take(t) if outermost else None for t in known)
+            next(found) if not t.is_leaf else sums.take(t) if outermost else None for t in known)
         if outermost:
             sums.accumulate_rest()
         return out
@@ -195,10 +194,10 @@ def checkpoint(fn, *args, preserve_rng_state=True):
     the first run. Backward through it with create_graph=True is not supported.
     """
     leaves, opaque = parameters_of(fn)
-    return _checkpoint(fn, args, leaves, opaque, preserve_rng_state)
+    return checkpoint_with_leaves(fn, args, leaves, opaque, preserve_rng_state)
 
 
-def _checkpoint(fn, args, leaves, opaque, preserve_rng_state):
+def checkpoint_with_leaves(fn, args, leaves, opaque, preserve_rng_state):
     """checkpoint() with the parameters fn uses given (`leaves`); `opaque`: fn may use others."""
     if not grad_mode.state.enabled:
         return fn(*args)
@@ -236,10 +235,15 @@ def _anchor(tensors):
 def parameters_of(fn):
     """(parameters, opaque): a Module's (or a Module's bound method's) parameters; else ([], True): fn may
     use leaves the caller does not know of."""
-    owner = fn if hasattr(fn, "parameters") and hasattr(fn, "_modules") else getattr(fn, "__self__", None)
-    if owner is not None and hasattr(owner, "parameters") and hasattr(owner, "_modules"):
+    owner = fn if _is_module(fn) else getattr(fn, "__self__", None)
+    if _is_module(owner):
         return list(owner.parameters()), False
     return [], True
+
+
+def _is_module(obj):
+    """Whether obj is an nn.Module (told by its methods: this layer sits below nn)."""
+    return callable(getattr(obj, "parameters", None)) and callable(getattr(obj, "named_modules", None))
 
 
 def _leaves_reached(roots, first_seq, fn):
@@ -248,10 +252,10 @@ def _leaves_reached(roots, first_seq, fn):
     in it). Iterative walk."""
     found, seen, stack, nests = {}, set(), [], False
     for r in roots:
-        if r._node is None:
+        if r.is_leaf:
             found[id(r)] = r
         else:
-            stack.append(r._node)
+            stack.append(r.grad_fn)
     while stack:
         node = stack.pop()
         if id(node) in seen:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from disttrain.autograd import grad_mode
 from disttrain.autograd.hooks import RemovableHandle
-from disttrain.checkpointing.checkpoint import _checkpoint, parameters_of
+from disttrain.checkpointing.checkpoint import checkpoint_with_leaves, parameters_of
 
 __all__ = ["Segment", "Plan", "plan_for", "segment_bounds", "check_setting", "SegmentsSetting", "run_chain",
            "checkpoint_sequential", "add_chain_watcher", "binomial_plan", "binomial_reach"]
@@ -255,7 +255,7 @@ def _run_recomputed(segment, run, carry, items, parameters, preserve, outputs):
 
     piece.__name__ = f"items {start}..{stop - 1}"
     leaves = parameters(start, stop) if callable(parameters) else parameters
-    result = _checkpoint(piece, (*carry, *items[start:stop]), list(leaves), False, preserve)
+    result = checkpoint_with_leaves(piece, (*carry, *items[start:stop]), list(leaves), False, preserve)
     outputs.extend(result[width:])
     return tuple(result[:width])
 

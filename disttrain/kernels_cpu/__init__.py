@@ -7,11 +7,14 @@ LayerNorm, one pass or one visit of each row each way; for gradient clipping and
 the scaling and the SGD and Adam updates of a whole list of arrays in one pass over all their elements.
 
     native.cpp    the kernels, C++ with a plain C ABI, built by setup.py when disttrain is installed
+    attention.cpp the Transformer's kernels (GELU, softmax, LayerNorm, scaled dot-product attention)
+    team.cpp/.h   the threads: one team for OpenBLAS's parallel jobs, one for the kernels' row blocks
     simd_math.h   exp and tanh that the compiler vectorises
+    clones.h      per-CPU builds of the hot loops (AVX2, AVX-512), picked at load
     native.py     loads the built library with ctypes and hands it NumPy's BLAS gemm
     wrappers.py   the CPU backend's kernel table: kernels_numpy's names, these kernels where they apply
 
-Why this mechanism (a C++ extension compiled at install, called through ctypes, threads from
-disttrain.tensor.threads) rather than numba or OpenMP: docs/ARCHITECTURE.md, "Compiled CPU kernels".
+Why this mechanism (a C++ extension compiled at install, called through ctypes, its threads in
+team.cpp, as many as disttrain.tensor.threads says) rather than numba or OpenMP: docs/ARCHITECTURE.md, "Compiled CPU kernels".
 $DISTTRAIN_CPU_KERNELS=numpy makes the CPU backend use the NumPy kernels instead.
 """

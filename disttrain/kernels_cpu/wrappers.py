@@ -144,7 +144,7 @@ def lstm_layer_forward(xp, gates_x, h0, c0, w_hh):
     out, cs, tanh_c = (np.empty((steps, batch, hidden), dtype=acts.dtype) for _ in range(3))
     packed = _packed_recurrent_weight(lib, w_hh, transposed=True)
     # else W_hh^T copied contiguous once per call: one-thread OpenBLAS GEMMs on the transposed view of W_hh
-    # take ~1.8x as long for these shapes (benchmarks/RESULTS.md)
+    # are much slower for these shapes (measured in benchmarks/RESULTS.md)
     w_t = _c(w_hh.T) if packed is None else None
     arrays = (acts, _c(h0), _c(c0), w_t, packed, out, cs, tanh_c)
     args = (*_pointers(*arrays), steps, batch, hidden)

@@ -15,7 +15,8 @@
                     block per row), and its backward with the row dot product fused in
     layer_norm.cu   LayerNorm forward and backward, a warp per row; the weight and bias gradients by column
     loader.py       compiles each source once per process with cupy.RawModule, caches named kernels
-    launch.py       launch configurations (pure Python, tested on the CPU)
+    random.cu       counter-based uniform random numbers (dropout masks), bit for bit kernels_numpy's
+    launch_config.py launch configurations (pure Python, tested on the CPU)
     wrappers.py     kernels_numpy's names and signatures, launching the kernels above
     graph.py        CUDA-graph capture of a steady-state training step
     emulator.py     runs the .cu kernels on the CPU for tests (C++ with emulator_runtime.h's stand-in

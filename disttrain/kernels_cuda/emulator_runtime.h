@@ -13,7 +13,7 @@
 // Atomics are plain read-modify-writes: one OS thread runs everything, in a fixed order, so an
 // emulated launch is deterministic (repeated indices are summed in thread order).
 //
-// NOTE: fibers switch with _setjmp/_longjmp (no signal-mask system call, ~20 ns) after starting once
+// NOTE: fibers switch with _setjmp/_longjmp (no signal-mask system call) after starting once
 // through makecontext; the build passes -U_FORTIFY_SOURCE so glibc's longjmp check does not refuse
 // the jump between stacks.
 #ifndef DT_EMULATOR_RUNTIME_H

@@ -4,7 +4,7 @@ import copy
 import numpy as np
 
 from disttrain.tensor import dtypes
-from disttrain.tensor.backend import _BY_ARRAY_TYPE
+from disttrain.tensor.backend import BACKEND_OF_ARRAY_TYPE
 from disttrain.tensor.creation import tensor as _new_tensor
 from disttrain.tensor.tensor import Tensor
 
@@ -42,7 +42,7 @@ def _as_array(data):
         return np.empty((0,), dtype=dtypes.DEFAULT_FLOAT)
     if isinstance(data, Tensor):
         return data.data
-    if type(data) in _BY_ARRAY_TYPE:
+    if type(data) in BACKEND_OF_ARRAY_TYPE:
         return data
     return _new_tensor(data, dtype=dtypes.DEFAULT_FLOAT).data
 

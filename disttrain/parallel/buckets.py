@@ -53,13 +53,12 @@ flight, which keeps communication moving through long stretches of backward with
 time steps).
 """
 import contextlib
-import threading
-import time
 
 from disttrain.autograd.engine import queue_callback
 from disttrain.autograd.grad_mode import no_grad
 from disttrain import trace
 from disttrain.parallel.overlap_choice import OverlapChoice
+from disttrain.parallel.request_poller import RequestPoller
 from disttrain.tensor import memory
 from disttrain.tensor.tensor import Tensor
 
@@ -297,7 +296,7 @@ class Reducer:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._callback(bucket, i)))
         use_thread = progress == "thread" and self.overlap and comm.size > 1 and comm.supports_threads()
         self.progress = "thread" if use_thread else "hooks"
-        self._poller = _Poller(poll_interval) if use_thread else None
+        self._poller = RequestPoller(poll_interval) if use_thread else None
 
     def _bucket(self, index, named):
         if self.collective == "reduce_scatter":
@@ -410,8 +409,8 @@ class Reducer:
                 for i, p in enumerate(bucket.params):
                     if i not in bucket.arrived:
                         bucket.pack_missing(i, p)
-                # NOTE: one at a time: MPICH runs several collectives in flight together about 1.5x slower on
-                # shared memory than in turn (measured), and these buckets are all ready now anyway
+                # NOTE: one at a time: MPICH runs several collectives in flight together slower on shared
+                # memory than in turn (benchmarks/RESULTS.md), and these buckets are all ready now anyway
                 if self._next:
                     self.buckets[self._next - 1].handle.wait()
                 self._start(bucket)
@@ -455,36 +454,3 @@ class Reducer:
         if self._poller is not None:
             self._poller.stop()
             self._poller = None
-
-
-class _Poller:
-    """A daemon thread that tests in-flight requests every `interval` seconds, idle when there are none."""
-
-    def __init__(self, interval):
-        self.interval = interval
-        self._queue = []
-        self._wake = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="disttrain-mpi-progress", daemon=True)
-        self._thread.start()
-
-    def watch(self, handle):
-        self._queue.append(handle)
-        self._wake.set()
-
-    def stop(self):
-        self._stopped = True
-        self._wake.set()
-        self._thread.join()
-
-    def _run(self):
-        queue = self._queue
-        while not self._stopped:
-            self._wake.wait()
-            self._wake.clear()
-            while queue and not self._stopped:
-                # in start order: once the first is still running, so (almost surely) are the later ones
-                while queue and queue[0].test():
-                    queue.pop(0)
-                if queue:
-                    time.sleep(self.interval)

@@ -237,10 +237,6 @@ class Communicator:
         self._wait(request, _nothing, self._collective(f"creating communicator {name}"))
         return Communicator(dup, self.cuda_aware, name, self.watchdog)
 
-    def thread_level(self):
-        """The MPI thread support level granted (compare with MPI.THREAD_SERIALIZED / THREAD_MULTIPLE)."""
-        return _mpi().Query_thread()
-
     def supports_threads(self):
         """Whether a second thread may make MPI calls (serialised by this module's lock)."""
         MPI = _mpi()

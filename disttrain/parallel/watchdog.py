@@ -32,7 +32,7 @@ import numpy as np
 
 from disttrain import trace
 
-__all__ = ["Watchdog", "Operation", "WatchdogTimeout", "describe_expiry", "DEFAULT_TIMEOUT_S", "EXIT_TIMEOUT"]
+__all__ = ["Watchdog", "Operation", "WatchdogTimeout", "describe_expiry", "encode_position", "DEFAULT_TIMEOUT_S", "EXIT_TIMEOUT"]
 
 DEFAULT_TIMEOUT_S = 300.0
 EXIT_TIMEOUT = 124             # the job's exit status after a time-out (as coreutils' timeout)
@@ -141,7 +141,7 @@ class Watchdog:
 
     def _send_to_all(self, position):
         buffer = np.zeros(_MESSAGE_BYTES, dtype=np.uint8)
-        data = json.dumps(position).encode()[:_MESSAGE_BYTES]
+        data = encode_position(position)
         buffer[:len(data)] = np.frombuffer(data, dtype=np.uint8)
         with self._lock:
             for rank in range(self.size):
@@ -161,6 +161,19 @@ class Watchdog:
             buffer = np.zeros(_MESSAGE_BYTES, dtype=np.uint8)
             self._comm.Recv(buffer, source=status.Get_source(), tag=_TAG)
         return json.loads(buffer.tobytes().rstrip(b"\0").decode())
+
+
+def encode_position(position):
+    """A position message as JSON of at most _MESSAGE_BYTES: a longer description of the operation ("what") is
+    cut short, so that the message stays whole JSON for the ranks that read it."""
+    data = json.dumps(position).encode()
+    what = str(position.get("what", ""))
+    while len(data) > _MESSAGE_BYTES and what:
+        what = what[:max(0, len(what) - (len(data) - _MESSAGE_BYTES) - 3)]
+        data = json.dumps({**position, "what": what + "..."}).encode()
+    if len(data) > _MESSAGE_BYTES:
+        raise ValueError(f"watchdog: a position message of {len(data)} bytes does not fit {_MESSAGE_BYTES}: {position}")
+    return data
 
 
 def describe_expiry(mine, peers, positions, size, timeout_s, grace_s, notice=None):

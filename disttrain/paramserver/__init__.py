@@ -11,7 +11,8 @@ Modules (import what you need; nothing is imported here, so `disttrain` stays qu
     auth         CURVE keys, ZAP on the servers, what each key name may do, the loopback-only insecure mode
     server       ParameterServer (one ROUTER socket, one thread)
     worker       PSClient (join, pull, push, heartbeats, reconnection)
-    training     PSStrategy + RemoteOptimizer for the Trainer; servers and workers from a job spec
+    worker_mode  ParameterServerMode: the Trainer's mode on a worker (pull, push, the optimizer on the servers)
+    job          a parameter-server job's servers and workers, built from a JobSpec
     cluster      Cluster: S servers + W workers as processes on this machine
     cli          ps-cluster, ps-server, ps-worker, ps-keys
 """

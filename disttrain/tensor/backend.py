@@ -111,7 +111,7 @@ class CudaBackend:
 CPU = CpuBackend()
 _cuda = None
 _cuda_error = None
-_BY_ARRAY_TYPE = {np.ndarray: CPU}
+BACKEND_OF_ARRAY_TYPE = {np.ndarray: CPU}     # array type -> its backend (read it; cuda_backend() adds CuPy's)
 
 
 def cuda_backend():
@@ -124,7 +124,7 @@ def cuda_backend():
             if cupy.cuda.runtime.getDeviceCount() < 1:
                 raise RuntimeError("no CUDA device found")
             _cuda = CudaBackend(cupy)
-            _BY_ARRAY_TYPE[cupy.ndarray] = _cuda
+            BACKEND_OF_ARRAY_TYPE[cupy.ndarray] = _cuda
         except Exception as exc:  # ImportError, CUDARuntimeError, ...
             _cuda_error = f"{type(exc).__name__}: {exc}"
     if _cuda is None:
@@ -151,7 +151,7 @@ def get_backend(device):
 
 def backend_of_array(array):
     try:
-        return _BY_ARRAY_TYPE[type(array)]
+        return BACKEND_OF_ARRAY_TYPE[type(array)]
     except KeyError:
         raise TypeError(f"expected a NumPy or CuPy array, got {type(array).__name__}") from None
 

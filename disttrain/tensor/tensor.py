@@ -272,7 +272,7 @@ class Tensor:
 
     def __setitem__(self, index, value):
         self.begin_inplace("__setitem__")
-        self.data[_raw_index(index)] = self._operand(value)
+        self.data[unwrap_index(index)] = self._operand(value)
 
     # ---- ops (thin wrappers; see disttrain.autograd.ops) ----------------------------------
     def __add__(self, other):
@@ -421,7 +421,7 @@ class Tensor:
         return self.reshape(tuple(shape))
 
 
-def _raw_index(index):
+def unwrap_index(index):
     """Replace Tensors inside an index with their arrays."""
     if isinstance(index, Tensor):
         return index.data

@@ -105,7 +105,7 @@ def blas_kernel_note(environ=None, cpu_flags=None, kernels=None):
     """A warning line when OPENBLAS_CORETYPE holds the BLAS to AVX2 kernels on an AVX-512 CPU, else None.
 
     Some machines set OPENBLAS_CORETYPE=Haswell because old OpenBLAS builds misbehave on newer CPUs; a
-    current OpenBLAS then runs GEMMs ~1.8x slower on ptb_small's decoder than with its AVX-512 kernels
+    current OpenBLAS then runs GEMMs much slower on ptb_small's decoder than with its AVX-512 kernels
     (benchmarks/RESULTS.md). environ, cpu_flags (a set) and kernels (OpenBLAS's architecture names)
     default to this process's.
     """

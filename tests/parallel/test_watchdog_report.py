@@ -1,6 +1,10 @@
 """The watchdog's one-line report, from the positions the live ranks sent (no MPI needed)."""
+import json
+
+import pytest
+
 from disttrain import trace
-from disttrain.parallel.watchdog import describe_expiry, operation
+from disttrain.parallel.watchdog import describe_expiry, encode_position, operation
 
 
 def position(rank, what, key, waited=10.0):
@@ -36,3 +40,13 @@ def test_operations_say_where_the_run_was():
             assert operation("allreduce").label() == "allreduce (eval valid after step 12)"
     finally:
         trace._state.step = None
+
+
+@pytest.mark.parametrize("what", ["allreduce of bucket " + "x" * 5000, "broadcast of " + "é\u2028" * 3000])
+def test_a_long_operation_name_still_travels_as_whole_json(what):
+    position = {"rank": 3, "what": what, "key": [7, 1], "waited": 300.5}
+    data = encode_position(position)
+    assert len(data) <= 2048
+    got = json.loads(data.decode())
+    assert got["rank"] == 3 and got["key"] == [7, 1] and got["waited"] == 300.5
+    assert got["what"].endswith("...") and what.startswith(got["what"][:-3])

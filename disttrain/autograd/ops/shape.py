@@ -3,7 +3,7 @@ indexing (gather with scatter-add backward), dtype casts and device copies."""
 from disttrain.autograd import grad_mode
 from disttrain.autograd.function import Function
 from disttrain.tensor import layout
-from disttrain.tensor.tensor import Tensor, _raw_index
+from disttrain.tensor.tensor import Tensor, unwrap_index
 
 
 class Reshape(Function):
@@ -216,7 +216,7 @@ def split(a, split_size_or_sections, axis=0):
 
 
 def getitem(a, index):
-    return GetItem.apply(a, _raw_index(index))
+    return GetItem.apply(a, unwrap_index(index))
 
 
 def cast(a, dtype):

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from disttrain import trace
-from disttrain.parallel.buckets import _Poller
+from disttrain.parallel.request_poller import RequestPoller
 from disttrain.tensor import memory
 
 __all__ = ["StageLink", "HEADER_TAG", "encode_header", "decode_header"]
@@ -85,7 +85,7 @@ class StageLink:
             poll_interval = float(os.environ["DISTTRAIN_PIPE_POLL"])
         self.poll_interval = poll_interval
         use_thread = progress == "thread" and stages > 1 and comm.supports_threads()
-        self._poller = _Poller(_PROGRESS_INTERVAL) if use_thread else None
+        self._poller = RequestPoller(_PROGRESS_INTERVAL) if use_thread else None
 
     # ---- step boundaries -------------------------------------------------------------------------
     def begin_step(self, keys):
