@@ -48,7 +48,7 @@ __device__ __forceinline__ double norm_root(double v, int mode, double p) {
 template <typename T>
 __device__ __forceinline__ void clip_scale_impl(T* __restrict__ x, dt_index n, const double* __restrict__ total,
                                                 double max_norm) {
-    const double coef = max_norm / (total[0] + 1e-6);
+    const double coef = max_norm / (total[0] + 1e-6);  // kernels_numpy.CLIP_EPSILON
     if (!(coef < 1.0)) return;  // no clipping needed (a NaN total does not clip either, as on the host)
     const T c = (T)coef;
     DT_FOR_EACH(i, n) x[i] = x[i] * c;

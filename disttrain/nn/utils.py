@@ -4,6 +4,7 @@ import math
 from disttrain.autograd.grad_mode import no_grad
 from disttrain.autograd.ops import concat
 from disttrain.tensor.backend import by_backend
+from disttrain.tensor.kernels_numpy import CLIP_EPSILON
 from disttrain.tensor.tensor import Tensor
 
 
@@ -40,7 +41,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     if error_if_nonfinite and not math.isfinite(total):
         raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total}; "
                            "pass error_if_nonfinite=False to clip anyway")
-    coef = float(max_norm) / (total + 1e-6)
+    coef = float(max_norm) / (total + CLIP_EPSILON)
     if coef < 1.0 and grads:
         with no_grad():
             for g in grads:

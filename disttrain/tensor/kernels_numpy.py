@@ -466,9 +466,12 @@ def scale_(xp, arrays, coef):
         _by_elements(xp, scale, a)
 
 
+CLIP_EPSILON = 1e-6    # in max_norm / (total + CLIP_EPSILON), as PyTorch's clip_grad_norm_; norms.cu's clip_scale too
+
+
 def clip_by_total_norm_(xp, arrays, max_norm, norm_type=2.0):
     """Scale the arrays in place so that their total norm is at most max_norm (coefficient
-    max_norm / (total + 1e-6), as clip_grad_norm_); returns the total norm before clipping as a 0-d
+    max_norm / (total + CLIP_EPSILON), as clip_grad_norm_); returns the total norm before clipping as a 0-d
     float64 array of the backend. The CUDA kernel decides on the device, with no host round trip.
     """
     parts = norms(xp, arrays, norm_type).astype(xp.float64)
@@ -476,7 +479,7 @@ def clip_by_total_norm_(xp, arrays, max_norm, norm_type=2.0):
         total = parts.max()
     else:
         total = (parts ** norm_type).sum() ** (1.0 / norm_type)
-    coef = max_norm / (total + 1e-6)
+    coef = max_norm / (total + CLIP_EPSILON)
     if coef < 1.0:
         scale_(xp, arrays, coef.astype(arrays[0].dtype))
     return xp.asarray(total)
