@@ -663,7 +663,7 @@ class Trainer:
 def check_new_run(out_dir):
     """Raise RunExistsError when out_dir holds an earlier run: its checkpoints, or (a run stopped before its first
     checkpoint) its metrics.jsonl. A new run would replace them."""
-    saving.check_new_run(out_dir)
+    saving.check_no_checkpoints(out_dir)
     metrics = Path(out_dir) / METRICS_FILE
     if metrics.exists():
         raise saving.RunExistsError(f"{out_dir} holds an earlier run's {METRICS_FILE} but no checkpoint to resume "

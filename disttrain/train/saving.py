@@ -51,7 +51,7 @@ from safetensors.numpy import save as save_safetensors
 from disttrain.fsutil import fsync_path
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "RunExistsError", "NonFiniteCheckpointError", "Checkpoint",
-           "save_checkpoint", "load_checkpoint", "holds_checkpoint", "list_checkpoints", "step_of", "check_new_run", "remove_checkpoints",
+           "save_checkpoint", "load_checkpoint", "holds_checkpoint", "list_checkpoints", "step_of", "check_no_checkpoints", "remove_checkpoints",
            "first_nonfinite", "split_optimizer_state", "join_optimizer_state"]
 
 FORMAT_VERSION = 3
@@ -202,7 +202,7 @@ def _first_nonfinite_json(value, where="trainer.json"):
     return None
 
 
-def check_new_run(run_dir):
+def check_no_checkpoints(run_dir):
     """Raise RunExistsError when run_dir holds checkpoints: a new run must not silently replace them."""
     run_dir = Path(run_dir)
     held = list_checkpoints(run_dir) if (run_dir / DIRNAME).is_dir() else []

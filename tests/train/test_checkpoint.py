@@ -15,7 +15,7 @@ from disttrain.tensor import kernels_numpy, random
 from disttrain.train import Trainer
 from disttrain.train import saving as ckpt
 from disttrain.train.saving import (FORMAT_VERSION, CheckpointError, NonFiniteCheckpointError, RunExistsError,
-                                        check_new_run, join_optimizer_state, list_checkpoints, load_checkpoint,
+                                        check_no_checkpoints, join_optimizer_state, list_checkpoints, load_checkpoint,
                                         save_checkpoint, split_optimizer_state)
 
 
@@ -229,13 +229,13 @@ def test_a_failing_save_leaves_no_temp_dir_and_a_nonfinite_one_writes_nothing(tm
 
 
 def test_a_new_run_refuses_a_directory_holding_checkpoints(tmp_path):
-    check_new_run(tmp_path / "absent")
+    check_no_checkpoints(tmp_path / "absent")
     (tmp_path / "checkpoints").mkdir()
-    check_new_run(tmp_path)                                       # an empty checkpoints/ holds no run
+    check_no_checkpoints(tmp_path)                                       # an empty checkpoints/ holds no run
     _save(tmp_path, 30)
     with pytest.raises(RunExistsError, match=r"holds an earlier run \(1 checkpoint\(s\), the newest of step 30\): "
                                              r"continue it with --resume, or start over with --overwrite"):
-        check_new_run(tmp_path)
+        check_no_checkpoints(tmp_path)
 
 
 def test_optimizer_state_split_and_join():
