@@ -1,42 +1,59 @@
 """`disttrain run` (train a job: local, data-parallel or pipeline mode).
 
 A JobSpecError or CheckpointError is printed as its message alone (no traceback), once (by rank 0 under
-mpiexec: every rank meets the same one), and the exit status is 2.
+mpiexec), and the exit status is 2; so is an OpError of the first step (a model that does not fit its data).
+
+Under mpiexec the ranks first check and load what each needs on its own (the job, its data, the output
+directory, the checkpoint), then agree on the outcome before any collective: a mistake met on some ranks only
+(a file missing on one host) stops every rank at once with its message, where a rank stopping alone would
+leave the others waiting in their first collective until [parallel] timeout_s. After that, a rank that fails
+aborts the job (MPI_Abort).
 """
+import contextlib
 import signal
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
 from disttrain.cli import preflight
 from disttrain.cli.common import fail, load_job_for, report_final
 from disttrain.cli.exit_codes import EXIT_DIVERGED, EXIT_DONE, EXIT_FAILURE, EXIT_SIGNAL, EXIT_USAGE
-from disttrain.parallel.mpi_job import mode_for, run_context, share_cores
+from disttrain.autograd.function import OpError
+from disttrain.parallel.comm import abort_on_error
+from disttrain.parallel.mpi_job import agree_on_setup, launched_size, mode_for, run_context, share_cores
 from disttrain.tensor.threads import blas_kernel_note
 from disttrain.train.build import describe_data, describe_model
 from disttrain.train.jobspec import JobSpecError
 from disttrain.train.saving import CheckpointError, list_checkpoints, load_checkpoint
-from disttrain.train.loop import (MemoryBudgetExceeded, Trainer, TrainingDiverged, TrainingInterrupted,
+from disttrain.train.loop import (METRICS_FILE, MemoryBudgetExceeded, Trainer, TrainingDiverged, TrainingInterrupted,
                                   check_new_run)
 
 
 
+USAGE_ERRORS = (JobSpecError, CheckpointError)
+
+
 def main(args):
     """disttrain run JOB.toml [--set k=v ...] [--out DIR] [--resume | --overwrite] [--device cpu|cuda]."""
+    error = None
     try:
-        spec = load_job_for(args, "run")
-        out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
-        data = preflight.check_run(args, spec, out)       # before anything large is allocated or MPI waits
-        checkpoint = _checkpoint_to_resume(out) if args.resume else None
-        if not args.resume and not args.overwrite:
-            check_new_run(out)                   # never replace an earlier run's checkpoints silently
-        share_cores()                            # N ranks on a node: cores / N threads each
-        mode = mode_for(spec)                    # local, or data / pipeline under mpirun
-        trainer = Trainer.from_job(spec, out_dir=out, mode=mode, data=data, overwrite=args.overwrite)
-        if checkpoint is not None:
-            trainer.restore(checkpoint)
-    except (JobSpecError, CheckpointError) as exc:
+        spec, out, data, checkpoint = _prepare(args)
+    except USAGE_ERRORS as exc:
+        error = exc
+    except Exception as exc:                     # noqa: BLE001 (one process: as it is; several: all stop)
+        if launched_size() <= 1:
+            raise
+        traceback.print_exc()
+        error = exc
+    failed = agree_on_setup(None if error is None else (isinstance(error, USAGE_ERRORS), _said(error)))
+    if failed:
+        return _fail_setup(failed)
+    try:
+        with _abort_unless_alike():
+            trainer = _build(args, spec, out, data, checkpoint)
+    except USAGE_ERRORS + (OpError,) as exc:
         return fail("run", exc)
 
     _describe(trainer, out, checkpoint)
@@ -67,9 +84,63 @@ def main(args):
     return EXIT_DONE
 
 
+def _prepare(args):
+    """(spec, out, data, checkpoint): what this rank checks and loads on its own, before any collective."""
+    spec = load_job_for(args, "run")
+    out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
+    data = preflight.check_run(args, spec, out)       # before anything large is allocated or MPI waits
+    checkpoint = _checkpoint_to_resume(out) if args.resume else None
+    if not args.resume and not args.overwrite:
+        check_new_run(out)                       # never replace an earlier run's checkpoints silently
+    return spec, out, data, checkpoint
+
+
+def _build(args, spec, out, data, checkpoint):
+    share_cores()                                # N ranks on a node: cores / N threads each
+    mode = mode_for(spec)                        # local, or data / pipeline under mpirun
+    trainer = Trainer.from_job(spec, out_dir=out, mode=mode, data=data, overwrite=args.overwrite)
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+    return trainer
+
+
+def _said(error):
+    """An error in one line: a mistake (USAGE_ERRORS) as its message, anything else with its type."""
+    if isinstance(error, USAGE_ERRORS):
+        return str(error)
+    return f"{type(error).__name__}: {error} (its traceback above)"
+
+
+def _fail_setup(failed):
+    """Report the ranks' setup failures ([(rank, (a mistake?, message))]) once, from rank 0, naming the ranks
+    unless all failed alike; the exit status is 2 when each is a mistake in the job, its files or the options,
+    else 1."""
+    ranks_by_text = {}
+    for rank, (_, text) in failed:
+        ranks_by_text.setdefault(text, []).append(rank)
+    if len(ranks_by_text) == 1 and len(failed) == launched_size():
+        fail("run", next(iter(ranks_by_text)))
+    else:
+        for text, ranks in ranks_by_text.items():
+            fail("run", f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {text}")
+    return EXIT_USAGE if all(mistake for _, (mistake, _) in failed) else EXIT_FAILURE
+
+
+def _abort_unless_alike():
+    """Under mpiexec, a failure while the ranks build the mode and the trainer aborts the job, except for the
+    mistakes every rank meets alike (a job that does not fit the launch, a model that does not fit its data),
+    which each rank reports and returns."""
+    if launched_size() <= 1:
+        return contextlib.nullcontext()
+    return abort_on_error(passthrough=USAGE_ERRORS + (OpError,))
+
+
 def _checkpoint_to_resume(out):
     """The newest checkpoint of the run in `out` that verifies (CheckpointError when there is none)."""
     if not list_checkpoints(out):
+        if (out / METRICS_FILE).exists():        # a run that stopped before its first checkpoint
+            raise CheckpointError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoints'}/step-NNNNNN/): "
+                                  f"its run stopped before its first checkpoint; start it over with --overwrite")
         raise CheckpointError(f"--resume: no checkpoint in {out} (expected {out / 'checkpoints'}/step-NNNNNN/); "
                               f"run without --resume to start the job")
     return load_checkpoint(out)

@@ -24,6 +24,7 @@ nothing). A recurrent model that is cut also maps its state to its blocks' state
 """
 import numpy as np
 
+from disttrain.autograd.function import OpError
 from disttrain.autograd.ops import concat, split
 from disttrain.nn import functional as F
 from disttrain.tensor.creation import tensor
@@ -56,8 +57,12 @@ def output_loss(model, output, targets):
     if own is not None:
         return own(output, targets)
     if output.ndim != 2:
-        raise ValueError(f"{type(model).__name__}: the default loss (cross-entropy) expects an output of "
-                         f"(rows, classes), got shape {output.shape}; define loss(output, targets) or forward_loss")
+        raise OpError(f"{type(model).__name__}: the default loss (cross-entropy) expects an output of "
+                      f"(rows, classes), got shape {output.shape}; define loss(output, targets) or forward_loss")
+    if targets.numel() != output.shape[0]:
+        raise OpError(f"{type(model).__name__}: the default loss (cross-entropy) expects one class index per row "
+                      f"of the output {output.shape}, got targets of shape {targets.shape}; define loss(output, "
+                      f"targets) or forward_loss for other targets")
     return F.cross_entropy(output, targets.reshape((-1,)))
 
 

@@ -4,6 +4,7 @@ Thin wrappers over disttrain.autograd.ops, where forward and backward live; `dim
 PyTorch's name for an axis and `axis` is accepted as well.
 """
 from disttrain.autograd import ops
+from disttrain.autograd.function import OpError
 from disttrain.autograd.ops import avg_pool2d, conv2d, max_pool2d, mse_loss
 
 __all__ = ["relu", "sigmoid", "tanh", "gelu", "softmax", "log_softmax", "cross_entropy", "mse_loss", "dropout",
@@ -78,6 +79,6 @@ def linear(input, weight, bias=None):
     """
     out_features, in_features = weight.shape
     if input.shape[-1:] != (in_features,):
-        raise ValueError(f"linear: input shape {input.shape} does not end with in_features={in_features} "
+        raise OpError(f"linear: input shape {input.shape} does not end with in_features={in_features} "
                          f"(weight shape {weight.shape})")
     return ops.linear(input, weight, bias)

@@ -1,6 +1,7 @@
 """Multi-layer LSTM over (T, B, C) sequences, one fused layer node per layer (or checkpointed segment)."""
 import math
 
+from disttrain.autograd.function import OpError
 from disttrain.autograd.grad_mode import is_grad_enabled
 from disttrain.autograd.ops import concat, dropout, lstm_layer, stack, unbind
 from disttrain.checkpointing.plan import SegmentsSetting, plan_for, run_chain
@@ -52,7 +53,7 @@ class LSTM(Module):
 
     def forward(self, x, hx=None):
         if x.ndim != 3 or x.shape[2] != self.input_size:
-            raise ValueError(f"LSTM expects input (T, B, {self.input_size}), got {x.shape}")
+            raise OpError(f"LSTM expects input (T, B, {self.input_size}), got {x.shape}")
         steps, batch, _ = x.shape
         if hx is None:
             zero = zeros(batch, self.hidden_size, dtype=x.dtype, device=x.device)
@@ -88,7 +89,7 @@ class LSTM(Module):
     def _check_state(self, state, batch, name):
         expected = (self.num_layers, batch, self.hidden_size)
         if state.shape != expected:
-            raise ValueError(f"LSTM initial {name} has shape {state.shape}, expected {expected} (num_layers, B, H)")
+            raise OpError(f"LSTM initial {name} has shape {state.shape}, expected {expected} (num_layers, B, H)")
         return unbind(state, 0)
 
     def extra_repr(self):

@@ -18,7 +18,7 @@ from disttrain.tensor.threads import available_cores, set_num_threads, user_thre
 from disttrain.train.jobspec import JobSpecError
 from disttrain.train.mode import LocalMode
 
-__all__ = ["mode_for", "check_launch", "run_context", "launched_size", "launched_rank", "launched_by_mpi",
+__all__ = ["mode_for", "check_launch", "agree_on_setup", "run_context", "launched_size", "launched_rank", "launched_by_mpi",
            "local_size", "share_cores", "data_shares"]
 
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")     # MPICH / Intel MPI / srun --mpi=pmi2; Open MPI
@@ -62,6 +62,19 @@ def check_launch(spec):
                            f"or launch {', '.join(map(str, fitting[-4:]))} ranks")
     if mode == "pipeline":
         check_layout(size, spec.parallel.stages, spec.parallel.micro_batches, batch, spec.source)
+
+
+def agree_on_setup(failure):
+    """[(rank, failure)] of every rank whose setup failed, on every rank (empty: none did).
+
+    failure: None when this rank's own work before the job's first collective (reading the job, its data, the
+    checkpoint) succeeded, else plain data saying how it failed. Shared by one collective among the launched
+    processes, so that all of them stop when any failed; in a one-process job, this process's alone."""
+    if launched_size() <= 1:
+        failures = [failure]
+    else:
+        failures = world().allgather_object(failure, what="agreement on the job's setup (each rank's checks)")
+    return [(rank, failed) for rank, failed in enumerate(failures) if failed is not None]
 
 
 def data_shares(spec):

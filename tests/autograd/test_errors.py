@@ -91,8 +91,13 @@ def test_nn_op_shape_errors():
         ops.conv2d(_zeros(1, 3, 4, 4), _zeros(2, 2, 3, 3))
     with pytest.raises(OpError, match="out of range"):
         ops.cross_entropy(_zeros(2, 3), np.array([0, 3]))
-    with pytest.raises(OpError, match="does not match"):
+    with pytest.raises(OpError, match=re.escape("expected target shape (2,), one class index per row of logits "
+                                                "(2, 3), got (3,)")):
         ops.cross_entropy(_zeros(2, 3), np.array([0, 1, 2]))
+    with pytest.raises(OpError, match=re.escape("got (2, 1)")):
+        ops.cross_entropy(_zeros(2, 3), np.array([[0], [1]]))
+    with pytest.raises(OpError, match="class indices \\(an integer dtype\\), got float32"):
+        ops.cross_entropy(_zeros(2, 3), np.array([0.0, 0.5], np.float32))   # would be cut to class 0
     with pytest.raises(ValueError, match="mse_loss"):
         ops.mse_loss(_zeros(2), _zeros(3))
     with pytest.raises(ValueError, match="normalized_shape"):

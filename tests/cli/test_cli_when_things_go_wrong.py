@@ -53,6 +53,9 @@ def test_a_run_that_stopped_before_its_first_checkpoint_is_not_replaced_either(j
     assert capsys.readouterr().err == (f"disttrain run: error: {out} holds an earlier run's metrics.jsonl but no "
                                        f"checkpoint to resume from: start over with --overwrite (deletes it and "
                                        f"curves.png), or choose another --out\n")
+    assert main(run_args(job_file, text_file, out, "train.max_steps=2") + ["--resume"]) == 2    # says the same
+    assert capsys.readouterr().err.endswith("its run stopped before its first checkpoint; start it over with "
+                                            "--overwrite\n")
     assert main(run_args(job_file, text_file, out, "train.max_steps=2") + ["--overwrite"]) == 0
 
 

@@ -76,3 +76,36 @@ def test_local_mode_job_under_mpiexec_is_refused(tmp_path):
     done = run_mpiexec(2, [sys.executable, "-m", "disttrain.cli.main", "run", job, "--out", tmp_path / "out"])
     assert done.returncode == 2
     assert done.stderr.count('mode = "local" but 2 processes were launched') == 1     # said once, by rank 0
+
+
+SETUP_JOB = """
+[model]
+factory = "user_models:{model}"
+hidden = 8
+layers = 1
+[data]
+factory = "user_models:{data}"
+batch_size = 24
+[parallel]
+mode = "data"
+timeout_s = 600
+[train]
+max_steps = 2
+"""
+
+
+@pytest.mark.parametrize("model, data, status, said", [
+    ("classifier", "blobs_crash_on_rank_1", 1, "disttrain run: error: rank 1: RuntimeError: rank 1 cannot read its data"),
+    ("classifier", "blobs_missing_on_rank_1", 2,
+     "disttrain run: error: rank 1: [data] factory: no data on rank 1's host"),
+    ("classifier_crash_on_rank_1", "blobs", 1, "[rank 1 of 2] failed; aborting the job"),
+])
+def test_a_rank_failing_before_training_stops_every_rank_at_once(tmp_path, model, data, status, said):
+    """Not after [parallel] timeout_s (600 s here, past the run's own time-out, which a wait would hit)."""
+    job = tmp_path / "setup.toml"
+    job.write_text(SETUP_JOB.format(model=model, data=data))
+    done = run_mpiexec(2, [sys.executable, "-m", "disttrain.cli.main", "run", job, "--out", tmp_path / "out"],
+                       timeout=120, PYTHONPATH=str(HERE))
+    assert done.returncode == status, done.stderr
+    assert done.stderr.count(said) == 1, done.stderr
+    assert "watchdog" not in done.stderr

@@ -76,3 +76,13 @@ def test_a_factory_run_resumes_where_it_stopped(tmp_path):
     got, want = final_weights(tmp_path / "part"), final_weights(tmp_path / "whole")
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_a_model_that_does_not_fit_its_data_is_one_line_and_exit_2(tmp_path):
+    job = tmp_path / "user.toml"
+    job.write_text(JOB.replace("user_models:classifier", "user_models:classifier_of_wrong_width"))
+    done = run_mpiexec(1, [sys.executable, "-m", "disttrain.cli.main", "run", job, "--out", tmp_path / "out"],
+                       timeout=120, PYTHONPATH=str(HERE))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("disttrain run: error: ") and "Traceback" not in done.stderr, done.stderr
+    assert "(24, 2)" in done.stderr and "3" in done.stderr

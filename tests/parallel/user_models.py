@@ -1,9 +1,12 @@
 """A user's own model and data, outside disttrain: what a job's `[model] factory` and `[data] factory` name
 ("user_models:classifier", "user_models:blobs") when this directory is on PYTHONPATH."""
+import os
+
 import numpy as np
 
 from disttrain import nn
 from disttrain.data.source import ArrayData
+from disttrain.train.jobspec import JobSpecError
 
 
 def blobs(job):
@@ -27,3 +30,23 @@ def classifier(job, data):
         layers += [nn.Linear(last, job.model.hidden), nn.Tanh()]
         last = job.model.hidden
     return nn.Sequential(*layers, nn.Linear(last, classes))
+
+
+def _fails_on_rank_1(make, error):
+    """make(...), except on the launched rank 1, which raises `error`: a mistake one host makes and others do not."""
+    def factory(*args):
+        if os.environ.get("PMI_RANK") == "1":
+            raise error
+        return make(*args)
+
+    return factory
+
+
+blobs_crash_on_rank_1 = _fails_on_rank_1(blobs, RuntimeError("rank 1 cannot read its data"))
+blobs_missing_on_rank_1 = _fails_on_rank_1(blobs, JobSpecError("[data] factory: no data on rank 1's host"))
+classifier_crash_on_rank_1 = _fails_on_rank_1(classifier, RuntimeError("rank 1's model factory broke"))
+
+
+def classifier_of_wrong_width(job, data):
+    """A model whose first layer expects one input feature more than the data has: a user's shape mistake."""
+    return nn.Sequential(nn.Linear(data.inputs.shape[1] + 1, job.model.hidden), nn.Tanh(), nn.Linear(job.model.hidden, 3))

@@ -42,7 +42,7 @@ def masked_softmax(x, mask=None, causal=False):
             raise TypeError(f"masked_softmax: mask must be boolean (True = keep) or floating-point (added to the "
                             f"scores), got dtype {mask.dtype}")
     if causal and x.ndim < 2:
-        raise ValueError(f"masked_softmax: causal needs (..., queries, keys) scores, got shape {x.shape}")
+        raise OpError(f"masked_softmax: causal needs (..., queries, keys) scores, got shape {x.shape}")
     return MaskedSoftmax.apply(x, mask, causal=causal)
 
 

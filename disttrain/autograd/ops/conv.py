@@ -5,7 +5,7 @@ input, with no Python loop over pixels; Fold (col2im) is its adjoint and loops o
 kh*kw kernel offsets. Each is the other's backward, so conv2d = W @ unfold(x) and the pools
 (a max or mean over unfolded windows) are differentiable to any order.
 """
-from disttrain.autograd.function import Function
+from disttrain.autograd.function import Function, OpError
 
 
 def _pair(v):
@@ -69,7 +69,7 @@ def unfold(x, kernel_size, stride=1, padding=0, pad_value=0.0):
 def conv2d(x, weight, bias=None, stride=1, padding=0):
     """x (N, C, H, W), weight (O, C, kh, kw), bias (O,) -> (N, O, OH, OW)."""
     if x.ndim != 4 or weight.ndim != 4 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"conv2d: input {x.shape} and weight {weight.shape} do not match "
+        raise OpError(f"conv2d: input {x.shape} and weight {weight.shape} do not match "
                          "(expected (N, C, H, W) and (O, C, kh, kw))")
     n, _, h, w = x.shape
     o, c, kh, kw = weight.shape

@@ -65,7 +65,7 @@ def matmul(a, b):
     if not isinstance(a, Tensor) or not isinstance(b, Tensor):
         raise TypeError(f"matmul: both operands must be Tensors, got {type(a).__name__} and {type(b).__name__}")
     if a.ndim == 0 or b.ndim == 0:
-        raise ValueError(f"matmul: operands must have at least one dimension, got shapes {a.shape} and {b.shape}")
+        raise OpError(f"matmul: operands must have at least one dimension, got shapes {a.shape} and {b.shape}")
     inner_b = b.shape[0] if b.ndim == 1 else b.shape[-2]
     if a.shape[-1] != inner_b:  # checked here so a 1-D operand is named by its own shape, not the promoted one
         raise OpError(f"MatMul: inner dimensions differ: {a.shape} @ {b.shape} ({a.shape[-1]} != {inner_b})")

@@ -2,7 +2,7 @@
 import math
 
 from disttrain.autograd import grad_mode
-from disttrain.autograd.function import Function
+from disttrain.autograd.function import Function, OpError
 from disttrain.autograd.ops import reduce, shape
 from disttrain.tensor.random import generator
 from disttrain.tensor.tensor import Tensor
@@ -65,8 +65,12 @@ class CrossEntropy(Function):
     def forward(self, logits, target, ignore_index, reduction):
         xp = self.xp
         n, c = logits.shape
+        if target.dtype.kind not in "iu":   # a float target would be cut to whole classes without a word
+            raise TypeError(f"target must hold class indices (an integer dtype), got {target.dtype}; class "
+                            f"probabilities as targets are not supported")
         if target.shape != (n,):
-            raise ValueError(f"target shape {target.shape} does not match logits rows {n}")
+            raise ValueError(f"expected target shape ({n},), one class index per row of logits {logits.shape}, "
+                             f"got {target.shape}")
         valid = target != ignore_index
         safe = xp.where(valid, target, 0)
         if self.backend.sync_checks and n and (safe.min() < 0 or safe.max() >= c):  # off in CUDA-graph capture
@@ -130,13 +134,13 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean"):
                                  ignore_index=ignore_index, reduction=reduction)
         return out.reshape(target.shape) if reduction == "none" else out
     if logits.ndim != 2:
-        raise ValueError(f"cross_entropy: logits must be (N, C) or (N, C, ...), got shape {logits.shape}")
+        raise OpError(f"cross_entropy: logits must be (N, C) or (N, C, ...), got shape {logits.shape}")
     return CrossEntropy.apply(logits, target, ignore_index=ignore_index, reduction=reduction)
 
 
 def mse_loss(input, target, reduction="mean"):
     if input.shape != target.shape:
-        raise ValueError(f"mse_loss: input shape {input.shape} != target shape {target.shape}")
+        raise OpError(f"mse_loss: input shape {input.shape} != target shape {target.shape}")
     d = input - target
     sq = d * d
     if reduction == "mean":
@@ -204,7 +208,7 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     normalized_shape, or None: the LayerNorm op; weights that broadcast to it: composed ops)."""
     normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if x.shape[x.ndim - len(normalized_shape):] != normalized_shape:
-        raise ValueError(f"layer_norm: input shape {x.shape} does not end with normalized_shape {normalized_shape}")
+        raise OpError(f"layer_norm: input shape {x.shape} does not end with normalized_shape {normalized_shape}")
     if x.size and all(p is None or (isinstance(p, Tensor) and p.shape == normalized_shape) for p in (weight, bias)):
         return LayerNorm.apply(x, weight, bias, len(normalized_shape), eps)
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))

@@ -1,7 +1,7 @@
 """Shape and data-movement ops: reshape, transpose, broadcast_to, concat, stack, split,
 indexing (gather with scatter-add backward), dtype casts and device copies."""
 from disttrain.autograd import grad_mode
-from disttrain.autograd.function import Function
+from disttrain.autograd.function import Function, OpError
 from disttrain.tensor import layout
 from disttrain.tensor.tensor import Tensor, unwrap_index
 
@@ -191,7 +191,7 @@ def stack(tensors, axis=0):
         raise ValueError("stack: needs at least one tensor")
     shapes = {t.shape for t in tensors}
     if len(shapes) != 1:
-        raise ValueError(f"stack: all tensors must have the same shape, got {sorted(shapes)}")
+        raise OpError(f"stack: all tensors must have the same shape, got {sorted(shapes)}")
     axis = axis % (tensors[0].ndim + 1)
     return concat([t.unsqueeze(axis) for t in tensors], axis=axis)
 
@@ -207,7 +207,7 @@ def split(a, split_size_or_sections, axis=0):
     else:
         sizes = list(split_size_or_sections)
         if sum(sizes) != n:
-            raise ValueError(f"split: sizes {sizes} sum to {sum(sizes)}, but axis {axis} has length {n}")
+            raise OpError(f"split: sizes {sizes} sum to {sum(sizes)}, but axis {axis} has length {n}")
     out, start = [], 0
     for s in sizes:
         out.append(_slice(a, axis, start, start + s))
