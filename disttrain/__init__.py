@@ -25,3 +25,15 @@ from disttrain import autograd
 __version__ = "0.1.0"
 from disttrain import nn  # noqa: E402  (sits on tensor and autograd)
 from disttrain import optim  # noqa: E402  (sits on tensor and autograd)
+
+# The packages above nn and optim load on first use (dt.train.fit, dt.parallel.DataParallel, ...), as
+# torch.distributed does: `import disttrain` stays quick and never starts MPI or loads pyzmq.
+_LAZY_PACKAGES = ("checkpointing", "data", "models", "train", "parallel", "paramserver")
+
+
+def __getattr__(name):
+    if name in _LAZY_PACKAGES:
+        import importlib
+
+        return importlib.import_module(f"disttrain.{name}")
+    raise AttributeError(f"module 'disttrain' has no attribute {name!r}")

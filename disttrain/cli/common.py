@@ -7,13 +7,14 @@ from disttrain.cli.exit_codes import EXIT_USAGE
 __all__ = ["add_job_arguments", "load_job_for", "fail", "report_final"]
 
 
-def add_job_arguments(parser, set_example="optim.lr=0.5", device=False):
-    """JOB.toml, --set SECTION.KEY=VALUE (repeatable) and, with device=True, --device cpu|cuda."""
+def add_job_arguments(parser, set_example="optim.lr=0.5", device=None):
+    """JOB.toml, --set SECTION.KEY=VALUE (repeatable) and, when `device` says what the device is for (e.g.
+    "where to train"), --device cpu|cuda."""
     parser.add_argument("job", metavar="JOB.toml", help="the job spec (TOML)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help=f"override one key of the job, e.g. --set {set_example} (repeatable)")
     if device:
-        parser.add_argument("--device", choices=("cpu", "cuda"), help="where to train (overrides [train] device)")
+        parser.add_argument("--device", choices=("cpu", "cuda"), help=f"{device} (overrides [train] device)")
 
 
 def load_job_for(args, command):

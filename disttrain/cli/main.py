@@ -36,7 +36,7 @@ def build_parser():
                                      "memory.json (the memory estimate and measured peak) and checkpoints/. Ctrl-C or SIGTERM writes a checkpoint before exiting; "
                                      "--resume continues from it. A DIR that holds an earlier run's checkpoints "
                                      "needs --resume or --overwrite.")
-    add_job_arguments(run, device=True)
+    add_job_arguments(run, device="where to train")
     run.add_argument("--out", metavar="DIR", help="output directory (default: runs/<job name>)")
     again = run.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -54,7 +54,7 @@ def build_parser():
     evaluate = sub.add_parser("eval", help="report valid/test perplexity of a checkpoint",
                               description="Evaluate the weights in a job checkpoint, or a parameter-server job's "
                                           "server snapshots, on the valid and test splits.")
-    add_job_arguments(evaluate, device=True)
+    add_job_arguments(evaluate, device="where to evaluate")
     evaluate.add_argument("--checkpoint", required=True, metavar="DIR",
                           help="a run directory (its newest checkpoint that verifies), one checkpoint directory "
                                "(DIR/checkpoints/step-NNNNNN), or parameter-server snapshots (DIR/ps-snapshots, or a "

@@ -334,10 +334,21 @@ class Tensor:
     def __ge__(self, other):
         return self._constant(self.data >= self._operand(other))
 
-    def eq(self, other):
+    def __eq__(self, other):
+        """Element by element, as torch's: a boolean tensor (`(pred == y).float().mean()`); against None or
+        anything that is not a number, an array or a tensor, Python's identity comparison (False)."""
+        if not _comparable(other):
+            return NotImplemented
         return self._constant(self.data == self._operand(other))
 
-    __hash__ = object.__hash__
+    def __ne__(self, other):
+        if not _comparable(other):
+            return NotImplemented
+        return self._constant(self.data != self._operand(other))
+
+    eq, ne = __eq__, __ne__
+
+    __hash__ = object.__hash__      # by identity, as torch's: tensors stay usable as dict keys and in sets
 
     def exp(self):
         return _ops.exp(self)
@@ -419,6 +430,12 @@ class Tensor:
         shape = list(self.shape)
         shape.insert(axis if axis >= 0 else len(shape) + 1 + axis, 1)
         return self.reshape(tuple(shape))
+
+
+def _comparable(other):
+    """Whether `tensor == other` compares elements: tensors, arrays, numbers and bools (not None, str, ...)."""
+    return isinstance(other, (Tensor, np.ndarray, np.generic, int, float, bool, complex)) or (
+        type(other).__module__.startswith("cupy") and hasattr(other, "shape"))
 
 
 def unwrap_index(index):

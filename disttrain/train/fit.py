@@ -12,18 +12,19 @@ Under `mpiexec -n N python script.py` with mode="data" every rank runs this same
 batch; mode="pipeline" cuts the model along its blocks (stages=K). The keyword settings are the job keys of
 [train], [optim] (clip_norm, loss), [memory] and [parallel] by name (`epochs`, `max_steps`, `log_every`,
 `eval_every`, `checkpoint_every`, `stages`, `micro_batches`, `bucket_mb`, ...), checked as a job file's are;
-a Mode object may be given instead of a name. Resuming: `fit(..., out_dir=d, resume=True)`.
+the other [optim] keys (lr, momentum, ...) belong to the optimizer given, and passing one is a TypeError.
+A Mode object may be given instead of a name. Resuming: `fit(..., out_dir=d, resume=True)`. The run's
+config.toml holds these settings only.
 """
 import json
 
 from disttrain.train import saving
 from disttrain.train.jobspec import SCHEMA, loads_job
-from disttrain.train.loop import Trainer
+from disttrain.train.loop import APPLIED_SETTINGS, Trainer
 from disttrain.train.mode import Mode
 
 __all__ = ["fit", "settings_spec"]
 
-_SECTIONS = ("train", "optim", "memory", "parallel")     # where a keyword setting is looked up, in this order
 
 
 def fit(model, data, optimizer, mode="local", out_dir=None, schedules=None, resume=False, overwrite=False,
@@ -51,10 +52,18 @@ def settings_spec(settings, mode="local"):
     like a job file; JobSpecError names a bad value, TypeError an unknown key."""
     overrides = [f"parallel.mode={json.dumps(mode)}"]
     for key, value in settings.items():
-        section = next((s for s in _SECTIONS if any(f.name == key for f in SCHEMA[s])), None)
+        section = next((s for s in APPLIED_SETTINGS if key in _applied_keys(s)), None)
         if section is None:
-            known = sorted({f.name for s in _SECTIONS for f in SCHEMA[s]} - {"kind", "mode", "factory"})
-            raise TypeError(f"fit() got an unknown setting {key!r}; settings are job keys: {', '.join(known)}")
+            known = sorted({k for s in APPLIED_SETTINGS for k in _applied_keys(s)} - {"mode"})
+            elsewhere = [s for s in SCHEMA if any(f.name == key for f in SCHEMA[s])]
+            why = (f"[{elsewhere[0]}] {key} describes what fit() is given (set it on the optimizer, model or data "
+                   f"itself, or an LR schedule: schedules=)" if elsewhere else f"unknown setting {key!r}")
+            raise TypeError(f"fit() got {key}={value!r}: {why}; fit()'s settings: {', '.join(known)}")
         if value is not None:
             overrides.append(f"{section}.{key}={json.dumps(value)}")
     return loads_job("", overrides, source="fit()")
+
+
+def _applied_keys(section):
+    keys = APPLIED_SETTINGS[section]
+    return keys if keys is not None else [f.name for f in SCHEMA[section]]

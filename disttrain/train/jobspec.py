@@ -442,10 +442,18 @@ class JobSpec:
         """{section: {key: value}} with every key of the schema (None where unset)."""
         return {name: section.to_dict() for name, section in self._sections.items()}
 
-    def to_toml(self):
-        """The resolved job as TOML text; unset keys are written as comments. load_job reads it back equal."""
+    def to_toml(self, only=None, note=None):
+        """The resolved job as TOML text; unset keys are written as comments. load_job reads it back equal.
+
+        only: {section: None (every key) or the keys to write} to write part of the job; note: a comment line
+        after the header (e.g. what the part leaves out)."""
         header = f"# disttrain job spec, resolved{' from ' + self.source if self.source else ''}\n"
-        return header + _dump_toml(self.to_dict())
+        header += f"# {note}\n" if note else ""
+        sections = self.to_dict()
+        if only is not None:
+            sections = {name: {key: value for key, value in sections[name].items() if keys is None or key in keys}
+                        for name, keys in only.items()}
+        return header + _dump_toml(sections)
 
     def __repr__(self):
         return f"JobSpec(source={self.source!r}, {self.to_dict()!r})"

@@ -61,6 +61,9 @@ __all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "
 EVAL_BATCH_SIZE = EVAL_STREAMS
 MAX_SKIPS_IN_A_ROW = 10        # [train] on_nonfinite = "skip" stops the run after this many skipped steps in a row
 METRICS_FILE, CONFIG_FILE, CURVES_FILE = "metrics.jsonl", "config.toml", "curves.png"
+# The job keys a Trainer applies to a model, data and optimizer it is given ({section: None (all) or keys});
+# from_job builds those three from the rest of the job.
+APPLIED_SETTINGS = {"train": None, "optim": ("clip_norm", "loss"), "memory": None, "parallel": None}
 
 
 class MemoryBudgetExceeded(RuntimeError):
@@ -163,6 +166,7 @@ class Trainer:
         self._started = self._tick = None   # perf_counter at fit() start / at the last train log
         self.metrics = None
         self.progress = None
+        self._spec_describes_all = False       # from_job: the spec also describes the model, data and optimizer
 
     def _profile_memory(self, model, data):
         """One profiled forward/backward of this process's share of the first training batch (None: no batch)."""
@@ -179,9 +183,11 @@ class Trainer:
         dt.manual_seed(spec.train.seed)
         data = data if data is not None else build_data(spec)
         model = build_model(spec, data).to(spec.train.device)
-        return cls(model, data, lambda params: build_optimizer(spec, params), spec=spec, mode=mode,
-                   schedules=lambda optimizer: build_schedules(spec, optimizer), out_dir=out_dir,
-                   progress=progress, overwrite=overwrite)
+        trainer = cls(model, data, lambda params: build_optimizer(spec, params), spec=spec, mode=mode,
+                      schedules=lambda optimizer: build_schedules(spec, optimizer), out_dir=out_dir,
+                      progress=progress, overwrite=overwrite)
+        trainer._spec_describes_all = True
+        return trainer
 
     @property
     def total_steps(self):
@@ -323,7 +329,7 @@ class Trainer:
             self._say(f"step {self.step}: {self._skip_report}: update skipped ([train] on_nonfinite = \"skip\", "
                       f"{self._skips_in_a_row} in a row)")
             return
-        why = (f'stopped ([train] on_nonfinite = "stop")' if policy == "stop" else
+        why = ('stopped ([train] on_nonfinite = "stop")' if policy == "stop" else
                f'stopped after {MAX_SKIPS_IN_A_ROW} skipped steps in a row ([train] on_nonfinite = "skip")')
         self._log_train()
         self._plot()
@@ -510,9 +516,16 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self._resumed:
             self._start_new_run()
-        (self.out_dir / CONFIG_FILE).write_text(self.spec.to_toml(), encoding="utf-8")
+        (self.out_dir / CONFIG_FILE).write_text(self._config_toml(), encoding="utf-8")
         self.metrics = MetricsWriter(self.out_dir / METRICS_FILE, resume_at=self._metrics_position)
         self._write_memory_json()
+
+    def _config_toml(self):
+        """The job as config.toml: all of it from a job file; else only the settings applied to the objects given."""
+        if self._spec_describes_all:
+            return self.spec.to_toml()
+        return self.spec.to_toml(only=APPLIED_SETTINGS, note="the model, data and optimizer were Python objects "
+                                 "(not described here); these are the settings the Trainer applied")
 
     def _start_new_run(self):
         """Refuse to write a new run over an earlier one (check_new_run), unless overwrite: then delete that run's

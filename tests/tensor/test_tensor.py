@@ -128,10 +128,19 @@ def test_comparisons_give_bool_tensors_without_grad():
     y = dt.tensor([3.0, 2.0, 1.0])
     for result, expected in [(x < y, [True, False, False]), (x <= y, [True, True, False]),
                              (x > y, [False, False, True]), (x >= 2.0, [False, True, True]),
-                             (x.eq(y), [False, True, False])]:
+                             (x.eq(y), [False, True, False]), (x == y, [False, True, False]),
+                             (x != y, [True, False, True]), (2.0 == x, [False, True, False])]:
         assert result.dtype == dt.bool_ and not result.requires_grad
         assert result.numpy().tolist() == expected
     assert x.argmax().item() == 2 and x.argmax().dtype == dt.int64
+
+
+def test_equality_with_what_is_not_a_number_is_identity_and_tensors_stay_hashable():
+    x = dt.tensor([1.0, 2.0])
+    assert (x == None) is False and (x != None) is True and (x == "x") is False   # noqa: E711
+    other = dt.tensor([1.0, 2.0])
+    assert {x: "x", other: "other"}[other] == "other" and x in [x]
+    assert ((dt.tensor([0, 1, 2]) == dt.tensor([0, 2, 2])).float().mean().item()) == pytest.approx(2 / 3)
 
 
 def test_comparisons_and_argmax_of_zero_dimensional_tensors():

@@ -31,6 +31,10 @@ def test_fit_trains_evaluates_and_writes_a_run(tmp_path):
     assert trainer.step == 4 * 12 and trainer.model is net
     assert trainer.evals["valid"].loss < 0.3 and trainer.evals["valid"].tokens == 60
     assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "checkpoints").is_dir()
+    config = (tmp_path / "config.toml").read_text()          # what was applied, not a job that never ran
+    assert "the model, data and optimizer were Python objects" in config
+    assert "[model]" not in config and "[data]" not in config and "lr =" not in config
+    assert "clip_norm = 1.0" in config and "epochs = 4" in config
 
 
 def test_fit_has_glibc_keep_freed_memory_for_the_next_step(tmp_path, monkeypatch):
@@ -86,6 +90,14 @@ def test_fit_settings_are_checked_like_a_job_file():
         fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), epoch=2)
     with pytest.raises(JobSpecError, match=r"\[train\] epochs = 0"):
         fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), epochs=0)
+
+
+@pytest.mark.parametrize("key, value", [("lr", 0.5), ("momentum", 0.9), ("warmup_steps", 8), ("decay", 0.5)])
+def test_a_setting_of_the_optimizer_given_is_refused_not_ignored(key, value):
+    data = ArrayData(*blobs(), batch_size=20)
+    net = model()
+    with pytest.raises(TypeError, match=rf"fit\(\) got {key}=.*\[optim\] {key} describes what fit\(\) is given"):
+        fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), **{key: value})
 
 
 @pytest.mark.parametrize("setting", ["sqrt", 2])
