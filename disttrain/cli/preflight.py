@@ -2,17 +2,17 @@
 
     data = check_run(args, spec, out)       # JobSpecError naming the bad value and where it came from
 
-Each failure is a JobSpecError (exit status 2 in the CLI). Under mpiexec every rank makes these checks and
-every rank fails alike, so that rank 0 alone prints the message and no rank is left waiting for another:
-the checks on the job, the launch and the data see the same inputs on every rank; the output directory and
-the memory, which only rank 0's machine decides (rank 0 writes the outputs; a machine's free memory changes
-from one moment to the next), are checked on rank 0 and its verdict is broadcast.
+Each failure is a JobSpecError (exit status 2 in the CLI). Under mpiexec every rank makes the checks of the
+job, the launch and the data on what it sees (a file may be missing on one host only); the output directory
+and the memory, which only rank 0's machine decides (rank 0 writes the outputs; a machine's free memory
+changes from one moment to the next), are checked on rank 0. No check waits for another rank: `disttrain
+run` shares every rank's outcome once they are all done (mpi_job.agree_on_setup), and all stop if one failed.
 """
 import sys
 import tempfile
 from pathlib import Path
 
-from disttrain.parallel.mpi_job import check_launch, data_shares, launched_by_mpi, launched_size, local_size
+from disttrain.parallel.mpi_job import check_launch, data_shares, launched_by_mpi, launched_rank, local_size
 from disttrain.data.source import LanguageModelData
 from disttrain.train.build import build_data
 from disttrain.train.jobspec import JobSpecError
@@ -94,18 +94,8 @@ def check_memory(spec, vocab_size):
 
 
 def _on_rank0(check):
-    """Run `check` on rank 0 only and raise its JobSpecError on every rank (one process: just run it)."""
-    if launched_size() == 1:
+    """Run `check` on rank 0 only: the output directory and the memory are the job's, not each rank's. No
+    collective here: `disttrain run` shares every rank's outcome of its checks at once, after them all
+    (mpi_job.agree_on_setup), so a rank that fails an earlier check never leaves the others waiting."""
+    if launched_rank() == 0:
         check()
-        return
-    from disttrain.parallel.comm import world
-
-    message = None
-    if world().rank == 0:
-        try:
-            check()
-        except JobSpecError as exc:
-            message = str(exc)
-    message = world().bcast_object(message, what="rank 0's checks of the outputs and memory")
-    if message is not None:
-        raise JobSpecError(message)

@@ -22,6 +22,7 @@ from disttrain.cli.common import fail, load_job_for, report_final
 from disttrain.cli.exit_codes import EXIT_DIVERGED, EXIT_DONE, EXIT_FAILURE, EXIT_SIGNAL, EXIT_USAGE
 from disttrain.autograd.function import OpError
 from disttrain.parallel.comm import abort_on_error
+from disttrain.parallel.data_parallel import ModelMismatchError
 from disttrain.parallel.mpi_job import agree_on_setup, launched_size, mode_for, run_context, share_cores
 from disttrain.tensor.threads import blas_kernel_note
 from disttrain.train.build import describe_data, describe_model
@@ -32,7 +33,9 @@ from disttrain.train.loop import (METRICS_FILE, MemoryBudgetExceeded, Trainer, T
 
 
 
-USAGE_ERRORS = (JobSpecError, CheckpointError)
+# Mistakes in the job, its files or the options (every rank meets a ModelMismatchError: factories that build
+# other models on other ranks): one line, exit status 2
+USAGE_ERRORS = (JobSpecError, CheckpointError, ModelMismatchError)
 
 
 def main(args):
@@ -47,7 +50,8 @@ def main(args):
             raise
         traceback.print_exc()
         error = exc
-    failed = agree_on_setup(None if error is None else (isinstance(error, USAGE_ERRORS), _said(error)))
+    failed = agree_on_setup(None if error is None else (isinstance(error, USAGE_ERRORS), _said(error)),
+                            job=None if error is not None else spec.to_dict())
     if failed:
         return _fail_setup(failed)
     try:

@@ -15,7 +15,7 @@ from disttrain import trace
 from disttrain.parallel.comm import abort_on_error, world
 from disttrain.parallel.pipeline.layout import check_layout
 from disttrain.tensor.threads import available_cores, set_num_threads, user_thread_count
-from disttrain.train.jobspec import JobSpecError
+from disttrain.train.jobspec import JobSpecError, job_differences
 from disttrain.train.mode import LocalMode
 
 __all__ = ["mode_for", "check_launch", "agree_on_setup", "run_context", "launched_size", "launched_rank", "launched_by_mpi",
@@ -64,17 +64,35 @@ def check_launch(spec):
         check_layout(size, spec.parallel.stages, spec.parallel.micro_batches, batch, spec.source)
 
 
-def agree_on_setup(failure):
+def agree_on_setup(failure, job=None):
     """[(rank, failure)] of every rank whose setup failed, on every rank (empty: none did).
 
     failure: None when this rank's own work before the job's first collective (reading the job, its data, the
-    checkpoint) succeeded, else plain data saying how it failed. Shared by one collective among the launched
-    processes, so that all of them stop when any failed; in a one-process job, this process's alone."""
+    checkpoint) succeeded, else plain data saying how it failed; job: this rank's resolved job (to_dict()).
+    Shared by one collective among the launched processes, so that all of them stop when any failed. A rank
+    whose job differs from rank 0's (but for [data] path) fails too, with (True, the keys that differ): ranks
+    given other job files or --set values would otherwise train apart without a word (a lr), or wait for each
+    other (a step budget). In a one-process job, this process's failure alone."""
     if launched_size() <= 1:
-        failures = [failure]
-    else:
-        failures = world().allgather_object(failure, what="agreement on the job's setup (each rank's checks)")
-    return [(rank, failed) for rank, failed in enumerate(failures) if failed is not None]
+        return [] if failure is None else [(0, failure)]
+    outcomes = world().allgather_object((failure, job), what="agreement on the job's setup (each rank's checks)")
+    failed = [(rank, failure) for rank, (failure, _) in enumerate(outcomes) if failure is not None]
+    if failed:
+        return failed
+    first = outcomes[0][1]
+    mismatched = [(rank, diffs) for rank, (_, job) in enumerate(outcomes) if (diffs := _job_differences(first, job))]
+    return [(rank, (True, _describe_mismatch(diffs))) for rank, diffs in mismatched]
+
+
+def _job_differences(first, other):
+    """Where two ranks' jobs differ, but for [data] path: hosts may keep the same corpus in other places."""
+    return [diff for diff in job_differences(first, other) if diff[:2] != ("data", "path")]
+
+
+def _describe_mismatch(diffs):
+    return ("its job differs from rank 0's: "
+            + "; ".join(f"[{section}] {key} = {b!r} (rank 0: {a!r})" for section, key, a, b in diffs)
+            + "; every rank must run the same job file and --set values")
 
 
 def data_shares(spec):

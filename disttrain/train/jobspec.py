@@ -39,7 +39,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = ["JobSpecError", "JobSpec", "Section", "Field", "SCHEMA", "REQUIRED", "Derived", "load_job",
-           "loads_job", "check_paths", "describe_schema", "PTB_ENV_VAR", "PTB_FALLBACK"]
+           "loads_job", "check_paths", "describe_schema", "PTB_ENV_VAR", "PTB_FALLBACK", "job_differences"]
 
 PTB_ENV_VAR = "DISTTRAIN_PTB"
 PTB_FALLBACK = "../shared/data/ptb"
@@ -457,6 +457,17 @@ class JobSpec:
 
     def __repr__(self):
         return f"JobSpec(source={self.source!r}, {self.to_dict()!r})"
+
+
+def job_differences(first, second):
+    """[(section, key, first's value, second's)] wherever two jobs as dicts (JobSpec.to_dict()) differ."""
+    diffs = []
+    for section in second:
+        for key in sorted(set(first.get(section, {})) | set(second.get(section, {}))):
+            a, b = first.get(section, {}).get(key), second.get(section, {}).get(key)
+            if a != b:
+                diffs.append((section, key, a, b))
+    return diffs
 
 
 # ------------------------------------------------------------------------------------------------- loading

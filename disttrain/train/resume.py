@@ -15,6 +15,7 @@ how often or how the same run is computed, or its step size:
 Any other difference is refused with CheckpointError "... was written for a different job; ..." naming each key.
 """
 from disttrain.optim.lr_scheduler import scale_lr
+from disttrain.train.jobspec import job_differences
 from disttrain.train.saving import CheckpointError
 
 __all__ = ["RESUMABLE_KEYS", "check_same_model", "resume_changes", "apply_lr_change"]
@@ -65,13 +66,7 @@ def _resumable(section, key):
 
 
 def _differences(saved, job, ignored):
-    diffs = []
-    for section in job:
-        for key in sorted(set(saved.get(section, {})) | set(job.get(section, {}))):
-            a, b = saved.get(section, {}).get(key), job.get(section, {}).get(key)
-            if a != b and not ignored(section, key):
-                diffs.append((section, key, a, b))
-    return diffs
+    return [diff for diff in job_differences(saved, job) if not ignored(diff[0], diff[1])]
 
 
 def _describe(diff):

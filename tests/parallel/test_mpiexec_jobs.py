@@ -109,3 +109,33 @@ def test_a_rank_failing_before_training_stops_every_rank_at_once(tmp_path, model
     assert done.returncode == status, done.stderr
     assert done.stderr.count(said) == 1, done.stderr
     assert "watchdog" not in done.stderr
+
+
+@pytest.mark.parametrize("rank_1_sets, said", [
+    ("data.path={missing}", "disttrain run: error: rank 1: "),                  # its data file is not on its host
+    ("optim.lr=abc", "disttrain run: error: rank 1: "),                         # its job differs and is wrong
+])
+def test_a_rank_whose_own_checks_fail_stops_every_rank_at_once(tmp_path, rank_1_sets, said):
+    """Rank 0 goes on to its checks of the output directory and the memory (an LSTM job): no check may wait for
+    rank 1, which stopped at its first; the outcomes meet in one exchange after them all."""
+    (tmp_path / "tiny.txt").write_text(text())
+    job = tmp_path / "tiny.toml"
+    job.write_text(tiny_job_toml(*DATA_PARALLEL, "parallel.timeout_s=600", text=tmp_path / "tiny.txt"))
+    cli = [sys.executable, "-m", "disttrain.cli.main", "run", job, "--out", tmp_path / "out"]
+    rank_1 = ["--set", rank_1_sets.format(missing=tmp_path / "not-here.txt")]
+    done = run_mpiexec(1, [*cli, ":", "-n", "1", *cli, *rank_1], timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count(said) == 1 and "watchdog" not in done.stderr, done.stderr
+
+
+def test_ranks_given_different_jobs_are_refused_naming_the_keys(tmp_path):
+    (tmp_path / "tiny.txt").write_text(text())
+    job = tmp_path / "tiny.toml"
+    job.write_text(tiny_job_toml(*DATA_PARALLEL, text=tmp_path / "tiny.txt"))
+    cli = [sys.executable, "-m", "disttrain.cli.main", "run", job, "--out", tmp_path / "out"]
+    done = run_mpiexec(1, [*cli, ":", "-n", "1", *cli, "--set", "optim.lr=0.5", "--set", "train.max_steps=9"],
+                       timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("disttrain run: error: rank 1: its job differs from rank 0's: [optim] lr = 0.5 "
+                             "(rank 0: ") == 1, done.stderr
+    assert "[train] max_steps = 9 (rank 0: 6)" in done.stderr

@@ -69,3 +69,12 @@ def test_world_size_not_a_multiple_of_stages_is_refused(tmp_path, job):
     assert done.returncode == 2
     assert "[parallel] stages = 2 but 3 processes were launched" in done.stderr
     assert str(path) in done.stderr
+
+
+def test_more_stages_than_blocks_is_one_line_naming_the_blocks(tmp_path, job):
+    done = run_mpiexec(4, [sys.executable, "-m", "disttrain.cli.main", "run", job(), "--set", "parallel.stages=4",
+                           "--out", tmp_path / "out"], timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("[parallel] stages = 4, but the model has 3 blocks (embedding, lstm.l0, decoder) and "
+                             "every stage needs at least one; choose at most 3 stages") == 1, done.stderr
+    assert "Traceback" not in done.stderr

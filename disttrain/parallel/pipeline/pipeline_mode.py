@@ -36,6 +36,7 @@ from disttrain.models import protocol
 from disttrain.nn.utils import clip_grad_norm_, grad_norm
 from disttrain.parallel.comm import world
 from disttrain.parallel.mpi_mode import MPIMode, ranks
+from disttrain.parallel.pipeline.blocks import blocks_of
 from disttrain.parallel.pipeline.layout import PipelineLayoutError, check_layout
 from disttrain.parallel.pipeline.p2p import StageLink
 from disttrain.parallel.pipeline.partition import Partition, partition
@@ -86,6 +87,7 @@ class PipelineMode(MPIMode):
         self.full_model = model
         self.batch_axis = data.batch_axis if data is not None else 1
         self._model_parameters = sum(p.numel() for p in model.parameters())
+        self._check_enough_blocks(model)          # on every rank, before rank 0 alone balances the cut
         if self.split_points is not None:
             self.partition = self._user_partition(model)
         else:
@@ -104,6 +106,13 @@ class PipelineMode(MPIMode):
         self.link = StageLink(self.pipe, self.stage, self.stages, xp=xp)
         self.runtime = self._runtime(self.micro_batches, self.schedule)
         return self.model, make_optimizer(optimizer, self.model.parameters())
+
+    def _check_enough_blocks(self, model):
+        names = [name for name, _ in blocks_of(model)]
+        if self.stages > len(names):
+            raise PipelineLayoutError(f"{self.source or '<job>'}: [parallel] stages = {self.stages}, but the model "
+                                      f"has {len(names)} blocks ({', '.join(names)}) and every stage needs at least "
+                                      f"one; choose at most {len(names)} stages")
 
     def _user_partition(self, model):
         """The cut at the split_points (no profile: the same on every rank), or PipelineLayoutError."""
