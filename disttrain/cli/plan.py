@@ -21,8 +21,8 @@ import disttrain as dt
 from disttrain.data.source import Share
 from disttrain.models import protocol
 from disttrain.parallel.data_mode import data_parallel_holding
+from disttrain.parallel.mpi_job import check_ranks
 from disttrain.parallel.pipeline.blocks import blocks_of
-from disttrain.parallel.pipeline.layout import check_layout
 from disttrain.parallel.pipeline.partition import partition
 from disttrain.parallel.pipeline.profile import profile
 from disttrain.parallel.pipeline.runtime import split_micro_batches
@@ -77,14 +77,21 @@ def main(args):
 
 
 def _ranks(spec, ranks):
+    """The processes to plan for (--ranks, else the job's), checked as `run` and ps-cluster check them."""
     mode = spec.parallel.mode
+    option = "--ranks" if ranks is not None else None
     if ranks is None:
-        return spec.parallel.stages if mode == "pipeline" else spec.ps.workers if mode == "ps" else 1
+        ranks = spec.parallel.stages if mode == "pipeline" else spec.ps.workers if mode == "ps" else 1
     if ranks < 1:
         raise JobSpecError(f"--ranks {ranks}: expected a number of processes >= 1")
     if mode == "local" and ranks != 1:
         raise JobSpecError(f'--ranks {ranks}: {spec.source}: [parallel] mode = "local" runs on one process; '
                            'set parallel.mode="data" (or "pipeline") to plan for more')
+    if mode == "ps":
+        from disttrain.paramserver.job import check_shards     # on demand: it loads the servers' messaging
+
+        check_shards(spec, ranks, option)
+    check_ranks(spec, ranks, option)
     return ranks
 
 
@@ -114,7 +121,6 @@ def estimate_ranks(spec, ranks):
 
 def _pipeline_ranks(spec, data, model, ranks):
     p = spec.parallel
-    check_layout(ranks, p.stages, p.micro_batches, spec.data.batch_size, source=spec.source)
     replica_inputs, replica_targets = _first_batch(data, Share(0, ranks // p.stages))
     inputs, targets = (split_micro_batches(a, p.micro_batches, data.batch_axis)[0]
                        for a in (replica_inputs, replica_targets))

@@ -18,7 +18,8 @@ from disttrain.tensor.threads import available_cores, set_num_threads, user_thre
 from disttrain.train.jobspec import JobSpecError, job_differences
 from disttrain.train.mode import LocalMode
 
-__all__ = ["mode_for", "check_launch", "agree_on_setup", "run_context", "launched_size", "launched_rank", "launched_by_mpi",
+__all__ = ["mode_for", "check_launch", "check_ranks", "agree_on_setup", "run_context", "launched_size",
+           "launched_rank", "launched_by_mpi",
            "local_size", "share_cores", "data_shares"]
 
 _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")     # MPICH / Intel MPI / srun --mpi=pmi2; Open MPI
@@ -43,7 +44,7 @@ def mode_for(spec):
 def check_launch(spec):
     """Raise JobSpecError unless the processes launched (read from the launcher's environment, before MPI
     starts, so every rank finds the same answer) fit the job's [parallel] mode and [data] batch_size."""
-    mode, size, batch = spec.parallel.mode, launched_size(), spec.data.batch_size
+    mode, size = spec.parallel.mode, launched_size()
     where = f"{spec.source}: [parallel] mode = \"{mode}\""
     if mode == "local" and size > 1:
         raise JobSpecError(f'{where} but {size} processes were launched; set mode = "data" '
@@ -55,13 +56,24 @@ def check_launch(spec):
         raise JobSpecError(f"{where}, but this is 1 process, not started by mpiexec; {mode} mode runs one process "
                            f"per rank: mpiexec -n {example} disttrain run {spec.source} (or disttrain launch -n "
                            f"{example} {spec.source}), or set mode = \"local\"")
-    if mode == "data" and batch % size:
-        fitting = [n for n in range(1, min(batch, 4 * size) + 1) if batch % n == 0]
-        raise JobSpecError(f"{spec.source}: [data] batch_size = {batch} does not divide among the {size} ranks "
-                           f"launched (each trains on batch_size / ranks streams); expected a multiple of {size}, "
-                           f"or launch {', '.join(map(str, fitting[-4:]))} ranks")
+    check_ranks(spec, size)
+
+
+def check_ranks(spec, ranks, ranks_option=None):
+    """Raise JobSpecError unless `ranks` processes can run the job's data-parallel mode ([data] batch_size
+    divides among them) or pipeline (check_layout); other modes pass. ranks_option: the command-line option that
+    gave `ranks` (`disttrain plan --ranks`), which the message then names; None: the processes launched."""
+    mode, batch = spec.parallel.mode, spec.data.batch_size
+    if mode == "data" and batch % ranks:
+        divisors = [n for n in range(1, min(batch, 4 * ranks) + 1) if batch % n == 0]
+        fitting = ", ".join(map(str, divisors[-4:]))
+        among, instead = ((f"the {ranks} ranks launched", f"launch {fitting} ranks") if ranks_option is None else
+                          (f"the {ranks} ranks of {ranks_option} {ranks}", f"{ranks_option} {fitting}"))
+        raise JobSpecError(f"{spec.source}: [data] batch_size = {batch} does not divide among {among} (each trains "
+                           f"on batch_size / ranks streams); expected a multiple of {ranks}, or {instead}")
     if mode == "pipeline":
-        check_layout(size, spec.parallel.stages, spec.parallel.micro_batches, batch, spec.source)
+        check_layout(ranks, spec.parallel.stages, spec.parallel.micro_batches, batch, spec.source,
+                     ranks_option=ranks_option)
 
 
 def agree_on_setup(failure, job=None):

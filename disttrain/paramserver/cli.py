@@ -4,14 +4,15 @@
                          [--set k=v ...]
     disttrain ps-server  JOB.toml --index I --bind tcp://HOST:PORT (--keys DIR | --insecure) [--snapshot FILE]
     disttrain ps-worker  JOB.toml --id K --connect tcp://H0:P0,tcp://H1:P1 (--keys DIR | --insecure) [--out DIR]
-                         [--resume]
+                         [--resume | --overwrite]
     disttrain ps-keys    DIR --workers W [--client NAME ...]
 
 ps-cluster runs a whole cluster on this machine (keys, S servers, W workers; worker 0 shows progress and writes
 metrics; servers log their update rate into DIR/logs). ps-server and ps-worker start the pieces by hand on many
 hosts; see launch/ps_multihost.md. Runnable without the `disttrain` script as `python -m disttrain.paramserver.cli`.
 
-Exit status: 0 done, 1 failure, 2 unusable job file, options or keys.
+Exit status: 0 done, 1 failure (a worker that reaches no server within [ps] reconnect_timeout, too), 2 unusable
+job file, options or keys, or an output directory holding an earlier run.
 """
 import argparse
 import signal
@@ -74,7 +75,11 @@ def register(subparsers):
                                                             "on shard K mod W")
     p.add_argument("--out", metavar="DIR", help="the run directory: worker 0's outputs and checkpoint, worker K's "
                                                 "checkpoint in DIR/workers/worker-K (default runs/<job name>)")
-    p.add_argument("--resume", action="store_true", help="continue from this worker's checkpoint in --out")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from this worker's checkpoint in --out")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over in a DIR that holds an earlier run (this worker's checkpoints are deleted; "
+                            "worker 0's metrics.jsonl and curves.png too)")
     _security_arguments(p, client=True)
     p.set_defaults(ps_main=worker_main)
 
@@ -150,7 +155,7 @@ def _server_security(args, ServerSecurity, check_insecure_endpoint):
 
 def worker_main(args):
     from disttrain.paramserver.auth import ClientSecurity, check_insecure_endpoint
-    from disttrain.paramserver.job import run_worker
+    from disttrain.paramserver.job import check_shards, run_worker
     from disttrain.paramserver.worker import PSError
     from disttrain.train.saving import CheckpointError
     from disttrain.train.loop import TrainingInterrupted
@@ -160,6 +165,7 @@ def worker_main(args):
         endpoints = [e.strip() for e in args.connect.split(",") if e.strip()]
         if len(endpoints) != spec.ps.servers:
             spec = _spec(args, workers=args.shards, servers=len(endpoints))
+        check_shards(spec, spec.ps.workers, "--shards" if args.shards else None)
         if args.insecure:
             for e in endpoints:
                 check_insecure_endpoint(e)
@@ -181,14 +187,14 @@ def worker_main(args):
 
     try:
         evals = run_worker(spec, args.id, endpoints, security=security, out_dir=out, log=log, on_trainer=on_trainer,
-                           resume=args.resume)
+                           resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as exc:
         print(f"worker {args.id}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except PSError as exc:
         print(f"worker {args.id}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except CheckpointError as exc:               # --resume: no checkpoint, or one of another job
+    except CheckpointError as exc:      # an earlier run in --out; --resume: no checkpoint, or one of another job
         return fail("ps-worker", exc)
     if args.id == 0:
         parts = [f"{split} ppl {r.ppl:.3f}" for split, r in evals.items()]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import disttrain
 from disttrain.paramserver.auth import ADMIN_NAME, generate_keys, worker_key_name
+from disttrain.paramserver.job import check_shards
 from disttrain.paramserver.snapshot import SnapshotError, read_meta
 from disttrain.train import saving as ckpt
 from disttrain.train.loop import CONFIG_FILE, CURVES_FILE, METRICS_FILE
@@ -66,9 +67,7 @@ class Cluster:
             raise ValueError("give --resume or --overwrite, not both")
         self.spec, self.out = spec, Path(out_dir)
         self.num_servers, self.num_workers = spec.ps.servers, spec.ps.workers
-        if spec.data.batch_size % self.num_workers:
-            raise ValueError(f"{spec.source or 'the job'}: [data] batch_size = {spec.data.batch_size} cannot be "
-                             f"shared by {self.num_workers} workers: it must be a multiple of [ps] workers")
+        check_shards(spec, self.num_workers)
         self.insecure, self.port = insecure, port
         self.resume, self.overwrite = resume, overwrite
         self.quiet = quiet                       # True: worker 0 logs to its file only (tests)

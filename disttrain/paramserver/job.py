@@ -14,9 +14,11 @@ from disttrain.paramserver.worker import PSClient
 from disttrain.paramserver.worker_mode import ParameterServerMode, worker_run_dir
 from disttrain.train import saving
 from disttrain.train.build import build_data, build_model, build_optimizer, build_schedules
+from disttrain.train.jobspec import JobSpecError
 from disttrain.train.loop import Trainer
 
-__all__ = ["initial_model", "server_from_spec", "layout_from_spec", "push_weight", "run_worker", "worker_run_dir"]
+__all__ = ["initial_model", "server_from_spec", "layout_from_spec", "check_shards", "push_weight", "run_worker",
+           "worker_run_dir"]
 
 
 # ------------------------------------------------------------------------------------------------ from a job
@@ -65,6 +67,17 @@ def _resume(trainer, worker, own_dir, log):
     log(f"worker {worker}: resuming from {checkpoint.path} at step {trainer.step} (epoch {trainer.epoch + 1})")
 
 
+def check_shards(spec, shards, option=None):
+    """Raise JobSpecError unless [data] batch_size splits into `shards` equal shares, one per worker (worker K
+    trains on share K mod shards). option: the command-line option that gave `shards` (--workers, --shards,
+    `disttrain plan --ranks`), which the message then names; None: [ps] workers."""
+    batch = spec.data.batch_size
+    if batch % shards:
+        given, setting = ("", "[ps] workers") if option is None else (f" ({option} {shards})", option)
+        raise JobSpecError(f"{spec.source or 'the job'}: [data] batch_size = {batch} cannot be shared by {shards} "
+                           f"workers{given}: it must be a multiple of {setting}")
+
+
 def push_weight(ps, num_shards):
     """What a worker's gradient is multiplied by before it is pushed: 1/num_shards for async and ssp with
     `[ps] scale_pushes` (each push is one shard's part of a step of the whole batch), else 1 (sync averages the
@@ -73,26 +86,28 @@ def push_weight(ps, num_shards):
 
 
 def run_worker(spec, worker, endpoints, num_shards=None, security=None, out_dir=None, progress=None, log=None,
-               on_trainer=None, resume=False):
+               on_trainer=None, resume=False, overwrite=False):
     """Train as worker `worker` against the servers at `endpoints`; returns the Trainer's evals (worker 0's count).
 
     num_shards: how many data shards the streams are cut into (default [ps] workers). on_trainer(trainer) is
     called once the Trainer exists (the CLI uses it to route SIGTERM to trainer.request_stop). out_dir: the run
     directory (None: no outputs, no checkpoints). resume: continue from this worker's checkpoint in
     worker_run_dir(out_dir, worker) (CheckpointError when worker 0 has none; another worker without one starts
-    its shard from step 0, and says so).
+    its shard from step 0, and says so). overwrite: start over where an earlier run left its outputs (the
+    Trainer's overwrite). Nothing is written into out_dir before the worker has joined every server.
     """
     num_shards = num_shards or spec.ps.workers
     log = log or (lambda text: None)
     ps = spec.ps
     layout = layout_from_spec(spec, len(endpoints))
     client = PSClient(endpoints, layout, worker, security=security, heartbeat_interval=ps.heartbeat_interval,
-                      server_timeout=ps.heartbeat_timeout, reconnect_timeout=ps.reconnect_timeout, log=log)
+                      server_timeout=ps.heartbeat_timeout, reconnect_timeout=ps.reconnect_timeout, log=log,
+                      timeout_setting="[ps] reconnect_timeout")
     mode = ParameterServerMode(client, worker, num_shards,
                                overlap=ps.overlap and Consistency(ps.consistency, ps.staleness).allows_ahead,
                                grad_weight=push_weight(ps, num_shards))
     try:
-        trainer = Trainer.from_job(spec, out_dir=out_dir, mode=mode, progress=progress)
+        trainer = Trainer.from_job(spec, out_dir=out_dir, mode=mode, progress=progress, overwrite=overwrite)
         if worker:                                # dropout masks differ between workers; weights come from servers
             dt.manual_seed(spec.train.seed + worker)
         if resume:

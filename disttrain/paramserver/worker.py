@@ -131,16 +131,18 @@ class PSClient:
     """Worker `worker_id`'s connection to the servers at `endpoints` (endpoint i serves layout server i).
 
     observer=True: a read-only client (no clock, never waited for, no heartbeats), e.g. for monitoring.
-    security: an auth.ClientSecurity, or None for insecure (loopback) servers.
+    security: an auth.ClientSecurity, or None for insecure (loopback) servers. timeout_setting: the setting that
+    gave reconnect_timeout (e.g. "[ps] reconnect_timeout"), named where a wait for a server is said or ends.
     """
 
     def __init__(self, endpoints, layout, worker_id, security=None, observer=False, heartbeat_interval=1.0,
-                 server_timeout=10.0, reconnect_timeout=60.0, context=None, log=None):
+                 server_timeout=10.0, reconnect_timeout=60.0, context=None, log=None, timeout_setting=None):
         if len(endpoints) != layout.num_servers:
             raise ValueError(f"{len(endpoints)} endpoints for a layout of {layout.num_servers} servers")
         self.layout, self.worker_id, self.security, self.observer = layout, worker_id, security, observer
         self.heartbeat_interval = heartbeat_interval
         self.server_timeout, self.reconnect_timeout = server_timeout, reconnect_timeout
+        self.timeout_setting = timeout_setting
         self.links = [_Link(i, ep, layout.parts_of(i), layout) for i, ep in enumerate(endpoints)]
         self._own_context = context is None
         self.context = context or zmq.Context()
@@ -155,7 +157,8 @@ class PSClient:
 
     # ------------------------------------------------------------------------------------------ set-up
     def connect(self, targets=None, clock=0, epoch=0, timeout=None):
-        """Join every server (waiting up to `timeout`, default reconnect_timeout, for them to come up).
+        """Join every server (waiting up to `timeout`, default reconnect_timeout, for them to come up; the wait is
+        logged first, so that it is not a silent one).
 
         targets: one flat, writable, C-contiguous array per layout parameter; pulls are copied into them.
         """
@@ -165,9 +168,12 @@ class PSClient:
         for link in self.links:
             link.clock = clock
             self._open(link)
+        bound = self._wait_bound(timeout)
+        self.log(f"worker {self.worker_id}: joining {len(self.links)} server(s) at "
+                 f"{', '.join(link.endpoint for link in self.links)}; waiting up to {bound}")
         deadline = time.monotonic() + (timeout if timeout is not None else self.reconnect_timeout)
         for link in self.links:
-            self._join(link, deadline)
+            self._join(link, deadline, bound)
         if not self.observer and self.heartbeat_interval:
             self._hb_thread = threading.Thread(target=self._heartbeats, name=f"ps-heartbeat-{self.worker_id}",
                                                daemon=True)
@@ -196,8 +202,16 @@ class PSClient:
             link.socket = sock
             link.hb_sent = {}
 
-    def _join(self, link, deadline):
-        """Send join until the server answers (each try waits a second); raises ServerUnavailable at deadline."""
+    def _wait_bound(self, timeout=None):
+        """How long a wait for a server may last, for messages: "5 s", or "120 s ([ps] reconnect_timeout)" for
+        reconnect_timeout (timeout None)."""
+        if timeout is not None:
+            return f"{timeout:g} s"
+        return f"{self.reconnect_timeout:g} s" + (f" ({self.timeout_setting})" if self.timeout_setting else "")
+
+    def _join(self, link, deadline, bound):
+        """Send join until the server answers (each try waits a second); raises ServerUnavailable at deadline
+        (its message says the wait's `bound`, a _wait_bound)."""
         with link.lock:
             link.joined = False
             while True:
@@ -218,7 +232,8 @@ class PSClient:
                     self._joined(link, reply)
                     return
                 if time.monotonic() >= deadline:
-                    raise ServerUnavailable("unreachable", f"no answer from {link.endpoint} to join", link.index)
+                    raise ServerUnavailable("unreachable", f"no answer from {link.endpoint} to join within {bound}",
+                                            link.index)
                 # no answer within a second: a fresh socket (the old one may hold a half-open connection)
                 link.socket.close(linger=0)
                 self._open(link)
@@ -241,7 +256,7 @@ class PSClient:
             link.joined = False
             link.socket.close(linger=0)
             self._open(link)
-            self._join(link, time.monotonic() + self.reconnect_timeout)
+            self._join(link, time.monotonic() + self.reconnect_timeout, self._wait_bound())
 
     # ------------------------------------------------------------------------------------------ requests
     def pull(self, keys=None):
@@ -288,7 +303,7 @@ class PSClient:
         self.observer = True
         deadline = time.monotonic() + self.reconnect_timeout
         for link in self.links:
-            self._join(link, deadline)
+            self._join(link, deadline, self._wait_bound())
 
     def close(self):
         self._stop_heartbeats()

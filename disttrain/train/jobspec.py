@@ -335,7 +335,8 @@ SCHEMA = {
               "(what sync mode's average does); false: every push is a full step (an effective LR x workers)"),
         Field("heartbeat_interval", Float(gt=0), 1.0, "seconds between a worker's heartbeats"),
         Field("heartbeat_timeout", Float(gt=0), 10.0, "seconds of silence before a worker (or server) counts as gone"),
-        Field("reconnect_timeout", Float(gt=0), 120.0, "seconds a worker waits for a lost server to come back"),
+        Field("reconnect_timeout", Float(gt=0), 120.0,
+              "seconds a worker waits for a server to answer its join, at the start or after losing it"),
         Field("snapshot_every", _NONNEG, 500, "server snapshot every N updates (0 = not by count; servers also "
                                                  "snapshot at start, on SIGTERM and at exit)"),
         Field("snapshot_every_s", Float(ge=0), 60.0,

@@ -118,7 +118,8 @@ class Trainer:
     factory optimizer -> Schedules (disttrain.train.build). spec: the settings (a JobSpec; default: every key
     at its default). progress: True/False forces a tqdm bar on/off; None picks one when stdout is a terminal.
     overwrite: a new (not restored) run may replace an earlier run's checkpoints, metrics and curves in
-    out_dir; without it, fit() raises RunExistsError when out_dir holds an earlier run.
+    out_dir; without it, fit() raises RunExistsError when out_dir holds an earlier run (or, on a process other
+    than the main one, when its own checkpoint directory holds checkpoints).
     """
 
     def __init__(self, model, data, optimizer, spec=None, mode=None, schedules=None, out_dir=None, progress=None,
@@ -229,16 +230,18 @@ class Trainer:
     def fit(self):
         """Train until `epochs` or `max_steps`, evaluate, write the final checkpoint; returns self.evals.
 
-        Raises TrainingInterrupted after a requested stop (the checkpoint is written first). This process
-        trains from here on, so glibc keeps its freed memory for the next step (host_allocator, process-wide).
+        Raises TrainingInterrupted after a requested stop (the checkpoint is written first). Nothing is written
+        into out_dir before mode.start() returns (a parameter-server worker has then joined its servers). This
+        process trains from here on, so glibc keeps its freed memory for the next step (host_allocator,
+        process-wide).
         """
         retain_freed_memory()      # each step's big arrays reused instead of faulted in again
-        self._open_outputs()
         try:
-            if self.checkpoint_choice is not None:
-                self._say(f"activation checkpointing for [memory] budget_mb = {self.spec.memory.budget_mb:g}: "
-                          f"{self.checkpoint_choice.describe()}")
+            self._announce()
+            if not self._resumed:
+                self._check_new_run()          # refused at once, not after the mode's start (a worker's wait)
             self.mode.start(self.epoch)
+            self._open_outputs()               # after the start: a mode that cannot start leaves out_dir as it was
             self.model.train()
             self._tick = time.perf_counter()
             self._train()
@@ -504,18 +507,43 @@ class Trainer:
             what = "perplexity" if self.data.language else "loss"
             plot_curves(self.metrics.rows, self.out_dir / CURVES_FILE, title=f"{name}: {what}")
 
-    def _open_outputs(self):
+    def _announce(self):
+        """Start the clock and (main process) the progress report; say the memory estimate and the checkpointing."""
         self._started = time.perf_counter()
         if self.progress is None and self.mode.is_main:     # one process reports
             self.progress = Progress(self.total_steps, initial=self.step, bar=self._progress_mode)
         if self.memory_estimate is not None:
             for line in self.memory_estimate.lines(f"memory per process ({self.mode.memory_holding().description}):"):
                 self._say(line)
-        if self.out_dir is None or not self.mode.is_main:
+        if self.checkpoint_choice is not None:
+            self._say(f"activation checkpointing for [memory] budget_mb = {self.spec.memory.budget_mb:g}: "
+                      f"{self.checkpoint_choice.describe()}")
+
+    def _check_new_run(self):
+        """Refuse to write a new run over an earlier one, unless overwrite: the main process over out_dir's run
+        (check_new_run), another over its own checkpoints (a parameter-server worker's)."""
+        if self.out_dir is None or self.overwrite:
+            return
+        if self.mode.is_main:
+            check_new_run(self.out_dir)
+            return
+        own = self.mode.checkpoint_dir(self.out_dir)
+        if own is not None:
+            saving.check_no_checkpoints(own)
+
+    def _open_outputs(self):
+        """A new run first deletes what an earlier one left (this process's checkpoints; the main process's curves);
+        then the main process writes config.toml, metrics.jsonl (rewritten from the start) and memory.json."""
+        if self.out_dir is None:
+            return
+        own = self.mode.checkpoint_dir(self.out_dir)
+        if not self._resumed and own is not None:
+            saving.remove_checkpoints(own)
+        if not self.mode.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if not self._resumed:
-            self._start_new_run()
+            (self.out_dir / CURVES_FILE).unlink(missing_ok=True)
         (self.out_dir / CONFIG_FILE).write_text(self._config_toml(), encoding="utf-8")
         self.metrics = MetricsWriter(self.out_dir / METRICS_FILE, resume_at=self._metrics_position)
         self._write_memory_json()
@@ -526,14 +554,6 @@ class Trainer:
             return self.spec.to_toml()
         return self.spec.to_toml(only=APPLIED_SETTINGS, note="the model, data and optimizer were Python objects "
                                  "(not described here); these are the settings the Trainer applied")
-
-    def _start_new_run(self):
-        """Refuse to write a new run over an earlier one (check_new_run), unless overwrite: then delete that run's
-        checkpoints and curves (metrics.jsonl and config.toml are rewritten from the start)."""
-        if not self.overwrite:
-            check_new_run(self.out_dir)
-        saving.remove_checkpoints(self.out_dir)
-        (self.out_dir / CURVES_FILE).unlink(missing_ok=True)
 
     def _close_outputs(self):
         if self.metrics is not None:

@@ -86,3 +86,19 @@ def test_an_auto_job_is_planned_as_run_plans_it(job_file, capsys):
     assert out.count("activation checkpointing for [memory] budget_mb = 0.7: auto: recompute ") == 1, out
     peak = figures(out, "memory of the process (local)")["predicted peak"]
     assert peak.endswith("KiB") or float(peak.split()[0]) <= 0.7, peak
+
+
+@pytest.mark.parametrize("mode, ranks, said", [
+    ("data", 3, "[data] batch_size = 4 does not divide among the 3 ranks of --ranks 3 (each trains on batch_size "
+                "/ ranks streams); expected a multiple of 3, or --ranks 1, 2, 4"),
+    ("pipeline", 3, "[parallel] stages = 2 does not fit --ranks 3; expected a world size that is a multiple of the "
+                    "stages (--ranks 2 for one pipeline, --ranks 4 for two data-parallel replicas)"),
+    ("ps", 3, "[data] batch_size = 4 cannot be shared by 3 workers (--ranks 3): it must be a multiple of --ranks"),
+])
+def test_ranks_the_job_cannot_run_on_are_one_line_naming_the_option(job_file, capsys, mode, ranks, said):
+    """The checks `run` (under mpiexec) and ps-cluster make of the processes, worded for plan: it launches none."""
+    assert main(["plan", str(job_file), "--set", f"parallel.mode={mode}", "--set", "data.batch_size=4",
+                 "--ranks", str(ranks)]) == 2
+    line = one_error_line(capsys)
+    assert line == f"disttrain plan: error: {job_file}: {said}"
+    assert "launched" not in line

@@ -1,11 +1,19 @@
 """`disttrain ps-*` through the main entry point, and the [ps] section of job specs."""
 import json
+import socket
+import subprocess
+import sys
 
 import pytest
 
 from disttrain.cli.main import main
 from disttrain.paramserver.snapshot import read_meta
 from disttrain.train.jobspec import JobSpecError, describe_schema, loads_job
+
+from disttrain.paramserver.job import worker_run_dir
+from disttrain.train.saving import list_checkpoints, step_of
+
+from ps_testing import serving_job
 
 
 def test_ps_keys_and_ps_cluster_through_disttrain_main(ps_job, tmp_path, capfd):
@@ -79,3 +87,56 @@ def test_ps_cluster_refuses_a_batch_its_workers_cannot_share(ps_job, tmp_path, c
     assert main(["ps-cluster", str(job), "--workers", "3", "--insecure", "--out", str(tmp_path / "run")]) == 2
     assert "batch_size = 4 cannot be shared by 3 workers" in capfd.readouterr().err
     assert not (tmp_path / "run").exists()
+    assert main(["ps-worker", str(job), "--id", "0", "--shards", "3", "--connect", "tcp://127.0.0.1:9", "--insecure",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "batch_size = 4 cannot be shared by 3 workers (--shards 3): it must be a multiple of --shards" in \
+        capfd.readouterr().err
+
+
+def ps_worker(job, out, endpoint, *extra, worker=0):
+    """`disttrain ps-worker JOB --id WORKER --connect ENDPOINT --insecure --out OUT ...` as a process."""
+    return subprocess.run([sys.executable, "-m", "disttrain.paramserver.cli", "ps-worker", str(job), "--id",
+                           str(worker), "--connect", endpoint, "--insecure", "--out", str(out), *map(str, extra)],
+                          capture_output=True, text=True, timeout=180)
+
+
+def unused_port():
+    with socket.socket() as s:            # bound and closed: nobody listens there afterwards
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_worker_that_reaches_no_server_says_so_and_leaves_its_out_dir_free(ps_job, tmp_path):
+    _, job = ps_job()
+    out, endpoint = tmp_path / "run", f"tcp://127.0.0.1:{unused_port()}"
+    for attempt in range(2):                      # the same command again: not refused as an earlier run
+        done = ps_worker(job, out, endpoint, "--set", "ps.reconnect_timeout=2")
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        waiting = f"worker 0: joining 1 server(s) at {endpoint}; waiting up to 2 s ([ps] reconnect_timeout)"
+        assert lines[-2:] == [waiting, f"worker 0: error: server 0: no answer from {endpoint} to join within 2 s "
+                                       f"([ps] reconnect_timeout) [unreachable]"], done.stderr
+        assert not out.exists(), sorted(p.name for p in out.iterdir())
+
+
+@pytest.mark.parametrize("worker", [0, 1])
+def test_ps_worker_refuses_an_earlier_run_unless_overwrite(ps_job, tmp_path, worker):
+    """Worker 0 owns the run directory (metrics, checkpoints); worker K its checkpoints in workers/worker-K."""
+    spec, job = ps_job("ps.servers=1", "ps.workers=2", 'ps.consistency="async"', "data.batch_size=4",
+                       "train.max_steps=4")
+    out = tmp_path / "run"
+    run = lambda endpoint, *extra: ps_worker(job, out, endpoint, *extra, worker=worker)     # noqa: E731
+    with serving_job(spec, 1) as (_, endpoints):
+        first = run(endpoints[0])
+        assert first.returncode == 0, first.stderr
+    with serving_job(spec, 1) as (_, endpoints):
+        again = run(endpoints[0])
+        assert again.returncode == 2 and "holds an earlier run" in again.stderr, again.stderr
+        assert "joining" not in again.stderr                          # refused before waiting for the servers
+        over = run(endpoints[0], "--overwrite", "--set", "train.max_steps=2")
+        assert over.returncode == 0, over.stderr
+    assert [step_of(c) for c in list_checkpoints(worker_run_dir(out, worker))] == [2]    # the new run's only
+    if worker == 0:
+        assert max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 2
+    both = run("tcp://127.0.0.1:9", "--resume", "--overwrite")
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
