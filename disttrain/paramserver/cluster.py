@@ -21,6 +21,7 @@ Children run with this process's interpreter and this disttrain (never a `disttr
 directory). Each process gets cores / (S + W) BLAS threads unless OMP_NUM_THREADS is set.
 Ctrl-C / SIGTERM stops the workers (they checkpoint and leave the servers), then the servers.
 """
+import ctypes
 import os
 import shutil
 import signal
@@ -152,7 +153,8 @@ class Cluster:
         cmd = child_command("disttrain.paramserver.cli", argv)
         proc = subprocess.Popen(cmd, stdout=None if to_terminal else log,
                                 stderr=subprocess.PIPE if to_terminal else log, env=self._env(),
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_end_with_parent(os.getpid()))
         if to_terminal:
             tee = threading.Thread(target=_tee, args=(proc.stderr, log), name=f"tee-{name}", daemon=True)
             tee.start()
@@ -332,6 +334,26 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.stop(timeout=10.0)
+
+
+_PR_SET_PDEATHSIG = 1          # linux/prctl.h
+
+
+def _end_with_parent(parent):
+    """A preexec_fn (None outside Linux) that has the kernel send the child SIGTERM when `parent`, the cluster's
+    process, dies, even by SIGKILL: a server would otherwise wait for workers forever, holding its port. Like a
+    stop by hand, SIGTERM makes a server write its snapshot and a worker its checkpoint before they exit. prctl
+    is looked up here, in the parent: the child between fork and exec runs only the call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_death_signal():
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:          # the parent died before the call: nothing would signal this child
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return set_death_signal
 
 
 def _tee(pipe, log):

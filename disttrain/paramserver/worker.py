@@ -359,8 +359,13 @@ class PSClient:
         for index, r in list(pending.items()):
             link = r.link
             if link.socket not in ready:
-                if rejoin and self._server_lost(r):
-                    lost.append((r, "server restarted or silent"))
+                if self._server_lost(r):
+                    if rejoin:
+                        lost.append((r, "server restarted or silent"))
+                    else:                         # nothing to rejoin for (a leave): a server gone needs no answer
+                        self.log(f"worker {self.worker_id}: server {index}: no answer to {r.op} within "
+                                 f"{self.server_timeout:g} s; going on without it")
+                        del pending[index]
                 continue
             while True:
                 try:

@@ -1,8 +1,14 @@
 """End to end: `ps-cluster` with CURVE keys, 2 servers and 4 async workers trains a tiny char LSTM."""
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+import pytest
 
 from disttrain.paramserver.cluster import Cluster, child_command
 from disttrain.train.loop import Trainer
@@ -59,3 +65,42 @@ def test_a_worker_failing_at_start_reaches_its_log_and_the_console(ps_job, tmp_p
     assert "budget_mb = 0.001" in console                              # worker 0: its stderr, as it happened
     shown = [m for m in messages if m.startswith("worker 1 exited with status 1")]
     assert shown and "budget_mb = 0.001" in shown[0]                   # worker 1: the end of its log
+
+
+def _children_of_run(out, role):
+    """PIDs of live processes whose command line names `role` (ps-server, ps-worker) and the run directory."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if role.encode() in argv and any(str(out).encode() in a for a in argv):
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_servers_and_workers_stop_when_the_cluster_is_killed(ps_job, tmp_path):
+    _, job = ps_job("ps.servers=1", "ps.workers=1", "train.max_steps=100000", "train.checkpoint_every=100000")
+    out = tmp_path / "run"
+    cluster = subprocess.Popen([sys.executable, "-m", "disttrain.paramserver.cli", "ps-cluster", str(job), "--out",
+                                str(out), "--insecure"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while "joined" not in _read(out / "logs" / "server-0.log") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _children_of_run(out, "ps-server") and _children_of_run(out, "ps-worker")
+        cluster.kill()                                               # SIGKILL: no handler of its own runs
+        cluster.wait(timeout=30)
+        while (_children_of_run(out, "ps-server") or _children_of_run(out, "ps-worker")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _children_of_run(out, "ps-server") and not _children_of_run(out, "ps-worker")
+        assert "stopped after" in _read(out / "logs" / "server-0.log")          # a stop by SIGTERM: its snapshot
+    finally:
+        for pid in _children_of_run(out, "ps-server") + _children_of_run(out, "ps-worker"):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _read(path):
+    return path.read_text() if path.exists() else ""
