@@ -327,7 +327,8 @@ class Cluster:
         self.stop()
         failed = {k: c for k, c in codes.items() if c}
         self.log(f"done; outputs in {self.out}" + (f"; workers with errors: {failed}" if failed else ""))
-        return codes.get(0, 1)
+        code = codes.get(0, 1)
+        return 128 - code if code < 0 else code        # killed by signal N: 128 + N, as a shell reports it
 
     def __enter__(self):
         return self

@@ -104,3 +104,20 @@ def test_servers_and_workers_stop_when_the_cluster_is_killed(ps_job, tmp_path):
 
 def _read(path):
     return path.read_text() if path.exists() else ""
+
+
+def test_a_cluster_whose_main_worker_is_killed_exits_as_a_shell_reports_it(ps_job, tmp_path):
+    _, job = ps_job("ps.servers=1", "ps.workers=1", "train.max_steps=100000", "train.checkpoint_every=100000")
+    out = tmp_path / "run"
+    cluster = subprocess.Popen([sys.executable, "-m", "disttrain.paramserver.cli", "ps-cluster", str(job), "--out",
+                                str(out), "--insecure"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "joined" not in _read(out / "logs" / "server-0.log") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in _children_of_run(out, "ps-worker"):
+            os.kill(pid, signal.SIGKILL)
+        _, err = cluster.communicate(timeout=120)
+        assert cluster.returncode == 128 + signal.SIGKILL, err         # not -9 & 0xff = 247
+    finally:
+        cluster.kill()
