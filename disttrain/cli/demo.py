@@ -2,6 +2,7 @@
 
 A self-contained smoke run of the whole engine (ops, autograd, nn, optim) that needs no data.
 """
+import sys
 import time
 
 import numpy as np
@@ -43,13 +44,13 @@ def patterns(n=512, seed=0):
 def fit(model, x, y, steps, lr, desc):
     opt = dt.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     xt, yt = dt.tensor(x), dt.tensor(y)
-    bar = tqdm(range(steps), desc=desc, mininterval=0.5)
+    bar = tqdm(range(steps), desc=desc, mininterval=0.5, disable=not sys.stderr.isatty())  # no bar into a log
     for _ in bar:
         loss = F.cross_entropy(model(xt), yt)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     with dt.no_grad():
         accuracy = float((model(xt).numpy().argmax(axis=1) == y).mean())
     return loss.item(), accuracy

@@ -14,6 +14,8 @@ on_nonfinite), 124 a rank did not arrive within [parallel] timeout_s, 130 / 143 
 writing a checkpoint.
 """
 import argparse
+import os
+import signal
 import sys
 
 from disttrain import trace
@@ -65,7 +67,14 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(build_parser().parse_args(argv))
+    except BrokenPipeError:          # `disttrain ... | head`: the reader left; end quietly, as on SIGPIPE
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # no second error at interpreter exit
+        return 128 + signal.SIGPIPE
+
+
+def _dispatch(args):
     if args.command == "demo":
         from disttrain.cli import demo
 

@@ -1,11 +1,14 @@
 """`disttrain run` and `disttrain eval` end to end on tiny data, and how they report bad job files."""
 import json
 import math
+import os
 import re
+import signal
+import subprocess
 
 import pytest
 
-from cli_testing import metric_rows, run_disttrain
+from cli_testing import disttrain_cmd, metric_rows, run_disttrain
 from disttrain.cli.main import main
 
 def chars(text_file):
@@ -116,3 +119,16 @@ def test_cuda_without_a_gpu_is_a_clear_error(job_file, tmp_path, capsys):
         pytest.skip("a GPU is present")
     assert main(["run", str(job_file), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
     assert 'tiny.toml: [train] device = "cuda": device \'cuda\' is not available' in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_ends_the_run_quietly_as_sigpipe_would(job_file, text_file, tmp_path):
+    """`disttrain run JOB | head -1`: no traceback once the pipe closes; the exit status says SIGPIPE."""
+    cmd = disttrain_cmd("run", job_file, *chars(text_file), "--set", "train.max_steps=400", "--set",
+                        "train.log_every=1", "--out", tmp_path / "run")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.stdout.readline()
+    proc.stdout.close()                                          # what `head -1` does after its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err
