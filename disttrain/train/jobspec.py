@@ -512,10 +512,22 @@ def loads_job(text, overrides=(), source="<string>"):
 
 
 def _build(data, overrides, source):
+    """The JobSpec of a parsed job file (`data`) with `overrides` applied; JobSpecError listing every problem."""
     errors = []
-    values = {name: {} for name in SCHEMA}
-    origins = {}                      # (section, key) -> "override ..." for values that came from --set
+    values = _read_tables(data, source, errors)
+    origins = _apply_overrides(values, overrides, source, errors)
+    resolved = _resolve(values, origins, source, errors)
+    if not errors:
+        errors += (_pipeline_problems(resolved, origins, source) + _data_problems(resolved, origins, source)
+                   + _memory_problems(resolved, origins, source))
+    if errors:
+        raise JobSpecError("\n".join(errors), errors)
+    return JobSpec(resolved, source)
 
+
+def _read_tables(data, source, errors):
+    """{section: {key: value}} of the file's known sections and keys; each unknown one appended to errors."""
+    values = {name: {} for name in SCHEMA}
     for name, table in data.items():
         if name not in SCHEMA:
             if isinstance(table, dict):
@@ -534,10 +546,13 @@ def _build(data, overrides, source):
                 errors.append(f"{source}: {problem}")
             else:
                 values[name][key] = value
+    return values
 
-    if isinstance(overrides, str):
-        overrides = (overrides,)
-    for override in overrides:
+
+def _apply_overrides(values, overrides, source, errors):
+    """Apply "section.key=value" strings onto values; returns {(section, key): where it came from} for each."""
+    origins = {}
+    for override in (overrides,) if isinstance(overrides, str) else overrides:
         label = f"{source}: override {_toml_value(override)}"
         dotted, eq, text = override.partition("=")
         section, dot, key = dotted.strip().partition(".")
@@ -554,7 +569,11 @@ def _build(data, overrides, source):
             continue
         values[section][key] = _parse_value(text.strip())
         origins[section, key] = label
+    return origins
 
+
+def _resolve(values, origins, source, errors):
+    """Every key of the schema: its value checked against its type, or its default (derived ones computed)."""
     resolved = {}
     for section, fields in SCHEMA.items():
         out = resolved[section] = {}
@@ -579,13 +598,7 @@ def _build(data, overrides, source):
                 errors.append(f"{where}: [{section}] {f.name} is missing: expected {f.type.expected}{why}")
                 continue
             out[f.name] = default
-
-    if not errors:
-        errors += (_pipeline_problems(resolved, origins, source) + _data_problems(resolved, origins, source)
-                   + _memory_problems(resolved, origins, source))
-    if errors:
-        raise JobSpecError("\n".join(errors), errors)
-    return JobSpec(resolved, source)
+    return resolved
 
 
 def _pipeline_problems(resolved, origins, source):
