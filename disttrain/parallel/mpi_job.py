@@ -13,7 +13,7 @@ import os
 
 from disttrain import trace
 from disttrain.parallel.comm import abort_on_error, world
-from disttrain.parallel.pipeline.layout import check_layout
+from disttrain.parallel.pipeline.rank_layout import check_layout
 from disttrain.tensor.threads import available_cores, set_num_threads, user_thread_count
 from disttrain.train.jobspec import JobSpecError, job_differences
 from disttrain.train.mode import LocalMode

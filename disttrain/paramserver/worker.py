@@ -39,7 +39,7 @@ import zmq
 from disttrain.paramserver import protocol
 from disttrain.paramserver.protocol import ProtocolError
 
-__all__ = ["PSError", "ServerUnavailable", "PSClient", "Handle"]
+__all__ = ["PSError", "ServerUnavailable", "PSClient", "PushHandle"]
 
 _REJOIN_CODES = ("not_joined", "wrong_connection", "bad_clock")
 _MAX_RETRIES = 8
@@ -120,7 +120,7 @@ class _Request:
             self.op = "pull" if self.pull else "done"
 
 
-class Handle:
+class PushHandle:
     """The requests of one push_async, to pass to wait()."""
 
     def __init__(self, requests):
@@ -276,7 +276,7 @@ class PSClient:
         grads = self._check_grads(grads)
         if epoch is not None:
             self.epoch = epoch
-        return Handle(self._start([_Request(l, "push", grads=grads, pull=pull, epoch=self.epoch, ahead=ahead)
+        return PushHandle(self._start([_Request(l, "push", grads=grads, pull=pull, epoch=self.epoch, ahead=ahead)
                                    for l in self.links]))
 
     def wait(self, handle):

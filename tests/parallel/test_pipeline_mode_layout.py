@@ -2,7 +2,7 @@
 import pytest
 
 from disttrain.parallel import world
-from disttrain.parallel.pipeline.layout import PipelineLayoutError
+from disttrain.parallel.pipeline.rank_layout import PipelineLayoutError
 from disttrain.parallel.pipeline.pipeline_mode import PipelineMode
 
 

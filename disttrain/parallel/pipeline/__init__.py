@@ -2,7 +2,7 @@
 
 Modules: blocks (the chain of blocks a model is cut into; Stage: a contiguous run of them), profile (each
 block's measured cost), partition (the balancer and Partition, the plain-data cut rank 0 sends the others),
-layout (K stages x D replicas over the launched ranks), schedule (each stage's forward/backward actions: GPipe,
+rank_layout (K stages x D replicas over the launched ranks), schedule (each stage's forward/backward actions: GPipe,
 1F1B), p2p (StageLink: activations forward, gradients back), runtime (PipelineRuntime: one stage's step),
 stage_memory (a stage's step memory, replayed over its schedule), pipeline_mode (PipelineMode: the Trainer's
 mode).

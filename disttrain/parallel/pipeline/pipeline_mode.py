@@ -37,7 +37,7 @@ from disttrain.nn.utils import clip_grad_norm_, grad_norm
 from disttrain.parallel.comm import world
 from disttrain.parallel.mpi_mode import MPIMode, ranks
 from disttrain.parallel.pipeline.blocks import blocks_of
-from disttrain.parallel.pipeline.layout import PipelineLayoutError, check_layout
+from disttrain.parallel.pipeline.rank_layout import PipelineLayoutError, check_layout
 from disttrain.parallel.pipeline.p2p import StageLink
 from disttrain.parallel.pipeline.partition import Partition, partition
 from disttrain.parallel.pipeline.runtime import PipelineRuntime, split_micro_batches
