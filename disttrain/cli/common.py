@@ -34,7 +34,8 @@ def load_job_for(args, command):
         try:
             get_backend("cuda")
         except RuntimeError as exc:
-            raise JobSpecError(f'{spec.source}: [train] device = "cuda": {exc}') from None
+            where = "--device cuda" if args.device else f'{spec.source}: [train] device = "cuda"'
+            raise JobSpecError(f"{where}: {exc}") from None
     return spec
 
 

@@ -14,7 +14,7 @@ from disttrain.data.vocab import EOS, Vocabulary
 
 PTB_ENV_VAR = "DISTTRAIN_PTB"
 PTB_VOCAB_SIZE = 10_000
-_FALLBACK = Path("..") / "shared" / "data" / "ptb"
+PTB_FALLBACK = "../shared/data/ptb"       # beside a checkout of this repository, when $DISTTRAIN_PTB is unset
 _WHERE_TO_GET = (
     "The standard files are the Mikolov PTB language-modelling split (ptb.train.txt, ptb.valid.txt, "
     "ptb.test.txt, gzipped or not), e.g. the data/ folder of "
@@ -25,7 +25,7 @@ _WHERE_TO_GET = (
 def default_ptb_path():
     """$DISTTRAIN_PTB if set, else ../shared/data/ptb relative to the current directory (absolute)."""
     env = os.environ.get(PTB_ENV_VAR)
-    path = Path(env).expanduser() if env else _FALLBACK
+    path = Path(env).expanduser() if env else Path(PTB_FALLBACK)
     return Path(os.path.abspath(path))
 
 

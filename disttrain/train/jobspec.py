@@ -33,6 +33,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable
 
+from disttrain.data.ptb import PTB_ENV_VAR, PTB_FALLBACK
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -41,8 +43,6 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["JobSpecError", "JobSpec", "Section", "Field", "SCHEMA", "REQUIRED", "Derived", "load_job",
            "loads_job", "check_paths", "describe_schema", "PTB_ENV_VAR", "PTB_FALLBACK", "job_differences"]
 
-PTB_ENV_VAR = "DISTTRAIN_PTB"
-PTB_FALLBACK = "../shared/data/ptb"
 PTB_SPLITS = ("train", "valid", "test")
 PTB_URL = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
 

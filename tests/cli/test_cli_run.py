@@ -118,6 +118,8 @@ def test_cuda_without_a_gpu_is_a_clear_error(job_file, tmp_path, capsys):
     if dt.cuda_available():
         pytest.skip("a GPU is present")
     assert main(["run", str(job_file), "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert "error: --device cuda: device 'cuda' is not available" in capsys.readouterr().err     # the flag's
+    assert main(["run", str(job_file), "--set", "train.device=cuda", "--out", str(tmp_path / "o")]) == 2
     assert 'tiny.toml: [train] device = "cuda": device \'cuda\' is not available' in capsys.readouterr().err
 
 
