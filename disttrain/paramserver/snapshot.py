@@ -1,40 +1,44 @@
-"""Atomic snapshot files: named NumPy arrays plus a msgpack metadata map, in one file.
+"""Atomic snapshot files: named NumPy arrays plus a msgpack metadata map, in one safetensors file.
 
-Layout:
-    8 bytes    b"DTPSSNAP"
-    8 bytes    header length H, little-endian
-    H bytes    msgpack {"version": 1, "meta": {...}, "arrays": [[name, dtype, shape, offset, nbytes], ...],
-                        "data_bytes": D, "crc32": CRC of the D data bytes}
-    padding    to a multiple of 64 bytes
-    D bytes    the arrays' raw bytes, each starting at a multiple of 64
+Layout: a safetensors file (readable by any safetensors reader: `safetensors.numpy.load_file`) whose arrays are
+the snapshot's, and whose string metadata holds
+    "format"   "disttrain-ps-snapshot"
+    "version"  "2"
+    "meta"     the metadata map, msgpack, base64
+    "names"    the arrays' names in the order they were given (JSON), the order load_snapshot returns them in
+    "sha256"   of the msgpack metadata bytes, then every array's name and bytes in name order
 
 NOTE (atomicity): a snapshot is written to `.<name>.tmp-<pid>` in the same directory, flushed and fsynced,
 renamed over `<name>` and the directory fsynced. A process killed at any moment leaves either the previous
 complete snapshot or the new complete one under `<name>`, never a mix; a stray temp file is ignored by
-`load_snapshot` and removed by the next `save_snapshot`. The CRC catches a file damaged later (disk, copy).
+`load_snapshot` and removed by the next `save_snapshot`. The sha256 catches a file damaged later (disk, copy).
 
-NOTE (reading): a snapshot is checked like a message from a peer before anything is built from it: the header
-nests at most MAX_DEPTH levels, every array entry is [name, dtype, shape, offset, nbytes] with a shape that
-protocol.check_shape accepts and nbytes equal to what shape and dtype need (protocol.array_nbytes, no
-overflow), inside the data; any failure is a SnapshotError naming the file.
+NOTE (reading): a snapshot is checked like a message from a peer before anything is built from it: safetensors
+parses and bounds the header and the arrays; the metadata map nests at most MAX_DEPTH levels, every array is of
+an allowed dtype with a shape that protocol.check_shape accepts, and the digest matches; any failure is a
+SnapshotError naming the file.
 """
+import base64
+import binascii
+import hashlib
+import json
 import os
-import zlib
 from pathlib import Path
 
 import msgpack
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
 from disttrain.fsutil import fsync_path
 
-from disttrain.paramserver.protocol import (DTYPES, MAX_ARRAY_BYTES, ProtocolError, array_nbytes, check_depth,
-                                            check_shape, show)
+from disttrain.paramserver.protocol import DTYPES, ProtocolError, check_depth, check_shape, show
 
 __all__ = ["SnapshotError", "save_snapshot", "load_snapshot", "read_meta"]
 
-MAGIC = b"DTPSSNAP"
-VERSION = 1
-ALIGN = 64
+FORMAT = "disttrain-ps-snapshot"
+VERSION = "2"
 MAX_DEPTH = 32                    # optimizer and schedule state nest a few levels; nothing needs more
 _DTYPES = {**DTYPES, "<i8": np.dtype("<i8")}
 
@@ -49,30 +53,18 @@ def save_snapshot(path, arrays, meta):
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.tmp-*"):
         stale.unlink(missing_ok=True)
-    entries, offset, blobs = [], 0, []
+    arrays = {name: np.ascontiguousarray(array) for name, array in arrays.items()}
     for name, array in arrays.items():
-        array = np.ascontiguousarray(array)
-        dtype = array.dtype.str
-        if dtype not in _DTYPES:
+        if array.dtype.str not in _DTYPES:
             raise ValueError(f"snapshot array {name!r}: dtype {array.dtype} is not one of {sorted(_DTYPES)}")
-        offset = -(-offset // ALIGN) * ALIGN
-        entries.append([name, dtype, list(array.shape), offset, array.nbytes])
-        blobs.append((offset, array))
-        offset += array.nbytes
-    data_bytes = offset
-    crc = 0
-    for _, array in blobs:
-        crc = zlib.crc32(memoryview(array).cast("B"), crc)   # padding is zeros and not summed
-    header = msgpack.packb({"version": VERSION, "meta": meta, "arrays": entries, "data_bytes": data_bytes,
-                            "crc32": crc}, use_bin_type=True)
-    start = -(-(len(MAGIC) + 8 + len(header)) // ALIGN) * ALIGN
+    packed = msgpack.packb(meta, use_bin_type=True)
+    data = save_safetensors(arrays, metadata={"format": FORMAT, "version": VERSION,
+                                              "meta": base64.b64encode(packed).decode("ascii"),
+                                              "names": json.dumps(list(arrays)),
+                                              "sha256": _digest(packed, arrays)})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
-        fh.write(MAGIC + len(header).to_bytes(8, "little") + header)
-        fh.write(b"\0" * (start - fh.tell()))
-        for off, array in blobs:
-            fh.write(b"\0" * (start + off - fh.tell()))
-            fh.write(memoryview(array).cast("B"))
+        fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
@@ -87,75 +79,76 @@ def load_snapshot(path):
         raw = path.read_bytes()
     except OSError as exc:
         raise SnapshotError(f"{path}: cannot read the snapshot ({exc.strerror or exc})") from None
-    header, start = _header(path, raw)
-    data = memoryview(raw)[start:]
-    if len(data) != header.get("data_bytes"):
-        raise SnapshotError(f"{path}: {len(data)} data bytes, the header declares {show(header.get('data_bytes'))}")
-    entries = header.get("arrays")
-    if not isinstance(entries, list):
-        raise SnapshotError(f"{path}: malformed array table (got {show(entries)})")
-    arrays, crc = {}, 0
-    for entry in entries:
-        name, dt, shape, offset, nbytes = _entry(path, entry, len(data))
-        chunk = data[offset:offset + nbytes]
-        crc = zlib.crc32(chunk, crc)
-        arrays[name] = np.frombuffer(chunk, dtype=dt).reshape(shape).copy()
-    if crc != header.get("crc32"):
-        raise SnapshotError(f"{path}: checksum mismatch; the file is damaged")
-    return arrays, header["meta"]
+    try:
+        arrays = load_safetensors(raw)
+        with safe_open(path, "np") as opened:     # the metadata (safetensors.numpy.load gives the arrays only)
+            metadata = opened.metadata()
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise SnapshotError(f"{path}: not a readable snapshot ({show(str(exc), 200)})") from None
+    packed, meta = _meta(path, metadata)
+    for name, array in arrays.items():
+        _check_array(path, name, array)
+    if _digest(packed, arrays) != metadata.get("sha256"):
+        raise SnapshotError(f"{path}: checksum mismatch (sha256); the file is damaged")
+    return {name: np.array(arrays[name]) for name in _order(path, metadata, arrays)}, meta
+
+
+def _order(path, metadata, arrays):
+    """The arrays' names in the order they were saved in."""
+    try:
+        names = json.loads(metadata.get("names", ""))
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or sorted(map(str, names)) != sorted(arrays):
+        raise SnapshotError(f"{path}: the list of array names does not match the arrays; the file is damaged")
+    return names
 
 
 def read_meta(path):
     """The metadata map of a snapshot without reading its arrays (e.g. to say what a restart restores)."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read(len(MAGIC) + 8)
-            size = int.from_bytes(raw[len(MAGIC):], "little") if len(raw) == len(MAGIC) + 8 else 0
-            raw += fh.read(min(size, 1 << 30))
-    except OSError as exc:
-        raise SnapshotError(f"{path}: cannot read the snapshot ({exc.strerror or exc})") from None
-    return _header(path, raw)[0]["meta"]
+        with safe_open(path, "np") as opened:
+            metadata = opened.metadata()
+    except (SafetensorError, OSError) as exc:
+        raise SnapshotError(f"{path}: not a readable snapshot ({show(str(exc), 200)})") from None
+    return _meta(path, metadata)[1]
 
 
-def _header(path, raw):
-    """(header map, start of the data) of a snapshot's bytes; checks magic, size, depth and the meta map."""
-    if raw[:len(MAGIC)] != MAGIC or len(raw) < len(MAGIC) + 8:
-        raise SnapshotError(f"{path}: not a disttrain parameter-server snapshot (bad magic)")
-    size = int.from_bytes(raw[len(MAGIC):len(MAGIC) + 8], "little")
-    begin = len(MAGIC) + 8
-    if size > len(raw) - begin:
-        raise SnapshotError(f"{path}: truncated header ({size} bytes declared, {len(raw) - begin} present)")
+def _meta(path, metadata):
+    """(msgpack bytes, map) of a snapshot's metadata; checks the format, the version and the map's depth."""
+    metadata = metadata or {}
+    if metadata.get("format") != FORMAT:
+        raise SnapshotError(f"{path}: not a disttrain parameter-server snapshot (a safetensors file with format "
+                            f"{show(metadata.get('format'))})")
+    if metadata.get("version") != VERSION:
+        raise SnapshotError(f"{path}: snapshot format version {show(metadata.get('version'))}, this disttrain "
+                            f"reads version {VERSION}")
     try:
-        header = msgpack.unpackb(raw[begin:begin + size], raw=False, strict_map_key=False)
-        check_depth(header, MAX_DEPTH)
-    except Exception as exc:     # msgpack raises many kinds on bad bytes; check_depth a ProtocolError
-        raise SnapshotError(f"{path}: unreadable header ({type(exc).__name__}: {show(str(exc), 200)})") from None
-    version = header.get("version") if isinstance(header, dict) else None
-    if version != VERSION:
-        raise SnapshotError(f"{path}: snapshot format version {show(version)}, this disttrain reads version {VERSION}")
-    if not isinstance(header.get("meta"), dict):
-        raise SnapshotError(f"{path}: the metadata is not a map (got {show(header.get('meta'))})")
-    return header, -(-(begin + size) // ALIGN) * ALIGN
+        packed = base64.b64decode(metadata.get("meta", ""), validate=True)
+        meta = msgpack.unpackb(packed, raw=False, strict_map_key=False)
+        check_depth(meta, MAX_DEPTH)
+    except (binascii.Error, ValueError, ProtocolError, msgpack.ExtraData, msgpack.FormatError,
+            msgpack.StackError) as exc:
+        raise SnapshotError(f"{path}: unreadable metadata ({type(exc).__name__}: {show(str(exc), 200)})") from None
+    if not isinstance(meta, dict):
+        raise SnapshotError(f"{path}: the metadata is not a map (got {show(meta)})")
+    return packed, meta
 
 
-def _entry(path, entry, data_bytes):
-    """(name, dtype, shape, offset, nbytes) of one array-table entry, checked to fit its bytes and the data."""
-    if not isinstance(entry, list) or len(entry) != 5:
-        raise SnapshotError(f"{path}: malformed array table entry {show(entry)}")
-    name, dtype, shape, offset, nbytes = entry
-    where = f"{path}: array {show(name)}"
-    if not isinstance(name, str) or not isinstance(dtype, str) or dtype not in _DTYPES:
-        raise SnapshotError(f"{where}: bad name or dtype {show(dtype)} (allowed: {sorted(_DTYPES)})")
+def _check_array(path, name, array):
+    if array.dtype.str not in _DTYPES:
+        raise SnapshotError(f"{path}: array {show(name)}: dtype {array.dtype} (allowed: {sorted(_DTYPES)})")
     try:
-        check_shape(shape, "shape")
+        check_shape(list(array.shape), "shape")
     except ProtocolError as exc:
-        raise SnapshotError(f"{where}: {exc}") from None
-    dt = _DTYPES[dtype]
-    for field, value in (("offset", offset), ("nbytes", nbytes)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= data_bytes:
-            raise SnapshotError(f"{where}: {field} {show(value)} is not within the {data_bytes} data bytes")
-    if array_nbytes(shape, dt.itemsize, MAX_ARRAY_BYTES) != nbytes or offset + nbytes > data_bytes:
-        raise SnapshotError(f"{where}: shape {show(shape)} of {dtype} does not fit its {nbytes} bytes at offset "
-                            f"{offset} of {data_bytes}")
-    return name, dt, shape, offset, nbytes
+        raise SnapshotError(f"{path}: array {show(name)}: {exc}") from None
+
+
+def _digest(packed_meta, arrays):
+    """sha256 of the msgpack metadata, then each array's name and bytes, in name order (hex)."""
+    digest = hashlib.sha256(packed_meta)
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(memoryview(np.ascontiguousarray(arrays[name])).cast("B"))
+    return digest.hexdigest()

@@ -37,10 +37,11 @@ def test_replacement_is_atomic_and_stale_temp_files_are_ignored(tmp_path):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda b: b"XXXX" + b[4:], "magic"),
-    (lambda b: b[:-7], "data bytes"),
-    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "checksum"),
-    (lambda b: b[:20], "truncated"),
+    (lambda b: b"XXXX" + b[4:], "not a readable snapshot"),
+    (lambda b: b[:-7], "not a readable snapshot"),
+    (lambda b: b[:-1] + bytes([b[-1] ^ 1]), "checksum mismatch"),                        # an array's last byte
+    (lambda b: _flip_in_meta(b), "checksum mismatch|unreadable metadata"),
+    (lambda b: b[:20], "not a readable snapshot"),
 ])
 def test_damage_is_detected(tmp_path, damage, message):
     path = tmp_path / "s.snap"
@@ -48,6 +49,22 @@ def test_damage_is_detected(tmp_path, damage, message):
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(SnapshotError, match=message):
         load_snapshot(path)
+
+
+def _flip_in_meta(data):
+    """One base64 character of the metadata map changed to another valid one: it still decodes, to other bytes."""
+    start = data.index(b'"meta":"') + len(b'"meta":"') + 4
+    return data[:start] + (b"B" if data[start:start + 1] != b"B" else b"C") + data[start + 1:]
+
+
+def test_a_safetensors_file_is_readable_by_safetensors_and_others_are_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    save_snapshot(tmp_path / "s.snap", sample(), {"n": 1})
+    np.testing.assert_array_equal(load_file(tmp_path / "s.snap")["a"], sample()["a"])
+    save_file({"x": np.ones(2, "<f4")}, tmp_path / "other.safetensors")
+    with pytest.raises(SnapshotError, match="not a disttrain parameter-server snapshot"):
+        load_snapshot(tmp_path / "other.safetensors")
 
 
 def test_missing_file_and_bad_dtype(tmp_path):
