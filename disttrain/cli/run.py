@@ -32,7 +32,6 @@ from disttrain.train.loop import (METRICS_FILE, MemoryBudgetExceeded, Trainer, T
                                   check_new_run)
 
 
-
 # Mistakes in the job, its files or the options (every rank meets a ModelMismatchError: factories that build
 # other models on other ranks): one line, exit status 2
 USAGE_ERRORS = (JobSpecError, CheckpointError, ModelMismatchError)
@@ -45,7 +44,7 @@ def main(args):
         spec, out, data, checkpoint = _prepare(args)
     except USAGE_ERRORS as exc:
         error = exc
-    except Exception as exc:                     # noqa: BLE001 (one process: as it is; several: all stop)
+    except Exception as exc:                     # a crash: alone, as it is; among ranks, they all stop
         if launched_size() <= 1:
             raise
         traceback.print_exc()

@@ -80,5 +80,5 @@ def linear(input, weight, bias=None):
     out_features, in_features = weight.shape
     if input.shape[-1:] != (in_features,):
         raise OpError(f"linear: input shape {input.shape} does not end with in_features={in_features} "
-                         f"(weight shape {weight.shape})")
+                      f"(weight shape {weight.shape})")
     return ops.linear(input, weight, bias)

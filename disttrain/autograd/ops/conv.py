@@ -70,7 +70,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0):
     """x (N, C, H, W), weight (O, C, kh, kw), bias (O,) -> (N, O, OH, OW)."""
     if x.ndim != 4 or weight.ndim != 4 or x.shape[1] != weight.shape[1]:
         raise OpError(f"conv2d: input {x.shape} and weight {weight.shape} do not match "
-                         "(expected (N, C, H, W) and (O, C, kh, kw))")
+                      "(expected (N, C, H, W) and (O, C, kh, kw))")
     n, _, h, w = x.shape
     o, c, kh, kw = weight.shape
     (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
