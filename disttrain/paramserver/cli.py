@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from disttrain.cli.common import add_job_arguments, fail
+from disttrain.cli.common import add_job_arguments, fail, report_final
 from disttrain.cli.exit_codes import EXIT_DONE, EXIT_FAILURE
 
 
@@ -179,7 +179,11 @@ def worker_main(args):
     out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
     log = lambda text: print(text, file=sys.stderr, flush=True)     # noqa: E731
 
+    trainers = []
+
     def on_trainer(trainer):
+        trainers.append(trainer)
+
         def handler(signum, frame):
             trainer.request_stop(signal.Signals(signum).name)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -196,9 +200,8 @@ def worker_main(args):
         return EXIT_FAILURE
     except CheckpointError as exc:      # an earlier run in --out; --resume: no checkpoint, or one of another job
         return fail("ps-worker", exc)
-    if args.id == 0:
-        parts = [f"{split} ppl {r.ppl:.3f}" for split, r in evals.items()]
-        print("final: " + " | ".join(parts), flush=True)
+    if args.id == 0:                             # the same final line as `disttrain run`'s
+        report_final(evals, trainers[0].data)
     return EXIT_DONE
 
 

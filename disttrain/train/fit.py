@@ -39,9 +39,17 @@ def fit(model, data, optimizer, mode="local", out_dir=None, schedules=None, resu
     trainer = Trainer(model, data, optimizer, spec=spec, mode=mode, schedules=schedules, out_dir=out_dir,
                       progress=progress, overwrite=overwrite)
     if resume:
-        trainer.restore(saving.load_checkpoint(out_dir))
+        checkpoint = saving.load_checkpoint(out_dir)
+        trainer.restore(checkpoint)
+        if trainer.mode.is_main:                 # what `disttrain run --resume` says too
+            for line in checkpoint.skipped + trainer.resume_changes:
+                print(f"fit(): {line}", flush=True)
+            print(f"fit(): resuming from {checkpoint.path} at step {trainer.step} (epoch {trainer.epoch + 1})",
+                  flush=True)
     try:
         trainer.fit()
+    except saving.RunExistsError as exc:         # its advice names the command line's flags
+        raise saving.RunExistsError(f"{exc} (from Python: fit(..., resume=True) or fit(..., overwrite=True))") from None
     finally:
         mode.close()
     return trainer

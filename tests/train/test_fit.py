@@ -10,6 +10,7 @@ from disttrain.autograd.observe import observe_ops
 from disttrain.data.source import ArrayData
 from disttrain.train import JobSpecError, fit
 from disttrain.train.mode import LocalMode
+from disttrain.train.saving import RunExistsError
 
 
 def blobs(n=240, seed=0):
@@ -68,7 +69,7 @@ def test_each_train_row_reports_the_mean_gradient_norm_of_its_steps(tmp_path):
     assert len(mode.norms) == 12 and got == pytest.approx(np.mean(np.reshape(mode.norms, (3, 4)), axis=1), rel=1e-12)
 
 
-def test_fit_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path):
+def test_fit_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path, capsys):
     data = ArrayData(*blobs(), batch_size=20, shuffle=True, seed=3)
 
     def run(out, epochs, resume=False):
@@ -78,7 +79,13 @@ def test_fit_resumes_to_the_same_weights_as_an_unbroken_run(tmp_path):
 
     whole = run(tmp_path / "whole", 3)
     run(tmp_path / "part", 1)
+    with pytest.raises(RunExistsError, match=r"from Python: fit\(\.\.\., resume=True\) or fit\(\.\.\., overwrite=True\)"):
+        run(tmp_path / "part", 3)
+    capsys.readouterr()
     resumed = run(tmp_path / "part", 3, resume=True)
+    said = capsys.readouterr().out
+    assert "fit(): resumed with [train] epochs = 3 (the checkpoint's job: 1)" in said, said
+    assert f"fit(): resuming from {tmp_path / 'part' / 'checkpoints'}" in said and "at step 12 (epoch 2)" in said
     for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
