@@ -19,7 +19,7 @@ config.toml holds these settings only.
 import json
 
 from disttrain.train import saving
-from disttrain.train.jobspec import SCHEMA, loads_job
+from disttrain.train.jobspec import SCHEMA, JobSpecError, loads_job
 from disttrain.train.loop import APPLIED_SETTINGS, Trainer
 from disttrain.train.mode import Mode
 
@@ -33,8 +33,11 @@ def fit(model, data, optimizer, mode="local", out_dir=None, schedules=None, resu
     mode_name = mode if isinstance(mode, str) else "local"
     spec = settings_spec(settings, mode=mode_name)
     if not isinstance(mode, Mode):
-        from disttrain.parallel.mpi_job import mode_for     # parallel sits above train: chosen at call time
+        from disttrain.parallel.mpi_job import agree_on_setup, mode_for     # parallel sits above train
 
+        differing = agree_on_setup(None, job=spec.to_dict())   # ranks given other settings would train apart
+        if differing:
+            raise JobSpecError("; ".join(f"fit(): rank {rank}: {text}" for rank, (_, text) in differing))
         mode = mode_for(spec)
     trainer = Trainer(model, data, optimizer, spec=spec, mode=mode, schedules=schedules, out_dir=out_dir,
                       progress=progress, overwrite=overwrite)

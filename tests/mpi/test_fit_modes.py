@@ -43,3 +43,12 @@ def test_fit_in_a_parallel_mode_equals_one_process(make_mode):
     for name, value in got.items():
         np.testing.assert_allclose(value, want[name], rtol=1e-12, atol=1e-13, err_msg=name)
     assert trainer.evals["valid"].loss == pytest.approx(local.evals["valid"].loss, rel=1e-12)
+
+
+def test_ranks_given_different_settings_are_refused_by_name():
+    rank = world().rank
+    model = nn.Sequential(nn.Linear(5, 3))
+    with pytest.raises(dt.train.JobSpecError, match=r"fit\(\): rank 1: its job differs from rank 0's: \[train\] "
+                                                     r"max_steps = 7 \(rank 0: 5\)"):
+        fit(model, data(), dt.optim.SGD(model.parameters(), lr=0.1), mode="data", max_steps=5 + 2 * (rank == 1),
+            progress=False)
