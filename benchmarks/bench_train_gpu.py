@@ -9,7 +9,7 @@ disttrain tokens/s >= 1.0x PyTorch cuDNN on the same GPU.
 
 Each step is what the Trainer does: forward over a (bptt, batch) segment from the carried state,
 mean cross-entropy, backward, clip the global grad norm (5.0), SGD (lr 1.0), read the loss on the
-host. The CUDA-graph column captures that step once (disttrain.kernels_cuda.graph.capture_lm_step)
+host. The CUDA-graph column captures that step once (disttrain.train.cuda_graph.capture_lm_step)
 and replays it; its gain is the launch overhead the graph removes. Tokens are random ids (speed
 does not depend on the text). UNMEASURED until run on a GPU.
 """
@@ -53,7 +53,7 @@ def make_disttrain_eager(args, segments):
 
 def make_disttrain_graph(args, segments):
     from disttrain import optim
-    from disttrain.kernels_cuda.graph import capture_lm_step
+    from disttrain.train.cuda_graph import capture_lm_step
     from disttrain.models import LSTMLanguageModel
 
     dt.manual_seed(0)

@@ -14,8 +14,6 @@ NAMED_EXCEPTIONS = {
     ("tensor/memory.py", "autograd"),        # the memory meter registers an op observer while it runs
     ("tensor/backend.py", "kernels_cpu"),    # each backend's kernel table
     ("tensor/backend.py", "kernels_cuda"),
-    ("kernels_cuda/graph.py", "autograd"),   # CUDA-graph capture of a whole training step
-    ("kernels_cuda/graph.py", "optim"),
     ("train/fit.py", "parallel"),            # fit(mode="data") looks the MPI modes up by name at call time
     ("paramserver/cli.py", "cli"),           # the ps-* sub-commands share the CLI's arguments and exit statuses
 }

@@ -18,7 +18,6 @@
     random.cu       counter-based uniform random numbers (dropout masks), bit for bit kernels_numpy's
     launch_config.py launch configurations (pure Python, tested on the CPU)
     wrappers.py     kernels_numpy's names and signatures, launching the kernels above
-    graph.py        CUDA-graph capture of a steady-state training step
     emulator.py     runs the .cu kernels on the CPU for tests (C++ with emulator_runtime.h's stand-in
                     built-ins); loader.kernel's signature, cupy.RawKernel's call convention;
                     emulator_memory.py puts an inaccessible page after every array argument

@@ -11,7 +11,7 @@ back to the NumPy reference run on CuPy arrays: it is written against `xp`, so i
 too, only not fused.
 
 NOTE: no wrapper reads a device value on the host, so none of them syncs the GPU, and a training
-step built from them can be captured in a CUDA graph (disttrain.kernels_cuda.graph).
+step built from them can be captured in a CUDA graph (disttrain.train.cuda_graph).
 """
 import numpy as np
 

@@ -11,7 +11,7 @@ reference), or kernels_numpy itself when $DISTTRAIN_CPU_KERNELS=numpy; disttrain
 CUDA C kernels) on the GPU.
 
 `backend.sync_checks`: ops may read device values on the host to validate indices (class targets,
-embedding ids). True except while a CUDA graph is being captured (disttrain.kernels_cuda.graph),
+embedding ids). True except while a CUDA graph is being captured (disttrain.train.cuda_graph),
 when a host read is not allowed and the capturing code validates its inputs itself.
 """
 import numpy as np

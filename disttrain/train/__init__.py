@@ -10,7 +10,8 @@ Modules: jobspec (TOML job files), build (spec -> data, model, optimizer, schedu
 mode (the mode interface, LocalMode), fit (the Python entry point), metrics (metrics.jsonl, curves.png), saving
 (atomic, verified job checkpoints), resume (which job changes a checkpoint tolerates), progress (tqdm bar or
 log lines), memory_plan (a job's memory estimate before it allocates), auto_checkpointing ([memory]
-activation_checkpointing = "auto": the plan that fits budget_mb).
+activation_checkpointing = "auto": the plan that fits budget_mb), cuda_graph (an LSTM LM's training step
+captured as one CUDA graph, for one GPU).
 """
 from disttrain.train.fit import fit
 from disttrain.train.jobspec import JobSpec, JobSpecError, load_job

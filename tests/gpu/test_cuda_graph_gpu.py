@@ -23,7 +23,7 @@ def _segments(n):
 
 
 def test_replayed_steps_equal_eager_steps():
-    from disttrain.kernels_cuda.graph import capture_lm_step
+    from disttrain.train.cuda_graph import capture_lm_step
 
     segments = _segments(5)
     eager = _model()
@@ -50,7 +50,7 @@ def test_replayed_steps_equal_eager_steps():
 
 
 def test_capture_refuses_what_a_graph_would_get_wrong():
-    from disttrain.kernels_cuda.graph import capture_lm_step
+    from disttrain.train.cuda_graph import capture_lm_step
 
     model = _model()
     with pytest.raises(ValueError, match="SGD only"):
