@@ -36,7 +36,11 @@ def _rate(row):
 
 
 def _num(value, spec):
-    return "nan" if value is None else format(value, spec)
+    """value in `spec` (e.g. ".4f"), or in 4 significant digits with an exponent where fixed point would print
+    dozens of digits (a loss of 1e30 on its way to diverging); None (a NaN or infinity in metrics) as "nan"."""
+    if value is None:
+        return "nan"
+    return format(value, ".4g" if abs(value) >= 1e6 else spec)
 
 
 class Progress:

@@ -73,3 +73,5 @@ def test_progress_plain_lines_and_tqdm_bar():
     text = out.getvalue()
     assert "4/10" in text and "valid @ step 4" in text
     assert format_row({**row(1), "loss": None, "ppl": None}).startswith("step 1 | epoch 1 | loss nan | ppl nan")
+    huge = format_row({**row(1), "loss": 3.25e30, "ppl": 1.5e300})        # on the way to diverging
+    assert huge.startswith("step 1 | epoch 1 | loss 3.25e+30 | ppl 1.5e+300 |"), huge
