@@ -17,11 +17,13 @@ World size: --restart-n M runs the restarts on M ranks instead of N (a checkpoin
 ranks that divides the batch): e.g. after losing a machine, or to continue on fewer cores.
 
 SIGINT and SIGTERM sent to `disttrain launch` go to the running attempt once (mpiexec passes them to the
-ranks, which checkpoint and stop) and end the launch without a restart. The exit status is the last
-attempt's.
+ranks, which checkpoint and stop) and end the launch without a restart. If `disttrain launch` itself is
+killed (SIGKILL), the attempt gets SIGTERM the same way (Linux: subprocesses.end_with_parent). The exit status
+is the last attempt's.
 """
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
@@ -30,6 +32,7 @@ import time
 from pathlib import Path
 
 from disttrain.cli.exit_codes import EXIT_USAGE, NOT_RESTARTED
+from disttrain.subprocesses import end_with_parent
 
 __all__ = ["register", "main", "mpiexec_path", "NOT_RESTARTED"]
 
@@ -127,8 +130,9 @@ class _Attempts:
         self.stopping = False
 
     def run(self, cmd):
-        # a session of its own: a Ctrl-C in the terminal reaches launch alone, which passes it on exactly once
-        self.proc = subprocess.Popen(cmd, start_new_session=True)
+        # a session of its own: a Ctrl-C in the terminal reaches launch alone, which passes it on exactly once;
+        # and a SIGTERM when launch is killed (mpiexec passes it to the ranks: they checkpoint and stop)
+        self.proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=end_with_parent(os.getpid()))
         try:
             return self.proc.wait()
         finally:

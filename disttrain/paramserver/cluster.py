@@ -21,7 +21,6 @@ Children run with this process's interpreter and this disttrain (never a `disttr
 directory). Each process gets cores / (S + W) BLAS threads unless OMP_NUM_THREADS is set.
 Ctrl-C / SIGTERM stops the workers (they checkpoint and leave the servers), then the servers.
 """
-import ctypes
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ import disttrain
 from disttrain.paramserver.auth import ADMIN_NAME, generate_keys, worker_key_name
 from disttrain.paramserver.job import check_shards
 from disttrain.paramserver.snapshot import SnapshotError, read_meta
+from disttrain.subprocesses import end_with_parent
 from disttrain.train import saving as ckpt
 from disttrain.train.loop import CONFIG_FILE, CURVES_FILE, METRICS_FILE
 
@@ -154,7 +154,7 @@ class Cluster:
         proc = subprocess.Popen(cmd, stdout=None if to_terminal else log,
                                 stderr=subprocess.PIPE if to_terminal else log, env=self._env(),
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_end_with_parent(os.getpid()))
+                                preexec_fn=end_with_parent(os.getpid()))
         if to_terminal:
             tee = threading.Thread(target=_tee, args=(proc.stderr, log), name=f"tee-{name}", daemon=True)
             tee.start()
@@ -335,26 +335,6 @@ class Cluster:
 
     def __exit__(self, *exc):
         self.stop(timeout=10.0)
-
-
-_PR_SET_PDEATHSIG = 1          # linux/prctl.h
-
-
-def _end_with_parent(parent):
-    """A preexec_fn (None outside Linux) that has the kernel send the child SIGTERM when `parent`, the cluster's
-    process, dies, even by SIGKILL: a server would otherwise wait for workers forever, holding its port. Like a
-    stop by hand, SIGTERM makes a server write its snapshot and a worker its checkpoint before they exit. prctl
-    is looked up here, in the parent: the child between fork and exec runs only the call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def set_death_signal():
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:          # the parent died before the call: nothing would signal this child
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return set_death_signal
 
 
 def _tee(pipe, log):

@@ -1,12 +1,15 @@
 """`disttrain launch`: a failed mpiexec job is run again from its last checkpoint, on another world size if asked."""
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from cli_testing import run_disttrain
+from cli_testing import REPO, disttrain_cmd, run_disttrain
 
 HERE = Path(__file__).resolve().parent
 mpiexec = Path(sys.executable).parent / "mpiexec"
@@ -65,3 +68,40 @@ def test_a_diverging_job_is_not_restarted(job_file, tmp_path):
     assert "not finite; stopped" in done.stderr
     assert restarts(done) == ["disttrain launch: attempt 1 ended with exit status 3 (the run diverged: a restart "
                               "would diverge again): not restarted"]
+
+
+def _ranks_of(out):
+    """PIDs of live `disttrain run` processes writing into `out`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"run" in argv and str(out).encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
+def test_the_job_stops_with_a_checkpoint_when_launch_is_killed(job_file, tmp_path):
+    out = tmp_path / "out"
+    cmd = disttrain_cmd("launch", "-n", "2", job_file, "--set", "parallel.mode=data", "--set",
+                        "train.max_steps=1000000", "--set", "train.epochs=100000", "--set", "train.log_every=1",
+                        "--out", out)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "the job never started"
+            time.sleep(0.2)
+        proc.kill()                                                  # SIGKILL: launch forwards nothing itself
+        proc.wait(timeout=30)
+        while _ranks_of(out) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _ranks_of(out), "the ranks outlived disttrain launch"
+        assert list((out / "checkpoints").glob("step-*")), "no checkpoint written on the way out"
+    finally:
+        for pid in _ranks_of(out):
+            os.kill(pid, signal.SIGKILL)
