@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cli_testing import REPO, disttrain_cmd, run_disttrain
+from processes import live_processes
 
 HERE = Path(__file__).resolve().parent
 mpiexec = Path(sys.executable).parent / "mpiexec"
@@ -70,19 +71,6 @@ def test_a_diverging_job_is_not_restarted(job_file, tmp_path):
                               "would diverge again): not restarted"]
 
 
-def _ranks_of(out):
-    """PIDs of live `disttrain run` processes writing into `out`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"run" in argv and str(out).encode() in argv:
-            pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
 def test_the_job_stops_with_a_checkpoint_when_launch_is_killed(job_file, tmp_path):
     out = tmp_path / "out"
@@ -98,10 +86,10 @@ def test_the_job_stops_with_a_checkpoint_when_launch_is_killed(job_file, tmp_pat
             time.sleep(0.2)
         proc.kill()                                                  # SIGKILL: launch forwards nothing itself
         proc.wait(timeout=30)
-        while _ranks_of(out) and time.monotonic() < deadline:
+        while live_processes("disttrain.cli.main", out) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _ranks_of(out), "the ranks outlived disttrain launch"
+        assert not live_processes("disttrain.cli.main", out), "the ranks outlived disttrain launch"
         assert list((out / "checkpoints").glob("step-*")), "no checkpoint written on the way out"
     finally:
-        for pid in _ranks_of(out):
+        for pid in live_processes("disttrain.cli.main", out):
             os.kill(pid, signal.SIGKILL)

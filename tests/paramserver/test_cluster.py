@@ -6,11 +6,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from disttrain.paramserver.cluster import Cluster, child_command
+from processes import live_processes
 from disttrain.train.loop import Trainer
 
 
@@ -67,19 +67,6 @@ def test_a_worker_failing_at_start_reaches_its_log_and_the_console(ps_job, tmp_p
     assert shown and "budget_mb = 0.001" in shown[0]                   # worker 1: the end of its log
 
 
-def _children_of_run(out, role):
-    """PIDs of live processes whose command line names `role` (ps-server, ps-worker) and the run directory."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if role.encode() in argv and any(str(out).encode() in a for a in argv):
-            pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's prctl")
 def test_servers_and_workers_stop_when_the_cluster_is_killed(ps_job, tmp_path):
     _, job = ps_job("ps.servers=1", "ps.workers=1", "train.max_steps=100000", "train.checkpoint_every=100000")
@@ -90,15 +77,15 @@ def test_servers_and_workers_stop_when_the_cluster_is_killed(ps_job, tmp_path):
         deadline = time.monotonic() + 120
         while "joined" not in _read(out / "logs" / "server-0.log") and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _children_of_run(out, "ps-server") and _children_of_run(out, "ps-worker")
+        assert live_processes("ps-server", out) and live_processes("ps-worker", out)
         cluster.kill()                                               # SIGKILL: no handler of its own runs
         cluster.wait(timeout=30)
-        while (_children_of_run(out, "ps-server") or _children_of_run(out, "ps-worker")) and time.monotonic() < deadline:
+        while (live_processes("ps-server", out) or live_processes("ps-worker", out)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _children_of_run(out, "ps-server") and not _children_of_run(out, "ps-worker")
+        assert not live_processes("ps-server", out) and not live_processes("ps-worker", out)
         assert "stopped after" in _read(out / "logs" / "server-0.log")          # a stop by SIGTERM: its snapshot
     finally:
-        for pid in _children_of_run(out, "ps-server") + _children_of_run(out, "ps-worker"):
+        for pid in live_processes("ps-server", out) + live_processes("ps-worker", out):
             os.kill(pid, signal.SIGKILL)
 
 
@@ -115,7 +102,7 @@ def test_a_cluster_whose_main_worker_is_killed_exits_as_a_shell_reports_it(ps_jo
         deadline = time.monotonic() + 120
         while "joined" not in _read(out / "logs" / "server-0.log") and time.monotonic() < deadline:
             time.sleep(0.2)
-        for pid in _children_of_run(out, "ps-worker"):
+        for pid in live_processes("ps-worker", out):
             os.kill(pid, signal.SIGKILL)
         _, err = cluster.communicate(timeout=120)
         assert cluster.returncode == 128 + signal.SIGKILL, err         # not -9 & 0xff = 247
