@@ -23,10 +23,19 @@ _WHERE_TO_GET = (
 
 
 def default_ptb_path():
-    """$DISTTRAIN_PTB if set, else ../shared/data/ptb relative to the current directory (absolute)."""
+    """$DISTTRAIN_PTB if set, else ptb_fallback(), absolute."""
     env = os.environ.get(PTB_ENV_VAR)
-    path = Path(env).expanduser() if env else Path(PTB_FALLBACK)
+    path = Path(env).expanduser() if env else Path(ptb_fallback())
     return Path(os.path.abspath(path))
+
+
+def ptb_fallback():
+    """PTB_FALLBACK as a path: from the working directory, as a job's relative paths are, unless it is not there
+    and it is beside the checkout disttrain runs from (a job started from another directory), then that one."""
+    beside_checkout = Path(__file__).resolve().parents[2] / PTB_FALLBACK
+    if not Path(PTB_FALLBACK).is_dir() and beside_checkout.is_dir():
+        return str(beside_checkout.resolve())
+    return PTB_FALLBACK
 
 
 def ptb_file(directory, split):

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Callable
 
-from disttrain.data.ptb import PTB_ENV_VAR, PTB_FALLBACK
+from disttrain.data.ptb import PTB_ENV_VAR, PTB_FALLBACK, ptb_fallback
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -214,7 +214,7 @@ class Field:
 
 def _ptb_or_required(section):
     if section["kind"] == "ptb":
-        return os.environ.get(PTB_ENV_VAR) or PTB_FALLBACK
+        return os.environ.get(PTB_ENV_VAR) or ptb_fallback()
     if section["kind"] == "chars":
         return _Required('required when [data] kind = "chars"')
     return None

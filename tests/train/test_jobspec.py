@@ -365,3 +365,19 @@ def test_describe_schema_lists_every_field():
 
 def test_jobspec_is_built_only_from_valid_sections():
     assert isinstance(loads_job("[parallel]\nmode = \"data\"\n"), JobSpec)
+
+
+def test_the_ptb_fallback_beside_the_checkout_serves_a_job_started_elsewhere(tmp_path, monkeypatch):
+    from disttrain.data import ptb
+
+    monkeypatch.delenv(PTB_ENV_VAR, raising=False)
+    monkeypatch.setattr(ptb, "__file__", str(tmp_path / "repo" / "disttrain" / "data" / "ptb.py"))
+    (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere" / "deeper")
+    job = write(tmp_path, '[data]\nkind = "ptb"\n')
+    assert load_job(job).data.path == PTB_FALLBACK                   # nowhere: the fallback as it is, named so
+    (tmp_path / "shared" / "data" / "ptb").mkdir(parents=True)       # beside the checkout (repo/)
+    assert load_job(job).data.path == str(tmp_path / "shared" / "data" / "ptb")
+    monkeypatch.chdir(tmp_path / "repo")                             # from the checkout: relative, as before
+    assert load_job(job).data.path == PTB_FALLBACK
