@@ -26,7 +26,6 @@ from disttrain.train.mode import Mode
 __all__ = ["fit", "settings_spec"]
 
 
-
 def fit(model, data, optimizer, mode="local", out_dir=None, schedules=None, resume=False, overwrite=False,
         progress=None, **settings):
     """Train and evaluate; returns the Trainer (its `evals`, `step`, `model`, ...)."""
@@ -42,20 +41,26 @@ def fit(model, data, optimizer, mode="local", out_dir=None, schedules=None, resu
     trainer = Trainer(model, data, optimizer, spec=spec, mode=mode, schedules=schedules, out_dir=out_dir,
                       progress=progress, overwrite=overwrite)
     if resume:
-        checkpoint = saving.load_checkpoint(out_dir)
-        trainer.restore(checkpoint)
-        if trainer.mode.is_main:                 # what `disttrain run --resume` says too
-            for line in checkpoint.skipped + trainer.resume_changes:
-                print(f"fit(): {line}", flush=True)
-            print(f"fit(): resuming from {checkpoint.path} at step {trainer.step} (epoch {trainer.epoch + 1})",
-                  flush=True)
+        _resume(trainer, out_dir)
     try:
         trainer.fit()
     except saving.RunExistsError as exc:         # its advice names the command line's flags
-        raise saving.RunExistsError(f"{exc} (from Python: fit(..., resume=True) or fit(..., overwrite=True))") from None
+        raise saving.RunExistsError(f"{exc} (from Python: fit(..., resume=True) or fit(..., overwrite=True))"
+                                    ) from None
     finally:
         mode.close()
     return trainer
+
+
+def _resume(trainer, out_dir):
+    """Restore the newest checkpoint in out_dir and say so, and what the settings changed, as `disttrain run
+    --resume` does."""
+    checkpoint = saving.load_checkpoint(out_dir)
+    trainer.restore(checkpoint)
+    if trainer.mode.is_main:
+        for line in checkpoint.skipped + trainer.resume_changes:
+            print(f"fit(): {line}", flush=True)
+        print(f"fit(): resuming from {checkpoint.path} at step {trainer.step} (epoch {trainer.epoch + 1})", flush=True)
 
 
 def settings_spec(settings, mode="local"):
