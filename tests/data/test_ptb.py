@@ -103,5 +103,6 @@ def test_default_path_from_env_var(monkeypatch, tmp_path):
 def test_default_path_falls_back_to_shared_beside_cwd(monkeypatch, tmp_path):
     monkeypatch.delenv(PTB_ENV_VAR, raising=False)
     (tmp_path / "project").mkdir()
+    (tmp_path / "shared" / "data" / "ptb").mkdir(parents=True)      # there: it wins over the checkout's
     monkeypatch.chdir(tmp_path / "project")
     assert default_ptb_path() == tmp_path / "shared" / "data" / "ptb"
