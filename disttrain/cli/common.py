@@ -22,7 +22,8 @@ def load_job_for(args, command):
     parameter-server job (those start with ps-cluster) or wants a GPU this machine does not have."""
     from disttrain.train.jobspec import JobSpecError, load_job
 
-    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    device = getattr(args, "device", None)                  # plan has no --device
+    overrides = list(args.overrides) + ([f"train.device={device}"] if device else [])
     spec = load_job(args.job, overrides)
     if spec.parallel.mode == "ps" and command == "run":
         raise JobSpecError(f'{spec.source}: [parallel] mode = "ps" is a parameter-server job: start it with '
@@ -34,7 +35,7 @@ def load_job_for(args, command):
         try:
             get_backend("cuda")
         except RuntimeError as exc:
-            where = "--device cuda" if args.device else f'{spec.source}: [train] device = "cuda"'
+            where = "--device cuda" if device else f'{spec.source}: [train] device = "cuda"'
             raise JobSpecError(f"{where}: {exc}") from None
     return spec
 

@@ -15,6 +15,7 @@ schedule, as PipelineMode does at prepare (disttrain.parallel.pipeline.stage_mem
 Exit status 0 when the largest rank's predicted peak fits --budget-mb (default: [memory] budget_mb; none: no
 check), 2 with a one-line error naming the MiB needed when it does not, or for an unusable job or option.
 """
+import argparse
 import sys
 
 import disttrain as dt
@@ -22,8 +23,10 @@ from disttrain.data.source import Share
 from disttrain.models import protocol
 from disttrain.parallel.data_mode import data_parallel_holding
 from disttrain.parallel.mpi_job import check_ranks
+from disttrain.parallel.mpi_mode import ranks as count_ranks
 from disttrain.parallel.pipeline.blocks import blocks_of
 from disttrain.parallel.pipeline.partition import partition
+from disttrain.parallel.pipeline.pipeline_mode import check_enough_blocks, user_partition
 from disttrain.parallel.pipeline.profile import profile
 from disttrain.parallel.pipeline.runtime import split_micro_batches
 from disttrain.parallel.pipeline.schedule import max_in_flight, stage_actions
@@ -31,8 +34,8 @@ from disttrain.parallel.pipeline.stage_memory import stage_step_bytes
 from disttrain.train import memory_plan
 from disttrain.train.auto_checkpointing import plan_checkpointing
 from disttrain.train.build import build_data, build_model, build_optimizer, describe_model
-from disttrain.train.jobspec import JobSpecError, load_job
-from disttrain.cli.common import add_job_arguments, fail
+from disttrain.train.jobspec import JobSpecError
+from disttrain.cli.common import add_job_arguments, fail, load_job_for
 from disttrain.cli.exit_codes import EXIT_DONE, EXIT_USAGE
 
 
@@ -46,13 +49,23 @@ def register(sub):
     plan.add_argument("--ranks", type=int, metavar="N",
                       help="processes the job runs on (default: [parallel] stages for a pipeline, [ps] workers "
                            "for a parameter-server job, else 1)")
-    plan.add_argument("--budget-mb", type=float, metavar="X",
+    plan.add_argument("--budget-mb", type=_positive_mib, metavar="X",
                       help="MiB a rank may use (default: [memory] budget_mb; neither: no check)")
+
+
+def _positive_mib(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of MiB > 0, got {text!r}")
+    return value
 
 
 def main(args):
     try:
-        spec = load_job(args.job, args.overrides)
+        spec = load_job_for(args, "plan")
         ranks = _ranks(spec, args.ranks)
         rows, blocks, choice = estimate_ranks(spec, ranks)
     except JobSpecError as exc:
@@ -113,9 +126,10 @@ def estimate_ranks(spec, ranks):
     profiled = memory_plan.profile_step(model, inputs, targets, holding=holding)
     need = memory_plan.predict(model, optimizer, profiled, holding)
     sharded = f", ZeRO stage {spec.parallel.shard_optimizer}" if spec.parallel.shard_optimizer else ""
+    workers = f"{ranks} worker{'s' if ranks != 1 else ''}"
     who, detail = {"local": ("the process", " (local)"),
-                   "data": ("each data-parallel rank", f" ({ranks} ranks{sharded})"),
-                   "ps": ("each parameter-server worker", f" ({ranks} workers; the servers hold the optimizer)")}[mode]
+                   "data": ("each data-parallel rank", f" ({count_ranks(ranks)}{sharded})"),
+                   "ps": ("each parameter-server worker", f" ({workers}; the servers hold the optimizer)")}[mode]
     return [(who, detail, need)], _block_activations(model, data, inputs, targets), choice
 
 
@@ -126,7 +140,8 @@ def _pipeline_ranks(spec, data, model, ranks):
                        for a in (replica_inputs, replica_targets))
     x, loss = _sample(model, data, inputs, targets)
     by_block = [b.activation_bytes for b in profile(model, x, repeats=1, loss_fn=loss).blocks]
-    cut = (partition(model, None, p.stages, split_points=p.split_points) if p.split_points is not None else
+    check_enough_blocks(model, p.stages, spec.source)               # as PipelineMode.prepare checks them
+    cut = (user_partition(model, p.stages, p.split_points, spec.source) if p.split_points is not None else
            partition(model, x, p.stages, repeats=1, statistic="min", loss_fn=loss))
     device = next(iter(model.parameters())).device
     loss_fn = lambda output, y: protocol.output_loss(model, output, dt.tensor(y, device=device))  # noqa: E731

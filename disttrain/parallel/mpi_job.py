@@ -53,9 +53,10 @@ def check_launch(spec):
         return
     if not launched_by_mpi():
         example = spec.parallel.stages if mode == "pipeline" else 2
+        again = f"{spec.source} --set parallel.mode={mode}"      # the mode may have come from a --set: say it
         raise JobSpecError(f"{where}, but this is 1 process, not started by mpiexec; {mode} mode runs one process "
-                           f"per rank: mpiexec -n {example} disttrain run {spec.source} (or disttrain launch -n "
-                           f"{example} {spec.source}), or set mode = \"local\"")
+                           f"per rank: mpiexec -n {example} disttrain run {again} (or disttrain launch -n {example} "
+                           f"{again}), with your other options, or set mode = \"local\"")
     check_ranks(spec, size)
 
 

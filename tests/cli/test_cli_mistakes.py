@@ -73,7 +73,7 @@ def test_data_mode_without_mpiexec(job_file, tmp_path, capsys):
     assert main(["run", str(job_file), "--set", "parallel.mode=data", "--out", str(tmp_path / "o")]) == 2
     line = one_error_line(capsys)
     assert '[parallel] mode = "data", but this is 1 process, not started by mpiexec' in line
-    assert "mpiexec -n 2 disttrain run" in line
+    assert f"mpiexec -n 2 disttrain run {job_file} --set parallel.mode=data (or" in line   # the --set it came from
 
 
 def test_a_parameter_server_job_given_to_run_points_to_ps_cluster(job_file, tmp_path, capsys):

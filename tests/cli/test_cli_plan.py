@@ -102,3 +102,29 @@ def test_ranks_the_job_cannot_run_on_are_one_line_naming_the_option(job_file, ca
     line = one_error_line(capsys)
     assert line == f"disttrain plan: error: {job_file}: {said}"
     assert "launched" not in line
+
+
+@pytest.mark.parametrize("sets, said", [
+    (("parallel.mode=pipeline", "parallel.stages=5"), "[parallel] stages = 5, but the model has 4 blocks (embedding, "
+                                                      "lstm.l0, lstm.l1, decoder) and every stage needs at least one"),
+    (("parallel.mode=pipeline", "parallel.stages=2", "parallel.split_points=[4]"),
+     "[parallel] split_points = [4] with stages = 2: block index 4 out of range"),
+])
+def test_a_pipeline_the_model_cannot_be_cut_into_is_one_line_as_in_run(job_file, capsys, sets, said):
+    args = ["plan", str(job_file), "--set", "data.batch_size=5", "--set", "parallel.micro_batches=1"]
+    for item in sets:
+        args += ["--set", item]
+    assert main(args) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"disttrain plan: error: {job_file}: {said}"), line
+
+
+def test_a_device_the_machine_lacks_and_a_budget_below_zero_are_refused_in_one_line(job_file, capsys):
+    import disttrain as dt
+
+    if not dt.cuda_available():
+        assert main(["plan", str(job_file), "--set", "train.device=cuda"]) == 2
+        assert 'device = "cuda": device \'cuda\' is not available' in one_error_line(capsys)
+    with pytest.raises(SystemExit) as stop:
+        main(["plan", str(job_file), "--budget-mb", "-3"])
+    assert stop.value.code == 2 and "expected a number of MiB > 0, got '-3'" in capsys.readouterr().err

@@ -49,7 +49,7 @@ from disttrain.train import saving
 from disttrain.train.memory_plan import holding_for
 from disttrain.train.mode import RunState, describe_threads, make_optimizer
 
-__all__ = ["PipelineMode"]
+__all__ = ["PipelineMode", "check_enough_blocks", "user_partition"]
 
 _PARAM_TAG = 31000       # full-model gathering for checkpoints (below the pipe's header tag)
 
@@ -87,9 +87,9 @@ class PipelineMode(MPIMode):
         self.full_model = model
         self.batch_axis = data.batch_axis if data is not None else 1
         self._model_parameters = sum(p.numel() for p in model.parameters())
-        self._check_enough_blocks(model)          # on every rank, before rank 0 alone balances the cut
+        check_enough_blocks(model, self.stages, self.source)   # every rank, before rank 0 alone balances the cut
         if self.split_points is not None:
-            self.partition = self._user_partition(model)
+            self.partition = user_partition(model, self.stages, self.split_points, self.source)
         else:
             layout = self._balanced_partition(model, data).to_dict() if self.comm.rank == 0 else None
             self.partition = Partition.from_dict(self.comm.bcast_object(layout, root=0,
@@ -106,22 +106,6 @@ class PipelineMode(MPIMode):
         self.link = StageLink(self.pipe, self.stage, self.stages, xp=xp)
         self.runtime = self._runtime(self.micro_batches, self.schedule)
         return self.model, make_optimizer(optimizer, self.model.parameters())
-
-    def _check_enough_blocks(self, model):
-        names = [name for name, _ in blocks_of(model)]
-        if self.stages > len(names):
-            raise PipelineLayoutError(f"{self.source or '<job>'}: [parallel] stages = {self.stages}, but the model "
-                                      f"has {len(names)} blocks ({', '.join(names)}) and every stage needs at least "
-                                      f"one; choose at most {len(names)} stages")
-
-    def _user_partition(self, model):
-        """The cut at the split_points (no profile: the same on every rank), or PipelineLayoutError."""
-        try:
-            return partition(model, None, self.stages, split_points=self.split_points)
-        except (ValueError, TypeError) as exc:
-            points = json.dumps(self.split_points)
-            raise PipelineLayoutError(f"{self.source or '<job>'}: [parallel] split_points = {points} with stages = "
-                                      f"{self.stages}: {str(exc).removeprefix('split_points: ')}") from None
 
     def _balanced_partition(self, model, data):
         """Rank 0's cut balancing a profile of one micro-batch of this replica's first training batch."""
@@ -357,3 +341,21 @@ def _one_group(state):
 def _array_module(model):
     params = list(model.parameters())
     return params[0].backend.xp if params else np
+
+
+def check_enough_blocks(model, stages, source=None):
+    """PipelineLayoutError unless the model has a block for each of `stages` stages (`source`: the job, named)."""
+    names = [name for name, _ in blocks_of(model)]
+    if stages > len(names):
+        raise PipelineLayoutError(f"{source or '<job>'}: [parallel] stages = {stages}, but the model has "
+                                  f"{len(names)} blocks ({', '.join(names)}) and every stage needs at least one; "
+                                  f"choose at most {len(names)} stages")
+
+
+def user_partition(model, stages, split_points, source=None):
+    """The cut at the job's split_points (no profile: the same on every rank), or PipelineLayoutError."""
+    try:
+        return partition(model, None, stages, split_points=split_points)
+    except (ValueError, TypeError) as exc:
+        raise PipelineLayoutError(f"{source or '<job>'}: [parallel] split_points = {json.dumps(split_points)} with "
+                                  f"stages = {stages}: {str(exc).removeprefix('split_points: ')}") from None
