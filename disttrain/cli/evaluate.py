@@ -15,6 +15,7 @@ import disttrain as dt
 from disttrain.cli import preflight
 from disttrain.cli.common import fail, load_job_for, report_final
 from disttrain.cli.exit_codes import EXIT_DONE
+from disttrain.parallel.mpi_job import launched_size
 from disttrain.paramserver.sharding import Layout
 from disttrain.paramserver.snapshot import SnapshotError, load_snapshot
 from disttrain.train.saving import CheckpointError, holds_checkpoint, load_checkpoint
@@ -29,6 +30,9 @@ SNAPSHOT_DIR = "ps-snapshots"        # where ps-cluster's servers write theirs
 def evaluate(args):
     """disttrain eval JOB.toml --checkpoint PATH [--set k=v ...] [--device cpu|cuda]."""
     try:
+        if launched_size() > 1:                  # every rank would evaluate the whole splits and print them
+            raise JobSpecError(f"disttrain eval runs in one process; {launched_size()} were launched: run it "
+                               "without mpiexec")
         spec = load_job_for(args, "eval")
         preflight.check_job_file(args.job)
         trainer = Trainer.from_job(spec, progress=False)

@@ -84,3 +84,10 @@ def test_trace_labels_evaluation_and_keeps_a_window_of_steps(job, tmp_path):
                                       for v in evals) and e not in evals and e not in steps]
     assert inside and all(e["name"].startswith("eval valid: ") for e in inside)
     assert {"eval valid: forward", "eval valid: broadcast loss"} <= {e["name"] for e in inside}
+
+
+def test_eval_under_mpiexec_is_refused_once_instead_of_run_on_every_rank(job, tmp_path):
+    done = run_mpiexec(2, [sys.executable, "-m", "disttrain.cli.main", "eval", job, "--checkpoint", tmp_path],
+                       timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("disttrain eval: error: disttrain eval runs in one process; 2 were launched") == 1
