@@ -26,8 +26,8 @@ __version__ = "0.1.0"
 from disttrain import nn  # noqa: E402  (sits on tensor and autograd)
 from disttrain import optim  # noqa: E402  (sits on tensor and autograd)
 
-# The packages above nn and optim load on first use (dt.train.fit, dt.parallel.DataParallel, ...), as
-# torch.distributed does: `import disttrain` stays quick and never starts MPI or loads pyzmq.
+# The packages above nn and optim load on first use (dt.train.fit, dt.parallel.DataParallel, ...), so that
+# `import disttrain` stays quick and loads neither MPI nor pyzmq.
 _LAZY_PACKAGES = ("checkpointing", "data", "models", "train", "parallel", "paramserver")
 
 

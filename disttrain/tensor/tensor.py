@@ -346,7 +346,12 @@ class Tensor:
             return NotImplemented
         return self._constant(self.data != self._operand(other))
 
-    eq, ne = __eq__, __ne__
+    def eq(self, other):
+        """Element by element, as ==, for any operand NumPy compares with."""
+        return self._constant(self.data == self._operand(other))
+
+    def ne(self, other):
+        return self._constant(self.data != self._operand(other))
 
     __hash__ = object.__hash__      # by identity, as torch's: tensors stay usable as dict keys and in sets
 
