@@ -38,6 +38,7 @@ __all__ = ["SnapshotError", "save_snapshot", "load_snapshot", "read_meta"]
 
 FORMAT = "disttrain-ps-snapshot"
 VERSION = "2"
+_FORMAT_1_MAGIC = b"DTPSSNAP"    # the first bytes of the format before safetensors, to name it when met
 MAX_DEPTH = 32                    # optimizer and schedule state nest a few levels; nothing needs more
 _DTYPES = {**DTYPES, "<i8": np.dtype("<i8")}
 
@@ -78,6 +79,7 @@ def load_snapshot(path):
         raw = path.read_bytes()
     except OSError as exc:
         raise SnapshotError(f"{path}: cannot read the snapshot ({exc.strerror or exc})") from None
+    _refuse_format_1(path, raw[:len(_FORMAT_1_MAGIC)])
     try:
         arrays = load_safetensors(raw)
         with safe_open(path, "np") as opened:     # the metadata (safetensors.numpy.load gives the arrays only)
@@ -107,11 +109,19 @@ def read_meta(path):
     """The metadata map of a snapshot without reading its arrays (e.g. to say what a restart restores)."""
     path = Path(path)
     try:
+        with open(path, "rb") as fh:
+            _refuse_format_1(path, fh.read(len(_FORMAT_1_MAGIC)))
         with safe_open(path, "np") as opened:
             metadata = opened.metadata()
     except (SafetensorError, OSError) as exc:
         raise SnapshotError(f"{path}: not a readable snapshot ({show(str(exc), 200)})") from None
     return _meta(path, metadata)[1]
+
+
+def _refuse_format_1(path, head):
+    if head == _FORMAT_1_MAGIC:
+        raise SnapshotError(f"{path}: a snapshot in format 1, written by an earlier disttrain; this one reads format "
+                            f"{VERSION} (safetensors): start the run over (ps-cluster --overwrite)")
 
 
 def _meta(path, metadata):

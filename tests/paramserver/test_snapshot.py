@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from disttrain.paramserver.snapshot import SnapshotError, load_snapshot, save_snapshot
+from disttrain.paramserver.snapshot import SnapshotError, load_snapshot, read_meta, save_snapshot
 
 
 def sample():
@@ -93,3 +93,15 @@ def test_random_damage_is_a_snapshot_error_or_changes_nothing(tmp_path):
         except SnapshotError:
             continue
         assert loaded_meta == meta and all(np.array_equal(loaded[k], arrays[k]) for k in arrays)
+
+
+def test_a_snapshot_of_the_format_before_safetensors_is_named_as_such(tmp_path):
+    import msgpack
+
+    header = msgpack.packb({"version": 1, "meta": {}, "arrays": [], "data_bytes": 0, "crc32": 0})
+    path = tmp_path / "old.snap"
+    path.write_bytes(b"DTPSSNAP" + len(header).to_bytes(8, "little") + header)
+    for read in (load_snapshot, read_meta):
+        with pytest.raises(SnapshotError, match=r"a snapshot in format 1, written by an earlier disttrain; .* start "
+                                                r"the run over \(ps-cluster --overwrite\)"):
+            read(path)
