@@ -57,8 +57,8 @@ def _positive_mib(text):
     try:
         value = float(text)
     except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
+        value = 0.0
+    if not 0 < value < float("inf"):                # nan fails both comparisons
         raise argparse.ArgumentTypeError(f"expected a number of MiB > 0, got {text!r}")
     return value
 

@@ -27,7 +27,6 @@ from pathlib import Path
 import msgpack
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
 from disttrain.fsutil import fsync_path
@@ -75,23 +74,34 @@ def save_snapshot(path, arrays, meta):
 def load_snapshot(path):
     """(arrays, meta) from a file written by save_snapshot; raises SnapshotError naming what is wrong."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise SnapshotError(f"{path}: cannot read the snapshot ({exc.strerror or exc})") from None
-    _refuse_format_1(path, raw[:len(_FORMAT_1_MAGIC)])
-    try:
-        arrays = load_safetensors(raw)
-        with safe_open(path, "np") as opened:     # the metadata (safetensors.numpy.load gives the arrays only)
-            metadata = opened.metadata()
-    except (SafetensorError, ValueError, OSError) as exc:
-        raise SnapshotError(f"{path}: not a readable snapshot ({show(str(exc), 200)})") from None
+    metadata, arrays = _read(path, with_arrays=True)
     packed, meta = _meta(path, metadata)
     for name, array in arrays.items():
         _check_array(path, name, array)
     if _digest(packed, arrays) != metadata.get("sha256"):
         raise SnapshotError(f"{path}: checksum mismatch (sha256); the file is damaged")
-    return {name: np.array(arrays[name]) for name in _order(path, metadata, arrays)}, meta
+    return {name: arrays[name] for name in _order(path, metadata, arrays)}, meta
+
+
+def read_meta(path):
+    """The metadata map of a snapshot without reading its arrays (e.g. to say what a restart restores)."""
+    path = Path(path)
+    return _meta(path, _read(path, with_arrays=False)[0])[1]
+
+
+def _read(path, with_arrays):
+    """(safetensors string metadata, {name: array} or None) of the file at `path`, in one opening."""
+    try:
+        with open(path, "rb") as fh:
+            _refuse_format_1(path, fh.read(len(_FORMAT_1_MAGIC)))
+    except OSError as exc:
+        raise SnapshotError(f"{path}: cannot read the snapshot ({exc.strerror or exc})") from None
+    try:
+        with safe_open(path, "np") as opened:
+            arrays = {name: opened.get_tensor(name) for name in opened.keys()} if with_arrays else None
+            return opened.metadata() or {}, arrays
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise SnapshotError(f"{path}: not a readable snapshot ({show(str(exc), 200)})") from None
 
 
 def _order(path, metadata, arrays):
@@ -105,19 +115,6 @@ def _order(path, metadata, arrays):
     return names
 
 
-def read_meta(path):
-    """The metadata map of a snapshot without reading its arrays (e.g. to say what a restart restores)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            _refuse_format_1(path, fh.read(len(_FORMAT_1_MAGIC)))
-        with safe_open(path, "np") as opened:
-            metadata = opened.metadata()
-    except (SafetensorError, OSError) as exc:
-        raise SnapshotError(f"{path}: not a readable snapshot ({show(str(exc), 200)})") from None
-    return _meta(path, metadata)[1]
-
-
 def _refuse_format_1(path, head):
     if head == _FORMAT_1_MAGIC:
         raise SnapshotError(f"{path}: a snapshot in format 1, written by an earlier disttrain; this one reads format "
@@ -126,7 +123,6 @@ def _refuse_format_1(path, head):
 
 def _meta(path, metadata):
     """(msgpack bytes, map) of a snapshot's metadata; checks the format, the version and the map's depth."""
-    metadata = metadata or {}
     if metadata.get("format") != FORMAT:
         raise SnapshotError(f"{path}: not a disttrain parameter-server snapshot (a safetensors file with format "
                             f"{show(metadata.get('format'))})")
