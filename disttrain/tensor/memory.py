@@ -12,8 +12,8 @@ counted once, by the array that owns the memory (a view counts its base), and un
 reference callback the moment it is freed. On entry, the arrays of all tensors alive are counted
 too, so figures are absolute and a view of a parameter (w.T) costs nothing. Those are the
 `resident` tensors the caller names (the Trainer: parameters, gradients, carried state) or, when it
-names none, every tensor a scan of the garbage collector's objects finds; the scan's cost grows with
-the number of Python objects alive (see _count_existing_tensors). Tensors in reference cycles
+names none, every tensor a scan of the garbage collector's objects finds after a collection; the scan's
+cost grows with the number of Python objects alive (see _count_existing_tensors). Tensors in reference cycles
 count until the cycle collector runs. Temporaries that an op frees before returning are not seen,
 so the peak is that of memory held between ops (a lower bound on the process's peak).
 
@@ -121,6 +121,10 @@ def _cuda_pool():
 
 def _count_existing_tensors():
     from disttrain.tensor.tensor import Tensor
+
+    # Garbage in reference cycles first: a tensor no one can reach would count as held at start and, freed
+    # when the collector next runs inside the metered code, lower the figure by its size.
+    gc.collect()
 
     # NOTE: the filter runs in C (compress over map): a Python loop with issubclass over every object of a
     # Trainer process costs twice as much. type(obj), not isinstance: that reads obj.__class__, which some

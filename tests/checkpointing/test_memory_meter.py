@@ -3,6 +3,8 @@
 Figures are bytes of arrays, deterministic for a given program, so they are asserted exactly
 or as ratios (no timings here).
 """
+import gc
+
 import numpy as np
 import pytest
 
@@ -32,6 +34,27 @@ def test_counts_arrays_once_and_uncounts_them_when_freed():
         del u
     assert not memory.hook.active
     assert m.live_bytes == start and m.peak_bytes == start + 2000  # frozen at stop
+
+
+def test_garbage_alive_at_start_does_not_lower_the_figures():
+    """A tensor in an unreachable reference cycle when a scanning meter starts is not held: had the scan counted
+    it, the collector freeing it inside the metered code would take its bytes off the step's figure."""
+    class Cycle:
+        pass
+
+    gc.disable()
+    try:
+        garbage = Cycle()
+        garbage.itself, garbage.tensor = garbage, dt.zeros(5000)
+        del garbage
+        with MemoryMeter() as m:
+            gc.collect()
+            t = dt.zeros(1000)
+            assert m.live_bytes - m.start_bytes == 4000
+            del t
+    finally:
+        gc.enable()
+    assert m.peak_bytes - m.start_bytes == 4000
 
 
 def test_counts_what_nodes_keep_for_backward():
