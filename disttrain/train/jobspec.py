@@ -223,14 +223,23 @@ def _ptb_or_required(section):
 _POS, _NONNEG = Int(gt=0), Int(ge=0)
 
 
-def _transformer(default, text):
-    """A [model] default for transformer_lm only (a value, or a function of the section); unset otherwise."""
+# The [model] keys of one family only; the others (layers, dropout, tie_weights) every family reads. A key of
+# another family than the job's is refused (it would be silently ignored) and left out of job comparisons.
+FAMILY_KEYS = {
+    "lstm_lm": ("hidden", "embed", "init_scale"),
+    "transformer_lm": ("d_model", "heads", "d_ff", "max_len"),
+}
+
+
+def _only_for(family, default, text):
+    """A [model] default for `family` only (a value, or a function of the section); unset for the other families.
+    A job with a factory builds its own model and may read any key: it gets the default of the kind it names."""
     def compute(section):
-        if section["kind"] != "transformer_lm":
+        if section["kind"] != family:
             return None
         return default(section) if callable(default) else default
 
-    return Derived(f"{text}, else unset", compute)
+    return Derived(f"{text} for {family}, else unset", compute)
 
 
 SCHEMA = {
@@ -238,19 +247,18 @@ SCHEMA = {
         Field("kind", Choice("lstm_lm", "transformer_lm"), "lstm_lm", "model family (unless a factory is given)"),
         Field("factory", Str('"package.module:function"'), None,
               "a function (job, data) -> nn.Module building your own model (replaces kind; docs/ARCHITECTURE.md)"),
-        Field("hidden", _POS, 200, "hidden units per layer"),
-        Field("embed", _POS, Derived("= hidden", lambda s: s["hidden"]), "embedding size"),
+        Field("hidden", _POS, _only_for("lstm_lm", 200, "200"), "lstm_lm: hidden units per layer"),
+        Field("embed", _POS, _only_for("lstm_lm", lambda s: s["hidden"], "= hidden"), "lstm_lm: embedding size"),
         Field("layers", _POS, 2, "number of layers"),
         Field("dropout", Float(ge=0, lt=1), 0.0, "dropout probability (0 = off)"),
-        Field("init_scale", Float(gt=0), 0.1,
+        Field("init_scale", Float(gt=0), _only_for("lstm_lm", 0.1, "0.1"),
               "lstm_lm: weights drawn uniformly from [-init_scale, init_scale] (transformer_lm: N(0, 0.02), GPT-2's)"),
         Field("tie_weights", Bool(), False, "share the embedding and output-projection weights"),
-        Field("d_model", _POS, _transformer(128, "128 for transformer_lm"), "transformer_lm: model width"),
-        Field("heads", _POS, _transformer(4, "4 for transformer_lm"),
-              "transformer_lm: attention heads (must divide d_model)"),
-        Field("d_ff", _POS, _transformer(lambda s: 4 * s["d_model"], "= 4 * d_model for transformer_lm"),
+        Field("d_model", _POS, _only_for("transformer_lm", 128, "128"), "transformer_lm: model width"),
+        Field("heads", _POS, _only_for("transformer_lm", 4, "4"), "transformer_lm: attention heads (must divide d_model)"),
+        Field("d_ff", _POS, _only_for("transformer_lm", lambda s: 4 * s["d_model"], "= 4 * d_model"),
               "transformer_lm: hidden units of each block's MLP"),
-        Field("max_len", _POS, _transformer(256, "256 for transformer_lm"),
+        Field("max_len", _POS, _only_for("transformer_lm", 256, "256"),
               "transformer_lm: positions with an embedding (at least [data] bptt)"),
     ),
     "data": (
@@ -461,10 +469,14 @@ class JobSpec:
 
 
 def job_differences(first, second):
-    """[(section, key, first's value, second's)] wherever two jobs as dicts (JobSpec.to_dict()) differ."""
+    """[(section, key, first's value, second's)] wherever two jobs as dicts (JobSpec.to_dict()) differ. The [model]
+    keys that neither job's model family reads are not compared: a job written by an earlier disttrain recorded
+    the LSTM's hidden, embed and init_scale for every family."""
+    unread = _unread_model_keys(first.get("model", {})) & _unread_model_keys(second["model"])
     diffs = []
     for section in second:
-        for key in sorted(set(first.get(section, {})) | set(second.get(section, {}))):
+        keys = set(first.get(section, {})) | set(second.get(section, {}))
+        for key in sorted(keys - unread if section == "model" else keys):
             a, b = first.get(section, {}).get(key), second.get(section, {}).get(key)
             if a != b:
                 diffs.append((section, key, a, b))
@@ -518,7 +530,8 @@ def _build(data, overrides, source):
     origins = _apply_overrides(values, overrides, source, errors)
     resolved = _resolve(values, origins, source, errors)
     if not errors:
-        errors += (_pipeline_problems(resolved, origins, source) + _data_problems(resolved, origins, source)
+        errors += (_model_problems(resolved, values["model"], origins, source)
+                   + _pipeline_problems(resolved, origins, source) + _data_problems(resolved, origins, source)
                    + _memory_problems(resolved, origins, source))
     if errors:
         raise JobSpecError("\n".join(errors), errors)
@@ -599,6 +612,33 @@ def _resolve(values, origins, source, errors):
                 continue
             out[f.name] = default
     return resolved
+
+
+def _model_problems(resolved, given, origins, source):
+    """A key of another model family than the job's would be ignored: a mistake to report, not to skip silently."""
+    model = resolved["model"]
+    if model["factory"] is not None:
+        return []
+    problems = []
+    for key in sorted(set(given) & foreign_model_keys(model["kind"]), key=list(given).index):
+        problems.append(f"{origins.get(('model', key), source)}: [model] {key} = {_toml_value(given[key])}: "
+                        f'kind = "{model["kind"]}" does not use it (its keys: {", ".join(_family_keys(model["kind"]))})'
+                        f"; remove it, or set the kind it belongs to")
+    return problems
+
+
+def foreign_model_keys(kind):
+    """The [model] keys that only other families than `kind` read."""
+    return {key for family, keys in FAMILY_KEYS.items() if family != kind for key in keys}
+
+
+def _family_keys(kind):
+    return [f.name for f in SCHEMA["model"] if f.name not in {"kind", "factory"} | foreign_model_keys(kind)]
+
+
+def _unread_model_keys(model):
+    """The keys of a [model] section (a dict) that its model does not read: none when a factory builds it."""
+    return set() if model.get("factory") is not None else foreign_model_keys(model.get("kind"))
 
 
 def _pipeline_problems(resolved, origins, source):

@@ -1,6 +1,7 @@
 """Fixtures for training tests: tiny char-level jobs on generated text (tests/conftest.py) that train in milliseconds."""
 import pytest
 
+from tiny_jobs import switches_to_transformer
 from tiny_jobs import tiny_job as build_tiny_job
 
 
@@ -15,7 +16,8 @@ def text_file(tmp_path, make_text):
 def tiny_job(text_file):
     """tiny_job(*overrides, **fields) -> JobSpec of a tiny char-level LSTM on text_file."""
     def make(*overrides, hidden=16, layers=1, dropout=0.0, optim="adam", lr=0.01, epochs=1):
-        fields = (f"model.hidden={hidden}", f"model.layers={layers}", f"model.dropout={dropout}",
+        width = () if switches_to_transformer(overrides) else (f"model.hidden={hidden}",)
+        fields = (*width, f"model.layers={layers}", f"model.dropout={dropout}",
                   f'optim.kind="{optim}"', f"optim.lr={lr}", f"train.epochs={epochs}")
         return build_tiny_job(*fields, *overrides, text=text_file, source=str(text_file.parent / "tiny.toml"))
     return make

@@ -4,7 +4,7 @@ import pickle
 import pytest
 
 from disttrain.train.jobspec import (PTB_ENV_VAR, PTB_FALLBACK, PTB_URL, SCHEMA, JobSpec, JobSpecError,
-                                     check_paths, describe_schema, load_job, loads_job)
+                                     check_paths, describe_schema, job_differences, load_job, loads_job)
 
 
 def write(tmp_path, text, name="job.toml"):
@@ -68,6 +68,37 @@ activation_checkpointing = 4
     assert spec.optim.clip_norm == 5.0 and isinstance(spec.optim.clip_norm, float)
     assert spec.train.eval_every == 100
     assert spec.memory.activation_checkpointing == 4
+
+
+def test_each_model_family_gets_only_its_own_keys():
+    transformer = loads_job('[model]\nkind = "transformer_lm"\n').model
+    assert (transformer.hidden, transformer.embed, transformer.init_scale) == (None, None, None)
+    assert (transformer.d_model, transformer.heads, transformer.d_ff, transformer.max_len) == (128, 4, 512, 256)
+    factory = loads_job('[model]\nfactory = "pkg.mod:build"\nhidden = 64\nd_model = 8\n').model   # reads any key
+    assert (factory.hidden, factory.embed, factory.d_model) == (64, 64, 8)
+
+
+@pytest.mark.parametrize("text, override, key, kind", [
+    ('[model]\nkind = "transformer_lm"\nhidden = 300\n', (), "hidden = 300", "transformer_lm"),
+    ('[model]\nkind = "transformer_lm"\n', ("model.init_scale=0.5",), "init_scale = 0.5", "transformer_lm"),
+    ("[model]\nd_model = 64\n", (), "d_model = 64", "lstm_lm"),
+    ("", ("model.heads=2",), "heads = 2", "lstm_lm"),
+])
+def test_a_key_of_another_model_family_is_refused(tmp_path, text, override, key, kind):
+    """It would be ignored: the run would train another model than the job file says."""
+    error = errors_of(write(tmp_path, text), override)
+    where = f'override "{override[0]}"' if override else "job.toml"
+    assert len(error.errors) == 1 and f'{where}: [model] {key}: kind = "{kind}" does not use it (its keys: ' in str(error)
+
+
+def test_job_comparisons_skip_the_keys_neither_family_reads():
+    """A checkpoint written before each family got only its own keys recorded the LSTM's for a Transformer."""
+    job = loads_job('[model]\nkind = "transformer_lm"\n').to_dict()
+    earlier = {**job, "model": {**job["model"], "hidden": 200, "embed": 200, "init_scale": 0.1}}
+    assert job_differences(earlier, job) == []
+    lstm = loads_job("").to_dict()
+    assert {key for section, key, *_ in job_differences(lstm, job)} == {
+        "kind", "hidden", "embed", "init_scale", "d_model", "heads", "d_ff", "max_len"}
 
 
 def test_ptb_path_defaults_to_env_var_then_fallback(tmp_path, monkeypatch):

@@ -15,6 +15,10 @@ BASE = '[data]\nkind = "default_corpus"\nmax_bytes = 20000\n[train]\nmax_steps =
     "[model]\nhidden = 128\nlayers = 2\n[data]\nbatch_size = 20\nbptt = 35\n[memory]\n"
     "activation_checkpointing = \"sqrt\"\n[optim]\nmomentum = 0.9\n",
     "[model]\nhidden = 32\nembed = 32\nlayers = 3\ntie_weights = true\n[data]\nbatch_size = 6\nbptt = 10\n",
+    "[model]\nkind = \"transformer_lm\"\nd_model = 64\nheads = 4\nlayers = 2\nmax_len = 64\n[data]\nbatch_size = 8\n"
+    "bptt = 32\n[optim]\nkind = \"adam\"\n",
+    "[model]\nkind = \"transformer_lm\"\nd_model = 32\nheads = 2\nlayers = 4\nd_ff = 48\ntie_weights = true\n"
+    "[data]\nbatch_size = 4\nbptt = 16\n[memory]\nactivation_checkpointing = \"sqrt\"\n",
 ])
 def test_parameters_exact_and_a_step_within_a_small_factor_of_the_meter(extra):
     sections = {}
@@ -45,6 +49,14 @@ def test_a_model_that_cannot_fit_is_refused_with_its_figures():
     assert "on each of the 2 processes on this machine" in message and "\n" not in message
     small = loads_job("[model]\nhidden = 16\n")
     assert check_fits(small, vocab_size=72, streams=20, available=8 * 2**30).total < 4 * 2**20
+    wide = loads_job('[model]\nkind = "transformer_lm"\nd_model = 65536\n', source="wide.toml")
+    with pytest.raises(JobSpecError, match=r"^wide.toml: the job needs about .*\(\[model\] d_model = 65536, layers = 2,"):
+        check_fits(wide, vocab_size=72, streams=20, available=8 * 2**30)
+
+
+def test_a_factory_model_is_not_estimated_before_it_is_built():
+    spec = loads_job('[model]\nfactory = "somewhere:model"\nhidden = 100000\n')
+    assert estimate(spec, 72, 20) is None and check_fits(spec, vocab_size=72, streams=20, available=2**20) is None
 
 
 def test_pipeline_stages_share_all_but_the_parameters():
