@@ -1,8 +1,8 @@
 """Run our CUDA kernels on the CPU: the .cu sources compiled as C++ with stand-in CUDA built-ins.
 
-    from disttrain.kernels_cuda import emulator, wrappers
-    wrappers.kernel = emulator.kernel   # as tests/kernels_cuda/test_kernels_against_reference.py does
-    losses, lse = wrappers.cross_entropy_forward(numpy, logits, target, -100)   # xent.cu ran, on the CPU
+    from disttrain.kernels_cuda import emulator, loader, wrappers
+    with loader.kernels_from(emulator.kernel):   # as tests/kernels_cuda's `cp` fixture does
+        losses, lse = wrappers.cross_entropy_forward(numpy, logits, target, -100)   # xent.cu ran, on the CPU
 
 A debugging and testing tool, not a device: it checks a kernel's arithmetic, indexing and launch
 shape without a GPU, slowly (one CPU thread). `kernel(source, name, dtype)` has loader.kernel's

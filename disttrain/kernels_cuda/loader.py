@@ -1,12 +1,14 @@
 """Compile the .cu sources once per process with cupy.RawModule and hand out cached, named kernels.
 
     kernel("lstm", "lstm_cell_forward", numpy.float32)   # -> cupy.RawKernel lstm_cell_forward_f32
+    with kernels_from(emulator.kernel): ...                # the kernels from elsewhere (the CPU emulator)
 
 Each source is compiled on first use (NVRTC by default, or nvcc with DISTTRAIN_CUDA_COMPILER=nvcc),
 then CuPy keeps the binary in memory and in its on-disk kernel cache. The shared preamble common.cuh
 is pasted in place of the `#include "common.cuh"` line, so the code NVRTC sees is one self-contained
 string (and CuPy's cache key covers the preamble too).
 """
+import contextlib
 import functools
 import os
 from pathlib import Path
@@ -89,10 +91,31 @@ def symbol(source, name, dtype=None):
     return f"{name}_{suffix}"
 
 
-@functools.lru_cache(maxsize=None)
 def kernel(source, name, dtype=None):
-    """The cached RawKernel `name` of `source` for float dtype `dtype` (None for untyped kernels)."""
+    """The cached RawKernel `name` of `source` for float dtype `dtype` (None for untyped kernels), or what the
+    factory of an enclosing kernels_from() gives for it."""
+    if _factories:
+        return _factories[-1](source, name, dtype)
+    return _device_kernel(source, name, dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_kernel(source, name, dtype):
     return module(source).get_function(symbol(source, name, dtype))
+
+
+_factories = []   # the factories of the kernels_from() blocks open now, innermost last
+
+
+@contextlib.contextmanager
+def kernels_from(factory):
+    """Within the block, kernel() returns factory(source, name, dtype): a callable with cupy.RawKernel's call
+    convention, e.g. emulator.kernel, which runs the same .cu sources on the CPU. Blocks nest."""
+    _factories.append(factory)
+    try:
+        yield
+    finally:
+        _factories.remove(factory)
 
 
 def compile_all():

@@ -22,24 +22,24 @@ NEEDS_CXX = pytest.mark.skipif(not emulator.available, reason="the emulator need
 RUNS = [pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_GPU]), pytest.param("emulated", marks=NEEDS_CXX)]
 
 
-def _emulate_kernels(monkeypatch, launched=None):
+def _emulated_kernels(launched):
+    """loader.kernels_from the emulator, adding the name of each kernel fetched to `launched`."""
     def kernel(source, name, dtype=None):
-        if launched is not None:
-            launched.add(name)
+        launched.add(name)
         return emulator.kernel(source, name, dtype)
 
-    monkeypatch.setattr(wrappers, "kernel", kernel)
-    monkeypatch.setattr(loader, "kernel", kernel)
+    return loader.kernels_from(kernel)
 
 
 @pytest.fixture(params=RUNS)
-def cp(request, monkeypatch):
+def cp(request):
     if request.param == "cuda":
         import cupy
 
-        return cupy
-    _emulate_kernels(monkeypatch)
-    return np
+        yield cupy
+        return
+    with loader.kernels_from(emulator.kernel):
+        yield np
 
 
 def _cuda_index_add_on_numpy():
@@ -57,8 +57,7 @@ def cuda_kernels(request):
     @contextlib.contextmanager
     def emulated():
         launched = set()
-        with pytest.MonkeyPatch.context() as patch:
-            _emulate_kernels(patch, launched)
+        with _emulated_kernels(launched), pytest.MonkeyPatch.context() as patch:
             patch.setattr(backend.CPU, "kernels", wrappers)
             patch.setattr(backend.CPU, "index_add", _cuda_index_add_on_numpy())
             yield launched
