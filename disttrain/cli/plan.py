@@ -29,8 +29,7 @@ from disttrain.parallel.pipeline.partition import partition
 from disttrain.parallel.pipeline.pipeline_mode import check_enough_blocks, user_partition
 from disttrain.parallel.pipeline.profile import profile
 from disttrain.parallel.pipeline.runtime import split_micro_batches
-from disttrain.parallel.pipeline.schedule import max_in_flight, stage_actions
-from disttrain.parallel.pipeline.stage_memory import stage_step_bytes
+from disttrain.parallel.pipeline.stage_memory import stage_holding, stage_step_bytes
 from disttrain.train import memory_plan
 from disttrain.train.auto_checkpointing import plan_checkpointing
 from disttrain.train.build import build_data, build_model, build_optimizer, describe_model
@@ -148,14 +147,11 @@ def _pipeline_ranks(spec, data, model, ranks):
     rows = []
     for k in range(p.stages):
         stage = cut.build_stage(model, k)
-        in_flight = max_in_flight(stage_actions(p.schedule, p.stages, p.micro_batches, k))
         step = stage_step_bytes(model, cut, k, replica_inputs, replica_targets, loss_fn, p.schedule,
                                 p.micro_batches, data.batch_axis, ranks // p.stages, p.stage_checkpointing, device)
-        holding = memory_plan.holding_for("pipeline", stage_activation_bytes=step.per_micro_batch,
-                                          in_flight=in_flight, stage=k, step_bytes=step.peak)
-        need = memory_plan.predict(stage, build_optimizer(spec, stage.parameters()), None, holding)
-        rows.append((f"pipeline stage {k}", f" ({', '.join(cut.stage_blocks(k))}; {in_flight} micro-batch"
-                     f"{'es' if in_flight > 1 else ''} in flight)", need))
+        need = memory_plan.predict(stage, build_optimizer(spec, stage.parameters()), None, stage_holding(k, step))
+        rows.append((f"pipeline stage {k}", f" ({', '.join(cut.stage_blocks(k))}; {step.in_flight} micro-batch"
+                     f"{'es' if step.in_flight > 1 else ''} in flight)", need))
     return rows, list(zip(cut.block_names, by_block)), None
 
 

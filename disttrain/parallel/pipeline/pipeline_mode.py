@@ -42,7 +42,7 @@ from disttrain.parallel.pipeline.p2p import StageLink
 from disttrain.parallel.pipeline.partition import Partition, partition
 from disttrain.parallel.pipeline.runtime import PipelineRuntime, split_micro_batches
 from disttrain.parallel.pipeline.schedule import max_in_flight, stage_actions
-from disttrain.parallel.pipeline.stage_memory import stage_step_bytes
+from disttrain.parallel.pipeline.stage_memory import stage_holding, stage_step_bytes
 from disttrain.tensor import memory
 from disttrain.tensor.creation import tensor
 from disttrain.train import saving
@@ -297,11 +297,9 @@ class PipelineMode(MPIMode):
         (stage_memory.py: activations of the micro-batches in flight, gradients, receive buffers, what is sent);
         before prepare, or without data, its blocks' activations of a micro-batch (from the balancing profile;
         unknown under split_points) times the micro-batches its schedule keeps in flight."""
+        if self.step_memory is not None:
+            return stage_holding(self.stage, self.step_memory)
         in_flight = max_in_flight(stage_actions(self.schedule, self.stages, self.micro_batches, self.stage))
-        measured = self.step_memory
-        if measured is not None:
-            return holding_for("pipeline", stage_activation_bytes=measured.per_micro_batch, in_flight=in_flight,
-                               stage=self.stage, step_bytes=measured.peak)
         profiled = None if self.partition is None else self.partition.stage_activation_bytes(self.stage)
         return holding_for("pipeline", stage_activation_bytes=profiled, in_flight=in_flight, stage=self.stage)
 

@@ -3,6 +3,7 @@
     need = stage_step_bytes(model, partition, k, inputs, targets, loss_fn, schedule="1f1b", micro_batches=4)
     need.peak            # bytes above the stage's parameters and buffers at the step's peak
     need.per_micro_batch # what one micro-batch's forward leaves alive until its backward
+    stage_holding(k, need)   # how memory_plan predicts the stage from it (PipelineMode, `disttrain plan`)
 
 A stage does not run a whole model's step: it holds several micro-batches' activations at once (as many as
 its schedule has forwarded and not yet backwarded), its gradients from the first backward on, and messages:
@@ -27,8 +28,10 @@ from disttrain.parallel.pipeline.runtime import split_micro_batches
 from disttrain.parallel.pipeline.schedule import stage_actions
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.tensor.random import fork_rng, get_rng_state
+from disttrain.train.memory_plan import holding_for
 
-__all__ = ["MicroBatchMemory", "StageStepMemory", "measure_micro_batches", "replay", "stage_step_bytes"]
+__all__ = ["MicroBatchMemory", "StageStepMemory", "measure_micro_batches", "replay", "stage_step_bytes",
+           "stage_holding"]
 
 
 @dataclass(frozen=True)
@@ -149,3 +152,9 @@ def stage_step_bytes(model, partition, k, inputs, targets, loss_fn, schedule, mi
     if buffers:
         model.load_state_dict(buffers, strict=False)
     return replay(stage_actions(schedule, stages, micro_batches, k), costs, micro_batches, replicas)
+
+
+def stage_holding(k, step):
+    """memory_plan's Holding of pipeline stage k, whose step measured `step` (a StageStepMemory)."""
+    return holding_for("pipeline", stage_activation_bytes=step.per_micro_batch, in_flight=step.in_flight, stage=k,
+                       step_bytes=step.peak)
