@@ -8,6 +8,7 @@ Modules (import what you need; nothing is imported here, so `disttrain` stays qu
     membership   live workers, clocks, heartbeats, time-outs; what the server remembers of workers not live
     snapshot     atomic snapshot files
     rollback     undo of one optimizer update (an update that comes out non-finite)
+    refusals     the server's log of refused messages (the first, then at most one an interval)
     auth         CURVE keys, ZAP on the servers, what each key name may do, the loopback-only insecure mode
     server       ParameterServer (one ROUTER socket, one thread)
     worker       PSClient (join, pull, push, heartbeats, reconnection)

@@ -47,6 +47,7 @@ from disttrain.paramserver import protocol
 from disttrain.paramserver.consistency import Consistency, SyncRound
 from disttrain.paramserver.membership import Membership
 from disttrain.paramserver.protocol import ProtocolError, show
+from disttrain.paramserver.refusals import RefusalLog
 from disttrain.paramserver.rollback import Rollback
 from disttrain.paramserver.snapshot import SnapshotError, load_snapshot, save_snapshot
 from disttrain.tensor.tensor import Tensor
@@ -59,6 +60,7 @@ SNAPSHOT_FORMAT = "disttrain-ps-shard"
 MAX_READ_RECORDS = 10_000
 RECEIVE_HWM = 16                  # messages queued per connection (a worker has at most two in flight)
 BATCH = 1000                      # messages handled between two looks at the clock and the stop flag
+REFUSAL_LOG_INTERVAL_S = 10.0     # the least between two refused messages logged, when log_every is 0
 
 
 @dataclass
@@ -71,7 +73,8 @@ class ServerConfig:
     snapshot_path: object = None      # a file path, or None for no snapshots
     reject_nonfinite: bool = True     # refuse gradients holding NaN or inf, and updates that would make any
                                       # parameter so (undone: servers keep a copy of what an update touches)
-    log_every: float = 10.0           # seconds between update-rate log lines (0: never)
+    log_every: float = 10.0           # seconds between update-rate log lines (0: never), and the least between
+                                      # two refused messages logged (0: REFUSAL_LOG_INTERVAL_S)
     expect_workers: int = 1           # ssp/sync: hold the first reads until this many workers joined ...
     start_timeout: float = 60.0       # ... or this many seconds passed since the first join
     max_epoch: int = 1000             # the largest epoch a worker may report (a job's `train.epochs`)
@@ -97,6 +100,7 @@ class ParameterServer:
         self.membership = Membership(self.config.heartbeat_timeout)
         self.bind, self.security = bind, security
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self._refusals = RefusalLog(self.log, f"server {index}", self.config.log_every or REFUSAL_LOG_INTERVAL_S)
         self.incarnation = secrets.randbits(63)
 
         self.parts = {p.key: p for p in layout.parts_of(index)}
@@ -233,6 +237,7 @@ class ParameterServer:
             handler(identity, client, header, arrays)
         except ProtocolError as exc:
             self.rejected += 1
+            self._refusals.refused(identity, exc.code, str(exc))
             self._answer_error(identity, body, exc.code, str(exc))
         except Exception as exc:          # a bug: answer and log it, never let one message end the server
             self.rejected += 1

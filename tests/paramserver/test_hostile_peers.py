@@ -3,6 +3,7 @@ deep headers, shapes whose product is zero or overflows, epoch jumps, too many f
 come out non-finite, and bugs (the last-resort handler)."""
 import base64
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -16,12 +17,13 @@ import zmq
 
 from disttrain.paramserver import protocol
 from disttrain.paramserver.protocol import ProtocolError, decode_reply, decode_request, encode, request
+from disttrain.paramserver.refusals import MAX_REASON_CHARS, RefusalLog
 from disttrain.paramserver.server import ParameterServer, ServerConfig
 from disttrain.paramserver.sharding import Layout, ParamSpec
 from disttrain.paramserver.snapshot import SnapshotError, load_snapshot, save_snapshot
 from disttrain.paramserver.worker import PSClient, PSError, ServerUnavailable
 
-from ps_testing import observer, raw_peer, running_servers, sgd_factory
+from ps_testing import observer, raw_peer, running_servers, serving, sgd_factory
 
 LAYOUT = Layout([ParamSpec("w", (40,), "<f4"), ParamSpec("b", (6,), "<f4")], 1)
 INITIAL = [np.linspace(-1, 1, 40, dtype="<f4"), np.arange(6, dtype="<f4")]
@@ -305,6 +307,31 @@ def test_a_bug_in_a_handler_is_answered_internal_and_the_server_goes_on(server, 
         assert peer.request("push", grads(), worker=ME, clock=0, keys=[0, 1])["op"] == "ok"
     assert srv.internal_errors == 1 and srv.updates == 1
     assert any("Traceback" in line and "KeyError" in line for line in logged)
+
+
+def test_refused_messages_are_logged_with_their_reason_and_peer_at_most_once_an_interval():
+    logged = []
+    server = ParameterServer(0, LAYOUT, INITIAL, sgd_factory(), ServerConfig(log_every=3600), log=logged.append)
+    with serving([server]) as endpoints, raw_peer(endpoints[0]) as peer:
+        peer.join(LAYOUT, ME)
+        for _ in range(3):
+            assert peer.request("pull", worker=ME, clock=0, keys=[2])["code"] == "bad_key"
+    refusals = [line for line in logged if "refused a message" in line]
+    assert len(refusals) == 1 and server.rejected == 3, logged
+    assert re.fullmatch(r"server 0: refused a message from peer [0-9a-f]+: bad_key: key 2 is not held by server 0",
+                        refusals[0])
+
+
+def test_the_refusal_log_counts_what_it_leaves_out_and_shortens_long_reasons():
+    now, logged = [0.0], []
+    refusals = RefusalLog(logged.append, "server 1", interval=10.0, clock=lambda: now[0])
+    for t, reason in ((0.0, "first"), (4.0, "second"), (9.0, "third"), (12.5, "x" * 1000)):
+        now[0] = t
+        refusals.refused(b"\x01\xab", "bad_header", reason)
+    assert logged[0] == "server 1: refused a message from peer 01ab: bad_header: first"
+    assert logged[1] == ("server 1: refused a message from peer 01ab: bad_header: " + "x" * MAX_REASON_CHARS
+                         + "... (2 more refused since the last one logged, in 12 s)")
+    assert len(logged) == 2
 
 
 def real_snapshot(path):
