@@ -1,4 +1,5 @@
-"""Gradient clipping and flat-vector views of parameters (torch.nn.utils)."""
+"""Gradient clipping, flat-vector views of parameters (torch.nn.utils), and preserved_buffers."""
+import contextlib
 import math
 
 from disttrain.autograd.grad_mode import no_grad
@@ -68,3 +69,19 @@ def vector_to_parameters(vec, parameters):
             n = p.numel()
             p.copy_(vec.data[start:start + n].reshape(p.shape))
             start += n
+
+
+@contextlib.contextmanager
+def preserved_buffers(module):
+    """On leaving the block, every buffer of `module` (persistent or not) is the tensor it was on entering, with
+    the values it had: for a measuring or profiling forward in training mode, which must not count as a step
+    (running statistics, counters)."""
+    saved = [(owner, name, buffer, None if buffer is None else buffer.data.copy())
+             for _, owner in module.named_modules() for name, buffer in owner._buffers.items()]
+    try:
+        yield
+    finally:
+        for owner, name, buffer, values in saved:
+            owner._buffers[name] = buffer
+            if buffer is not None:
+                buffer.data[...] = values

@@ -68,6 +68,7 @@ import disttrain as dt
 from disttrain.checkpointing.plan import segment_bounds
 from disttrain.fsutil import write_atomically
 from disttrain.models import protocol
+from disttrain.nn.utils import preserved_buffers
 from disttrain.tensor import memory
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.tensor.random import fork_rng, get_rng_state
@@ -243,11 +244,11 @@ def profile_step(model, inputs, targets, state=None, holding=Holding()):
     params = list(model.parameters())
     device = params[0].device if params else "cpu"
     saved_grads = [p.grad for p in params]
-    saved_buffers = {name: b.numpy().copy() for name, b in model.named_buffers()}
     try:
         for p in params:
             p.grad = None
-        with fork_rng(get_rng_state()), MemoryMeter(device, resident=_state_tensors(model)) as meter:
+        with preserved_buffers(model), fork_rng(get_rng_state()), \
+                MemoryMeter(device, resident=_state_tensors(model)) as meter:
             x, y = (dt.tensor(a, device=device) for a in (inputs, targets))
             loss, _ = protocol.forward_loss(model, x, y, state)
             activations = meter.live_bytes - meter.start_bytes
@@ -257,8 +258,6 @@ def profile_step(model, inputs, targets, state=None, holding=Holding()):
     finally:
         for p, grad in zip(params, saved_grads):
             p.grad = grad
-        if saved_buffers:
-            model.load_state_dict(saved_buffers, strict=False)
 
 
 class held_gradients:

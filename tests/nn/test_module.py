@@ -6,6 +6,7 @@ import pytest
 
 import disttrain as dt
 from disttrain import nn
+from disttrain.nn.utils import preserved_buffers
 
 
 class Block(nn.Module):
@@ -222,3 +223,24 @@ def test_deepcopy_gives_independent_module_with_ties_kept():
     with dt.no_grad():
         twin.first.fc.weight.fill_(0.0)
     assert np.any(net.first.fc.weight.numpy() != 0)
+
+
+def test_preserved_buffers_puts_back_every_buffer_and_its_values():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", dt.zeros(3))
+            self.register_buffer("seen", dt.zeros(1), persistent=False)
+
+        def forward(self, x):
+            self.mean.data[...] += x.data.mean(axis=0)     # in place, as running statistics are kept
+            self.seen = self.seen + 1                        # rebinds the attribute to a new tensor
+            return x
+
+    model = nn.Sequential(Counting(), nn.Linear(3, 2))
+    mean, seen = model[0].mean, model[0].seen
+    with preserved_buffers(model):
+        model(dt.ones(4, 3))
+        assert model[0].mean.numpy().tolist() == [1.0, 1.0, 1.0] and model[0].seen is not seen
+    assert model[0].mean is mean and model[0].seen is seen
+    assert mean.numpy().tolist() == [0.0, 0.0, 0.0] and seen.numpy().tolist() == [0.0]
