@@ -7,6 +7,11 @@ kernel, so its whole state is two integers and any sample can be recomputed on i
 Their states can be saved and restored (`get_rng_state` / `set_rng_state`) as plain data, one entry
 per backend name: activation checkpointing replays dropout masks with them and job checkpoints
 (JSON) resume with them.
+
+A training step of several processes draws from `step_stream(stream)`: the step's numbers (dropout masks)
+from generators seeded by one number drawn from the shared generators and the process's stream, so data
+shares, pipeline stages and parameter-server workers draw different masks, while the shared generators
+advance alike on every process (a job checkpoint's state resumes every one of them).
 """
 import contextlib
 
@@ -146,3 +151,14 @@ def fork_rng(state):
         _pending.clear()
         _pending.update(pending)
         _seed = live_seed
+
+
+@contextlib.contextmanager
+def step_stream(stream):
+    """Inside the block the generators draw from a stream of their own, seeded by a number drawn now from the
+    CPU generator and by `stream` (an int >= 0: which process of a job this is); on exit they carry on after
+    that one draw, whatever the block drew."""
+    key = int(generator(_backend.CPU).integers(1 << 63))
+    seed = int(np.random.SeedSequence([key, int(stream)]).generate_state(1, np.uint64)[0] >> 1)
+    with fork_rng({"seed": seed}):
+        yield

@@ -45,6 +45,7 @@ from disttrain.data.source import EVAL_STREAMS
 from disttrain.models import protocol
 from disttrain.tensor.host_allocator import retain_freed_memory
 from disttrain.tensor.memory import MemoryMeter
+from disttrain.tensor.random import step_stream
 from disttrain.train import memory_plan, saving
 from disttrain.train.auto_checkpointing import plan_checkpointing
 from disttrain.train.build import (Schedules, apply_checkpointing_setting, build_data, build_model, build_optimizer,
@@ -204,7 +205,8 @@ class Trainer:
         trace.set_step(self.step + 1)              # names this step in traces and watchdog messages
         self.optimizer.zero_grad()
         scale = inputs.shape[0] if self.spec.optim.loss == "sum_over_time" else 1.0
-        loss, state = self.mode.forward_backward(inputs, targets, self.state, backward_scale=scale)
+        with step_stream(self.mode.rank):          # each process its own dropout masks (tensor/random.py)
+            loss, state = self.mode.forward_backward(inputs, targets, self.state, backward_scale=scale)
         clip = self.spec.optim.clip_norm
         with trace.span("clip + optimizer step"):
             grad_norm = self.mode.clip_grad_norm(self.params, clip if clip is not None else math.inf)

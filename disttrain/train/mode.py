@@ -25,6 +25,8 @@ Trainer. Every mode implements these, grouped by what they cover:
     checkpoints     whole = mode.gather(local)  RunState of the whole model on the main process (else None)
                     local = mode.scatter(whole) this process's part of a whole-model RunState
                     mode.checkpoint_dir(out)    where this process writes its job checkpoint (or None)
+    random numbers  mode.rank                   which process of the job this is: its training steps draw
+                                                their own stream (dropout masks; tensor/random.step_stream)
     reporting       mode.is_main, mode.describe(), mode.messages(), mode.parameter_count()
                     mode.memory_holding()       how this process holds its memory: its share of the
                                                 gradients and optimizer state (train/memory_plan.Holding)

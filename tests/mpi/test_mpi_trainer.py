@@ -3,7 +3,10 @@ and every rank resumes from the checkpoint rank 0 wrote (run under mpiexec --wit
 import numpy as np
 import pytest
 
+import disttrain as dt
+from disttrain.autograd.ops import nn as nn_ops
 from disttrain.parallel import DataParallelMode, world
+from disttrain.tensor.random import step_stream
 from disttrain.train import Trainer, load_checkpoint
 
 pytestmark = pytest.mark.mpi(min_size=2)
@@ -179,3 +182,40 @@ def test_a_nonfinite_loss_on_one_rank_stops_every_rank(job, mpi_tmp_path):
     mode.close()
     world().Barrier()
     assert load_checkpoint(out).meta["step"] == 2
+
+
+class _Recording:
+    """A generator that keeps a copy of the first 4 numbers of each draw."""
+
+    def __init__(self, generator, draws):
+        self.generator, self.draws = generator, draws
+
+    def random(self, *args, **kwargs):
+        out = self.generator.random(*args, **kwargs)
+        self.draws.append(np.asarray(out).reshape(-1)[:4].copy())
+        return out
+
+
+def test_ranks_draw_their_own_dropout_masks_and_resume_exactly(job, mpi_tmp_path, monkeypatch):
+    """Each rank's step draws from its own stream (equal masks on every rank would make the shares' dropout
+    one mask repeated); the shared generators stay alike, so rank 0's checkpoint resumes every rank."""
+    comm = world()
+    with step_stream(comm.rank):
+        mine = dt.rand(8).numpy()
+    draws = comm.allgather_object(mine.tolist())
+    assert all(not np.array_equal(draws[0], other) for other in draws[1:])
+    assert len(set(comm.allgather_object(float(dt.rand(1).item())))) == 1
+    dropout = ("model.layers=2", "model.dropout=0.5")
+    masks = []
+    real = nn_ops.generator
+    monkeypatch.setattr(nn_ops, "generator", lambda backend: _Recording(real(backend), masks))
+    trainer, mode = data_parallel_trainer(job("train.max_steps=1", *dropout))
+    trainer.fit()
+    mode.close()
+    monkeypatch.undo()
+    ranks_masks = comm.allgather_object([m.tolist() for m in masks])
+    assert ranks_masks[0] and all(ranks_masks[0] != other for other in ranks_masks[1:])
+    _, got, want = resume_and_compare(job, mpi_tmp_path / "run", ["train.max_steps=3", *dropout],
+                                      ["train.max_steps=6", *dropout])
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

@@ -142,3 +142,23 @@ def test_checkpointed_dropout_replays_the_device_masks(dropout_on_stand_in):
     assert random.generator(STAND_IN).state["offset"] == 3 + 4 * 6 * 2 + 6  # the masks came from the stand-in
     fresh = _grads(lambda a, b: checkpoint(_segment, a, b, preserve_rng_state=False), x, w)
     assert not np.array_equal(fresh[1], plain[1])  # without the replay, the recomputed mask differs
+
+
+def test_step_streams_differ_by_stream_and_leave_the_shared_generators_one_draw_on():
+    dt.manual_seed(4)
+    draws = []
+    for stream in (0, 1, 0):
+        state = dt.get_rng_state()
+        with random.step_stream(stream):
+            draws.append(dt.rand(5).numpy())
+            inner = dt.rand(1000)                       # however much the step draws ...
+        after = dt.rand(3).numpy()
+        dt.set_rng_state(state)
+        with random.step_stream(stream):
+            pass
+        np.testing.assert_array_equal(dt.rand(3).numpy(), after)   # ... the shared stream moved by one draw
+        dt.set_rng_state(state)
+        with random.step_stream(stream):
+            np.testing.assert_array_equal(dt.rand(5).numpy(), draws[-1])   # and the step's numbers repeat
+        del inner
+    assert not np.array_equal(draws[0], draws[1])
