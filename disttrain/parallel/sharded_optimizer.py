@@ -198,15 +198,18 @@ def _refuse_wrapped_step(optimizer, args, kwargs):
 
 
 def _optimizer_indices(optimizer, reducer):
-    """{id(parameter): (its position across the optimizer's groups, its group)}; every one must be the reducer's."""
+    """{id(parameter): (its position across the optimizer's groups, its group)} of the parameters the reducer
+    trains; a frozen one (requires_grad False: never a gradient, never a step) keeps its position and no entry,
+    and any other must be the reducer's."""
     trained = {id(p) for _, p in reducer.named_params}
     index_of, index = {}, 0
     for g, group in enumerate(optimizer.param_groups):
         for p in group["params"]:
-            if id(p) not in trained:
+            if id(p) in trained:
+                index_of[id(p)] = (index, g)
+            elif p.requires_grad:
                 raise ValueError(f"ShardedOptimizer: the optimizer's parameter {index} (shape {p.shape}) is not one "
                                  "the data-parallel model trains (a parameter of the model that requires grad)")
-            index_of[id(p)] = (index, g)
             index += 1
     return index_of
 

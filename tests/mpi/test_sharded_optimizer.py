@@ -276,3 +276,20 @@ def test_a_parameter_with_a_gradient_on_some_ranks_only(stage):
     assert in_sync
     # stage 2: no rank holds a whole gradient after backward, only its slice of each bucket
     assert all(full) if stage < 2 else not any(full) and held == [b.shard_numel for b in dp.reducer.buckets]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_frozen_parameter_in_the_optimizer_is_left_alone_as_unsharded(stage):
+    """Fine-tuning passes the whole model's parameters with some frozen (requires_grad False): they never get
+    a gradient or a step, sharded or not."""
+    def frozen_model():
+        model = awkward(dt.float64)
+        model.inner.weight.requires_grad_(False)
+        return model
+
+    want, _, want_state, _, _ = train(dt.float64, "adam", 0, 3e-4, model=frozen_model())
+    got, _, state, _, _ = train(dt.float64, "adam", stage, 3e-4, model=frozen_model())
+    for (name, _), a, b in zip(awkward(dt.float64).named_parameters(), got, want):
+        np.testing.assert_allclose(a, b, err_msg=name, **TOL[dt.float64])
+    np.testing.assert_array_equal(got[1], frozen_model().inner.weight.numpy())
+    assert_states_equal(state, want_state, TOL[dt.float64])
