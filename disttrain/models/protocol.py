@@ -56,6 +56,10 @@ def output_loss(model, output, targets):
     own = getattr(model, "loss", None)
     if own is not None:
         return own(output, targets)
+    if not isinstance(output, Tensor):
+        raise OpError(f"{type(model).__name__}: forward returned a {type(output).__name__}, and the default loss "
+                      "(cross-entropy) takes one Tensor of (rows, classes); define loss(output, targets) on the "
+                      "model to say how its output is scored")
     if output.ndim != 2:
         raise OpError(f"{type(model).__name__}: the default loss (cross-entropy) expects an output of "
                       f"(rows, classes), got shape {output.shape}; define loss(output, targets) or forward_loss")

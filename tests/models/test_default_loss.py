@@ -27,3 +27,9 @@ def test_an_output_or_targets_that_do_not_fit_are_named_as_given(output_shape, t
     model = nn.Identity()
     with pytest.raises(OpError, match=re.escape(f"Identity: the default loss (cross-entropy) {said}")):
         protocol.output_loss(model, dt.tensor(np.zeros(output_shape, np.float32)), dt.tensor(targets))
+
+
+def test_an_output_that_is_not_one_tensor_asks_for_the_models_own_loss():
+    output = {"logits": dt.tensor(np.zeros((4, 3), np.float32))}
+    with pytest.raises(OpError, match=r"^Identity: forward returned a dict, .* define loss\(output, targets\)"):
+        protocol.output_loss(nn.Identity(), output, dt.tensor(np.zeros(4, np.int64)))
