@@ -26,9 +26,9 @@ _SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")     # MPICH / Intel MPI / srun
 _RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK")
 
 
-def mode_for(spec):
+def mode_for(spec, command=None):
     """The mode a job spec asks for (after check_launch): LocalMode, DataParallelMode or PipelineMode."""
-    check_launch(spec)
+    check_launch(spec, command)
     if spec.parallel.mode not in ("data", "pipeline"):
         return LocalMode()
     world().set_timeout(spec.parallel.timeout_s)
@@ -41,9 +41,10 @@ def mode_for(spec):
     return DataParallelMode.from_spec(spec, world())
 
 
-def check_launch(spec):
+def check_launch(spec, command=None):
     """Raise JobSpecError unless the processes launched (read from the launcher's environment, before MPI
-    starts, so every rank finds the same answer) fit the job's [parallel] mode and [data] batch_size."""
+    starts, so every rank finds the same answer) fit the job's [parallel] mode and [data] batch_size. command:
+    what each rank runs, for the advice (default: `disttrain run` of the job file)."""
     mode, size = spec.parallel.mode, launched_size()
     where = f"{spec.source}: [parallel] mode = \"{mode}\""
     if mode == "local" and size > 1:
@@ -53,10 +54,14 @@ def check_launch(spec):
         return
     if not launched_by_mpi():
         example = spec.parallel.stages if mode == "pipeline" else 2
-        again = f"{spec.source} --set parallel.mode={mode}"      # the mode may have come from a --set: say it
+        if command is not None:
+            how = f"mpiexec -n {example} {command}"
+        else:
+            again = f"{spec.source} --set parallel.mode={mode}"  # the mode may have come from a --set: say it
+            how = (f"mpiexec -n {example} disttrain run {again} (or disttrain launch -n {example} {again}), with "
+                   "your other options")
         raise JobSpecError(f"{where}, but this is 1 process, not started by mpiexec; {mode} mode runs one process "
-                           f"per rank: mpiexec -n {example} disttrain run {again} (or disttrain launch -n {example} "
-                           f"{again}), with your other options, or set mode = \"local\"")
+                           f"per rank: {how}, or set mode = \"local\"")
     check_ranks(spec, size)
 
 

@@ -17,6 +17,7 @@ A Mode object may be given instead of a name. Resuming: `fit(..., out_dir=d, res
 config.toml holds these settings only.
 """
 import json
+import sys
 
 from disttrain.train import saving
 from disttrain.train.jobspec import SCHEMA, JobSpecError, loads_job
@@ -30,6 +31,10 @@ def fit(model, data, optimizer, mode="local", out_dir=None, schedules=None, resu
         progress=None, **settings):
     """Train and evaluate; returns the Trainer (its `evals`, `step`, `model`, ...)."""
     mode_name = mode if isinstance(mode, str) else "local"
+    if mode_name == "ps":
+        raise JobSpecError('fit(): mode="ps" is not a mode fit() runs: a parameter-server job runs servers and '
+                           "workers as processes of their own; give your model and data to a job file ([model] "
+                           "factory, [data] factory) and start it with `disttrain ps-cluster JOB.toml`")
     spec = settings_spec(settings, mode=mode_name)
     if not isinstance(mode, Mode):
         from disttrain.parallel.mpi_job import agree_on_setup, mode_for     # parallel sits above train
@@ -37,7 +42,7 @@ def fit(model, data, optimizer, mode="local", out_dir=None, schedules=None, resu
         differing = agree_on_setup(None, job=spec.to_dict())   # ranks given other settings would train apart
         if differing:
             raise JobSpecError("; ".join(f"fit(): rank {rank}: {text}" for rank, (_, text) in differing))
-        mode = mode_for(spec)
+        mode = mode_for(spec, command=f"python {_script()}")
     trainer = Trainer(model, data, optimizer, spec=spec, mode=mode, schedules=schedules, out_dir=out_dir,
                       progress=progress, overwrite=overwrite)
     if resume:
@@ -50,6 +55,12 @@ def fit(model, data, optimizer, mode="local", out_dir=None, schedules=None, resu
     finally:
         mode.close()
     return trainer
+
+
+def _script():
+    """The script this process runs (what each rank must run), as the user would type it."""
+    script = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    return script if script.endswith(".py") else "your_script.py"
 
 
 def _resume(trainer, out_dir):

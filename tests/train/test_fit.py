@@ -99,6 +99,18 @@ def test_fit_settings_are_checked_like_a_job_file():
         fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), epochs=0)
 
 
+def test_a_mode_fit_cannot_run_here_is_refused_with_what_to_run(monkeypatch):
+    """mode="ps" used to train locally without a word; data mode outside mpiexec named `disttrain run fit()`."""
+    data = ArrayData(*blobs(), batch_size=20)
+    net = model()
+    with pytest.raises(JobSpecError, match=r'^fit\(\): mode="ps" is not a mode fit\(\) runs: .*disttrain ps-cluster'):
+        fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), mode="ps")
+    monkeypatch.setattr("sys.argv", ["train_mine.py"])
+    with pytest.raises(JobSpecError, match=r"data mode runs one process per rank: mpiexec -n 2 python train_mine.py, "
+                                           r'or set mode = "local"$'):
+        fit(net, data, dt.optim.SGD(net.parameters(), lr=0.1), mode="data")
+
+
 @pytest.mark.parametrize("key, value", [("lr", 0.5), ("momentum", 0.9), ("warmup_steps", 8), ("decay", 0.5)])
 def test_a_setting_of_the_optimizer_given_is_refused_not_ignored(key, value):
     data = ArrayData(*blobs(), batch_size=20)
