@@ -80,7 +80,7 @@ class ArrayData:
     """Examples in arrays: inputs (N, ...) and targets (N, ...) cut into batches of `batch_size` rows (the
     last partial batch is dropped), in order or, with shuffle, in a new order every epoch drawn from `seed`.
     eval: {split name: (inputs, targets)}, evaluated in batches of `batch_size` rows. A share is a contiguous
-    group of every batch's rows. Float inputs are kept in `dtype` (the model's parameter dtype)."""
+    group of every batch's rows. Float inputs and targets are kept in `dtype` (the model's parameter dtype)."""
 
     batch_axis = 0
     sequential = False
@@ -167,4 +167,6 @@ def _checked_pair(inputs, targets, name, dtype):
         raise ValueError(f"ArrayData {name}: {len(inputs)} inputs but {len(targets)} targets")
     if inputs.dtype.kind == "f":
         inputs = inputs.astype(dtype, copy=False)
+    if targets.dtype.kind == "f":           # regression targets meet the model's outputs in `dtype`
+        targets = targets.astype(dtype, copy=False)
     return np.ascontiguousarray(inputs), np.ascontiguousarray(targets)

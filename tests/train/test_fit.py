@@ -138,3 +138,17 @@ def test_fit_applies_activation_checkpointing_to_the_model_it_is_given(setting):
     assert checkpointed.checkpoint_segments == setting and "Checkpoint" in recorded
     for a, b in zip(plain.parameters(), checkpointed.parameters()):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_float64_regression_targets_train_a_float32_model(tmp_path):
+    """NumPy's default float64 targets are kept in the model's dtype, as the inputs are (an MSE between float32
+    outputs and float64 targets was a dtype mismatch)."""
+    inputs, _ = blobs()
+    targets = inputs.sum(axis=1, keepdims=True)                        # float64
+    data = ArrayData(inputs, targets, batch_size=20)
+    assert data.targets.dtype == np.float32
+    dt.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    net.loss = lambda output, y: dt.nn.functional.mse_loss(output, y)
+    trainer = fit(net, data, dt.optim.SGD(net.parameters(), lr=0.05), epochs=2, out_dir=tmp_path / "run", progress=False)
+    assert trainer.step == 2 * (len(inputs) // 20)
