@@ -6,7 +6,8 @@ method below has a default and a model implements only what differs:
     forward(inputs) -> output                       a stateless model (an MLP, a Transformer LM), or
     forward(inputs, state) -> (output, state)       a recurrent one: set `carries_state = True`
     loss(output, targets) -> scalar Tensor          default: cross-entropy of output's rows against the
-                                                    targets flattened to one class index per row
+                                                    targets flattened to one class index per row; a mean
+                                                    over the examples given (shares' losses are averaged)
     forward_loss(inputs, targets, state=None)       default: loss(forward(inputs[, state])); a family may fuse
         -> (loss, state)                            the two, e.g. to checkpoint time segments of both
 

@@ -53,8 +53,15 @@ class DataParallelMode(MPIMode):
         model, optimizer = super().prepare(model, optimizer, data)
         self.data_parallel = DataParallel(model, self.comm, self.bucket_mb, optimizer=optimizer,
                                           progress=self.progress, overlap=self.overlap,
-                                          shard_optimizer=self.shard_optimizer)
+                                          shard_optimizer=self.shard_optimizer, broadcast_buffers=False)
         return model, self.data_parallel.optimizer
+
+    def forward_backward(self, inputs, targets, state=None, backward_scale=1.0):
+        """The step on this rank's share; then every rank takes rank 0's buffers, so evaluation (sharded) and
+        the checkpoint (rank 0's) see the same running statistics."""
+        result = super().forward_backward(inputs, targets, state, backward_scale)
+        self.data_parallel.sync_buffers()
+        return result
 
     def clip_grad_norm(self, params, max_norm):
         """The global norm, clipped; sharded state: from this rank's slices (stage 2 holds no whole gradient)."""

@@ -40,7 +40,7 @@ import hashlib
 
 import numpy as np
 
-from disttrain.autograd.grad_mode import no_grad
+from disttrain.autograd.grad_mode import is_grad_enabled, no_grad
 from disttrain.nn.module import Module
 from disttrain import trace
 from disttrain.parallel.buckets import Reducer
@@ -63,11 +63,13 @@ class DataParallel(Module):
     reduce after backward instead of during it; sync: "backward" (averaged when backward returns) or
     "deferred" (by synchronize()); see disttrain.parallel.buckets.Reducer. shard_optimizer: 0, 1 or 2
     (the module docstring). broadcast: copy rank 0's parameters and buffers to every rank (skip only when
-    they are known equal).
+    they are known equal). broadcast_buffers (torch DDP's): every training forward starts from rank 0's
+    buffers (running statistics each rank updates from its own share), so the replicas never drift apart;
+    sync_buffers() does it on demand.
     """
 
     def __init__(self, model, comm=None, bucket_mb=25.0, optimizer=None, progress="thread", broadcast=True,
-                 poll_interval=1e-4, overlap=True, sync="backward", shard_optimizer=0):
+                 poll_interval=1e-4, overlap=True, sync="backward", shard_optimizer=0, broadcast_buffers=True):
         super().__init__()
         if shard_optimizer not in SHARD_STAGES:
             raise ValueError(f"shard_optimizer must be 0, 1 or 2, got {shard_optimizer!r}")
@@ -81,6 +83,7 @@ class DataParallel(Module):
         verify_same_model(self.comm, named, buffers, bucket_mb, {"sync": sync, "shard_optimizer": shard_optimizer})
         if broadcast:
             broadcast_tensors(self.comm, [p for _, p in named] + [b for _, b in buffers])
+        self.broadcast_buffers = broadcast_buffers
         collective = "reduce_scatter" if shard_optimizer == 2 else "allreduce"
         self.reducer = Reducer(named, self.comm, bucket_mb, progress, poll_interval, overlap, sync, collective)
         self.optimizer = ShardedOptimizer(optimizer, self.reducer, shard_optimizer) if shard_optimizer else optimizer
@@ -95,8 +98,16 @@ class DataParallel(Module):
         if self.reducer.pending():
             raise RuntimeError("forward() while the gradients of the last backward are not synchronised: with "
                                "sync=\"deferred\", call synchronize() after backward and before the optimizer step")
+        if self.broadcast_buffers and self.training and is_grad_enabled():   # training forwards run in step
+            self.sync_buffers()
         with trace.span("forward"):
             return self.module(*args, **kwargs)
+
+    def sync_buffers(self):
+        """Copy rank 0's buffers (persistent or not) to every rank; a collective."""
+        buffers = [b for b in self.module.buffers() if b is not None]
+        if buffers:
+            broadcast_tensors(self.comm, buffers, what="broadcast of rank 0's buffers")
 
     def synchronize(self):
         """Finish averaging the gradients (sync="deferred"); a no-op once they are averaged."""
@@ -208,8 +219,9 @@ def _mismatch_message(everyone, limit=6):
     return "\n".join(lines)
 
 
-def broadcast_tensors(comm, tensors, root=0):
-    """Overwrite every tensor with root's values: one Bcast per dtype and device of a packed flat buffer."""
+def broadcast_tensors(comm, tensors, root=0, what=None):
+    """Overwrite every tensor with root's values: one Bcast per dtype and device of a packed flat buffer.
+    what: the collective's name in time-out reports (default: the broadcast of root's parameters)."""
     if comm.size == 1:
         return
     groups = {}
@@ -222,7 +234,7 @@ def broadcast_tensors(comm, tensors, root=0):
                 flat = backend.kernels.bucket_pack(backend.xp, [t.data for t in group])
             else:
                 flat = backend.xp.empty(sum(t.numel() for t in group), dtype=group[0].dtype)
-            comm.Bcast(flat, root=root, what=f"broadcast of rank {root}'s parameters")
+            comm.Bcast(flat, root=root, what=what or f"broadcast of rank {root}'s parameters")
             if comm.rank != root:
                 for t in group:
                     t.begin_inplace("broadcast_tensors")

@@ -180,3 +180,33 @@ def test_synchronize_after_no_sync_passes_averages_them():
     for g, want in zip(got, reference_grads(x, y)):
         np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-15)
     assert syncs == 2
+
+
+class _Counter(nn.Module):
+    """A Linear whose buffer sums what it saw in training forwards."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.register_buffer("seen", dt.zeros(3))
+
+    def forward(self, x):
+        if self.training:
+            self.seen.data[...] += x.data.sum(axis=0)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("broadcast_buffers", [True, False])
+def test_a_training_forward_starts_from_rank_0s_buffers(broadcast_buffers):
+    comm = world()
+    dt.manual_seed(0)
+    dp = DataParallel(_Counter(), comm, broadcast_buffers=broadcast_buffers)
+    try:
+        for step in range(2):
+            dp(dt.ones(2, 3) * (comm.rank + 1 + step)).sum().backward()
+        seen = comm.allgather_object(dp.module.seen.numpy().tolist())
+    finally:
+        dp.close()
+    # step 0 adds 2 (rank + 1) on every rank's copy; step 1 starts from rank 0's 2 (or its own) and adds 2 (rank + 2)
+    want = [[2 + 2 * (r + 2)] * 3 if broadcast_buffers else [2 * (r + 1) + 2 * (r + 2)] * 3 for r in range(comm.size)]
+    assert seen == want

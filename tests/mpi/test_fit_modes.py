@@ -52,3 +52,34 @@ def test_ranks_given_different_settings_are_refused_by_name():
                                                      r"max_steps = 7 \(rank 0: 5\)"):
         fit(model, data(), dt.optim.SGD(model.parameters(), lr=0.1), mode="data", max_steps=5 + 2 * (rank == 1),
             progress=False)
+
+
+class RunningMean(nn.Module):
+    """Shifts its input by the running mean of what it saw in training (a batch-norm-like buffer)."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.register_buffer("mean", dt.zeros(width, dtype="float64"))
+
+    def forward(self, x):
+        if self.training:
+            self.mean.data[...] = 0.9 * self.mean.data + 0.1 * x.data.mean(axis=0)
+        return x - self.mean
+
+
+def test_data_parallel_ranks_keep_rank_0s_buffers_so_evaluation_matches_the_checkpoint():
+    """Each rank updates its running statistics from its own share; after every step they take rank 0's (torch
+    DDP's broadcast_buffers), so the sharded evaluation and rank 0's checkpoint use the same ones."""
+    dt.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 12), RunningMean(12), nn.Tanh(), nn.Linear(12, 3)).to(dtype="float64")
+    source = data()
+    source.inputs = source.inputs.astype(np.float64)
+    source.eval = {k: (x.astype(np.float64), y) for k, (x, y) in source.eval.items()}
+    trainer = fit(model, source, dt.optim.SGD(model.parameters(), lr=0.1), mode="data", epochs=1, progress=False)
+    means = world().allgather_object(model[1].mean.numpy().tolist())
+    assert any(means[0]) and all(m == means[0] for m in means[1:])
+    with dt.no_grad():
+        model.eval()
+        x, y = source.eval["valid"]
+        alone = dt.nn.functional.cross_entropy(model(dt.tensor(x)), dt.tensor(y)).item()
+    assert trainer.evals["valid"].loss == pytest.approx(alone, rel=1e-12)
