@@ -9,9 +9,11 @@
 A job brings its own model or data with `[model] factory` / `[data] factory = "package.module:function"`
 (the module importable, e.g. on PYTHONPATH):
 
-    model function(job, data) -> nn.Module     job: the JobSpec (read any key), data: the data source;
+    model function(job, data) -> nn.Module     job: the JobSpec (its own settings in job.model.options,
+                                               a table of any TOML values), data: the data source;
                                                the model follows disttrain.models.protocol
-    data  function(job) -> data source         disttrain.data.source's contract (e.g. an ArrayData)
+    data  function(job) -> data source         disttrain.data.source's contract (e.g. an ArrayData);
+                                               its own settings in job.data.options
 
 A factory replaces the family `kind` names; the run seeds the RNG with [train] seed before calling it.
 

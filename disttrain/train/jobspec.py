@@ -159,6 +159,16 @@ class SplitPoints:
         return value
 
 
+class Table:
+    """A table of the user's own settings (any TOML values under string keys), for a factory to read."""
+    expected = "a table of your own settings (e.g. {width = 64, depth = 3})"
+
+    def check(self, value):
+        if not isinstance(value, dict):
+            raise _Mismatch()
+        return dict(value)
+
+
 class AnyOf:
     """The first alternative that accepts the value: AnyOf(Choice("epoch"), Int(gt=0))."""
 
@@ -221,6 +231,7 @@ def _ptb_or_required(section):
 
 
 _POS, _NONNEG = Int(gt=0), Int(ge=0)
+_NO_OPTIONS = Derived("{} (none)", lambda section: {})
 
 
 # The [model] keys of one family only; the others (layers, dropout, tie_weights) every family reads. A key of
@@ -260,6 +271,8 @@ SCHEMA = {
               "transformer_lm: hidden units of each block's MLP"),
         Field("max_len", _POS, _only_for("transformer_lm", 256, "256"),
               "transformer_lm: positions with an embedding (at least [data] bptt)"),
+        Field("options", Table(), _NO_OPTIONS,
+              'factory: your model\'s own settings, read as job.model.options["width"] (--set model.options.width=64)'),
     ),
     "data": (
         Field("kind", Choice("ptb", "chars", "default_corpus"), "default_corpus", "corpus (unless a factory is given)"),
@@ -271,6 +284,8 @@ SCHEMA = {
         Field("batch_size", _POS, 20, "sequences per batch (global, over all data-parallel ranks)"),
         Field("bptt", _POS, 35, "truncated-BPTT window, in tokens"),
         Field("max_bytes", _POS, 2_000_000, "size cap of the default corpus, in bytes"),
+        Field("options", Table(), _NO_OPTIONS,
+              'factory: your data\'s own settings, read as job.data.options["noise"] (--set data.options.noise=0.1)'),
     ),
     "optim": (
         Field("kind", Choice("sgd", "adam", "adamw"), "sgd", "optimizer"),
@@ -468,6 +483,11 @@ class JobSpec:
         return f"JobSpec(source={self.source!r}, {self.to_dict()!r})"
 
 
+# Keys added to the schema after jobs were first recorded (checkpoints, ranks' jobs): a job without one meant
+# this value
+ADDED_KEYS = {("model", "options"): {}, ("data", "options"): {}}
+
+
 def job_differences(first, second):
     """[(section, key, first's value, second's)] wherever two jobs as dicts (JobSpec.to_dict()) differ. The [model]
     keys that neither job's model family reads are not compared: a job written by an earlier disttrain recorded
@@ -477,7 +497,7 @@ def job_differences(first, second):
     for section in second:
         keys = set(first.get(section, {})) | set(second.get(section, {}))
         for key in sorted(keys - unread if section == "model" else keys):
-            a, b = first.get(section, {}).get(key), second.get(section, {}).get(key)
+            a, b = first.get(section, {}).get(key, ADDED_KEYS.get((section, key))), second.get(section, {}).get(key)
             if a != b:
                 diffs.append((section, key, a, b))
     return diffs
@@ -576,11 +596,17 @@ def _apply_overrides(values, overrides, source, errors):
             errors.append(f"{label}: unknown section [{section}]{_did_you_mean(section, SCHEMA, '[', ']')}; "
                           f"valid sections: {_sections_list()}")
             continue
-        problem = _unknown_key(section, key)
+        key, _, inner = key.partition(".")          # model.options.width: a key of the table [model] options
+        problem = _unknown_key(section, key) or (inner and _not_a_table(section, key))
         if problem:
             errors.append(f"{label}: {problem}")
             continue
-        values[section][key] = _parse_value(text.strip())
+        value = _parse_value(text.strip())
+        if inner:
+            table = values[section][key] = dict(values[section].get(key) or {})
+            table[inner] = value
+        else:
+            values[section][key] = value
         origins[section, key] = label
     return origins
 
@@ -615,16 +641,25 @@ def _resolve(values, origins, source, errors):
 
 
 def _model_problems(resolved, given, origins, source):
-    """A key of another model family than the job's would be ignored: a mistake to report, not to skip silently."""
+    """A key of another model family than the job's, or options without a factory, would be ignored: a mistake to
+    report, not to skip silently."""
+    problems = _options_problems(resolved, origins, source)
     model = resolved["model"]
     if model["factory"] is not None:
-        return []
-    problems = []
+        return problems
     for key in sorted(set(given) & foreign_model_keys(model["kind"]), key=list(given).index):
         problems.append(f"{origins.get(('model', key), source)}: [model] {key} = {_toml_value(given[key])}: "
                         f'kind = "{model["kind"]}" does not use it (its keys: {", ".join(_family_keys(model["kind"]))})'
                         f"; remove it, or set the kind it belongs to")
     return problems
+
+
+def _options_problems(resolved, origins, source):
+    """[model] or [data] options without the factory that reads them would be ignored."""
+    return [f"{origins.get((section, 'options'), source)}: [{section}] options = "
+            f"{_toml_value(resolved[section]['options'])}: only a factory reads them; set [{section}] factory or "
+            "remove them"
+            for section in ("model", "data") if resolved[section]["options"] and resolved[section]["factory"] is None]
 
 
 def foreign_model_keys(kind):
@@ -633,7 +668,7 @@ def foreign_model_keys(kind):
 
 
 def _family_keys(kind):
-    return [f.name for f in SCHEMA["model"] if f.name not in {"kind", "factory"} | foreign_model_keys(kind)]
+    return [f.name for f in SCHEMA["model"] if f.name not in {"kind", "factory", "options"} | foreign_model_keys(kind)]
 
 
 def _unread_model_keys(model):
@@ -698,6 +733,12 @@ def _unknown_key(section, key):
         return None
     return (f"[{section}] unknown key {_toml_value(key)}{_did_you_mean(key, names)}; "
             f"valid keys in [{section}]: {', '.join(names)}")
+
+
+def _not_a_table(section, key):
+    if any(f.name == key and isinstance(f.type, Table) for f in SCHEMA[section]):
+        return None
+    return f"[{section}] {key} is not a table: a dotted key names an entry of [model] or [data] options only"
 
 
 def _did_you_mean(word, options, before='"', after='"'):

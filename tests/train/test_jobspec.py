@@ -27,9 +27,9 @@ def test_empty_file_gets_every_default(tmp_path, monkeypatch):
     assert spec.to_dict() == {
         "model": {"kind": "lstm_lm", "factory": None, "hidden": 200, "embed": 200, "layers": 2, "dropout": 0.0,
                   "init_scale": 0.1, "tie_weights": False, "d_model": None, "heads": None, "d_ff": None,
-                  "max_len": None},
+                  "max_len": None, "options": {}},
         "data": {"kind": "default_corpus", "factory": None, "path": None, "batch_size": 20, "bptt": 35,
-                 "max_bytes": 2_000_000},
+                 "max_bytes": 2_000_000, "options": {}},
         "optim": {"kind": "sgd", "lr": 1.0, "momentum": 0.0, "weight_decay": 0.0, "clip_norm": None, "loss": "token_mean",
                   "decay_after_epoch": 0, "decay": 1.0, "warmup_steps": 0},
         "train": {"epochs": 1, "max_steps": None, "eval_every": "epoch", "checkpoint_every": 500,
@@ -89,6 +89,32 @@ def test_a_key_of_another_model_family_is_refused(tmp_path, text, override, key,
     error = errors_of(write(tmp_path, text), override)
     where = f'override "{override[0]}"' if override else "job.toml"
     assert len(error.errors) == 1 and f'{where}: [model] {key}: kind = "{kind}" does not use it (its keys: ' in str(error)
+
+
+def test_a_factorys_own_settings_come_from_options_in_the_file_or_on_the_command_line(tmp_path):
+    path = write(tmp_path, '[model]\nfactory = "pkg.mod:build"\noptions = {width = 32, act = "relu"}\n')
+    spec = load_job(path, ["model.options.width=64", "model.options.depth=3"])
+    assert spec.model.options == {"width": 64, "act": "relu", "depth": 3}
+    assert loads_job(spec.to_toml()).model.options == spec.model.options          # config.toml reads back
+    assert loads_job("").model.options == {} and loads_job("").data.options == {}
+
+
+@pytest.mark.parametrize("text, override, said", [
+    ('[model]\noptions = {width = 32}\n', (), "job.toml: [model] options = {width = 32}: only a factory reads them"),
+    ("", ("data.options.noise=0.1",), 'override "data.options.noise=0.1": [data] options = {noise = 0.1}: only a '
+                                      "factory reads them"),
+    ("", ("model.hidden.x=1",), "[model] hidden is not a table: a dotted key names an entry of [model] or [data] "
+                                "options only"),
+    ('[model]\nfactory = "p.m:f"\noptions = 3\n', (), "[model] options = 3: expected a table of your own settings"),
+])
+def test_options_without_a_factory_or_of_the_wrong_shape_are_refused(tmp_path, text, override, said):
+    assert said in str(errors_of(write(tmp_path, text), override))
+
+
+def test_a_job_recorded_before_options_existed_is_the_same_job():
+    job = loads_job("").to_dict()
+    earlier = {section: {k: v for k, v in keys.items() if k != "options"} for section, keys in job.items()}
+    assert job_differences(earlier, job) == []
 
 
 def test_job_comparisons_skip_the_keys_neither_family_reads():
