@@ -1,9 +1,34 @@
 """Users' own models that parameter-server mode must train as local mode does: parameters without a gradient
 (frozen, or unused on some steps) and buffers (running statistics). Named by `[model] factory =
-"ps_user_models:..."` with `[data] factory = "parallel.user_models:blobs"` (2 inputs, 3 classes)."""
+"ps_user_models:..."` with `[data] factory = "parallel.user_models:blobs"` (2 inputs, 3 classes): user_job."""
 import disttrain as dt
 from disttrain import nn
 from disttrain.nn import functional as F
+from disttrain.train.jobspec import loads_job
+
+from tiny_jobs import PARAMETER_SERVER
+
+USER_JOB = """
+[model]
+factory = "ps_user_models:{model}"
+[data]
+factory = "parallel.user_models:blobs"
+batch_size = 24
+[optim]
+kind = "adamw"
+lr = 0.01
+weight_decay = 0.1
+[train]
+epochs = 2
+log_every = 10
+checkpoint_every = 0
+seed = 4
+"""
+
+
+def user_job(model, *overrides, source="<user job>"):
+    """A parameter-server job (AdamW with weight decay, 40 steps) training `model`, a factory of this module."""
+    return loads_job(USER_JOB.format(model=model), [*PARAMETER_SERVER, *overrides], source=source)
 
 
 def frozen(job, data):

@@ -8,13 +8,12 @@ from disttrain.data.source import Share
 from disttrain.nn import functional as F
 from disttrain.paramserver.job import push_weight
 from disttrain.paramserver.worker import PSClient
-from disttrain.train.jobspec import loads_job
 from disttrain.train.loop import Trainer
 from disttrain.train.mode import LocalMode
-from tiny_jobs import PARAMETER_SERVER
 
 from ps_testing import (adam_factory, flat_grads, flat_targets, layout_of, make_mlp, running_servers, sgd_factory,
                         train_worker_0, worker_clients)
+from ps_user_models import user_job
 
 STEPS = 25
 
@@ -116,30 +115,11 @@ def test_scaled_async_push_is_a_share_of_a_step(ps_job):
         np.testing.assert_array_equal(a.grad.numpy(), b.grad.numpy(), err_msg=name)   # the last step's, unscaled
 
 
-USER_JOB = """
-[model]
-factory = "ps_user_models:{model}"
-[data]
-factory = "parallel.user_models:blobs"
-batch_size = 24
-[optim]
-kind = "adamw"
-lr = 0.01
-weight_decay = 0.1
-[train]
-epochs = 2
-log_every = 10
-checkpoint_every = 0
-seed = 4
-"""
-
-
 @pytest.mark.parametrize("model", ["frozen", "branchy"])
 def test_one_worker_sync_equals_local_where_parameters_get_no_gradient(model):
     """A frozen layer, and branches each unused every other step: AdamW with weight decay must leave a
     parameter without a gradient alone on the servers as the local optimizer does (no decay, no moments)."""
-    spec = loads_job(USER_JOB.format(model=model), [*PARAMETER_SERVER, "ps.consistency=sync", "ps.servers=2",
-                                                    "ps.workers=1"])
+    spec = user_job(model, "ps.consistency=sync", "ps.servers=2", "ps.workers=1")
     local = Trainer.from_job(spec, out_dir=None, progress=False)
     initial = {name: p.numpy().copy() for name, p in local.model.named_parameters()}
     local.fit()
