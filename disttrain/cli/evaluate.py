@@ -5,6 +5,10 @@ snapshots of a parameter-server job's servers (a directory of `*.snap` files, on
 run's OUT/ps-snapshots, or that run directory when it holds no checkpoints/). A checkpoint is checked to be
 written for this job's model and data; snapshots to be written by the servers of this model (the layout
 fingerprint every server records). Errors: one line, exit status 2.
+
+NOTE (buffers): snapshots hold the parameters only. A model's persistent buffers (running statistics) are
+updated by each worker and never reach the servers, so the snapshots of a model with buffers are refused, and
+the message names worker 0's checkpoint (OUT/checkpoints, written by ps-cluster's worker 0), which holds them.
 """
 import sys
 from pathlib import Path
@@ -16,6 +20,8 @@ from disttrain.cli import preflight
 from disttrain.cli.common import fail, load_job_for, report_final
 from disttrain.cli.exit_codes import EXIT_DONE
 from disttrain.parallel.mpi_job import launched_size
+from disttrain.nn.parameter import Parameter
+from disttrain.paramserver.protocol import show
 from disttrain.paramserver.sharding import Layout
 from disttrain.paramserver.snapshot import SnapshotError, load_snapshot
 from disttrain.train.saving import CheckpointError, holds_checkpoint, load_checkpoint
@@ -59,9 +65,22 @@ def _load_weights(trainer, path):
     if files is None:
         raise CheckpointError(f"no checkpoint in {path}: expected a job checkpoint ({Path(path) / 'checkpoints'}/step-NNNNNN) or "
                               f"parameter-server snapshots (*.snap files in {path} or {Path(path) / SNAPSHOT_DIR})")
+    _refuse_buffers(trainer.model, files[0].parent)
     metas = load_snapshots(files, trainer.model)
     return (f"parameter-server snapshots {files[0].parent} ({len(files)} server(s), "
             f"{min(m['updates'] for m in metas)} updates)")
+
+
+def _refuse_buffers(model, snapshot_dir):
+    """SnapshotError when `model` has persistent buffers, which snapshots lack: it names worker 0's checkpoint."""
+    buffers = [name for name, value in model.state_dict(keep_vars=True).items() if not isinstance(value, Parameter)]
+    if not buffers:
+        return
+    run_dir = snapshot_dir.parent if snapshot_dir.name == SNAPSHOT_DIR else snapshot_dir
+    raise SnapshotError(f"{snapshot_dir}: parameter-server snapshots hold the parameters only, and this model has "
+                        f"{len(buffers)} persistent buffer(s) ({show(buffers)}), which the workers update and the "
+                        f"servers never see: evaluate worker 0's checkpoint instead: --checkpoint {run_dir} "
+                        f"(ps-cluster's worker 0 writes it to {run_dir / 'checkpoints'})")
 
 
 def find_snapshots(path):

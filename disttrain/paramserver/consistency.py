@@ -60,7 +60,12 @@ class Consistency:
 
 
 class SyncRound:
-    """The gradients of one sync round: a per-key sum and the set of workers that contributed."""
+    """The gradients of one sync round: a per-key sum and the set of workers that contributed.
+
+    A worker's push may hold no gradient for some keys (no_grad). As data mode's allreduce does (a rank without
+    a gradient adds zeros, the sum is divided by every rank), a key's mean is its sum over the workers that
+    sent it divided by all the round's workers; a key no worker sent has no mean and is not updated.
+    """
 
     def __init__(self, number):
         self.number = number

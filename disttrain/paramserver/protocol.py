@@ -10,9 +10,11 @@ Requests (worker -> server; a DEALER talks to the server's ROUTER, which prepend
     leave      worker                                            -> ok
     heartbeat  worker                                            -> ok
     pull       worker, clock [, keys, versions, ahead]           -> params  (+ one frame per key)
-    push       worker, clock, keys, dtypes, shapes [, epoch, pull, ahead] + frames -> ok, or params when pull
-               is true. ahead: the parameters read are for the step after next (the worker overlaps a push
-               with its next step's compute), so ssp answers the read as one made a clock later.
+    push       worker, clock, keys, dtypes, shapes [, epoch, pull, ahead, no_grad] + frames -> ok, or params
+               when pull is true. ahead: the parameters read are for the step after next (the worker overlaps a
+               push with its next step's compute), so ssp answers the read as one made a clock later. no_grad:
+               the keys this push holds no gradient for (a frozen or unused parameter): no frame, and the
+               optimizer leaves them alone, as a local step leaves a parameter whose .grad is None.
     stats      (no worker)                                       -> stats
 Every reply echoes the request's "seq" and names the server's "incarnation" (a random id drawn at start-up,
 so a client sees when a server restarted); any request can be answered by
@@ -163,7 +165,7 @@ REQUEST_OPS = {
     "heartbeat": ({"worker": _ID}, {}, False),
     "pull": ({"worker": _ID, "clock": _CLOCK}, {"keys": _KEYS, "versions": _VERSIONS, "ahead": _bool}, False),
     "push": ({"worker": _ID, "clock": _CLOCK, "keys": _KEYS, "dtypes": _DTYPES, "shapes": _SHAPES},
-             {"epoch": _CLOCK, "pull": _bool, "ahead": _bool}, True),
+             {"epoch": _CLOCK, "pull": _bool, "ahead": _bool, "no_grad": _KEYS}, True),
     "stats": ({}, {}, False),
 }
 _SERVER = {"incarnation": _SEQ}
@@ -353,6 +355,8 @@ def _decode(frames, ops):
         raise ProtocolError("bad_field", f"{op}: {len(out['versions'])} versions for {len(out.get('keys', ()))} keys")
     if "keys" in out and len(set(out["keys"])) != len(out["keys"]):
         raise ProtocolError("bad_key", f"{op}: a key is listed twice")
+    if "no_grad" in out and len(set(out["no_grad"]) | set(out["keys"])) != len(out["no_grad"]) + len(out["keys"]):
+        raise ProtocolError("bad_key", f"{op}: a key of no_grad is listed twice, or also in keys")
     return out, arrays
 
 

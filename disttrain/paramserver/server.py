@@ -17,7 +17,9 @@ no message ends the serve loop.
 The update applies the server-side optimizer (disttrain.optim: SGD with momentum, Adam, AdamW) to the parts
 that came in, then the per-update LR schedule; the per-epoch schedule follows the slowest live worker's epoch.
 Each part is its own 1-D Parameter, so the optimizer's elementwise arithmetic is exactly that of local
-training on the whole tensor.
+training on the whole tensor. A part the push holds no gradient for (named in its `no_grad`: a frozen parameter,
+or one this step did not use) keeps .grad = None and the optimizer skips it, as a local step skips a parameter
+without a gradient (no momentum, no weight decay); a sync round averages what its workers sent (SyncRound).
 
 NOTE (zero-copy replies): a params reply hands the parts' memory to ZMQ without copying (copy=False) and keeps
 the frames' trackers. Before the optimizer next changes a part in place, the server checks them; if ZMQ may
@@ -411,12 +413,15 @@ class ParameterServer:
 
     def _on_push(self, identity, client, header, arrays):
         worker, keys, clock = header["worker"], header["keys"], header["clock"]
+        no_grad = header.get("no_grad", [])
         self._check_ahead(header)
         state = self._check_connection(identity, worker)
         self._owned(keys)
-        if self.consistency.aggregates and sorted(keys) != self.keys:
-            raise ProtocolError("bad_key", f"sync mode: a push must hold every key of server {self.index} "
-                                           f"({len(self.keys)} keys), got {len(keys)}")
+        self._owned(no_grad)
+        if self.consistency.aggregates and sorted(keys + no_grad) != self.keys:
+            raise ProtocolError("bad_key", f"sync mode: a push must name every key of server {self.index} "
+                                           f"({len(self.keys)} keys) in keys or no_grad, got {len(keys)} and "
+                                           f"{len(no_grad)}")
         for key, array in zip(keys, arrays):
             part = self.parts[key]
             if array.dtype.str != self.layout.dtype_of(part):

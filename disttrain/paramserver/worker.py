@@ -3,7 +3,7 @@
     client = PSClient(endpoints, layout, worker_id=3, security=ClientSecurity.from_dir("keys", "worker-3"))
     client.connect(targets)                # join every server; targets: one flat writable array per parameter
     client.pull()                          # copy the current parameters into targets
-    client.push(grads, pull=True)          # send gradients (one flat array per parameter), read the update back
+    client.push(grads, pull=True)          # send gradients (a flat array, or None, per parameter); read the update
     handle = client.push_async(grads)      # ... compute the next step while the push travels ...
     client.wait(handle)                    # then install what came back
     client.leave(); client.close()
@@ -100,9 +100,12 @@ class _Request:
         w = client.worker_id
         ahead = {"ahead": True} if self.ahead else {}      # sent only when set: plain headers stay as they were
         if self.op == "push":
-            arrays = [self.grads[p.param][p.offset:p.offset + p.length] for p in link.parts]
-            header = protocol.request("push", seq, worker=w, clock=link.clock, keys=link.keys, epoch=self.epoch,
-                                      pull=self.pull, **ahead)
+            sent = [p for p in link.parts if self.grads[p.param] is not None]
+            no_grad = [p.key for p in link.parts if self.grads[p.param] is None]
+            arrays = [self.grads[p.param][p.offset:p.offset + p.length] for p in sent]
+            header = protocol.request("push", seq, worker=w, clock=link.clock, keys=[p.key for p in sent],
+                                      epoch=self.epoch, pull=self.pull, **ahead,
+                                      **({"no_grad": no_grad} if no_grad else {}))
             return protocol.encode(header, arrays)
         if self.op == "pull":
             fields = {"keys": self.keys} if self.keys is not None else {}
@@ -266,7 +269,8 @@ class PSClient:
         self._finish(self._start(reqs))
 
     def push(self, grads, pull=True, epoch=None, ahead=False):
-        """Send one gradient per parameter (flat arrays) to every server; with pull, install the update."""
+        """Send one gradient per parameter (flat arrays, or None for a parameter without one: the servers leave
+        it alone) to every server; with pull, install the update."""
         self.wait(self.push_async(grads, pull, epoch, ahead))
 
     def push_async(self, grads, pull=True, epoch=None, ahead=False):
@@ -321,6 +325,8 @@ class PSClient:
         if len(grads) != len(self.layout.params):
             raise ValueError(f"{len(grads)} gradients for {len(self.layout.params)} parameters")
         for g, spec in zip(grads, self.layout.params):
+            if g is None:
+                continue
             if g.ndim != 1 or g.size != spec.size or g.dtype.str != spec.dtype or not g.flags.c_contiguous:
                 raise ValueError(f"gradient for {spec.name}: need a contiguous 1-D {spec.dtype} array of "
                                  f"{spec.size} elements, got {g.dtype.str} shape {g.shape}")

@@ -124,8 +124,10 @@ class ParameterServerMode(Mode):
             p.increment_version()
 
     def _flat_grad(self, p):
+        """p's gradient as a flat host array, or None when it has none (frozen, or unused this step): the push
+        then says so and the servers leave p alone, as a local optimizer skips it."""
         if p.grad is None:
-            return np.zeros(p.numel(), dtype=p.dtype)
+            return None
         g = np.ascontiguousarray(p.grad.backend.to_numpy(p.grad.data)).reshape(-1)
         if self.grad_weight != 1.0:
             g = g * g.dtype.type(self.grad_weight)      # a new array: never scale the Trainer's own gradient

@@ -16,7 +16,7 @@ from disttrain import nn, optim
 from disttrain.paramserver.protocol import decode_reply, encode, request
 from disttrain.paramserver.server import ParameterServer, ServerConfig
 from disttrain.paramserver.sharding import Layout
-from disttrain.paramserver.job import server_from_spec
+from disttrain.paramserver.job import run_worker, server_from_spec
 from disttrain.paramserver.worker import PSClient
 from disttrain.train.build import Schedules
 
@@ -77,6 +77,32 @@ def serving(servers):
         for t in threads:
             t.join(timeout=10)
             assert not t.is_alive(), "a server thread did not stop"
+
+
+def train_worker_0(spec, num_servers, **options):
+    """Worker 0 of the job (run_worker, `options` passed on) against the job's servers in threads; returns
+    (its Trainer, the servers, the evals it returned)."""
+    captured = {}
+    with serving_job(spec, num_servers) as (servers, endpoints):
+        evals = run_worker(spec, 0, endpoints, progress=False, on_trainer=lambda tr: captured.setdefault("t", tr),
+                           **options)
+    return captured["t"], servers, evals
+
+
+@contextmanager
+def worker_clients(endpoints, layout, models):
+    """Worker k's PSClient for each models[k], joined with that model's parameters as its targets; they leave
+    and close on exit."""
+    clients = [PSClient(endpoints, layout, k, heartbeat_interval=0.2) for k in range(len(models))]
+    try:
+        for c, m in zip(clients, models):
+            c.connect(flat_targets(m.parameters()))
+        yield clients
+    finally:
+        for c in clients:
+            if c.links[0].joined:
+                c.leave()
+            c.close()
 
 
 def flat_targets(params):

@@ -10,10 +10,11 @@ from disttrain.cli.main import main
 from disttrain.paramserver.snapshot import read_meta
 from disttrain.train.jobspec import JobSpecError, describe_schema, loads_job
 
-from disttrain.paramserver.job import worker_run_dir
+from disttrain.paramserver.job import server_from_spec, worker_run_dir
 from disttrain.train.saving import list_checkpoints, step_of
 
 from ps_testing import serving_job
+from ps_user_models import user_job
 
 
 def test_ps_keys_and_ps_cluster_through_disttrain_main(ps_job, tmp_path, capfd):
@@ -140,3 +141,20 @@ def test_ps_worker_refuses_an_earlier_run_unless_overwrite(ps_job, tmp_path, wor
         assert max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 2
     both = run("tcp://127.0.0.1:9", "--resume", "--overwrite")
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
+@pytest.mark.parametrize("model, status", [("buffered", 2), ("frozen", 0)])
+def test_eval_refuses_snapshots_of_a_model_with_buffers_and_names_worker_0s_checkpoint(model, status, tmp_path,
+                                                                                       capsys):
+    """Snapshots hold parameters only: a model with running statistics would be evaluated with their initial
+    values. Its snapshots are refused in one line naming the run directory, whose checkpoints hold them."""
+    spec = user_job(model, "ps.servers=1", "ps.workers=1", source=str(tmp_path / "job.toml"))
+    job = tmp_path / "job.toml"
+    job.write_text(spec.to_toml())
+    snapshots = tmp_path / "run" / "ps-snapshots"
+    snapshots.mkdir(parents=True)
+    server_from_spec(spec, 0, snapshot_path=snapshots / "server-0.snap", log=lambda text: None).snapshot()
+    assert main(["eval", str(job), "--checkpoint", str(snapshots)]) == status
+    if status:
+        (line,) = capsys.readouterr().err.splitlines()
+        assert "1.running_mean" in line and f"--checkpoint {tmp_path / 'run'}" in line, line

@@ -38,7 +38,7 @@ def raw_push(header, frames):
 
 def hostile(rng, seq):
     """One message that must be refused, and whether its seq is readable."""
-    kind = rng.integers(0, 26)
+    kind = rng.integers(0, 29)
     h, g = good_push(seq)
     frames = [bytes(a.view(np.uint8)) for a in g]
     full = {**h, "dtypes": ["<f4", "<f4"], "shapes": [[40], [6]]}
@@ -73,6 +73,9 @@ def hostile(rng, seq):
         23: lambda: packed(request("pull", seq, worker=ME, clock=3)),                            # pull: bad clock
         24: lambda: packed(request("join", seq, worker=ME + 1, clock=0, fingerprint="0" * 64)),  # other layout
         25: lambda: packed(request("leave", seq, worker=9)),                                     # never joined
+        26: lambda: raw_push({**full, "no_grad": [5]}, frames),                                    # no_grad: not held
+        27: lambda: raw_push({**full, "no_grad": [1]}, frames),                                    # ... and in keys
+        28: lambda: raw_push({**full, "no_grad": [[1]]}, frames),                                  # ... wrong type
     }
     return mutations[int(kind)](), True
 

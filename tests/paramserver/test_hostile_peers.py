@@ -242,6 +242,33 @@ def test_a_push_or_pull_of_a_key_the_server_does_not_hold_is_refused_by_name(ser
     assert srv.updates == 0 and srv.internal_errors == 0
 
 
+def test_a_push_naming_a_key_without_gradient_the_server_does_not_hold_is_refused_by_name(server):
+    srv, endpoint = server
+    with raw_peer(endpoint) as peer:
+        peer.join(LAYOUT, ME)
+        reply = peer.request("push", grads()[:1], worker=ME, clock=0, keys=[0], no_grad=[2])
+        assert reply["code"] == "bad_key" and reply["message"] == "key 2 is not held by server 0", reply
+        reply = peer.request("push", grads()[:1], worker=ME, clock=0, keys=[0], no_grad=[0])
+        assert reply["code"] == "bad_key" and "no_grad" in reply["message"], reply
+        assert peer.request("stats")["stats"]["clocks"] == {str(ME): 0}
+    assert srv.updates == 0 and srv.internal_errors == 0 and srv.versions == {0: 0, 1: 0}
+    np.testing.assert_array_equal(values_of([endpoint])[0], INITIAL[0])
+
+
+def test_a_sync_push_must_name_every_key_with_or_without_gradient():
+    with running_servers(LAYOUT, INITIAL, sgd_factory(momentum=0.9), {"consistency": "sync"}) as ((srv,), endpoints):
+        with raw_peer(endpoints[0]) as peer:
+            peer.join(LAYOUT, ME)
+            reply = peer.request("push", grads()[:1], worker=ME, clock=0, keys=[0])
+            assert reply["code"] == "bad_key" and "in keys or no_grad" in reply["message"], reply
+            assert srv.round == 0 and srv.updates == 0
+            assert peer.request("push", grads()[:1], worker=ME, clock=0, keys=[0], no_grad=[1])["op"] == "ok"
+            assert srv.round == 1 and srv.versions == {0: 1, 1: 0}
+        got = values_of(endpoints)
+    np.testing.assert_array_equal(got[1], INITIAL[1])
+    assert not srv.optimizer.state.get(srv.shards[1])
+
+
 def test_an_update_that_turns_a_parameter_non_finite_is_undone(server):
     """Two pushes of FLT_MAX: the first leaves finite values, the second would make them -inf. It is refused,
     the parameters and the momentum are put back bit for bit, and the refusal is counted."""

@@ -37,6 +37,13 @@ def test_push_round_trip(seq, worker, clock, epoch, pull, data):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))     # bit-exact, NaN payloads too
 
 
+@given(sent=st.lists(arrays(), max_size=4), no_grad=st.lists(st.integers(0, 99), unique=True, max_size=6))
+def test_push_naming_keys_without_gradient_round_trips(sent, no_grad):
+    keys = list(range(100, 100 + len(sent)))
+    header, out = decode_request(encode(request("push", 1, worker=0, clock=0, keys=keys, no_grad=no_grad), sent))
+    assert header["keys"] == keys and header["no_grad"] == no_grad and len(out) == len(sent)
+
+
 @given(seq=st.integers(0, protocol.MAX_SEQ), worker=ids, clock=ints,
        keys=st.none() | st.lists(st.integers(0, protocol.MAX_KEYS - 1), unique=True, max_size=20))
 def test_pull_and_control_round_trip(seq, worker, clock, keys):
@@ -107,6 +114,14 @@ def good_push():
     (lambda h: h.update(shapes=[[-4]]), "bad_shape"),
     (lambda h: h.update(shapes=[[1] * 9]), "bad_shape"),
     (lambda h: h.update(keys=[protocol.MAX_KEYS]), "bad_field"),
+    (lambda h: h.update(no_grad=3), "bad_field"),
+    (lambda h: h.update(no_grad=[True]), "bad_field"),
+    (lambda h: h.update(no_grad=[-1]), "bad_field"),
+    (lambda h: h.update(no_grad=[1.0]), "bad_field"),
+    (lambda h: h.update(no_grad=[protocol.MAX_KEYS]), "bad_field"),
+    (lambda h: h.update(no_grad=list(range(1, protocol.MAX_KEYS + 2))), "malformed"),   # msgpack's list bound
+    (lambda h: h.update(no_grad=[1, 1]), "bad_key"),
+    (lambda h: h.update(no_grad=[0]), "bad_key"),                                    # also in keys
 ])
 def test_each_bad_field_is_named(change, code):
     header, arrays_ = good_push()

@@ -6,13 +6,14 @@ import pytest
 import disttrain as dt
 from disttrain.data.source import Share
 from disttrain.nn import functional as F
-from disttrain.paramserver.job import push_weight, run_worker
+from disttrain.paramserver.job import push_weight
 from disttrain.paramserver.worker import PSClient
 from disttrain.train.loop import Trainer
 from disttrain.train.mode import LocalMode
 
-from ps_testing import (adam_factory, flat_grads, flat_targets, layout_of, make_mlp, running_servers,
-                        serving_job, sgd_factory)
+from ps_testing import (adam_factory, flat_grads, flat_targets, layout_of, make_mlp, running_servers, sgd_factory,
+                        train_worker_0, worker_clients)
+from ps_user_models import user_job
 
 STEPS = 25
 
@@ -62,27 +63,20 @@ def test_two_workers_sync_is_sgd_on_the_combined_batch():
     local_opt, _ = make(list(local.parameters()))
     layout = layout_of(w0, 2)
     initial = [p.numpy().copy() for p in w0.parameters()]
-    with running_servers(layout, initial, make, {"consistency": "sync"}) as (_, endpoints):
-        clients = [PSClient(endpoints, layout, k, heartbeat_interval=0.2) for k in range(2)]
-        for c, m in zip(clients, (w0, w1)):
-            c.connect(flat_targets(m.parameters()))
-        try:
-            for x, y in batches(10, size=16):
-                local_opt.zero_grad()
-                loss_of(local, x, y).backward()
-                local_opt.step()
-                handles = []
-                for c, m, half in zip(clients, (w0, w1), (slice(0, 8), slice(8, 16))):
-                    for p in m.parameters():
-                        p.grad = None
-                    loss_of(m, x[half], y[half]).backward()
-                    handles.append(c.push_async(flat_grads(m.parameters()), pull=True))
-                for c, h in zip(clients, handles):     # worker 0's answer waits for worker 1's push
-                    c.wait(h)
-        finally:
-            for c in clients:
-                c.leave()
-                c.close()
+    with running_servers(layout, initial, make, {"consistency": "sync"}) as (_, endpoints), \
+            worker_clients(endpoints, layout, (w0, w1)) as clients:
+        for x, y in batches(10, size=16):
+            local_opt.zero_grad()
+            loss_of(local, x, y).backward()
+            local_opt.step()
+            handles = []
+            for c, m, half in zip(clients, (w0, w1), (slice(0, 8), slice(8, 16))):
+                for p in m.parameters():
+                    p.grad = None
+                loss_of(m, x[half], y[half]).backward()
+                handles.append(c.push_async(flat_grads(m.parameters()), pull=True))
+            for c, h in zip(clients, handles):     # worker 0's answer waits for worker 1's push
+                c.wait(h)
     for a, b, c in zip(local.parameters(), w0.parameters(), w1.parameters()):
         np.testing.assert_array_equal(b.numpy(), c.numpy())                 # both workers hold the same state
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=0, atol=1e-13)  # mean of halves = mean of batch
@@ -95,10 +89,7 @@ def test_trainer_worker_sync_equals_local_trainer(ps_job):
                      "train.epochs=2", n_chars=1500)
     local = Trainer.from_job(spec, out_dir=None, progress=False)
     local.fit()
-    captured = {}
-    with serving_job(spec, 2) as (servers, endpoints):
-        evals = run_worker(spec, 0, endpoints, progress=False, on_trainer=lambda tr: captured.setdefault("t", tr))
-    trainer = captured["t"]
+    trainer, servers, evals = train_worker_0(spec, 2)
     assert trainer.step == local.step and servers[0].updates == local.step
     assert servers[0].epoch == 1                                    # the epoch decay ran once on the servers
     for (name, a), b in zip(local.model.named_parameters(), trainer.params):
@@ -117,14 +108,29 @@ def test_scaled_async_push_is_a_share_of_a_step(ps_job):
     half_lr, _ = ps_job("optim.kind=sgd", "optim.lr=0.25", "optim.momentum=0.9", "train.epochs=1", n_chars=1500)
     local = Trainer.from_job(half_lr, out_dir=None, mode=FirstOfTwoShares(), progress=False)
     local.fit()
-    captured = {}
-    with serving_job(spec, 2) as (servers, endpoints):
-        run_worker(spec, 0, endpoints, num_shards=2, progress=False, on_trainer=lambda tr: captured.setdefault("t", tr))
-    trainer = captured["t"]
+    trainer, servers, _ = train_worker_0(spec, 2, num_shards=2)
     assert trainer.step == local.step == servers[0].updates
     for (name, a), b in zip(local.model.named_parameters(), trainer.params):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
         np.testing.assert_array_equal(a.grad.numpy(), b.grad.numpy(), err_msg=name)   # the last step's, unscaled
+
+
+@pytest.mark.parametrize("model", ["frozen", "branchy"])
+def test_one_worker_sync_equals_local_where_parameters_get_no_gradient(model):
+    """A frozen layer, and branches each unused every other step: AdamW with weight decay must leave a
+    parameter without a gradient alone on the servers as the local optimizer does (no decay, no moments)."""
+    spec = user_job(model, "ps.consistency=sync", "ps.servers=2", "ps.workers=1")
+    local = Trainer.from_job(spec, out_dir=None, progress=False)
+    initial = {name: p.numpy().copy() for name, p in local.model.named_parameters()}
+    local.fit()
+    trainer, servers, evals = train_worker_0(spec, 2)
+    assert trainer.step == local.step == servers[0].updates == 40
+    for (name, a), b in zip(local.model.named_parameters(), trainer.params):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
+    if model == "frozen":
+        for name in ("0.weight", "0.bias"):
+            np.testing.assert_array_equal(dict(local.model.named_parameters())[name].numpy(), initial[name])
+    assert evals["valid"].loss == local.evals["valid"].loss
 
 
 class FirstOfTwoShares(LocalMode):

@@ -5,7 +5,7 @@ import numpy as np
 from disttrain.paramserver.job import run_worker
 from disttrain.train.loop import Trainer
 
-from ps_testing import serving_job
+from ps_testing import train_worker_0
 
 TRANSFORMER = ('model.kind="transformer_lm"', "model.d_model=16", "model.heads=2", "model.layers=2", "model.d_ff=32",
                "model.max_len=16", "model.dropout=0.1")
@@ -17,10 +17,7 @@ def test_transformer_worker_sync_equals_local_trainer(ps_job):
                      n_chars=1500)
     local = Trainer.from_job(spec, out_dir=None, progress=False)
     local.fit()
-    captured = {}
-    with serving_job(spec, 2) as (servers, endpoints):
-        evals = run_worker(spec, 0, endpoints, progress=False, on_trainer=lambda tr: captured.setdefault("t", tr))
-    trainer = captured["t"]
+    trainer, servers, evals = train_worker_0(spec, 2)
     assert trainer.step == local.step == servers[0].updates == 8
     for (name, a), b in zip(local.model.named_parameters(), trainer.params):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=name)
