@@ -9,7 +9,8 @@ given); after a failure the next attempt resumes from the newest checkpoint in D
 starts again), up to --max-restarts times, and says so in one line.
 
 Restarted: every failure but exit status 2 (a mistake in the job or the options: the same run would fail
-the same way), 3 (the run diverged: resumed from its last checkpoint it would diverge again) and 130 / 143
+the same way), 3 (the run diverged: resumed from its last checkpoint it would diverge again), 74 (a file of
+the run could not be written: the disk is still full or read-only) and 130 / 143
 (stopped on purpose by SIGINT / SIGTERM, after a checkpoint); cli/exit_codes.py lists them. A hung rank ends
 its attempt through the watchdog ([parallel] timeout_s), so it is restarted too.
 
@@ -44,8 +45,8 @@ def register(subparsers):
         "launch", help="run a job under mpiexec, restarting it from its last checkpoint after a failure",
         description="Run `disttrain run JOB` under mpiexec -n N; after a failure, run it again from its newest "
                     "checkpoint (--resume), up to --max-restarts times, on --restart-n ranks if given. Exit status "
-                    "2 (a mistake in the job or options), 3 (diverged) and 130/143 (stopped by a signal) are not "
-                    "restarted.",
+                    "2 (a mistake in the job or options), 3 (diverged), 74 (its files could not be written) and "
+                    "130/143 (stopped by a signal) are not restarted.",
         usage="disttrain launch -n N [--max-restarts R] [--restart-n M] JOB.toml [run options ...]")
     p.add_argument("-n", dest="ranks", type=_positive, required=True, metavar="N", help="ranks (mpiexec -n N)")
     p.add_argument("--max-restarts", type=_non_negative, default=3, metavar="R",

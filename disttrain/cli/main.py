@@ -9,8 +9,9 @@
 
 Exit status (cli/exit_codes.py): 0 done, 1 failure, 2 unusable job file, options or checkpoint, a memory budget
 the job cannot keep (a plan over it, or a step that went over it), or an output directory that holds an earlier
-run (the message says what and where), 3 stopped by a NaN or infinite loss, gradient norm or weight ([train]
-on_nonfinite), 124 a rank did not arrive within [parallel] timeout_s, 130 / 143 stopped by SIGINT / SIGTERM after
+run or that another run is writing into (the message says what and where), 3 stopped by a NaN or infinite loss, gradient norm or weight ([train]
+on_nonfinite), 74 a file the run needs could not be written (a full disk, a read-only file system, the output
+directory removed), 124 a rank did not arrive within [parallel] timeout_s, 130 / 143 stopped by SIGINT / SIGTERM after
 writing a checkpoint.
 """
 import argparse
@@ -21,7 +22,7 @@ import sys
 from disttrain import trace
 from disttrain.cli import launch, plan
 from disttrain.cli.common import add_job_arguments
-from disttrain.cli.exit_codes import EXIT_USAGE
+from disttrain.cli.exit_codes import EXIT_SIGNAL, EXIT_USAGE
 from disttrain.paramserver import cli as ps_cli
 
 
@@ -72,6 +73,9 @@ def main(argv=None):
     except BrokenPipeError:          # `disttrain ... | head`: the reader left; end quietly, as on SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # no second error at interpreter exit
         return 128 + signal.SIGPIPE
+    except KeyboardInterrupt:        # Ctrl-C before a command handles it (`run` while it loads the job and data)
+        print("disttrain: interrupted by SIGINT", file=sys.stderr, flush=True)
+        return EXIT_SIGNAL["SIGINT"]
 
 
 def _dispatch(args):

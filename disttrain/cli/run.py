@@ -8,8 +8,15 @@ directory, the checkpoint), then agree on the outcome before any collective: a m
 (a file missing on one host) stops every rank at once with its message, where a rank stopping alone would
 leave the others waiting in their first collective until [parallel] timeout_s. After that, a rank that fails
 aborts the job (MPI_Abort).
+
+A file the run needs that cannot be written (a full disk, a read-only file system, the output directory removed)
+ends it with one line naming the file, the error and the last good checkpoint, and exit status 74 (EX_IOERR),
+which `disttrain launch` does not restart; under mpiexec rank 0 says it and aborts the job with that status.
+One run at a time writes into an output directory: rank 0 holds its lock (train/run_lock.py) from before the
+checks until the run ends, and a second run is refused (exit status 2) naming the first one's PID.
 """
 import contextlib
+import errno
 import signal
 import sys
 import time
@@ -19,29 +26,46 @@ from pathlib import Path
 
 from disttrain.cli import preflight
 from disttrain.cli.common import fail, load_job_for, report_final
-from disttrain.cli.exit_codes import EXIT_DIVERGED, EXIT_DONE, EXIT_FAILURE, EXIT_SIGNAL, EXIT_USAGE
+from disttrain.cli.exit_codes import EXIT_DIVERGED, EXIT_DONE, EXIT_FAILURE, EXIT_IO, EXIT_SIGNAL, EXIT_USAGE
 from disttrain.autograd.function import OpError
 from disttrain.parallel.comm import abort_on_error
 from disttrain.parallel.data_parallel import ModelMismatchError
-from disttrain.parallel.mpi_job import agree_on_setup, launched_size, mode_for, run_context, share_cores
+from disttrain.parallel.mpi_job import agree_on_setup, launched_rank, launched_size, mode_for, run_context, share_cores
 from disttrain.tensor.threads import blas_kernel_note
 from disttrain.train.build import describe_data, describe_model
+from disttrain.train import run_lock
 from disttrain.train.jobspec import JobSpecError
-from disttrain.train.saving import CheckpointError, list_checkpoints, load_checkpoint
-from disttrain.train.loop import (METRICS_FILE, MemoryBudgetExceeded, Trainer, TrainingDiverged, TrainingInterrupted,
-                                  check_new_run)
+from disttrain.train.memory_plan import MEMORY_FILE
+from disttrain.train.saving import DIRNAME, CheckpointError, list_checkpoints, load_checkpoint
+from disttrain.train.loop import (CONFIG_FILE, CURVES_FILE, METRICS_FILE, MemoryBudgetExceeded, OutputWriteError,
+                                  Trainer, TrainingDiverged, TrainingInterrupted, check_new_run)
 
 
 # Mistakes in the job, its files or the options (every rank meets a ModelMismatchError: factories that build
-# other models on other ranks): one line, exit status 2
-USAGE_ERRORS = (JobSpecError, CheckpointError, ModelMismatchError)
+# other models on other ranks), or an output directory another run is writing into: one line, exit status 2
+USAGE_ERRORS = (JobSpecError, CheckpointError, ModelMismatchError, run_lock.RunLockedError)
+# What a run writes into its output directory, in the order the final line lists them
+OUTPUTS = (METRICS_FILE, CONFIG_FILE, CURVES_FILE, MEMORY_FILE, DIRNAME)
+
+
+class SecondSignal(KeyboardInterrupt):
+    """A second SIGINT / SIGTERM while the run was stopping: it ends at once, without a checkpoint."""
+
+    def __init__(self, signal_name):
+        super().__init__(f"second {signal_name}: aborting without a checkpoint")
+        self.signal_name = signal_name
 
 
 def main(args):
     """disttrain run JOB.toml [--set k=v ...] [--out DIR] [--resume | --overwrite] [--device cpu|cuda]."""
+    with contextlib.ExitStack() as held:            # the output directory's lock, until the run ends
+        return _run(args, held)
+
+
+def _run(args, held):
     error = None
     try:
-        spec, out, data, checkpoint = _prepare(args)
+        spec, out, data, checkpoint = _prepare(args, held)
     except USAGE_ERRORS as exc:
         error = exc
     except Exception as exc:                     # a crash: alone, as it is; among ranks, they all stop
@@ -64,7 +88,13 @@ def main(args):
     try:
         with _stop_on_signals(trainer), run_context(trainer.mode, args.trace,
                                                     (TrainingInterrupted, TrainingDiverged), steps=args.trace_steps):
-            evals = trainer.fit()
+            try:
+                evals = trainer.fit()
+            except (OutputWriteError, SecondSignal) as exc:      # one line; under mpiexec every rank stops
+                status = _say_abort(exc)
+                if launched_size() > 1:
+                    raise SystemExit(status) from None           # run_context aborts the job with this status
+                return status
     except TrainingInterrupted as exc:
         if trainer.mode.is_main:
             print(f"{exc} in {trainer.last_checkpoint}; continue with --resume", file=sys.stderr)
@@ -82,16 +112,19 @@ def main(args):
         trainer.mode.close()
     if trainer.mode.is_main:                     # under mpirun: one report, from the process that logs
         report_final(evals, trainer.data)
-        print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}/ (metrics.jsonl, config.toml, "
-              f"curves.png, memory.json, checkpoints/)")
+        written = [name + ("/" if name == DIRNAME else "") for name in OUTPUTS if (out / name).exists()]
+        print(f"done in {time.perf_counter() - start:.1f} s; outputs in {out}/ ({', '.join(written)})")
     return EXIT_DONE
 
 
-def _prepare(args):
-    """(spec, out, data, checkpoint): what this rank checks and loads on its own, before any collective."""
+def _prepare(args, held):
+    """(spec, out, data, checkpoint): what this rank checks and loads on its own, before any collective; rank 0
+    takes the output directory's lock into `held` (an ExitStack) before it looks at what the directory holds."""
     spec = load_job_for(args, "run")
     out = Path(args.out) if args.out else Path("runs") / Path(args.job).stem
     data = preflight.check_run(args, spec, out)       # before anything large is allocated or MPI waits
+    if launched_rank() == 0:
+        held.enter_context(run_lock.held(out))
     checkpoint = _checkpoint_to_resume(out) if args.resume else None
     if not args.resume and not args.overwrite:
         check_new_run(out)                       # never replace an earlier run's checkpoints silently
@@ -149,6 +182,30 @@ def _checkpoint_to_resume(out):
     return load_checkpoint(out)
 
 
+def _say_abort(exc):
+    """Say why the run ended at once (OutputWriteError: rank 0, which writes; SecondSignal: each rank that got it)
+    in one line; returns the exit status."""
+    if isinstance(exc, SecondSignal):
+        print(f"disttrain run: {exc}", file=sys.stderr, flush=True)
+        return EXIT_SIGNAL.get(exc.signal_name, EXIT_FAILURE)
+    print(f"disttrain run: error: {exc}; {_after_write_error(exc)}", file=sys.stderr, flush=True)
+    return EXIT_IO
+
+
+def _after_write_error(exc):
+    """What to do after OutputWriteError, by its OS error."""
+    if exc.errno == errno.ENOSPC:
+        fix = "free space"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make it writable"
+    elif exc.errno is None:                      # the directory was removed: nothing to fix on the disk
+        return "continue with --resume" if exc.last_checkpoint is not None else "start the run again"
+    else:
+        fix = "fix that"
+    return f"{fix} and continue with --resume" if exc.last_checkpoint is not None else \
+        f"{fix} and start the run again (with --overwrite where its directory holds files)"
+
+
 def _after_divergence(exc):
     """What to type next after TrainingDiverged."""
     if exc.last_checkpoint is None:
@@ -182,7 +239,7 @@ def _stop_on_signals(trainer):
     def handler(signum, frame):
         name = signal.Signals(signum).name
         if trainer.stop_requested:
-            raise KeyboardInterrupt(f"second {name}: aborting without a checkpoint")
+            raise SecondSignal(name)
         print(f"\n{name}: writing a checkpoint after the current step (again to abort now)", file=sys.stderr,
               flush=True)
         trainer.request_stop(name)

@@ -34,7 +34,9 @@ evaluation consumes no randomness and touches no training state. A run resumed f
 therefore computes bit-for-bit the same steps k+1, k+2, ... as one that was never stopped (same device, same
 float dtype, same BLAS).
 """
+import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +53,12 @@ from disttrain.train.auto_checkpointing import plan_checkpointing
 from disttrain.train.build import (Schedules, apply_checkpointing_setting, build_data, build_model, build_optimizer,
                                    build_schedules)
 from disttrain.train.jobspec import loads_job
-from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves
+from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves, shortfall
 from disttrain.train.mode import LocalMode, RunState
 from disttrain.train.progress import Progress
 from disttrain.train.resume import apply_lr_change, check_same_model, resume_changes
 
-__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "MemoryBudgetExceeded",
+__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "MemoryBudgetExceeded", "OutputWriteError",
            "check_new_run", "epoch_label", "EVAL_BATCH_SIZE"]
 
 EVAL_BATCH_SIZE = EVAL_STREAMS
@@ -88,6 +90,18 @@ class TrainingDiverged(RuntimeError):
                  else "no checkpoint was written before it")
         super().__init__(f"step {step}: {what}; {where}")
         self.step, self.last_checkpoint = step, last_checkpoint
+
+
+class OutputWriteError(RuntimeError):
+    """A file the run cannot go on without (a checkpoint, metrics.jsonl, config.toml) could not be written, or the
+    output directory was removed under the run. `path`: the file or directory; `errno`: the OS error's number (None
+    for a removed directory); `last_checkpoint`: the newest good checkpoint still on disk (a Path) or None."""
+
+    def __init__(self, path, what, errno, last_checkpoint):
+        where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
+                 else "no checkpoint of this run is on disk")
+        super().__init__(f"{what}; {where}")
+        self.path, self.errno, self.last_checkpoint = path, errno, last_checkpoint
 
 
 @dataclass
@@ -157,7 +171,7 @@ class Trainer:
         self._elapsed_before = 0.0    # training seconds of earlier (resumed-from) processes
         self._metrics_position = None  # where to continue metrics.jsonl when resuming
         self._resumed = False
-        self.resume_changes = []      # lines saying what a restore changed (the lr, the step budget, ...)
+        self.resume_changes = []      # lines saying what a restore changed or found (the lr, metrics rows lost)
         self.last_checkpoint = None   # the newest checkpoint written or restored (main process)
         self.skipped_step = False     # the last step's update was dropped: its loss or gradient norm was not finite
         self._skips_in_a_row = 0
@@ -167,6 +181,8 @@ class Trainer:
         self._reported_measured_peak = False   # "auto" checkpointing: the first metered step's peak was logged
         self._started = self._tick = None   # perf_counter at fit() start / at the last train log
         self.metrics = None
+        self._out_dir_identity = None          # (st_dev, st_ino) of out_dir once opened: a removed one is noticed
+        self._failed_optional = set()          # optional outputs (curves.png, memory.json) whose failure was said
         self.progress = None
         self._spec_describes_all = False       # from_job: the spec also describes the model, data and optimizer
 
@@ -313,7 +329,8 @@ class Trainer:
 
     def _write_memory_json(self):
         if self.out_dir is not None and self.mode.is_main and self.memory_estimate is not None:
-            memory_plan.write_memory_json(self.out_dir, self.memory_estimate, self.measured_peak_bytes)
+            with self._optional_output(memory_plan.MEMORY_FILE):
+                memory_plan.write_memory_json(self.out_dir, self.memory_estimate, self.measured_peak_bytes)
 
     def _resident_tensors(self):
         """The tensors a step starts with: parameters and buffers, their gradients, the carried state."""
@@ -355,19 +372,24 @@ class Trainer:
             self._say(line)
         if self.step % t.log_every == 0:
             self._log_train()
-        best = False
+        best = evaluated = False
         if t.eval_every != "epoch" and self.step % t.eval_every == 0:
+            evaluated = True
             best = self._new_best(self._evaluate_and_log("valid"))
         if best or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
             self.save_checkpoint()
+        if evaluated:                      # after the checkpoint: the curves are not worth a step of training
+            self._plot()
 
     def _end_epoch(self):
         self.epoch += 1
         self.state = None                  # every epoch starts from the zero state
         if self.schedules.epoch is not None:
             self.schedules.epoch.step()
-        if self.spec.train.eval_every == "epoch" and self._new_best(self._evaluate_and_log("valid")):
-            self.save_checkpoint()
+        if self.spec.train.eval_every == "epoch":
+            if self._new_best(self._evaluate_and_log("valid")):
+                self.save_checkpoint()
+            self._plot()
 
     def _new_best(self, result):
         """With [train] keep_best: True when `result` (a valid EvalResult) is the lowest loss so far, so that a
@@ -442,8 +464,6 @@ class Trainer:
         self._write(row)
         if self.progress is not None:
             self.progress.eval_row(row)
-        if split == "valid":
-            self._plot()
         return result
 
     # ------------------------------------------------------------------------------------------ metrics
@@ -501,13 +521,56 @@ class Trainer:
 
     def _write(self, row):
         if self.metrics is not None:
-            self.metrics.write(row)
+            with self._needed_output(self.out_dir / METRICS_FILE):
+                self.metrics.write(row)
 
     def _plot(self):
         if self.out_dir is not None and self.mode.is_main and self.metrics is not None:
             name = Path(self.spec.source).stem if self.spec.source else "job"
             what = "perplexity" if self.data.language else "loss"
-            plot_curves(self.metrics.rows, self.out_dir / CURVES_FILE, title=f"{name}: {what}")
+            with self._optional_output(CURVES_FILE):
+                plot_curves(self.metrics.rows, self.out_dir / CURVES_FILE, title=f"{name}: {what}")
+
+    @contextlib.contextmanager
+    def _optional_output(self, name):
+        """Writing a file the run can go on without (curves.png, memory.json): an OSError is said once per file,
+        in one line, and training goes on (the steps since the last checkpoint are worth more than a plot)."""
+        try:
+            yield
+        except OSError as exc:
+            if name not in self._failed_optional:
+                self._failed_optional.add(name)
+                path = self.out_dir / name
+                via = f" ({exc.filename})" if exc.filename not in (None, str(path)) else ""
+                self._say(f"warning: cannot write {path}{via}: {exc.strerror or exc}; training goes on without it")
+
+    @contextlib.contextmanager
+    def _needed_output(self, path):
+        """Writing a file the run cannot go on without: an OSError becomes OutputWriteError naming the file."""
+        try:
+            yield
+        except OSError as exc:
+            raise OutputWriteError(exc.filename or path, f"cannot write {exc.filename or path}: "
+                                   f"{exc.strerror or exc}", exc.errno, self._checkpoint_on_disk()) from exc
+
+    def _checkpoint_on_disk(self):
+        """The newest checkpoint written or restored, when it is still on disk."""
+        last = self.last_checkpoint
+        return last if last is not None and Path(last).is_dir() else None
+
+    def _check_out_dir_in_place(self):
+        """Raise OutputWriteError when out_dir was removed, moved or replaced since the run opened it (metrics
+        would go to a deleted file, and a checkpoint into a directory made anew)."""
+        try:
+            identity = _identity(self.out_dir)
+        except FileNotFoundError:
+            identity = None
+        if identity == self._out_dir_identity and not self.metrics.deleted:
+            return
+        what = ("was removed" if identity is None else "was replaced by another directory"
+                if identity != self._out_dir_identity else f"lost its {METRICS_FILE} (deleted)")
+        raise OutputWriteError(self.out_dir, f"{self.out_dir} {what} while the run wrote into it; stopped at step "
+                               f"{self.step} without writing a checkpoint", None, self._checkpoint_on_disk())
 
     def _announce(self):
         """Start the clock and (main process) the progress report; say the memory estimate and the checkpointing."""
@@ -543,11 +606,13 @@ class Trainer:
             saving.remove_checkpoints(own)
         if not self.mode.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not self._resumed:
-            (self.out_dir / CURVES_FILE).unlink(missing_ok=True)
-        (self.out_dir / CONFIG_FILE).write_text(self._config_toml(), encoding="utf-8")
-        self.metrics = MetricsWriter(self.out_dir / METRICS_FILE, resume_at=self._metrics_position)
+        with self._needed_output(self.out_dir):
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self._out_dir_identity = _identity(self.out_dir)
+            if not self._resumed:
+                (self.out_dir / CURVES_FILE).unlink(missing_ok=True)
+            (self.out_dir / CONFIG_FILE).write_text(self._config_toml(), encoding="utf-8")
+            self.metrics = MetricsWriter(self.out_dir / METRICS_FILE, resume_at=self._metrics_position)
         self._write_memory_json()
 
     def _config_toml(self):
@@ -587,7 +652,8 @@ class Trainer:
             "optimizer": optim_json,
             "schedules": self.schedules.state_dict(),
             "rng": dt.get_rng_state(),
-            "metrics": {"position": self.metrics.position if self.metrics is not None else None,
+            "metrics": {"position": self._synced_metrics_position(),
+                        "rows": len(self.metrics.rows) if self.metrics is not None else None,
                         "accumulators": acc},
             "evals": {split: r.to_dict() for split, r in self.evals.items() if r.tokens},
             "best_valid_loss": self._best_valid,
@@ -598,6 +664,13 @@ class Trainer:
             "job_source": self.spec.source,
         }
         return whole.model, arrays, meta
+
+    def _synced_metrics_position(self):
+        """metrics.jsonl's length, once durable: a checkpoint that outlives a power loss finds its rows there."""
+        if self.metrics is None:
+            return None
+        with self._needed_output(self.out_dir / METRICS_FILE):
+            return self.metrics.sync()
 
     def save_checkpoint(self):
         """Write a checkpoint of this step atomically into this process's checkpoint directory (the main
@@ -614,8 +687,11 @@ class Trainer:
         directory = self.mode.checkpoint_dir(self.out_dir)
         if whole is None or directory is None:
             return None
-        path = saving.save_checkpoint(directory, *self.checkpoint_contents(whole),
-                                      keep=self.spec.train.keep_checkpoints, keep_best=self.spec.train.keep_best)
+        if self.metrics is not None:
+            self._check_out_dir_in_place()
+        with self._needed_output(directory / saving.DIRNAME):
+            path = saving.save_checkpoint(directory, *self.checkpoint_contents(whole),
+                                          keep=self.spec.train.keep_checkpoints, keep_best=self.spec.train.keep_best)
         if self.mode.is_main:
             self.last_checkpoint = path
         return path
@@ -658,12 +734,27 @@ class Trainer:
         self.evals = {split: EvalResult(**r) for split, r in meta.get("evals", {}).items()}
         self._acc = {**_fresh_accumulators(), **meta["metrics"]["accumulators"]}
         self._metrics_position = meta["metrics"]["position"]
+        missing = self._missing_metrics(meta)
         self._elapsed_before = meta.get("elapsed", 0.0)
         self._best_valid = meta.get("best_valid_loss")
         self._skips_in_a_row = meta.get("skips_in_a_row", 0)
         self._resumed = True
         self.last_checkpoint = where
-        self.resume_changes = [self._apply_change(*change) for change in changes]
+        self.resume_changes = [self._apply_change(*change) for change in changes] + ([missing] if missing else [])
+
+    def _missing_metrics(self, meta):
+        """The line saying which rows the checkpoint's metrics.jsonl lacks (a power loss, a file cut by hand), or
+        None; the rows there are kept and the run goes on (the checkpoint itself is whole)."""
+        position = meta["metrics"]["position"]
+        if self.out_dir is None or not self.mode.is_main or position is None:
+            return None
+        lack = shortfall(self.out_dir / METRICS_FILE, position, meta["metrics"].get("rows"))
+        if lack is None:
+            return None
+        rows = f"{lack.missing_rows} row(s), " if lack.missing_rows is not None else ""
+        return (f"{self.out_dir / METRICS_FILE} lacks {rows}{lack.missing_bytes} bytes that the checkpoint of step "
+                f"{meta['step']} recorded (lost before they reached the disk, or cut); keeping its {lack.kept_rows} "
+                f"complete row(s) and going on; nothing else is lost")
 
     def _apply_change(self, section, key, saved, wanted):
         """Apply one job change a resumed run may make (train/resume.py); returns the line that reports it."""
@@ -704,6 +795,12 @@ def check_new_run(out_dir):
         raise saving.RunExistsError(f"{out_dir} holds an earlier run's {METRICS_FILE} but no checkpoint to resume "
                                     f"from: start over with --overwrite (deletes it and {CURVES_FILE}), or choose "
                                     f"another --out")
+
+
+def _identity(path):
+    """(device, inode) of a file or directory: a directory removed and made again has another."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 def epoch_label(epochs_done, position):

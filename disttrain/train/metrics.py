@@ -5,15 +5,22 @@ Every row has at least `step`, `epoch`, `split` ("train", "valid" or "test"), `l
 character-level jobs add `bpc` (bits per character = loss / ln 2). Non-finite numbers (a diverged loss, an
 overflowing perplexity) are written as null, so every line is strict JSON.
 
-NOTE: each row is written and flushed as one line, so a crash loses nothing already logged; at most a torn last
-line, which `MetricsWriter(path, resume_at=...)` cuts away. A job checkpoint records `position` (the file's
-length then); resuming truncates the file back to it, so the rows of the steps that get re-run are not doubled.
+NOTE: each row is written and flushed as one line, so a process that dies loses nothing already logged; at most
+a torn last line, which `MetricsWriter(path, resume_at=...)` cuts away. A job checkpoint records `position` (the
+file's length then), after `sync()` has made those bytes durable; resuming truncates the file back to it, so the
+rows of the steps that get re-run are not doubled. A file shorter than that position (rows the machine lost with
+its power, or a file cut or removed by hand) keeps the complete rows it has (`shortfall` says what is missing).
 """
+import contextlib
+import io
 import json
 import math
 import os
+from dataclasses import dataclass
 
-__all__ = ["MetricsWriter", "read_metrics", "plot_curves", "perplexity"]
+from disttrain.fsutil import naming, write_atomically
+
+__all__ = ["MetricsWriter", "Shortfall", "shortfall", "read_metrics", "plot_curves", "perplexity"]
 
 LN2 = math.log(2.0)
 
@@ -29,22 +36,23 @@ class MetricsWriter:
     """Appends rows to a JSON-lines file; `rows` holds every row of the file (for plotting).
 
     resume_at: None starts a new file (an old one is replaced); an int keeps the first `resume_at` bytes of
-    the existing file (the position a checkpoint recorded) and appends after them.
+    the existing file (the position a checkpoint recorded), or all of its complete lines when it is shorter,
+    and appends after them.
+
+    A row that cannot be written raises the OSError (naming the file) once: close() does not raise it again.
     """
 
     def __init__(self, path, resume_at=None):
         self.path = os.fspath(path)
+        self._failed = False
         if resume_at is None:
             self._file = open(self.path, "w", encoding="utf-8")
             self.rows = []
         else:
             self._file = open(self.path, "a+", encoding="utf-8")
-            size = self._file.seek(0, os.SEEK_END)
-            if size < resume_at:
-                raise ValueError(f"{self.path} has {size} bytes, the checkpoint expects at least {resume_at}; "
-                                 "was it replaced after the checkpoint was written?")
-            self._file.truncate(resume_at)
-            self._file.seek(resume_at)
+            keep = _complete_lines_length(self.path, resume_at)
+            self._file.truncate(keep)
+            self._file.seek(keep)
             self.rows = read_metrics(self.path)
 
     @property
@@ -56,19 +64,75 @@ class MetricsWriter:
         row = {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
                for key, value in row.items()}
         line = json.dumps(row, allow_nan=False, separators=(", ", ": "))
-        self._file.write(line + "\n")
-        self._file.flush()
+        with self._noting_failure():
+            self._file.write(line + "\n")
+            self._file.flush()
         self.rows.append(dict(row))
 
+    def sync(self):
+        """Make every row written so far durable (fsync); returns `position`. A checkpoint records a position
+        only once the rows before it are on disk, so that a power loss cannot leave the file shorter."""
+        with self._noting_failure():
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        return self.position
+
+    @property
+    def deleted(self):
+        """True when the file was removed from its directory while open (rows go nowhere anyone can read)."""
+        return os.fstat(self._file.fileno()).st_nlink == 0
+
     def close(self):
-        if not self._file.closed:
-            self._file.close()
+        if self._file.closed:
+            return
+        try:
+            self._file.close()       # closed even when its last flush fails
+        except OSError:
+            if not self._failed:     # the failure write() or sync() raised already: not a second time
+                raise
+
+    @contextlib.contextmanager
+    def _noting_failure(self):
+        try:
+            with naming(self.path):
+                yield
+        except OSError:
+            self._failed = True
+            raise
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+@dataclass
+class Shortfall:
+    """What a metrics file lacks against the position a checkpoint recorded: `missing_bytes`, `kept_rows` (the
+    complete rows it has) and `missing_rows` (None when the checkpoint did not record its row count)."""
+    missing_bytes: int
+    kept_rows: int
+    missing_rows: object = None
+
+
+def shortfall(path, position, rows=None):
+    """None when the file `path` holds at least `position` bytes; else its Shortfall (rows: the row count the
+    checkpoint recorded at that position, if it did). A missing file holds 0 bytes."""
+    if not os.path.exists(path):
+        return Shortfall(position, 0, rows)
+    if os.path.getsize(path) >= position:
+        return None
+    kept = len(read_metrics(path))
+    return Shortfall(position - _complete_lines_length(path, position), kept,
+                     rows - kept if rows is not None else None)
+
+
+def _complete_lines_length(path, limit):
+    """The length of the file's first `limit` bytes cut back to the end of its last complete line."""
+    with open(path, "rb") as fh:
+        head = fh.read(limit)
+    return len(head) if head.endswith(b"\n") or len(head) == limit else head.rfind(b"\n") + 1
 
 
 def read_metrics(path):
@@ -90,7 +154,7 @@ def read_metrics(path):
 
 def plot_curves(rows, path, title=None):
     """Train and valid perplexity (the loss, for rows without one) against steps, log-scale y, written to `path`
-    (PNG) atomically."""
+    (PNG) atomically (fsutil.write_atomically: an OSError naming `path`, and no temporary file, when it fails)."""
     import matplotlib
     matplotlib.use("Agg")          # no display needed; selecting it here keeps imports side-effect free
     from matplotlib import pyplot as plt
@@ -123,8 +187,8 @@ def plot_curves(rows, path, title=None):
         if ax.lines:
             ax.legend()
         fig.tight_layout()
-        tmp = f"{path}.tmp"
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
     finally:
         plt.close(fig)
+    write_atomically(path, png.getvalue())

@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from disttrain.fsutil import fsync_path
+from disttrain.fsutil import fsync_path, naming
 
 __all__ = ["FORMAT_VERSION", "CheckpointError", "RunExistsError", "NonFiniteCheckpointError", "Checkpoint",
            "save_checkpoint", "load_checkpoint", "holds_checkpoint", "list_checkpoints", "step_of", "check_no_checkpoints", "remove_checkpoints",
@@ -147,8 +147,8 @@ def _write_files(directory, model, arrays, meta):
 
 
 def _write_file(path, data):
-    """Write bytes durably; returns the manifest entry {"bytes", "sha256"}."""
-    with open(path, "wb") as fh:
+    """Write bytes durably; returns the manifest entry {"bytes", "sha256"}. An OSError names the file."""
+    with naming(path), open(path, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
@@ -325,6 +325,9 @@ def _check_version(path, content):
 
 
 def _verified_bytes(path, entry):
+    if not isinstance(entry, dict):
+        raise CheckpointError(f"{path.parent / MANIFEST_FILE}: the entry for {path.name} is {entry!r}, not an "
+                              f'object with "bytes" and "sha256"; the manifest is damaged')
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; the checkpoint directory {path.parent} is incomplete")
     data = path.read_bytes()

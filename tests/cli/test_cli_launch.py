@@ -93,3 +93,16 @@ def test_the_job_stops_with_a_checkpoint_when_launch_is_killed(job_file, tmp_pat
     finally:
         for pid in live_processes("disttrain.cli.main", out):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_full_disk_ends_the_job_in_one_line_and_is_not_restarted(job_file, tmp_path):
+    done = launch(job_file, tmp_path, "-n", "2", "--max-restarts", "2", fail="disk_full")
+    assert done.returncode == 74, done.stderr
+    checkpoints = tmp_path / "out" / "checkpoints"
+    assert (f"disttrain run: error: cannot write {checkpoints / 'step-000004.tmp' / 'model.safetensors'}: No space "
+            f"left on device; the last good checkpoint is {checkpoints / 'step-000002'}; free space and continue "
+            f"with --resume\n") in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("disttrain run: error:") == 1
+    assert restarts(done) == ["disttrain launch: attempt 1 ended with exit status 74 (its files could not be "
+                              "written: a restart would fail the same way): not restarted"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002"]      # no half-written step 4

@@ -19,7 +19,8 @@ def test_run_writes_all_outputs_and_eval_reproduces_them(job_file, text_file, tm
     out = tmp_path / "out"
     assert main(["run", str(job_file), *chars(text_file), "--set", "train.max_steps=30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "config.toml", "checkpoints", "curves.png", "memory.json"}
+    assert {p.name for p in out.iterdir()} == {"metrics.jsonl", "config.toml", "checkpoints", "curves.png", "memory.json",
+                                               ".lock"}                  # the lock file stays (train/run_lock.py)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = (out / "config.toml").read_text()
     assert 'kind = "chars"' in config and "max_steps = 30" in config

@@ -152,6 +152,19 @@ def test_overwritten_bytes_are_detected_and_resume_falls_back_to_the_previous_ch
         load_checkpoint(tmp_path)
 
 
+def test_a_malformed_manifest_entry_is_damage_and_resume_falls_back(tmp_path):
+    _save(tmp_path, 10, 1.0)
+    newest = _save(tmp_path, 20, 2.0)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = 5
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r'manifest.json: the entry for model.safetensors is 5, not an object '
+                                              r'with "bytes" and "sha256"; the manifest is damaged'):
+        load_checkpoint(newest)
+    loaded = load_checkpoint(tmp_path)
+    assert loaded.meta["step"] == 10 and loaded.skipped[0].startswith(f"checkpoint {newest} is unusable: ")
+
+
 def test_half_written_temp_dir_and_a_lone_prev_dir(tmp_path):
     _save(tmp_path, 5, 5.0)
     # a crash while writing step 10: a temp dir with a torn weights file and no manifest
@@ -260,6 +273,7 @@ def test_trainer_checkpoint_contents(tiny_job, tmp_path):
     assert meta["rng"]["seed"] == 3 and "cpu" in meta["rng"]
     assert meta["optimizer"]["param_groups"][0]["lr"] == 0.01
     assert meta["metrics"]["position"] == (tmp_path / "metrics.jsonl").stat().st_size
+    assert meta["metrics"]["rows"] == len((tmp_path / "metrics.jsonl").read_text().splitlines())
     assert sorted(loaded.model) == sorted(trainer.model.state_dict())           # safetensors sorts keys
     for name, t in trainer.model.state_dict().items():
         np.testing.assert_array_equal(loaded.model[name], t.numpy())
@@ -357,3 +371,24 @@ def test_the_trainer_keeps_its_newest_checkpoints_and_with_keep_best_the_best_on
     resumed.fit()
     assert saved == [16, 20, 20]         # 18's 1.6 is no new best (the best so far was restored); 20 again: the end
     assert _steps(tmp_path) == ["step-000006", "step-000016", "step-000020"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced files through /proc (Linux)")
+def test_metrics_are_durable_before_a_checkpoint_records_their_position(tiny_job, tmp_path, monkeypatch):
+    """A power loss must not leave metrics.jsonl shorter than a checkpoint says: its rows are fsynced first."""
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((os.path.relpath(path, tmp_path), os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    trainer = Trainer.from_job(tiny_job("train.max_steps=4", "train.checkpoint_every=2", "train.log_every=1"),
+                               out_dir=tmp_path, progress=False)
+    trainer.fit()
+    paths = [path for path, _ in synced]
+    for step in (2, 4):                   # step 4 is saved twice (checkpoint_every, then the finished run): the last
+        position = load_checkpoint(tmp_path / "checkpoints" / f"step-{step:06d}").meta["metrics"]["position"]
+        last_save = len(paths) - paths[::-1].index(f"checkpoints/step-{step:06d}.tmp/model.safetensors") - 1
+        assert ("metrics.jsonl", position) in synced[:last_save]

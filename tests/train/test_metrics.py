@@ -1,11 +1,13 @@
 """metrics.jsonl writing, truncation on resume, curves.png, and the progress display in both modes."""
+import errno
 import io
 import json
 import math
+import os
 
 import pytest
 
-from disttrain.train.metrics import MetricsWriter, perplexity, plot_curves, read_metrics
+from disttrain.train.metrics import MetricsWriter, Shortfall, perplexity, plot_curves, read_metrics, shortfall
 from disttrain.train.progress import Progress, format_row
 
 
@@ -42,8 +44,38 @@ def test_resume_truncates_to_the_checkpoint_position_and_skips_a_torn_line(tmp_p
     resumed.write(row(2, loss=1.0))
     resumed.close()
     assert [(r["step"], r["loss"]) for r in read_metrics(path)] == [(1, 2.0), (2, 1.0)]
-    with pytest.raises(ValueError, match="the checkpoint expects at least"):
-        MetricsWriter(path, resume_at=10_000)
+
+
+def test_a_file_shorter_than_the_checkpoint_position_keeps_its_complete_rows(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsWriter(path) as writer:
+        for step in (1, 2, 3):
+            writer.write(row(step))
+        position, rows = writer.position, len(writer.rows)
+    text = path.read_text()
+    path.write_text(text[:len(text) * 2 // 3 - 5])               # a power loss: the tail never reached the disk
+    kept_bytes = len(text.splitlines(keepends=True)[0])
+    assert shortfall(path, position, rows) == Shortfall(position - kept_bytes, 1, 2)
+    assert shortfall(path, position) == Shortfall(position - kept_bytes, 1, None)     # no row count recorded
+    resumed = MetricsWriter(path, resume_at=position)            # keeps step 1, cuts the torn step 2
+    assert [r["step"] for r in resumed.rows] == [1] and resumed.position == kept_bytes
+    resumed.write(row(4))
+    resumed.close()
+    assert [r["step"] for r in read_metrics(path)] == [1, 4]
+    assert shortfall(path, kept_bytes) is None
+    os.unlink(path)
+    assert shortfall(path, position, rows) == Shortfall(position, 0, 3)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_row_that_cannot_be_written_raises_once_naming_the_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.symlink_to("/dev/full")                                 # every write: ENOSPC
+    writer = MetricsWriter(path)
+    with pytest.raises(OSError) as raised:
+        writer.write(row(1))
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    writer.close()                                               # the same failure is not raised a second time
 
 
 def test_curves_png(tmp_path):
@@ -52,6 +84,15 @@ def test_curves_png(tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     plot_curves([], tmp_path / "empty.png")                      # nothing logged yet: still a valid image
     assert (tmp_path / "empty.png").stat().st_size > 0 and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_curves_that_cannot_be_written_raise_naming_the_file_and_leave_no_temporary(tmp_path):
+    (tmp_path / "curves.png.tmp").symlink_to("/dev/full")        # the temporary file: ENOSPC
+    with pytest.raises(OSError) as raised:
+        plot_curves([row(1)], tmp_path / "curves.png")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(tmp_path / "curves.png")
+    assert os.listdir(tmp_path) == []
 
 
 def test_progress_plain_lines_and_tqdm_bar():
