@@ -114,11 +114,20 @@ class GetItem(Function):
 
     def forward(self, a, index):
         self.in_shape = a.shape
-        self.index = index
+        # NOTE: an index tensor changed in place before backward (a batch buffer refilled) must not move the
+        # gradient to other rows: backward scatters with a copy of the index arrays (small next to x)
+        self.index = _own_index_arrays(index) if self.recording else index
         return a[index]
 
     def backward(self, g):
         return IndexAdd.apply(g, shape=self.in_shape, index=self.index), None
+
+
+def _own_index_arrays(index):
+    """`index` with each of its arrays copied (ints, slices, None and Ellipsis as they are)."""
+    if isinstance(index, tuple):
+        return tuple(p.copy() if hasattr(p, "copy") else p for p in index)
+    return index.copy() if hasattr(index, "copy") else index
 
 
 class IndexAdd(Function):
