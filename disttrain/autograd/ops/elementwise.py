@@ -123,7 +123,10 @@ class Pow(Function):
         a, b = self.saved_inputs
         ga = gb = None
         if self.needs_grad(0):
-            ga = sum_to(_zero_where(_array(b) == 0, g * b * a ** (b - 1)), _shape(a))
+            if not isinstance(b, Tensor) and np.ndim(b) == 0 and b == 0:  # a constant exponent 0: x ** 0 is 1
+                ga = Tensor._wrap(self.xp.zeros(a.shape, dtype=g.dtype))
+            else:
+                ga = sum_to(_zero_where(_array(b) == 0, g * b * a ** (b - 1)), a.shape)
         if self.needs_grad(1):
             log_a = a.log() if isinstance(a, Tensor) else (math.log(a) if a > 0 else _log_nonpositive(a))
             gb = g * self.output() * log_a
