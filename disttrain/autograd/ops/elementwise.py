@@ -136,7 +136,7 @@ class Pow(Function):
 
 def _zero_where(mask, value):
     """value with zeros where mask (a bool, or a boolean array broadcasting with value) holds."""
-    if mask is True or mask is False:  # a constant operand
+    if mask is True or mask is False:  # from constant operands
         return Tensor._wrap(value.backend.xp.zeros(value.shape, dtype=value.dtype)) if mask else value
     return where(mask, 0.0, value)
 
@@ -285,6 +285,15 @@ class Clip(Function):
 
     def backward(self, g):
         return g * Tensor._wrap(self.inside.astype(g.dtype)), None, None
+
+
+def maximum(a, b):
+    return Maximum.apply(a, b)
+
+
+def minimum(a, b):
+    """Elementwise min; where a == b the gradient is split evenly, as torch.minimum."""
+    return -Maximum.apply(-a, -b)
 
 
 def where(cond, a, b):

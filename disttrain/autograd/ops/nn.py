@@ -133,7 +133,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean"):
     if logits.ndim > 2:  # move the class axis last and flatten the rest
         c = logits.shape[1]
         axes = (0,) + tuple(range(2, logits.ndim)) + (1,)
-        out = CrossEntropy.apply(logits.transpose(axes).reshape((-1, c)), target.reshape(-1),
+        out = CrossEntropy.apply(logits.permute(axes).reshape((-1, c)), target.reshape(-1),
                                  ignore_index=ignore_index, reduction=reduction)
         return out.reshape(target.shape) if reduction == "none" else out
     if logits.ndim != 2:
