@@ -30,7 +30,7 @@ def ours(qkv, grad, fused):
 
     def step():
         x = dt.tensor(qkv, requires_grad=True)
-        q, k, v = ops.unbind(x.transpose(2, 1, 3, 0, 4), 0)
+        q, k, v = ops.unbind(x.permute(2, 1, 3, 0, 4), 0)
         if fused:
             out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:

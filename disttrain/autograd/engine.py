@@ -25,7 +25,8 @@ def backward(tensors, grad_tensors=None, retain_graph=False, create_graph=False)
 
 def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False, allow_unused=False, *,
          sum_into=None):
-    """Gradients of `outputs` w.r.t. `inputs`, returned instead of accumulated into .grad.
+    """Gradients of `outputs` w.r.t. `inputs`, returned instead of accumulated into .grad: a tuple with one
+    entry per input, also for a single input Tensor (as torch's, so `grad(y, x)[0]` is the gradient).
 
     sum_into: {leaf: Tensor of the leaf's shape and dtype}. The gradients that reach each of these leaves are
     added into its tensor in place, neither returned nor accumulated into .grad (no hooks fire), so that several
@@ -33,8 +34,7 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
     nothing else reads or holds as a gradient. Not with create_graph.
     """
     outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
-    single = isinstance(inputs, Tensor)
-    inputs = [inputs] if single else list(inputs)
+    inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
     roots = _roots(outputs, grad_outputs, "grad")
     capture = {}
     for i, t in enumerate(inputs):
@@ -49,7 +49,7 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
         if r is None and not allow_unused:
             raise RuntimeError(f"grad: input {i} (shape {inputs[i].shape}) is not reachable from the outputs; "
                                "pass allow_unused=True to get None for it")
-    return results[0] if single else tuple(results)
+    return tuple(results)
 
 
 def queue_callback(callback):

@@ -32,12 +32,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):
         steps, batch, width = x.shape
         size = width // self.heads
-        qkv = self.in_proj(x).reshape((steps, batch, 3, self.heads, size)).transpose(2, 1, 3, 0, 4)
+        qkv = self.in_proj(x).reshape((steps, batch, 3, self.heads, size)).permute(2, 1, 3, 0, 4)
         q, k, v = unbind(qkv, 0)  # each (B, H, T, size), views of the projection's rows
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                              is_causal=True)
         # the compiled CPU kernel lays out `out` as q is laid out, (T, B, H, size): this reshape is then a view
-        return self.out_proj(out.transpose(2, 0, 1, 3).reshape((steps, batch, width)))
+        return self.out_proj(out.permute(2, 0, 1, 3).reshape((steps, batch, width)))
 
     def extra_repr(self):
         return f"heads={self.heads}, dropout={self.dropout}"

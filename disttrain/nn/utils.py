@@ -29,7 +29,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     """Scale the gradients in place so that their total norm is at most max_norm; return the norm before.
 
     The total norm is that of all gradients concatenated into one vector. When it exceeds
-    max_norm every gradient is multiplied by max_norm / (total_norm + 1e-6), as in PyTorch.
+    max_norm (or is NaN) every gradient is multiplied by max_norm / (total_norm + 1e-6), as in PyTorch.
     Parameters without a gradient are skipped. total_norm: the norm to clip by, when it was computed
     elsewhere over more gradients than these (a pipeline stage's share of the model: the norm of all
     stages' gradients together), so that every share is scaled as the whole would be.
@@ -43,7 +43,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
         raise RuntimeError(f"the total norm of order {norm_type} of the gradients is {total}; "
                            "pass error_if_nonfinite=False to clip anyway")
     coef = float(max_norm) / (total + CLIP_EPSILON)
-    if coef < 1.0 and grads:
+    if grads and not coef >= 1.0:  # a NaN norm scales every gradient by NaN, as torch's clamp(coef, max=1) does
         with no_grad():
             for g in grads:
                 g.begin_inplace("clip_grad_norm_")  # bumps the version, as g.mul_(coef) would

@@ -117,7 +117,15 @@ class Tensor:
         return self.data.size
 
     def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
         return len(self.data)
+
+    def __iter__(self):
+        """The sub-tensors along the first axis (`for row in x`, `a, b = x`), each differentiable, as torch's."""
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        return iter(_ops.unbind(self, 0))
 
     def __bool__(self):
         """The truth of a one-element tensor (`if loss < best:`); without this, Python would use len()."""
@@ -147,6 +155,25 @@ class Tensor:
 
     def tolist(self):
         return self.numpy().tolist()
+
+    def __float__(self):
+        return float(self._one_element("float()"))
+
+    def __int__(self):
+        return int(self._one_element("int()"))
+
+    def __index__(self):
+        """As an index or a size (range(n), lst[i]): integer one-element tensors only, as torch's."""
+        if self.dtype.kind not in "iub":
+            raise TypeError(f"only integer tensors of a single element can be converted to an index, "
+                            f"got dtype {self.dtype}")
+        return int(self._one_element("__index__"))
+
+    def _one_element(self, what):
+        if self.data.size != 1:
+            raise TypeError(f"{what}: only one-element tensors can be converted to Python scalars, "
+                            f"got shape {self.shape}")
+        return self.item()
 
     def to(self, device=None, dtype=None):
         """Copy to another device and/or dtype; differentiable. Returns self when nothing changes."""
@@ -308,6 +335,33 @@ class Tensor:
     def __neg__(self):
         return _ops.neg(self)
 
+    def __abs__(self):
+        return _ops.abs(self)
+
+    # x += y changes x's memory (its aliases see it), as torch's, through add_ and its checks: refused on a
+    # leaf that requires grad in grad mode. Where torch would record the change in the graph (x part of one,
+    # or y requiring grad, in grad mode), disttrain records no in-place ops: x is rebound to x + y instead,
+    # the same values, which x's aliases do not see.
+    def __iadd__(self, other):
+        return NotImplemented if self._graph_records(other) else self.add_(other)
+
+    def __isub__(self, other):
+        return NotImplemented if self._graph_records(other) else self.sub_(other)
+
+    def __imul__(self, other):
+        return NotImplemented if self._graph_records(other) else self.mul_(other)
+
+    def __itruediv__(self, other):
+        return NotImplemented if self._graph_records(other) else self.div_(other)
+
+    def _graph_records(self, other):
+        """Whether torch would record `self op= other` in the graph (NotImplemented then makes Python rebind)."""
+        from disttrain.autograd.grad_mode import is_grad_enabled
+
+        if (self.requires_grad and self._node is None) or not is_grad_enabled():
+            return False  # in place, or add_'s refusal of a leaf that requires grad
+        return self._node is not None or (isinstance(other, Tensor) and other.requires_grad)
+
     def __matmul__(self, other):
         return _ops.matmul(self, other)
 
@@ -381,50 +435,83 @@ class Tensor:
 
     clamp = clip
 
-    def sum(self, axis=None, keepdims=False):
-        return _ops.sum(self, axis, keepdims)
+    # reductions take NumPy's names (axis=, keepdims=) or torch's (dim=, keepdim=)
+    def sum(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return _ops.sum(self, axis, keepdims, dim=dim, keepdim=keepdim)
 
-    def mean(self, axis=None, keepdims=False):
-        return _ops.mean(self, axis, keepdims)
+    def mean(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return _ops.mean(self, axis, keepdims, dim=dim, keepdim=keepdim)
 
-    def var(self, axis=None, keepdims=False):
-        return _ops.var(self, axis, keepdims)
+    def var(self, axis=None, *, correction=None, unbiased=None, keepdims=False, dim=None, keepdim=None):
+        """Unbiased (correction=1) unless told otherwise, as torch's; keepdims is keyword-only, as torch's
+        keepdim, so that torch's old positional var(dim, unbiased) cannot be taken for var(axis, keepdims)."""
+        return _ops.var(self, axis, correction=correction, unbiased=unbiased, keepdims=keepdims, dim=dim,
+                        keepdim=keepdim)
 
-    def max(self, axis=None, keepdims=False):
-        return _ops.max(self, axis, keepdims)
+    def std(self, axis=None, *, correction=None, unbiased=None, keepdims=False, dim=None, keepdim=None):
+        return _ops.std(self, axis, correction=correction, unbiased=unbiased, keepdims=keepdims, dim=dim,
+                        keepdim=keepdim)
 
-    def min(self, axis=None, keepdims=False):
-        return _ops.min(self, axis, keepdims)
+    def max(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        """The largest element; with one axis, the namedtuple (values, indices) as torch's x.max(dim);
+        with another tensor, the elementwise maximum. See disttrain.autograd.ops.reduce.max."""
+        return _ops.max(self, axis, keepdims, dim=dim, keepdim=keepdim)
 
-    def argmax(self, axis=None):
-        return self._constant(self.data.argmax(axis=axis))
+    def min(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return _ops.min(self, axis, keepdims, dim=dim, keepdim=keepdim)
+
+    def amax(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return _ops.amax(self, axis, keepdims, dim=dim, keepdim=keepdim)
+
+    def amin(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        return _ops.amin(self, axis, keepdims, dim=dim, keepdim=keepdim)
+
+    def argmax(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        axis, keepdims = _ops.torch_names("argmax", axis, keepdims, dim, keepdim)
+        return self._constant(self.data.argmax(axis=axis, keepdims=keepdims))
+
+    def argmin(self, axis=None, keepdims=False, *, dim=None, keepdim=None):
+        axis, keepdims = _ops.torch_names("argmin", axis, keepdims, dim, keepdim)
+        return self._constant(self.data.argmin(axis=axis, keepdims=keepdims))
 
     def reshape(self, *shape):
         return _ops.reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
 
     view = reshape
 
-    def flatten(self, start_axis=0):
-        return self.reshape(self.shape[:start_axis] + (-1,))
+    def flatten(self, start_dim=0, end_dim=-1):
+        """Merge axes start_dim..end_dim (inclusive, negatives from the end) into one, as torch's."""
+        if self.ndim == 0:
+            return self.reshape((1,))
+        start, end = start_dim % self.ndim, end_dim % self.ndim
+        if start > end:
+            raise ValueError(f"flatten: start_dim {start_dim} comes after end_dim {end_dim} (shape {self.shape})")
+        return self.reshape(self.shape[:start] + (-1,) + self.shape[end + 1:])
 
-    def transpose(self, *axes):
-        return _ops.transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else axes)
+    def transpose(self, *dims):
+        """Swap two axes, as torch's x.transpose(dim0, dim1); permute(*dims) reorders all of them."""
+        if len(dims) != 2:
+            raise TypeError(f"transpose(dim0, dim1) swaps two axes, got {dims}; "
+                            "reorder all axes with permute(*dims)")
+        return _ops.transpose(self, *dims)
 
-    permute = transpose
+    swapaxes = transpose
 
-    def swapaxes(self, a, b):
-        axes = list(range(self.ndim))
-        axes[a], axes[b] = axes[b], axes[a]
-        return _ops.transpose(self, axes)
+    def permute(self, *dims):
+        """Reorder all axes: output axis i is input axis dims[i] (permute(2, 0, 1) or permute((2, 0, 1)))."""
+        return _ops.permute(self, dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims)
 
     @property
     def T(self):
-        return _ops.transpose(self, ())
+        return _ops.permute(self, ())
 
     def broadcast_to(self, shape):
         return _ops.broadcast_to(self, tuple(shape))
 
-    def squeeze(self, axis):
+    def squeeze(self, axis=None):
+        """Drop the given size-1 axis, or every size-1 axis when none is given."""
+        if axis is None:
+            return self.reshape(tuple(n for n in self.shape if n != 1))
         shape = list(self.shape)
         if shape[axis] != 1:
             raise ValueError(f"squeeze: axis {axis} has size {shape[axis]}, not 1 (shape {self.shape})")

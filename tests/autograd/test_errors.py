@@ -65,9 +65,16 @@ def test_reshape_to_a_wrong_size():
     _names(str(info.value), "Reshape", "(2, 3)", "(4,)")
 
 
-def test_transpose_with_a_bad_permutation():
-    with pytest.raises(OpError, match="Transpose"):
-        _zeros(2, 3).transpose(0, 0)
+def test_permute_with_a_bad_permutation():
+    with pytest.raises(OpError, match="Permute"):
+        _zeros(2, 3).permute(0, 0)
+
+
+def test_transpose_names_a_bad_dim_and_a_permutation():
+    with pytest.raises(OpError, match=r"transpose: dim 2 .*\(2, 3\)"):
+        _zeros(2, 3).transpose(0, 2)
+    with pytest.raises(TypeError, match=r"transpose\(dim0, dim1\) swaps two axes, got \(2, 0, 1\).*permute"):
+        _zeros(2, 3, 4).transpose(2, 0, 1)
 
 
 def test_broadcast_to_an_incompatible_shape():

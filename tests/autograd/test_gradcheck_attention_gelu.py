@@ -150,9 +150,9 @@ def test_scaled_dot_product_attention_of_strided_views():
     qkv = uniform(rng, (5, 2, 3, 2, 4), -2, 2)                       # (T, B, 3, H, E)
 
     def attention(qkv):
-        q, k, v = ops.unbind(qkv.transpose(2, 1, 3, 0, 4), 0)       # each (B, H, T, E), strided
+        q, k, v = ops.unbind(qkv.permute(2, 1, 3, 0, 4), 0)       # each (B, H, T, E), strided
         out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return out.transpose(2, 0, 1, 3).reshape((5, 2, 8))
+        return out.permute(2, 0, 1, 3).reshape((5, 2, 8))
     q, k, v = np.moveaxis(qkv.numpy().transpose(2, 1, 3, 0, 4), 0, 0)
     expected = attention_reference(q, k, v, 0.5, True).transpose(2, 0, 1, 3).reshape(5, 2, 8)
     np.testing.assert_allclose(attention(qkv).numpy(), expected, rtol=1e-13, atol=1e-15)

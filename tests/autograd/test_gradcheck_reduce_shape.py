@@ -10,13 +10,23 @@ from autograd_testing import FEW, SETTINGS, check, distinct, leaf, seeds, shape_
 
 
 # ---- reductions ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["sum", "mean", "var"])
+@pytest.mark.parametrize("name", ["sum", "mean", "var", "var0", "std"])
 @SETTINGS
 @given(shape_and_axis(), st.booleans(), seeds)
 def test_smooth_reductions(name, shape_axis, keepdims, seed):
     shape, axis = shape_axis
+    if name in ("var", "std") and _count(shape, axis) < 2:
+        return  # unbiased over one element: 0/0, as torch's
     x = uniform(np.random.default_rng(seed), shape)
-    check(lambda x: getattr(x, name)(axis=axis, keepdims=keepdims), x)
+    if name == "var0":
+        check(lambda x: x.var(axis=axis, keepdims=keepdims, correction=0), x)
+    else:
+        check(lambda x: getattr(x, name)(axis=axis, keepdims=keepdims), x)
+
+
+def _count(shape, axis):
+    axes = range(len(shape)) if axis is None else np.atleast_1d(axis)
+    return int(np.prod([shape[a] for a in axes]))
 
 
 ALL_AXES = [None, 0, 1, 2, -1, -2, -3, (0,), (0, 1), (1, 2), (0, 2), (2, 0), (-1, 0), (0, 1, 2), ()]
@@ -27,19 +37,30 @@ ALL_AXES = [None, 0, 1, 2, -1, -2, -3, (0,), (0, 1), (1, 2), (0, 2), (2, 0), (-1
 def test_every_axis_of_a_3d_tensor(axis, keepdims):
     rng = np.random.default_rng(0)
     x, d = uniform(rng, (2, 3, 4)), distinct(rng, (2, 3, 4))
-    for name in ("sum", "mean", "var"):
+    for name in ("sum", "mean") + (("var", "std") if axis != () else ()):  # var over no axis: 0/0
         check(lambda x: getattr(x, name)(axis=axis, keepdims=keepdims), x)
-    for name in ("max", "min"):
+    check(lambda x: x.var(axis=axis, keepdims=keepdims, correction=0), x)
+    for name in ("amax", "amin"):
         check(lambda x: getattr(x, name)(axis=axis, keepdims=keepdims), d)
 
 
-@pytest.mark.parametrize("name", ["max", "min"])
+@pytest.mark.parametrize("name", ["amax", "amin"])
 @SETTINGS
 @given(shape_and_axis(), st.booleans(), seeds)
 def test_max_min_without_ties(name, shape_axis, keepdims, seed):
     shape, axis = shape_axis
     x = distinct(np.random.default_rng(seed), shape)
     check(lambda x: getattr(x, name)(axis=axis, keepdims=keepdims), x)
+
+
+@pytest.mark.parametrize("name", ["max", "min"])
+@SETTINGS
+@given(shapes(min_dims=1, max_dims=3, max_side=3), st.data(), st.booleans(), seeds)
+def test_max_min_along_one_dim_values(name, shape, data, keepdims, seed):
+    """x.max(dim).values: the gradient goes to the element the indices name."""
+    dim = data.draw(st.integers(-len(shape), len(shape) - 1))
+    x = distinct(np.random.default_rng(seed), shape)
+    check(lambda x: getattr(x, name)(dim, keepdims).values, x)
 
 
 @SETTINGS
@@ -50,16 +71,17 @@ def test_reduction_values_and_shapes_match_numpy(shape_axis, keepdims, seed):
     a = x.numpy()
     np_axis = axis if axis is None or isinstance(axis, int) else tuple(axis)
     for name, expected in [("sum", a.sum(np_axis, keepdims=keepdims)), ("mean", a.mean(np_axis, keepdims=keepdims)),
-                           ("var", a.var(np_axis, keepdims=keepdims)), ("max", a.max(np_axis, keepdims=keepdims)),
-                           ("min", a.min(np_axis, keepdims=keepdims))]:
+                           ("amax", a.max(np_axis, keepdims=keepdims)), ("amin", a.min(np_axis, keepdims=keepdims))]:
         got = getattr(x, name)(axis=axis, keepdims=keepdims)
         assert got.shape == np.shape(expected), name
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12, atol=1e-15, err_msg=name)
+    got = x.var(axis=axis, keepdims=keepdims, correction=0)
+    np.testing.assert_allclose(got.numpy(), a.var(np_axis, keepdims=keepdims), rtol=1e-12, atol=1e-15)
 
 
-def test_max_ties_share_the_gradient_evenly():
+def test_amax_ties_share_the_gradient_evenly():
     x = leaf([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]])
-    x.max(axis=1).sum().backward()
+    x.amax(axis=1).sum().backward()
     np.testing.assert_allclose(x.grad.numpy(), [[0, 0.5, 0.5], [1 / 3, 1 / 3, 1 / 3]], rtol=1e-15)
     y = leaf([4.0, -1.0, -1.0])
     y.min().backward()
@@ -71,7 +93,10 @@ def test_mean_and_var_gradient_values():
     x.mean().backward()
     np.testing.assert_allclose(x.grad.numpy(), [1 / 3] * 3, rtol=1e-15)
     x.grad = None
-    x.var().backward()  # population variance: d/dx_i = 2 (x_i - mean) / n
+    x.var().backward()  # unbiased, as torch's: d/dx_i = 2 (x_i - mean) / (n - 1)
+    np.testing.assert_allclose(x.grad.numpy(), 2 * (x.numpy() - 3.0) / 2, rtol=1e-14)
+    x.grad = None
+    x.var(correction=0).backward()  # population variance: d/dx_i = 2 (x_i - mean) / n
     np.testing.assert_allclose(x.grad.numpy(), 2 * (x.numpy() - 3.0) / 3, rtol=1e-14)
 
 
@@ -91,15 +116,25 @@ def test_reshape_to_a_random_factorisation(shape, data, seed):
 
 @SETTINGS
 @given(shapes(min_dims=1, max_dims=4, max_side=3), st.randoms(use_true_random=False), seeds)
-def test_transpose_and_permute(shape, random, seed):
+def test_permute(shape, random, seed):
     x = uniform(np.random.default_rng(seed), shape)
     axes = list(range(len(shape)))
     random.shuffle(axes)
     weights = leaf(np.random.default_rng(seed + 1).standard_normal(tuple(shape[a] for a in axes)), False)
-    check(lambda x: x.transpose(axes) * weights, x)
+    check(lambda x: x.permute(axes) * weights, x)
     check(lambda x: x.permute(*axes) * weights, x)
     negative = [a - len(shape) for a in axes]
-    check(lambda x: x.transpose(negative) * weights, x)
+    check(lambda x: x.permute(negative) * weights, x)
+
+
+@SETTINGS
+@given(shapes(min_dims=1, max_dims=4, max_side=3), st.data(), seeds)
+def test_transpose_swaps_two_axes(shape, data, seed):
+    x = uniform(np.random.default_rng(seed), shape)
+    n = len(shape)
+    dim0, dim1 = (data.draw(st.integers(-n, n - 1)) for _ in range(2))
+    swapped = np.swapaxes(np.empty(shape), dim0, dim1).shape
+    check(lambda x: x.transpose(dim0, dim1) * leaf(np.random.default_rng(seed + 1).standard_normal(swapped), False), x)
 
 
 @FEW

@@ -171,12 +171,12 @@ def test_frozen_module_and_plain_input_record_nothing():
 def test_grad_through_checkpoint_and_retain_graph():
     model = mlp(4, 5)
     x = dt.randn(2, 5, dtype="float64", requires_grad=True)
-    (gx,) = (dt.grad((model(x) ** 2).sum(), [x]),)
+    (gx,) = dt.grad((model(x) ** 2).sum(), x)
     y = checkpoint(model, x)
-    (gx_ckpt,) = (dt.grad((y ** 2).sum(), [x], retain_graph=True),)
-    np.testing.assert_array_equal(gx_ckpt[0].numpy(), gx[0].numpy())
+    (gx_ckpt,) = dt.grad((y ** 2).sum(), x, retain_graph=True)
+    np.testing.assert_array_equal(gx_ckpt.numpy(), gx.numpy())
     (y ** 2).sum().backward(retain_graph=True)  # the checkpoint node was kept: recompute again
-    np.testing.assert_array_equal(x.grad.numpy(), gx[0].numpy())
+    np.testing.assert_array_equal(x.grad.numpy(), gx.numpy())
     (y ** 2).sum().backward()
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         (y ** 2).sum().backward()

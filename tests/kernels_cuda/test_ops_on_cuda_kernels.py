@@ -84,9 +84,11 @@ ELEMENTWISE = {
 }
 REDUCE_SHAPE = {
     "sum": (lambda a: a.sum(axis=1), [(3, 4, 5)]), "mean": (lambda a: a.mean(axis=(0, 2), keepdims=True), [(3, 4, 5)]),
-    "var": (lambda a: a.var(axis=0), [(6, 2)]), "max": (lambda a: a.max(axis=1), [(3, 7)]),
+    "var": (lambda a: a.var(axis=0), [(6, 2)]), "max": (lambda a: a.max(axis=1).values, [(3, 7)]),
+    "amax": (lambda a: a.amax(axis=1), [(3, 7)]),
     "min": (lambda a: a.min(), [(3, 7)]), "reshape": (lambda a: a.reshape(6, 2), [(3, 4)]),
-    "transpose": (lambda a: a.transpose(2, 0, 1), [(2, 3, 4)]), "T": (lambda a: a.T, [(2, 3)]),
+    "permute": (lambda a: a.permute(2, 0, 1), [(2, 3, 4)]), "transpose": (lambda a: a.transpose(0, -1), [(2, 3, 4)]),
+    "T": (lambda a: a.T, [(2, 3)]),
     "broadcast_to": (lambda a: a.broadcast_to((3, 2, 4)), [(2, 1)]),
     "getitem_basic": (lambda a: a[1:, ::2], [(4, 5)]),
     "getitem_rows": (lambda a: a[dt.tensor(np.array([0, 2, 2, -1]), device=a.device)], [(4, 5)]),

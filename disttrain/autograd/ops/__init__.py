@@ -4,16 +4,17 @@ from disttrain.autograd.ops.attention import (MaskedSoftmax, ScaledDotProductAtt
                                              scaled_dot_product_attention)
 from disttrain.autograd.ops.conv import Fold, Unfold, avg_pool2d, conv2d, max_pool2d, unfold
 from disttrain.autograd.ops.elementwise import (Abs, Add, Clip, Div, Exp, Gelu, Log, Maximum, Mul, Neg, Pow,
-                                                Relu, Sigmoid, Sub, Tanh, Where, sum_to, where)
+                                                Relu, Sigmoid, Sub, Tanh, Where, maximum, minimum, sum_to, where)
 from disttrain.autograd.ops.linalg import Linear, MatMul, linear, matmul
 from disttrain.autograd.ops.lstm import (LSTMCell, LSTMLayer, lstm_cell, lstm_cell_reference, lstm_layer,
                                          lstm_layer_reference)
 from disttrain.autograd.ops.nn import (CrossEntropy, LogSoftmax, Softmax, cross_entropy, dropout, embedding,
                                        layer_norm, log_softmax, mse_loss, softmax)
-from disttrain.autograd.ops.reduce import Max, Sum, max, mean, min, sum, var
-from disttrain.autograd.ops.shape import (BroadcastTo, Cast, Concat, GetItem, IndexAdd, Reshape, ToDevice,
-                                          Transpose, broadcast_to, cast, concat, getitem, reshape, split, stack,
-                                          to_device, transpose, unbind, Unbind)
+from disttrain.autograd.ops.reduce import (Max, MaxResult, MinResult, Sum, amax, amin, max, mean, min, std, sum,
+                                          torch_names, var)
+from disttrain.autograd.ops.shape import (BroadcastTo, Cast, Concat, GetItem, IndexAdd, Permute, Reshape,
+                                          ToDevice, broadcast_to, cast, concat, getitem, permute, reshape, split,
+                                          stack, to_device, transpose, unbind, Unbind)
 
 
 def add(a, b):
@@ -70,10 +71,6 @@ def gelu(a, approximate="tanh"):
 
 def abs(a):
     return Abs.apply(a)
-
-
-def maximum(a, b):
-    return Maximum.apply(a, b)
 
 
 def clip(a, min=None, max=None):

@@ -93,7 +93,7 @@ def _pool(x, kernel_size, stride, padding, pad_value):
 
 def max_pool2d(x, kernel_size, stride=None, padding=0):
     windows, out_shape = _pool(x, kernel_size, stride, padding, float("-inf"))
-    return windows.max(axis=2).reshape(out_shape)
+    return windows.amax(axis=2).reshape(out_shape)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0):

@@ -118,14 +118,33 @@ class Pow(Function):
         return a ** b
 
     def backward(self, g):
+        # NOTE: zero where torch's is, not the NaN of the formulas: d/da where b == 0 (0 * 0 ** -1), d/db
+        # where a == 0 and b >= 0 (0 * log 0)
         a, b = self.saved_inputs
         ga = gb = None
         if self.needs_grad(0):
-            ga = sum_to(g * b * a ** (b - 1), _shape(a))
+            if not isinstance(b, Tensor) and np.ndim(b) == 0 and b == 0:  # a constant exponent 0: x ** 0 is 1
+                ga = Tensor._wrap(self.xp.zeros(a.shape, dtype=g.dtype))
+            else:
+                ga = sum_to(_zero_where(_array(b) == 0, g * b * a ** (b - 1)), a.shape)
         if self.needs_grad(1):
-            log_a = a.log() if isinstance(a, Tensor) else math.log(a)
-            gb = sum_to(g * self.output() * log_a, _shape(b))
+            log_a = a.log() if isinstance(a, Tensor) else (math.log(a) if a > 0 else _log_nonpositive(a))
+            gb = g * self.output() * log_a
+            gb = sum_to(_zero_where((_array(a) == 0) & (_array(b) >= 0), gb), _shape(b))
         return ga, gb
+
+
+def _zero_where(mask, value):
+    """value with zeros where mask (a bool, or a boolean array broadcasting with value) holds."""
+    if mask is True or mask is False:  # from constant operands
+        return Tensor._wrap(value.backend.xp.zeros(value.shape, dtype=value.dtype)) if mask else value
+    return where(mask, 0.0, value)
+
+
+def _log_nonpositive(a):
+    """log of a constant base <= 0 as NumPy gives it: -inf at 0, NaN below (math.log raises there)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(np.log(a))
 
 
 class Exp(Function):
@@ -266,6 +285,15 @@ class Clip(Function):
 
     def backward(self, g):
         return g * Tensor._wrap(self.inside.astype(g.dtype)), None, None
+
+
+def maximum(a, b):
+    return Maximum.apply(a, b)
+
+
+def minimum(a, b):
+    """Elementwise min; where a == b the gradient is split evenly, as torch.minimum."""
+    return -Maximum.apply(-a, -b)
 
 
 def where(cond, a, b):

@@ -79,8 +79,9 @@ class CrossEntropy(Function):
         # fused kernel: NumPy keeps the softmax for backward, CUDA the row log-sum-exp
         losses, softmax_state = self.backend.kernels.cross_entropy_forward(xp, logits, target, ignore_index,
                                                                             self.recording)
+        count = valid.sum()
         if reduction == "mean":
-            weight = valid / xp.maximum(valid.sum(), 1)  # no host read of the count (GPU: no sync)
+            weight = valid / xp.maximum(count, 1)  # no host read of the count (GPU: no sync)
         elif reduction == "sum":
             weight = valid * 1.0
         elif reduction == "none":
@@ -93,7 +94,9 @@ class CrossEntropy(Function):
         self.softmax_state = softmax_state if self.recording else None
         if weight is None:
             return losses.astype(logits.dtype, copy=False)
-        return (losses * weight).sum().astype(logits.dtype)
+        total = (losses * weight).sum().astype(logits.dtype)
+        # the mean over no target (all ignored) is 0/0, as torch's; its gradient stays 0, as torch's
+        return xp.where(count > 0, total, xp.nan).astype(logits.dtype) if reduction == "mean" else total
 
     def backward(self, g):
         (logits,) = self.saved_inputs
@@ -130,7 +133,7 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean"):
     if logits.ndim > 2:  # move the class axis last and flatten the rest
         c = logits.shape[1]
         axes = (0,) + tuple(range(2, logits.ndim)) + (1,)
-        out = CrossEntropy.apply(logits.transpose(axes).reshape((-1, c)), target.reshape(-1),
+        out = CrossEntropy.apply(logits.permute(axes).reshape((-1, c)), target.reshape(-1),
                                  ignore_index=ignore_index, reduction=reduction)
         return out.reshape(target.shape) if reduction == "none" else out
     if logits.ndim != 2:

@@ -1,5 +1,7 @@
-"""Shape and data-movement ops: reshape, transpose, broadcast_to, concat, stack, split,
+"""Shape and data-movement ops: reshape, permute and transpose, broadcast_to, concat, stack, split,
 indexing (gather with scatter-add backward), dtype casts and device copies."""
+import operator
+
 from disttrain.autograd import grad_mode
 from disttrain.autograd.function import Function, OpError
 from disttrain.tensor import layout
@@ -17,8 +19,8 @@ class Reshape(Function):
         return g.reshape(self.in_shape)
 
 
-class Transpose(Function):
-    """Permute axes; an empty `axes` reverses them (x.T)."""
+class Permute(Function):
+    """Reorder all axes (torch's permute, NumPy's transpose); an empty `axes` reverses them (x.T)."""
 
     is_view = True
 
@@ -33,7 +35,7 @@ class Transpose(Function):
         inverse = [0] * len(self.axes)
         for i, a in enumerate(self.axes):
             inverse[a % len(self.axes)] = i
-        return g.transpose(tuple(inverse))
+        return g.permute(tuple(inverse))
 
 
 class BroadcastTo(Function):
@@ -114,11 +116,20 @@ class GetItem(Function):
 
     def forward(self, a, index):
         self.in_shape = a.shape
-        self.index = index
+        # NOTE: an index tensor changed in place before backward (a batch buffer refilled) must not move the
+        # gradient to other rows: backward scatters with a copy of the index arrays (small next to x)
+        self.index = _own_index_arrays(index) if self.recording else index
         return a[index]
 
     def backward(self, g):
         return IndexAdd.apply(g, shape=self.in_shape, index=self.index), None
+
+
+def _own_index_arrays(index):
+    """`index` with each of its arrays copied (ints, slices, None and Ellipsis as they are)."""
+    if isinstance(index, tuple):
+        return tuple(p.copy() if hasattr(p, "copy") else p for p in index)
+    return index.copy() if hasattr(index, "copy") else index
 
 
 class IndexAdd(Function):
@@ -166,8 +177,31 @@ def reshape(a, shape):
     return Reshape.apply(a, shape=shape)
 
 
-def transpose(a, axes=()):
-    return Transpose.apply(a, axes=tuple(axes))
+def permute(a, axes=()):
+    """Reorder all axes: output axis i is input axis axes[i] (torch's permute); () reverses them."""
+    return Permute.apply(a, axes=tuple(axes))
+
+
+def transpose(a, dim0, dim1):
+    """Swap two axes (torch's transpose, NumPy's swapaxes); negative axes count from the end."""
+    axes = list(range(a.ndim))
+    i, j = (_axis(a, d, "transpose") for d in (dim0, dim1))
+    if a.ndim:
+        axes[i], axes[j] = axes[j], axes[i]
+    return Permute.apply(a, axes=tuple(axes))
+
+
+def _axis(a, d, where):
+    """One axis of `a` as a non-negative int (0 for a 0-d tensor, as torch allows dims 0 and -1 there)."""
+    n = max(a.ndim, 1)
+    try:
+        k = operator.index(d)
+    except TypeError:
+        k = None
+    if k is None or not -n <= k < n:
+        raise OpError(f"{where}: dim {d!r} is not an axis of a tensor of {a.ndim} dimensions (shape {a.shape}); "
+                      "transpose(dim0, dim1) swaps two axes, permute(*dims) reorders all")
+    return k % n
 
 
 def broadcast_to(a, shape):
@@ -176,7 +210,9 @@ def broadcast_to(a, shape):
     return BroadcastTo.apply(a, shape=tuple(shape))
 
 
-def concat(tensors, axis=0):
+def concat(tensors, axis=0, *, dim=None):
+    """Join along an existing axis (torch's cat; dim= is torch's name for axis=)."""
+    axis = _axis_or_dim("concat", axis, dim)
     tensors = list(tensors)
     if not tensors:
         raise ValueError("concat: needs at least one tensor")
@@ -185,7 +221,9 @@ def concat(tensors, axis=0):
     return Concat.apply(*tensors, axis=axis)
 
 
-def stack(tensors, axis=0):
+def stack(tensors, axis=0, *, dim=None):
+    """Join along a new axis (dim= is torch's name for axis=)."""
+    axis = _axis_or_dim("stack", axis, dim)
     tensors = list(tensors)
     if not tensors:
         raise ValueError("stack: needs at least one tensor")
@@ -194,6 +232,14 @@ def stack(tensors, axis=0):
         raise OpError(f"stack: all tensors must have the same shape, got {sorted(shapes)}")
     axis = axis % (tensors[0].ndim + 1)
     return concat([t.unsqueeze(axis) for t in tensors], axis=axis)
+
+
+def _axis_or_dim(where, axis, dim):
+    if dim is None:
+        return axis
+    if axis != 0:
+        raise TypeError(f"{where}: got both axis={axis!r} and dim={dim!r}; pass one of them")
+    return dim
 
 
 def split(a, split_size_or_sections, axis=0):
