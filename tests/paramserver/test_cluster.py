@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -108,3 +109,36 @@ def test_a_cluster_whose_main_worker_is_killed_exits_as_a_shell_reports_it(ps_jo
         assert cluster.returncode == 128 + signal.SIGKILL, err         # not -9 & 0xff = 247
     finally:
         cluster.kill()
+
+
+def test_snapshots_that_cannot_be_written_reach_the_terminal_and_fail_the_run(ps_job, tmp_path):
+    spec, _ = ps_job("ps.servers=2", "ps.workers=1", "ps.snapshot_every=5", "train.max_steps=40")
+    out = tmp_path / "run"
+    snapshots = out / "ps-snapshots"
+
+    def break_the_volume():                 # as a full or read-only snapshot volume would, once the servers run
+        deadline = time.monotonic() + 120
+        while not all((snapshots / f"server-{i}.snap").exists() for i in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        snapshots.rename(out / "moved-snapshots")
+        snapshots.write_text("a file where the snapshot directory was")
+
+    messages = []
+    breaker = threading.Thread(target=break_the_volume)
+    breaker.start()
+    status = Cluster(spec, out, insecure=True, quiet=True, log=messages.append).run()
+    breaker.join()
+    assert status == 1 and not any(m.startswith("done") for m in messages), messages
+    for i in (0, 1):
+        path = snapshots / f"server-{i}.snap"
+        periodic = [m for m in messages if m.startswith(f"server {i}: snapshot {path} FAILED: File exists")]
+        assert len(periodic) == 1, messages                    # the first failure, at once; no more within a minute
+        final = [m for m in messages if m.startswith(f"error: server {i} could not write its final snapshot")]
+        assert final == [f"error: server {i} could not write its final snapshot {path}: File exists; its last good "
+                         f"snapshot holds 0 of its 40 updates (a restart or --resume loses the others)"], messages
+        assert "Traceback" not in cluster_log(out, i)
+    assert messages.index(periodic[0]) < messages.index(final[0])
+
+
+def cluster_log(out, server):
+    return (out / "logs" / f"server-{server}.log").read_text()
