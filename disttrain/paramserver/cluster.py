@@ -5,8 +5,7 @@
 
 What it does, in order:
     1. checks the output directory: one that holds an earlier run is refused unless `resume` (continue it:
-       servers from their snapshots, workers from their checkpoints) or `overwrite` (its outputs are deleted;
-       keys are kept);
+       servers from their snapshots, workers from their checkpoints) or `overwrite` (its outputs are deleted; keys are kept);
     2. writes OUT/job.toml (the resolved job: every process reads the same one) and, unless insecure, CURVE
        keys into OUT/keys (one server pair, one pair per worker plus "admin");
     3. starts the servers on 127.0.0.1, each writing its endpoint into OUT/ps/server-I.endpoint and snapshotting
@@ -343,7 +342,7 @@ class Cluster:
             tee.join(timeout=10)
         self._tees = []
         for f in self._files:
-            f.close()
+            _close_log(f)
         self._files = []
         self.stop_errors = self._server_stop_errors(timeout)
         self._stopped = True
@@ -393,7 +392,12 @@ class _AlertFollower:
     whatever becomes of this process."""
 
     def __init__(self, path):
-        self.path, self._offset, self._partial = path, 0, b""
+        """Follow `path` from its present end (what an earlier run wrote there was shown then)."""
+        self.path, self._partial = path, b""
+        try:
+            self._offset = path.stat().st_size
+        except OSError:
+            self._offset = 0
 
     def new_alerts(self):
         """The marked lines completed since the last call, without the mark."""
@@ -412,13 +416,26 @@ class _AlertFollower:
 
 
 def _tee(pipe, log):
-    """Copy a child's stderr, line by line, to this process's stderr and to the child's log file."""
+    """Copy a child's stderr, line by line, to this process's stderr and to the child's log file (while the log
+    can be written: a full disk must not silence the terminal)."""
     for line in pipe:
-        log.write(line)
-        log.flush()
+        if log is not None:
+            try:
+                log.write(line)
+                log.flush()
+            except OSError:
+                log = None
         sys.stderr.write(line.decode("utf-8", errors="replace"))
         sys.stderr.flush()
     pipe.close()
+
+
+def _close_log(log):
+    """Close a child's log file; on a full disk its last buffered bytes are lost, which must not stop the stop."""
+    try:
+        log.close()
+    except OSError:
+        pass
 
 
 def _raise_interrupt(signum, frame):

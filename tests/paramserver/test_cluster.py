@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from disttrain.paramserver.cluster import Cluster, child_command
+from disttrain.paramserver.alerts import ALERT_PREFIX
+from disttrain.paramserver.cluster import Cluster, _AlertFollower, child_command
 from processes import live_processes
 from disttrain.train.loop import Trainer
 
@@ -142,3 +143,15 @@ def test_snapshots_that_cannot_be_written_reach_the_terminal_and_fail_the_run(ps
 
 def cluster_log(out, server):
     return (out / "logs" / f"server-{server}.log").read_text()
+
+
+def test_alerts_are_followed_from_the_end_of_an_earlier_runs_log(tmp_path):
+    log = tmp_path / "server-0.log"
+    log.write_text(f"{ALERT_PREFIX}server 0: shown by the earlier run\n")
+    follower = _AlertFollower(log)
+    with open(log, "a") as fh:
+        fh.write(f"server 0: a line for the log only\n{ALERT_PREFIX}server 0: new\n{ALERT_PREFIX}server 0: half")
+    assert follower.new_alerts() == ["server 0: new"]
+    with open(log, "a") as fh:
+        fh.write(" a line\n")
+    assert follower.new_alerts() == ["server 0: half a line"] and follower.new_alerts() == []
