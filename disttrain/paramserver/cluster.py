@@ -5,7 +5,8 @@
 
 What it does, in order:
     1. checks the output directory: one that holds an earlier run is refused unless `resume` (continue it:
-       servers from their snapshots, workers from their checkpoints) or `overwrite` (its outputs are deleted; keys are kept);
+       servers from their snapshots, workers from their checkpoints; refused when a snapshot is behind worker
+       0's checkpoint, resume_check.py) or `overwrite` (its outputs are deleted; keys are kept);
     2. writes OUT/job.toml (the resolved job: every process reads the same one) and, unless insecure, CURVE
        keys into OUT/keys (one server pair, one pair per worker plus "admin");
     3. starts the servers on 127.0.0.1, each writing its endpoint into OUT/ps/server-I.endpoint and snapshotting
@@ -35,6 +36,7 @@ import disttrain
 from disttrain.paramserver.alerts import ALERT_PREFIX
 from disttrain.paramserver.auth import ADMIN_NAME, generate_keys, worker_key_name
 from disttrain.paramserver.job import check_shards
+from disttrain.paramserver.resume_check import check_snapshots_not_behind
 from disttrain.paramserver.snapshot import SnapshotError, read_meta
 from disttrain.subprocesses import end_with_parent
 from disttrain.train import saving as ckpt
@@ -122,6 +124,7 @@ class Cluster:
             if missing:
                 raise ValueError(f"--resume: {self.out} holds no run to continue: missing {', '.join(missing)}; "
                                  f"run without --resume (or with --overwrite) to start one")
+            check_snapshots_not_behind(self.out, list(map(self.snapshot_path, range(self.num_servers))))
         elif earlier and not self.overwrite:
             raise ValueError(f"{self.out} holds an earlier run ({', '.join(earlier)}): give --resume to continue "
                              f"it or --overwrite to start over, or choose another --out")
