@@ -1,5 +1,6 @@
 """`disttrain ps-*` through the main entry point, and the [ps] section of job specs."""
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -97,11 +98,13 @@ def test_ps_cluster_resume_refuses_snapshots_behind_worker_0s_checkpoint(ps_job,
     assert main(base + ["--resume", "--set", "train.max_steps=30"]) == 2
     err = capfd.readouterr().err.strip()
     checkpoints = out / "checkpoints"
+    taken = re.search(r"the checkpoint was taken after (\d+);", err)   # worker 1's pushes after worker 0's last pull
+    assert taken and int(taken.group(1)) > 20, err                     # may or may not be in it: from 30 to 40
     assert err == (f"disttrain ps-cluster: error: --resume: the servers' snapshots are behind worker 0's checkpoint "
                    f"{checkpoints / 'step-000020'} (step 20): {snapshot} holds 20 updates, the checkpoint was taken "
-                   f"after 40; resuming would continue that step from older weights: resume from worker 0's older "
-                   f"checkpoint {checkpoints / 'step-000010'} (step 10), which they are not behind, by moving the "
-                   f"newer ones out of {checkpoints}, or start over with --overwrite")
+                   f"after {taken.group(1)}; resuming would continue that step from older weights: resume from worker "
+                   f"0's older checkpoint {checkpoints / 'step-000010'} (step 10), which they are not behind, by "
+                   f"moving the newer ones out of {checkpoints}, or start over with --overwrite")
     assert read_meta(snapshot)["updates"] == 20                        # nothing started
 
     (checkpoints / "step-000020").rename(tmp_path / "step-000020")     # the remedy it names
