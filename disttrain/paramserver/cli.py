@@ -11,8 +11,9 @@ ps-cluster runs a whole cluster on this machine (keys, S servers, W workers; wor
 metrics; servers log their update rate into DIR/logs). ps-server and ps-worker start the pieces by hand on many
 hosts; see launch/ps_multihost.md. Runnable without the `disttrain` script as `python -m disttrain.paramserver.cli`.
 
-Exit status: 0 done, 1 failure (a worker that reaches no server within [ps] reconnect_timeout, too), 2 unusable
-job file, options or keys, or an output directory holding an earlier run.
+Exit status: 0 done, 1 failure (a worker that reaches no server within [ps] reconnect_timeout, a server that
+cannot write its final snapshot, and ps-cluster when either happened), 2 unusable job file, options or keys, or an
+output directory holding an earlier run (or, with --resume, one whose snapshots are behind worker 0's checkpoint).
 """
 import argparse
 import signal
@@ -117,8 +118,10 @@ def _usage_errors():
 
 
 def server_main(args):
+    from disttrain.paramserver.alerts import ALERT_PREFIX
     from disttrain.paramserver.auth import ServerSecurity, check_insecure_endpoint
     from disttrain.paramserver.job import server_from_spec
+    from disttrain.paramserver.server import FinalSnapshotError
 
     try:
         spec = _spec(args, servers=args.servers)
@@ -138,7 +141,11 @@ def server_main(args):
         tmp.replace(path)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: server.request_stop())
-    server.serve()
+    try:
+        server.serve()
+    except FinalSnapshotError as exc:      # one line, marked for ps-cluster's terminal (paramserver/alerts.py)
+        print(f"{ALERT_PREFIX}{exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     print(f"server {args.index}: stopped after {server.updates} updates"
           + (f"; snapshot {args.snapshot}" if args.snapshot else ""), file=sys.stderr, flush=True)
     return EXIT_DONE

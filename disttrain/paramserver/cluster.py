@@ -5,8 +5,8 @@
 
 What it does, in order:
     1. checks the output directory: one that holds an earlier run is refused unless `resume` (continue it:
-       servers from their snapshots, workers from their checkpoints) or `overwrite` (its outputs are deleted;
-       keys are kept);
+       servers from their snapshots, workers from their checkpoints; refused when a snapshot is behind worker
+       0's checkpoint, resume_check.py) or `overwrite` (its outputs are deleted; keys are kept);
     2. writes OUT/job.toml (the resolved job: every process reads the same one) and, unless insecure, CURVE
        keys into OUT/keys (one server pair, one pair per worker plus "admin");
     3. starts the servers on 127.0.0.1, each writing its endpoint into OUT/ps/server-I.endpoint and snapshotting
@@ -15,8 +15,10 @@ What it does, in order:
        the others and the servers log into OUT/logs/; worker K > 0 keeps its checkpoint in OUT/workers/worker-K;
     5. supervises: a server that dies is restarted on the same port from its snapshot, and the log says what
        that snapshot holds (the workers reconnect); a worker that fails is reported with the end of its log and
-       the others go on (the servers drop it after heartbeat_timeout);
-    6. when every worker has exited, stops the servers with SIGTERM (each writes a final snapshot).
+       the others go on (the servers drop it after heartbeat_timeout); what a server marks for the operator
+       (alerts.py: a snapshot it cannot write) is shown on the terminal as it comes;
+    6. when every worker has exited, stops the servers with SIGTERM (each writes a final snapshot); a server that
+       could not write its final snapshot (or had to be killed) makes run() end with an error, never "done".
 Children run with this process's interpreter and this disttrain (never a `disttrain` in the working
 directory). Each process gets cores / (S + W) BLAS threads unless OMP_NUM_THREADS is set.
 Ctrl-C / SIGTERM stops the workers (they checkpoint and leave the servers), then the servers.
@@ -31,8 +33,10 @@ import time
 from pathlib import Path
 
 import disttrain
+from disttrain.paramserver.alerts import ALERT_PREFIX
 from disttrain.paramserver.auth import ADMIN_NAME, generate_keys, worker_key_name
 from disttrain.paramserver.job import check_shards
+from disttrain.paramserver.resume_check import check_snapshots_not_behind
 from disttrain.paramserver.snapshot import SnapshotError, read_meta
 from disttrain.subprocesses import end_with_parent
 from disttrain.train import saving as ckpt
@@ -74,9 +78,11 @@ class Cluster:
         self.quiet = quiet                       # True: worker 0 logs to its file only (tests)
         self.log = log or (lambda text: print(f"[ps-cluster] {text}", file=sys.stderr, flush=True))
         self.servers, self.workers = {}, {}      # index -> Popen
+        self._alerts = {}                        # server index -> _AlertFollower of its log
+        self.stop_errors = []                    # one line per server that did not stop cleanly
         self.endpoints = {}
         self.restarts = 0
-        self._stopping = False
+        self._stopping = self._stopped = False
         self._files = []
         self._tees = []
         self._checked = False
@@ -118,6 +124,7 @@ class Cluster:
             if missing:
                 raise ValueError(f"--resume: {self.out} holds no run to continue: missing {', '.join(missing)}; "
                                  f"run without --resume (or with --overwrite) to start one")
+            check_snapshots_not_behind(self.out, list(map(self.snapshot_path, range(self.num_servers))))
         elif earlier and not self.overwrite:
             raise ValueError(f"{self.out} holds an earlier run ({', '.join(earlier)}): give --resume to continue "
                              f"it or --overwrite to start over, or choose another --out")
@@ -177,6 +184,7 @@ class Cluster:
         if port is None:
             port = self.port + index if self.port else 0
         self._endpoint_file(index).unlink(missing_ok=True)
+        self._alerts.setdefault(index, _AlertFollower(self.log_path(f"server-{index}")))
         argv = ["ps-server", str(self.job_file), "--index", str(index), "--servers", str(self.num_servers),
                 "--bind", f"tcp://127.0.0.1:{port}", "--endpoint-file", str(self._endpoint_file(index)),
                 "--snapshot", str(self.snapshot_path(index)), *self._security_args()]
@@ -267,6 +275,7 @@ class Cluster:
                         shown = "" if self._on_terminal(k) else self._tail(f"worker-{k}")
                         self.log(f"worker {k} exited with status {code}; the others go on (log: "
                                  f"{self.log_path(f'worker-{k}')}){shown}")
+            self._forward_alerts()
             if all(code is not None for code in codes.values()):
                 return codes
             if restart_servers and not self._stopping:
@@ -279,6 +288,34 @@ class Cluster:
                 raise TimeoutError(f"workers still running after {timeout:g} s")
             time.sleep(poll)
 
+    def _forward_alerts(self):
+        """Show on the terminal what the servers marked for the operator since the last look."""
+        for follower in self._alerts.values():
+            for line in follower.new_alerts():
+                self.log(line)
+
+    def _server_stop_errors(self, timeout):
+        """After the servers were stopped: one line per server that did not stop cleanly (their other alerts are
+        shown)."""
+        errors = []
+        for i, proc in sorted(self.servers.items()):
+            alerts = self._alerts[i].new_alerts() if i in self._alerts else []
+            if proc.returncode == 0:
+                for line in alerts:
+                    self.log(line)
+                continue
+            for line in alerts[:-1]:
+                self.log(line)
+            if proc.returncode < 0:
+                errors.append(f"server {i} did not stop within {timeout:g} s of SIGTERM and was killed: its final "
+                              f"snapshot was not written; {self.restart_source(i)}")
+            elif alerts:
+                errors.append(alerts[-1])
+            else:
+                errors.append(f"server {i} exited with status {proc.returncode} while stopping (log: "
+                              f"{self.log_path(f'server-{i}')}){self._tail(f'server-{i}')}")
+        return errors
+
     def _tail(self, name):
         """The last lines of logs/NAME.log, indented, for a message (empty when there are none)."""
         try:
@@ -288,7 +325,10 @@ class Cluster:
         return "".join(f"\n    {line}" for line in lines) if lines else f" ({self.log_path(name)} is empty)"
 
     def stop(self, timeout=30.0):
-        """SIGTERM to the workers still running, then to the servers (final snapshots); SIGKILL stragglers."""
+        """SIGTERM to the workers still running, then to the servers (final snapshots); SIGKILL stragglers.
+        stop_errors then holds one line per server that did not stop cleanly (its final snapshot unwritten)."""
+        if self._stopped:
+            return
         self._stopping = True
         for group in (self.workers, self.servers):
             for proc in group.values():
@@ -305,30 +345,42 @@ class Cluster:
             tee.join(timeout=10)
         self._tees = []
         for f in self._files:
-            f.close()
+            _close_log(f)
         self._files = []
+        self.stop_errors = self._server_stop_errors(timeout)
+        self._stopped = True
 
     def run(self):
-        """start(), supervise(), stop(); returns worker 0's exit status (Ctrl-C: 130)."""
+        """start(), supervise(), stop(); returns worker 0's exit status (Ctrl-C: 130), or 1 when it was 0 but a
+        server could not write its final snapshot."""
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             self.start()
             codes = self.supervise()
         except KeyboardInterrupt:
             self.log("interrupted: stopping workers and servers")
-            self.stop()
+            self._stop_and_report()
             return 130
         except RuntimeError as exc:
             self.log(f"error: {exc}")
-            self.stop()
+            self._stop_and_report()
             return 1
         finally:
             signal.signal(signal.SIGTERM, previous)
-        self.stop()
+        clean = self._stop_and_report()
         failed = {k: c for k, c in codes.items() if c}
-        self.log(f"done; outputs in {self.out}" + (f"; workers with errors: {failed}" if failed else ""))
+        if clean:
+            self.log(f"done; outputs in {self.out}" + (f"; workers with errors: {failed}" if failed else ""))
         code = codes.get(0, 1)
-        return 128 - code if code < 0 else code        # killed by signal N: 128 + N, as a shell reports it
+        code = 128 - code if code < 0 else code        # killed by signal N: 128 + N, as a shell reports it
+        return code or (0 if clean else 1)
+
+    def _stop_and_report(self):
+        """stop(); each server that did not stop cleanly is one error line. True when there was none."""
+        self.stop()
+        for line in self.stop_errors:
+            self.log(f"error: {line}")
+        return not self.stop_errors
 
     def __enter__(self):
         return self
@@ -337,14 +389,56 @@ class Cluster:
         self.stop(timeout=10.0)
 
 
+class _AlertFollower:
+    """Reads a server's log as it grows (a restarted server appends to it) and picks out the lines marked with
+    ALERT_PREFIX; reading the file, rather than piping the server's output, leaves a server writing to a file
+    whatever becomes of this process."""
+
+    def __init__(self, path):
+        """Follow `path` from its present end (what an earlier run wrote there was shown then)."""
+        self.path, self._partial = path, b""
+        try:
+            self._offset = path.stat().st_size
+        except OSError:
+            self._offset = 0
+
+    def new_alerts(self):
+        """The marked lines completed since the last call, without the mark."""
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._offset)
+                data = fh.read()
+        except OSError:
+            return []
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        marked = [line.decode("utf-8", errors="replace") for line in lines
+                  if line.startswith(ALERT_PREFIX.encode())]
+        return [line[len(ALERT_PREFIX):] for line in marked]
+
+
 def _tee(pipe, log):
-    """Copy a child's stderr, line by line, to this process's stderr and to the child's log file."""
+    """Copy a child's stderr, line by line, to this process's stderr and to the child's log file (while the log
+    can be written: a full disk must not silence the terminal)."""
     for line in pipe:
-        log.write(line)
-        log.flush()
+        if log is not None:
+            try:
+                log.write(line)
+                log.flush()
+            except OSError:
+                log = None
         sys.stderr.write(line.decode("utf-8", errors="replace"))
         sys.stderr.flush()
     pipe.close()
+
+
+def _close_log(log):
+    """Close a child's log file; on a full disk its last buffered bytes are lost, which must not stop the stop."""
+    try:
+        log.close()
+    except OSError:
+        pass
 
 
 def _raise_interrupt(signum, frame):

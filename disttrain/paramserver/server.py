@@ -30,7 +30,8 @@ NOTE (snapshots): at start (unless it resumed from one), every `snapshot_every` 
 `snapshot_every_s` seconds with new updates, on request_stop() (SIGTERM in the CLI) and on close(), the server
 writes parameters, optimizer state, LR schedules, versions, counters and every worker's clock and last push
 atomically (snapshot.py). A new server started with the same snapshot path resumes from it and says from what;
-see docs/PARAMSERVER.md for what a crash loses.
+see docs/PARAMSERVER.md for what a crash loses. A periodic snapshot that fails is an alert for the operator
+(alerts.py) and the server serves on; a final one that fails makes close() raise FinalSnapshotError.
 """
 import math
 import secrets
@@ -46,6 +47,7 @@ import zmq
 from disttrain.autograd.grad_mode import no_grad
 from disttrain.nn.parameter import Parameter
 from disttrain.paramserver import protocol
+from disttrain.paramserver.alerts import ALERT_PREFIX, SnapshotFailures, kept_text, os_error_text
 from disttrain.paramserver.consistency import Consistency, SyncRound
 from disttrain.paramserver.membership import Membership
 from disttrain.paramserver.protocol import ProtocolError, show
@@ -55,7 +57,7 @@ from disttrain.paramserver.snapshot import SnapshotError, load_snapshot, save_sn
 from disttrain.tensor.tensor import Tensor
 from disttrain.train.saving import join_optimizer_state, split_optimizer_state
 
-__all__ = ["ServerConfig", "ParameterServer"]
+__all__ = ["ServerConfig", "ParameterServer", "FinalSnapshotError"]
 
 ZERO_COPY_BYTES = 1 << 16         # smaller arrays are copied into their frames (cheaper than tracking them)
 SNAPSHOT_FORMAT = "disttrain-ps-shard"
@@ -63,6 +65,11 @@ MAX_READ_RECORDS = 10_000
 RECEIVE_HWM = 16                  # messages queued per connection (a worker has at most two in flight)
 BATCH = 1000                      # messages handled between two looks at the clock and the stop flag
 REFUSAL_LOG_INTERVAL_S = 10.0     # the least between two refused messages logged, when log_every is 0
+
+
+class FinalSnapshotError(RuntimeError):
+    """The snapshot at close() could not be written; the message (one line) names the server, the file, the OS
+    error and what the last good snapshot holds."""
 
 
 @dataclass
@@ -90,6 +97,8 @@ class ParameterServer:
     None), `state_dict()` and `load_state_dict()` (disttrain.train.build.Schedules). It is not called when
     the server owns no part.
     security: an auth.ServerSecurity, or None for an insecure (loopback only) server.
+    log(text): the server's log; what the operator must see (failed snapshots) goes there too, marked with
+    alerts.ALERT_PREFIX.
     """
 
     def __init__(self, index, layout, initial, make_optimizer, config=None, bind="tcp://127.0.0.1:0",
@@ -131,6 +140,8 @@ class ParameterServer:
         self.reads = []                       # ssp: (worker, clock, slowest live clock) of answered reads
         self.max_lead = 0                     # ssp: the largest clock - slowest clock ever answered
         self.snapshots = 0
+        self.snapshot_updates = None          # the updates the last snapshot written (or restored) holds
+        self._snapshot_failures = SnapshotFailures(self._alert, f"server {index}")
         self._snapshot_at = 0
         self._snapshot_time = time.monotonic()
         self._stop = False
@@ -208,17 +219,32 @@ class ParameterServer:
             self.close()
 
     def close(self):
-        """Final snapshot (when configured), then close the socket, the ZAP handler and the context."""
+        """Final snapshot (when configured), then close the socket, the ZAP handler and the context.
+
+        Raises FinalSnapshotError (after closing) when the final snapshot cannot be written.
+        """
         if self.socket is None:
             return
+        failure = None
         if self.config.snapshot_path is not None:
-            self.snapshot()
+            try:
+                self.snapshot()
+            except OSError as exc:
+                failure = FinalSnapshotError(f"server {self.index} could not write its final snapshot "
+                                             f"{self.config.snapshot_path}: {os_error_text(exc)}; "
+                                             f"{kept_text(self.snapshot_updates, self.updates)} (a "
+                                             f"restart or --resume loses the others)")
         self.socket.close()
         self.socket = None
         if self.security is not None:
             self.security.stop()
         self.context.term()
         self.context = None
+        if failure is not None:
+            raise failure
+
+    def _alert(self, text):
+        self.log(ALERT_PREFIX + text)
 
     def _log_rate(self, seconds, updates):
         clocks = self.membership.clocks()
@@ -645,9 +671,10 @@ class ParameterServer:
                 "epoch": self.epoch, "optimizer": optim_json, "schedules": schedules, "time": time.time(),
                 "workers": workers}
         save_snapshot(path, arrays, meta)
-        self._snapshot_at = self.updates
+        self._snapshot_at = self.snapshot_updates = self.updates
         self._snapshot_time = time.monotonic()
         self.snapshots += 1
+        self._snapshot_failures.written(path)
         return path
 
     def _snapshot_if_due(self, now=None):
@@ -664,8 +691,7 @@ class ParameterServer:
             self.snapshot()
         except OSError as exc:          # e.g. a full disk: serve on, say so, and try again at the next due time
             self._snapshot_at, self._snapshot_time = self.updates, time.monotonic()
-            self.log(f"server {self.index}: snapshot to {self.config.snapshot_path} FAILED ({exc}); the previous "
-                     f"one stays, a crash now loses every update since it")
+            self._snapshot_failures.failed(self.config.snapshot_path, exc, self.updates, self.snapshot_updates)
 
     def _restore(self, path):
         arrays, meta = load_snapshot(path)
@@ -696,7 +722,7 @@ class ParameterServer:
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"{path}: counters unreadable ({show(str(exc), 200)})") from None
         self._round = SyncRound(self.round)
-        self._snapshot_at = self.updates
+        self._snapshot_at = self.snapshot_updates = self.updates
         self.restored = True
         written = meta.get("time")
         age = f", written {time.time() - written:.1f} s ago" if isinstance(written, (int, float)) else ""

@@ -11,7 +11,8 @@ the snapshot's, and whose string metadata holds
 NOTE (atomicity): a snapshot is written to `.<name>.tmp-<pid>` in the same directory, flushed and fsynced,
 renamed over `<name>` and the directory fsynced. A process killed at any moment leaves either the previous
 complete snapshot or the new complete one under `<name>`, never a mix; a stray temp file is ignored by
-`load_snapshot` and removed by the next `save_snapshot`. The sha256 catches a file damaged later (disk, copy).
+`load_snapshot` and removed by the next `save_snapshot`. A write that fails (a full disk, a read-only volume)
+removes its temp file before raising. The sha256 catches a file damaged later (disk, copy).
 
 NOTE (reading): a snapshot is checked like a message from a peer before anything is built from it: safetensors
 parses and bounds the header and the arrays; the metadata map nests at most MAX_DEPTH levels, every array is of
@@ -62,11 +63,15 @@ def save_snapshot(path, arrays, meta):
                                               "names": json.dumps(list(arrays)),
                                               "sha256": _digest(packed, arrays)})
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)     # a full disk: the half-written file would only take more of it
+        raise
     fsync_path(path.parent)
     return path
 

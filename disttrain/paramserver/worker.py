@@ -72,6 +72,7 @@ class _Link:
         self.joined = False
         self.incarnation = None
         self.clock = 0
+        self.updates = 0                  # the server's update count when it last sent parameters
         self.last_push = None             # clock of our latest push the server's state holds (from the join)
         self.joined_at = 0.0
         self.hb_sent = {}                 # seq -> send time of heartbeats not answered yet
@@ -442,6 +443,7 @@ class PSClient:
             self.lr = header["lr"]
         if header["op"] == "params":
             self._install(link, header, arrays)
+            link.updates = header.get("updates", link.updates)
         elif req.op == "pull" or (req.op == "push" and req.pull):
             raise PSError("bad_reply", f"expected parameters, got {header['op']}", link.index)
         req.reply = (header, arrays)

@@ -144,6 +144,12 @@ class ParameterServerMode(Mode):
             time.sleep(self.poll_interval)
 
     # ---- checkpoints ------------------------------------------------------------------------------------
+    def checkpoint_record(self):
+        """What each server had reached when this checkpoint was taken, as it told this worker: this worker's
+        clock and the server's update count. A server's snapshot holding less is behind the checkpoint
+        (paramserver/resume_check.py)."""
+        return {"ps_servers": [{"clock": link.clock, "updates": link.updates} for link in self.client.links]}
+
     def checkpoint_dir(self, out_dir):
         return worker_run_dir(out_dir, self.rank) if out_dir is not None else None
 

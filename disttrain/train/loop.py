@@ -662,6 +662,7 @@ class Trainer:
             "vocab_size": getattr(self.data, "vocab_size", None),
             "job": self.spec.to_dict(),
             "job_source": self.spec.source,
+            "mode": self.mode.checkpoint_record(),
         }
         return whole.model, arrays, meta
 

@@ -161,6 +161,11 @@ class Mode:
         """Where this process writes its job checkpoints (None: it writes none)."""
         return Path(out_dir) if out_dir is not None and self.is_main else None
 
+    def checkpoint_record(self):
+        """What the mode adds to a checkpoint's trainer.json as "mode" (JSON; None: nothing), for those who
+        judge the checkpoint later; restoring does not read it."""
+        return None
+
     # ---- reporting -------------------------------------------------------------------------------------
     def parameter_count(self):
         """The whole model's number of parameters."""

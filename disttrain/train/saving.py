@@ -10,7 +10,9 @@ A run directory DIR keeps its checkpoints in DIR/checkpoints/, one directory per
                             "optimizer.3.exp_avg") and the model's carried state ("state.0", "state.1", ...:
                             the LSTM LM's h and c; disttrain.models.protocol.state_to_arrays)
         trainer.json        everything else, as JSON: "format_version", step, epoch, data cursor, optimizer
-                            scalars and param_groups, LR-schedule states, RNG states, metrics position, the job
+                            scalars and param_groups, LR-schedule states, RNG states, metrics position, the job,
+                            the mode's record ("mode": a parameter-server worker's says what each server had
+                            reached)
         manifest.json       written last: "format_version", "step", "valid_loss" (the validation loss of these
                             weights when they were evaluated at this step, else null) and, for each of the three
                             files above, its size in bytes and its sha256

@@ -1,5 +1,6 @@
 """`disttrain ps-*` through the main entry point, and the [ps] section of job specs."""
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -81,6 +82,34 @@ def test_ps_cluster_refuses_resumes_or_overwrites_an_earlier_run(ps_job, tmp_pat
 
     assert main(["ps-cluster", str(job), "--insecure", "--out", str(tmp_path / "empty"), "--resume"]) == 2
     assert "holds no run to continue" in capfd.readouterr().err
+
+
+def test_ps_cluster_resume_refuses_snapshots_behind_worker_0s_checkpoint(ps_job, tmp_path, capfd):
+    _, job = ps_job("data.batch_size=4")
+    out = tmp_path / "run"
+    base = ["ps-cluster", str(job), "--servers", "1", "--workers", "2", "--insecure", "--out", str(out)]
+    snapshot = out / "ps-snapshots" / "server-0.snap"
+    assert main(base + ["--set", "train.max_steps=10"]) == 0
+    older = snapshot.read_bytes()                                      # 20 updates, as at worker 0's step 10
+    assert main(base + ["--resume", "--set", "train.max_steps=20"]) == 0
+    snapshot.write_bytes(older)                                        # as if every later snapshot had failed
+    capfd.readouterr()
+
+    assert main(base + ["--resume", "--set", "train.max_steps=30"]) == 2
+    err = capfd.readouterr().err.strip()
+    checkpoints = out / "checkpoints"
+    taken = re.search(r"the checkpoint was taken after (\d+);", err)   # worker 1's pushes after worker 0's last pull
+    assert taken and int(taken.group(1)) > 20, err                     # may or may not be in it: from 30 to 40
+    assert err == (f"disttrain ps-cluster: error: --resume: the servers' snapshots are behind worker 0's checkpoint "
+                   f"{checkpoints / 'step-000020'} (step 20): {snapshot} holds 20 updates, the checkpoint was taken "
+                   f"after {taken.group(1)}; resuming would continue that step from older weights: resume from worker "
+                   f"0's older checkpoint {checkpoints / 'step-000010'} (step 10), which they are not behind, by "
+                   f"moving the newer ones out of {checkpoints}, or start over with --overwrite")
+    assert read_meta(snapshot)["updates"] == 20                        # nothing started
+
+    (checkpoints / "step-000020").rename(tmp_path / "step-000020")     # the remedy it names
+    assert main(base + ["--resume", "--set", "train.max_steps=30"]) == 0
+    assert "worker 0: resuming from" in capfd.readouterr().err and "at step 10" in (out / "logs" / "worker-0.log").read_text()
 
 
 def test_ps_cluster_refuses_a_batch_its_workers_cannot_share(ps_job, tmp_path, capfd):

@@ -5,11 +5,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from disttrain.paramserver.cluster import Cluster, child_command
+from disttrain.paramserver.alerts import ALERT_PREFIX
+from disttrain.paramserver.cluster import Cluster, _AlertFollower, child_command
 from processes import live_processes
 from disttrain.train.loop import Trainer
 
@@ -108,3 +110,48 @@ def test_a_cluster_whose_main_worker_is_killed_exits_as_a_shell_reports_it(ps_jo
         assert cluster.returncode == 128 + signal.SIGKILL, err         # not -9 & 0xff = 247
     finally:
         cluster.kill()
+
+
+def test_snapshots_that_cannot_be_written_reach_the_terminal_and_fail_the_run(ps_job, tmp_path):
+    spec, _ = ps_job("ps.servers=2", "ps.workers=1", "ps.snapshot_every=5", "train.max_steps=40")
+    out = tmp_path / "run"
+    snapshots = out / "ps-snapshots"
+
+    def break_the_volume():                 # as a full or read-only snapshot volume would, once the servers run
+        deadline = time.monotonic() + 120
+        while not all((snapshots / f"server-{i}.snap").exists() for i in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        snapshots.rename(out / "moved-snapshots")
+        snapshots.write_text("a file where the snapshot directory was")
+
+    messages = []
+    breaker = threading.Thread(target=break_the_volume)
+    breaker.start()
+    status = Cluster(spec, out, insecure=True, quiet=True, log=messages.append).run()
+    breaker.join()
+    assert status == 1 and not any(m.startswith("done") for m in messages), messages
+    for i in (0, 1):
+        path = snapshots / f"server-{i}.snap"
+        periodic = [m for m in messages if m.startswith(f"server {i}: snapshot {path} FAILED: File exists")]
+        assert len(periodic) == 1, messages                    # the first failure, at once; no more within a minute
+        final = [m for m in messages if m.startswith(f"error: server {i} could not write its final snapshot")]
+        assert final == [f"error: server {i} could not write its final snapshot {path}: File exists; its last good "
+                         f"snapshot holds 0 of its 40 updates (a restart or --resume loses the others)"], messages
+        assert "Traceback" not in cluster_log(out, i)
+    assert messages.index(periodic[0]) < messages.index(final[0])
+
+
+def cluster_log(out, server):
+    return (out / "logs" / f"server-{server}.log").read_text()
+
+
+def test_alerts_are_followed_from_the_end_of_an_earlier_runs_log(tmp_path):
+    log = tmp_path / "server-0.log"
+    log.write_text(f"{ALERT_PREFIX}server 0: shown by the earlier run\n")
+    follower = _AlertFollower(log)
+    with open(log, "a") as fh:
+        fh.write(f"server 0: a line for the log only\n{ALERT_PREFIX}server 0: new\n{ALERT_PREFIX}server 0: half")
+    assert follower.new_alerts() == ["server 0: new"]
+    with open(log, "a") as fh:
+        fh.write(" a line\n")
+    assert follower.new_alerts() == ["server 0: half a line"] and follower.new_alerts() == []

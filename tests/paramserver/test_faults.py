@@ -1,6 +1,8 @@
 """Faults: a server killed and restarted loses only what came after its last snapshot (SIGTERM: nothing), and
 the worker reconnects by itself; a worker killed mid-run is dropped and the others finish."""
+import errno
 import json
+import os
 import re
 import shutil
 import signal
@@ -11,11 +13,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from disttrain.autograd.grad_mode import no_grad
+from disttrain.paramserver.alerts import ALERT_PREFIX, SnapshotFailures
 from disttrain.paramserver.cluster import ADMIN_ID, Cluster
 from disttrain.paramserver.sharding import Layout
 from disttrain.paramserver.job import initial_model
+from disttrain.paramserver.server import FinalSnapshotError, ParameterServer, ServerConfig
 from disttrain.paramserver.worker import PSClient
 from disttrain.tensor.tensor import Tensor
 from disttrain.train.build import build_optimizer, build_schedules
@@ -276,7 +281,7 @@ def test_sync_a_worker_dropped_after_its_push_is_not_counted_twice_in_the_round(
         np.testing.assert_array_equal(server.shards[0].data, np.full(4, -3.0, "<f4"))    # -(2 + 4) / 2
 
 
-def test_a_snapshot_that_cannot_be_written_is_logged_and_the_push_still_answered(tmp_path):
+def test_a_snapshot_that_cannot_be_written_is_an_alert_once_and_the_push_still_answered(tmp_path):
     layout = Layout.from_named_arrays([("w", np.zeros(4, "<f4"))], 1)
     where = tmp_path / "snapshots"
     with running_servers(layout, [np.zeros(4, "<f4")], sgd_factory(), {"snapshot_every": 1},
@@ -286,6 +291,49 @@ def test_a_snapshot_that_cannot_be_written_is_logged_and_the_push_still_answered
         shutil.rmtree(where)
         where.write_text("a file where the snapshot directory was")
         peer.join(layout, 0)
-        assert peer.request("push", [np.ones(4, "<f4")], worker=0, clock=0, keys=[0])["op"] == "ok"
-        assert server.updates == 1 and any("FAILED" in line for line in logged)
-        where.unlink()                                  # the final snapshot at exit can be written again
+        for clock in range(3):
+            assert peer.request("push", [np.ones(4, "<f4")], worker=0, clock=clock, keys=[0])["op"] == "ok"
+        assert server.updates == 3
+        alerts = [line for line in logged if line.startswith(ALERT_PREFIX)]
+        assert alerts == [f"{ALERT_PREFIX}server 0: snapshot {where / 's.snap'} FAILED: File exists; its last "
+                          f"good snapshot holds 0 of its 1 updates (a crash now loses the others); it tries again at "
+                          f"every due snapshot"], logged                   # the next failures within a minute: none
+        where.unlink()                                  # the volume is back
+        assert peer.request("push", [np.ones(4, "<f4")], worker=0, clock=3, keys=[0])["op"] == "ok"
+        assert logged[-1] == f"{ALERT_PREFIX}server 0: snapshot {where / 's.snap'} written again, after 3 failed"
+    assert sorted(p.name for p in where.iterdir()) == ["s.snap"]
+
+
+def test_failed_snapshots_are_reported_at_most_once_a_minute_with_a_count():
+    now = [0.0]
+    alerts = []
+    failures = SnapshotFailures(alerts.append, "server 1", interval=60.0, clock=lambda: now[0])
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    for t, updates in ((0, 10), (10, 20), (30, 30), (61, 40)):
+        now[0] = t
+        failures.failed("s.snap", full, updates, kept=5)
+    assert alerts == ["server 1: snapshot s.snap FAILED: No space left on device; its last good snapshot holds 5 of "
+                      "its 10 updates (a crash now loses the others); it tries again at every due snapshot",
+                      "server 1: snapshot s.snap FAILED: No space left on device (3 failures in the last 61 s); its "
+                      "last good snapshot holds 5 of its 40 updates (a crash now loses the others); it tries again at "
+                      "every due snapshot"]
+    failures.written("s.snap")
+    assert alerts[-1] == "server 1: snapshot s.snap written again, after 4 failed"
+    now[0] = 70
+    failures.failed("s.snap", full, 50, kept=40)            # a new failure after a success: reported at once
+    assert len(alerts) == 4 and "holds 40 of its 50 updates" in alerts[-1]
+
+
+def test_a_final_snapshot_that_cannot_be_written_raises_one_line_after_closing(tmp_path):
+    layout = Layout.from_named_arrays([("w", np.zeros(4, "<f4"))], 1)
+    where = tmp_path / "snapshots"
+    config = ServerConfig(snapshot_path=where / "s.snap", log_every=0)
+    server = ParameterServer(0, layout, [np.zeros(4, "<f4")], sgd_factory(), config, log=lambda text: None)
+    server.start()
+    shutil.rmtree(where)
+    where.write_text("a file where the snapshot directory was")
+    with pytest.raises(FinalSnapshotError) as info:
+        server.close()
+    assert str(info.value) == (f"server 0 could not write its final snapshot {where / 's.snap'}: File exists; its "
+                               f"last good snapshot holds 0 of its 0 updates (a restart or --resume loses the others)")
+    assert server.socket is None and server.context is None

@@ -1,4 +1,5 @@
 """Snapshot files: exact round trip, atomic replacement, damage detected."""
+import errno
 import os
 
 import numpy as np
@@ -34,6 +35,36 @@ def test_replacement_is_atomic_and_stale_temp_files_are_ignored(tmp_path):
     assert not stale.exists()
     assert load_snapshot(path)[1] == {"n": 2}
     assert sorted(os.listdir(tmp_path)) == ["s.snap"]
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync", "replace"])
+def test_a_failed_write_leaves_the_previous_snapshot_and_no_temp_file(tmp_path, monkeypatch, failing):
+    path = tmp_path / "s.snap"
+    save_snapshot(path, {"x": np.ones(3, "<f4")}, {"n": 1})
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if failing == "write":
+        monkeypatch.setattr("disttrain.paramserver.snapshot.open", _half_written, raising=False)
+    else:
+        monkeypatch.setattr(f"disttrain.paramserver.snapshot.os.{failing}", no_space)
+    with pytest.raises(OSError, match="No space left on device"):
+        save_snapshot(path, {"x": np.full(3, 2, "<f4")}, {"n": 2})
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["s.snap"]
+    assert load_snapshot(path)[1] == {"n": 1}
+
+
+def _half_written(path, mode):
+    """A file that takes half of what is written to it and then finds the disk full."""
+    fh = open(path, mode)
+    write = fh.write
+
+    def write_half(data):
+        write(data[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    fh.write = write_half
+    return fh
 
 
 @pytest.mark.parametrize("damage, message", [
