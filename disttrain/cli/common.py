@@ -1,5 +1,6 @@
 """What the `disttrain` sub-commands share: the JOB.toml and --set arguments, loading the job, failing in one line
 and the final report of an evaluation."""
+import errno
 import sys
 
 from disttrain.cli.exit_codes import EXIT_USAGE
@@ -60,3 +61,17 @@ def report_final(evals, data):
     if getattr(data, "char_level", False):
         parts += [f"{split} bpc {evals[split].bpc:.4f}" for split in splits]
     print("final: " + (" | ".join(parts) or "no evaluation splits"), flush=True)
+
+
+def after_write_error(exc):
+    """What to do after an OutputWriteError (a run's output that could not be written), by its OS error."""
+    if exc.errno == errno.ENOSPC:
+        fix = "free space"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make it writable"
+    elif exc.errno is None:                      # the directory was removed: nothing to fix on the disk
+        return "continue with --resume" if exc.last_checkpoint is not None else "start the run again"
+    else:
+        fix = "fix that"
+    return f"{fix} and continue with --resume" if exc.last_checkpoint is not None else \
+        f"{fix} and start the run again (with --overwrite where its directory holds files)"

@@ -16,7 +16,6 @@ One run at a time writes into an output directory: rank 0 holds its lock (train/
 checks until the run ends, and a second run is refused (exit status 2) naming the first one's PID.
 """
 import contextlib
-import errno
 import signal
 import sys
 import time
@@ -25,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from disttrain.cli import preflight
-from disttrain.cli.common import fail, load_job_for, report_final
+from disttrain.cli.common import after_write_error, fail, load_job_for, report_final
 from disttrain.cli.exit_codes import EXIT_DIVERGED, EXIT_DONE, EXIT_FAILURE, EXIT_IO, EXIT_SIGNAL, EXIT_USAGE
 from disttrain.autograd.function import OpError
 from disttrain.parallel.comm import abort_on_error
@@ -188,22 +187,8 @@ def _say_abort(exc):
     if isinstance(exc, SecondSignal):
         print(f"disttrain run: {exc}", file=sys.stderr, flush=True)
         return EXIT_SIGNAL.get(exc.signal_name, EXIT_FAILURE)
-    print(f"disttrain run: error: {exc}; {_after_write_error(exc)}", file=sys.stderr, flush=True)
+    print(f"disttrain run: error: {exc}; {after_write_error(exc)}", file=sys.stderr, flush=True)
     return EXIT_IO
-
-
-def _after_write_error(exc):
-    """What to do after OutputWriteError, by its OS error."""
-    if exc.errno == errno.ENOSPC:
-        fix = "free space"
-    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "make it writable"
-    elif exc.errno is None:                      # the directory was removed: nothing to fix on the disk
-        return "continue with --resume" if exc.last_checkpoint is not None else "start the run again"
-    else:
-        fix = "fix that"
-    return f"{fix} and continue with --resume" if exc.last_checkpoint is not None else \
-        f"{fix} and start the run again (with --overwrite where its directory holds files)"
 
 
 def _after_divergence(exc):

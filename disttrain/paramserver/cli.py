@@ -20,8 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
-from disttrain.cli.common import add_job_arguments, fail, report_final
-from disttrain.cli.exit_codes import EXIT_DONE, EXIT_FAILURE
+from disttrain.cli.common import add_job_arguments, after_write_error, fail, report_final
+from disttrain.cli.exit_codes import EXIT_DONE, EXIT_FAILURE, EXIT_IO
 
 
 def _security_arguments(parser, client):
@@ -165,7 +165,7 @@ def worker_main(args):
     from disttrain.paramserver.job import check_shards, run_worker
     from disttrain.paramserver.worker import PSError
     from disttrain.train.saving import CheckpointError
-    from disttrain.train.loop import TrainingInterrupted
+    from disttrain.train.loop import OutputWriteError, TrainingInterrupted
 
     try:
         spec = _spec(args, workers=args.shards)
@@ -207,6 +207,9 @@ def worker_main(args):
         return EXIT_FAILURE
     except CheckpointError as exc:      # an earlier run in --out; --resume: no checkpoint, or one of another job
         return fail("ps-worker", exc)
+    except OutputWriteError as exc:     # its checkpoint, metrics or config could not be written
+        print(f"worker {args.id}: error: {exc}; {after_write_error(exc)}", file=sys.stderr, flush=True)
+        return EXIT_IO
     if args.id == 0:                             # the same final line as `disttrain run`'s
         report_final(evals, trainers[0].data)
     return EXIT_DONE

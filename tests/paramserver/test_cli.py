@@ -1,9 +1,11 @@
 """`disttrain ps-*` through the main entry point, and the [ps] section of job specs."""
 import json
+import os
 import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -123,11 +125,26 @@ def test_ps_cluster_refuses_a_batch_its_workers_cannot_share(ps_job, tmp_path, c
         capfd.readouterr().err
 
 
-def ps_worker(job, out, endpoint, *extra, worker=0):
+def ps_worker(job, out, endpoint, *extra, worker=0, env=None):
     """`disttrain ps-worker JOB --id WORKER --connect ENDPOINT --insecure --out OUT ...` as a process."""
     return subprocess.run([sys.executable, "-m", "disttrain.paramserver.cli", "ps-worker", str(job), "--id",
                            str(worker), "--connect", endpoint, "--insecure", "--out", str(out), *map(str, extra)],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, env=env)
+
+
+def test_a_worker_whose_checkpoint_cannot_be_written_says_so_in_one_line(ps_job, tmp_path):
+    spec, job = ps_job("ps.servers=1", "ps.workers=1", "train.max_steps=6", "train.checkpoint_every=2")
+    faults = Path(__file__).parents[1] / "cli" / "fault_injection"        # ENOSPC from the second checkpoint on
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(faults), os.environ.get("PYTHONPATH", "")]),
+           "DISTTRAIN_TEST_FAIL": "disk_full", "PMI_RANK": "0"}
+    out = tmp_path / "run"
+    with serving_job(spec, 1) as (_, endpoints):
+        done = ps_worker(job, out, endpoints[0], env=env)
+    assert done.returncode == 74 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(
+        f"worker 0: error: cannot write {out / 'checkpoints' / 'step-000004.tmp'}"), done.stderr
+    assert done.stderr.strip().endswith(f"the last good checkpoint is {out / 'checkpoints' / 'step-000002'}; free "
+                                        "space and continue with --resume")
 
 
 def unused_port():
