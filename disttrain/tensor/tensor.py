@@ -148,6 +148,14 @@ class Tensor:
         """The values as a NumPy array (a copy from the GPU; the array itself on the CPU)."""
         return self.backend.to_numpy(self.data)
 
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(x): the values (this array itself on the CPU, a copy from the GPU); without it NumPy
+        would iterate the tensor into an array of objects."""
+        values = self.numpy()
+        if dtype is not None:
+            values = values.astype(dtype, copy=False)
+        return values.copy() if copy else values
+
     def item(self):
         if self.data.size != 1:
             raise ValueError(f"item() needs a tensor with one element, got shape {self.shape}")

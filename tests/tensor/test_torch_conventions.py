@@ -232,7 +232,7 @@ def test_iteration_over_the_first_axis():
     first, second, third = x
     same(second, t[1])
     same(sum(x), sum(t))
-    assert np.asarray(x).shape == X.shape
+    assert np.asarray(x).shape == X.shape and np.asarray(x).dtype == X.dtype   # not an array of objects
     sum(r * float(i + 1) for i, r in enumerate(x)).sum().backward()
     sum(r * float(i + 1) for i, r in enumerate(t)).sum().backward()
     same(x.grad, t.grad)
