@@ -97,6 +97,9 @@ def test_a_model_that_does_not_fit_its_data_is_one_line_and_exit_2(tmp_path):
     ("pair_in_the_middle", ('parallel.split_points=["3"]',),
      "[parallel] split_points = [\"3\"] with stages = 2: block '2' returns a tuple and ends a pipeline stage, but "
      "stages exchange one Tensor; choose split_points after blocks that return one Tensor"),
+    ("classifier_then_tanh", ('parallel.split_points=["5"]',),      # only rank 1 holds it: all must stop alike
+     "pipeline stage 1 of 2 holds no parameters (blocks 5); choose fewer stages, or split points that give every "
+     "stage a block with parameters"),
 ])
 def test_a_model_pipeline_mode_cannot_cut_is_one_line_and_exit_2(tmp_path, model, extra, said):
     job = tmp_path / "user.toml"

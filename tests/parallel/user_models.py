@@ -107,3 +107,8 @@ def pair_in_the_middle(job, data):
     """A chain whose third block returns a tuple that the fourth takes: no stage may start at the fourth."""
     hidden = job.model.hidden
     return nn.Sequential(nn.Linear(data.inputs.shape[1], hidden), nn.Tanh(), Pair(), Sum(), nn.Linear(hidden, 3))
+
+
+def classifier_then_tanh(job, data):
+    """classifier() with a last activation: a block without parameters that a stage can be given alone."""
+    return nn.Sequential(*classifier(job, data), nn.Tanh())
