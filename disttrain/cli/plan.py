@@ -25,8 +25,8 @@ from disttrain.parallel.data_mode import data_parallel_holding
 from disttrain.parallel.mpi_job import check_ranks
 from disttrain.parallel.mpi_mode import ranks as count_ranks
 from disttrain.parallel.pipeline.blocks import blocks_of
-from disttrain.parallel.pipeline.partition import partition
-from disttrain.parallel.pipeline.pipeline_mode import check_enough_blocks, user_partition
+from disttrain.parallel.pipeline.partition import CutError, partition
+from disttrain.parallel.pipeline.pipeline_mode import check_enough_blocks, cut_error, user_partition
 from disttrain.parallel.pipeline.profile import profile
 from disttrain.parallel.pipeline.runtime import split_micro_batches
 from disttrain.parallel.pipeline.stage_memory import stage_holding, stage_step_bytes
@@ -134,21 +134,25 @@ def estimate_ranks(spec, ranks):
 
 def _pipeline_ranks(spec, data, model, ranks):
     p = spec.parallel
+    check_enough_blocks(model, p.stages, spec.source)               # as PipelineMode.prepare checks them
     replica_inputs, replica_targets = _first_batch(data, Share(0, ranks // p.stages))
     inputs, targets = (split_micro_batches(a, p.micro_batches, data.batch_axis)[0]
                        for a in (replica_inputs, replica_targets))
     x, loss = _sample(model, data, inputs, targets)
     by_block = [b.activation_bytes for b in profile(model, x, repeats=1, loss_fn=loss).blocks]
-    check_enough_blocks(model, p.stages, spec.source)               # as PipelineMode.prepare checks them
-    cut = (user_partition(model, p.stages, p.split_points, spec.source) if p.split_points is not None else
-           partition(model, x, p.stages, repeats=1, statistic="min", loss_fn=loss))
     device = next(iter(model.parameters())).device
     loss_fn = lambda output, y: protocol.output_loss(model, output, dt.tensor(y, device=device))  # noqa: E731
     rows = []
-    for k in range(p.stages):
+    try:
+        cut = (user_partition(model, p.stages, p.split_points, spec.source) if p.split_points is not None else
+               partition(model, x, p.stages, repeats=1, statistic="min", loss_fn=loss))
+        steps = [stage_step_bytes(model, cut, k, replica_inputs, replica_targets, loss_fn, p.schedule, p.micro_batches,
+                                  data.batch_axis, ranks // p.stages, p.stage_checkpointing, device)
+                 for k in range(p.stages)]
+    except CutError as exc:                                          # as PipelineMode.prepare reports it
+        raise cut_error(exc, p.stages, p.split_points, spec.source) from None
+    for k, step in enumerate(steps):
         stage = cut.build_stage(model, k)
-        step = stage_step_bytes(model, cut, k, replica_inputs, replica_targets, loss_fn, p.schedule,
-                                p.micro_batches, data.batch_axis, ranks // p.stages, p.stage_checkpointing, device)
         need = memory_plan.predict(stage, build_optimizer(spec, stage.parameters()), None, stage_holding(k, step))
         rows.append((f"pipeline stage {k}", f" ({', '.join(cut.stage_blocks(k))}; {step.in_flight} micro-batch"
                      f"{'es' if step.in_flight > 1 else ''} in flight)", need))

@@ -84,6 +84,11 @@ class Sequential(_IndexedModules):
             return Sequential(OrderedDict(list(self._modules.items())[index]))
         return self._modules[self._key(index)]
 
+    def named_positions(self):
+        """(name, module) for every position of the chain in order: a module placed at two positions comes at
+        both (named_children() yields each module once, as torch's does)."""
+        return iter(self._modules.items())
+
     def forward(self, x):
         if self.checkpoint_segments is not None and self.training and is_grad_enabled():
             return checkpoint_sequential(list(self._modules.values()), self.checkpoint_segments, x)

@@ -1,6 +1,7 @@
 """`disttrain plan JOB [--ranks N] [--budget-mb X] [--set ...]`: each rank's memory estimate without training,
 the same figures `disttrain run` writes to memory.json; exit status 2 and one line when it does not fit."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -128,3 +129,19 @@ def test_a_device_the_machine_lacks_and_a_budget_below_zero_are_refused_in_one_l
     with pytest.raises(SystemExit) as stop:
         main(["plan", str(job_file), "--budget-mb", "-3"])
     assert stop.value.code == 2 and "expected a number of MiB > 0, got '-3'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, said", [
+    ("not_a_chain", '[parallel] mode = "pipeline" cuts the model into blocks, but a _TwoLayers is neither an '
+                    "nn.Sequential nor defines pipeline_blocks(); make it an nn.Sequential, or give it pipeline_blocks()"),
+    ("tied_ends", "[parallel] stages = 2: no cut into 2 stages keeps every stage starting where one may: not at block "
+                  "'last': parameter 'first.0.weight' of block 'first' is 'last.1.weight' of block 'last' too; tied "
+                  "weights must stay in one stage; choose at most 1 stages"),
+])
+def test_a_users_model_a_pipeline_cannot_cut_is_one_line_as_in_run(tmp_path, capsys, monkeypatch, model, said):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "parallel"))     # user_models.py
+    job = tmp_path / "user.toml"
+    job.write_text(f'[model]\nfactory = "user_models:{model}"\nhidden = 8\n[data]\nfactory = "user_models:blobs"\n'
+                   'batch_size = 8\n[parallel]\nmode = "pipeline"\nstages = 2\n')
+    assert main(["plan", str(job)]) == 2
+    assert one_error_line(capsys).startswith(f"disttrain plan: error: {job}: {said}")

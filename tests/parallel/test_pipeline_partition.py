@@ -15,8 +15,10 @@ from disttrain.autograd.function import Function
 from disttrain.autograd.observe import observe_ops
 from disttrain.autograd.ops import cross_entropy
 from disttrain.models.lstm_lm import LSTMLanguageModel
-from disttrain.parallel.pipeline.partition import Partition, balance, partition
+from disttrain.parallel.pipeline.blocks import Stage, blocks_of
+from disttrain.parallel.pipeline.partition import CutError, Partition, balance, cut_constraints, partition
 from disttrain.parallel.pipeline.profile import profile
+from user_models import Pair, Sum
 
 
 # ---- the balancer against brute force --------------------------------------------------------------
@@ -249,3 +251,58 @@ def test_balancer_stages_of_an_uneven_model_are_within_15_percent_in_measured_co
         assert max(measured) / min(measured) <= 1.15, part.describe()
         equal_counts = [sum(costs[k * n // stages:(k + 1) * n // stages]) for k in range(stages)]
         assert max(equal_counts) / min(equal_counts) > 2  # the model is uneven: equal block counts are not
+
+
+# ---- what the balancer never cuts ---------------------------------------------------------------
+def test_a_module_at_two_positions_is_a_block_at_each_and_both_stay_in_one_stage():
+    dt.manual_seed(0)
+    shared, act = nn.Linear(4, 4), nn.Tanh()
+    model = nn.Sequential(nn.Linear(4, 4), act, shared, act, shared, nn.Linear(4, 2))
+    blocks = blocks_of(model)
+    assert [name for name, _ in blocks] == ["0", "1", "2", "3", "4", "5"]
+    assert list(Stage(blocks).state_dict()) == list(model.state_dict())     # "4.weight" too, as torch's has
+    x = dt.randn(3, 4)
+    np.testing.assert_array_equal(Stage(blocks)(x)[0].numpy(), model(x).numpy())
+    assert sorted(cut_constraints(blocks)) == [3, 4]                        # the tanh is free to go anywhere
+    with pytest.raises(CutError, match=r"a stage cannot start at block '4': parameter '2.weight' of block '2' is "
+                                       r"'4.weight' of block '4' too; tied weights must stay in one stage"):
+        partition(model, None, 2, split_points=["4"])
+    for stages in (2, 3, 4):
+        part = partition(model, x, stages, repeats=1)
+        assert not {3, 4} & set(part.bounds), part.bounds
+        assert sum(part.stage_param_count(k) for k in range(stages)) == sum(p.numel() for p in model.parameters())
+    with pytest.raises(CutError, match=r"no cut into 5 stages .* choose at most 4 stages"):
+        partition(model, x, 5, repeats=1)
+
+
+def test_balance_starts_no_stage_where_it_may_not():
+    assert balance([1, 1, 1, 1], 2) == [0, 2, 4]
+    assert balance([1, 1, 1, 1], 2, no_cut_before={2}) in ([0, 1, 4], [0, 3, 4])
+    with pytest.raises(CutError, match="not at blocks \\[1, 2, 3\\]"):
+        balance([1, 1, 1, 1], 2, no_cut_before={1, 2, 3})
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, h):
+        return self.out(h), h
+
+
+def test_blocks_returning_tuples_are_profiled_and_no_stage_starts_after_one():
+    dt.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), Pair(), Sum(), nn.Linear(6, 6), Head())
+    x = dt.randn(5, 4)
+    loss = lambda output: (output[0] ** 2).mean() + (output[1] ** 2).mean()  # noqa: E731
+    prof = profile(model, x, repeats=2, loss_fn=loss)
+    assert [b.one_tensor for b in prof.blocks] == [True, True, False, True, True, False]
+    assert prof.blocks[2].output_shape == ((5, 6), (5, 6)) and prof.blocks[2].output_bytes == 2 * 5 * 6 * 4
+    assert prof.blocks[5].output_shape == ((5, 3), (5, 6)) and all(b.backward_s > 0 for b in prof.blocks[:2])
+    assert "((5, 6), (5, 6))" in prof.table()
+    for stages in (2, 3, 4, 5):
+        assert 3 not in partition(model, x, stages, repeats=1, loss_fn=loss).bounds
+    with pytest.raises(CutError, match="not at block '3': block '2' returns more than one Tensor; stages exchange "
+                                       "one Tensor; choose at most 5 stages"):
+        partition(model, x, 6, repeats=1, loss_fn=loss)

@@ -5,12 +5,16 @@ from dataclasses import replace
 
 import numpy as np
 
+import pytest
+
 import disttrain as dt
+from disttrain import nn
 from disttrain.models import protocol
 from disttrain.models.transformer_lm import TransformerLanguageModel
-from disttrain.parallel.pipeline.partition import partition
+from disttrain.parallel.pipeline.partition import CutError, partition
 from disttrain.parallel.pipeline.schedule import stage_actions
 from disttrain.parallel.pipeline.stage_memory import MicroBatchMemory, replay, stage_step_bytes
+from user_models import Pair, Sum
 
 # a middle stage: receive buffer 10, gradient receive 5, forward keeps 100 (peak 120); the first backward frees
 # the 100, the input buffer and the gradient receive, adds 40 of gradients and 10 + 5 sent (peak 60 above the
@@ -55,3 +59,28 @@ def test_measuring_a_stage_leaves_no_trace():
     assert all(p.grad is None for p in model.parameters())
     for name, b in model.named_buffers():
         np.testing.assert_array_equal(b.numpy(), buffers[name])
+
+
+def test_a_cut_after_a_block_returning_a_tuple_is_refused_naming_the_block():
+    model = nn.Sequential(nn.Linear(4, 6), Pair(), Sum(), nn.Linear(6, 3))
+    cut = partition(model, None, 2, split_points=["2"])
+    x, y = np.ones((4, 4), dtype=np.float32), np.zeros(4, dtype=np.int64)
+    loss_fn = lambda output, targets: protocol.output_loss(model, output, dt.tensor(targets))  # noqa: E731
+    for k in (0, 1):                                  # both ranks either side of the cut meet it
+        with pytest.raises(CutError, match="block '1' returns a tuple and ends a pipeline stage, but stages exchange "
+                                           "one Tensor"):
+            stage_step_bytes(model, cut, k, x, y, loss_fn, "1f1b", 2, batch_axis=0)
+
+
+def test_a_frozen_first_stage_is_measured_without_a_backward_and_its_successor_sends_no_gradient():
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
+    cut = partition(model, None, 2, split_points=["2"])
+    assert not cut.input_needs_gradient(model, 1)
+    x, y = np.ones((4, 4), dtype=np.float32), np.zeros(4, dtype=np.int64)
+    loss_fn = lambda output, targets: protocol.output_loss(model, output, dt.tensor(targets))  # noqa: E731
+    first = stage_step_bytes(model, cut, 0, x, y, loss_fn, "1f1b", 2, batch_axis=0)
+    last = stage_step_bytes(model, cut, 1, x, y, loss_fn, "1f1b", 2, batch_axis=0)
+    assert first.peak > 0 and last.peak > 0
+    assert all(p.grad is None for p in model.parameters())

@@ -86,3 +86,28 @@ def test_a_model_that_does_not_fit_its_data_is_one_line_and_exit_2(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("disttrain run: error: ") and "Traceback" not in done.stderr, done.stderr
     assert "(24, 2)" in done.stderr and "3" in done.stderr
+
+
+@pytest.mark.parametrize("model, extra, said", [
+    ("not_a_chain", (), '[parallel] mode = "pipeline" cuts the model into blocks, but a _TwoLayers is neither an nn.Sequential '
+                        "nor defines pipeline_blocks(); make it an nn.Sequential, or give it pipeline_blocks()"),
+    ("tied_ends", (), "[parallel] stages = 2: no cut into 2 stages keeps every stage starting where one may: not at "
+                      "block 'last': parameter 'first.0.weight' of block 'first' is 'last.1.weight' of block 'last' "
+                      "too; tied weights must stay in one stage; choose at most 1 stages"),
+    ("pair_in_the_middle", ('parallel.split_points=["3"]',),
+     "[parallel] split_points = [\"3\"] with stages = 2: block '2' returns a tuple and ends a pipeline stage, but "
+     "stages exchange one Tensor; choose split_points after blocks that return one Tensor"),
+    ("classifier_then_tanh", ('parallel.split_points=["5"]',),      # only rank 1 holds it: all must stop alike
+     "pipeline stage 1 of 2 holds no parameters (blocks 5); choose fewer stages, or split points that give every "
+     "stage a block with parameters"),
+])
+def test_a_model_pipeline_mode_cannot_cut_is_one_line_and_exit_2(tmp_path, model, extra, said):
+    job = tmp_path / "user.toml"
+    job.write_text(JOB.replace("user_models:classifier", f"user_models:{model}"))
+    args = [sys.executable, "-m", "disttrain.cli.main", "run", job, "--out", tmp_path / "out", "--set",
+            "parallel.mode=pipeline", "--set", "parallel.stages=2"]
+    for override in extra:
+        args += ["--set", override]
+    done = run_mpiexec(2, args, timeout=120, PYTHONPATH=str(HERE))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith(f"disttrain run: error: {job}: {said}") and done.stderr.count("\n") == 1, done.stderr

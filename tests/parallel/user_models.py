@@ -50,3 +50,65 @@ classifier_crash_on_rank_1 = _fails_on_rank_1(classifier, RuntimeError("rank 1's
 def classifier_of_wrong_width(job, data):
     """A model whose first layer expects one input feature more than the data has: a user's shape mistake."""
     return nn.Sequential(nn.Linear(data.inputs.shape[1] + 1, job.model.hidden), nn.Tanh(), nn.Linear(job.model.hidden, 3))
+
+
+class _TwoLayers(nn.Module):
+    """Not an nn.Sequential and no pipeline_blocks(): pipeline mode cannot cut it."""
+
+    def __init__(self, width, hidden, classes):
+        super().__init__()
+        self.a, self.b = nn.Linear(width, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.b(self.a(x).tanh())
+
+
+def not_a_chain(job, data):
+    return _TwoLayers(data.inputs.shape[1], job.model.hidden, 3)
+
+
+class _Ends(nn.Module):
+    """Two blocks sharing one Linear (a user's tied weights), cut by pipeline_blocks()."""
+
+    def __init__(self, width, hidden, classes):
+        super().__init__()
+        shared = nn.Linear(width, width)
+        self.first = nn.Sequential(shared, nn.Linear(width, hidden))
+        self.last = nn.Sequential(nn.Linear(hidden, width), shared, nn.Linear(width, classes))
+
+    def forward(self, x):
+        return self.last(self.first(x))
+
+    def pipeline_blocks(self):
+        from disttrain.parallel.pipeline.blocks import ModuleBlock
+
+        return [("first", ModuleBlock("first", self.first)), ("last", ModuleBlock("last", self.last))]
+
+
+def tied_ends(job, data):
+    return _Ends(data.inputs.shape[1], job.model.hidden, 3)
+
+
+class Pair(nn.Module):
+    """A block returning a tuple: (h, 2h)."""
+
+    def forward(self, h):
+        return h, h * 2.0
+
+
+class Sum(nn.Module):
+    """A block taking a pair: its sum."""
+
+    def forward(self, pair):
+        return pair[0] + pair[1]
+
+
+def pair_in_the_middle(job, data):
+    """A chain whose third block returns a tuple that the fourth takes: no stage may start at the fourth."""
+    hidden = job.model.hidden
+    return nn.Sequential(nn.Linear(data.inputs.shape[1], hidden), nn.Tanh(), Pair(), Sum(), nn.Linear(hidden, 3))
+
+
+def classifier_then_tanh(job, data):
+    """classifier() with a last activation: a block without parameters that a stage can be given alone."""
+    return nn.Sequential(*classifier(job, data), nn.Tanh())

@@ -7,6 +7,9 @@ i+1's input x, and `state` is the block's own carried recurrent state (None when
     stage = Stage(blocks[1:3])                # what one rank runs
     y, states = stage(x, states)              # states: one entry per block of the stage
 
+A module an nn.Sequential places at two positions is a block at each (its parameters, used by both, keep the
+two blocks in one stage: partition.py).
+
 NOTE: blocks hold the model's own modules and Parameter objects (no copies) and name them with
 the full model's names (`lstm.weight_ih_l1`, `decoder.bias`, `0.weight`), so a stage's
 state_dict is a subset of the model's and the stages' state_dicts merge into the model's.
@@ -36,22 +39,29 @@ class ModuleBlock(Block):
         return self.module(x), None
 
 
+class UncuttableModelError(TypeError):
+    """The model is neither an nn.Sequential nor has pipeline_blocks(): pipeline mode cannot cut it."""
+
+
 def blocks_of(model):
     """The model as a chain of blocks: [(name, Block), ...] in data-flow order.
 
     - a model with a `pipeline_blocks()` method (a model family's own cut, disttrain.models.protocol): what it
       returns, checked to be (unique name, Module) pairs covering every parameter;
-    - nn.Sequential: one stateless block per child, named as the child ("0", "1", ...).
+    - nn.Sequential: one stateless block per position, named as the child there ("0", "1", ...); a module
+      placed at two positions is a block at each.
     Blocks start in the model's training mode.
     """
     if hasattr(model, "pipeline_blocks"):
         blocks = _checked(model, list(model.pipeline_blocks()))
     elif isinstance(model, Sequential):
-        blocks = [(name, ModuleBlock(name, child)) for name, child in model.named_children()]
+        blocks = [(name, ModuleBlock(name, child)) for name, child in model.named_positions()]
     else:
-        raise TypeError(f"blocks_of: cannot cut a {type(model).__name__} into pipeline blocks; supported are "
-                        "nn.Sequential and models that define pipeline_blocks() returning "
-                        "[(name, Block), ...] where Block.forward(x, state=None) -> (y, new_state)")
+        raise UncuttableModelError(
+            f"blocks_of: cannot cut a {type(model).__name__} into pipeline blocks; supported are nn.Sequential and "
+            "models that define pipeline_blocks() returning [(name, Block), ...] where Block.forward(x, state=None) "
+            "-> (y, new_state) (disttrain.parallel.pipeline.blocks.ModuleBlock(name, module) makes a stateless "
+            "module a Block)")
     if not blocks:
         raise ValueError(f"blocks_of: {type(model).__name__} has no blocks (an empty Sequential?)")
     for _, block in blocks:

@@ -9,7 +9,10 @@ The balancer cuts the chain of blocks (blocks.py) into K contiguous stages. A st
 blocks' measured forward + backward time plus the time to move the tensors crossing its cuts
 (activations out, gradients back in) at `bandwidth` bytes/s; the K-1 cuts minimise the largest
 stage cost (exact dynamic programming over the chain), then, among the cuts that reach that
-optimum, make the cheapest stage as expensive as possible, then move the fewest bytes.
+optimum, make the cheapest stage as expensive as possible, then move the fewest bytes. Some cuts are
+never made (`cut_constraints`): none inside a span of blocks sharing a parameter or buffer (tied weights, a
+module an nn.Sequential places twice: one rank must update it), none after a block whose output is not one
+Tensor (stages exchange one Tensor).
 NOTE: measured times differ from rank to rank, so one rank partitions and sends the result to
 the others (to_dict / from_dict: plain JSON data); ranks never choose their own cuts.
 """
@@ -24,12 +27,18 @@ _TIE = 1e-9              # relative slack under which two stage costs count as e
 FORMAT_VERSION = 1
 
 
+class CutError(ValueError):
+    """No cut into the stages asked for keeps tied weights in one stage and sends one Tensor across every cut,
+    or the split points given break that."""
+
+
 # ---- the balancer --------------------------------------------------------------------------------
-def balance(costs, stages, cut_bytes=None, bandwidth=DEFAULT_BANDWIDTH):
+def balance(costs, stages, cut_bytes=None, bandwidth=DEFAULT_BANDWIDTH, no_cut_before=()):
     """Bounds [0, b1, ..., b_{K-1}, n] cutting n blocks of the given costs into K = `stages` runs.
 
     costs: seconds per block (forward + backward). cut_bytes: bytes of each block's output, what
     crosses a cut placed right after it (n or n-1 entries); None ignores communication.
+    no_cut_before: indices of blocks where no stage may start (CutError when no cut avoids them).
     Exact: minimises the largest stage cost, then maximises the smallest, then the bytes crossing.
     """
     costs = [float(c) for c in costs]
@@ -40,8 +49,12 @@ def balance(costs, stages, cut_bytes=None, bandwidth=DEFAULT_BANDWIDTH):
     if not bandwidth > 0:
         raise ValueError(f"balance: bandwidth must be > 0 bytes/s, got {bandwidth}")
     crossing = _crossing(cut_bytes, n)
-    cost = _stage_cost_fn(costs, crossing, bandwidth)
-    top = _min_max(cost, n, stages) * (1 + _TIE)
+    cost = _stage_cost_fn(costs, crossing, bandwidth, set(no_cut_before))
+    top = _min_max(cost, n, stages)
+    if top == math.inf:
+        raise CutError(f"balance: no cut of {n} blocks into {stages} stages starts every stage at a block where "
+                       f"a stage may start (not at blocks {sorted(no_cut_before)})")
+    top *= 1 + _TIE
     floor = _max_min(cost, n, stages, top) * (1 - _TIE)
     return _fewest_bytes(cost, crossing, n, stages, floor, top)
 
@@ -63,14 +76,17 @@ def _crossing(cut_bytes, n):
     return [int(b) for b in cut_bytes[:n - 1]]
 
 
-def _stage_cost_fn(costs, crossing, bandwidth):
-    """cost(i, j): blocks i..j-1's compute + their activations out and gradients back in."""
+def _stage_cost_fn(costs, crossing, bandwidth, no_cut_before=frozenset()):
+    """cost(i, j): blocks i..j-1's compute + their activations out and gradients back in (infinite for a stage
+    starting or ending where no cut may be)."""
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
     n = len(costs)
 
     def cost(i, j):
+        if (0 < i and i in no_cut_before) or (j < n and j in no_cut_before):
+            return math.inf
         moved = (crossing[i - 1] if i > 0 else 0) + (crossing[j - 1] if j < n else 0)
         return prefix[j] - prefix[i] + moved / bandwidth
 
@@ -184,6 +200,13 @@ class Partition:
                              f"blocks {list(self.block_names)}")
         return Stage([blocks[i] for i in self.stage_range(k)])
 
+    def input_needs_gradient(self, model, k):
+        """Whether stage k's input needs its gradient: a block of an earlier stage has a trainable parameter
+        (requires_grad, read now). Where it does not, stage k sends no gradient back, and stage k-1 expects
+        none."""
+        blocks = blocks_of(model)
+        return any(p.requires_grad for _, block in blocks[:self.bounds[k]] for p in block.parameters())
+
     def cut_bytes(self):
         """Bytes of the activation crossing each of the K-1 cuts (None without a profile)."""
         if self.block_output_bytes is None:
@@ -275,6 +298,7 @@ def partition(model, sample_input, stages, split_points=None, sample_state=None,
     _check_stages(stages, len(names))
     if split_points is not None:  # checked before a profile is spent on them
         bounds, chosen_by = bounds_from_split_points(split_points, names, stages), "split_points"
+        _check_cuts(bounds, names, cut_constraints(blocks))
     if profiled is None and sample_input is not None:
         profiled = profile(blocks, sample_input, sample_state, repeats=repeats, loss_fn=loss_fn,
                            statistic=statistic, clock=clock)
@@ -286,30 +310,65 @@ def partition(model, sample_input, stages, split_points=None, sample_state=None,
     elif split_points is None:
         if profiled is None:
             raise ValueError("partition: without split_points a sample_input (or a profile) is needed to balance")
-        bounds, chosen_by = balance(profiled.costs(), stages, profiled.output_bytes(), bandwidth), "balancer"
-    _check_no_parameter_spans_stages(blocks, bounds)
+        constraints = cut_constraints(blocks, [b.one_tensor for b in profiled.blocks])
+        try:
+            bounds = balance(profiled.costs(), stages, profiled.output_bytes(), bandwidth, no_cut_before=constraints)
+        except CutError:
+            raise CutError(f"partition: no cut into {stages} stages keeps every stage starting where one may: "
+                           + "; ".join(f"not at block {names[i]!r}: {why}" for i, why in sorted(constraints.items()))
+                           + f"; choose at most {len(names) - len(constraints)} stages") from None
+        chosen_by = "balancer"
+    own = _first_users(blocks)
     return Partition(
         bounds=bounds, block_names=names,
-        block_param_bytes=[sum(p.data.nbytes for p in b.parameters()) for _, b in blocks],
-        block_param_counts=[sum(p.numel() for p in b.parameters()) for _, b in blocks],
+        block_param_bytes=[sum(p.data.nbytes for p in b.parameters() if own[id(p)] == i)
+                           for i, (_, b) in enumerate(blocks)],
+        block_param_counts=[sum(p.numel() for p in b.parameters() if own[id(p)] == i)
+                            for i, (_, b) in enumerate(blocks)],
         block_costs=None if profiled is None else profiled.costs(),
         block_activation_bytes=None if profiled is None else [b.activation_bytes for b in profiled.blocks],
         block_output_bytes=None if profiled is None else profiled.output_bytes(),
         bandwidth=bandwidth, chosen_by=chosen_by)
 
 
-def _check_no_parameter_spans_stages(blocks, bounds):
-    """A Parameter used by blocks of two stages (tied weights) would need its gradients summed across
-    ranks, which the pipeline does not do: refuse such a cut."""
-    owner = {}
-    for k, (start, stop) in enumerate(zip(bounds, bounds[1:])):
-        for name, block in blocks[start:stop]:
-            for pname, p in block.named_parameters():
-                first = owner.setdefault(id(p), (k, name, pname))
-                if first[0] != k:
-                    raise ValueError(f"partition: parameter {first[2]!r} of block {first[1]!r} (stage {first[0]}) "
-                                     f"is also {pname!r} of block {name!r} (stage {k}); tied weights must stay "
-                                     "in one stage (untie them or choose split_points that keep them together)")
+def cut_constraints(blocks, one_tensor=None):
+    """{i: why} for every block i of `blocks` ([(name, Block)]) where no stage may start.
+
+    - a Parameter or buffer used by blocks on both sides (tied weights, a module an nn.Sequential places at two
+      positions) would need its gradients summed, or its updates shared, across ranks, which the pipeline does
+      not do;
+    - one_tensor (per block, when known from a profile): whether the block's output is one Tensor; stages
+      exchange one Tensor, so no stage starts after a block returning anything else.
+    """
+    why = {}
+    users = {}
+    for i, (name, block) in enumerate(blocks):
+        for kind, members in (("parameter", block.named_parameters()), ("buffer", block.named_buffers())):
+            for member_name, member in members:
+                first = users.setdefault(id(member), (i, name, member_name))
+                for start in range(first[0] + 1, i + 1):
+                    why.setdefault(start, f"{kind} {first[2]!r} of block {first[1]!r} is {member_name!r} of block "
+                                          f"{name!r} too; tied weights must stay in one stage")
+    for i, single in enumerate(one_tensor or ()):
+        if not single and i + 1 < len(blocks):
+            why.setdefault(i + 1, f"block {blocks[i][0]!r} returns more than one Tensor; stages exchange one Tensor")
+    return why
+
+
+def _check_cuts(bounds, names, constraints):
+    for start in bounds[1:-1]:
+        if start in constraints:
+            raise CutError(f"partition: a stage cannot start at block {names[start]!r}: {constraints[start]}; "
+                           "choose split_points that start no stage there")
+
+
+def _first_users(blocks):
+    """{id(Parameter): the index of the first block using it}, so that a shared Parameter counts once."""
+    first = {}
+    for i, (_, block) in enumerate(blocks):
+        for p in block.parameters():
+            first.setdefault(id(p), i)
+    return first
 
 
 def _span(names):

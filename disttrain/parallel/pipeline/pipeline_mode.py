@@ -11,9 +11,12 @@ micro-batches along the data's batch axis.
 
 What the mode's calls become here:
 - prepare: the model is cut along its blocks (disttrain.models.protocol: `pipeline_blocks()`, or an
-  nn.Sequential's children). With split_points every rank cuts it itself (the same cut everywhere, so a bad
+  nn.Sequential's positions). With split_points every rank cuts it itself (the same cut everywhere, so a bad
   split point is the same error on every rank); otherwise rank 0 balances a profile of one micro-batch of the
-  data and broadcasts the partition. Every rank keeps its Stage and gets an optimizer over its parameters.
+  data and broadcasts the partition, or the reason no cut fits (tied weights across every cut), which every
+  rank then raises. Measuring its stage's step memory, a rank may find a cut that does not carry one Tensor:
+  the ranks agree on that before going on, so all stop with the same one-line error. Every rank keeps its Stage
+  and gets an optimizer over its parameters.
 - forward_backward: PipelineRuntime.step under the schedule; the last stage computes the model's loss on its
   output (protocol.output_loss) and the loss is broadcast to the pipe (every rank logs the same number); the
   gradients are averaged over the stage communicator when D > 1. The carried state is this stage's, per
@@ -36,10 +39,10 @@ from disttrain.models import protocol
 from disttrain.nn.utils import clip_grad_norm_, grad_norm
 from disttrain.parallel.comm import world
 from disttrain.parallel.mpi_mode import MPIMode, ranks
-from disttrain.parallel.pipeline.blocks import blocks_of
+from disttrain.parallel.pipeline.blocks import UncuttableModelError, blocks_of
 from disttrain.parallel.pipeline.rank_layout import PipelineLayoutError, check_layout
 from disttrain.parallel.pipeline.p2p import StageLink
-from disttrain.parallel.pipeline.partition import Partition, partition
+from disttrain.parallel.pipeline.partition import CutError, Partition, partition
 from disttrain.parallel.pipeline.runtime import PipelineRuntime, split_micro_batches
 from disttrain.parallel.pipeline.schedule import max_in_flight, stage_actions
 from disttrain.parallel.pipeline.stage_memory import stage_holding, stage_step_bytes
@@ -49,7 +52,7 @@ from disttrain.train import saving
 from disttrain.train.memory_plan import holding_for
 from disttrain.train.mode import RunState, describe_threads, make_optimizer
 
-__all__ = ["PipelineMode", "check_enough_blocks", "user_partition"]
+__all__ = ["PipelineMode", "check_enough_blocks", "cut_error", "user_partition"]
 
 _PARAM_TAG = 31000       # full-model gathering for checkpoints (below the pipe's header tag)
 
@@ -72,6 +75,7 @@ class PipelineMode(MPIMode):
         self.step_memory = None               # this stage's measured step memory (stage_memory.py), from prepare
         self.batch_axis = 1
         self._blocks = []                     # [(name, None)] of the whole model, for its state protocol
+        self._gradients = (True, True)        # whether this stage's input, and its output, need gradients
         self._model_parameters = None
         self._eval_runtimes = {}
 
@@ -91,21 +95,31 @@ class PipelineMode(MPIMode):
         if self.split_points is not None:
             self.partition = user_partition(model, self.stages, self.split_points, self.source)
         else:
-            layout = self._balanced_partition(model, data).to_dict() if self.comm.rank == 0 else None
-            self.partition = Partition.from_dict(self.comm.bcast_object(layout, root=0,
-                                                                        what="broadcast of the partition"))
+            self.partition = self._broadcast_partition(model, data)
         self._blocks = [(name, None) for name in self.partition.block_names]
+        _check_every_stage_has_parameters(model, self.partition, self.source)   # every rank: all stop alike
         self.model = self.partition.build_stage(model, self.stage)
-        if not list(self.model.parameters()):
-            raise PipelineLayoutError(f"{self.source or '<job>'}: pipeline stage {self.stage} of {self.stages} "
-                                      f"holds no parameters (blocks {', '.join(self.model.block_names)}); choose "
-                                      "fewer stages, or split points that give every stage a block with parameters")
         xp = _array_module(model)
         self.step_memory = self._measure_step_memory(model, data)
+        self._gradients = (self.partition.input_needs_gradient(model, self.stage),
+                           self.stage < self.stages - 1 and self.partition.input_needs_gradient(model, self.stage + 1))
         _release_other_stages(model, self.model)
         self.link = StageLink(self.pipe, self.stage, self.stages, xp=xp)
         self.runtime = self._runtime(self.micro_batches, self.schedule)
         return self.model, make_optimizer(optimizer, self.model.parameters())
+
+    def _broadcast_partition(self, model, data):
+        """Rank 0's balanced cut on every rank, or, on every rank, the PipelineLayoutError it met."""
+        layout = error = None
+        if self.comm.rank == 0:
+            try:
+                layout = self._balanced_partition(model, data).to_dict()
+            except CutError as exc:
+                error = str(cut_error(exc, self.stages, None, self.source))
+        layout, error = self.comm.bcast_object((layout, error), root=0, what="broadcast of the partition")
+        if error is not None:
+            raise PipelineLayoutError(error)
+        return Partition.from_dict(layout)
 
     def _balanced_partition(self, model, data):
         """Rank 0's cut balancing a profile of one micro-batch of this replica's first training batch."""
@@ -119,14 +133,23 @@ class PipelineMode(MPIMode):
                          loss_fn=with_loss)
 
     def _measure_step_memory(self, model, data):
-        """This stage's StageStepMemory for the first training batch (None without data)."""
+        """This stage's StageStepMemory for the first training batch (None without data). A cut that does not
+        carry one Tensor is met by the ranks either side of it: all ranks agree on it and raise it alike."""
         if data is None:
             return None
         inputs, targets = next(iter(data.train_batches(self.train_share())))
         loss_fn = lambda output, y: protocol.output_loss(model, output, tensor(y, device=self.device_of(model)))  # noqa: E731
-        return stage_step_bytes(model, self.partition, self.stage, inputs, targets, loss_fn, self.schedule,
-                                self.micro_batches, self.batch_axis, self.replicas, self.checkpointing,
-                                self.device_of(model))
+        step = error = None
+        try:
+            step = stage_step_bytes(model, self.partition, self.stage, inputs, targets, loss_fn, self.schedule,
+                                    self.micro_batches, self.batch_axis, self.replicas, self.checkpointing,
+                                    self.device_of(model))
+        except CutError as exc:
+            error = str(cut_error(exc, self.stages, self.split_points, self.source))
+        errors = [e for e in self.comm.allgather_object(error, what="agreement on the stages' cuts") if e]
+        if errors:
+            raise PipelineLayoutError(errors[0])
+        return step
 
     @staticmethod
     def device_of(model):
@@ -134,8 +157,10 @@ class PipelineMode(MPIMode):
         return params[0].device if params else "cpu"
 
     def _runtime(self, micro_batches, schedule):
+        input_gradient, output_gradient = self._gradients
         return PipelineRuntime(self.model, self.link, schedule=schedule, micro_batches=micro_batches,
-                               batch_axis=self.batch_axis, checkpointing=self.checkpointing, device=self.device)
+                               batch_axis=self.batch_axis, checkpointing=self.checkpointing, device=self.device,
+                               input_gradient=input_gradient, output_gradient=output_gradient)
 
     def _loss_fn(self, output, targets):
         return protocol.output_loss(self.full_model, output, tensor(targets, device=self.device))
@@ -330,6 +355,17 @@ def _release_other_stages(model, stage):
             p.grad = None
 
 
+def _check_every_stage_has_parameters(model, cut, source):
+    """PipelineLayoutError naming the first stage of `cut` that holds no parameters (it would have nothing for
+    its optimizer and no device to run on)."""
+    for k in range(cut.stages):
+        stage = cut.build_stage(model, k)
+        if not list(stage.parameters()):
+            raise PipelineLayoutError(f"{source or '<job>'}: pipeline stage {k} of {cut.stages} holds no parameters "
+                                      f"(blocks {', '.join(stage.block_names)}); choose fewer stages, or split points "
+                                      "that give every stage a block with parameters")
+
+
 def _one_group(state):
     if len(state["param_groups"]) != 1:
         raise ValueError(f"pipeline checkpoints support optimizers with one parameter group, got "
@@ -342,8 +378,17 @@ def _array_module(model):
 
 
 def check_enough_blocks(model, stages, source=None):
-    """PipelineLayoutError unless the model has a block for each of `stages` stages (`source`: the job, named)."""
-    names = [name for name, _ in blocks_of(model)]
+    """PipelineLayoutError unless the model cuts into blocks (an nn.Sequential, or pipeline_blocks()), one for
+    each of `stages` stages (`source`: the job, named)."""
+    try:
+        names = [name for name, _ in blocks_of(model)]
+    except UncuttableModelError:
+        raise PipelineLayoutError(f'{source or "<job>"}: [parallel] mode = "pipeline" cuts the model into blocks, '
+                                  f"but a {type(model).__name__} is neither an nn.Sequential nor defines "
+                                  "pipeline_blocks(); make it an nn.Sequential, or give it pipeline_blocks() "
+                                  "returning [(name, Block), ...] with Block.forward(x, state=None) -> (y, state) "
+                                  "(disttrain.parallel.pipeline.blocks.ModuleBlock(name, module) wraps a stateless "
+                                  "module)") from None
     if stages > len(names):
         raise PipelineLayoutError(f"{source or '<job>'}: [parallel] stages = {stages}, but the model has "
                                   f"{len(names)} blocks ({', '.join(names)}) and every stage needs at least one; "
@@ -355,5 +400,13 @@ def user_partition(model, stages, split_points, source=None):
     try:
         return partition(model, None, stages, split_points=split_points)
     except (ValueError, TypeError) as exc:
-        raise PipelineLayoutError(f"{source or '<job>'}: [parallel] split_points = {json.dumps(split_points)} with "
-                                  f"stages = {stages}: {str(exc).removeprefix('split_points: ')}") from None
+        raise cut_error(exc, stages, split_points, source) from None
+
+
+def cut_error(exc, stages, split_points, source=None):
+    """The PipelineLayoutError saying that `exc` (a ValueError of the cut) came from the job's [parallel] stages
+    (the balancer's cut: split_points None) or its split_points."""
+    said = str(exc).removeprefix("split_points: ").removeprefix("partition: ")
+    given = (f"[parallel] stages = {stages}" if split_points is None else
+             f"[parallel] split_points = {json.dumps(split_points)} with stages = {stages}")
+    return PipelineLayoutError(f"{source or '<job>'}: {given}: {said}")

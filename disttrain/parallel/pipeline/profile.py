@@ -12,7 +12,10 @@ block's backward stops at its own input, as it does at a stage boundary):
      (an op observer, disttrain.autograd.observe);
   3. timing: `repeats` rounds of all forwards, then all backwards in reverse (a step's order:
      what each block finds in the caches is realistic); the median (or min) of each kept.
-NOTE: profiling leaves no trace in the model: gradients and the random generators are restored.
+A block may return a tuple (or list) of Tensors: its bytes are theirs together, its shape theirs each, and
+`one_tensor` is False (no stage may start after it: partition.cut_constraints).
+NOTE: profiling leaves no trace in the model: gradients, buffers (running statistics, counters) and the random
+generators are restored.
 """
 import gc
 import statistics
@@ -22,9 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from disttrain.autograd.observe import observe_ops
+from disttrain.autograd.engine import backward
 from disttrain.nn.module import Module
-from disttrain.models.protocol import block_states
-from disttrain.parallel.pipeline.blocks import blocks_of
+from disttrain.nn.utils import preserved_buffers
+from disttrain.models.protocol import block_states, state_tensors
+from disttrain.parallel.pipeline.blocks import Stage, blocks_of
 from disttrain.tensor import dtypes
 from disttrain.tensor.creation import ones_like
 from disttrain.tensor.memory import MemoryMeter
@@ -45,7 +50,8 @@ class OpRecord:
 @dataclass
 class BlockRecord:
     """One block: median forward/backward seconds, bytes kept for backward (its output included),
-    bytes of its parameters, and the output that crosses a cut placed after it."""
+    bytes of its parameters, and the output that crosses a cut placed after it (output_shape: a tuple of
+    shapes, one_tensor False, when the block returns several Tensors)."""
 
     name: str
     forward_s: float
@@ -55,6 +61,7 @@ class BlockRecord:
     output_bytes: int
     output_shape: tuple
     ops: int
+    one_tensor: bool = True
 
     @property
     def cost_s(self):
@@ -129,19 +136,19 @@ def profile(model, sample_input, sample_state=None, repeats=5, loss_fn=None, sta
         blocks = list(model)
         states = list(sample_state) if sample_state is not None else [None] * len(blocks)
     params = [p for _, b in blocks for p in b.parameters()]
-    with fork_rng(get_rng_state()), _grads_kept(params):
+    with preserved_buffers(Stage(blocks)), fork_rng(get_rng_state()), _grads_kept(params):
         activation = _measure_memory(blocks, sample_input, states, loss_fn)
         ops, outputs = _record_ops(blocks, sample_input, states, loss_fn)  # (shape, bytes) per block
         with _gc_paused():  # as timeit does: a collection inside one block's timing is not its cost
             times = [_time_chain(blocks, sample_input, states, loss_fn, now) for _ in range(repeats)]
     records = []
     for i, (name, block) in enumerate(blocks):
-        shape, nbytes = outputs[i]
+        shape, nbytes, one = outputs[i]
         records.append(BlockRecord(
             name=name, forward_s=summary([t[i][0] for t in times]),
             backward_s=summary([t[i][1] for t in times]), activation_bytes=activation[i],
             param_bytes=sum(p.data.nbytes for p in block.parameters()), output_bytes=nbytes,
-            output_shape=shape, ops=sum(1 for r in ops if r.block == name)))
+            output_shape=shape, ops=sum(1 for r in ops if r.block == name), one_tensor=one))
     return Profile(records, ops, repeats, statistic, clock)
 
 
@@ -165,7 +172,7 @@ def _measure_memory(blocks, x, states, loss_fn):
 
 def _record_ops(blocks, x, states, loss_fn):
     """One forward with every op recorded (the loss's with the last block's); returns the records and
-    each block's output (shape, bytes)."""
+    each block's output (shape, bytes, whether it is one Tensor)."""
     records, outputs, where = [], [], [None]
 
     def on_op(call):  # ops inside another op's forward (a checkpoint's first run) count toward that op
@@ -177,7 +184,10 @@ def _record_ops(blocks, x, states, loss_fn):
         for i, (name, block) in enumerate(blocks):
             where[0] = name
             x, _ = block(_block_input(x, i), states[i])
-            outputs.append((tuple(x.shape), x.data.nbytes))
+            tensors = state_tensors(x)
+            shapes = [tuple(t.shape) for t in tensors]
+            one = isinstance(x, Tensor)
+            outputs.append((shapes[0] if one else tuple(shapes), sum(t.data.nbytes for t in tensors), one))
         if loss_fn is not None:
             loss_fn(x)
     return records, outputs
@@ -206,21 +216,39 @@ def _time_chain(blocks, x, states, loss_fn, now):
     backward_s = [0.0] * n
     for i in reversed(range(n)):
         out, outputs[i] = outputs[i], None  # freed once its backward ran, as in a real step
-        if not out.requires_grad:
+        roots, seeds = _backward_roots(out, inputs[i + 1] if i < n - 1 else None)
+        if not roots:
             continue
-        seed = inputs[i + 1].grad if i < n - 1 else None
-        if seed is None and out.ndim:
-            seed = ones_like(out)
-        start = _synced(out, now)
-        out.backward(seed)
-        backward_s[i] = _synced(out, now) - start
+        start = _synced(roots[0], now)
+        backward(roots, seeds)
+        backward_s[i] = _synced(roots[0], now) - start
     return list(zip(forward_s, backward_s))
 
 
+def _backward_roots(out, next_input):
+    """(tensors, seeds) a block's backward starts from: each output Tensor that requires grad, seeded with the
+    gradient the next block sent back to it (next_input: that block's input, the same nest), else with ones
+    (None for a scalar: the loss)."""
+    outs = state_tensors(out)
+    sent = state_tensors(next_input) if next_input is not None else [None] * len(outs)
+    roots, seeds = [], []
+    for t, received in zip(outs, sent):
+        if t.requires_grad:
+            seed = received.grad if received is not None else None
+            roots.append(t)
+            seeds.append(seed if seed is not None or not t.ndim else ones_like(t))
+    return roots, seeds
+
+
 def _block_input(x, i):
-    """Block i's input: the sample for block 0; else the previous output, detached and, when it is
-    floating point, requiring grad (a stage computes its input's gradient to send it back)."""
-    if i == 0 or not isinstance(x, Tensor):
+    """Block i's input: the sample for block 0; else the previous output (each Tensor of a tuple or list),
+    detached and, when it is floating point, requiring grad (a stage computes its input's gradient to send
+    it back)."""
+    if i == 0:
+        return x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_block_input(item, i) for item in x)
+    if not isinstance(x, Tensor):
         return x
     x = x.detach()
     return x.requires_grad_() if dtypes.is_floating(x.dtype) else x

@@ -16,6 +16,11 @@ so the parameter gradients accumulated over the M micro-batches are those of bac
 over the whole batch, exactly what one process computes (backward_scale = T for the "sum_over_time" loss).
 The returned loss is the plain mean (sum of loss_m / M) for logging.
 
+Frozen layers: input_gradient=False (no trainable parameter before this stage) makes the stage's input need no
+gradient, so none is computed or sent back; output_gradient=False (none in or before it either) makes the next
+stage send none, so a stage before the last runs no backward at all. Both sides of a cut are given the same
+answer (Partition.input_needs_gradient), so no stage waits for a gradient that will not come.
+
 Carried state (truncated BPTT): `states[m]` is micro-batch m's state of this stage's blocks (a list, one
 entry per block; None = zeros), i.e. the state of m's columns; the new states are returned detached and are
 passed to the next segment's step, so the state flows across segments per stage while gradients stop at
@@ -57,11 +62,13 @@ class PipelineRuntime:
     """Executes `schedule` ("gpipe" or "1f1b") on this rank's `stage` (a pipeline Stage module) over `link`."""
 
     def __init__(self, stage, link, schedule="1f1b", micro_batches=1, batch_axis=1, checkpointing=False,
-                 device="cpu"):
+                 device="cpu", input_gradient=True, output_gradient=True):
         self.stage, self.link, self.schedule = stage, link, schedule
         self.micro_batches, self.batch_axis = micro_batches, batch_axis
         self.checkpointing, self.device = checkpointing, device
         self.first, self.last = link.prev is None, link.next is None
+        self.input_gradient = input_gradient and not self.first
+        self.output_gradient = output_gradient and not self.last
 
     # ------------------------------------------------------------------------------------------ one step
     def step(self, inputs, targets, loss_fn, states=None, backward_scale=1.0):
@@ -106,25 +113,29 @@ class PipelineRuntime:
                 if step.backward_scale is not None:
                     step.outputs[m] = loss * (step.backward_scale / step.micro_batches)
         if not self.last:
-            self.link.send_activation(m, keys[m], y.data, expect_gradient=step.backward_scale is not None)
-            if step.backward_scale is not None:
+            backward = step.backward_scale is not None and self.output_gradient
+            self.link.send_activation(m, keys[m], y.data, expect_gradient=backward)
+            if backward:
                 step.outputs[m] = y
 
     def _stage_input(self, m, micro_input, step):
         if self.first:
             return dt.tensor(micro_input, device=self.device)
         received = self.link.recv_activation(m)
-        x = dt.Tensor(received, requires_grad=step.backward_scale is not None)
-        if step.backward_scale is not None:
+        gradient = step.backward_scale is not None and self.input_gradient
+        x = dt.Tensor(received, requires_grad=gradient)
+        if gradient:
             step.inputs[m] = x
         return x
 
     def _backward(self, m, step):
-        output = step.outputs.pop(m)
+        output = step.outputs.pop(m, None)
+        if output is None or (self.last and not output.requires_grad):    # nothing trainable in or before it
+            return
         gradient = None if self.last else dt.Tensor(self.link.recv_gradient(m))
         with trace.span("backward", micro_batch=m):
             output.backward(gradient)
-        if not self.first:
+        if self.input_gradient:
             x = step.inputs.pop(m)
             self.link.send_gradient(m, x.grad.data)
 

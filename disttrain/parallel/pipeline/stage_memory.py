@@ -16,7 +16,11 @@ its schedule has forwarded and not yet backwarded), its gradients from the first
 Two micro-batches of stage k run here, each forward then backward, under a MemoryMeter, on the output of
 stages 0..k-1 for the first micro-batch (computed without a graph): the first backward makes the gradients,
 the second accumulates into them. Their figures replayed over the schedule's actions give the peak; the
-per-array messages are emulated by the same arrays held the same way.
+per-array messages are emulated by the same arrays held the same way. A stage whose output needs no gradient
+(no trainable parameter in it or before it: frozen first layers) runs no backward, and one whose input needs
+none sends none back, as in the runtime.
+The forwards that reach stage k also check that every cut before it, and stage k's own output, carry one
+Tensor (CutError naming the block otherwise: stages exchange one Tensor).
 """
 from dataclasses import dataclass
 
@@ -24,10 +28,13 @@ import numpy as np
 
 import disttrain as dt
 from disttrain.checkpointing import checkpoint
+from disttrain.nn.utils import preserved_buffers
+from disttrain.parallel.pipeline.partition import CutError
 from disttrain.parallel.pipeline.runtime import split_micro_batches
 from disttrain.parallel.pipeline.schedule import stage_actions
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.tensor.random import fork_rng, get_rng_state
+from disttrain.tensor.tensor import Tensor
 from disttrain.train.memory_plan import holding_for
 
 __all__ = ["MicroBatchMemory", "StageStepMemory", "measure_micro_batches", "replay", "stage_step_bytes",
@@ -77,10 +84,14 @@ def replay(actions, m, micro_batches, replicas=1):
     return StageStepMemory(peak, m.received + m.keep + m.gradient_received, most)
 
 
-def measure_micro_batches(stage, x, targets=None, loss_fn=None, first=False, checkpointing=False, device="cpu"):
+def measure_micro_batches(stage, x, targets=None, loss_fn=None, first=False, checkpointing=False, device="cpu",
+                          input_gradient=True, output_gradient=True):
     """MicroBatchMemory of two micro-batches of `stage` on the input array `x` (tokens on the first stage, the
     previous stage's output elsewhere). loss_fn(output, targets) -> loss on the last stage; None elsewhere
-    (its backward starts from a stand-in gradient of the output's shape). Leaves the gradients as before."""
+    (its backward starts from a stand-in gradient of the output's shape). input_gradient: whether the stage's
+    input needs its gradient (sent back; not on the first stage); output_gradient: whether the next stage sends
+    one back for its output (without one, a stage before the last runs no backward). Leaves the gradients as
+    before."""
     params = list(stage.parameters())
     saved = [p.grad for p in params]
     sent, states = [], []            # what StageLink keeps until the step ends; the carried states
@@ -89,8 +100,8 @@ def measure_micro_batches(stage, x, targets=None, loss_fn=None, first=False, che
             p.grad = None
         resident = list(stage.state_dict(keep_vars=True).values())
         with MemoryMeter(device, resident=resident) as meter:
-            phases = [_micro_batch(meter, stage, x, targets, loss_fn, first, checkpointing, device, sent, states)
-                      for _ in range(2)]
+            phases = [_micro_batch(meter, stage, x, targets, loss_fn, first, checkpointing, device, sent, states,
+                                   input_gradient and not first, output_gradient) for _ in range(2)]
         gradients = sum(p.grad.data.nbytes for p in params if p.grad is not None)
     finally:
         for p, grad in zip(params, saved):
@@ -99,13 +110,14 @@ def measure_micro_batches(stage, x, targets=None, loss_fn=None, first=False, che
     return MicroBatchMemory(received, gradient_received, forward_peak, keep, b1, c1, b2, c2, gradients)
 
 
-def _micro_batch(meter, stage, x, targets, loss_fn, first, checkpointing, device, sent, states):
+def _micro_batch(meter, stage, x, targets, loss_fn, first, checkpointing, device, sent, states, input_gradient,
+                 output_gradient):
     """(received, gradient received, forward peak, keep, backward peak, backward change) of one micro-batch."""
     received = 0
     if first:
         inputs = x
     else:
-        inputs = dt.Tensor(dt.tensor(x, device=device).data, requires_grad=True)    # the receive buffer
+        inputs = dt.Tensor(dt.tensor(x, device=device).data, requires_grad=input_gradient)   # the receive buffer
         received = inputs.data.nbytes
     meter.reset()
     start = meter.live_bytes
@@ -116,15 +128,18 @@ def _micro_batch(meter, stage, x, targets, loss_fn, first, checkpointing, device
     forward_peak, keep = meter.peak_bytes - start, meter.live_bytes - start
     gradient = None
     if loss_fn is None:
-        sent.append(y.data)
-        gradient = dt.Tensor(y.backend.xp.ones_like(y.data))         # the gradient receive buffer
+        sent.append(_one_tensor_out(y, stage).data)
+        if output_gradient:
+            gradient = dt.Tensor(y.backend.xp.ones_like(y.data))         # the gradient receive buffer
     gradient_received = 0 if gradient is None else gradient.data.nbytes
+    runs_backward = output.requires_grad if loss_fn is not None else output_gradient
     del y
     meter.reset()
     before = meter.live_bytes
-    output.backward(gradient)
+    if runs_backward:
+        output.backward(gradient)
     del output, gradient
-    if not first:
+    if input_gradient:
         sent.append(inputs.grad.data)
     del inputs
     return received, gradient_received, forward_peak, keep, meter.peak_bytes - before, meter.live_bytes - before
@@ -135,23 +150,34 @@ def stage_step_bytes(model, partition, k, inputs, targets, loss_fn, schedule, mi
     """StageStepMemory of stage k of `model` cut by `partition` (the whole model still holds every stage's
     parameters) for a step of this replica's `inputs`, `targets` (NumPy arrays) in `micro_batches`
     micro-batches under `schedule`; loss_fn(output, targets array) is the model's loss. It leaves no trace: the
-    random generators and the model's buffers are as before (and its gradients: measure_micro_batches)."""
+    random generators and the model's buffers are as before (and its gradients: measure_micro_batches).
+    CutError when a cut before stage k or after it does not carry one Tensor."""
     stages = partition.stages
     x = split_micro_batches(np.asarray(inputs), micro_batches, batch_axis)[0]
     y = split_micro_batches(np.asarray(targets), micro_batches, batch_axis)[0]
     last = k == stages - 1
-    buffers = {name: b.numpy().copy() for name, b in model.named_buffers()}
-    with fork_rng(get_rng_state()):        # training then draws the numbers it would draw without this
+    # training then draws the numbers it would draw without this, and finds the buffers as they were
+    with preserved_buffers(model), fork_rng(get_rng_state()):
         with dt.no_grad():
             for j in range(k):
-                x, _ = partition.build_stage(model, j)(dt.tensor(x, device=device) if j == 0 else x, None)
+                stage = partition.build_stage(model, j)
+                x, _ = stage(dt.tensor(x, device=device) if j == 0 else x, None)
+                x = _one_tensor_out(x, stage)
         x = x.numpy() if k else x
         costs = measure_micro_batches(partition.build_stage(model, k), x, y if last else None,
                                       loss_fn if last else None, first=k == 0, checkpointing=checkpointing,
-                                      device=device)
-    if buffers:
-        model.load_state_dict(buffers, strict=False)
+                                      device=device, input_gradient=k > 0 and partition.input_needs_gradient(model, k),
+                                      output_gradient=not last and partition.input_needs_gradient(model, k + 1))
     return replay(stage_actions(schedule, stages, micro_batches, k), costs, micro_batches, replicas)
+
+
+def _one_tensor_out(y, stage):
+    """`y`, the output of `stage` that crosses a cut, if it is one Tensor; else CutError naming the stage's last
+    block."""
+    if not isinstance(y, Tensor):
+        raise CutError(f"block {stage.block_names[-1]!r} returns a {type(y).__name__} and ends a pipeline stage, "
+                       "but stages exchange one Tensor; choose split_points after blocks that return one Tensor")
+    return y
 
 
 def stage_holding(k, step):
