@@ -8,6 +8,8 @@ floods the terminal.
 """
 import time
 
+from disttrain.paramserver.throttle import Throttle
+
 __all__ = ["ALERT_PREFIX", "SNAPSHOT_ALERT_INTERVAL_S", "SnapshotFailures", "os_error_text", "kept_text"]
 
 ALERT_PREFIX = "[alert] "
@@ -24,29 +26,27 @@ class SnapshotFailures:
     after each snapshot written."""
 
     def __init__(self, alert, who, interval=SNAPSHOT_ALERT_INTERVAL_S, clock=time.monotonic):
-        self._alert, self._who, self._interval, self._clock = alert, who, interval, clock
-        self._alerted_at = None
-        self._unreported = 0
+        self._alert, self._who = alert, who
+        self._throttle = Throttle(interval, clock)
         self.failures = 0          # in a row, since the last snapshot written
 
     def failed(self, path, exc, updates, kept):
         """A snapshot to `path` failed with `exc` at `updates` updates; `kept`: the updates the last good snapshot
         holds (None: there is none)."""
         self.failures += 1
-        now = self._clock()
-        if self._alerted_at is not None and now - self._alerted_at < self._interval:
-            self._unreported += 1
+        passed = self._throttle.let_through()
+        if passed is None:
             return
-        more = (f" ({self._unreported + 1} failures in the last {now - self._alerted_at:.0f} s)"
-                if self._alerted_at is not None else "")
+        held, since = passed
+        more = f" ({held + 1} failures in the last {since:.0f} s)" if since is not None else ""
         self._alert(f"{self._who}: snapshot {path} FAILED: {os_error_text(exc)}{more}; {kept_text(kept, updates)} "
                     f"(a crash now loses the others); it tries again at every due snapshot")
-        self._alerted_at, self._unreported = now, 0
 
     def written(self, path):
         if self.failures:
             self._alert(f"{self._who}: snapshot {path} written again, after {self.failures} failed")
-        self.failures, self._alerted_at, self._unreported = 0, None, 0
+        self.failures = 0
+        self._throttle.reset()
 
 
 def kept_text(kept, updates):

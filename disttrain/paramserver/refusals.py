@@ -3,6 +3,8 @@ and the peer it came from; the others are counted and the count goes with the ne
 bad messages (a buggy or hostile peer) cannot flood the log, and the server's rate line counts them all."""
 import time
 
+from disttrain.paramserver.throttle import Throttle
+
 MAX_REASON_CHARS = 300     # a reason may quote what the peer sent
 
 
@@ -10,18 +12,15 @@ class RefusalLog:
     """log(text) a refusal now and then: refused(peer, code, reason) at most once every `interval` seconds."""
 
     def __init__(self, log, who, interval, clock=time.monotonic):
-        self._log, self._who, self._interval, self._clock = log, who, interval, clock
-        self._logged_at = None
-        self._unlogged = 0
+        self._log, self._who = log, who
+        self._throttle = Throttle(interval, clock)
 
     def refused(self, peer, code, reason):
-        now = self._clock()
-        if self._logged_at is not None and now - self._logged_at < self._interval:
-            self._unlogged += 1
+        passed = self._throttle.let_through()
+        if passed is None:
             return
+        held, since = passed
         if len(reason) > MAX_REASON_CHARS:
             reason = reason[:MAX_REASON_CHARS] + "..."
-        more = (f" ({self._unlogged} more refused since the last one logged, in {now - self._logged_at:.0f} s)"
-                if self._unlogged else "")
+        more = f" ({held} more refused since the last one logged, in {since:.0f} s)" if held else ""
         self._log(f"{self._who}: refused a message from peer {peer.hex()}: {code}: {reason}{more}")
-        self._logged_at, self._unlogged = now, 0
