@@ -36,8 +36,9 @@ from disttrain.train import run_lock
 from disttrain.train.jobspec import JobSpecError
 from disttrain.train.memory_plan import MEMORY_FILE
 from disttrain.train.saving import DIRNAME, CheckpointError, list_checkpoints, load_checkpoint
-from disttrain.train.loop import (CONFIG_FILE, CURVES_FILE, METRICS_FILE, MemoryBudgetExceeded, OutputWriteError,
-                                  Trainer, TrainingDiverged, TrainingInterrupted, check_new_run)
+from disttrain.train.loop import (CONFIG_FILE, CURVES_FILE, METRICS_FILE, MemoryBudgetExceeded, Trainer,
+                                  TrainingDiverged, TrainingInterrupted, check_new_run)
+from disttrain.train.outputs import OutputWriteError
 
 
 # Mistakes in the job, its files or the options (every rank meets a ModelMismatchError: factories that build

@@ -165,7 +165,8 @@ def worker_main(args):
     from disttrain.paramserver.job import check_shards, run_worker
     from disttrain.paramserver.worker import PSError
     from disttrain.train.saving import CheckpointError
-    from disttrain.train.loop import OutputWriteError, TrainingInterrupted
+    from disttrain.train.loop import TrainingInterrupted
+    from disttrain.train.outputs import OutputWriteError
 
     try:
         spec = _spec(args, workers=args.shards)

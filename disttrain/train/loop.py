@@ -34,9 +34,7 @@ evaluation consumes no randomness and touches no training state. A run resumed f
 therefore computes bit-for-bit the same steps k+1, k+2, ... as one that was never stopped (same device, same
 float dtype, same BLAS).
 """
-import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +53,11 @@ from disttrain.train.build import (Schedules, apply_checkpointing_setting, build
 from disttrain.train.jobspec import loads_job
 from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves, shortfall
 from disttrain.train.mode import LocalMode, RunState
+from disttrain.train.outputs import OutputGuard, OutputWriteError
 from disttrain.train.progress import Progress
 from disttrain.train.resume import apply_lr_change, check_same_model, resume_changes
 
-__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "MemoryBudgetExceeded", "OutputWriteError",
+__all__ = ["Trainer", "EvalResult", "TrainingInterrupted", "TrainingDiverged", "MemoryBudgetExceeded",
            "check_new_run", "epoch_label", "EVAL_BATCH_SIZE"]
 
 EVAL_BATCH_SIZE = EVAL_STREAMS
@@ -90,18 +89,6 @@ class TrainingDiverged(RuntimeError):
                  else "no checkpoint was written before it")
         super().__init__(f"step {step}: {what}; {where}")
         self.step, self.last_checkpoint = step, last_checkpoint
-
-
-class OutputWriteError(RuntimeError):
-    """A file the run cannot go on without (a checkpoint, metrics.jsonl, config.toml) could not be written, or the
-    output directory was removed under the run. `path`: the file or directory; `errno`: the OS error's number (None
-    for a removed directory); `last_checkpoint`: the newest good checkpoint still on disk (a Path) or None."""
-
-    def __init__(self, path, what, errno, last_checkpoint):
-        where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint is not None
-                 else "no checkpoint of this run is on disk")
-        super().__init__(f"{what}; {where}")
-        self.path, self.errno, self.last_checkpoint = path, errno, last_checkpoint
 
 
 @dataclass
@@ -181,8 +168,7 @@ class Trainer:
         self._reported_measured_peak = False   # "auto" checkpointing: the first metered step's peak was logged
         self._started = self._tick = None   # perf_counter at fit() start / at the last train log
         self.metrics = None
-        self._out_dir_identity = None          # (st_dev, st_ino) of out_dir once opened: a removed one is noticed
-        self._failed_optional = set()          # optional outputs (curves.png, memory.json) whose failure was said
+        self.outputs = None if out_dir is None else OutputGuard(out_dir, self._say, lambda: self.last_checkpoint)
         self.progress = None
         self._spec_describes_all = False       # from_job: the spec also describes the model, data and optimizer
 
@@ -329,7 +315,7 @@ class Trainer:
 
     def _write_memory_json(self):
         if self.out_dir is not None and self.mode.is_main and self.memory_estimate is not None:
-            with self._optional_output(memory_plan.MEMORY_FILE):
+            with self.outputs.optional(memory_plan.MEMORY_FILE):
                 memory_plan.write_memory_json(self.out_dir, self.memory_estimate, self.measured_peak_bytes)
 
     def _resident_tensors(self):
@@ -521,56 +507,15 @@ class Trainer:
 
     def _write(self, row):
         if self.metrics is not None:
-            with self._needed_output(self.out_dir / METRICS_FILE):
+            with self.outputs.needed(self.out_dir / METRICS_FILE):
                 self.metrics.write(row)
 
     def _plot(self):
         if self.out_dir is not None and self.mode.is_main and self.metrics is not None:
             name = Path(self.spec.source).stem if self.spec.source else "job"
             what = "perplexity" if self.data.language else "loss"
-            with self._optional_output(CURVES_FILE):
+            with self.outputs.optional(CURVES_FILE):
                 plot_curves(self.metrics.rows, self.out_dir / CURVES_FILE, title=f"{name}: {what}")
-
-    @contextlib.contextmanager
-    def _optional_output(self, name):
-        """Writing a file the run can go on without (curves.png, memory.json): an OSError is said once per file,
-        in one line, and training goes on (the steps since the last checkpoint are worth more than a plot)."""
-        try:
-            yield
-        except OSError as exc:
-            if name not in self._failed_optional:
-                self._failed_optional.add(name)
-                path = self.out_dir / name
-                via = f" ({exc.filename})" if exc.filename not in (None, str(path)) else ""
-                self._say(f"warning: cannot write {path}{via}: {exc.strerror or exc}; training goes on without it")
-
-    @contextlib.contextmanager
-    def _needed_output(self, path):
-        """Writing a file the run cannot go on without: an OSError becomes OutputWriteError naming the file."""
-        try:
-            yield
-        except OSError as exc:
-            raise OutputWriteError(exc.filename or path, f"cannot write {exc.filename or path}: "
-                                   f"{exc.strerror or exc}", exc.errno, self._checkpoint_on_disk()) from exc
-
-    def _checkpoint_on_disk(self):
-        """The newest checkpoint written or restored, when it is still on disk."""
-        last = self.last_checkpoint
-        return last if last is not None and Path(last).is_dir() else None
-
-    def _check_out_dir_in_place(self):
-        """Raise OutputWriteError when out_dir was removed, moved or replaced since the run opened it (metrics
-        would go to a deleted file, and a checkpoint into a directory made anew)."""
-        try:
-            identity = _identity(self.out_dir)
-        except FileNotFoundError:
-            identity = None
-        if identity == self._out_dir_identity and not self.metrics.deleted:
-            return
-        what = ("was removed" if identity is None else "was replaced by another directory"
-                if identity != self._out_dir_identity else f"lost its {METRICS_FILE} (deleted)")
-        raise OutputWriteError(self.out_dir, f"{self.out_dir} {what} while the run wrote into it; stopped at step "
-                               f"{self.step} without writing a checkpoint", None, self._checkpoint_on_disk())
 
     def _announce(self):
         """Start the clock and (main process) the progress report; say the memory estimate and the checkpointing."""
@@ -606,9 +551,9 @@ class Trainer:
             saving.remove_checkpoints(own)
         if not self.mode.is_main:
             return
-        with self._needed_output(self.out_dir):
+        with self.outputs.needed(self.out_dir):
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._out_dir_identity = _identity(self.out_dir)
+            self.outputs.opened()
             if not self._resumed:
                 (self.out_dir / CURVES_FILE).unlink(missing_ok=True)
             (self.out_dir / CONFIG_FILE).write_text(self._config_toml(), encoding="utf-8")
@@ -670,7 +615,7 @@ class Trainer:
         """metrics.jsonl's length, once durable: a checkpoint that outlives a power loss finds its rows there."""
         if self.metrics is None:
             return None
-        with self._needed_output(self.out_dir / METRICS_FILE):
+        with self.outputs.needed(self.out_dir / METRICS_FILE):
             return self.metrics.sync()
 
     def save_checkpoint(self):
@@ -689,8 +634,8 @@ class Trainer:
         if whole is None or directory is None:
             return None
         if self.metrics is not None:
-            self._check_out_dir_in_place()
-        with self._needed_output(directory / saving.DIRNAME):
+            self.outputs.check_in_place(self.metrics, self.step)
+        with self.outputs.needed(directory / saving.DIRNAME):
             path = saving.save_checkpoint(directory, *self.checkpoint_contents(whole),
                                           keep=self.spec.train.keep_checkpoints, keep_best=self.spec.train.keep_best)
         if self.mode.is_main:
@@ -796,12 +741,6 @@ def check_new_run(out_dir):
         raise saving.RunExistsError(f"{out_dir} holds an earlier run's {METRICS_FILE} but no checkpoint to resume "
                                     f"from: start over with --overwrite (deletes it and {CURVES_FILE}), or choose "
                                     f"another --out")
-
-
-def _identity(path):
-    """(device, inode) of a file or directory: a directory removed and made again has another."""
-    stat = os.stat(path)
-    return stat.st_dev, stat.st_ino
 
 
 def epoch_label(epochs_done, position):
