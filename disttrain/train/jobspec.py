@@ -550,7 +550,8 @@ def _build(data, overrides, source):
     origins = _apply_overrides(values, overrides, source, errors)
     resolved = _resolve(values, origins, source, errors)
     if not errors:
-        errors += (_model_problems(resolved, values["model"], origins, source)
+        errors += (_options_problems(resolved, origins, source)
+                   + _model_problems(resolved, values["model"], origins, source)
                    + _pipeline_problems(resolved, origins, source) + _data_problems(resolved, origins, source)
                    + _memory_problems(resolved, origins, source))
     if errors:
@@ -641,12 +642,11 @@ def _resolve(values, origins, source, errors):
 
 
 def _model_problems(resolved, given, origins, source):
-    """A key of another model family than the job's, or options without a factory, would be ignored: a mistake to
-    report, not to skip silently."""
-    problems = _options_problems(resolved, origins, source)
+    """A key of another model family than the job's would be ignored: a mistake to report, not to skip silently."""
     model = resolved["model"]
     if model["factory"] is not None:
-        return problems
+        return []
+    problems = []
     for key in sorted(set(given) & foreign_model_keys(model["kind"]), key=list(given).index):
         problems.append(f"{origins.get(('model', key), source)}: [model] {key} = {_toml_value(given[key])}: "
                         f'kind = "{model["kind"]}" does not use it (its keys: {", ".join(_family_keys(model["kind"]))})'
