@@ -17,11 +17,11 @@ def check_snapshots_not_behind(run_dir, snapshot_paths):
     """Raise ValueError (one line: which snapshot is behind which checkpoint, by how much, what to do) when a
     server's snapshot is behind worker 0's newest usable checkpoint in run_dir."""
     checkpoint = saving.load_checkpoint(run_dir)
-    behind = [gap for server, path in enumerate(snapshot_paths)
-              if (gap := _gap(path, _reached(checkpoint.meta, server))) is not None]
+    snapshots = [(path, read_meta(path)) for path in snapshot_paths]      # read once, checked against each
+    behind = _gaps(snapshots, checkpoint.meta)
     if not behind:
         return
-    older = _older_checkpoint_not_behind(run_dir, checkpoint.path, snapshot_paths)
+    older = _older_checkpoint_not_behind(run_dir, checkpoint.path, snapshots)
     remedy = (f"resume from worker 0's older checkpoint {older.path} (step {older.meta['step']}), which they are "
               f"not behind, by moving the newer ones out of {older.path.parent}, or start over with --overwrite"
               if older is not None else "start over with --overwrite")
@@ -39,9 +39,14 @@ def _reached(meta, server):
     return {"clock": meta["step"], "updates": None}
 
 
-def _gap(path, reached):
-    """What snapshot `path` lacks of `reached`, in words, or None when it holds all of it."""
-    meta = read_meta(path)
+def _gaps(snapshots, checkpoint_meta):
+    """What each snapshot lacks of what its server had reached at the checkpoint, in words ([]: nothing)."""
+    return [gap for server, (path, meta) in enumerate(snapshots)
+            if (gap := _gap(path, meta, _reached(checkpoint_meta, server))) is not None]
+
+
+def _gap(path, meta, reached):
+    """What snapshot `path` (its metadata `meta`) lacks of `reached`, in words, or None when it holds all of it."""
     updates = meta.get("updates", 0)
     clock = (meta.get("workers") or {}).get("0", [0])[0]
     if reached["updates"] is not None and updates < reached["updates"]:
@@ -51,7 +56,7 @@ def _gap(path, reached):
     return None
 
 
-def _older_checkpoint_not_behind(run_dir, newest, snapshot_paths):
+def _older_checkpoint_not_behind(run_dir, newest, snapshots):
     """Worker 0's newest checkpoint older than `newest` that no snapshot is behind, or None."""
     for candidate in saving.list_checkpoints(run_dir):
         if saving.step_of(candidate) >= saving.step_of(newest):
@@ -60,6 +65,6 @@ def _older_checkpoint_not_behind(run_dir, newest, snapshot_paths):
             checkpoint = saving.load_checkpoint(candidate)
         except saving.CheckpointError:
             continue
-        if all(_gap(path, _reached(checkpoint.meta, server)) is None for server, path in enumerate(snapshot_paths)):
+        if not _gaps(snapshots, checkpoint.meta):
             return checkpoint
     return None
