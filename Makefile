@@ -30,13 +30,15 @@ run: $(VENV)/.base
 
 # the plain run skips tests/mpi; the mpiexec runs execute them on 2 and 4 ranks (oversubscribed on 2 cores);
 # the ops' tests run a second time on the NumPy kernels, the CPU backend's fallback without a C++ compiler.
+# The two plain runs spread their tests over TEST_WORKERS processes (pytest-xdist; 0: one process).
 # Each run adds its skip counts to the log, and the last line counts them by reason (tests/skip_policy.py);
 # with CI=true (or DISTTRAIN_REQUIRE_ALL=1) a test skipped for a missing tool or data set fails.
+TEST_WORKERS ?= auto
 test: export DISTTRAIN_SKIP_LOG := $(abspath $(VENV))/test-skips.jsonl
 test: $(VENV)/.test
 	rm -f $$DISTTRAIN_SKIP_LOG
-	$(PY) -m pytest -q -p no:cacheprovider
-	DISTTRAIN_CPU_KERNELS=numpy $(PY) -m pytest -q -p no:cacheprovider tests/autograd tests/nn tests/kernels_cpu
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
+	DISTTRAIN_CPU_KERNELS=numpy $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) tests/autograd tests/nn tests/kernels_cpu
 	$(VENV)/bin/mpiexec -n 2 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
 	$(VENV)/bin/mpiexec -n 4 $(PY) -m pytest -q -p no:cacheprovider --with-mpi tests/mpi
 	@$(PY) tests/skip_policy.py $$DISTTRAIN_SKIP_LOG

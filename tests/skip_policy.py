@@ -77,8 +77,10 @@ def counts(stats):
 
 
 def record(terminalreporter):
-    """Write this run's skip counts to $DISTTRAIN_SKIP_LOG, or print them when it is unset."""
-    if _mpi_rank() != 0:
+    """Write this run's skip counts to $DISTTRAIN_SKIP_LOG, or print them when it is unset.
+
+    Under pytest-xdist only the controller writes: it receives every worker's reports."""
+    if _mpi_rank() != 0 or hasattr(terminalreporter.config, "workerinput"):
         return
     found = counts(terminalreporter.stats)
     log = os.environ.get("DISTTRAIN_SKIP_LOG")
