@@ -451,9 +451,10 @@ def norms(xp, arrays, norm_type):
     if not arrays:
         return xp.zeros(0)
     parts = []
-    for a in arrays:
-        flat = a.ravel()
-        parts.append(xp.abs(flat).max() if norm_type == float("inf") else xp.linalg.norm(flat, ord=norm_type))
+    with np.errstate(divide="ignore"):  # a negative order meets |0| ** order = inf, which makes the norm 0
+        for a in arrays:
+            flat = a.ravel()
+            parts.append(xp.abs(flat).max() if norm_type == float("inf") else xp.linalg.norm(flat, ord=norm_type))
     return xp.stack(parts)
 
 
