@@ -292,7 +292,7 @@ ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid")  # codes 0..3, as common.c
 
 # Public functions that are not kernels: shared by the other kernel tables (kernels_cpu, kernels_cuda), which
 # need not offer them; every other public function here is a kernel every table offers.
-HELPERS = ("check_activation", "check_list_lengths", "recurrent_weight_grad")
+HELPERS = ("check_activation", "check_gelu_approximate", "check_list_lengths", "recurrent_weight_grad")
 
 
 def check_activation(act):
