@@ -24,7 +24,12 @@ def register_tensor_hook(tensor, hook):
         if node.out_hooks is None:
             node.out_hooks = {}
         hooks = node.out_hooks.setdefault(tensor._out_index, [])
-    hooks.append(hook)
+    # retain_grad's store runs after the tensor's other hooks whatever the order they came in, as torch's:
+    # .grad holds the gradient that flows on
+    if hooks and getattr(hooks[-1], "retains_grad", False):
+        hooks.insert(len(hooks) - 1, hook)
+    else:
+        hooks.append(hook)
     return RemovableHandle(hooks, hook)
 
 

@@ -15,6 +15,7 @@
 //
 // Plain C ABI (loaded with ctypes, which releases the GIL for the call); no Python API is used.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -590,9 +591,43 @@ DT_CLONES void layer_norm_backward(const T* grad_y, const T* x, const T* weight,
     }
 }
 
+// The exact GELU, x Phi(x), Phi(x) = 0.5 erfc(-x / sqrt 2): erfc keeps Phi's relative accuracy in the left
+// tail, where 0.5 (1 + erf) keeps no digits. kernels_numpy.gelu_erf_forward / gelu_erf_backward (libm's erfc
+// per element: no vectorised form, and the exact GELU is not the Transformer's hot path).
+constexpr double SQRT1_2 = 0.7071067811865476;
+constexpr double INV_SQRT_2PI = 0.3989422804014327;  // kernels_numpy.INV_SQRT_2PI
+
+template <typename T>
+void gelu_erf_forward(const T* x, T* y, i64 lo, i64 hi) {
+    for (i64 j = lo; j < hi; ++j) {
+        const T v = x[j];
+        y[j] = v * (T(0.5) * std::erfc(-v * T(SQRT1_2)));
+    }
+}
+
+// grad_y (Phi(x) + x phi(x)), phi the normal density
+template <typename T>
+void gelu_erf_backward(const T* grad_y, const T* x, T* grad_x, i64 lo, i64 hi) {
+    for (i64 j = lo; j < hi; ++j) {
+        const T v = x[j];
+        const T cdf = T(0.5) * std::erfc(-v * T(SQRT1_2));
+        grad_x[j] = grad_y[j] * (cdf + v * std::exp(T(-0.5) * v * v) * T(INV_SQRT_2PI));
+    }
+}
+
 }  // namespace
 
 extern "C" {
+
+#define DT_EXPORT_GELU_ERF(S, T)                                                                              \
+    void dt_gelu_erf_forward_##S(const T* x, T* y, const i64* bounds, i64 blocks) {                           \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) { gelu_erf_forward<T>(x, y, lo, hi); });            \
+    }                                                                                                         \
+    void dt_gelu_erf_backward_##S(const T* grad_y, const T* x, T* grad_x, const i64* bounds, i64 blocks) {    \
+        dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) { gelu_erf_backward<T>(grad_y, x, grad_x, lo, hi); }); \
+    }
+DT_EXPORT_GELU_ERF(f32, float)
+DT_EXPORT_GELU_ERF(f64, double)
 
 void dt_gelu_forward_f32(const float* x, float* y, const i64* bounds, i64 blocks) {
     dt::for_blocks(bounds, blocks, [&](i64 lo, i64 hi) { gelu_forward<float>(x, y, lo, hi); });

@@ -49,6 +49,8 @@ _SIGNATURES = {
     "dt_cross_entropy_backward_{s}": [_P] * 4 + [_I64] + _BLOCKS,
     "dt_gelu_forward_{s}": [_P, _P] + _BLOCKS,
     "dt_gelu_backward_{s}": [_P, _P, _P] + _BLOCKS,
+    "dt_gelu_erf_forward_{s}": [_P, _P] + _BLOCKS,
+    "dt_gelu_erf_backward_{s}": [_P, _P, _P] + _BLOCKS,
     "dt_softmax_forward_{s}": [_P, _P, _I64, _I64, ctypes.c_int] + _BLOCKS,
     "dt_softmax_backward_{s}": [_P, _P, _P, _I64] + _BLOCKS,
     "dt_layer_norm_forward_{s}": [_P, _P, _P, ctypes.c_double, _P, _P, _P, _I64] + _BLOCKS,

@@ -217,7 +217,7 @@ def cross_entropy_backward(xp, logits, target, saved, row_scale):
     return grad
 
 
-# ---- Transformer: tanh GELU, softmax over the last axis -------------------------------------------------
+# ---- GELU (tanh form: the Transformer's; exact form), softmax over the last axis -------------------------
 
 # The compiled GELU is float32's only. Its form x / (1 + exp(-2u)) keeps the digits that the reference's
 # 1 + tanh(u) loses where tanh(u) is near -1: a few float32 ulps of difference, but in float64 the
@@ -241,6 +241,26 @@ def gelu_backward(xp, grad_y, x):
         return _ref.gelu_backward(xp, grad_y, x)
     grad_x = np.empty(x.shape, dtype=x.dtype)
     _by_elements(_kernel(lib, "gelu_backward", x.dtype), x.size, _c(grad_y), _c(x), grad_x)
+    return grad_x
+
+
+def gelu_erf_forward(xp, x):
+    """kernels_numpy.gelu_erf_forward, compiled (libm's erfc): one pass, element blocks on the intra-op threads."""
+    lib = _compiled(xp, x)
+    if lib is None:
+        return _ref.gelu_erf_forward(xp, x)
+    y = np.empty(x.shape, dtype=x.dtype)
+    _by_elements(_kernel(lib, "gelu_erf_forward", x.dtype), x.size, _c(x), y)
+    return y
+
+
+def gelu_erf_backward(xp, grad_y, x):
+    """kernels_numpy.gelu_erf_backward, compiled: one pass recomputing Phi(x) from x."""
+    lib = _compiled(xp, grad_y, x)
+    if lib is None or grad_y.shape != x.shape:
+        return _ref.gelu_erf_backward(xp, grad_y, x)
+    grad_x = np.empty(x.shape, dtype=x.dtype)
+    _by_elements(_kernel(lib, "gelu_erf_backward", x.dtype), x.size, _c(grad_y), _c(x), grad_x)
     return grad_x
 
 

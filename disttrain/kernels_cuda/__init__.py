@@ -10,7 +10,7 @@
     optim.cu        SGD (momentum, Nesterov, weight decay) and Adam/AdamW (AMSGrad) over flat buffers
     norms.cu        gradient norms (2, inf, p), host-coefficient scaling, on-device clipping
     bucket.cu       bucket pack/unpack with a fused scale, for allreduce
-    gelu.cu         tanh GELU forward and backward (backward recomputes from the input)
+    gelu.cu         GELU forward and backward, tanh and exact (erfc) forms (backward recomputes from the input)
     softmax.cu      softmax over the last axis, optionally causal (an online log-sum-exp pass, a warp or a
                     block per row), and its backward with the row dot product fused in
     layer_norm.cu   LayerNorm forward and backward, a warp per row; the weight and bias gradients by column

@@ -25,6 +25,8 @@ __device__ __forceinline__ float dt_exp(float x) { return expf(x); }
 __device__ __forceinline__ double dt_exp(double x) { return exp(x); }
 __device__ __forceinline__ float dt_log(float x) { return logf(x); }
 __device__ __forceinline__ double dt_log(double x) { return log(x); }
+__device__ __forceinline__ float dt_erfc(float x) { return erfcf(x); }
+__device__ __forceinline__ double dt_erfc(double x) { return erfc(x); }
 __device__ __forceinline__ float dt_tanh(float x) { return tanhf(x); }
 __device__ __forceinline__ double dt_tanh(double x) { return tanh(x); }
 __device__ __forceinline__ float dt_sqrt(float x) { return sqrtf(x); }

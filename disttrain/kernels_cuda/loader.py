@@ -37,7 +37,7 @@ KERNELS = {
     "norms": ("norm_accumulate", "scale", "clip_scale"),
     "bucket": ("copy_scaled",),
     "random": ("counter_uniform",),
-    "gelu": ("gelu_forward", "gelu_backward"),
+    "gelu": ("gelu_forward", "gelu_backward", "gelu_erf_forward", "gelu_erf_backward"),
     "softmax": ("softmax_forward_warp", "softmax_forward_block", "softmax_backward_warp", "softmax_backward_block"),
     "layer_norm": ("layer_norm_forward", "layer_norm_backward", "layer_norm_param_grads"),
 }

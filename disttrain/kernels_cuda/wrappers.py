@@ -364,7 +364,7 @@ def counter_uniform(xp, shape, dtype, seed, offset):
     return out
 
 
-# ---- Transformer: tanh GELU, softmax over the last axis --------------------------------------------------
+# ---- GELU (tanh form: the Transformer's; exact form), softmax over the last axis -------------------------
 
 def gelu_forward(xp, x):
     """0.5 x (1 + tanh(u)) in one elementwise kernel (gelu.cu: written as x / (1 + exp(-2u)))."""
@@ -383,6 +383,28 @@ def gelu_backward(xp, grad_y, x):
         return _ref.gelu_backward(xp, grad_y, x)
     _launch_1d("gelu", "gelu_backward", x.dtype, x.size, operands + (_i64(x.size),))
     return operands[2]
+
+
+def gelu_erf_forward(xp, x):
+    """x Phi(x), the exact GELU, in one elementwise kernel (gelu.cu: Phi through erfc)."""
+    if not _fused(x):
+        return _ref.gelu_erf_forward(xp, x)
+    x = _contiguous(xp, x)
+    y = xp.empty_like(x)
+    _launch_1d("gelu", "gelu_erf_forward", x.dtype, x.size, (x, y, _i64(x.size)))
+    return y
+
+
+def gelu_erf_backward(xp, grad_y, x):
+    """The exact GELU's input gradient in one elementwise kernel, recomputing Phi(x) from x."""
+    operands = _backward_operands(xp, grad_y, x)
+    if operands is None:
+        return _ref.gelu_erf_backward(xp, grad_y, x)
+    _launch_1d("gelu", "gelu_erf_backward", x.dtype, x.size, operands + (_i64(x.size),))
+    return operands[2]
+
+
+normal_cdf = _ref.normal_cdf  # the exact GELU's double backward only: CuPy's elementwise passes suffice
 
 
 def _backward_operands(xp, grad_y, saved):

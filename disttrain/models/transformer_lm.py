@@ -52,7 +52,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(d_ff, d_model)
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))  # the family's form, its checkpoints' too
 
 
 class TransformerBlock(nn.Module):

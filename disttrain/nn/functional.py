@@ -23,8 +23,9 @@ def tanh(input):
     return ops.tanh(input)
 
 
-def gelu(input, approximate="tanh"):
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): torch's gelu(approximate="tanh"), the only form here."""
+def gelu(input, approximate="none"):
+    """torch's gelu: x Phi(x) (Phi the standard normal CDF) by default; approximate="tanh" for
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     return ops.gelu(input, approximate)
 
 

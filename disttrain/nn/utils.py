@@ -14,15 +14,40 @@ def _as_list(parameters):
 
 
 def grad_norm(grads, norm_type=2.0):
-    """The norm of all gradients (Tensors) together, as a float, computed on their backend arrays."""
-    norm_type = float(norm_type)
+    """The norm of all gradients (Tensors) together, as a float, computed on their backend arrays: as torch's
+    clip_grad_norm_, the norm of order norm_type of the per-gradient norms of that order (for order 0 that
+    counts the gradients with a nonzero element, not the nonzero elements)."""
+    norm_type = norm_order(norm_type, "grad_norm")
+    if math.isnan(norm_type):
+        return math.nan
     parts = []
     for backend, positions in by_backend(grads):  # the arrays' norms in one kernel call; one host sync per device
         arrays = [grads[k].data for k in positions]
         parts.extend(float(v) for v in backend.kernels.norms(backend.xp, arrays, norm_type).tolist())
-    if norm_type == math.inf:
-        return max(parts)
-    return math.fsum(p ** norm_type for p in parts) ** (1.0 / norm_type)
+    return _vector_norm(parts, norm_type)
+
+
+def norm_order(norm_type, where):
+    """norm_type as a float (inf, -inf, 0 and negative orders included, as torch's), else a one-line ValueError."""
+    try:
+        return float(norm_type)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: norm_type={norm_type!r} is not a number; give the order of the vector norm "
+                         "as a float (2.0, 1.0, inf, ...)") from None
+
+
+def _vector_norm(values, p):
+    """torch.linalg.vector_norm of non-negative floats, order p (not NaN)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    if p == math.inf:
+        return max(values)
+    if p == -math.inf:
+        return min(values)
+    if p == 0:
+        return float(sum(v != 0 for v in values))
+    terms = [math.inf if v == 0 and p < 0 else v ** p for v in values]  # 0 ** -1 is inf there, not an error
+    return math.fsum(terms) ** (1.0 / p)
 
 
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False, total_norm=None):
@@ -35,7 +60,7 @@ def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=Fals
     stages' gradients together), so that every share is scaled as the whole would be.
     """
     grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
-    norm_type = float(norm_type)
+    norm_type = norm_order(norm_type, "clip_grad_norm_")
     if total_norm is None and not grads:
         return 0.0
     total = grad_norm(grads, norm_type) if total_norm is None else float(total_norm)

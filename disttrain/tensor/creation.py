@@ -40,16 +40,21 @@ def _shape(shape):
 
 
 def zeros(*shape, dtype="float32", device="cpu", requires_grad=False):
-    return full(_shape(shape), 0, dtype=dtype, device=device, requires_grad=requires_grad)
+    return full(_shape(shape), 0, dtype=dtypes.DEFAULT_FLOAT if dtype is None else dtype, device=device,
+                requires_grad=requires_grad)
 
 
 def ones(*shape, dtype="float32", device="cpu", requires_grad=False):
-    return full(_shape(shape), 1, dtype=dtype, device=device, requires_grad=requires_grad)
+    return full(_shape(shape), 1, dtype=dtypes.DEFAULT_FLOAT if dtype is None else dtype, device=device,
+                requires_grad=requires_grad)
 
 
-def full(shape, fill_value, dtype="float32", device="cpu", requires_grad=False):
+def full(shape, fill_value, dtype=None, device="cpu", requires_grad=False):
+    """A tensor of `shape` filled with fill_value; without a dtype, the fill value's kind says which, as
+    torch.full: bool, int64, or float32 (the default float)."""
     xp = get_backend(device).xp
-    array = xp.full(tuple(shape) if not isinstance(shape, int) else (shape,), fill_value, dtype=dtypes.as_dtype(dtype))
+    dtype = dtypes.fill_dtype(fill_value) if dtype is None else dtypes.as_dtype(dtype)
+    array = xp.full(tuple(shape) if not isinstance(shape, int) else (shape,), fill_value, dtype=dtype)
     return Tensor(array, requires_grad=requires_grad)
 
 

@@ -1,7 +1,9 @@
 """Data types and the one rule for mixing them.
 
 The rule (documented in docs/ARCHITECTURE.md): every tensor input of an arithmetic op must have
-the same dtype; Python scalars take the dtype of the tensor they meet. Mixing float32 with
+the same dtype; Python scalars take the dtype of the tensor they meet, except where torch's type
+promotion changes an integer or bool tensor (promoted_dtype): a Python float, or a true division,
+makes it the default float dtype (float32), and a Python int makes a bool tensor int64. Mixing float32 with
 float64 is an error, not a silent upcast, because an accidental float64 tensor halves the
 speed of a float32 model and a silent downcast ruins a float64 gradient check.
 Integer tensors (int64) are indices: they feed indexing, embedding and losses, not arithmetic
@@ -44,6 +46,24 @@ def infer_dtype(array, keep_float):
     if kind == "b":
         return bool_
     raise TypeError(f"cannot make a tensor from data of dtype {array.dtype}")
+
+
+def promoted_dtype(dtype, other, division=False):
+    """The dtype an integer or bool tensor of `dtype` takes in + - * / ** with `other` (a Python or NumPy
+    scalar, or None for another integer or bool tensor), as torch's: the default float with a float scalar
+    or in a true division (int_tensor * 0.5 and int_tensor / 2 are float32), int64 for a bool tensor with an
+    int scalar; else `dtype` itself (int_tensor * 2 stays integer)."""
+    if division or isinstance(other, (float, np.floating)):
+        return DEFAULT_FLOAT
+    if dtype == bool_ and isinstance(other, (int, np.integer)) and not isinstance(other, (bool, np.bool_)):
+        return int64
+    return dtype
+
+
+def fill_dtype(fill_value):
+    """The dtype full() gives `fill_value` without a dtype, as torch.full: bool for a bool, int64 for an
+    integer, the default float for a float."""
+    return infer_dtype(np.asarray(fill_value), keep_float=False)
 
 
 def is_floating(dtype):

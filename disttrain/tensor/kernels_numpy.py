@@ -292,7 +292,7 @@ ACTIVATIONS = ("identity", "relu", "tanh", "sigmoid")  # codes 0..3, as common.c
 
 # Public functions that are not kernels: shared by the other kernel tables (kernels_cpu, kernels_cuda), which
 # need not offer them; every other public function here is a kernel every table offers.
-HELPERS = ("check_activation", "check_list_lengths", "recurrent_weight_grad")
+HELPERS = ("check_activation", "check_gelu_approximate", "check_list_lengths", "recurrent_weight_grad")
 
 
 def check_activation(act):
@@ -451,9 +451,10 @@ def norms(xp, arrays, norm_type):
     if not arrays:
         return xp.zeros(0)
     parts = []
-    for a in arrays:
-        flat = a.ravel()
-        parts.append(xp.abs(flat).max() if norm_type == float("inf") else xp.linalg.norm(flat, ord=norm_type))
+    with np.errstate(divide="ignore"):  # a negative order meets |0| ** order = inf, which makes the norm 0
+        for a in arrays:
+            flat = a.ravel()
+            parts.append(xp.abs(flat).max() if norm_type == float("inf") else xp.linalg.norm(flat, ord=norm_type))
     return xp.stack(parts)
 
 
@@ -554,7 +555,7 @@ def counter_uniform(xp, shape, dtype, seed, offset):
     return (top * dtype.type(2.0 ** -bits)).reshape(tuple(shape))
 
 
-# ---- Transformer: tanh GELU, softmax over the last axis (optionally causal) --------------------------
+# ---- Transformer: GELU (tanh form), softmax over the last axis (optionally causal) -------------------
 
 GELU_SCALE = 0.7978845608028654   # sqrt(2 / pi)
 GELU_CUBIC = 0.044715
@@ -594,6 +595,91 @@ def gelu_backward(xp, grad_y, x):
     t += slope
     t *= grad_y
     return t
+
+
+# ---- GELU, exact form: x Phi(x), Phi the standard normal CDF ----------------------------------------------
+# NumPy has no erf. Phi(x) = 0.5 erfc(-x / sqrt 2) from the rational approximations of Cephes (S. L. Moshier,
+# ndtr.c): erf(z) = z T(z^2) / U(z^2) for |z| < 1 (peak relative error 3.7e-16), erfc(z) = exp(-z^2) P(z) / Q(z)
+# for 1 <= z < 8 and exp(-z^2) R(z) / S(z) beyond, exp(-z^2) without the rounding of z^2 (below): Phi within
+# ~3e-15 relative of math.erfc's down to x = -37.5 (tests/kernels_cuda/test_kernels_numpy.py). The erfc
+# branch keeps Phi's relative accuracy in the left tail, where 0.5 (1 + erf) would keep no digits.
+# Coefficients highest power first; Q, S and U with their leading 1.
+ERF_T = (9.60497373987051638749E0, 9.00260197203842689217E1, 2.23200534594684319226E3,
+         7.00332514112805075473E3, 5.55923013010394962768E4)
+ERF_U = (1.0, 3.35617141647503099647E1, 5.21357949780152679795E2, 4.59432382970980127987E3,
+         2.26290000613890934246E4, 4.92673942608635921086E4)
+ERFC_P = (2.46196981473530512524E-10, 5.64189564831068821977E-1, 7.46321056442269912687E0,
+          4.86371970985681366614E1, 1.96520832956077098242E2, 5.26445194995477358631E2,
+          9.34528527171957607540E2, 1.02755188689515710272E3, 5.57535335369399327526E2)
+ERFC_Q = (1.0, 1.32281951154744992508E1, 8.67072140885989742329E1, 3.54937778887819891062E2,
+          9.75708501743205489753E2, 1.82390916687909736289E3, 2.24633760818710981792E3,
+          1.65666309194161350182E3, 5.57535340817727675546E2)
+ERFC_R = (5.64189583547755073984E-1, 1.27536670759978104416E0, 5.01905042251180477414E0,
+          6.16021097993053585195E0, 7.40974269950448939160E0, 2.97886665372100240670E0)
+ERFC_S = (1.0, 2.26052863220117276590E0, 9.39603524938001434673E0, 1.20489539808096656605E1,
+          1.70814450747565897222E1, 9.60896809063285878198E0, 3.36907645100081516050E0)
+ERFC_UNDERFLOW = 40.0   # erfc(z) is 0 in float64 from z ~ 27.3; the cap keeps R(z), S(z) finite
+SQRT1_2 = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi), the normal density's factor
+GELU_APPROXIMATIONS = ("none", "tanh")  # torch's approximate= values: the exact erf form, the tanh form
+
+
+def _horner(z, coefs):
+    acc = coefs[0]
+    for c in coefs[1:]:
+        acc = acc * z + c
+    return acc
+
+
+def _exp_minus_half_square(xp, x):
+    """exp(-x^2 / 2) for float64 x as exp(-m^2 / 2) exp(-(m f + f^2 / 2)), |x| = m + f, m a multiple of 1/128
+    (m^2 exact): of the rounded x^2 (or of z^2, z = x / sqrt 2 rounded) it would be off by up to x^2 ulps."""
+    x_abs = xp.minimum(xp.abs(x), ERFC_UNDERFLOW / SQRT1_2)   # exp is 0 from there; NaN stays NaN
+    m = xp.floor(x_abs * 128.0 + 0.5) * (1.0 / 128.0)
+    f = x_abs - m
+    return xp.exp(-0.5 * (m * m)) * xp.exp(-(m * f + 0.5 * (f * f)))
+
+
+def _normal_cdf64(xp, x):
+    """Phi(x) in float64 for a float64 array x (the rational approximations above)."""
+    z = x * SQRT1_2
+    a = xp.abs(z)
+    zc = xp.clip(z, -1.0, 1.0)   # the central branch's own range: no inf / inf where it is not taken
+    z2 = zc * zc
+    central = 0.5 + 0.5 * (zc * _horner(z2, ERF_T) / _horner(z2, ERF_U))
+    capped = xp.minimum(a, ERFC_UNDERFLOW)
+    ratio = xp.where(capped < 8.0, _horner(capped, ERFC_P) / _horner(capped, ERFC_Q),
+                     _horner(capped, ERFC_R) / _horner(capped, ERFC_S))
+    half_erfc = 0.5 * _exp_minus_half_square(xp, x) * ratio   # 0.5 erfc(|z|) = exp(-z^2) ratio / 2: Phi(-|x|)
+    return xp.where(a < 1.0, central, xp.where(z < 0, half_erfc, 1.0 - half_erfc))
+
+
+def normal_cdf(xp, x):
+    """Phi(x) = 0.5 (1 + erf(x / sqrt 2)), the standard normal CDF, in x's dtype (computed in float64)."""
+    return xp.asarray(_normal_cdf64(xp, xp.asarray(x, dtype=xp.float64))).astype(x.dtype, copy=False)
+
+
+def gelu_erf_forward(xp, x):
+    """y = x Phi(x) (torch's gelu, approximate="none"), x any shape, computed in float64. A new array."""
+    x64 = xp.asarray(x, dtype=xp.float64)
+    with np.errstate(invalid="ignore"):  # -inf * Phi(-inf) = -inf * 0: NaN, as torch's
+        return xp.asarray(x64 * _normal_cdf64(xp, x64)).astype(x.dtype, copy=False)
+
+
+def gelu_erf_backward(xp, grad_y, x):
+    """grad_x of gelu_erf_forward from its input x: grad_y (Phi(x) + x phi(x)), phi the normal density."""
+    x64 = xp.asarray(x, dtype=xp.float64)
+    with np.errstate(invalid="ignore"):  # +-inf * phi(+-inf) = +-inf * 0: NaN, as torch's
+        slope = _normal_cdf64(xp, x64) + x64 * _exp_minus_half_square(xp, x64) * INV_SQRT_2PI
+    return xp.asarray(grad_y * slope).astype(x.dtype, copy=False)
+
+
+def check_gelu_approximate(approximate, where):
+    """approximate as torch names it ("none": exact, "tanh"), else a one-line ValueError."""
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"{where}: approximate={approximate!r} is not one of 'none' (exact: x Phi(x), with erf) "
+                         "or 'tanh'")
+    return approximate
 
 
 def softmax_forward(xp, x, causal=False):

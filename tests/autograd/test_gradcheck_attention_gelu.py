@@ -1,4 +1,4 @@
-"""gradcheck of the Transformer's ops: GELU (tanh form), masked / causal softmax, batched (4-D) matmul;
+"""gradcheck of the Transformer's ops: GELU (tanh and exact forms), masked / causal softmax, batched (4-D) matmul;
 their values and edge cases (fully masked rows, huge scores, bad masks)."""
 import math
 
@@ -17,31 +17,48 @@ def gelu_tanh_reference(x):
     return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+def gelu_erf_reference(x):
+    """x Phi(x) with Python's math.erfc, element by element."""
+    return np.vectorize(lambda v: v * 0.5 * math.erfc(-v / math.sqrt(2)))(x)
+
+
+def gelu_tanh(x):
+    return ops.gelu(x, approximate="tanh")
+
+
 @FEW
 @given(st.lists(st.integers(1, 4), min_size=0, max_size=3), seeds)
 def test_gelu_gradcheck_any_shape(shape, seed):
     x = uniform(np.random.default_rng(seed), tuple(shape), -4.0, 4.0)
-    np.testing.assert_allclose(ops.gelu(x).numpy(), gelu_tanh_reference(x.numpy()), rtol=1e-14, atol=1e-300)
+    np.testing.assert_allclose(gelu_tanh(x).numpy(), gelu_tanh_reference(x.numpy()), rtol=1e-14, atol=1e-300)
+    check(gelu_tanh, x)
+    np.testing.assert_allclose(ops.gelu(x).numpy(), gelu_erf_reference(x.numpy()), rtol=1e-14, atol=1e-300)
     check(ops.gelu, x)
 
 
-def test_gelu_second_order_and_tails():
-    check_second_order(ops.gelu, uniform(np.random.default_rng(0), (3, 4), -3.0, 3.0))
+@pytest.mark.parametrize("gelu", [gelu_tanh, ops.gelu], ids=["tanh", "exact"])
+def test_gelu_second_order_and_tails(gelu):
+    check_second_order(gelu, uniform(np.random.default_rng(0), (3, 4), -3.0, 3.0))
+    reference = gelu_tanh_reference if gelu is gelu_tanh else gelu_erf_reference
     x = leaf([-40.0, -6.0, 0.0, 6.0, 40.0])
-    y = ops.gelu(x)
-    np.testing.assert_allclose(y.numpy(), [0.0, gelu_tanh_reference(-6.0), 0.0, gelu_tanh_reference(6.0), 40.0],
-                               rtol=1e-15, atol=1e-30)
+    y = gelu(x)
+    np.testing.assert_allclose(y.numpy(), [0.0, reference(-6.0), 0.0, reference(6.0), 40.0],
+                               rtol=1e-14, atol=1e-30)
     y.sum().backward()
     assert np.isfinite(x.grad.numpy()).all() and x.grad.numpy()[-1] == 1.0 and x.grad.numpy()[0] == 0.0
 
 
-def test_gelu_float32_keeps_its_dtype_and_refuses_the_erf_form():
+def test_gelu_is_exact_by_default_and_names_a_bad_approximate():
     x = dt.randn(3, 2)
     assert ops.gelu(x).dtype == dt.float32 and dt.nn.functional.gelu(x).dtype == dt.float32
-    with pytest.raises(ValueError, match="approximate='none' is not available"):
-        ops.gelu(x, approximate="none")
-    with pytest.raises(ValueError, match="approximate='none' is not available"):
-        dt.nn.GELU(approximate="none")
+    np.testing.assert_allclose(dt.nn.functional.gelu(dt.tensor([1.0, -2.0], dtype="float64")).numpy(),
+                               [0.8413447460685429, -0.04550026389635842], rtol=1e-15)  # x Phi(x)
+    assert dt.nn.GELU().approximate == "none"
+    for bad in ("erf", None):
+        with pytest.raises(ValueError, match=rf"^gelu: approximate={bad!r} is not one of 'none' .* or 'tanh'$"):
+            ops.gelu(x, approximate=bad)
+        with pytest.raises(ValueError, match=rf"^GELU: approximate={bad!r} is not one of"):
+            dt.nn.GELU(approximate=bad)
 
 
 # ---- masked / causal softmax ---------------------------------------------------------------------

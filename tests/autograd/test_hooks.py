@@ -5,6 +5,11 @@ import pytest
 import disttrain as dt
 from autograd_testing import leaf, uniform
 
+try:
+    import torch  # the oracle where installed
+except ImportError:
+    torch = None
+
 
 # ---- register_hook ------------------------------------------------------------------------------
 def test_hook_on_leaf_sees_and_replaces_the_gradient():
@@ -77,6 +82,26 @@ def test_retain_grad_twice_stores_the_gradient_once():
     h.retain_grad()
     h.sum().backward()
     np.testing.assert_array_equal(h.grad.numpy(), [1.0, 1.0])
+
+
+@pytest.mark.parametrize("retain_first", [True, False])
+def test_retain_grad_stores_what_the_other_hooks_pass_on_whatever_the_order(retain_first):
+    """As torch's: retain_grad's store runs after the tensor's other hooks, so .grad is the hooked gradient."""
+    results = []
+    for lib in [dt] + ([torch] if torch is not None else []):
+        x = lib.tensor([1.0, 2.0], dtype=lib.float64, requires_grad=True)
+        h = x * 3.0
+        if retain_first:
+            h.retain_grad()
+        h.register_hook(lambda g: g * 2.0)
+        h.register_hook(lambda g: g + 1.0)
+        if not retain_first:
+            h.retain_grad()
+        (h * h).sum().backward()
+        results.append((np.asarray(h.grad.tolist()), np.asarray(x.grad.tolist())))
+    for h_grad, x_grad in results:  # (2 h) * 2 + 1 stored and sent on, times 3 into x
+        np.testing.assert_array_equal(h_grad, [13.0, 25.0])
+        np.testing.assert_array_equal(x_grad, [39.0, 75.0])
 
 
 def test_retain_grad_on_leaf_is_a_no_op():

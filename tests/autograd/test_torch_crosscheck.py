@@ -59,7 +59,7 @@ class Ours:
     unfold = staticmethod(lambda x, k, stride=1, padding=0: ops.unfold(x, k, stride, padding))
     index = staticmethod(lambda a: dt.tensor(np.asarray(a)))
     flip = staticmethod(lambda x, axis: x[(slice(None),) * (axis % x.ndim) + (slice(None, None, -1),)])
-    gelu = staticmethod(lambda x: ops.gelu(x, approximate="tanh"))
+    gelu = staticmethod(lambda x, approximate="tanh": ops.gelu(x, approximate=approximate))
     masked_softmax = staticmethod(lambda x, mask=None, causal=False: ops.masked_softmax(x, mask, causal))
 
 
@@ -96,7 +96,7 @@ class Torch:
     unfold = staticmethod(lambda x, k, stride=1, padding=0: F.unfold(x, k, padding=padding, stride=stride))
     index = staticmethod(lambda a: torch.tensor(np.asarray(a)))
     flip = staticmethod(lambda x, axis: x.flip(axis))  # torch has no negative slice steps
-    gelu = staticmethod(lambda x: F.gelu(x, approximate="tanh"))
+    gelu = staticmethod(lambda x, approximate="tanh": F.gelu(x, approximate=approximate))
 
     @staticmethod
     def masked_softmax(x, mask=None, causal=False):
@@ -229,6 +229,10 @@ def test_scaled_dot_product_attention_with_masks():
 # ---- single ops with their options ----------------------------------------------------------------
 def test_gelu_tanh_form():
     run_both(lambda L, x: [L.gelu(x), L.gelu(x * 5.0)], [_rand(3, 4, 2)])
+
+
+def test_gelu_exact_form():
+    run_both(lambda L, x: [L.gelu(x, "none"), L.gelu(x * 5.0, "none")], [_rand(3, 4, 2)])
 
 
 @pytest.mark.parametrize("causal", [False, True])

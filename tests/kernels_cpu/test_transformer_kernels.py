@@ -75,6 +75,18 @@ def test_gelu_limits_nan_and_any_layout():
                                kernels_numpy.gelu_backward(np, strided.T, strided.T), **GELU_TOL)
 
 
+# float64: libm's erfc(-x / sqrt 2) carries the rounding of x / sqrt 2, up to x^2 / 2 ulps in the left tail (the
+# reference computes exp(-x^2 / 2) without it); 3e-13 at x = -30
+@pytest.mark.parametrize("dtype, tol", [(np.float32, dict(rtol=2e-6, atol=1e-7)), (np.float64, dict(rtol=1e-12))])
+def test_gelu_exact_form_equals_the_numpy_kernels(dtype, tol):
+    x = (np.random.default_rng(0).standard_normal((257, 33)) * 4).astype(dtype)
+    x[0, :4] = [-30.0, 0.0, np.inf, np.nan]
+    grad_y = np.random.default_rng(1).standard_normal(x.shape).astype(dtype)
+    np.testing.assert_allclose(wrappers.gelu_erf_forward(np, x), kernels_numpy.gelu_erf_forward(np, x), **tol)
+    np.testing.assert_allclose(wrappers.gelu_erf_backward(np, grad_y, x), kernels_numpy.gelu_erf_backward(np, grad_y, x),
+                               **tol)
+
+
 def test_gelu_in_float64_and_other_dtypes_is_the_reference():
     for dtype in (np.float64, np.float16):
         x, grad_y = _r((4, 5), dtype), _r((4, 5), dtype, 1)

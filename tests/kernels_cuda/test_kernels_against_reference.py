@@ -226,6 +226,15 @@ def test_gelu_forward_and_backward(cp, dtype, shape):
     _close(W.gelu_backward(cp, cp.array(grad_y), cp.array(x)), K.gelu_backward(np, grad_y, x), dtype, **atol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (3, 5, 7), (2, 70_000)])
+def test_gelu_exact_form_forward_and_backward(cp, dtype, shape):
+    x, grad_y = _r(shape, dtype, scale=4.0), _r(shape, dtype, 1)
+    x.flat[0] = -30.0  # the left tail, where Phi comes from erfc
+    _close(W.gelu_erf_forward(cp, cp.array(x)), K.gelu_erf_forward(np, x), dtype)
+    _close(W.gelu_erf_backward(cp, cp.array(grad_y), cp.array(x)), K.gelu_erf_backward(np, grad_y, x), dtype)
+
+
 SOFTMAX_SHAPES = [(1, 1), (2, 3, 5, 7), (32, 4, 64, 64), (3, 1024), (3, 1025), (5, 5000), (70_000, 3)]
 
 

@@ -1,4 +1,6 @@
 import math
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -6,6 +8,11 @@ import pytest
 import disttrain as dt
 from disttrain import nn
 from disttrain.nn.utils import clip_grad_norm_, parameters_to_vector, vector_to_parameters
+
+try:
+    import torch  # the oracle where installed
+except ImportError:
+    torch = None
 
 
 def grads_like(seed, scale):
@@ -52,6 +59,50 @@ def test_clipping_parts_by_the_norm_of_the_whole(norm_type):
         np.testing.assert_array_equal(a.grad.numpy(), b.grad.numpy())
     with pytest.raises(RuntimeError, match="the total norm of order 2.0 of the gradients is nan"):
         clip_grad_norm_(first, 1.0, error_if_nonfinite=True, total_norm=math.nan)
+
+
+# torch 2.13's results for the gradients [1, 0, 3], [5, 5], [0, 0] clipped to 1.0: the norm of the per-gradient
+# norms, so order 0 counts the gradients with a nonzero element (2), and a negative order or -inf meets a zero
+EDGE_GRADS = [[1.0, 0.0, 3.0], [5.0, 5.0], [0.0, 0.0]]
+EDGE_TOTALS = {0: 2.0, -1: 0.0, -2.5: 0.0, -math.inf: 0.0, "2": 60 ** 0.5, True: 14.0, math.nan: math.nan}
+
+
+@pytest.mark.parametrize("norm_type", list(EDGE_TOTALS), ids=repr)
+def test_clip_grad_norm_orders_zero_negative_and_odd_spellings_as_torch(norm_type):
+    params = make_params([np.array(g) for g in EDGE_GRADS])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no divide-by-zero warning on the way
+        total = clip_grad_norm_(params, 1.0, norm_type)
+    expected = EDGE_TOTALS[norm_type]
+    np.testing.assert_allclose(total, expected, rtol=1e-15)
+    coef = min(1.0, 1.0 / (expected + 1e-6))
+    for p, g in zip(params, EDGE_GRADS):
+        np.testing.assert_allclose(p.grad.numpy(), np.array(g) * (coef if not math.isnan(expected) else math.nan),
+                                   rtol=1e-15)
+    if torch is not None:
+        theirs = [torch.zeros(len(g), dtype=torch.float64, requires_grad=True) for g in EDGE_GRADS]
+        for t, g in zip(theirs, EDGE_GRADS):
+            t.grad = torch.tensor(g, dtype=torch.float64)
+        np.testing.assert_allclose(total, torch.nn.utils.clip_grad_norm_(theirs, 1.0, norm_type).item(),
+                                   rtol=1e-15)
+        for p, t in zip(params, theirs):
+            np.testing.assert_allclose(p.grad.numpy(), t.grad.numpy(), rtol=1e-15)
+
+
+def test_clip_grad_norm_negative_order_without_zeros():
+    params = make_params([np.array([1.0, 2.0]), np.array([4.0])])
+    assert clip_grad_norm_(params, 1.0, -1) == pytest.approx(1 / (1 + 1 / 2 + 1 / 4), rel=1e-15)
+
+
+@pytest.mark.parametrize("norm_type", ["fro", None, [2.0]], ids=repr)
+def test_clip_grad_norm_refuses_what_is_not_a_number_in_one_line(norm_type):
+    params = make_params([np.array(g) for g in EDGE_GRADS])
+    with pytest.raises(ValueError, match=rf"^clip_grad_norm_: norm_type={re.escape(repr(norm_type))} is not a "
+                                         r"number; [^\n]*$"):
+        clip_grad_norm_(params, 1.0, norm_type)
+    if torch is not None:
+        with pytest.raises((TypeError, ValueError)):  # torch refuses them too
+            torch.nn.utils.clip_grad_norm_([torch.zeros(1, requires_grad=True)], 1.0, norm_type)
 
 
 def test_clip_grad_norm_scales_in_place_and_skips_missing_grads():

@@ -98,6 +98,10 @@ def test_gelu_tanh_form():
     compare(nn.GELU(approximate="tanh"), torch.nn.GELU(approximate="tanh"), randn(2, 3, 4) * 3)
 
 
+def test_gelu_default_is_the_exact_form():
+    compare(nn.GELU(), torch.nn.GELU(), randn(2, 3, 4) * 3)
+
+
 def test_flatten_ranges():
     x = randn(2, 3, 4, 5)
     for start, end in [(0, -1), (1, 2), (2, 3)]:

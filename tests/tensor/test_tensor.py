@@ -45,7 +45,7 @@ def test_creation_functions():
     np.testing.assert_array_equal(dt.ones(2, dtype="float64").numpy(), [1.0, 1.0])
     assert dt.ones(2, dtype="float64").dtype == dt.float64
     np.testing.assert_array_equal(dt.full((2,), 7.0).numpy(), [7.0, 7.0])
-    assert dt.full(3, 1).shape == (3,) and dt.full(3, 1).dtype == dt.float32
+    assert dt.full(3, 1).shape == (3,) and dt.full(3, 1).dtype == dt.int64  # the fill value says, as torch.full
     x = dt.tensor(np.ones((2, 2)))
     assert dt.zeros_like(x).dtype == dt.float64 and dt.ones_like(x).numpy().sum() == 4
     assert dt.zeros_like(x, dtype="float32").dtype == dt.float32

@@ -3,8 +3,8 @@ the lowercase functions here are the public entry points (Tensor methods call th
 from disttrain.autograd.ops.attention import (MaskedSoftmax, ScaledDotProductAttention, masked_softmax,
                                              scaled_dot_product_attention)
 from disttrain.autograd.ops.conv import Fold, Unfold, avg_pool2d, conv2d, max_pool2d, unfold
-from disttrain.autograd.ops.elementwise import (Abs, Add, Clip, Div, Exp, Gelu, Log, Maximum, Mul, Neg, Pow,
-                                                Relu, Sigmoid, Sub, Tanh, Where, maximum, minimum, sum_to, where)
+from disttrain.autograd.ops.elementwise import (Abs, Add, Clip, Div, Exp, Gelu, Log, Maximum, Mul, Neg, NormalCdf,
+                                                Pow, Relu, Sigmoid, Sub, Tanh, Where, maximum, minimum, sum_to, where)
 from disttrain.autograd.ops.linalg import Linear, MatMul, linear, matmul
 from disttrain.autograd.ops.lstm import (LSTMCell, LSTMLayer, lstm_cell, lstm_cell_reference, lstm_layer,
                                          lstm_layer_reference)
@@ -15,22 +15,38 @@ from disttrain.autograd.ops.reduce import (Max, MaxResult, MinResult, Sum, amax,
 from disttrain.autograd.ops.shape import (BroadcastTo, Cast, Concat, GetItem, IndexAdd, Permute, Reshape,
                                           ToDevice, broadcast_to, cast, concat, getitem, permute, reshape, split,
                                           stack, to_device, transpose, unbind, Unbind)
+from disttrain.tensor.dtypes import promoted_dtype
+from disttrain.tensor.kernels_numpy import check_gelu_approximate
+from disttrain.tensor.tensor import Tensor
+
+
+def _promoted(x, other, division=False):
+    """x, cast where torch's type promotion changes an integer or bool tensor meeting `other` (a scalar, or a
+    tensor that is not a float one) in + - * / ** (disttrain.tensor.dtypes.promoted_dtype); else x itself."""
+    if not isinstance(x, Tensor) or x.dtype.kind == "f":
+        return x
+    if isinstance(other, Tensor):
+        if other.dtype.kind == "f":
+            return x  # an integer tensor with a float tensor: the dtype rule's error, in the op
+        other = None
+    dtype = promoted_dtype(x.dtype, other, division)
+    return x if dtype == x.dtype else cast(x, dtype)
 
 
 def add(a, b):
-    return Add.apply(a, b)
+    return Add.apply(_promoted(a, b), _promoted(b, a))
 
 
 def sub(a, b):
-    return Sub.apply(a, b)
+    return Sub.apply(_promoted(a, b), _promoted(b, a))
 
 
 def mul(a, b):
-    return Mul.apply(a, b)
+    return Mul.apply(_promoted(a, b), _promoted(b, a))
 
 
 def div(a, b):
-    return Div.apply(a, b)
+    return Div.apply(_promoted(a, b, division=True), _promoted(b, a, division=True))
 
 
 def neg(a):
@@ -38,7 +54,7 @@ def neg(a):
 
 
 def pow(a, b):
-    return Pow.apply(a, b)
+    return Pow.apply(_promoted(a, b), _promoted(b, a))
 
 
 def exp(a):
@@ -61,12 +77,9 @@ def relu(a):
     return Relu.apply(a)
 
 
-def gelu(a, approximate="tanh"):
-    """GELU, tanh form (torch's approximate="tanh"); the exact erf form needs an erf that NumPy lacks."""
-    if approximate != "tanh":
-        raise ValueError(f"gelu: approximate={approximate!r} is not available; only the tanh form "
-                         "(approximate='tanh', as GPT-2) is implemented")
-    return Gelu.apply(a)
+def gelu(a, approximate="none"):
+    """GELU as torch's: approximate="none" (the default) the exact x Phi(x), "tanh" the tanh form."""
+    return Gelu.apply(a, approximate=check_gelu_approximate(approximate, "gelu"))
 
 
 def abs(a):

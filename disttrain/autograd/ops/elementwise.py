@@ -206,24 +206,43 @@ class Relu(Function):
 
 
 class Gelu(Function):
-    """GELU in its tanh form, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): torch's
-    gelu(approximate="tanh"), the one GPT-2 uses. Forward and backward are one kernel each
-    (kernels_numpy.gelu_forward / gelu_backward); backward recomputes the tanh from the saved input
-    instead of keeping a second activation (an MLP's hidden layer is the largest activation of a
-    Transformer block)."""
+    """GELU, torch's gelu: approximate="none", the exact x Phi(x) (Phi the standard normal CDF, through erf),
+    or approximate="tanh", 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the form GPT-2 uses. Forward and
+    backward are one kernel each (kernels_numpy.gelu_erf_forward / gelu_forward and their backwards);
+    backward recomputes from the saved input instead of keeping a second activation (an MLP's hidden layer
+    is the largest activation of a Transformer block)."""
 
     saves_inputs = (0,)
 
-    def forward(self, a):
-        return self.backend.kernels.gelu_forward(self.xp, a)
+    def forward(self, a, approximate):
+        self.tanh_form = approximate == "tanh"
+        kernels = self.backend.kernels
+        return (kernels.gelu_forward if self.tanh_form else kernels.gelu_erf_forward)(self.xp, a)
 
     def backward(self, g):
         (x,) = self.saved_inputs
         if grad_mode.state.enabled:  # create_graph: differentiable ops
+            if not self.tanh_form:
+                return g * (NormalCdf.apply(x) + x * (x * x * -0.5).exp() * kernels_numpy.INV_SQRT_2PI)
             s, k = kernels_numpy.GELU_SCALE, kernels_numpy.GELU_CUBIC
             t = (s * (x + k * x * x * x)).tanh()
             return g * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * s * (1 + 3 * k * x * x))
-        return _wrap_array(self.backend.kernels.gelu_backward(self.xp, g.data, x.data))
+        kernels = self.backend.kernels
+        backward = kernels.gelu_backward if self.tanh_form else kernels.gelu_erf_backward
+        return _wrap_array(backward(self.xp, g.data, x.data))
+
+
+class NormalCdf(Function):
+    """Phi(x), the standard normal CDF (kernels_numpy.normal_cdf): the exact GELU's double backward."""
+
+    saves_inputs = (0,)
+
+    def forward(self, a):
+        return self.backend.kernels.normal_cdf(self.xp, a)
+
+    def backward(self, g):
+        (x,) = self.saved_inputs
+        return g * ((x * x * -0.5).exp() * kernels_numpy.INV_SQRT_2PI)
 
 
 class Abs(Function):

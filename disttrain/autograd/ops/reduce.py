@@ -13,10 +13,11 @@ from disttrain.tensor.tensor import Tensor
 
 
 def normalize_axes(axis, ndim):
-    """axis (None, int or tuple, negatives allowed) -> sorted tuple of non-negative axes."""
-    if axis is None:
+    """axis (None, int or tuple, negatives allowed) -> sorted tuple of non-negative axes. None and an empty
+    tuple or list mean every axis, as torch's dim=() (not NumPy's axis=(), which reduces none)."""
+    axes = (axis,) if isinstance(axis, (int, np.integer)) or axis is None else tuple(axis)
+    if axis is None or not axes:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
     out = []
     for a in axes:
         if not -ndim <= a < builtins.max(ndim, 1):

@@ -1,6 +1,7 @@
 """Elementwise activations as modules (any shape -> same shape)."""
 from disttrain.nn import functional as F
 from disttrain.nn.module import Module
+from disttrain.tensor.kernels_numpy import check_gelu_approximate
 
 
 class ReLU(Module):
@@ -23,14 +24,11 @@ class Sigmoid(Module):
 
 
 class GELU(Module):
-    """GELU, tanh form: torch.nn.GELU(approximate="tanh") (the exact erf form is not available)."""
+    """torch.nn.GELU: x Phi(x) by default (approximate="none"), the tanh form with approximate="tanh"."""
 
-    def __init__(self, approximate="tanh"):
+    def __init__(self, approximate="none"):
         super().__init__()
-        if approximate != "tanh":
-            raise ValueError(f"GELU: approximate={approximate!r} is not available; only the tanh form "
-                             "(approximate='tanh') is implemented")
-        self.approximate = approximate
+        self.approximate = check_gelu_approximate(approximate, "GELU")
 
     def forward(self, x):
         return F.gelu(x, self.approximate)
