@@ -205,7 +205,7 @@ def _describe(trainer, out, checkpoint):
     if not trainer.mode.is_main:                 # under mpirun: one description, from the process that logs
         return
     spec, mode = trainer.spec, trainer.mode
-    where = f"resuming at step {trainer.step} (epoch {trainer.epoch + 1})" if checkpoint else "starting"
+    where = f"resuming {trainer.resume_point()}" if checkpoint else "starting"
     for line in (checkpoint.skipped if checkpoint else []) + trainer.resume_changes:
         print(f"disttrain run: {line}", file=sys.stderr, flush=True)
     print(f"job {spec.source}: {describe_data(spec, trainer.data)}; model {describe_model(spec)}, "
