@@ -107,6 +107,19 @@ def test_metrics_that_cannot_be_written_end_the_run_in_one_line(job_file, text_f
     assert "Traceback" not in err and "During handling" not in err
 
 
+@needs_dev_full
+def test_output_that_cannot_be_written_ends_the_run_in_one_line(job_file, text_file, tmp_path):
+    """stdout on a full disk (a log file): the same one line and exit 74 as a file of the run, no traceback."""
+    out = tmp_path / "run"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(disttrain_cmd(*run_args(job_file, text_file, out, "train.max_steps=4")), cwd=REPO,
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 74, done.stderr
+    assert done.stderr.splitlines() == [
+        "disttrain run: error: cannot write /dev/full: No space left on device; no checkpoint of this run is on "
+        "disk; free space and start the run again (with --overwrite where its directory holds files)"]
+
+
 def test_a_metrics_file_shorter_than_its_checkpoint_keeps_its_rows_and_the_run_goes_on(job_file, text_file, tmp_path,
                                                                                        capsys):
     assert main(run_args(job_file, text_file, tmp_path / "whole", "train.max_steps=8")) == 0
