@@ -7,7 +7,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -203,3 +205,24 @@ def test_ctrl_c_while_starting_says_one_line(job_file, text_file, tmp_path, caps
     monkeypatch.setattr(preflight, "check_run", interrupted)     # Ctrl-C while the job's data loads
     assert without_escaping_interrupts(run_args(job_file, text_file, tmp_path / "run")) == 130
     assert capsys.readouterr().err == "disttrain: interrupted by SIGINT\n"
+
+
+def test_ctrl_c_while_disttrain_imports_says_one_line():
+    """SIGINT right after the `disttrain` script starts, at several points of its first tenths of a second (`import
+    disttrain`, the command): never a traceback; interrupted, one line and 130. A SIGINT while the interpreter
+    itself starts (its site module: before any line of the script) is Python's own fatal error, outside the script."""
+    script = Path(sys.executable).with_name("disttrain")
+    interrupted = 0
+    for delay in [0.02 * k for k in range(1, 26, 2)]:
+        proc = subprocess.Popen([str(script), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+        if "Fatal Python error: init_import_site" in stderr:
+            continue
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, (delay, stderr)
+        assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, stderr)
+        if proc.returncode == 130:
+            interrupted += 1
+            assert stderr.splitlines() == ["disttrain: interrupted by SIGINT"], (delay, stderr)
+    assert interrupted, "no SIGINT reached the script while it ran"
