@@ -1,11 +1,15 @@
-"""What the `disttrain` sub-commands share: the JOB.toml and --set arguments, loading the job, failing in one line
-and the final report of an evaluation."""
+"""What the `disttrain` sub-commands share: the JOB.toml and --set arguments, loading the job, failing in one line,
+the final report of an evaluation, and what a failed write of the command's own output (stdout, stderr: a terminal,
+a pipe, or a log file such as ps-cluster's logs/worker-K.log on a full disk) does."""
+import contextlib
 import errno
+import os
 import sys
 
-from disttrain.cli.exit_codes import EXIT_USAGE
+from disttrain.cli.exit_codes import EXIT_IO, EXIT_USAGE
 
-__all__ = ["add_job_arguments", "load_job_for", "fail", "report_final"]
+__all__ = ["LogWriteError", "add_job_arguments", "after_write_error", "as_output_write_error", "console_guarded",
+           "fail", "guarded_command", "load_job_for", "report_final", "say_last_line"]
 
 
 def add_job_arguments(parser, set_example="optim.lr=0.5", device=None):
@@ -75,3 +79,101 @@ def after_write_error(exc):
         fix = "fix that"
     return f"{fix} and continue with --resume" if exc.last_checkpoint is not None else \
         f"{fix} and start the run again (with --overwrite where its directory holds files)"
+
+
+class LogWriteError(OSError):
+    """The command's stdout or stderr could not be written (ENOSPC, EROFS, EIO, ...); `filename` names the file it
+    goes to, as far as the system says."""
+
+
+class _GuardedStream:
+    """A text stream whose failed writes raise LogWriteError naming where the stream goes; everything else is the
+    stream's own. A broken pipe stays a BrokenPipeError (`disttrain ... | head`: the reader left)."""
+
+    def __init__(self, stream, name):
+        self._stream, self._name = stream, name
+        self.failed = False
+
+    def __getattr__(self, attribute):
+        return getattr(self._stream, attribute)
+
+    def write(self, text):
+        with self._guarded():
+            return self._stream.write(text)
+
+    def flush(self):
+        with self._guarded():
+            self._stream.flush()
+
+    @contextlib.contextmanager
+    def _guarded(self):
+        try:
+            yield
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            self.failed = True
+            raise LogWriteError(exc.errno, exc.strerror or str(exc), _where(self._stream, self._name)) from None
+
+    def silence(self):
+        """After a failure: point the stream's file descriptor at /dev/null, so that the interpreter's flush of what
+        is still buffered at exit does not fail a second time."""
+        try:
+            fd = self._stream.fileno()
+        except (OSError, ValueError, AttributeError):      # a stream without a descriptor (captured in tests)
+            return
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+
+
+def _where(stream, name):
+    """The file `stream` writes to (its /proc/self/fd link on Linux), else `name` ("stdout", "stderr")."""
+    try:
+        return os.readlink(f"/proc/self/fd/{stream.fileno()}")
+    except (OSError, ValueError, AttributeError):
+        return name
+
+
+@contextlib.contextmanager
+def console_guarded():
+    """sys.stdout and sys.stderr raise LogWriteError when a write fails, while the command runs; a stream that
+    failed is silenced on the way out."""
+    guarded = {name: _GuardedStream(getattr(sys, name), name) for name in ("stdout", "stderr")}
+    saved = {name: getattr(sys, name) for name in guarded}
+    for name, stream in guarded.items():
+        setattr(sys, name, stream)
+    try:
+        yield
+    finally:
+        for name, stream in guarded.items():
+            setattr(sys, name, saved[name])
+            if stream.failed:
+                stream.silence()
+
+
+def as_output_write_error(exc, trainer):
+    """The OutputWriteError a LogWriteError met while `trainer` ran (None: no trainer yet) amounts to: the file, the
+    OS error and the last good checkpoint still on disk, for the one line and exit status 74 of any such write."""
+    from disttrain.train.outputs import OutputWriteError
+
+    outputs = trainer.outputs if trainer is not None else None
+    return OutputWriteError(exc.filename, f"cannot write {exc.filename}: {exc.strerror}", exc.errno,
+                            outputs.checkpoint_on_disk() if outputs is not None else None)
+
+
+def guarded_command(command, run):
+    """run(), the command's whole work, with console_guarded: a LogWriteError it did not report itself becomes one
+    line (`COMMAND: error: cannot write FILE: ...`, if stderr still takes it) and exit status EXIT_IO."""
+    try:
+        with console_guarded():
+            return run()
+    except LogWriteError as exc:
+        say_last_line(f"{command}: error: cannot write {exc.filename}: {exc.strerror}")
+        return EXIT_IO
+
+
+def say_last_line(text):
+    """Print `text` to stderr if it can still be written: after a LogWriteError the exit status has to say it."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except OSError:
+        pass

@@ -21,7 +21,7 @@ import sys
 
 from disttrain import trace
 from disttrain.cli import launch, plan
-from disttrain.cli.common import add_job_arguments
+from disttrain.cli.common import add_job_arguments, guarded_command
 from disttrain.cli.exit_codes import EXIT_SIGNAL, EXIT_USAGE
 from disttrain.paramserver import cli as ps_cli
 
@@ -68,8 +68,8 @@ def build_parser():
 
 
 def main(argv=None):
-    try:
-        return _dispatch(build_parser().parse_args(argv))
+    try:              # its output on a full or read-only disk: one line and exit 74
+        return guarded_command("disttrain", lambda: _dispatch(build_parser().parse_args(argv)))
     except BrokenPipeError:          # `disttrain ... | head`: the reader left; end quietly, as on SIGPIPE
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())     # no second error at interpreter exit
         return 128 + signal.SIGPIPE

@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from disttrain.cli import preflight
-from disttrain.cli.common import after_write_error, fail, load_job_for, report_final
+from disttrain.cli.common import (LogWriteError, after_write_error, as_output_write_error, fail, load_job_for,
+                                  report_final, say_last_line)
 from disttrain.cli.exit_codes import EXIT_DIVERGED, EXIT_DONE, EXIT_FAILURE, EXIT_IO, EXIT_SIGNAL, EXIT_USAGE
 from disttrain.autograd.function import OpError
 from disttrain.parallel.comm import abort_on_error
@@ -82,7 +83,14 @@ def _run(args, held):
             trainer = _build(args, spec, out, data, checkpoint)
     except USAGE_ERRORS + (OpError,) as exc:
         return fail("run", exc)
+    try:
+        return _train(args, trainer, out, checkpoint)
+    except LogWriteError as exc:                 # its output on a full or read-only disk, outside the training
+        return _say_abort(as_output_write_error(exc, trainer))
 
+
+def _train(args, trainer, out, checkpoint):
+    """Describe the run, train, report; the exit status."""
     _describe(trainer, out, checkpoint)
     start = time.perf_counter()
     try:
@@ -90,8 +98,8 @@ def _run(args, held):
                                                     (TrainingInterrupted, TrainingDiverged), steps=args.trace_steps):
             try:
                 evals = trainer.fit()
-            except (OutputWriteError, SecondSignal) as exc:      # one line; under mpiexec every rank stops
-                status = _say_abort(exc)
+            except (OutputWriteError, LogWriteError, SecondSignal) as exc:   # one line; under mpiexec all stop
+                status = _say_abort(as_output_write_error(exc, trainer) if isinstance(exc, LogWriteError) else exc)
                 if launched_size() > 1:
                     raise SystemExit(status) from None           # run_context aborts the job with this status
                 return status
@@ -188,7 +196,7 @@ def _say_abort(exc):
     if isinstance(exc, SecondSignal):
         print(f"disttrain run: {exc}", file=sys.stderr, flush=True)
         return EXIT_SIGNAL.get(exc.signal_name, EXIT_FAILURE)
-    print(f"disttrain run: error: {exc}; {after_write_error(exc)}", file=sys.stderr, flush=True)
+    say_last_line(f"disttrain run: error: {exc}; {after_write_error(exc)}")     # (stderr may be what failed)
     return EXIT_IO
 
 
@@ -205,7 +213,7 @@ def _describe(trainer, out, checkpoint):
     if not trainer.mode.is_main:                 # under mpirun: one description, from the process that logs
         return
     spec, mode = trainer.spec, trainer.mode
-    where = f"resuming at step {trainer.step} (epoch {trainer.epoch + 1})" if checkpoint else "starting"
+    where = f"resuming {trainer.resume_point()}" if checkpoint else "starting"
     for line in (checkpoint.skipped if checkpoint else []) + trainer.resume_changes:
         print(f"disttrain run: {line}", file=sys.stderr, flush=True)
     print(f"job {spec.source}: {describe_data(spec, trainer.data)}; model {describe_model(spec)}, "

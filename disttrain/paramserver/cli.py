@@ -20,7 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
-from disttrain.cli.common import add_job_arguments, after_write_error, fail, report_final
+from disttrain.cli.common import (LogWriteError, add_job_arguments, after_write_error, as_output_write_error, fail,
+                                  guarded_command, report_final, say_last_line)
 from disttrain.cli.exit_codes import EXIT_DONE, EXIT_FAILURE, EXIT_IO
 
 
@@ -200,6 +201,8 @@ def worker_main(args):
     try:
         evals = run_worker(spec, args.id, endpoints, security=security, out_dir=out, log=log, on_trainer=on_trainer,
                            resume=args.resume, overwrite=args.overwrite)
+        if args.id == 0:                         # the same final line as `disttrain run`'s
+            report_final(evals, trainers[0].data)
     except TrainingInterrupted as exc:
         print(f"worker {args.id}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -208,11 +211,11 @@ def worker_main(args):
         return EXIT_FAILURE
     except CheckpointError as exc:      # an earlier run in --out; --resume: no checkpoint, or one of another job
         return fail("ps-worker", exc)
-    except OutputWriteError as exc:     # its checkpoint, metrics or config could not be written
-        print(f"worker {args.id}: error: {exc}; {after_write_error(exc)}", file=sys.stderr, flush=True)
+    except (OutputWriteError, LogWriteError) as exc:   # its checkpoint, metrics, config or log could not be written
+        if isinstance(exc, LogWriteError):
+            exc = as_output_write_error(exc, trainers[0] if trainers else None)
+        say_last_line(f"worker {args.id}: error: {exc}; {after_write_error(exc)}")  # (stderr may be what failed)
         return EXIT_IO
-    if args.id == 0:                             # the same final line as `disttrain run`'s
-        report_final(evals, trainers[0].data)
     return EXIT_DONE
 
 
@@ -243,7 +246,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m disttrain.paramserver.cli",
                                      description="disttrain parameter-server commands")
     register(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
+    return guarded_command("disttrain", lambda: run(parser.parse_args(argv)))   # its log on a full disk: exit 74
 
 
 if __name__ == "__main__":

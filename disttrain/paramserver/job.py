@@ -64,7 +64,7 @@ def _resume(trainer, worker, own_dir, log):
         return
     checkpoint = saving.load_checkpoint(own_dir)
     trainer.restore(checkpoint)
-    log(f"worker {worker}: resuming from {checkpoint.path} at step {trainer.step} (epoch {trainer.epoch + 1})")
+    log(f"worker {worker}: resuming from {checkpoint.path} {trainer.resume_point()}")
 
 
 def check_shards(spec, shards, option=None):

@@ -71,7 +71,7 @@ def _resume(trainer, out_dir):
     if trainer.mode.is_main:
         for line in checkpoint.skipped + trainer.resume_changes:
             print(f"fit(): {line}", flush=True)
-        print(f"fit(): resuming from {checkpoint.path} at step {trainer.step} (epoch {trainer.epoch + 1})", flush=True)
+        print(f"fit(): resuming from {checkpoint.path} {trainer.resume_point()}", flush=True)
 
 
 def settings_spec(settings, mode="local"):

@@ -256,7 +256,7 @@ class Trainer:
         return self.evals
 
     def _train(self):
-        while self.epoch < self.spec.train.epochs and not self._reached_max_steps():
+        while not self.trained_all():
             for inputs, targets in self.train_iter:       # continues from the cursor after a resume
                 loss, grad_norm = self._metered_step(inputs, targets)
                 self._accumulate(loss, targets.size, grad_norm)
@@ -349,6 +349,24 @@ class Trainer:
 
     def _reached_max_steps(self):
         return self.spec.train.max_steps is not None and self.step >= self.spec.train.max_steps
+
+    def trained_all(self):
+        """True when every step the job asks for ([train] epochs, max_steps) is done: fit() trains no more."""
+        return self.epoch >= self.spec.train.epochs or self._reached_max_steps()
+
+    def resume_point(self):
+        """Where a restored run goes on, in words: "at step S (epoch E)", or, when it has trained every step the
+        job asks for, that fit() trains nothing: a finished run only reports its results (and writes its final
+        checkpoint and curves again); one stopped after its last step also runs its final evaluation."""
+        if not self.trained_all():
+            return f"at step {self.step} (epoch {self.epoch + 1})"
+        t = self.spec.train
+        asked = (f"max_steps = {t.max_steps}" if self._reached_max_steps() else
+                 f"{t.epochs} epoch{'s' if t.epochs != 1 else ''}")
+        then = ("it only reports its results (and writes its final checkpoint and curves again)" if self.finished
+                else "it only finishes the run: its final evaluation, checkpoint and results")
+        return (f"at step {self.step}, where the run has already trained its {asked}: nothing is left to train, so "
+                f"{then} (raise [train] epochs or max_steps to train further)")
 
     def _after_step(self):
         t = self.spec.train

@@ -135,3 +135,18 @@ def test_a_reader_that_leaves_ends_the_run_quietly_as_sigpipe_would(job_file, te
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 128 + signal.SIGPIPE, err
     assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
+@pytest.mark.parametrize("limit, said", [((), "already trained its 1 epoch"),
+                                         (("--set", "train.max_steps=6"), "already trained its max_steps = 6")])
+def test_resuming_a_finished_run_says_that_nothing_is_left_to_train(job_file, text_file, tmp_path, capsys, limit,
+                                                                    said):
+    common = [str(job_file), *chars(text_file), *limit, "--out", str(tmp_path / "run")]
+    assert main(["run", *common]) == 0
+    before = metric_rows(tmp_path / "run")
+    capsys.readouterr()
+    assert main(["run", *common, "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"{said}: nothing is left to train, so it only reports its results" in out
+    assert "epoch 2" not in out and "final: valid ppl" in out
+    assert metric_rows(tmp_path / "run") == before

@@ -7,7 +7,9 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -107,6 +109,19 @@ def test_metrics_that_cannot_be_written_end_the_run_in_one_line(job_file, text_f
     assert "Traceback" not in err and "During handling" not in err
 
 
+@needs_dev_full
+def test_output_that_cannot_be_written_ends_the_run_in_one_line(job_file, text_file, tmp_path):
+    """stdout on a full disk (a log file): the same one line and exit 74 as a file of the run, no traceback."""
+    out = tmp_path / "run"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(disttrain_cmd(*run_args(job_file, text_file, out, "train.max_steps=4")), cwd=REPO,
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 74, done.stderr
+    assert done.stderr.splitlines() == [
+        "disttrain run: error: cannot write /dev/full: No space left on device; no checkpoint of this run is on "
+        "disk; free space and start the run again (with --overwrite where its directory holds files)"]
+
+
 def test_a_metrics_file_shorter_than_its_checkpoint_keeps_its_rows_and_the_run_goes_on(job_file, text_file, tmp_path,
                                                                                        capsys):
     assert main(run_args(job_file, text_file, tmp_path / "whole", "train.max_steps=8")) == 0
@@ -190,3 +205,24 @@ def test_ctrl_c_while_starting_says_one_line(job_file, text_file, tmp_path, caps
     monkeypatch.setattr(preflight, "check_run", interrupted)     # Ctrl-C while the job's data loads
     assert without_escaping_interrupts(run_args(job_file, text_file, tmp_path / "run")) == 130
     assert capsys.readouterr().err == "disttrain: interrupted by SIGINT\n"
+
+
+def test_ctrl_c_while_disttrain_imports_says_one_line():
+    """SIGINT right after the `disttrain` script starts, at several points of its first tenths of a second (`import
+    disttrain`, the command): never a traceback; interrupted, one line and 130. A SIGINT while the interpreter
+    itself starts (its site module: before any line of the script) is Python's own fatal error, outside the script."""
+    script = Path(sys.executable).with_name("disttrain")
+    interrupted = 0
+    for delay in [0.02 * k for k in range(1, 26, 2)]:
+        proc = subprocess.Popen([str(script), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+        if "Fatal Python error: init_import_site" in stderr:
+            continue
+        assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, (delay, stderr)
+        assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, stderr)
+        if proc.returncode == 130:
+            interrupted += 1
+            assert stderr.splitlines() == ["disttrain: interrupted by SIGINT"], (delay, stderr)
+    assert interrupted, "no SIGINT reached the script while it ran"

@@ -20,13 +20,18 @@ def data():
     return ArrayData(inputs, labels, batch_size=16, eval={"valid": (inputs[:48], labels[:48])}, shuffle=True)
 
 
+def float64_data():
+    source = data()
+    source.inputs = source.inputs.astype(np.float64)
+    source.eval = {k: (x.astype(np.float64), y) for k, (x, y) in source.eval.items()}
+    return source
+
+
 def trained(mode):
     dt.manual_seed(1)
     model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
     model.to(dtype="float64")
-    source = data()
-    source.inputs = source.inputs.astype(np.float64)
-    source.eval = {k: (x.astype(np.float64), y) for k, (x, y) in source.eval.items()}
+    source = float64_data()
     optimizer = dt.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     trainer = fit(model, source, optimizer, mode=mode, epochs=2, clip_norm=1.0, progress=False)
     return trainer, {name: t.numpy().copy() for name, t in trainer.model.state_dict().items()}
@@ -67,19 +72,44 @@ class RunningMean(nn.Module):
         return x - self.mean
 
 
-def test_data_parallel_ranks_keep_rank_0s_buffers_so_evaluation_matches_the_checkpoint():
-    """Each rank updates its running statistics from its own share; after every step they take rank 0's (torch
-    DDP's broadcast_buffers), so the sharded evaluation and rank 0's checkpoint use the same ones."""
+def running_mean_model():
     dt.manual_seed(1)
-    model = nn.Sequential(nn.Linear(5, 12), RunningMean(12), nn.Tanh(), nn.Linear(12, 3)).to(dtype="float64")
-    source = data()
-    source.inputs = source.inputs.astype(np.float64)
-    source.eval = {k: (x.astype(np.float64), y) for k, (x, y) in source.eval.items()}
-    trainer = fit(model, source, dt.optim.SGD(model.parameters(), lr=0.1), mode="data", epochs=1, progress=False)
-    means = world().allgather_object(model[1].mean.numpy().tolist())
-    assert any(means[0]) and all(m == means[0] for m in means[1:])
+    return nn.Sequential(nn.Linear(5, 12), RunningMean(12), nn.Tanh(), nn.Linear(12, 3)).to(dtype="float64")
+
+
+def valid_loss_alone(model, source):
+    """`model`'s loss on the valid split in one process, in eval mode (its running statistics as they are)."""
     with dt.no_grad():
         model.eval()
         x, y = source.eval["valid"]
-        alone = dt.nn.functional.cross_entropy(model(dt.tensor(x)), dt.tensor(y)).item()
-    assert trainer.evals["valid"].loss == pytest.approx(alone, rel=1e-12)
+        return dt.nn.functional.cross_entropy(model(dt.tensor(x)), dt.tensor(y)).item()
+
+
+def test_data_parallel_ranks_keep_rank_0s_buffers_so_evaluation_matches_the_checkpoint():
+    """Each rank updates its running statistics from its own share; after every step they take rank 0's (torch
+    DDP's broadcast_buffers), so the sharded evaluation and rank 0's checkpoint use the same ones."""
+    model, source = running_mean_model(), float64_data()
+    trainer = fit(model, source, dt.optim.SGD(model.parameters(), lr=0.1), mode="data", epochs=1, progress=False)
+    means = world().allgather_object(model[1].mean.numpy().tolist())
+    assert any(means[0]) and all(m == means[0] for m in means[1:])
+    assert trainer.evals["valid"].loss == pytest.approx(valid_loss_alone(model, source), rel=1e-12)
+
+
+def test_pipeline_replicas_keep_the_first_replicas_buffers_so_evaluation_matches_the_checkpoint(mpi_tmp_path):
+    """Each pipeline replica updates a stage's running statistics from its own share; after every step the stage's
+    replicas take the first replica's, as data-parallel ranks take rank 0's, so every replica evaluates with the
+    buffers of rank 0's checkpoint. 2 stages x 2 replicas on 4 ranks (the buffer in stage 0), 1 x 2 on 2."""
+    stages = world().size // 2
+    model, source = running_mean_model(), float64_data()
+    mode = PipelineMode(world(), stages=stages, micro_batches=2, split_points=[2] if stages == 2 else None)
+    trainer = fit(model, source, dt.optim.SGD(model.parameters(), lr=0.1), mode=mode, epochs=1,
+                  out_dir=mpi_tmp_path / "run", progress=False)
+    buffers = [b.numpy().tolist() for b in trainer.model.buffers()]
+    per_rank = world().allgather_object((mode.stage, buffers))
+    same_stage = [theirs for stage, theirs in per_rank if stage == mode.stage]
+    assert all(theirs == same_stage[0] for theirs in same_stage[1:])
+    from_checkpoint = running_mean_model()
+    from_checkpoint.load_state_dict({name: dt.tensor(a) for name, a in
+                                     dt.train.saving.load_checkpoint(mpi_tmp_path / "run").model.items()})
+    assert np.any(from_checkpoint[1].mean.numpy())
+    assert trainer.evals["valid"].loss == pytest.approx(valid_loss_alone(from_checkpoint, source), rel=1e-12)

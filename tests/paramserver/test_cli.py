@@ -125,11 +125,11 @@ def test_ps_cluster_refuses_a_batch_its_workers_cannot_share(ps_job, tmp_path, c
         capfd.readouterr().err
 
 
-def ps_worker(job, out, endpoint, *extra, worker=0, env=None):
+def ps_worker(job, out, endpoint, *extra, worker=0, env=None, stdout=subprocess.PIPE, stderr=subprocess.PIPE):
     """`disttrain ps-worker JOB --id WORKER --connect ENDPOINT --insecure --out OUT ...` as a process."""
     return subprocess.run([sys.executable, "-m", "disttrain.paramserver.cli", "ps-worker", str(job), "--id",
                            str(worker), "--connect", endpoint, "--insecure", "--out", str(out), *map(str, extra)],
-                          capture_output=True, text=True, timeout=180, env=env)
+                          stdout=stdout, stderr=stderr, text=True, timeout=180, env=env)
 
 
 def test_a_worker_whose_checkpoint_cannot_be_written_says_so_in_one_line(ps_job, tmp_path):
@@ -145,6 +145,22 @@ def test_a_worker_whose_checkpoint_cannot_be_written_says_so_in_one_line(ps_job,
         f"worker 0: error: cannot write {out / 'checkpoints' / 'step-000004.tmp'}"), done.stderr
     assert done.stderr.strip().endswith(f"the last good checkpoint is {out / 'checkpoints' / 'step-000002'}; free "
                                         "space and continue with --resume")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_worker_whose_log_cannot_be_written_says_so_in_one_line_with_exit_74(ps_job, tmp_path):
+    """Its output on a full disk (ps-cluster's logs/worker-K.log): the one line of a run's files that cannot be
+    written, and exit 74, no traceback; with stderr on the full disk too, the exit status alone says it."""
+    spec, job = ps_job("ps.servers=1", "ps.workers=1", "train.max_steps=6")
+    out = tmp_path / "run"
+    with serving_job(spec, 1) as (_, endpoints), open("/dev/full", "w") as full:
+        done = ps_worker(job, out, endpoints[0], stdout=full)          # its first line, before any checkpoint
+        both = ps_worker(job, tmp_path / "both", endpoints[0], stdout=full, stderr=full)
+    assert done.returncode == 74 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "worker 0: error: cannot write /dev/full: No space left on device; no checkpoint of this run is on disk; "
+        "free space and start the run again (with --overwrite where its directory holds files)"), done.stderr
+    assert both.returncode == 74
 
 
 def unused_port():

@@ -19,8 +19,9 @@ What the mode's calls become here:
   and gets an optimizer over its parameters.
 - forward_backward: PipelineRuntime.step under the schedule; the last stage computes the model's loss on its
   output (protocol.output_loss) and the loss is broadcast to the pipe (every rank logs the same number); the
-  gradients are averaged over the stage communicator when D > 1. The carried state is this stage's, per
-  micro-batch and per block.
+  gradients are averaged over the stage communicator when D > 1, and every replica then takes the first
+  replica's buffers (running statistics), as data-parallel ranks take rank 0's. The carried state is this
+  stage's, per micro-batch and per block.
 - clip_grad_norm: the global norm is the square root of the stages' summed squared norms (an Allreduce over
   the pipe), then every stage clips with that total, as one process would.
 - forward_only: forward through the pipe; each replica evaluates its share of the evaluation batches.
@@ -38,6 +39,7 @@ from disttrain.autograd.grad_mode import no_grad
 from disttrain.models import protocol
 from disttrain.nn.utils import clip_grad_norm_, grad_norm
 from disttrain.parallel.comm import world
+from disttrain.parallel.data_parallel import broadcast_tensors
 from disttrain.parallel.mpi_mode import MPIMode, ranks
 from disttrain.parallel.pipeline.blocks import UncuttableModelError, blocks_of
 from disttrain.parallel.pipeline.rank_layout import PipelineLayoutError, check_layout
@@ -169,6 +171,7 @@ class PipelineMode(MPIMode):
     def forward_backward(self, inputs, targets, state=None, backward_scale=1.0):
         result = self.runtime.step(inputs, targets, self._loss_fn, state, backward_scale=backward_scale)
         self._average_over_replicas()
+        self._sync_buffers()
         return self._broadcast_loss(result.loss), result.states
 
     def forward_only(self, inputs, targets, state=None):
@@ -203,6 +206,14 @@ class PipelineMode(MPIMode):
                 memory.count(flat)
                 self.stage_group.Allreduce(flat, what=f"allreduce of stage {self.stage}'s gradients")
                 kernels.bucket_unpack(xp, flat, arrays, scale=1.0 / self.replicas)
+
+    def _sync_buffers(self):
+        """Every replica of this stage takes the first replica's buffers (running statistics each replica updates
+        from its own share), as data-parallel ranks take rank 0's: evaluation, sharded over the replicas, then
+        uses the buffers rank 0's checkpoint holds."""
+        buffers = [b for b in self.model.buffers() if b is not None]
+        if self.replicas > 1 and buffers:
+            broadcast_tensors(self.stage_group, buffers, what=f"broadcast of stage {self.stage}'s buffers")
 
     def clip_grad_norm(self, params, max_norm):
         """Clip by the norm of all stages' gradients together; returns that norm before clipping."""
