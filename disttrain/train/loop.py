@@ -53,7 +53,7 @@ from disttrain.train.build import (Schedules, apply_checkpointing_setting, build
 from disttrain.train.jobspec import loads_job
 from disttrain.train.metrics import LN2, MetricsWriter, perplexity, plot_curves, shortfall
 from disttrain.train.mode import LocalMode, RunState
-from disttrain.train.outputs import OutputGuard, OutputWriteError
+from disttrain.train.outputs import OutputGuard
 from disttrain.train.progress import Progress
 from disttrain.train.resume import apply_lr_change, check_same_model, resume_changes
 

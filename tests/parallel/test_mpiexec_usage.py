@@ -53,7 +53,7 @@ def test_the_start_says_what_the_run_is(job, tmp_path):
 
     data = run(2, job, "--out", tmp_path / "data")
     assert data.returncode == 0, data.stderr
-    assert (f"data parallel: 2 ranks (2 on this node), 2 of the batch's 4 streams per rank, 1 BLAS thread per rank; "
+    assert ("data parallel: 2 ranks (2 on this node), 2 of the batch's 4 streams per rank, 1 BLAS thread per rank; "
             "a rank waits at most 300 s for the others ([parallel] timeout_s)") in data.stdout
 
     pipe = run(2, job, *PIPELINE, "--set", 'parallel.split_points=["decoder"]', "--out", tmp_path / "pipe")
