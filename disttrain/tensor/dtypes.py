@@ -2,8 +2,8 @@
 
 The rule (documented in docs/ARCHITECTURE.md): every tensor input of an arithmetic op must have
 the same dtype; Python scalars take the dtype of the tensor they meet, except where torch's type
-promotion changes an integer or bool tensor (promoted_dtype): a Python float, or a true division,
-makes it the default float dtype (float32), and a Python int makes a bool tensor int64. Mixing float32 with
+promotion changes an integer or bool tensor's result (as_torch_promotes): with a Python float, or in a
+true division, it is the default float dtype (float32); bool ** int is int64. Mixing float32 with
 float64 is an error, not a silent upcast, because an accidental float64 tensor halves the
 speed of a float32 model and a silent downcast ruins a float64 gradient check.
 Integer tensors (int64) are indices: they feed indexing, embedding and losses, not arithmetic
@@ -16,6 +16,7 @@ float64 = np.dtype("float64")
 int64 = np.dtype("int64")
 int32 = np.dtype("int32")
 bool_ = np.dtype("bool")
+_INT8 = np.dtype("int8")
 
 _ALLOWED = {float32, float64, int64, int32, bool_, np.dtype("float16")}
 DEFAULT_FLOAT = float32
@@ -48,16 +49,19 @@ def infer_dtype(array, keep_float):
     raise TypeError(f"cannot make a tensor from data of dtype {array.dtype}")
 
 
-def promoted_dtype(dtype, other, division=False):
-    """The dtype an integer or bool tensor of `dtype` takes in + - * / ** with `other` (a Python or NumPy
-    scalar, or None for another integer or bool tensor), as torch's: the default float with a float scalar
-    or in a true division (int_tensor * 0.5 and int_tensor / 2 are float32), int64 for a bool tensor with an
-    int scalar; else `dtype` itself (int_tensor * 2 stays integer)."""
-    if division or isinstance(other, (float, np.floating)):
-        return DEFAULT_FLOAT
-    if dtype == bool_ and isinstance(other, (int, np.integer)) and not isinstance(other, (bool, np.bool_)):
-        return int64
-    return dtype
+def as_torch_promotes(out, a, b):
+    """`out`, the result of a + - * / ** on a and b (arrays or Python scalars), in the dtype torch's type
+    promotion gives where NumPy's differs: NumPy makes float64 of an integer or bool array with a Python float
+    or in a true division (int * 0.5, int / int), torch the default float; NumPy makes int8 of bool ** int,
+    torch int64. A float32 result, the hot path, passes after two identity checks."""
+    dtype = out.dtype
+    if dtype is float64:
+        if getattr(a, "dtype", None) is float64 or getattr(b, "dtype", None) is float64:
+            return out
+        return out.astype(DEFAULT_FLOAT)
+    if dtype is _INT8 and getattr(a, "dtype", None) is bool_ and type(b) is int:
+        return out.astype(int64)
+    return out
 
 
 def fill_dtype(fill_value):

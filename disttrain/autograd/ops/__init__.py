@@ -15,38 +15,24 @@ from disttrain.autograd.ops.reduce import (Max, MaxResult, MinResult, Sum, amax,
 from disttrain.autograd.ops.shape import (BroadcastTo, Cast, Concat, GetItem, IndexAdd, Permute, Reshape,
                                           ToDevice, broadcast_to, cast, concat, getitem, permute, reshape, split,
                                           stack, to_device, transpose, unbind, Unbind)
-from disttrain.tensor.dtypes import promoted_dtype
 from disttrain.tensor.kernels_numpy import check_gelu_approximate
 from disttrain.tensor.tensor import Tensor
 
 
-def _promoted(x, other, division=False):
-    """x, cast where torch's type promotion changes an integer or bool tensor meeting `other` (a scalar, or a
-    tensor that is not a float one) in + - * / ** (disttrain.tensor.dtypes.promoted_dtype); else x itself."""
-    if not isinstance(x, Tensor) or x.dtype.kind == "f":
-        return x
-    if isinstance(other, Tensor):
-        if other.dtype.kind == "f":
-            return x  # an integer tensor with a float tensor: the dtype rule's error, in the op
-        other = None
-    dtype = promoted_dtype(x.dtype, other, division)
-    return x if dtype == x.dtype else cast(x, dtype)
-
-
 def add(a, b):
-    return Add.apply(_promoted(a, b), _promoted(b, a))
+    return Add.apply(a, b)
 
 
 def sub(a, b):
-    return Sub.apply(_promoted(a, b), _promoted(b, a))
+    return Sub.apply(a, b)
 
 
 def mul(a, b):
-    return Mul.apply(_promoted(a, b), _promoted(b, a))
+    return Mul.apply(a, b)
 
 
 def div(a, b):
-    return Div.apply(_promoted(a, b, division=True), _promoted(b, a, division=True))
+    return Div.apply(a, b)
 
 
 def neg(a):
@@ -54,7 +40,7 @@ def neg(a):
 
 
 def pow(a, b):
-    return Pow.apply(_promoted(a, b), _promoted(b, a))
+    return Pow.apply(a, b)
 
 
 def exp(a):

@@ -6,6 +6,7 @@ import numpy as np
 from disttrain.autograd import grad_mode
 from disttrain.autograd.function import Function
 from disttrain.tensor import kernels_numpy
+from disttrain.tensor.dtypes import as_torch_promotes
 from disttrain.tensor.tensor import Tensor
 
 
@@ -49,7 +50,7 @@ def _wrap_array(a):
 class Add(Function):
     def forward(self, a, b):
         self.shapes = (getattr(a, "shape", ()), getattr(b, "shape", ()))
-        return a + b
+        return as_torch_promotes(a + b, a, b)
 
     def backward(self, g):
         sa, sb = self.shapes
@@ -61,7 +62,7 @@ class Add(Function):
 class Sub(Function):
     def forward(self, a, b):
         self.shapes = (getattr(a, "shape", ()), getattr(b, "shape", ()))
-        return a - b
+        return as_torch_promotes(a - b, a, b)
 
     def backward(self, g):
         sa, sb = self.shapes
@@ -74,7 +75,7 @@ class Mul(Function):
     saves_inputs = (0, 1)
 
     def forward(self, a, b):
-        return a * b
+        return as_torch_promotes(a * b, a, b)
 
     def backward(self, g):
         a, b = self.saved_inputs
@@ -91,7 +92,7 @@ class Div(Function):
     saves_inputs = (0, 1)
 
     def forward(self, a, b):
-        return a / b
+        return as_torch_promotes(a / b, a, b)
 
     def backward(self, g):
         a, b = self.saved_inputs
@@ -115,7 +116,7 @@ class Pow(Function):
     saves_output = True
 
     def forward(self, a, b):
-        return a ** b
+        return as_torch_promotes(a ** b, a, b)
 
     def backward(self, g):
         # NOTE: zero where torch's is, not the NaN of the formulas: d/da where b == 0 (0 * 0 ** -1), d/db
