@@ -5,7 +5,7 @@
 //                    Block partials in double, one atomic per block.
 //   norm_finalize:   out[k] = acc[k]^(1/p) (sqrt for SUM_SQ, identity for MAX_ABS).
 //   scale:           x *= coef (a host scalar: clip_grad_norm_ after the host read the norm).
-//   clip_scale:      x *= coef with coef = max_norm / (total[0] + 1e-6), only where coef < 1: the
+//   clip_scale:      x *= coef with coef = max_norm / (total[0] + 1e-6), unless coef >= 1: the
 //                    coefficient is read on the device, so a captured step clips without syncing.
 // Reference: kernels_numpy.norms / scale_ / clip_by_total_norm_.
 #include "common.cuh"
@@ -49,7 +49,7 @@ template <typename T>
 __device__ __forceinline__ void clip_scale_impl(T* __restrict__ x, dt_index n, const double* __restrict__ total,
                                                 double max_norm) {
     const double coef = max_norm / (total[0] + 1e-6);  // kernels_numpy.CLIP_EPSILON
-    if (!(coef < 1.0)) return;  // no clipping needed (a NaN total does not clip either, as on the host)
+    if (coef >= 1.0) return;  // no clipping needed; a NaN total scales by NaN, as clip_grad_norm_ and torch do
     const T c = (T)coef;
     DT_FOR_EACH(i, n) x[i] = x[i] * c;
 }

@@ -32,13 +32,12 @@ own format and `load_state_dict()` takes such a state and keeps this rank's slic
 any number of ranks, sharded or not.
 """
 import copy
-import math
 
 import numpy as np
 
 from disttrain.autograd.grad_mode import enable_grad, no_grad
 from disttrain.nn.parameter import Parameter
-from disttrain.nn.utils import clip_grad_norm_
+from disttrain.nn.utils import clip_grad_norm_, grad_norm, norm_order
 from disttrain.optim.optimizer import Optimizer
 from disttrain import trace
 from disttrain.tensor.tensor import Tensor
@@ -122,20 +121,31 @@ class ShardedOptimizer(Optimizer):
 
     def clip_grad_norm_(self, max_norm, norm_type=2.0, error_if_nonfinite=False):
         """Clip the gradients of all the reducer's parameters by their global norm, exactly as
-        disttrain.nn.utils.clip_grad_norm_ over the whole averaged gradients would; returns that norm (a
-        collective in stage 2: the slices' norms meet in one 8-byte allreduce)."""
+        disttrain.nn.utils.clip_grad_norm_ over the whole averaged gradients would, for every order it takes;
+        returns that norm (a collective in stage 2: the ranks' norms of their slices meet in one allgather of a
+        float each; order 0 in an allreduce of one flag per parameter)."""
         self.reducer.check_synchronized("clip_grad_norm_()")
         if self.stage == 1:        # every rank holds the whole averaged gradient
             return clip_grad_norm_(self._trained, max_norm, norm_type, error_if_nonfinite)
         holders = [holder for shard in self._shards for holder in shard.gradient_holders()]
-        norm_type = float(norm_type)
-        local = clip_grad_norm_(holders, math.inf, norm_type)      # max_norm = inf only measures
-        if norm_type == math.inf:
-            total = float(self.comm.Allreduce(np.array([local]), op="max", what="allreduce of the gradient norm")[0])
-        else:
-            summed = self.comm.Allreduce(np.array([local ** norm_type]), what="allreduce of the gradient norm")
-            total = float(summed[0]) ** (1.0 / norm_type)
+        norm_type = norm_order(norm_type, "ShardedOptimizer.clip_grad_norm_")
+        total = self._nonzero_gradients() if norm_type == 0 else self._norm_of_rank_norms(holders, norm_type)
         return clip_grad_norm_(holders, max_norm, norm_type, error_if_nonfinite, total_norm=total)
+
+    def _norm_of_rank_norms(self, holders, norm_type):
+        """The norm of order norm_type (not 0) of the whole averaged gradients: that of the ranks' norms over
+        their slices, since every such order combines so (sums of |x| ** p, maxima, minima, NaN), ranks without
+        a slice left out (they hold no element)."""
+        local = grad_norm([h.grad for h in holders], norm_type) if holders else None
+        ranks = [v for v in self.comm.allgather_object(local, what="allgather of the gradient norms") if v is not None]
+        return grad_norm([Tensor(np.array([v])) for v in ranks], norm_type) if ranks else 0.0
+
+    def _nonzero_gradients(self):
+        """Order 0, as torch's: how many gradients have a nonzero element, on whichever rank it is."""
+        flags = [shard.nonzero_gradients() for shard in self._shards]
+        anywhere = self.comm.Allreduce(np.concatenate(flags) if flags else np.zeros(0), op="max",
+                                       what="allreduce of which gradients are nonzero")
+        return float(anywhere.sum())
 
     # ---- save / resume ---------------------------------------------------------------------
     def state_dict(self):
@@ -290,6 +300,17 @@ class _Shard:
         gathered = bucket.xp.empty(comm.size * bucket.shard_numel, dtype=bucket.dtype)
         handle = comm.Iallgather(self.flat, gathered, what=f"allgather of parameter bucket {bucket.index}")
         return _Allgather(bucket, gathered, handle, changed)
+
+    def nonzero_gradients(self):
+        """Per parameter of the bucket: 1.0 when its gradient has a nonzero (or NaN) element in this rank's slice
+        (stage 2), else 0.0."""
+        bucket = self.bucket
+        flags = np.zeros(len(bucket.params))
+        if bucket.shard_grad is not None:
+            for i, lo, hi, pos in self.spans:
+                if bucket.shard_counts[i] > 0:
+                    flags[i] = float(bool((bucket.shard_grad[pos:pos + hi - lo] != 0).any()))
+        return flags
 
     def gradient_holders(self):
         """Tensors whose .grad are this rank's slices of the averaged gradients (stage 2), for clipping."""

@@ -17,6 +17,6 @@ Modules (import what you need; nothing is imported here, so `disttrain` stays qu
     worker_mode  ParameterServerMode: the Trainer's mode on a worker (pull, push, the optimizer on the servers)
     job          a parameter-server job's servers and workers, built from a JobSpec
     cluster      Cluster: S servers + W workers as processes on this machine
-    resume_check ps-cluster --resume: the servers' snapshots must not be behind worker 0's checkpoint
+    resume_check --resume: the servers (ps-cluster: their snapshots) must not be behind worker 0's checkpoint
     cli          ps-cluster, ps-server, ps-worker, ps-keys
 """

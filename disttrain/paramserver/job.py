@@ -56,7 +56,7 @@ def server_from_spec(spec, index, num_servers=None, bind="tcp://127.0.0.1:0", se
                            security=security, log=log)
 
 
-def _resume(trainer, worker, own_dir, log):
+def _resume(trainer, mode, worker, own_dir, log):
     if own_dir is None:
         raise saving.CheckpointError(f"worker {worker}: resuming needs its run directory (--out)")
     if worker and not saving.list_checkpoints(own_dir):
@@ -64,6 +64,7 @@ def _resume(trainer, worker, own_dir, log):
         return
     checkpoint = saving.load_checkpoint(own_dir)
     trainer.restore(checkpoint)
+    mode.resuming_from(checkpoint, own_dir)
     log(f"worker {worker}: resuming from {checkpoint.path} {trainer.resume_point()}")
 
 
@@ -111,7 +112,7 @@ def run_worker(spec, worker, endpoints, num_shards=None, security=None, out_dir=
         if worker:                                # dropout masks differ between workers; weights come from servers
             dt.manual_seed(spec.train.seed + worker)
         if resume:
-            _resume(trainer, worker, worker_run_dir(out_dir, worker) if out_dir is not None else None, log)
+            _resume(trainer, mode, worker, worker_run_dir(out_dir, worker) if out_dir is not None else None, log)
         if on_trainer is not None:
             on_trainer(trainer)
         return trainer.fit()

@@ -6,7 +6,8 @@
                    prod(shape) * itemsize long; sent with copy=False, read back with np.frombuffer (no copies)
 
 Requests (worker -> server; a DEALER talks to the server's ROUTER, which prepends the connection identity):
-    join       worker, clock, fingerprint [, observer, epoch]    -> joined  (the worker's clock on this server)
+    join       worker, clock, fingerprint [, observer, epoch]    -> joined  (the worker's clock on this server,
+               the clock of its latest push the server's state holds: last_push, and the server's update count)
     leave      worker                                            -> ok
     heartbeat  worker                                            -> ok
     pull       worker, clock [, keys, versions, ahead]           -> params  (+ one frame per key)
@@ -171,7 +172,7 @@ REQUEST_OPS = {
 _SERVER = {"incarnation": _SEQ}
 REPLY_OPS = {
     "joined": ({**_SERVER, "worker": _ID, "clock": _CLOCK, "server": _uint(MAX_KEYS), "mode": _text(16),
-                "staleness": _CLOCK}, {"last_push": _CLOCK}, False),
+                "staleness": _CLOCK}, {"last_push": _CLOCK, "updates": _CLOCK}, False),
     "ok": ({**_SERVER}, {"clock": _CLOCK, "lr": _float, "min_clock": _CLOCK}, False),
     "params": ({**_SERVER, "keys": _KEYS, "dtypes": _DTYPES, "shapes": _SHAPES, "versions": _VERSIONS,
                 "clock": _CLOCK}, {"lr": _float, "updates": _CLOCK}, True),

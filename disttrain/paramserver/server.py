@@ -320,7 +320,7 @@ class ParameterServer:
                 self._release()
         extra = {"last_push": last_push} if last_push is not None else {}
         self._reply(identity, "joined", header["seq"], worker=worker, clock=clock, server=self.index,
-                    mode=self.consistency.mode, staleness=self.consistency.staleness, **extra)
+                    mode=self.consistency.mode, staleness=self.consistency.staleness, updates=self.updates, **extra)
 
     def _authorize_join(self, client, worker, observer):
         """Under CURVE a key acts only as what its name says (auth.py): worker-K as worker K, other keys only as

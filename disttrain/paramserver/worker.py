@@ -72,8 +72,9 @@ class _Link:
         self.joined = False
         self.incarnation = None
         self.clock = 0
-        self.updates = 0                  # the server's update count when it last sent parameters
-        self.last_push = None             # clock of our latest push the server's state holds (from the join)
+        self.updates = 0                  # the server's update count when it last joined us or sent parameters
+        self.last_push = None             # clock of our latest push the server's state holds (from the join, then
+                                          # from each push answered with parameters)
         self.joined_at = 0.0
         self.hb_sent = {}                 # seq -> send time of heartbeats not answered yet
         self.hb_last = 0.0                # when the last heartbeat was sent
@@ -247,8 +248,10 @@ class PSClient:
             raise PSError(reply["code"], reply["message"], link.index)
         if reply["op"] != "joined" or reply["worker"] != self.worker_id or reply["server"] != link.index:
             raise PSError("bad_reply", f"unexpected answer to join: {reply['op']}", link.index)
-        link.incarnation, link.clock = reply["incarnation"], reply["clock"]
-        link.last_push = reply.get("last_push")
+        link.incarnation = reply["incarnation"]
+        if not self.observer:             # an observer has no clock (0): a worker turned observer keeps its own
+            link.clock, link.last_push = reply["clock"], reply.get("last_push")
+        link.updates = reply.get("updates", link.updates)
         link.joined_at = link.hb_ok = time.monotonic()
         link.hb_not_joined_at, link.hb_incarnation = None, None
         link.joined = True
@@ -303,7 +306,8 @@ class PSClient:
                 raise
 
     def become_observer(self):
-        """After leave(): join again as a read-only observer (e.g. to read the final parameters)."""
+        """After leave(): join again as a read-only observer (e.g. to read the final parameters); each link keeps
+        this worker's clock and latest push there, what a checkpoint taken now records of it."""
         self._stop_heartbeats()
         self.observer = True
         deadline = time.monotonic() + self.reconnect_timeout
@@ -437,13 +441,15 @@ class PSClient:
         if header["incarnation"] != link.incarnation:
             # answered by a restarted server that somehow still knows us: take its clock
             link.incarnation = header["incarnation"]
-        if "clock" in header:
+        if "clock" in header and not self.observer:
             link.clock = header["clock"]
         if header.get("lr") is not None:
             self.lr = header["lr"]
         if header["op"] == "params":
             self._install(link, header, arrays)
             link.updates = header.get("updates", link.updates)
+            if req.op == "push":          # answered with parameters: the server's state holds this push
+                link.last_push = max(req.sent_clock, -1 if link.last_push is None else link.last_push)
         elif req.op == "pull" or (req.op == "push" and req.pull):
             raise PSError("bad_reply", f"expected parameters, got {header['op']}", link.index)
         req.reply = (header, arrays)

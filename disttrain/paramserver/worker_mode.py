@@ -23,10 +23,16 @@ from pathlib import Path
 import numpy as np
 
 from disttrain.data.source import Share, WHOLE
+from disttrain.paramserver import resume_check
+from disttrain.train.saving import CheckpointError
 from disttrain.train.memory_plan import holding_for
 from disttrain.train.mode import Mode
 
-__all__ = ["ParameterServerMode", "worker_run_dir"]
+__all__ = ["ParameterServerMode", "ServersBehind", "worker_run_dir"]
+
+
+class ServersBehind(CheckpointError):
+    """Worker 0 resumed from a checkpoint that a server is behind (one line: which, by how much, what to do)."""
 
 
 class ParameterServerMode(Mode):
@@ -40,6 +46,7 @@ class ParameterServerMode(Mode):
         self._pending = None
         self._params = []
         self._host = []                     # flat host arrays the client writes into (views on the CPU)
+        self._resumed_from = None           # (checkpoint, run_dir) of a resumed worker, until start() checked it
 
     def prepare(self, model, optimizer, data=None):
         model, optimizer = super().prepare(model, optimizer, data)
@@ -66,10 +73,19 @@ class ParameterServerMode(Mode):
         return WHOLE if self.is_main else None
 
     # ---- joining, the update, leaving ----------------------------------------------------------------
+    def resuming_from(self, checkpoint, run_dir):
+        """This worker resumes from `checkpoint` (a saving.Checkpoint in `run_dir`): start() checks, once joined,
+        that no server is behind it (resume_check.py). Worker 0 refuses to go on from a server behind its
+        checkpoint (ServersBehind); a worker K > 0 says so and goes on (its pushes since are lost, as those a
+        crashed server loses)."""
+        self._resumed_from = (checkpoint, Path(run_dir))
+
     def start(self, epoch):
         """Join the servers at `epoch` and install the parameters they hold."""
         self.client.connect(self._host, epoch=epoch)
         self.joined = True
+        if self._resumed_from is not None:
+            self._check_servers_not_behind(*self._resumed_from)
         self.client.pull()
         self._installed()
 
@@ -133,6 +149,21 @@ class ParameterServerMode(Mode):
             g = g * g.dtype.type(self.grad_weight)      # a new array: never scale the Trainer's own gradient
         return g
 
+    def _check_servers_not_behind(self, checkpoint, run_dir):
+        """What each server said at the join (before this worker pushed anything) against its checkpoint."""
+        holdings = [(f"server {link.index} at {link.endpoint}",
+                     {"updates": link.updates, "clock": link.clock, "last_push": link.last_push})
+                    for link in self.client.links]
+        behind = resume_check.gaps(holdings, checkpoint.meta, worker=self.rank)
+        if not behind:
+            return
+        if self.is_main:
+            raise ServersBehind(resume_check.refusal(
+                run_dir, checkpoint, holdings, behind, "the servers are",
+                remedy="restart the server from a snapshot that is not behind (its newest), or "))
+        self.client.log(f"worker {self.rank}: {'; '.join(behind)} (checkpoint {checkpoint.path}, step "
+                        f"{checkpoint.meta['step']}): this worker's pushes since are lost; going on")
+
     def _wait_for_others(self):
         me = str(self.client.worker_id)
         while True:
@@ -146,9 +177,10 @@ class ParameterServerMode(Mode):
     # ---- checkpoints ------------------------------------------------------------------------------------
     def checkpoint_record(self):
         """What each server had reached when this checkpoint was taken, as it told this worker: this worker's
-        clock and the server's update count. A server's snapshot holding less is behind the checkpoint
-        (paramserver/resume_check.py)."""
-        return {"ps_servers": [{"clock": link.clock, "updates": link.updates} for link in self.client.links]}
+        clock, the clock of its latest push the server had applied, and the server's update count. A server (or
+        its snapshot) holding less is behind the checkpoint (paramserver/resume_check.py)."""
+        return {"ps_servers": [{"clock": link.clock, "updates": link.updates, "last_push": link.last_push}
+                               for link in self.client.links]}
 
     def checkpoint_dir(self, out_dir):
         return worker_run_dir(out_dir, self.rank) if out_dir is not None else None

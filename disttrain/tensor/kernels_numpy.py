@@ -481,7 +481,7 @@ def clip_by_total_norm_(xp, arrays, max_norm, norm_type=2.0):
     else:
         total = (parts ** norm_type).sum() ** (1.0 / norm_type)
     coef = max_norm / (total + CLIP_EPSILON)
-    if coef < 1.0:
+    if not coef >= 1.0:    # a NaN total scales every array by NaN, as clip_grad_norm_ (and torch) do
         scale_(xp, arrays, coef.astype(arrays[0].dtype))
     return xp.asarray(total)
 

@@ -323,6 +323,26 @@ def test_clip_by_total_norm_scales_to_max_norm(p):
         np.testing.assert_allclose(a, b * (total / 2) / (total + 1e-6), rtol=1e-12)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_clip_by_total_norm_treats_a_nonfinite_total_as_clip_grad_norm_does(bad):
+    """A NaN total scales by NaN and an infinite one by 0 (inf * 0: NaN), as nn.utils.clip_grad_norm_ and torch."""
+    from disttrain.nn.parameter import Parameter
+    from disttrain.nn.utils import clip_grad_norm_
+    from disttrain.tensor.tensor import Tensor
+
+    arrays = [_r(3, 4), _r(5)]
+    arrays[1][2] = bad
+    params = [Parameter(a.copy()) for a in arrays]
+    for p in params:
+        p.grad = Tensor(p.data.copy())
+    expected_total = clip_grad_norm_(params, 1.0)
+    got_total = K.clip_by_total_norm_(np, arrays, 1.0)
+    np.testing.assert_array_equal(float(got_total), expected_total)
+    for a, p in zip(arrays, params):
+        np.testing.assert_array_equal(a, p.grad.data)
+    assert (np.isnan(arrays[0]) if np.isnan(bad) else arrays[0] == 0).all()
+
+
 def test_scale_is_in_place():
     a = _r(4)
     expected = a * 0.25

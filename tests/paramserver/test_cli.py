@@ -5,18 +5,21 @@ import re
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from disttrain.cli.main import main
 from disttrain.paramserver.snapshot import read_meta
 from disttrain.train.jobspec import JobSpecError, describe_schema, loads_job
 
-from disttrain.paramserver.job import server_from_spec, worker_run_dir
+from disttrain.paramserver.job import layout_from_spec, server_from_spec, worker_run_dir
+from disttrain.paramserver.worker import PSClient
 from disttrain.train.saving import list_checkpoints, step_of
 
-from ps_testing import serving_job
+from ps_testing import serving, serving_job
 from ps_user_models import user_job
 
 
@@ -112,6 +115,66 @@ def test_ps_cluster_resume_refuses_snapshots_behind_worker_0s_checkpoint(ps_job,
     (checkpoints / "step-000020").rename(tmp_path / "step-000020")     # the remedy it names
     assert main(base + ["--resume", "--set", "train.max_steps=30"]) == 0
     assert "worker 0: resuming from" in capfd.readouterr().err and "at step 10" in (out / "logs" / "worker-0.log").read_text()
+
+
+@contextmanager
+def server_from_snapshot(spec, snapshot):
+    """Server 0 of the job, resuming from `snapshot` (or starting and writing it), in a thread; yields (server,
+    endpoint); it writes its final snapshot when it stops."""
+    server = server_from_spec(spec, 0, snapshot_path=snapshot, log=lambda text: None)
+    with serving([server]) as endpoints:
+        yield server, endpoints[0]
+
+
+def pushes_of_another_worker(spec, endpoint, count):
+    """Worker 1 joins server 0 at `endpoint` and pushes `count` zero gradients; returns its client (still joined)."""
+    layout = layout_from_spec(spec, 1)
+    client = PSClient([endpoint], layout, 1, heartbeat_interval=0.5, log=lambda text: None).connect()
+    zeros = [np.zeros(p.size, dtype=p.dtype) for p in layout.params]
+    for _ in range(count):
+        client.push(zeros, pull=False)
+    return client
+
+
+def test_a_hand_started_worker_0_refuses_servers_behind_its_checkpoint(ps_job, tmp_path):
+    """A server restarted from an old snapshot copy, which worker 1's pushes then carried past the checkpoint's
+    update count (and worker 0's clock there, moved up to worker 1's): worker 0's latest push it holds is older."""
+    spec, job = ps_job("ps.servers=1", "ps.workers=2", 'ps.consistency="async"', "data.batch_size=4")
+    out, snapshot = tmp_path / "run", tmp_path / "server-0.snap"
+    with server_from_snapshot(spec, snapshot) as (_, endpoint):
+        first = ps_worker(job, out, endpoint, "--set", "train.max_steps=10")
+        assert first.returncode == 0, first.stderr
+    older = snapshot.read_bytes()                                     # 10 updates: worker 0's pushes 0 .. 9
+    with server_from_snapshot(spec, snapshot) as (_, endpoint):
+        second = ps_worker(job, out, endpoint, "--resume", "--set", "train.max_steps=20")
+        assert second.returncode == 0 and "at step 10" in second.stderr, second.stderr
+    newer = snapshot.read_bytes()
+    snapshot.write_bytes(older)                                       # the server restarts from the old copy
+    metrics = (out / "metrics.jsonl").read_bytes()
+
+    with server_from_snapshot(spec, snapshot) as (server, endpoint):
+        other = pushes_of_another_worker(spec, endpoint, 30)
+        try:
+            refused = ps_worker(job, out, endpoint, "--resume", "--set", "train.max_steps=30")
+        finally:
+            other.leave()
+            other.close()
+        assert server.updates == 10 + 30                              # worker 0 pushed nothing
+    checkpoints = out / "checkpoints"
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"disttrain ps-worker: error: --resume: the servers are behind worker 0's checkpoint "
+        f"{checkpoints / 'step-000020'} (step 20): server 0 at {endpoint} holds worker 0's pushes up to clock 9, the "
+        f"checkpoint was taken after its push at clock 19; resuming would continue that step from older weights: "
+        f"restart the server from a snapshot that is not behind (its newest), or resume from worker 0's older "
+        f"checkpoint {checkpoints / 'step-000010'} (step 10), which they are not behind, by moving the newer ones "
+        f"out of {checkpoints}, or start over with --overwrite")
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+
+    snapshot.write_bytes(newer)                                       # the remedy it names first
+    with server_from_snapshot(spec, snapshot) as (_, endpoint):
+        resumed = ps_worker(job, out, endpoint, "--resume", "--set", "train.max_steps=30")
+    assert resumed.returncode == 0 and "at step 20" in resumed.stderr, resumed.stderr
 
 
 def test_ps_cluster_refuses_a_batch_its_workers_cannot_share(ps_job, tmp_path, capfd):
