@@ -461,7 +461,8 @@ def norms(xp, arrays, norm_type):
 def scale_(xp, arrays, coef):
     """Multiply every array by the host scalar coef, in place (element blocks on the intra-op threads)."""
     def scale(block):
-        block *= coef
+        with np.errstate(invalid="ignore"):  # inf * 0 (a clipped infinite gradient) is NaN, as torch's, unannounced
+            block *= coef
 
     for a in arrays:
         _by_elements(xp, scale, a)
