@@ -41,7 +41,7 @@ def check_run(args, spec, out):
     data = build_data(spec)
     if isinstance(data, LanguageModelData):
         check_batch_fits(spec, data.corpus)
-        if spec.model.factory is None and spec.model.kind == "lstm_lm":      # the families estimate knows
+        if spec.model.factory is None:      # a factory's model has no estimate until it is built
             _on_rank0(lambda: check_memory(spec, data.vocab_size))
     return data
 

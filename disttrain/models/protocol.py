@@ -3,7 +3,7 @@
 Any nn.Module trains. The loop calls these functions, never the model's methods directly, so each optional
 method below has a default and a model implements only what differs:
 
-    forward(inputs) -> output                       a stateless model (an MLP, a Transformer LM), or
+    forward(inputs) -> output                       a stateless model (an MLP), or
     forward(inputs, state) -> (output, state)       a recurrent one: set `carries_state = True`
     loss(output, targets) -> scalar Tensor          default: cross-entropy of output's rows against the
                                                     targets flattened to one class index per row; a mean

@@ -1,6 +1,6 @@
 """ParameterServerMode: the mode interface (disttrain/train/mode.py) on a parameter-server worker.
 
-    mode = ParameterServerMode(client, worker=k, workers=W, consistency=...)
+    mode = ParameterServerMode(client, worker=k, workers=W, overlap=..., grad_weight=...)   # paramserver/job.py
     trainer = Trainer(model, data, optimizer, mode=mode)
 
 A worker runs the ordinary Trainer on its share of every batch (shard k of W, like a data-parallel rank) and

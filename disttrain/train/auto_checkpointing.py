@@ -13,6 +13,7 @@ gradients, the random number generator and the buffers are as they were, so an "
 import math
 
 import disttrain as dt
+from disttrain.checkpointing.apply import checkpointed_modules
 from disttrain.checkpointing.auto import fit_to_budget
 from disttrain.checkpointing.planner import NoPlanFits
 from disttrain.models import protocol
@@ -33,6 +34,11 @@ def plan_checkpointing(spec, model, data, share, holding, optimizer):
     fits, naming the smallest feasible budget_mb."""
     if spec.memory.activation_checkpointing != "auto":
         return None
+    if not checkpointed_modules(model):       # checked before the probe step, which would fail on it
+        raise JobSpecError(f'{spec.source or "<job>"}: [memory] activation_checkpointing = "auto": '
+                           f"{type(model).__name__} has no nn.LSTM, no checkpoint_segments setting and no "
+                           'nn.Sequential to checkpoint; set it to "none", or give the model a checkpoint_segments '
+                           "setting (disttrain.checkpointing.plan.SegmentsSetting)")
     budget_mb = spec.memory.budget_mb
     held = held_bytes(model, optimizer, holding)
     inputs, targets = next(iter(data.train_batches(share)))

@@ -35,8 +35,8 @@ Trainer. Every mode implements these, grouped by what they cover:
 
 LocalMode is the one-process mode: every reduction is the identity. Data-parallel, pipeline and
 parameter-server modes live beside their machinery (disttrain/parallel/data_mode.py,
-parallel/pipeline/pipeline_mode.py, paramserver/worker_mode.py); `disttrain.train.modes` builds one from
-a job.
+parallel/pipeline/pipeline_mode.py, paramserver/worker_mode.py); `disttrain.parallel.mpi_job.mode_for` builds
+the MPI ones from a job, `disttrain.paramserver.job` a worker's.
 """
 from dataclasses import dataclass
 from pathlib import Path

@@ -50,6 +50,16 @@ def test_a_model_too_large_for_memory_is_refused_before_allocating(job_file, tmp
     assert "parameters 596.1 GiB" in line and "[model] hidden = 100000" in line
 
 
+def test_a_transformer_too_large_for_memory_is_refused_before_allocating(tmp_path, capsys):
+    job = tmp_path / "wide.toml"
+    job.write_text('[model]\nkind = "transformer_lm"\nd_model = 65536\nheads = 1\n[data]\nmax_bytes = 3000\n'
+                   'batch_size = 4\nbptt = 8\n')
+    assert main(["run", str(job), "--out", str(tmp_path / "o")]) == 2
+    line = one_error_line(capsys)
+    assert "the job needs about" in line and "[model] d_model = 65536" in line
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_data_path_the_corpus_does_not_read(job_file, tmp_path, capsys):
     assert main(["run", str(job_file), "--set", "data.path=corpus.txt", "--out", str(tmp_path / "o")]) == 2
     assert ('[data] path = "corpus.txt": [data] kind = "default_corpus" reads no file'

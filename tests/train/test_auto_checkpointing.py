@@ -4,9 +4,13 @@ import re
 
 import pytest
 
+from disttrain import nn
+from disttrain.data.source import WHOLE
 from disttrain.models import protocol
 from disttrain.train import Trainer
-from disttrain.train.auto_checkpointing import held_bytes
+from disttrain.train.auto_checkpointing import held_bytes, plan_checkpointing
+from disttrain.train.build import build_data, build_optimizer
+from disttrain.train.memory_plan import Holding
 from disttrain.train.jobspec import JobSpecError
 
 LONG_WINDOW = ("data.bptt=128", "data.batch_size=2", "train.max_steps=3", "train.log_every=1")
@@ -40,6 +44,28 @@ def test_a_budget_the_parameters_and_optimizer_state_fill_is_an_error(tiny_job):
     with pytest.raises(JobSpecError, match=r"tiny.toml: \[memory\] budget_mb = 0.001: the parameters and "
                                            r"optimizer state alone take .* MiB"):
         Trainer.from_job(spec, progress=False)
+
+
+class _NoChain(nn.Module):
+    """A model of one's own with no checkpoint_segments setting, nn.LSTM or nn.Sequential: nothing to plan."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, 8)
+        self.decoder = nn.Linear(8, vocab_size)
+
+    def forward(self, tokens):
+        return self.decoder(self.embedding(tokens).reshape((-1, 8)))
+
+
+def test_auto_on_a_model_with_nothing_to_checkpoint_is_one_line_naming_the_model(tiny_job):
+    spec = tiny_job("memory.activation_checkpointing=auto", "memory.budget_mb=100")
+    data = build_data(spec)
+    model = _NoChain(data.vocab_size)
+    with pytest.raises(JobSpecError, match=r'tiny.toml: \[memory\] activation_checkpointing = "auto": _NoChain has '
+                                           r"no nn.LSTM, no checkpoint_segments setting and no nn.Sequential") as raised:
+        plan_checkpointing(spec, model, data, WHOLE, Holding(), build_optimizer(spec, model.parameters()))
+    assert "\n" not in str(raised.value)
 
 
 def test_auto_is_refused_for_a_pipeline_stage(tiny_job):

@@ -390,7 +390,8 @@ def _array_module(model):
 
 def check_enough_blocks(model, stages, source=None):
     """PipelineLayoutError unless the model cuts into blocks (an nn.Sequential, or pipeline_blocks()), one for
-    each of `stages` stages (`source`: the job, named)."""
+    each of `stages` stages, and a recurrent one maps its state to its blocks' and back (`source`: the job,
+    named)."""
     try:
         names = [name for name, _ in blocks_of(model)]
     except UncuttableModelError:
@@ -400,6 +401,13 @@ def check_enough_blocks(model, stages, source=None):
                                   "returning [(name, Block), ...] with Block.forward(x, state=None) -> (y, state) "
                                   "(disttrain.parallel.pipeline.blocks.ModuleBlock(name, module) wraps a stateless "
                                   "module)") from None
+    missing = [name for name in ("block_states", "state_from_blocks") if not hasattr(model, name)]
+    if protocol.carries_state(model) and missing:       # else the first checkpoint, after training, would fail
+        raise PipelineLayoutError(f'{source or "<job>"}: [parallel] mode = "pipeline": {type(model).__name__} carries '
+                                  f"a state (carries_state = True) but defines no {' or '.join(missing)}; a "
+                                  "pipeline gives each block its part of the state and joins them for checkpoints: "
+                                  "define block_states(state) -> {block name: state} and state_from_blocks({block "
+                                  "name: state}) -> state (disttrain/models/protocol.py)")
     if stages > len(names):
         raise PipelineLayoutError(f"{source or '<job>'}: [parallel] stages = {stages}, but the model has "
                                   f"{len(names)} blocks ({', '.join(names)}) and every stage needs at least one; "
