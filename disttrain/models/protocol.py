@@ -150,11 +150,7 @@ def block_states(model, blocks, state):
     """One state per block of `blocks` ([(name, block)]), from the model's state (None: every block None)."""
     if state is None:
         return [None] * len(blocks)
-    own = getattr(model, "block_states", None)
-    if own is None:
-        raise TypeError(f"{type(model).__name__} carries a state but defines no block_states(state): a pipeline "
-                        "cannot give each block its part")
-    per_block = own(state)
+    per_block = _pipeline_state_method(model, "block_states(state)", "give each block its part")(state)
     return [per_block.get(name) for name, _ in blocks]
 
 
@@ -163,7 +159,16 @@ def state_from_blocks(model, blocks, states):
     named = {name: s for (name, _), s in zip(blocks, states) if s is not None}
     if not named:
         return None
-    return model.state_from_blocks(named)
+    return _pipeline_state_method(model, "state_from_blocks(states)", "join its blocks' states into the model's")(named)
+
+
+def _pipeline_state_method(model, signature, purpose):
+    """The model's own method `signature` names; TypeError naming the model's class when it has none."""
+    own = getattr(model, signature.partition("(")[0], None)
+    if own is None:
+        raise TypeError(f"{type(model).__name__} carries a state but defines no {signature}: a pipeline cannot "
+                        f"{purpose}")
+    return own
 
 
 def _batch_axis(model):

@@ -6,7 +6,8 @@
 
     trainer = fit(model, data, optimizer, mode="data", epochs=3)     # your own model and data, from Python
 
-Modules: jobspec (TOML job files), build (spec -> data, model, optimizer, schedules; factories), loop (Trainer),
+Modules: jobspec (TOML job files), families (the model families a job names by [model] kind: keys, build,
+description, memory estimate), build (spec -> data, model, optimizer, schedules; factories), loop (Trainer),
 mode (the mode interface, LocalMode), fit (the Python entry point), metrics (metrics.jsonl, curves.png), saving
 (atomic, verified job checkpoints), resume (which job changes a checkpoint tolerates), progress (tqdm bar or
 log lines), memory_plan (a job's memory estimate before it allocates), auto_checkpointing ([memory]

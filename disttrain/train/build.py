@@ -28,8 +28,8 @@ from disttrain import optim
 from disttrain.data import load_char_corpus, load_default_corpus, load_ptb
 from disttrain.data.source import LanguageModelData
 from disttrain.checkpointing import apply_activation_checkpointing
-from disttrain.models import LSTMLanguageModel, TransformerLanguageModel
 from disttrain.nn.module import Module
+from disttrain.train.families import family_of
 from disttrain.train.jobspec import JobSpecError, check_paths
 
 __all__ = ["Schedules", "build_data", "build_corpus", "build_model", "apply_checkpointing_setting", "build_optimizer",
@@ -108,11 +108,7 @@ def build_model(spec, data):
                                f"{type(model).__name__}, not an nn.Module")
     else:
         vocab_size = data if isinstance(data, int) else data.vocab_size
-        if m.kind == "transformer_lm":
-            model = _transformer_lm(spec, vocab_size)
-        else:
-            model = LSTMLanguageModel(vocab_size, hidden=m.hidden, layers=m.layers, embed=m.embed,
-                                      dropout=m.dropout, init_scale=m.init_scale, tie_weights=m.tie_weights)
+        model = family_of(m.kind).build(spec, vocab_size)
     return apply_checkpointing_setting(spec, model)
 
 
@@ -130,26 +126,12 @@ def apply_checkpointing_setting(spec, model):
     return model
 
 
-def _transformer_lm(spec, vocab_size):
-    """[model] kind = "transformer_lm", its keys checked against each other and against [data] bptt."""
-    m, source = spec.model, spec.source or "<job>"
-    if m.d_model % m.heads:
-        raise JobSpecError(f"{source}: [model] d_model = {m.d_model} is not a multiple of [model] heads = {m.heads}")
-    if spec.data.bptt > m.max_len:
-        raise JobSpecError(f"{source}: [data] bptt = {spec.data.bptt} is longer than [model] max_len = {m.max_len}, "
-                           "the positions the transformer has embeddings for; raise max_len or lower bptt")
-    return TransformerLanguageModel(vocab_size, d_model=m.d_model, heads=m.heads, layers=m.layers, d_ff=m.d_ff,
-                                    max_len=m.max_len, dropout=m.dropout, tie_weights=m.tie_weights)
-
-
 def describe_model(spec):
     """The job's model in a few words, for the job log."""
     m = spec.model
     if m.factory is not None:
         return f"from {m.factory}"
-    if m.kind == "transformer_lm":
-        return f"{m.layers}-block transformer (d_model {m.d_model}, {m.heads} heads)"
-    return f"{m.layers}x{m.hidden} LSTM"
+    return family_of(m.kind).describe(m)
 
 
 def describe_data(spec, data):

@@ -13,7 +13,8 @@ A job file holds up to six sections of scalar keys; a missing section or key tak
     spec.model.hidden          # 200
     spec.to_toml()             # the resolved job, every key written out; load_job reads it back unchanged
 
-SCHEMA below is the single source of truth: one `Field` line per key (name, type, default, description).
+SCHEMA below is the single source of truth: one `Field` line per key (name, type, default, description); the
+[model] keys of each family, and the `kind`s, come from the model families' records (train/families.py).
 A default is a value, `None` (the key may stay unset), `REQUIRED`, or a `Derived` computed from the keys
 declared before it in the same section (e.g. `model.embed` defaults to `model.hidden`).
 
@@ -28,6 +29,7 @@ import difflib
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -234,14 +236,6 @@ _POS, _NONNEG = Int(gt=0), Int(ge=0)
 _NO_OPTIONS = Derived("{} (none)", lambda section: {})
 
 
-# The [model] keys of one family only; the others (layers, dropout, tie_weights) every family reads. A key of
-# another family than the job's is refused (it would be silently ignored) and left out of job comparisons.
-FAMILY_KEYS = {
-    "lstm_lm": ("hidden", "embed", "init_scale"),
-    "transformer_lm": ("d_model", "heads", "d_ff", "max_len"),
-}
-
-
 def _only_for(family, default, text):
     """A [model] default for `family` only (a value, or a function of the section); unset for the other families.
     A job with a factory builds its own model and may read any key: it gets the default of the kind it names."""
@@ -253,27 +247,51 @@ def _only_for(family, default, text):
     return Derived(f"{text} for {family}, else unset", compute)
 
 
-SCHEMA = {
-    "model": (
-        Field("kind", Choice("lstm_lm", "transformer_lm"), "lstm_lm", "model family (unless a factory is given)"),
-        Field("factory", Str('"package.module:function"'), None,
-              "a function (job, data) -> nn.Module building your own model (replaces kind; docs/ARCHITECTURE.md)"),
-        Field("hidden", _POS, _only_for("lstm_lm", 200, "200"), "lstm_lm: hidden units per layer"),
-        Field("embed", _POS, _only_for("lstm_lm", lambda s: s["hidden"], "= hidden"), "lstm_lm: embedding size"),
-        Field("layers", _POS, 2, "number of layers"),
-        Field("dropout", Float(ge=0, lt=1), 0.0, "dropout probability (0 = off)"),
-        Field("init_scale", Float(gt=0), _only_for("lstm_lm", 0.1, "0.1"),
-              "lstm_lm: weights drawn uniformly from [-init_scale, init_scale] (transformer_lm: N(0, 0.02), GPT-2's)"),
-        Field("tie_weights", Bool(), False, "share the embedding and output-projection weights"),
-        Field("d_model", _POS, _only_for("transformer_lm", 128, "128"), "transformer_lm: model width"),
-        Field("heads", _POS, _only_for("transformer_lm", 4, "4"), "transformer_lm: attention heads (must divide d_model)"),
-        Field("d_ff", _POS, _only_for("transformer_lm", lambda s: 4 * s["d_model"], "= 4 * d_model"),
-              "transformer_lm: hidden units of each block's MLP"),
-        Field("max_len", _POS, _only_for("transformer_lm", 256, "256"),
-              "transformer_lm: positions with an embedding (at least [data] bptt)"),
-        Field("options", Table(), _NO_OPTIONS,
-              'factory: your model\'s own settings, read as job.model.options["width"] (--set model.options.width=64)'),
-    ),
+def _model_fields():
+    """[model]'s Fields, made from the registered model families (train/families.py) whenever [model] is read, so
+    that a family registered later is a kind like the others: its `kind` choice, its keys (set only for it: the
+    other families refuse them) and the keys every family shares, in the order the families list them."""
+    from disttrain.train import families        # imported here: families' keys are made of this module's types
+    records = families.families()
+    placed = {}
+    for family in records:
+        for key in family.keys:
+            placed.setdefault(key.name, (key, family.kind))
+    for key in families.SHARED_KEYS:
+        placed.setdefault(key.name, (key, None))
+    keys = [Field(key.name, key.type, key.default if key in families.SHARED_KEYS
+                  else _only_for(kind, key.default, key.default_text), key.doc) for key, kind in placed.values()]
+    return (Field("kind", Choice(*(f.kind for f in records)), records[0].kind,
+                  "model family (unless a factory is given)"),
+            _MODEL_FACTORY, *keys, _MODEL_OPTIONS)
+
+
+_MODEL_FACTORY = Field("factory", Str('"package.module:function"'), None,
+                       "a function (job, data) -> nn.Module building your own model (replaces kind; "
+                       "docs/ARCHITECTURE.md)")
+_MODEL_OPTIONS = Field("options", Table(), _NO_OPTIONS,
+                       'factory: your model\'s own settings, read as job.model.options["width"] '
+                       "(--set model.options.width=64)")
+
+
+class _Schema(Mapping):
+    """SCHEMA: {section: its Fields}, [model]'s from the registered model families each time it is read."""
+
+    def __init__(self, sections):
+        self._sections = sections
+
+    def __getitem__(self, name):
+        return _model_fields() if name == "model" else self._sections[name]
+
+    def __iter__(self):
+        return iter(self._sections)
+
+    def __len__(self):
+        return len(self._sections)
+
+
+SCHEMA = _Schema({
+    "model": None,            # _model_fields()
     "data": (
         Field("kind", Choice("ptb", "chars", "default_corpus"), "default_corpus", "corpus (unless a factory is given)"),
         Field("factory", Str('"package.module:function"'), None,
@@ -367,7 +385,7 @@ SCHEMA = {
         Field("reject_nonfinite", Bool(), True, "servers refuse gradients holding NaN or inf"),
         Field("log_every", Float(ge=0), 10.0, "seconds between a server's update-rate log lines (0 = never)"),
     ),
-}
+})
 
 
 def describe_schema():
@@ -664,7 +682,8 @@ def _options_problems(resolved, origins, source):
 
 def foreign_model_keys(kind):
     """The [model] keys that only other families than `kind` read."""
-    return {key for family, keys in FAMILY_KEYS.items() if family != kind for key in keys}
+    from disttrain.train.families import families      # imported here: families' keys use this module's types
+    return {key for family in families() if family.kind != kind for key in family.own_keys}
 
 
 def _family_keys(kind):

@@ -37,19 +37,20 @@ MemoryMeter peak (absolute: parameters, buffers, gradients, carried state, activ
 buffers the meter is told of: stage 2's send rows and received slices, a pipeline's posted receives and
 replica-mean buffer) plus the optimizer's state bytes (Optimizer.state_nbytes) after the step.
 
-What the job-alone estimate counts, in float32 (4 bytes a number), for the LSTM language model:
-- parameters: exactly, from [model] (embedding V x E; per layer 4H x (in + H) weights and two 4H biases;
-  decoder H x V + V, its weight shared with the embedding when tied);
+What the job-alone estimate counts, in float32 (4 bytes a number), for a model family a job names by [model]
+kind (the family's own formulas are in its record, train/families.py):
+- parameters: exactly, from [model] (ModelFamily.parameter_count; the LSTM LM: embedding V x E, per layer
+  4H x (in + H) weights and two 4H biases, decoder H x V + V, its weight shared with the embedding when tied;
+  the Transformer LM: token and position embeddings, per block the attention's in and out projections, the
+  MLP's two layers and two LayerNorms, the final LayerNorm and the decoder);
 - gradients: one array per parameter; optimizer state: none for plain SGD, one buffer with momentum, two
   for Adam and AdamW;
 - activations of one training step on `streams` streams of `bptt` tokens, what backward keeps plus the
-  largest temporaries: per time step and stream the embedding (E), per layer the input, gates and cell
-  states (in + 8H, and H for a dropout mask), and the logits and their gradient (2V).
-  Sequence checkpointing ([memory] activation_checkpointing) keeps the last segment of T/S steps and one
-  recomputed in backward, plus the S carried states.
-- the Transformer language model: parameters exactly (token and position embeddings, per block the attention's
-  in and out projections, the MLP's two layers and two LayerNorms, the final LayerNorm and the decoder);
-  activations per token and block 9 D + 2 F (_transformer_activation_bytes), with checkpointing over blocks;
+  largest temporaries (ModelFamily.activation_floats, per stream): the LSTM LM's per time step and stream the
+  embedding (E), per layer the input, gates and cell states (in + 8H, and H for a dropout mask), and the
+  logits and their gradient (2V), sequence checkpointing ([memory] activation_checkpointing) keeping the last
+  segment of T/S steps and one recomputed in backward, plus the S carried states; the Transformer LM's per
+  token and block 9 D + 2 F, with checkpointing over blocks;
 - a model a factory builds: no estimate (None) until it is built; the profiled prediction covers it;
 - a pipeline stage (one of `stages`): the whole model's parameters (every rank builds the whole model before
   keeping its stage) and a stage's share of the rest.
@@ -65,13 +66,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import disttrain as dt
-from disttrain.checkpointing.plan import segment_bounds
 from disttrain.fsutil import write_atomically
 from disttrain.models import protocol
 from disttrain.nn.utils import preserved_buffers
 from disttrain.tensor import memory
 from disttrain.tensor.memory import MemoryMeter
 from disttrain.tensor.random import fork_rng, get_rng_state
+from disttrain.train.families import family_of
 from disttrain.train.jobspec import JobSpecError
 
 __all__ = ["MemoryEstimate", "estimate", "parameter_count", "available_bytes", "check_fits", "format_bytes",
@@ -121,20 +122,11 @@ class MemoryEstimate:
 
 
 def parameter_count(spec, vocab_size):
-    """The number of parameters of the job's model (exact for the two families; None for a factory's model)."""
+    """The number of parameters of the job's model (exact for the families; None for a factory's model)."""
     m = spec.model
     if m.factory is not None:
         return None
-    if m.kind == "transformer_lm":
-        width, ff = m.d_model, m.d_ff
-        block = (4 * width + 2 * ff) * width + (5 * width + ff) + 4 * width    # weights, biases, two LayerNorms
-        body = vocab_size * width + m.max_len * width + m.layers * block + 2 * width
-        return body + (0 if m.tie_weights else width * vocab_size) + vocab_size
-    hidden, embed, layers = m.hidden, m.embed, m.layers
-    lstm = sum(4 * hidden * ((embed if k == 0 else hidden) + hidden) + 8 * hidden for k in range(layers))
-    decoder = hidden * vocab_size + vocab_size
-    tied = hidden * vocab_size if m.tie_weights else 0
-    return vocab_size * embed + lstm + decoder - tied
+    return family_of(m.kind).parameter_count(m, vocab_size)
 
 
 def estimate(spec, vocab_size, streams, stages=1):
@@ -151,34 +143,7 @@ def estimate(spec, vocab_size, streams, stages=1):
 
 
 def _activation_bytes(spec, vocab_size, streams):
-    m, steps = spec.model, spec.data.bptt
-    if m.kind == "transformer_lm":
-        return _transformer_activation_bytes(m, vocab_size, steps, spec.memory.activation_checkpointing) * streams
-    per_step = m.embed + 2 * vocab_size + sum((m.embed if k == 0 else m.hidden) + 9 * m.hidden
-                                              for k in range(m.layers))
-    segments = spec.memory.activation_checkpointing
-    if segments in ("none", "auto"):           # "auto" keeps at most what "none" keeps
-        kept_steps, carried = steps, 0
-    else:
-        bounds = segment_bounds(steps, segments)
-        kept_steps = 2 * max(b - a for a, b in zip(bounds, bounds[1:]))     # the last segment + one recomputed
-        carried = (len(bounds) - 1) * m.layers * 2 * m.hidden
-    return (kept_steps * per_step + carried) * streams * FLOAT_BYTES
-
-
-def _transformer_activation_bytes(m, vocab_size, steps, segments):
-    """One stream's: per token and block the LayerNorms' inputs and outputs, q, k, v, the attention's output and
-    its projection, the residual sums and the MLP's two hidden layers (9 D + 2 F; the attention op recomputes
-    its probabilities in backward instead of keeping them); the embeddings, the final LayerNorm and the logits
-    with their gradient (2 D + 2 V). Checkpointing the blocks in S segments keeps the S segment inputs and one
-    segment's blocks at a time (backward frees the last segment's activations before it recomputes another)."""
-    per_block = steps * (9 * m.d_model + 2 * m.d_ff)
-    if segments in ("none", "auto") or m.layers == 0:
-        kept = m.layers * per_block
-    else:
-        bounds = segment_bounds(m.layers, segments)
-        kept = max(b - a for a, b in zip(bounds, bounds[1:])) * per_block + (len(bounds) - 1) * steps * m.d_model
-    return (kept + steps * (2 * m.d_model + 2 * vocab_size)) * FLOAT_BYTES
+    return family_of(spec.model.kind).activation_floats(spec, vocab_size) * streams * FLOAT_BYTES
 
 
 # ---- the profiled prediction ---------------------------------------------------------------------------
@@ -405,15 +370,12 @@ def check_fits(spec, vocab_size, streams, processes=1, stages=1, available=None)
     if total <= available:
         return need
     each = f" on each of the {processes} processes on this machine" if processes > 1 else ""
+    width = family_of(spec.model.kind).width(spec.model)
     raise JobSpecError(
         f"{spec.source or '<job>'}: the job needs about {format_bytes(total)} of memory, this machine has "
-        f"{format_bytes(available)} available: {need.describe()}{each} ([model] {_width(spec.model)}, "
+        f"{format_bytes(available)} available: {need.describe()}{each} ([model] {width}, "
         f"layers = {spec.model.layers}, vocabulary {vocab_size:,}; [data] batch_size = {spec.data.batch_size}, "
         f"bptt = {spec.data.bptt}); choose a smaller model or batch")
-
-
-def _width(model):
-    return f"d_model = {model.d_model}" if model.kind == "transformer_lm" else f"hidden = {model.hidden}"
 
 
 def format_bytes(n):
