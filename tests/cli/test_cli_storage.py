@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import disttrain
 from cli_testing import REPO, disttrain_cmd, metric_rows
 from disttrain.cli import preflight
 from disttrain.cli.main import main
@@ -210,15 +211,18 @@ def test_ctrl_c_while_starting_says_one_line(job_file, text_file, tmp_path, caps
 def test_ctrl_c_while_disttrain_imports_says_one_line():
     """SIGINT right after the `disttrain` script starts, at several points of its first tenths of a second (`import
     disttrain`, the command): never a traceback; interrupted, one line and 130. A SIGINT while the interpreter
-    itself starts (its site module: before any line of the script) is Python's own fatal error, outside the script."""
+    itself starts (its site module: before any line of the script) is Python's own fatal error, and one while the
+    console script imports disttrain_entry (a traceback with no frame in the disttrain package) is in the stub
+    pip wrote; both come before any code of ours can handle it."""
     script = Path(sys.executable).with_name("disttrain")
+    package = str(Path(disttrain.__file__).parent) + os.sep
     interrupted = 0
     for delay in [0.02 * k for k in range(1, 26, 2)]:
         proc = subprocess.Popen([str(script), "--help"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
-        if "Fatal Python error: init_import_site" in stderr:
+        if "Fatal Python error: init_import_site" in stderr or ("Traceback" in stderr and package not in stderr):
             continue
         assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, (delay, stderr)
         assert proc.returncode in (0, 130, -signal.SIGINT), (delay, proc.returncode, stderr)
