@@ -138,8 +138,11 @@ def estimate(spec, vocab_size, streams, stages=1):
     params = count * FLOAT_BYTES
     buffers = OPTIMIZER_BUFFERS[spec.optim.kind] + (1 if spec.optim.kind == "sgd" and spec.optim.momentum else 0)
     share = lambda n: -(-n // stages)          # noqa: E731
-    return MemoryEstimate(params, share(params), share(buffers * params),
-                          share(_activation_bytes(spec, vocab_size, streams)))
+    gradients, optimizer = share(params), share(buffers * params)
+    activations = share(_activation_bytes(spec, vocab_size, streams))
+    if spec.memory.activation_checkpointing == "auto":  # it plans the step to what the budget leaves, at most
+        activations = min(activations, max(0, int(spec.memory.budget_mb * 2**20) - params - gradients - optimizer))
+    return MemoryEstimate(params, gradients, optimizer, activations)
 
 
 def _activation_bytes(spec, vocab_size, streams):

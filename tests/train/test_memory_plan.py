@@ -64,3 +64,18 @@ def test_pipeline_stages_share_all_but_the_parameters():
     whole, stage = estimate(spec, 100, 10), estimate(spec, 100, 10, stages=2)
     assert stage.parameters == whole.parameters and stage.optimizer == whole.optimizer // 2
     assert format_bytes(1536) == "1.5 KiB" and format_bytes(3 * 2**40) == "3.0 TiB"
+
+
+def test_an_auto_job_is_estimated_at_most_at_its_budget_so_one_that_auto_fits_is_not_refused():
+    """"auto" plans the step to what budget_mb leaves after the parameters and optimizer state: a job whose plain
+    activations exceed the machine but whose budget fits it must pass the check "auto" will then meet."""
+    job = ('[model]\nkind = "transformer_lm"\nd_model = 64\nheads = 4\nlayers = 48\nmax_len = 1024\n'
+           '[data]\nbatch_size = 32\nbptt = 1024\n[memory]\nactivation_checkpointing = "{}"\n{}')
+    plain = loads_job(job.format("none", ""))
+    auto = loads_job(job.format("auto", "budget_mb = 1024\n"))
+    machine = 2 * 2**30
+    with pytest.raises(JobSpecError, match="choose a smaller model or batch"):
+        check_fits(plain, vocab_size=72, streams=32, available=machine)
+    need = check_fits(auto, vocab_size=72, streams=32, available=machine)
+    assert need.total == 1024 * 2**20
+    assert need.activations < estimate(plain, 72, 32).activations
