@@ -368,39 +368,40 @@ def counter_uniform(xp, shape, dtype, seed, offset):
 
 def gelu_forward(xp, x):
     """0.5 x (1 + tanh(u)) in one elementwise kernel (gelu.cu: written as x / (1 + exp(-2u)))."""
-    if not _fused(x):
-        return _ref.gelu_forward(xp, x)
-    x = _contiguous(xp, x)
-    y = xp.empty_like(x)
-    _launch_1d("gelu", "gelu_forward", x.dtype, x.size, (x, y, _i64(x.size)))
-    return y
+    return _gelu_pass(xp, "gelu_forward", _ref.gelu_forward, x)
 
 
 def gelu_backward(xp, grad_y, x):
     """GELU's input gradient in one elementwise kernel, recomputing the activation from x."""
-    operands = _backward_operands(xp, grad_y, x)
-    if operands is None:
-        return _ref.gelu_backward(xp, grad_y, x)
-    _launch_1d("gelu", "gelu_backward", x.dtype, x.size, operands + (_i64(x.size),))
-    return operands[2]
+    return _gelu_backward_pass(xp, "gelu_backward", _ref.gelu_backward, grad_y, x)
 
 
 def gelu_erf_forward(xp, x):
     """x Phi(x), the exact GELU, in one elementwise kernel (gelu.cu: Phi through erfc)."""
-    if not _fused(x):
-        return _ref.gelu_erf_forward(xp, x)
-    x = _contiguous(xp, x)
-    y = xp.empty_like(x)
-    _launch_1d("gelu", "gelu_erf_forward", x.dtype, x.size, (x, y, _i64(x.size)))
-    return y
+    return _gelu_pass(xp, "gelu_erf_forward", _ref.gelu_erf_forward, x)
 
 
 def gelu_erf_backward(xp, grad_y, x):
     """The exact GELU's input gradient in one elementwise kernel, recomputing Phi(x) from x."""
+    return _gelu_backward_pass(xp, "gelu_erf_backward", _ref.gelu_erf_backward, grad_y, x)
+
+
+def _gelu_pass(xp, kernel, reference, x):
+    """y = f(x) by gelu.cu's `kernel`, or by `reference` where no kernel applies."""
+    if not _fused(x):
+        return reference(xp, x)
+    x = _contiguous(xp, x)
+    y = xp.empty_like(x)
+    _launch_1d("gelu", kernel, x.dtype, x.size, (x, y, _i64(x.size)))
+    return y
+
+
+def _gelu_backward_pass(xp, kernel, reference, grad_y, x):
+    """grad_x from grad_y and the forward's input x by gelu.cu's `kernel`, or by `reference`."""
     operands = _backward_operands(xp, grad_y, x)
     if operands is None:
-        return _ref.gelu_erf_backward(xp, grad_y, x)
-    _launch_1d("gelu", "gelu_erf_backward", x.dtype, x.size, operands + (_i64(x.size),))
+        return reference(xp, grad_y, x)
+    _launch_1d("gelu", kernel, x.dtype, x.size, operands + (_i64(x.size),))
     return operands[2]
 
 
