@@ -687,7 +687,8 @@ def foreign_model_keys(kind):
 
 
 def _family_keys(kind):
-    return [f.name for f in SCHEMA["model"] if f.name not in {"kind", "factory", "options"} | foreign_model_keys(kind)]
+    left_out = {"kind", "factory", "options"} | foreign_model_keys(kind)
+    return [f.name for f in SCHEMA["model"] if f.name not in left_out]
 
 
 def _unread_model_keys(model):
