@@ -24,7 +24,7 @@ def grad_norm(grads, norm_type=2.0):
     for backend, positions in by_backend(grads):  # the arrays' norms in one kernel call; one host sync per device
         arrays = [grads[k].data for k in positions]
         parts.extend(float(v) for v in backend.kernels.norms(backend.xp, arrays, norm_type).tolist())
-    return _vector_norm(parts, norm_type)
+    return norm_of_norms(parts, norm_type)
 
 
 def norm_order(norm_type, where):
@@ -36,8 +36,9 @@ def norm_order(norm_type, where):
                          "as a float (2.0, 1.0, inf, ...)") from None
 
 
-def _vector_norm(values, p):
-    """torch.linalg.vector_norm of non-negative floats, order p (not NaN)."""
+def norm_of_norms(values, p):
+    """torch.linalg.vector_norm of non-negative floats (norms of parts of a whole), order p (NaN: NaN): the norm
+    of the whole, as clip_grad_norm_ combines its per-gradient norms."""
     if any(math.isnan(v) for v in values):
         return math.nan
     if p == math.inf:

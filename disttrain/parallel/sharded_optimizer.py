@@ -38,7 +38,7 @@ import numpy as np
 
 from disttrain.autograd.grad_mode import enable_grad, no_grad
 from disttrain.nn.parameter import Parameter
-from disttrain.nn.utils import clip_grad_norm_, grad_norm, norm_order
+from disttrain.nn.utils import clip_grad_norm_, grad_norm, norm_of_norms, norm_order
 from disttrain.optim.optimizer import Optimizer
 from disttrain import trace
 from disttrain.tensor.tensor import Tensor
@@ -145,7 +145,7 @@ class ShardedOptimizer(Optimizer):
             return float(summed[0]) ** (1.0 / norm_type)
         local = grad_norm([h.grad for h in holders], norm_type) if holders else None
         ranks = [v for v in self.comm.allgather_object(local, what="allgather of the gradient norms") if v is not None]
-        return grad_norm([Tensor(np.array([v])) for v in ranks], norm_type) if ranks else 0.0
+        return norm_of_norms(ranks, norm_type) if ranks else 0.0
 
     def _nonzero_gradients(self):
         """Order 0, as torch's: how many gradients have a nonzero element, on whichever rank it is."""
